@@ -1,0 +1,168 @@
+//! The `sluice` command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::engine::{Engine, RunOptions};
+use crate::llm::MetricsSnapshot;
+
+/// sluice: SQL over your documents, with LLM calls as functions.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    /// Configuration file (default: $SLUICE_CONFIG, else ./sluice.toml if present).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Execute every statement of a .sql file in order.
+    Run {
+        /// The SQL file.
+        file: PathBuf,
+        /// Rows of each SELECT result to print.
+        #[arg(long, default_value_t = 20)]
+        max_rows: usize,
+        /// Print no LLM summary.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Also write the LLM metrics as JSON to this file.
+        #[arg(long)]
+        metrics_json: Option<PathBuf>,
+    },
+}
+
+/// Exit code for a failed statement.
+pub const EXIT_STATEMENT_FAILED: u8 = 1;
+/// Exit code for bad configuration, function definitions or usage.
+pub const EXIT_CONFIG: u8 = 2;
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Finds the configuration: `--config`, `$SLUICE_CONFIG`, `./sluice.toml`, or defaults.
+pub fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SLUICE_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let p = PathBuf::from("sluice.toml");
+            p.exists().then_some(p)
+        });
+    match path {
+        Some(p) => Config::load(&p).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+/// One line per fact of the run's LLM calls.
+pub fn format_summary(m: &MetricsSnapshot) -> String {
+    let join = |map: &std::collections::BTreeMap<String, u64>| {
+        map.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let retries: u64 = m.retries.values().sum();
+    let mut s = format!(
+        "LLM: {} calls ({} succeeded, {} failed), {} requests, {} retries",
+        m.calls, m.succeeded, m.failed, m.requests, retries
+    );
+    if retries > 0 {
+        s.push_str(&format!(" ({})", join(&m.retries)));
+    }
+    if m.deduplicated > 0 {
+        s.push_str(&format!(", {} shared by identical calls", m.deduplicated));
+    }
+    if m.failed > 0 {
+        s.push_str(&format!("; errors: {}", join(&m.errors)));
+    }
+    s.push_str(&format!(
+        "; tokens {} in / {} out; peak {} in flight",
+        m.tokens_in, m.tokens_out, m.max_in_flight
+    ));
+    s
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let config = match load_config(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Run {
+            file,
+            max_rows,
+            quiet,
+            metrics_json,
+        } => {
+            let engine = match Engine::new(&config) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let opts = RunOptions { max_rows };
+            let mut stdout = std::io::stdout();
+            let result = engine.run_file(&file, &opts, &mut stdout).await;
+            stdout.flush().ok();
+            let metrics = engine.metrics();
+            if !quiet && metrics.calls + metrics.deduplicated > 0 {
+                eprintln!("{}", format_summary(&metrics));
+            }
+            if let Some(path) = metrics_json
+                && let Err(e) = std::fs::write(&path, metrics.to_json().to_string())
+            {
+                eprintln!("error: cannot write {}: {e}", path.display());
+            }
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_STATEMENT_FAILED)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! `sluice.toml`: providers, models, dispatcher settings.
+//!
+//! The file is optional. It names the models that LLM functions refer to (`model = "default"` in a
+//! `udfs/*.toml` file), and for each model the provider kind, endpoint, the *name* of the environment
+//! variable holding the API key (never the key itself), concurrency and timeouts.
+//!
+//! ```toml
+//! udf_dir = "udfs"
+//!
+//! [dispatcher]
+//! concurrency = 64        # global budget shared by every function, partition and stage
+//! max_attempts = 6        # per row, including the first try
+//!
+//! [models.default]
+//! kind = "openai"                         # any OpenAI-compatible server
+//! base_url = "http://127.0.0.1:8000/v1"
+//! model = "gpt-4o-mini"
+//! api_key_env = "OPENAI_API_KEY"
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors raised while loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown/ill-typed keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File that failed.
+        path: PathBuf,
+        /// Parser message (includes line and column).
+        message: String,
+    },
+    /// A semantic problem with a value.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// File that failed.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// A secret string (API key). Its `Debug` and `Display` never show the value, so it cannot leak
+/// through logs or error messages by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret value; call only where it is sent to the provider.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Provider kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, llama.cpp server).
+    Openai,
+}
+
+/// How structured output is requested from an OpenAI-compatible server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// `response_format = {type: "json_schema", ...}` (OpenAI, vLLM, llama.cpp server, Ollama).
+    #[default]
+    JsonSchema,
+    /// `response_format = {type: "json_object"}`; the schema is still validated by sluice.
+    JsonObject,
+    /// No `response_format`; the schema is described in the prompt and validated by sluice.
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    udf_dir: Option<PathBuf>,
+    #[serde(default)]
+    dispatcher: RawDispatcher,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDispatcher {
+    concurrency: Option<usize>,
+    max_attempts: Option<u32>,
+    backoff_base_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    kind: ProviderKind,
+    base_url: String,
+    model: String,
+    api_key_env: Option<String>,
+    concurrency: Option<usize>,
+    timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    structured_output: Option<StructuredOutput>,
+    max_response_bytes: Option<usize>,
+}
+
+/// Dispatcher settings: the global budget and the retry policy.
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    /// Requests in flight at once, over every model and function.
+    pub concurrency: usize,
+    /// Attempts per row, including the first (≥ 1).
+    pub max_attempts: u32,
+    /// First backoff delay; doubles per attempt, with full jitter.
+    pub backoff_base: Duration,
+    /// Upper bound of one backoff delay (also caps Retry-After).
+    pub backoff_max: Duration,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            concurrency: 64,
+            max_attempts: 6,
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One model a function can name.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// The name functions use (`model = "default"`).
+    pub name: String,
+    /// Provider kind.
+    pub kind: ProviderKind,
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Model id sent to the provider.
+    pub model: String,
+    /// Name of the environment variable that held the key (for messages).
+    pub api_key_env: Option<String>,
+    /// The key, read from `api_key_env` at load time.
+    pub api_key: Option<Secret>,
+    /// Requests in flight for this model (never more than the global budget).
+    pub concurrency: usize,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// How to ask for structured output.
+    pub structured_output: StructuredOutput,
+    /// Largest response body accepted.
+    pub max_response_bytes: usize,
+}
+
+/// The loaded configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where `*.toml` function definitions live (relative to the config file's directory).
+    pub udf_dir: PathBuf,
+    /// Dispatcher settings.
+    pub dispatcher: DispatcherConfig,
+    /// Models by name.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// The file this came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            udf_dir: PathBuf::from("udfs"),
+            dispatcher: DispatcherConfig::default(),
+            models: BTreeMap::new(),
+            source: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`. Environment lookups for API keys go through `env`, so tests can supply
+    /// variables without touching the process environment.
+    pub fn load_with_env(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Loads `path`, reading API keys from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, &|k| std::env::var(k).ok())
+    }
+
+    /// Parses configuration text; `path` is used in messages and to resolve `udf_dir`.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        let mut cfg = Config {
+            source: Some(path.to_path_buf()),
+            ..Config::default()
+        };
+        if let Some(dir) = raw.udf_dir {
+            cfg.udf_dir = base_dir.join(dir);
+        } else {
+            cfg.udf_dir = base_dir.join("udfs");
+        }
+        let d = raw.dispatcher;
+        if let Some(c) = d.concurrency {
+            if c == 0 {
+                return Err(invalid("dispatcher.concurrency must be at least 1".into()));
+            }
+            cfg.dispatcher.concurrency = c;
+        }
+        if let Some(a) = d.max_attempts {
+            if a == 0 {
+                return Err(invalid("dispatcher.max_attempts must be at least 1".into()));
+            }
+            cfg.dispatcher.max_attempts = a;
+        }
+        if let Some(ms) = d.backoff_base_ms {
+            cfg.dispatcher.backoff_base = Duration::from_millis(ms);
+        }
+        if let Some(ms) = d.backoff_max_ms {
+            cfg.dispatcher.backoff_max = Duration::from_millis(ms);
+        }
+        for (name, m) in raw.models {
+            let url = reqwest::Url::parse(&m.base_url).map_err(|e| {
+                invalid(format!(
+                    "models.{name}.base_url = {:?} is not a valid URL ({e})",
+                    m.base_url
+                ))
+            })?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(invalid(format!(
+                    "models.{name}.base_url must start with http:// or https://, got {:?}",
+                    m.base_url
+                )));
+            }
+            let api_key = match &m.api_key_env {
+                None => None,
+                Some(var) => match env(var) {
+                    Some(v) if !v.is_empty() => Some(Secret::new(v)),
+                    _ => {
+                        return Err(invalid(format!(
+                            "models.{name}: environment variable {var} (api_key_env) is not set; \
+                             export it with the API key, or remove api_key_env for servers \
+                             without authentication"
+                        )));
+                    }
+                },
+            };
+            let concurrency = m.concurrency.unwrap_or(cfg.dispatcher.concurrency);
+            if concurrency == 0 {
+                return Err(invalid(format!(
+                    "models.{name}.concurrency must be at least 1"
+                )));
+            }
+            cfg.models.insert(
+                name.clone(),
+                ModelConfig {
+                    name,
+                    kind: m.kind,
+                    base_url: m.base_url.trim_end_matches('/').to_string(),
+                    model: m.model,
+                    api_key_env: m.api_key_env,
+                    api_key,
+                    concurrency,
+                    timeout: Duration::from_millis(m.timeout_ms.unwrap_or(120_000)),
+                    connect_timeout: Duration::from_millis(m.connect_timeout_ms.unwrap_or(10_000)),
+                    structured_output: m.structured_output.unwrap_or_default(),
+                    max_response_bytes: m.max_response_bytes.unwrap_or(16 << 20),
+                },
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("sluice.toml"), &|k| {
+            (k == "KEY").then(|| "sk-secret".to_string())
+        })
+    }
+
+    #[test]
+    fn parses_models_and_reads_key_from_env() {
+        let cfg = parse(
+            "[dispatcher]\nconcurrency = 8\n[models.default]\nkind = \"openai\"\n\
+             base_url = \"http://127.0.0.1:1/v1/\"\nmodel = \"m\"\napi_key_env = \"KEY\"\n",
+        )
+        .unwrap();
+        let m = &cfg.models["default"];
+        assert_eq!(m.base_url, "http://127.0.0.1:1/v1");
+        assert_eq!(m.api_key.as_ref().unwrap().expose(), "sk-secret");
+        assert_eq!(m.concurrency, 8);
+        assert!(!format!("{cfg:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn missing_key_variable_is_an_error_naming_it() {
+        let e = parse(
+            "[models.default]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n\
+             api_key_env = \"NOPE\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("NOPE") && e.contains("not set"), "{e}");
+    }
+
+    #[test]
+    fn unknown_kind_and_bad_url_are_errors() {
+        let e = parse("[models.a]\nkind = \"magic\"\nbase_url = \"http://x\"\nmodel = \"m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("magic") || e.contains("unknown variant"), "{e}");
+        let e = parse("[models.a]\nkind = \"openai\"\nbase_url = \"not a url\"\nmodel = \"m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("base_url"), "{e}");
+    }
+}

@@ -1,0 +1,522 @@
+//! The engine: a DataFusion session with sluice's functions, planner and dispatcher, and the
+//! runner that executes a `.sql` file statement by statement.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::common::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::catalog::Session;
+use datafusion::execution::context::QueryPlanner;
+use datafusion::logical_expr::registry::FunctionRegistry;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::{DFParser, Statement};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, ProviderKind};
+use crate::llm::dispatcher::ModelHandle;
+use crate::llm::openai::OpenAiProvider;
+use crate::llm::{Dispatcher, MetricsSnapshot, Provider};
+use crate::sink::StagedOutput;
+use crate::source::{ChunkText, find_malformed_json_line};
+use crate::udf::def::{DefError, FunctionDef};
+use crate::udf::exec::{LlmPlanner, LlmRuntime};
+use crate::udf::plan::LiftLlmCalls;
+use crate::udf::{LlmUdf, generic_llm_def};
+
+/// Errors that stop the engine from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A function definition is invalid.
+    #[error(transparent)]
+    Definition(#[from] DefError),
+    /// A model could not be set up.
+    #[error("model {model:?}: {message}")]
+    Model {
+        /// The model name.
+        model: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// DataFusion refused a registration.
+    #[error("{0}")]
+    DataFusion(#[from] DataFusionError),
+}
+
+/// A statement of a script that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}:{line}: statement {index} ({summary}): {message}")]
+pub struct StatementError {
+    /// The script (file path or `<sql>`).
+    pub origin: String,
+    /// 1-based line where the statement starts.
+    pub line: usize,
+    /// 1-based statement number.
+    pub index: usize,
+    /// The statement's first words.
+    pub summary: String,
+    /// What failed, on one line.
+    pub message: String,
+}
+
+/// One statement of a script, with where it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptStatement {
+    /// 1-based line of the statement's first non-blank character.
+    pub line: usize,
+    /// The statement text, without the terminating `;`.
+    pub text: String,
+}
+
+/// Splits SQL text into statements at `;`, ignoring semicolons inside quotes and comments.
+pub fn split_statements(sql: &str) -> Vec<ScriptStatement> {
+    let mut out = vec![];
+    let mut cur = String::new();
+    let mut line = 1;
+    let mut start_line = None;
+    let mut chars = sql.chars().peekable();
+    let push = |cur: &mut String, start: &mut Option<usize>, out: &mut Vec<ScriptStatement>| {
+        let text = cur.trim().to_string();
+        if !text.is_empty() && !is_only_comments(&text) {
+            out.push(ScriptStatement {
+                line: start.unwrap_or(1),
+                text,
+            });
+        }
+        cur.clear();
+        *start = None;
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' | '`' => {
+                start_line.get_or_insert(line);
+                cur.push(c);
+                while let Some(d) = chars.next() {
+                    cur.push(d);
+                    if d == '\n' {
+                        line += 1;
+                    }
+                    if d == c {
+                        if chars.peek() == Some(&c) {
+                            cur.push(c);
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                }
+            }
+            '-' if chars.peek() == Some(&'-') => {
+                cur.push(c);
+                for d in chars.by_ref() {
+                    if d == '\n' {
+                        cur.push('\n');
+                        line += 1;
+                        break;
+                    }
+                    cur.push(d);
+                }
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                cur.push(c);
+                let mut prev = ' ';
+                for d in chars.by_ref() {
+                    cur.push(d);
+                    if d == '\n' {
+                        line += 1;
+                    }
+                    if prev == '*' && d == '/' {
+                        break;
+                    }
+                    prev = d;
+                }
+            }
+            ';' => push(&mut cur, &mut start_line, &mut out),
+            '\n' => {
+                cur.push(c);
+                line += 1;
+            }
+            c => {
+                if !c.is_whitespace() {
+                    start_line.get_or_insert(line);
+                }
+                cur.push(c);
+            }
+        }
+    }
+    push(&mut cur, &mut start_line, &mut out);
+    out
+}
+
+fn is_only_comments(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with("--"))
+        && !text.contains("/*")
+}
+
+fn summary(text: &str) -> String {
+    let flat: String = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut s: String = flat.chars().take(60).collect();
+    if s.len() < flat.len() {
+        s.push('…');
+    }
+    s
+}
+
+#[derive(Debug)]
+struct SluiceQueryPlanner {
+    runtime: Arc<LlmRuntime>,
+}
+
+#[async_trait]
+impl QueryPlanner for SluiceQueryPlanner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session: &dyn Session,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let planner = DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(LlmPlanner {
+            runtime: self.runtime.clone(),
+        })]);
+        planner
+            .create_physical_plan(logical_plan, session)
+            .await
+    }
+}
+
+/// Options for running scripts.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Rows of a SELECT result printed (the rest are counted).
+    pub max_rows: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { max_rows: 20 }
+    }
+}
+
+/// A sluice session: SQL with LLM functions.
+pub struct Engine {
+    ctx: SessionContext,
+    runtime: Arc<LlmRuntime>,
+    functions: Vec<Arc<FunctionDef>>,
+    json_locations: std::sync::Mutex<BTreeMap<String, PathBuf>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("functions", &self.functions.len())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Builds an engine from configuration, loading function definitions from `config.udf_dir`.
+    pub fn new(config: &Config) -> Result<Engine, EngineError> {
+        let defs = FunctionDef::load_dir(&config.udf_dir)?;
+        Self::with_functions(config, defs)
+    }
+
+    /// Builds an engine with explicit function definitions.
+    pub fn with_functions(config: &Config, defs: Vec<FunctionDef>) -> Result<Engine, EngineError> {
+        let dispatcher = Dispatcher::new(config.dispatcher.clone());
+        let mut models = BTreeMap::new();
+        for (name, m) in &config.models {
+            let provider: Arc<dyn Provider> = match m.kind {
+                ProviderKind::Openai => Arc::new(
+                    OpenAiProvider::new(m, m.concurrency.min(config.dispatcher.concurrency))
+                        .map_err(|message| EngineError::Model {
+                            model: name.clone(),
+                            message,
+                        })?,
+                ),
+            };
+            models.insert(
+                name.clone(),
+                ModelHandle {
+                    provider,
+                    limit: Arc::new(Semaphore::new(m.concurrency)),
+                },
+            );
+        }
+        let runtime = Arc::new(LlmRuntime { dispatcher, models });
+        let session_config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let state = SessionStateBuilder::new()
+            .with_config(session_config)
+            .with_default_features()
+            .with_query_planner(Arc::new(SluiceQueryPlanner {
+                runtime: runtime.clone(),
+            }))
+            .with_optimizer_rule(Arc::new(LiftLlmCalls))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        ctx.register_udf(ChunkText::udf());
+        let mut functions = Vec::with_capacity(defs.len() + 1);
+        let builtin = generic_llm_def();
+        for def in std::iter::once(builtin).chain(defs) {
+            let def = Arc::new(def);
+            for udf in LlmUdf::pair(def.clone()) {
+                if ctx.udf(udf.name()).is_ok() {
+                    return Err(EngineError::Definition(DefError::Invalid {
+                        path: def.source.clone(),
+                        message: format!(
+                            "function name {:?} is already a SQL function; choose another name",
+                            udf.name()
+                        ),
+                    }));
+                }
+                ctx.register_udf(udf);
+            }
+            functions.push(def);
+        }
+        Ok(Engine {
+            ctx,
+            runtime,
+            functions,
+            json_locations: Default::default(),
+        })
+    }
+
+    /// The DataFusion session (for registering more tables or functions).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The LLM functions available in SQL (the built-in `llm` first).
+    pub fn functions(&self) -> &[Arc<FunctionDef>] {
+        &self.functions
+    }
+
+    /// The function named `name`.
+    pub fn function(&self, name: &str) -> Option<&Arc<FunctionDef>> {
+        self.functions.iter().find(|f| f.name == name)
+    }
+
+    /// Counters of the LLM calls made so far.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.runtime.dispatcher.metrics().snapshot()
+    }
+
+    /// Runs a `.sql` file; output of SELECTs and progress lines go to `out`.
+    pub async fn run_file(
+        &self,
+        path: &Path,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), StatementError> {
+        let sql = std::fs::read_to_string(path).map_err(|e| StatementError {
+            origin: path.display().to_string(),
+            line: 0,
+            index: 0,
+            summary: "reading the file".into(),
+            message: e.to_string(),
+        })?;
+        self.run_script(&sql, &path.display().to_string(), opts, out)
+            .await
+    }
+
+    /// Runs every statement of `sql` in order; stops at the first failure.
+    pub async fn run_script(
+        &self,
+        sql: &str,
+        origin: &str,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), StatementError> {
+        for (i, stmt) in split_statements(sql).into_iter().enumerate() {
+            self.run_statement(&stmt.text, opts, out)
+                .await
+                .map_err(|e| StatementError {
+                    origin: origin.to_string(),
+                    line: stmt.line,
+                    index: i + 1,
+                    summary: summary(&stmt.text),
+                    message: self.explain_error(e),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Runs a statement and collects a query's result (for tests and embedding).
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, DataFusionError> {
+        self.ctx.sql(sql).await?.collect().await
+    }
+
+    fn explain_error(&self, e: DataFusionError) -> String {
+        let mut msg = e.to_string().replace('\n', " ");
+        if msg.contains("Json error") || msg.contains("JSON") {
+            let locations = self
+                .json_locations
+                .lock()
+                .map(|m| m.values().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            if let Some(found) = locations.iter().find_map(|l| find_malformed_json_line(l)) {
+                msg = format!("{found} — {msg}");
+            }
+        }
+        msg
+    }
+
+    async fn run_statement(
+        &self,
+        text: &str,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), DataFusionError> {
+        let mut statements = DFParser::parse_sql(text)?;
+        if statements.len() != 1 {
+            return Err(DataFusionError::Plan(format!(
+                "expected one statement, found {}",
+                statements.len()
+            )));
+        }
+        let statement = statements.pop_front().expect("one statement");
+        match statement {
+            Statement::CopyTo(mut copy) => {
+                let target = copy.target.clone();
+                let staged = StagedOutput::for_target(&target);
+                if let Some(s) = &staged {
+                    s.prepare().map_err(|e| {
+                        DataFusionError::Execution(format!("cannot create the directory of {target}: {e}"))
+                    })?;
+                    copy.target = s.staging_sql.clone();
+                }
+                let state = self.ctx.state();
+                let result = async {
+                    let plan = state.statement_to_plan(Statement::CopyTo(copy)).await?;
+                    self.ctx.execute_logical_plan(plan).await?.collect().await
+                }
+                .await;
+                match (result, staged) {
+                    (Ok(batches), Some(s)) => {
+                        s.commit().map_err(|e| {
+                            DataFusionError::Execution(format!("cannot move the output to {target}: {e}"))
+                        })?;
+                        writeln!(out, "COPY {} rows to {target}", count_rows(&batches)).ok();
+                    }
+                    (Ok(batches), None) => {
+                        writeln!(out, "COPY {} rows to {target}", count_rows(&batches)).ok();
+                    }
+                    (Err(e), staged) => {
+                        if let Some(s) = staged {
+                            s.abort();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Statement::CreateExternalTable(cet) => {
+                if cet.file_type.eq_ignore_ascii_case("json")
+                    && let Ok(mut m) = self.json_locations.lock()
+                {
+                    for (i, location) in cet.locations.iter().enumerate() {
+                        if crate::sink::is_local(location) {
+                            let loc = location.trim_start_matches("file://");
+                            m.insert(format!("{}#{i}", cet.name), PathBuf::from(loc));
+                        }
+                    }
+                }
+                let name = cet.name.to_string();
+                let state = self.ctx.state();
+                let plan = state.statement_to_plan(Statement::CreateExternalTable(cet)).await?;
+                self.ctx.execute_logical_plan(plan).await?.collect().await?;
+                writeln!(out, "CREATE EXTERNAL TABLE {name}").ok();
+            }
+            other => {
+                let state = self.ctx.state();
+                let plan = state.statement_to_plan(other).await?;
+                let is_query = !matches!(
+                    plan,
+                    LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Statement(_)
+                        | LogicalPlan::Copy(_)
+                );
+                let label = match &plan {
+                    LogicalPlan::Ddl(DdlStatement::CreateView(v)) => format!("CREATE VIEW {}", v.name),
+                    LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(t)) => {
+                        format!("CREATE TABLE {}", t.name)
+                    }
+                    LogicalPlan::Ddl(d) => d.name().to_string(),
+                    _ => String::new(),
+                };
+                let df = self.ctx.execute_logical_plan(plan).await?;
+                if is_query {
+                    let mut stream = df.execute_stream().await?;
+                    let mut shown = vec![];
+                    let mut shown_rows = 0;
+                    let mut total = 0;
+                    while let Some(batch) = stream.next().await {
+                        let batch = batch?;
+                        total += batch.num_rows();
+                        if shown_rows < opts.max_rows {
+                            let take = (opts.max_rows - shown_rows).min(batch.num_rows());
+                            shown.push(batch.slice(0, take));
+                            shown_rows += take;
+                        }
+                    }
+                    let table = pretty_format_batches(&shown)?;
+                    writeln!(out, "{table}").ok();
+                    if total > shown_rows {
+                        writeln!(out, "({total} rows, {shown_rows} shown)").ok();
+                    } else {
+                        writeln!(out, "({total} rows)").ok();
+                    }
+                } else {
+                    df.collect().await?;
+                    if !label.is_empty() {
+                        writeln!(out, "{label}").ok();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn count_rows(batches: &[RecordBatch]) -> u64 {
+    // COPY returns one row with the count of rows written.
+    batches
+        .first()
+        .and_then(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::UInt64Array>()
+                .map(|a| a.value(0))
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_statements_with_lines() {
+        let sql = "-- intro\nSELECT 1;\n\nSELECT ';' AS x, \"a;b\"\n  FROM t; /* c; */ SELECT 3\n-- end;\n";
+        let s = split_statements(sql);
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert_eq!(s[0].line, 2);
+        assert_eq!(s[1].line, 4);
+        assert!(s[1].text.contains("';'"));
+        assert_eq!(s[2].line, 5);
+    }
+}

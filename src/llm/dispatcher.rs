@@ -1,0 +1,268 @@
+//! The one shared scheduler for every LLM call of a run.
+//!
+//! Every function, partition and stage submits here. The dispatcher:
+//! - keeps one global concurrency budget (and a per-model one) — a permit is held only while a
+//!   request is on the wire, never during backoff;
+//! - retries retryable failures with exponential backoff and full jitter, honouring Retry-After;
+//! - validates each response against the function's output schema, retrying invalid ones;
+//! - sends identical requests (same [`request_key`]) once per run and shares the result;
+//! - counts what happened ([`Metrics`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use super::{ErrorKind, LlmError, LlmRequest, Provider, RowError, parse_response};
+use crate::cache::{RequestKey, request_key};
+use crate::config::DispatcherConfig;
+
+/// The result of one row's call: the validated value or the final error.
+pub type CallResult = Result<Arc<Value>, Arc<RowError>>;
+
+type SharedCall = Shared<BoxFuture<'static, CallResult>>;
+
+/// How many completed results the in-run dedup map keeps before it stops remembering new ones.
+const MEMO_CAPACITY: usize = 200_000;
+
+/// A model as the dispatcher sees it: a provider and its own concurrency limit.
+#[derive(Debug, Clone)]
+pub struct ModelHandle {
+    /// The endpoint.
+    pub provider: Arc<dyn Provider>,
+    /// Requests in flight for this model.
+    pub limit: Arc<Semaphore>,
+}
+
+/// Counters for one run, shared by all calls.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Distinct calls started (after dedup).
+    pub calls: AtomicU64,
+    /// Calls answered by an identical call of the same run.
+    pub deduplicated: AtomicU64,
+    /// HTTP requests sent (attempts).
+    pub requests: AtomicU64,
+    /// Calls that ended with a value.
+    pub succeeded: AtomicU64,
+    /// Calls that ended with an error.
+    pub failed: AtomicU64,
+    /// Prompt tokens reported by providers.
+    pub tokens_in: AtomicU64,
+    /// Completion tokens reported by providers.
+    pub tokens_out: AtomicU64,
+    /// Highest number of requests on the wire at once.
+    pub max_in_flight: AtomicU64,
+    in_flight: AtomicU64,
+    retries: Mutex<BTreeMap<ErrorKind, u64>>,
+    errors: Mutex<BTreeMap<ErrorKind, u64>>,
+}
+
+/// A point-in-time copy of [`Metrics`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricsSnapshot {
+    /// Distinct calls started.
+    pub calls: u64,
+    /// Calls answered by an identical call of the same run.
+    pub deduplicated: u64,
+    /// HTTP requests sent.
+    pub requests: u64,
+    /// Calls that ended with a value.
+    pub succeeded: u64,
+    /// Calls that ended with an error.
+    pub failed: u64,
+    /// Prompt tokens.
+    pub tokens_in: u64,
+    /// Completion tokens.
+    pub tokens_out: u64,
+    /// Highest number of requests on the wire at once.
+    pub max_in_flight: u64,
+    /// Retries by the failure that caused them.
+    pub retries: BTreeMap<String, u64>,
+    /// Final errors by kind.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl MetricsSnapshot {
+    /// The snapshot as JSON.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "calls": self.calls, "deduplicated": self.deduplicated, "requests": self.requests,
+            "succeeded": self.succeeded, "failed": self.failed, "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out, "max_in_flight": self.max_in_flight,
+            "retries": self.retries, "errors": self.errors,
+        })
+    }
+}
+
+impl Metrics {
+    /// Copies the counters.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let names = |m: &Mutex<BTreeMap<ErrorKind, u64>>| {
+            m.lock()
+                .map(|m| m.iter().map(|(k, v)| (k.as_str().to_string(), *v)).collect())
+                .unwrap_or_default()
+        };
+        MetricsSnapshot {
+            calls: self.calls.load(Ordering::Relaxed),
+            deduplicated: self.deduplicated.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            tokens_in: self.tokens_in.load(Ordering::Relaxed),
+            tokens_out: self.tokens_out.load(Ordering::Relaxed),
+            max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
+            retries: names(&self.retries),
+            errors: names(&self.errors),
+        }
+    }
+
+    fn bump(map: &Mutex<BTreeMap<ErrorKind, u64>>, kind: ErrorKind) {
+        if let Ok(mut m) = map.lock() {
+            *m.entry(kind).or_default() += 1;
+        }
+    }
+}
+
+/// The shared scheduler. Cheap to clone (all state is behind `Arc`s).
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: DispatcherConfig,
+    global: Arc<Semaphore>,
+    memo: Mutex<HashMap<RequestKey, SharedCall>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Dispatcher {
+    /// A dispatcher with the given budget and retry policy.
+    pub fn new(cfg: DispatcherConfig) -> Self {
+        Dispatcher {
+            inner: Arc::new(Inner {
+                global: Arc::new(Semaphore::new(cfg.concurrency)),
+                cfg,
+                memo: Mutex::new(HashMap::new()),
+                metrics: Arc::new(Metrics::default()),
+            }),
+        }
+    }
+
+    /// The run's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &DispatcherConfig {
+        &self.inner.cfg
+    }
+
+    /// Makes one row's call: the validated value, or the error after all attempts.
+    pub async fn call(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
+        let key = request_key(&model.provider.endpoint(), &req);
+        let fut = {
+            let mut memo = self
+                .inner
+                .memo
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match memo.get(&key) {
+                Some(f) => {
+                    self.inner
+                        .metrics
+                        .deduplicated
+                        .fetch_add(1, Ordering::Relaxed);
+                    f.clone()
+                }
+                None => {
+                    let inner = self.inner.clone();
+                    let model = model.clone();
+                    let f = async move { inner.run(&model, req).await }.boxed().shared();
+                    if memo.len() < MEMO_CAPACITY {
+                        memo.insert(key, f.clone());
+                    }
+                    f
+                }
+            }
+        };
+        fut.await
+    }
+}
+
+impl Inner {
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.cfg.backoff_base.as_secs_f64();
+        let cap = self.cfg.backoff_max.as_secs_f64();
+        let exp = (base * 2f64.powi(attempt.saturating_sub(1).min(30) as i32)).min(cap);
+        // Full jitter: uniform in [exp/2, exp] keeps a floor so retries do not stampede.
+        Duration::from_secs_f64(exp * (0.5 + fastrand::f64() * 0.5))
+    }
+
+    async fn attempt(&self, model: &ModelHandle, req: &LlmRequest) -> Result<Value, LlmError> {
+        let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
+        let _global = self.global.acquire().await.map_err(|_| closed())?;
+        let _model = model.limit.acquire().await.map_err(|_| closed())?;
+        let m = &self.metrics;
+        m.requests.fetch_add(1, Ordering::Relaxed);
+        let now = m.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        m.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        let result = model.provider.complete(req).await;
+        m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let resp = result?;
+        if let Some(u) = resp.usage {
+            m.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
+            m.tokens_out.fetch_add(u.completion_tokens, Ordering::Relaxed);
+        }
+        parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
+            e.http_status = Some(200);
+            e
+        })
+    }
+
+    async fn run(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
+        let m = &self.metrics;
+        m.calls.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.attempt(model, &req).await {
+                Ok(v) => {
+                    m.succeeded.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Arc::new(v));
+                }
+                Err(e) => {
+                    let last = attempt >= self.cfg.max_attempts || !e.kind.is_retryable();
+                    tracing::debug!(
+                        function = %req.function, attempt, kind = %e.kind,
+                        status = ?e.http_status, "attempt failed: {}", e.message
+                    );
+                    if last {
+                        m.failed.fetch_add(1, Ordering::Relaxed);
+                        Metrics::bump(&m.errors, e.kind);
+                        tracing::debug!(
+                            function = %req.function, elapsed = ?started.elapsed(),
+                            "call failed after {attempt} attempt(s)"
+                        );
+                        return Err(Arc::new(RowError::from_attempt(e, attempt)));
+                    }
+                    Metrics::bump(&m.retries, e.kind);
+                    let delay = match e.retry_after {
+                        Some(d) => d.min(self.cfg.backoff_max),
+                        None => self.backoff(attempt),
+                    };
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}

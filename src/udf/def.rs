@@ -1,0 +1,355 @@
+//! LLM function definitions: `udfs/*.toml` → [`FunctionDef`], with templates compiled and checked
+//! at load time.
+//!
+//! ```toml
+//! name = "generate_questions"
+//! args = ["ticker", "quarter", "date", "passage"]
+//! model = "default"
+//! max_tokens = 200
+//! temperature = 0.0
+//! system = "You are a financial analyst."
+//! prompt = "Ask three questions about {{ passage }}"
+//! output = { type = "array", items = { type = "string" }, minItems = 3, maxItems = 3 }
+//! on_error = "null"   # or "fail"
+//! ```
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, UndefinedBehavior, Value as JinjaValue};
+use serde::Deserialize;
+
+use super::schema::OutputSchema;
+
+/// What happens to a row whose call fails after all retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The value is NULL and `<name>_error(...)` describes the failure (default).
+    #[default]
+    Null,
+    /// The whole statement fails.
+    Fail,
+}
+
+/// Errors found while loading function definitions.
+#[derive(Debug, thiserror::Error)]
+pub enum DefError {
+    /// The file or directory could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// What failed.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything wrong with one definition; the message names the file and the key.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The definition file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDef {
+    name: String,
+    description: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    model: Option<String>,
+    system: Option<String>,
+    prompt: String,
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+    output: Option<toml::Value>,
+    #[serde(default)]
+    on_error: OnError,
+}
+
+/// A loaded, checked LLM function definition.
+#[derive(Debug)]
+pub struct FunctionDef {
+    /// SQL name.
+    pub name: String,
+    /// Human description (shown by tooling).
+    pub description: Option<String>,
+    /// Argument names, in SQL order; each is a template variable.
+    pub args: Vec<String>,
+    /// Model name from `sluice.toml`.
+    pub model: String,
+    /// System template source.
+    pub system: Option<String>,
+    /// Prompt template source.
+    pub prompt: String,
+    /// Generation limit.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+    /// Structured output, if declared.
+    pub output: Option<OutputSchema>,
+    /// Failure policy.
+    pub on_error: OnError,
+    /// Where it was defined (for messages).
+    pub source: PathBuf,
+    env: Environment<'static>,
+}
+
+/// A rendered request: system and user message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RenderedPrompt {
+    /// System message, if any.
+    pub system: Option<String>,
+    /// User message.
+    pub user: String,
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl FunctionDef {
+    /// Builds a definition from parts (used for the built-in `llm` function and by tests).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        args: Vec<String>,
+        model: &str,
+        system: Option<String>,
+        prompt: String,
+        output: Option<OutputSchema>,
+        source: PathBuf,
+    ) -> Result<FunctionDef, DefError> {
+        let invalid = |message: String| DefError::Invalid {
+            path: source.clone(),
+            message,
+        };
+        if !is_identifier(name) {
+            return Err(invalid(format!(
+                "name {name:?} is not a valid SQL function name (letters, digits, _)"
+            )));
+        }
+        let mut seen = HashSet::new();
+        for a in &args {
+            if !is_identifier(a) {
+                return Err(invalid(format!("argument name {a:?} is not an identifier")));
+            }
+            if !seen.insert(a) {
+                return Err(invalid(format!("argument {a:?} is listed twice in args")));
+            }
+        }
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_keep_trailing_newline(false);
+        let mut templates = vec![("prompt", prompt.clone())];
+        if let Some(s) = &system {
+            templates.push(("system", s.clone()));
+        }
+        for (tname, src) in templates {
+            env.add_template_owned(tname.to_string(), src)
+                .map_err(|e| invalid(format!("{tname} template: {}", jinja_message(&e))))?;
+            let t = env
+                .get_template(tname)
+                .map_err(|e| invalid(format!("{tname} template: {}", jinja_message(&e))))?;
+            let used: BTreeSet<String> = t.undeclared_variables(false).into_iter().collect();
+            let unknown: Vec<&String> = used.iter().filter(|v| !args.contains(v)).collect();
+            if !unknown.is_empty() {
+                return Err(invalid(format!(
+                    "{tname} template uses undefined variable(s) {}; declared args are [{}]",
+                    unknown
+                        .iter()
+                        .map(|s| format!("{s:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    args.join(", ")
+                )));
+            }
+        }
+        Ok(FunctionDef {
+            name: name.to_string(),
+            description: None,
+            args,
+            model: model.to_string(),
+            system,
+            prompt,
+            max_tokens: None,
+            temperature: None,
+            output,
+            on_error: OnError::Null,
+            source,
+            env,
+        })
+    }
+
+    /// Parses one `udfs/*.toml` file's text.
+    pub fn parse(text: &str, path: &Path) -> Result<FunctionDef, DefError> {
+        let invalid = |message: String| DefError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let raw: RawDef =
+            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().replace('\n', " ")))?;
+        let output = match raw.output {
+            None => None,
+            Some(v) => {
+                let json = serde_json::to_value(v)
+                    .map_err(|e| invalid(format!("output: cannot convert to JSON: {e}")))?;
+                Some(OutputSchema::new(json).map_err(|e| invalid(e.to_string()))?)
+            }
+        };
+        if let Some(t) = raw.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(invalid(format!("temperature {t} is outside 0.0..=2.0")));
+        }
+        if raw.max_tokens == Some(0) {
+            return Err(invalid("max_tokens must be at least 1".into()));
+        }
+        let mut def = FunctionDef::new(
+            &raw.name,
+            raw.args,
+            raw.model.as_deref().unwrap_or("default"),
+            raw.system,
+            raw.prompt,
+            output,
+            path.to_path_buf(),
+        )?;
+        def.description = raw.description;
+        def.max_tokens = raw.max_tokens;
+        def.temperature = raw.temperature;
+        def.on_error = raw.on_error;
+        Ok(def)
+    }
+
+    /// Loads every `*.toml` in `dir` (sorted by file name). A missing directory yields no functions.
+    pub fn load_dir(dir: &Path) -> Result<Vec<FunctionDef>, DefError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(source) => {
+                return Err(DefError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        paths.sort();
+        let mut defs: Vec<FunctionDef> = Vec::with_capacity(paths.len());
+        for path in paths {
+            let text = std::fs::read_to_string(&path).map_err(|source| DefError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let def = FunctionDef::parse(&text, &path)?;
+            if let Some(prev) = defs.iter().find(|d| d.name == def.name) {
+                return Err(DefError::Invalid {
+                    path: path.clone(),
+                    message: format!(
+                        "function {:?} is already defined in {}",
+                        def.name,
+                        prev.source.display()
+                    ),
+                });
+            }
+            defs.push(def);
+        }
+        Ok(defs)
+    }
+
+    /// Renders system and prompt for one row; `values[i]` binds `self.args[i]`.
+    pub fn render(&self, values: &[JinjaValue]) -> Result<RenderedPrompt, String> {
+        let ctx: JinjaValue = self
+            .args
+            .iter()
+            .cloned()
+            .zip(values.iter().cloned())
+            .collect::<std::collections::BTreeMap<String, JinjaValue>>()
+            .into();
+        let render = |name: &str| -> Result<String, String> {
+            self.env
+                .get_template(name)
+                .and_then(|t| t.render(&ctx))
+                .map_err(|e| format!("{name} template: {}", jinja_message(&e)))
+        };
+        let system = match self.system {
+            Some(_) => Some(render("system")?),
+            None => None,
+        };
+        Ok(RenderedPrompt {
+            system,
+            user: render("prompt")?,
+        })
+    }
+}
+
+fn jinja_message(e: &minijinja::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(line) = e.line()
+        && !msg.contains("line")
+    {
+        msg.push_str(&format!(" (line {line})"));
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "ask"
+args = ["ticker", "passage"]
+system = "You analyse {{ ticker }}."
+prompt = "Read {{ passage }} about {{ ticker }}."
+output = { type = "array", items = { type = "string" }, minItems = 3, maxItems = 3 }
+"#;
+
+    #[test]
+    fn loads_and_renders() {
+        let d = FunctionDef::parse(GOOD, Path::new("udfs/ask.toml")).unwrap();
+        let r = d
+            .render(&[JinjaValue::from("ACME"), JinjaValue::from("text")])
+            .unwrap();
+        assert_eq!(r.system.as_deref(), Some("You analyse ACME."));
+        assert_eq!(r.user, "Read text about ACME.");
+        assert_eq!(d.model, "default");
+    }
+
+    #[test]
+    fn undefined_variable_is_a_load_error() {
+        let e = FunctionDef::parse(
+            &GOOD.replace("{{ passage }}", "{{ pasage }}"),
+            Path::new("udfs/ask.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("udfs/ask.toml") && e.contains("\"pasage\""), "{e}");
+    }
+
+    #[test]
+    fn broken_template_and_schema_and_toml_are_load_errors() {
+        let e = FunctionDef::parse(&GOOD.replace("{{ passage }}", "{{ passage "), Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prompt template"), "{e}");
+        let e = FunctionDef::parse(&GOOD.replace("\"string\"", "\"date\""), Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output.items"), "{e}");
+        let e = FunctionDef::parse("name = ", Path::new("f.toml")).unwrap_err().to_string();
+        assert!(e.starts_with("f.toml:"), "{e}");
+        let e = FunctionDef::parse(&format!("{GOOD}\ncolour = 1"), Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+}

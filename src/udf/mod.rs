@@ -1,0 +1,176 @@
+//! LLM functions in SQL: the DataFusion glue.
+//!
+//! Each `udfs/*.toml` file becomes two SQL functions:
+//! - `name(args...)`: the value, typed by the declared output schema ([`schema`]);
+//! - `name_error(args...)`: NULL on success, otherwise a struct `{kind, message, attempts,
+//!   http_status, finish_reason}` describing why the same call failed.
+//!
+//! Both are placeholders during SQL planning. The [`plan::LiftLlmCalls`] optimizer rule lifts
+//! every distinct call into an [`plan::LlmNode`] below its users (so each call runs once per row,
+//! whatever position it appears in), and [`exec::LlmExec`] executes those nodes through the shared
+//! [`crate::llm::Dispatcher`].
+
+pub mod def;
+pub mod exec;
+pub mod plan;
+pub mod schema;
+pub mod values;
+
+use std::any::Any;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::common::{Result, plan_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
+};
+
+use def::FunctionDef;
+
+/// Name of the generic function `llm(prompt [, model])`.
+pub const GENERIC_LLM: &str = "llm";
+
+/// The Arrow type of `<name>_error(...)` values.
+pub static ERROR_TYPE: LazyLock<DataType> = LazyLock::new(|| {
+    DataType::Struct(Fields::from(vec![
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("message", DataType::Utf8, false),
+        Field::new("attempts", DataType::UInt32, false),
+        Field::new("http_status", DataType::UInt16, true),
+        Field::new("finish_reason", DataType::Utf8, true),
+    ]))
+});
+
+/// The built-in `llm(prompt [, model])` definition: the prompt is sent as is.
+pub fn generic_llm_def() -> FunctionDef {
+    FunctionDef::new(
+        GENERIC_LLM,
+        vec!["prompt".to_string()],
+        "default",
+        None,
+        "{{ prompt }}".to_string(),
+        None,
+        PathBuf::from("<built-in llm>"),
+    )
+    .expect("the built-in llm definition is valid")
+}
+
+/// The SQL value type of a function's result.
+pub fn value_type(def: &FunctionDef) -> DataType {
+    def.output
+        .as_ref()
+        .map(|o| o.data_type.clone())
+        .unwrap_or(DataType::Utf8)
+}
+
+/// Which of the two SQL faces of an LLM function a UDF is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Face {
+    /// `name(...)`: the value.
+    Value,
+    /// `name_error(...)`: the error struct.
+    Error,
+}
+
+/// A placeholder UDF for one face of an LLM function. Calling it directly is an error: the
+/// optimizer rule replaces every call before execution.
+#[derive(Debug)]
+pub struct LlmUdf {
+    /// The definition.
+    pub def: Arc<FunctionDef>,
+    /// Value or error face.
+    pub face: Face,
+    name: String,
+    signature: Signature,
+}
+
+impl PartialEq for LlmUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.def, &other.def)
+    }
+}
+impl Eq for LlmUdf {}
+impl Hash for LlmUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl LlmUdf {
+    /// Both SQL functions (value and error face) of `def`.
+    pub fn pair(def: Arc<FunctionDef>) -> [ScalarUDF; 2] {
+        let n = def.args.len();
+        let signature = if def.name == GENERIC_LLM {
+            Signature::one_of(
+                vec![TypeSignature::Any(1), TypeSignature::Any(2)],
+                Volatility::Volatile,
+            )
+        } else if n == 0 {
+            Signature::nullary(Volatility::Volatile)
+        } else {
+            Signature::any(n, Volatility::Volatile)
+        };
+        [Face::Value, Face::Error].map(|face| {
+            let name = match face {
+                Face::Value => def.name.clone(),
+                Face::Error => format!("{}_error", def.name),
+            };
+            ScalarUDF::new_from_impl(LlmUdf {
+                def: def.clone(),
+                face,
+                name,
+                signature: signature.clone(),
+            })
+        })
+    }
+
+    /// If `udf` is an LLM function face, returns it.
+    pub fn from_udf(udf: &ScalarUDF) -> Option<&LlmUdf> {
+        let inner: &dyn Any = udf.inner().as_ref();
+        inner.downcast_ref::<LlmUdf>()
+    }
+}
+
+impl ScalarUDFImpl for LlmUdf {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        let expected = self.def.args.len();
+        let ok = if self.def.name == GENERIC_LLM {
+            (1..=2).contains(&arg_types.len())
+        } else {
+            arg_types.len() == expected
+        };
+        if !ok {
+            return plan_err!(
+                "{}() takes {} argument(s) ({}) as declared in {}, got {}",
+                self.name,
+                expected,
+                self.def.args.join(", "),
+                self.def.source.display(),
+                arg_types.len()
+            );
+        }
+        Ok(match self.face {
+            Face::Value => value_type(&self.def),
+            Face::Error => ERROR_TYPE.clone(),
+        })
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        datafusion::common::internal_err!(
+            "LLM function {} reached execution without being planned by sluice; \
+             build the session with sluice::engine",
+            self.name
+        )
+    }
+}

@@ -1,0 +1,458 @@
+//! Planning: lift every distinct LLM call into an [`LlmNode`] below the node that uses it.
+//!
+//! DataFusion plans LLM function calls wherever SQL allows an expression: projections, filters,
+//! GROUP BY keys, ORDER BY, window arguments, nested calls, subqueries. Evaluating them in place
+//! would call the model once per *reference* (and DataFusion's async UDF support covers only some
+//! of those positions). [`LiftLlmCalls`] rewrites each plan node that contains calls:
+//!
+//! ```text
+//! Sort: f(x)                      Projection: t.x            (restores the node's schema)
+//!   TableScan: t          =>        Sort: __sluice_llm_1
+//!                                     LlmNode: __sluice_llm_1 := f(t.x)
+//!                                       TableScan: t
+//! ```
+//!
+//! Identical calls in one node (`f(x)`, `f(x)['a']`, `f_error(x)`) share one lifted column, and
+//! nested calls (`f(g(x))`) become stacked nodes, innermost first. The rule runs after
+//! DataFusion's own optimizer rules have seen the (volatile) placeholders, so no rule later inlines
+//! the call into several places.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema, DFSchemaRef, Result, plan_err};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
+use datafusion::logical_expr::{
+    Expr, Extension, LogicalPlan, LogicalPlanBuilder, Projection, Unnest,
+    UserDefinedLogicalNodeCore,
+};
+use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
+use datafusion::scalar::ScalarValue;
+
+use super::def::FunctionDef;
+use super::{ERROR_TYPE, Face, GENERIC_LLM, LlmUdf, value_type};
+
+/// Prefix of the columns that hold lifted call results.
+pub const LLM_COLUMN_PREFIX: &str = "__sluice_llm";
+
+/// One lifted call: a function applied to argument expressions, producing a value column and an
+/// error column.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+pub struct LlmCall {
+    /// The function's SQL name.
+    pub function: String,
+    /// Argument expressions (over the node's input).
+    pub args: Vec<Expr>,
+    /// For `llm(prompt, 'model')`: the model named in SQL.
+    pub model: Option<String>,
+    /// Output column with the value.
+    pub value_name: String,
+    /// Output column with the error struct.
+    pub error_name: String,
+}
+
+/// A logical node that appends, for each call, its value and error columns to its input's rows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LlmNode {
+    /// The rows the calls are evaluated on.
+    pub input: LogicalPlan,
+    /// The calls, evaluated independently per row.
+    pub calls: Vec<LlmCall>,
+    /// Definitions of the called functions, in `calls` order.
+    pub defs: Vec<Arc<FunctionDef>>,
+    schema: DFSchemaRef,
+}
+
+impl PartialEq for FunctionDef {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for FunctionDef {}
+impl std::hash::Hash for FunctionDef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl PartialOrd for LlmNode {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        match self.calls.partial_cmp(&other.calls) {
+            Some(std::cmp::Ordering::Equal) => self.input.partial_cmp(&other.input),
+            o => o,
+        }
+    }
+}
+
+impl LlmNode {
+    /// Builds the node and its schema (input columns, then value and error per call).
+    pub fn try_new(
+        input: LogicalPlan,
+        calls: Vec<LlmCall>,
+        defs: Vec<Arc<FunctionDef>>,
+    ) -> Result<Self> {
+        let mut fields = Vec::with_capacity(calls.len() * 2);
+        for (call, def) in calls.iter().zip(&defs) {
+            fields.push((
+                None,
+                Arc::new(datafusion::arrow::datatypes::Field::new(
+                    &call.value_name,
+                    value_type(def),
+                    true,
+                )),
+            ));
+            fields.push((
+                None,
+                Arc::new(datafusion::arrow::datatypes::Field::new(
+                    &call.error_name,
+                    ERROR_TYPE.clone(),
+                    true,
+                )),
+            ));
+        }
+        let added = DFSchema::new_with_metadata(fields, Default::default())?;
+        let schema = Arc::new(input.schema().join(&added)?);
+        Ok(LlmNode {
+            input,
+            calls,
+            defs,
+            schema,
+        })
+    }
+}
+
+impl UserDefinedLogicalNodeCore for LlmNode {
+    fn name(&self) -> &str {
+        "LlmNode"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![&self.input]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.schema
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        self.calls.iter().flat_map(|c| c.args.clone()).collect()
+    }
+
+    fn prevent_predicate_push_down_columns(&self) -> HashSet<String> {
+        self.calls
+            .iter()
+            .flat_map(|c| [c.value_name.clone(), c.error_name.clone()])
+            .collect()
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "LlmNode: ")?;
+        for (i, c) in self.calls.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            let args: Vec<String> = c.args.iter().map(|a| a.to_string()).collect();
+            write!(f, "{} := {}({})", c.value_name, c.function, args.join(", "))?;
+        }
+        Ok(())
+    }
+
+    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, mut inputs: Vec<LogicalPlan>) -> Result<Self> {
+        let mut exprs = exprs.into_iter();
+        let calls = self
+            .calls
+            .iter()
+            .map(|c| LlmCall {
+                args: exprs.by_ref().take(c.args.len()).collect(),
+                ..c.clone()
+            })
+            .collect();
+        LlmNode::try_new(inputs.swap_remove(0), calls, self.defs.clone())
+    }
+
+    fn necessary_children_exprs(&self, output_columns: &[usize]) -> Option<Vec<Vec<usize>>> {
+        let input_len = self.input.schema().fields().len();
+        let mut needed: Vec<usize> = output_columns
+            .iter()
+            .copied()
+            .filter(|i| *i < input_len)
+            .collect();
+        for c in &self.calls {
+            for a in &c.args {
+                for col in a.column_refs() {
+                    needed.push(self.input.schema().index_of_column(col).ok()?);
+                }
+            }
+        }
+        needed.sort_unstable();
+        needed.dedup();
+        Some(vec![needed])
+    }
+
+    fn supports_limit_pushdown(&self) -> bool {
+        true
+    }
+}
+
+/// What a scalar function expression is, if it is an LLM call.
+fn as_llm_call(e: &Expr) -> Option<(&LlmUdf, &[Expr])> {
+    match e {
+        Expr::ScalarFunction(ScalarFunction { func, args }) => {
+            LlmUdf::from_udf(func).map(|u| (u, args.as_slice()))
+        }
+        _ => None,
+    }
+}
+
+fn contains_llm_call(e: &Expr) -> bool {
+    e.exists(|e| Ok(as_llm_call(e).is_some())).unwrap_or(false)
+}
+
+/// The call identity (function + arguments) of an LLM expression, with `llm`'s model argument split off.
+fn call_identity(u: &LlmUdf, args: &[Expr]) -> Result<(String, Vec<Expr>, Option<String>)> {
+    if u.def.name == GENERIC_LLM && args.len() == 2 {
+        let model = match &args[1] {
+            Expr::Literal(ScalarValue::Utf8(Some(m)), _)
+            | Expr::Literal(ScalarValue::LargeUtf8(Some(m)), _)
+            | Expr::Literal(ScalarValue::Utf8View(Some(m)), _) => m.clone(),
+            other => {
+                return plan_err!(
+                    "the second argument of llm() must be a model name as a string literal \
+                     (a [models.NAME] of sluice.toml), got {other}"
+                );
+            }
+        };
+        return Ok((u.def.name.clone(), vec![args[0].clone()], Some(model)));
+    }
+    Ok((u.def.name.clone(), args.to_vec(), None))
+}
+
+/// The optimizer rule that lifts LLM calls. Register it after DataFusion's rules
+/// (`SessionStateBuilder::with_optimizer_rule` appends).
+#[derive(Debug, Default)]
+pub struct LiftLlmCalls;
+
+impl OptimizerRule for LiftLlmCalls {
+    fn name(&self) -> &str {
+        "lift_llm_calls"
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        plan.transform_up_with_subqueries(|node| lift_node(node, config))
+    }
+}
+
+/// Distinct calls of one node, grouped by nesting level.
+struct Collected {
+    /// (identity, def) per distinct call, in discovery order.
+    calls: Vec<((String, Vec<Expr>, Option<String>), Arc<FunctionDef>)>,
+}
+
+impl Collected {
+    fn find(&self, id: &(String, Vec<Expr>, Option<String>)) -> Option<usize> {
+        self.calls.iter().position(|(i, _)| i == id)
+    }
+}
+
+fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transformed<LogicalPlan>> {
+    if let LogicalPlan::Unnest(u) = &node {
+        return preserve_failed_rows_in_unnest(u).map(|changed| match changed {
+            Some(plan) => Transformed::yes(plan),
+            None => Transformed::no(node),
+        });
+    }
+    let exprs = node.expressions();
+    if !exprs.iter().any(contains_llm_call) {
+        return Ok(Transformed::no(node));
+    }
+    match &node {
+        LogicalPlan::Projection(_)
+        | LogicalPlan::Filter(_)
+        | LogicalPlan::Aggregate(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::Window(_) => {}
+        other => {
+            let (u, _) = exprs
+                .iter()
+                .find_map(|e| {
+                    let mut found = None;
+                    let _ = e.apply(|x| {
+                        if let Some(c) = as_llm_call(x) {
+                            found = Some(c.0.def.name.clone());
+                            return Ok(TreeNodeRecursion::Stop);
+                        }
+                        Ok(TreeNodeRecursion::Continue)
+                    });
+                    found.map(|f| (f, ()))
+                })
+                .unwrap_or_default();
+            return plan_err!(
+                "LLM function {u}() cannot be evaluated inside {}; compute it in a subquery or \
+                 CTE and refer to the result",
+                other.display()
+            );
+        }
+    }
+    let inputs = node.inputs();
+    if inputs.len() != 1 {
+        return plan_err!("LLM calls in a node with {} inputs are not supported", inputs.len());
+    }
+    let original_schema = node.schema().clone();
+    let mut current = inputs[0].clone();
+
+    // Collect distinct calls and their nesting depth.
+    let mut collected = Collected { calls: vec![] };
+    let mut depth: Vec<usize> = vec![];
+    for e in &exprs {
+        collect_calls(e, &mut collected, &mut depth)?;
+    }
+    let max_depth = depth.iter().copied().max().unwrap_or(0);
+    let names: Vec<(String, String)> = collected
+        .calls
+        .iter()
+        .map(|_| {
+            let v = config.alias_generator().next(LLM_COLUMN_PREFIX);
+            let e = format!("{v}_error");
+            (v, e)
+        })
+        .collect();
+
+    // Build one LlmNode per nesting level, innermost first.
+    for level in 1..=max_depth {
+        let mut calls = vec![];
+        let mut defs = vec![];
+        for (i, ((function, args, model), def)) in collected.calls.iter().enumerate() {
+            if depth[i] != level {
+                continue;
+            }
+            let args = args
+                .iter()
+                .map(|a| replace_calls(a.clone(), &collected, &names))
+                .collect::<Result<Vec<_>>>()?;
+            calls.push(LlmCall {
+                function: function.clone(),
+                args,
+                model: model.clone(),
+                value_name: names[i].0.clone(),
+                error_name: names[i].1.clone(),
+            });
+            defs.push(def.clone());
+        }
+        current = LogicalPlan::Extension(Extension {
+            node: Arc::new(LlmNode::try_new(current, calls, defs)?),
+        });
+    }
+
+    // Rewrite the node's own expressions to read the lifted columns, keeping output names.
+    let preserver = NamePreserver::new(&node);
+    let new_exprs = exprs
+        .into_iter()
+        .map(|e| {
+            let saved = preserver.save(&e);
+            Ok(saved.restore(replace_calls(e, &collected, &names)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rewritten = node.with_new_exprs(new_exprs, vec![current])?;
+
+    // Nodes that pass their input's columns through would now also expose the lifted columns:
+    // project back to the original schema.
+    let plan = if rewritten.schema().fields().len() != original_schema.fields().len() {
+        let cols: Vec<Expr> = original_schema
+            .columns()
+            .into_iter()
+            .map(Expr::Column)
+            .collect();
+        LogicalPlanBuilder::from(rewritten).project(cols)?.build()?
+    } else {
+        rewritten
+    };
+    Ok(Transformed::yes(plan))
+}
+
+/// Records the distinct calls in `e` (post-order, so arguments come first) with their depth.
+fn collect_calls(e: &Expr, out: &mut Collected, depth: &mut Vec<usize>) -> Result<usize> {
+    // Depth of the deepest call in e (0 if none).
+    let mut max_child = 0;
+    let own = as_llm_call(e);
+    let children: Vec<&Expr> = match own {
+        Some((_, args)) => args.iter().collect(),
+        None => {
+            let mut v = vec![];
+            e.apply_children(|c| {
+                v.push(c);
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+            v
+        }
+    };
+    for c in children {
+        max_child = max_child.max(collect_calls(c, out, depth)?);
+    }
+    let Some((u, args)) = own else {
+        return Ok(max_child);
+    };
+    let id = call_identity(u, args)?;
+    let d = max_child + 1;
+    match out.find(&id) {
+        Some(i) => depth[i] = depth[i].max(d),
+        None => {
+            out.calls.push((id, u.def.clone()));
+            depth.push(d);
+        }
+    }
+    Ok(d)
+}
+
+/// Replaces every LLM call in `e` by the column holding its value or error.
+fn replace_calls(e: Expr, calls: &Collected, names: &[(String, String)]) -> Result<Expr> {
+    e.transform_down(|x| {
+        let Some((u, args)) = as_llm_call(&x) else {
+            return Ok(Transformed::no(x));
+        };
+        let id = call_identity(u, args)?;
+        let Some(i) = calls.find(&id) else {
+            return plan_err!("internal: LLM call {x} was not collected");
+        };
+        let name = match u.face {
+            Face::Value => &names[i].0,
+            Face::Error => &names[i].1,
+        };
+        Ok(Transformed::new(
+            Expr::Column(Column::from_name(name)),
+            true,
+            TreeNodeRecursion::Jump,
+        ))
+    })
+    .map(|t| t.data)
+}
+
+/// SQL's UNNEST drops rows whose list is NULL. A NULL produced by a failed LLM call must not lose
+/// the row, so unnesting a lifted LLM column keeps such rows (with NULL).
+fn preserve_failed_rows_in_unnest(u: &Unnest) -> Result<Option<LogicalPlan>> {
+    if u.options.preserve_nulls() {
+        return Ok(None);
+    }
+    let LogicalPlan::Projection(Projection { expr, .. }) = u.input.as_ref() else {
+        return Ok(None);
+    };
+    let from_llm = u.exec_columns.iter().any(|col| {
+        let Ok(idx) = u.input.schema().index_of_column(col) else {
+            return false;
+        };
+        matches!(expr.get(idx).map(|e| e.clone().unalias_nested().data),
+            Some(Expr::Column(c)) if c.name.starts_with(LLM_COLUMN_PREFIX))
+    });
+    if !from_llm {
+        return Ok(None);
+    }
+    let mut kept = u.clone();
+    kept.options = kept.options.with_preserve_nulls(true);
+    Ok(Some(LogicalPlan::Unnest(kept)))
+}

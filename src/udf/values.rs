@@ -1,0 +1,132 @@
+//! Arrow values → template values, row by row.
+
+use std::collections::BTreeMap;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, GenericListArray, OffsetSizeTrait, StructArray,
+};
+use datafusion::arrow::datatypes::{
+    DataType, Float16Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type,
+    UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use minijinja::Value;
+
+/// Converts every row of `array` to a template value; NULL rows become `None`.
+pub fn to_template_values(array: &ArrayRef) -> Vec<Option<Value>> {
+    let n = array.len();
+    let valid = |i: usize| array.is_valid(i);
+    macro_rules! prim {
+        ($t:ty, $conv:expr) => {{
+            let a = array.as_primitive::<$t>();
+            (0..n)
+                .map(|i| valid(i).then(|| Value::from($conv(a.value(i)))))
+                .collect()
+        }};
+    }
+    match array.data_type() {
+        DataType::Utf8 => {
+            let a = array.as_string::<i32>();
+            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+        }
+        DataType::LargeUtf8 => {
+            let a = array.as_string::<i64>();
+            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+        }
+        DataType::Utf8View => {
+            let a = array.as_string_view();
+            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+        }
+        DataType::Boolean => {
+            let a: &BooleanArray = array.as_boolean();
+            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+        }
+        DataType::Int8 => prim!(Int8Type, i64::from),
+        DataType::Int16 => prim!(Int16Type, i64::from),
+        DataType::Int32 => prim!(Int32Type, i64::from),
+        DataType::Int64 => prim!(Int64Type, |v: i64| v),
+        DataType::UInt8 => prim!(UInt8Type, u64::from),
+        DataType::UInt16 => prim!(UInt16Type, u64::from),
+        DataType::UInt32 => prim!(UInt32Type, u64::from),
+        DataType::UInt64 => prim!(UInt64Type, |v: u64| v),
+        DataType::Float16 => prim!(Float16Type, f64::from),
+        DataType::Float32 => prim!(Float32Type, f64::from),
+        DataType::Float64 => prim!(Float64Type, |v: f64| v),
+        DataType::List(_) => list_values(array.as_list::<i32>()),
+        DataType::LargeList(_) => list_values(array.as_list::<i64>()),
+        DataType::Struct(_) => struct_values(array.as_struct()),
+        DataType::Null => vec![None; n],
+        _ => {
+            // Dates, timestamps, decimals...: their SQL text form.
+            let opts = FormatOptions::default();
+            match ArrayFormatter::try_new(array.as_ref(), &opts) {
+                Ok(f) => (0..n)
+                    .map(|i| valid(i).then(|| Value::from(f.value(i).to_string())))
+                    .collect(),
+                Err(_) => vec![None; n],
+            }
+        }
+    }
+}
+
+fn list_values<O: OffsetSizeTrait>(a: &GenericListArray<O>) -> Vec<Option<Value>> {
+    let items = to_template_values(a.values());
+    let offsets = a.value_offsets();
+    (0..a.len())
+        .map(|i| {
+            a.is_valid(i).then(|| {
+                let (s, e) = (offsets[i].as_usize(), offsets[i + 1].as_usize());
+                Value::from(
+                    items[s..e]
+                        .iter()
+                        .map(|v| v.clone().unwrap_or(Value::from(())))
+                        .collect::<Vec<_>>(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn struct_values(a: &StructArray) -> Vec<Option<Value>> {
+    let cols: Vec<(String, Vec<Option<Value>>)> = a
+        .fields()
+        .iter()
+        .zip(a.columns())
+        .map(|(f, c)| (f.name().clone(), to_template_values(c)))
+        .collect();
+    (0..a.len())
+        .map(|i| {
+            a.is_valid(i).then(|| {
+                Value::from(
+                    cols.iter()
+                        .map(|(name, vals)| {
+                            (name.clone(), vals[i].clone().unwrap_or(Value::from(())))
+                        })
+                        .collect::<BTreeMap<String, Value>>(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int32Array, ListArray, StringArray};
+    use datafusion::arrow::datatypes::Int32Type;
+    use std::sync::Arc;
+
+    #[test]
+    fn converts_scalars_lists_and_nulls() {
+        let s: ArrayRef = Arc::new(StringArray::from(vec![Some("a"), None]));
+        let v = to_template_values(&s);
+        assert_eq!(v[0].as_ref().unwrap().as_str(), Some("a"));
+        assert!(v[1].is_none());
+        let i: ArrayRef = Arc::new(Int32Array::from(vec![7]));
+        assert_eq!(to_template_values(&i)[0].as_ref().unwrap().to_string(), "7");
+        let l: ArrayRef = Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
+            Some(vec![Some(1), Some(2)]),
+        ]));
+        assert_eq!(to_template_values(&l)[0].as_ref().unwrap().to_string(), "[1, 2]");
+    }
+}
