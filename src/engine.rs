@@ -425,14 +425,19 @@ impl Engine {
                     }
                 }
             }
-            Statement::CreateExternalTable(cet) => {
-                if cet.file_type.eq_ignore_ascii_case("json")
-                    && let Ok(mut m) = self.json_locations.lock()
-                {
-                    for (i, location) in cet.locations.iter().enumerate() {
-                        if crate::sink::is_local(location) {
-                            let loc = location.trim_start_matches("file://");
-                            m.insert(format!("{}#{i}", cet.name), PathBuf::from(loc));
+            Statement::CreateExternalTable(mut cet) => {
+                if cet.file_type.eq_ignore_ascii_case("json") {
+                    if let Ok(mut m) = self.json_locations.lock() {
+                        for (i, location) in cet.locations.iter().enumerate() {
+                            if crate::sink::is_local(location) {
+                                let loc = location.trim_start_matches("file://");
+                                m.insert(format!("{}#{i}", cet.name), PathBuf::from(loc));
+                            }
+                        }
+                    }
+                    for location in cet.locations.iter_mut() {
+                        if let Some(glob) = crate::source::json_lines_glob(location) {
+                            *location = glob;
                         }
                     }
                 }

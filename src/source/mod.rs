@@ -122,16 +122,44 @@ impl ScalarUDFImpl for ChunkText {
     }
 }
 
+/// DataFusion reads only `*.json` files from a JSON table's directory. Newline-delimited JSON is
+/// usually named `.jsonl` or `.ndjson`: for a local directory that holds such files and no
+/// `.json` file, returns the location with the matching glob (`dir/*.jsonl`).
+pub fn json_lines_glob(location: &str) -> Option<String> {
+    let raw = location.strip_prefix("file://").unwrap_or(location);
+    if raw.contains(['*', '?', '[']) || !Path::new(raw).is_dir() {
+        return None;
+    }
+    let mut exts = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(raw).ok()?.flatten() {
+        if let Some(ext) = entry.path().extension().and_then(|e| e.to_str()) {
+            exts.insert(ext.to_ascii_lowercase());
+        }
+    }
+    if exts.contains("json") {
+        return None;
+    }
+    let ext = ["jsonl", "ndjson"].into_iter().find(|e| exts.contains(*e))?;
+    let sep = if location.ends_with('/') { "" } else { "/" };
+    Some(format!("{location}{sep}*.{ext}"))
+}
+
 /// Looks for the first line that is not a JSON object in the JSON files under `location` and
 /// returns `file:line: reason`. Used to turn a decoder error ("expected value at line 1") into a
 /// message that names the file and line.
 pub fn find_malformed_json_line(location: &Path) -> Option<String> {
+    // For a glob, search the directory before the first wildcard.
+    let text = location.to_string_lossy();
+    let location = match text.find(['*', '?', '[']) {
+        Some(i) => Path::new(&text[..i]).to_path_buf(),
+        None => location.to_path_buf(),
+    };
     let files: Vec<PathBuf> = if location.is_dir() {
-        let mut v: Vec<PathBuf> = walk(location);
+        let mut v: Vec<PathBuf> = walk(&location);
         v.sort();
         v
     } else {
-        vec![location.to_path_buf()]
+        vec![location.clone()]
     };
     for f in files {
         let file = std::fs::File::open(&f).ok()?;

@@ -1,0 +1,227 @@
+//! Bad input through the `sluice` binary: a clear one-line error naming what and where, exit
+//! code ≠ 0, no panic, no output file. Also: the API key never appears anywhere.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+
+const SECRET: &str = "sk-sluice-test-7c1f9e0dSECRET";
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// A project directory with the repository's udfs, a sluice.toml for `base_url`, and a copy
+    /// of the real excerpts as data/t.jsonl.
+    fn new(base_url: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("udfs")).unwrap();
+        for f in ["generate_questions.toml", "answer_question.toml"] {
+            std::fs::copy(repo().join("udfs").join(f), p.join("udfs").join(f)).unwrap();
+        }
+        std::fs::write(p.join("sluice.toml"), config_text(base_url, 2, 8)).unwrap();
+        std::fs::create_dir_all(p.join("data")).unwrap();
+        std::fs::copy(
+            shared_data("earnings_transcript_excerpts.jsonl"),
+            p.join("data/t.jsonl"),
+        )
+        .unwrap();
+        Project { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// Runs `sluice -vv run q.sql` with `sql`; returns (exit code, stdout, stderr).
+    fn run(&self, sql: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+        self.write("q.sql", sql);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.current_dir(self.dir.path())
+            .args(["-vv", "run", "q.sql"])
+            .env_remove("RUST_LOG")
+            .env_remove("SLUICE_CONFIG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("sluice runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+}
+
+const COPY_QA: &str = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+    COPY (SELECT ticker, answer_question(ticker, q, date, transcript, 'What was revenue?') AS a \
+    FROM t) TO 'out/r.parquet' STORED AS PARQUET;\n";
+
+/// Asserts a failed run: exit code, one `error:` line containing every needle, no panic, and
+/// no output file.
+fn assert_clean_failure(p: &Project, (code, _out, err): &(i32, String, String), needles: &[&str]) {
+    assert_ne!(*code, 0, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "exactly one error line expected:\n{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{:?} should mention {n:?}", lines[0]);
+    }
+    let out_dir = p.path("out");
+    let leftovers: Vec<_> = std::fs::read_dir(&out_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "output left behind: {leftovers:?}");
+    assert!(!err.contains(SECRET));
+}
+
+async fn server() -> MockServer {
+    mock(MockConfig::default()).await
+}
+
+async fn in_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_jsonl_line_names_file_and_line() {
+    let s = server().await;
+    let p = Project::new(&s.base_url());
+    let mut text = std::fs::read_to_string(p.path("data/t.jsonl")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[4] = "{\"ticker\": \"CSTE\", \"q\": broken".into();
+    text = lines.join("\n");
+    p.write("data/t.jsonl", &text);
+    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["t.jsonl:5", "q.sql:"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_column() {
+    let s = server().await;
+    let p = Project::new(&s.base_url());
+    let sql = COPY_QA.replace("transcript, 'What", "passage, 'What");
+    let r = in_blocking(move || (p.run(&sql, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["passage", "q.sql:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_function() {
+    let s = server().await;
+    let p = Project::new(&s.base_url());
+    let sql = COPY_QA.replace("answer_question(", "answer_questions(");
+    let r = in_blocking(move || (p.run(&sql, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["answer_questions", "q.sql:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_arity() {
+    let s = server().await;
+    let p = Project::new(&s.base_url());
+    let sql = COPY_QA.replace("transcript, 'What was revenue?'", "transcript");
+    let r = in_blocking(move || (p.run(&sql, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["answer_question", "5", "q.sql:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_with_undefined_variable() {
+    let s = server().await;
+    let p = Project::new(&s.base_url());
+    let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
+    p.write("udfs/answer_question.toml", &t.replace("{{ question }}", "{{ questoin }}"));
+    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["answer_question.toml", "questoin"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_output_schema() {
+    let s = server().await;
+    let p = Project::new(&s.base_url());
+    let t = std::fs::read_to_string(p.path("udfs/generate_questions.toml")).unwrap();
+    p.write(
+        "udfs/generate_questions.toml",
+        &t.replace("items = { type = \"string\" }", "items = { type = \"strin\" }"),
+    );
+    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["generate_questions.toml", "output.items", "strin"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_provider() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let p = Project::new(&format!("http://127.0.0.1:{port}/v1"));
+    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["answer_question", "connect", &format!("127.0.0.1:{port}"), "q.sql:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_api_key_variable() {
+    let s = server().await;
+    let p = Project::new(&s.base_url());
+    let mut cfg = config_text(&s.base_url(), 2, 8);
+    cfg.push_str("api_key_env = \"SLUICE_TEST_MISSING_KEY\"\n");
+    p.write("sluice.toml", &cfg);
+    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["SLUICE_TEST_MISSING_KEY", "sluice.toml"]);
+}
+
+fn scan_for_secret(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            scan_for_secret(&path);
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            let hay = String::from_utf8_lossy(&bytes);
+            assert!(!hay.contains(SECRET), "secret found in {}", path.display());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_never_appears_in_logs_errors_or_outputs() {
+    // The server accepts only the right key: a wrong key fails with an auth error.
+    let s = mock(MockConfig {
+        api_key: Some(SECRET.to_string()),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = Project::new(&s.base_url());
+    let mut cfg = config_text(&s.base_url(), 2, 8);
+    cfg.push_str("api_key_env = \"SLUICE_TEST_KEY\"\n");
+    p.write("sluice.toml", &cfg);
+    let wrong = format!("{SECRET}-wrong");
+    let (p, bad) = in_blocking(move || {
+        let r = p.run(COPY_QA, &[("SLUICE_TEST_KEY", wrong.as_str())]);
+        (p, r)
+    })
+    .await;
+    assert_clean_failure(&p, &bad, &["auth", "SLUICE_TEST_KEY"]);
+    assert!(!bad.2.contains("-wrong"), "{}", bad.2);
+
+    // The right key works, and appears in no log line, output or file.
+    let (p, good) = in_blocking(move || {
+        let r = p.run(COPY_QA, &[("SLUICE_TEST_KEY", SECRET)]);
+        (p, r)
+    })
+    .await;
+    assert_eq!(good.0, 0, "{}", good.2);
+    assert!(good.2.contains("DEBUG") || good.2.contains("LLM:"), "{}", good.2);
+    assert!(!good.1.contains(SECRET) && !good.2.contains(SECRET));
+    assert!(p.path("out/r.parquet").exists());
+    std::fs::remove_file(p.path("sluice.toml")).ok();
+    scan_for_secret(p.dir.path());
+    assert!(s.stats().requests >= 14);
+}

@@ -1,0 +1,210 @@
+//! The flagship pipeline end to end on real HTTP and real Parquet read-back.
+
+mod support;
+
+use std::collections::HashMap;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::DataType;
+use minijinja::Value;
+use support::*;
+
+/// Every row of a Parquet result, as column name → string values (None for NULL).
+fn strings(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
+    let mut out = vec![];
+    for b in batches {
+        let a = b.column_by_name(col).unwrap_or_else(|| panic!("column {col}"));
+        let s = a.as_string::<i32>();
+        for i in 0..s.len() {
+            out.push(s.is_valid(i).then(|| s.value(i).to_string()));
+        }
+    }
+    out
+}
+
+/// `kind` of an error struct column per row (None when the row has no error).
+fn error_kinds(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
+    let mut out = vec![];
+    for b in batches {
+        let a = b.column_by_name(col).unwrap_or_else(|| panic!("column {col}"));
+        let st = a.as_struct();
+        let kind = st.column_by_name("kind").expect("kind").as_string::<i32>();
+        for i in 0..st.len() {
+            out.push(st.is_valid(i).then(|| kind.value(i).to_string()));
+        }
+    }
+    out
+}
+
+struct Row {
+    company: String,
+    quarter: String,
+    date: String,
+    passage: String,
+    question: Option<String>,
+    answer: Option<String>,
+}
+
+fn rows(batches: &[RecordBatch]) -> Vec<Row> {
+    let c = strings(batches, "company");
+    let q = strings(batches, "quarter");
+    let d = strings(batches, "date");
+    let p = strings(batches, "passage");
+    let qs = strings(batches, "question");
+    let a = strings(batches, "answer");
+    (0..c.len())
+        .map(|i| Row {
+            company: c[i].clone().unwrap(),
+            quarter: q[i].clone().unwrap(),
+            date: d[i].clone().unwrap(),
+            passage: p[i].clone().unwrap(),
+            question: qs[i].clone(),
+            answer: a[i].clone(),
+        })
+        .collect()
+}
+
+/// The mock tags every answer with the hash of its prompt; recompute the prompts from each row
+/// with the shipped templates and check both stages belong to this row.
+fn assert_provenance(engine: &sluice::Engine, r: &Row) {
+    let gen_def = engine.function("generate_questions").unwrap();
+    let ans_def = engine.function("answer_question").unwrap();
+    let meta = [
+        Value::from(r.company.as_str()),
+        Value::from(r.quarter.as_str()),
+        Value::from(r.date.as_str()),
+        Value::from(r.passage.as_str()),
+    ];
+    let gp = gen_def.render(&meta).unwrap();
+    let h1 = prompt_hash(gp.system.as_deref(), &gp.user);
+    let question = r.question.as_ref().expect("question present");
+    assert!(question.contains(&format!("[{h1}]")), "question {question:?} is not from its passage (hash {h1})");
+    let mut args = meta.to_vec();
+    args.push(Value::from(question.as_str()));
+    let ap = ans_def.render(&args).unwrap();
+    let h2 = prompt_hash(ap.system.as_deref(), &ap.user);
+    let answer = r.answer.as_ref().expect("answer present");
+    assert!(answer.contains(&format!("[{h2}]")), "answer {answer:?} does not answer its own question (hash {h2})");
+}
+
+fn excerpts() -> std::path::PathBuf {
+    shared_data("earnings_transcript_excerpts.jsonl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagship_over_real_excerpts_three_questions_per_passage() {
+    let server = mock(MockConfig::default()).await;
+    let engine = flagship_engine(&server, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    let printed = run(&engine, &flagship_sql(&excerpts(), &out)).await.unwrap();
+    assert!(printed.contains("COPY 42 rows"), "{printed}");
+
+    let batches = read_parquet(&out).await;
+    let schema = batches[0].schema();
+    for col in ["company", "quarter", "date", "passage", "question", "answer"] {
+        assert_eq!(schema.field_with_name(col).unwrap().data_type(), &DataType::Utf8, "{col}");
+    }
+    for col in ["question_error", "answer_error"] {
+        assert!(matches!(schema.field_with_name(col).unwrap().data_type(), DataType::Struct(_)));
+    }
+    let rows = rows(&batches);
+    assert_eq!(rows.len(), 42, "14 passages x 3 questions");
+    let mut per_passage: HashMap<&str, usize> = HashMap::new();
+    for r in &rows {
+        *per_passage.entry(r.passage.as_str()).or_default() += 1;
+        assert_eq!(r.company, "CSTE");
+        assert_provenance(&engine, r);
+    }
+    assert_eq!(per_passage.len(), 14);
+    assert!(per_passage.values().all(|n| *n == 3), "{per_passage:?}");
+    assert!(error_kinds(&batches, "answer_error").iter().all(Option::is_none));
+
+    // Exactly one request per prompt: 14 question prompts + 42 answer prompts.
+    let stats = server.stats();
+    assert_eq!(stats.requests, 56);
+    assert!(stats.by_prompt.values().all(|n| *n == 1));
+    let m = engine.metrics();
+    assert_eq!((m.calls, m.requests, m.failed), (56, 56, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagship_under_transient_faults_loses_nothing() {
+    let cfg = MockConfig {
+        faults: FaultRates {
+            rate_limit: 0.05,
+            server_500: 0.02,
+            malformed_json: 0.01,
+            truncated_body: 0.01,
+            invalid_schema: 0.01,
+            ..FaultRates::default()
+        },
+        retry_after_ms: 5,
+        seed: 7,
+        ..MockConfig::default()
+    };
+    let server = mock(cfg).await;
+    let engine = flagship_engine(&server, 10);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    run(&engine, &flagship_sql(&excerpts(), &out)).await.unwrap();
+    let batches = read_parquet(&out).await;
+    let rows = rows(&batches);
+    assert_eq!(rows.len(), 42);
+    for r in &rows {
+        assert_provenance(&engine, r);
+    }
+    let stats = server.stats();
+    let faults: u64 = stats.faults.values().sum();
+    assert!(faults > 0, "the profile injected faults: {stats:?}");
+    assert_eq!(stats.requests, 56 + faults, "one retry per injected fault");
+    let m = engine.metrics();
+    assert_eq!(m.failed, 0);
+    assert_eq!(m.retries.values().sum::<u64>(), faults);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_faults_keep_rows_with_null_and_typed_error() {
+    let text = std::fs::read_to_string(excerpts()).unwrap();
+    let third: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
+    // A marker only in the third passage: its question call always returns schema-invalid output.
+    let marker: String = third["transcript"].as_str().unwrap().chars().skip(100).take(60).collect();
+    let cfg = MockConfig {
+        permanent: vec![
+            (marker.clone(), Fault::InvalidSchema),
+            // Every answer prompt for a second question always fails with HTTP 500.
+            ("Question: Q2 [".to_string(), Fault::Server500),
+        ],
+        ..MockConfig::default()
+    };
+    let server = mock(cfg).await;
+    let engine = flagship_engine(&server, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    run(&engine, &flagship_sql(&excerpts(), &out)).await.unwrap();
+    let batches = read_parquet(&out).await;
+    let rows = rows(&batches);
+    let qerr = error_kinds(&batches, "question_error");
+    let aerr = error_kinds(&batches, "answer_error");
+    // 13 passages x 3 questions + the failed passage kept as one row.
+    assert_eq!(rows.len(), 13 * 3 + 1);
+    let mut failed_passages = 0;
+    for (i, r) in rows.iter().enumerate() {
+        if r.passage.contains(&marker) {
+            failed_passages += 1;
+            assert!(r.question.is_none() && r.answer.is_none());
+            assert_eq!(qerr[i].as_deref(), Some("invalid_output"));
+            assert_eq!(aerr[i].as_deref(), Some("null_input"));
+        } else if r.question.as_deref().unwrap().starts_with("Q2 [") {
+            assert!(r.answer.is_none());
+            assert_eq!(aerr[i].as_deref(), Some("server_error"));
+        } else {
+            assert_provenance(&engine, r);
+            assert!(aerr[i].is_none() && qerr[i].is_none());
+        }
+    }
+    assert_eq!(failed_passages, 1);
+    // Failed calls were tried exactly max_attempts times; nothing else was retried.
+    let stats = server.stats();
+    assert_eq!(stats.requests, (13 + 1 * 3) + (13 * 2) + (13 * 3));
+}

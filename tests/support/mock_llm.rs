@@ -1,0 +1,698 @@
+//! The project's own OpenAI-compatible test server: real HTTP/1.1 on 127.0.0.1 with configurable
+//! latency and seeded fault injection. Every answer is derived from the prompt — strings carry
+//! the tag `[h]` where `h = prompt_hash(system, user)` — so tests can prove that each output
+//! belongs to its row.
+//!
+//! Faults are decided per request from `(seed, prompt hash, attempt)`, where `attempt` counts
+//! the earlier requests with the same prompt: a prompt's fault sequence is reproducible whatever
+//! the interleaving of concurrent requests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A fault the server can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// HTTP 429 with `Retry-After` and `retry-after-ms`.
+    RateLimit,
+    /// HTTP 500.
+    Server500,
+    /// HTTP 503.
+    Server503,
+    /// No answer: hang for `hang`, then close.
+    Timeout,
+    /// Headers with the full Content-Length, half the body, then close.
+    DroppedConnection,
+    /// HTTP 200 with a body that is not JSON.
+    MalformedJson,
+    /// HTTP 200 with the first 60% of a valid body (Content-Length matches what is sent).
+    TruncatedBody,
+    /// HTTP 200, valid envelope, content that violates the requested schema.
+    InvalidSchema,
+    /// HTTP 200, half the content, `finish_reason = "length"`.
+    FinishLength,
+}
+
+impl Fault {
+    /// snake_case name used in stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::RateLimit => "rate_limit",
+            Fault::Server500 => "server_500",
+            Fault::Server503 => "server_503",
+            Fault::Timeout => "timeout",
+            Fault::DroppedConnection => "dropped_connection",
+            Fault::MalformedJson => "malformed_json",
+            Fault::TruncatedBody => "truncated_body",
+            Fault::InvalidSchema => "invalid_schema",
+            Fault::FinishLength => "finish_length",
+        }
+    }
+}
+
+/// Probability of each random fault per request.
+#[derive(Debug, Clone, Default)]
+pub struct FaultRates {
+    /// HTTP 429.
+    pub rate_limit: f64,
+    /// HTTP 500.
+    pub server_500: f64,
+    /// HTTP 503.
+    pub server_503: f64,
+    /// Hang past the client timeout.
+    pub timeout: f64,
+    /// Connection closed mid-body.
+    pub dropped_connection: f64,
+    /// Body not JSON.
+    pub malformed_json: f64,
+    /// Body cut short.
+    pub truncated_body: f64,
+    /// Content violating the schema.
+    pub invalid_schema: f64,
+    /// `finish_reason = length`.
+    pub finish_length: f64,
+}
+
+impl FaultRates {
+    fn table(&self) -> [(f64, Fault); 9] {
+        [
+            (self.rate_limit, Fault::RateLimit),
+            (self.server_500, Fault::Server500),
+            (self.server_503, Fault::Server503),
+            (self.timeout, Fault::Timeout),
+            (self.dropped_connection, Fault::DroppedConnection),
+            (self.malformed_json, Fault::MalformedJson),
+            (self.truncated_body, Fault::TruncatedBody),
+            (self.invalid_schema, Fault::InvalidSchema),
+            (self.finish_length, Fault::FinishLength),
+        ]
+    }
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// Base latency before answering.
+    pub latency: Duration,
+    /// Extra uniform latency in `0..jitter`, seeded.
+    pub jitter: Duration,
+    /// Seed of the fault and jitter draws.
+    pub seed: u64,
+    /// Random faults.
+    pub faults: FaultRates,
+    /// If the user prompt contains the marker, always answer with that fault.
+    pub permanent: Vec<(String, Fault)>,
+    /// Delay requested by 429 responses.
+    pub retry_after_ms: u64,
+    /// How long a Timeout fault hangs.
+    pub hang: Duration,
+    /// If set, requests must carry `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            seed: 42,
+            faults: FaultRates::default(),
+            permanent: vec![],
+            retry_after_ms: 20,
+            hang: Duration::from_secs(10),
+            api_key: None,
+        }
+    }
+}
+
+/// Counters of what the server saw.
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    /// Every POST to a completions endpoint.
+    pub requests: u64,
+    /// Answered 200 with a valid answer.
+    pub ok: u64,
+    /// Injected faults by name.
+    pub faults: HashMap<String, u64>,
+    /// Requests per prompt hash.
+    pub by_prompt: HashMap<String, u64>,
+    /// Most requests being processed at once.
+    pub max_in_flight: u64,
+}
+
+impl StatsSnapshot {
+    /// The snapshot as JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "requests": self.requests, "ok": self.ok, "faults": self.faults,
+            "distinct_prompts": self.by_prompt.len(), "max_in_flight": self.max_in_flight,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    requests: AtomicU64,
+    ok: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+    faults: Mutex<HashMap<String, u64>>,
+    by_prompt: Mutex<HashMap<String, u64>>,
+}
+
+struct State {
+    cfg: MockConfig,
+    stats: Stats,
+    ids: AtomicU64,
+}
+
+/// A running server; dropping it stops accepting connections.
+pub struct MockServer {
+    addr: SocketAddr,
+    state: Arc<State>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// First 12 hex characters of sha256(system + "\u{1f}" + user).
+pub fn prompt_hash(system: Option<&str>, user: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(system.unwrap_or("").as_bytes());
+    h.update("\u{1f}".as_bytes());
+    h.update(user.as_bytes());
+    let digest = h.finalize();
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl MockServer {
+    /// Starts on a random port of 127.0.0.1.
+    pub async fn start(cfg: MockConfig) -> std::io::Result<MockServer> {
+        Self::start_on(cfg, 0).await
+    }
+
+    /// Starts on the given port of 127.0.0.1 (0: random).
+    pub async fn start_on(cfg: MockConfig, port: u16) -> std::io::Result<MockServer> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            cfg,
+            stats: Stats::default(),
+            ids: AtomicU64::new(0),
+        });
+        let st = state.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = sock.set_nodelay(true);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let _ = serve_connection(sock, st).await;
+                });
+            }
+        });
+        Ok(MockServer {
+            addr,
+            state,
+            accept,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.state.snapshot()
+    }
+
+    /// Zeroes the counters (per-prompt attempt counts too).
+    pub fn reset_stats(&self) {
+        self.state.reset();
+    }
+}
+
+impl State {
+    fn snapshot(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        StatsSnapshot {
+            requests: s.requests.load(Ordering::Relaxed),
+            ok: s.ok.load(Ordering::Relaxed),
+            faults: s.faults.lock().map(|m| m.clone()).unwrap_or_default(),
+            by_prompt: s.by_prompt.lock().map(|m| m.clone()).unwrap_or_default(),
+            max_in_flight: s.max_in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    fn reset(&self) {
+        let s = &self.stats;
+        s.requests.store(0, Ordering::Relaxed);
+        s.ok.store(0, Ordering::Relaxed);
+        s.max_in_flight.store(0, Ordering::Relaxed);
+        if let Ok(mut m) = s.faults.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = s.by_prompt.lock() {
+            m.clear();
+        }
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one request; Ok(None) at a clean end of the connection.
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<Request>> {
+    const MAX_HEAD: usize = 64 * 1024;
+    const MAX_BODY: usize = 64 * 1024 * 1024;
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(std::io::Error::other("request head too large"));
+        }
+        let mut chunk = [0u8; 8192];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let method = first.next().unwrap_or("").to_string();
+    let path = first.next().unwrap_or("").to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    if len > MAX_BODY {
+        return Err(std::io::Error::other("request body too large"));
+    }
+    let body_start = head_end + 4;
+    while buf.len() < body_start + len {
+        let mut chunk = vec![0u8; (body_start + len - buf.len()).min(64 * 1024)];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[body_start..body_start + len].to_vec();
+    buf.drain(..body_start + len);
+    Ok(Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    }))
+}
+
+fn response(status: u16, extra_headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in extra_headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+fn error_body(message: &str, kind: &str) -> Vec<u8> {
+    json!({"error": {"message": message, "type": kind}})
+        .to_string()
+        .into_bytes()
+}
+
+/// What to do with the connection after answering.
+enum After {
+    KeepAlive,
+    Close,
+}
+
+async fn serve_connection(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(8192);
+    loop {
+        let Some(req) = read_request(&mut sock, &mut buf).await? else {
+            return Ok(());
+        };
+        let close = req
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        match handle(&mut sock, &st, req).await? {
+            After::Close => {
+                let _ = sock.shutdown().await;
+                return Ok(());
+            }
+            After::KeepAlive if close => return Ok(()),
+            After::KeepAlive => {}
+        }
+    }
+}
+
+async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io::Result<After> {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/models") => {
+            let body = json!({"object": "list", "data": [{"id": "mock", "object": "model"}]});
+            sock.write_all(&response(200, &[], body.to_string().as_bytes()))
+                .await?;
+            Ok(After::KeepAlive)
+        }
+        ("GET", "/stats") => {
+            let body = st.snapshot().to_json().to_string();
+            sock.write_all(&response(200, &[], body.as_bytes())).await?;
+            Ok(After::KeepAlive)
+        }
+        ("POST", "/stats/reset") => {
+            st.reset();
+            sock.write_all(&response(200, &[], b"{}")).await?;
+            Ok(After::KeepAlive)
+        }
+        ("POST", "/v1/chat/completions") => {
+            let s = &st.stats;
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            s.max_in_flight.fetch_max(now, Ordering::Relaxed);
+            let result = chat(sock, st, &req).await;
+            s.in_flight.fetch_sub(1, Ordering::Relaxed);
+            result
+        }
+        _ => {
+            sock.write_all(&response(
+                404,
+                &[],
+                &error_body("no such endpoint", "invalid_request_error"),
+            ))
+            .await?;
+            Ok(After::KeepAlive)
+        }
+    }
+}
+
+fn seeded(seed: u64, hash: &str, attempt: u64) -> fastrand::Rng {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut h);
+    hash.hash(&mut h);
+    attempt.hash(&mut h);
+    fastrand::Rng::with_seed(h.finish())
+}
+
+fn count_fault(st: &State, f: Fault) {
+    if let Ok(mut m) = st.stats.faults.lock() {
+        *m.entry(f.name().to_string()).or_default() += 1;
+    }
+}
+
+async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::Result<After> {
+    let cfg = &st.cfg;
+    if let Some(key) = &cfg.api_key {
+        let expected = format!("Bearer {key}");
+        if req.header("authorization") != Some(expected.as_str()) {
+            let body = error_body("Incorrect API key provided", "invalid_request_error");
+            sock.write_all(&response(401, &[], &body)).await?;
+            return Ok(After::KeepAlive);
+        }
+    }
+    let parsed: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => {
+            let body = error_body(&format!("invalid JSON body: {e}"), "invalid_request_error");
+            sock.write_all(&response(400, &[], &body)).await?;
+            return Ok(After::KeepAlive);
+        }
+    };
+    let messages = parsed
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let content_of = |m: &Value| m.get("content").and_then(Value::as_str).map(str::to_string);
+    let system = messages
+        .iter()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("system"))
+        .and_then(content_of);
+    let Some(user) = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .and_then(content_of)
+    else {
+        let body = error_body("messages must contain a user message", "invalid_request_error");
+        sock.write_all(&response(400, &[], &body)).await?;
+        return Ok(After::KeepAlive);
+    };
+    let h = prompt_hash(system.as_deref(), &user);
+    let attempt = {
+        let mut m = st
+            .stats
+            .by_prompt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(h.clone()).or_default();
+        *e += 1;
+        *e - 1
+    };
+    let mut rng = seeded(cfg.seed, &h, attempt);
+    let fault = cfg
+        .permanent
+        .iter()
+        .find(|(marker, _)| user.contains(marker.as_str()))
+        .map(|(_, f)| *f)
+        .or_else(|| {
+            let u = rng.f64();
+            let mut acc = 0.0;
+            cfg.faults.table().into_iter().find_map(|(p, f)| {
+                acc += p;
+                (u < acc).then_some(f)
+            })
+        });
+    let jitter = if cfg.jitter.is_zero() {
+        Duration::ZERO
+    } else {
+        cfg.jitter.mul_f64(rng.f64())
+    };
+    let delay = cfg.latency + jitter;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+
+    let schema = parsed.pointer("/response_format/json_schema/schema").cloned();
+    let json_object = parsed.pointer("/response_format/type").and_then(Value::as_str)
+        == Some("json_object");
+    let value = schema.as_ref().map(|s| generate(s, &h, None, None));
+    let content = match (&value, json_object) {
+        (Some(v), _) => v.to_string(),
+        (None, true) => json!({"answer": format!("[{h}]")}).to_string(),
+        (None, false) => format!("Answer [{h}]: the passage reports the figure."),
+    };
+    let model = parsed.get("model").and_then(Value::as_str).unwrap_or("mock");
+    let envelope = |content: &str, finish: &str| -> Vec<u8> {
+        let id = st.ids.fetch_add(1, Ordering::Relaxed);
+        let prompt_chars = system.as_deref().map_or(0, |s| s.chars().count()) + user.chars().count();
+        let pt = prompt_chars / 4 + 1;
+        let ct = content.chars().count() / 4 + 1;
+        json!({
+            "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish}],
+            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+        })
+        .to_string()
+        .into_bytes()
+    };
+
+    let Some(fault) = fault else {
+        st.stats.ok.fetch_add(1, Ordering::Relaxed);
+        sock.write_all(&response(200, &[], &envelope(&content, "stop")))
+            .await?;
+        return Ok(After::KeepAlive);
+    };
+    count_fault(st, fault);
+    match fault {
+        Fault::RateLimit => {
+            let secs = cfg.retry_after_ms.div_ceil(1000);
+            let headers = [
+                ("retry-after", secs.to_string()),
+                ("retry-after-ms", cfg.retry_after_ms.to_string()),
+            ];
+            let body = error_body("Rate limit reached", "rate_limit_error");
+            sock.write_all(&response(429, &headers, &body)).await?;
+            Ok(After::KeepAlive)
+        }
+        Fault::Server500 | Fault::Server503 => {
+            let status = if fault == Fault::Server500 { 500 } else { 503 };
+            let body = error_body("The server had an error", "server_error");
+            sock.write_all(&response(status, &[], &body)).await?;
+            Ok(After::KeepAlive)
+        }
+        Fault::Timeout => {
+            tokio::time::sleep(cfg.hang).await;
+            Ok(After::Close)
+        }
+        Fault::DroppedConnection => {
+            let body = envelope(&content, "stop");
+            let full = response(200, &[], &body);
+            let cut = full.len() - body.len() / 2;
+            sock.write_all(&full[..cut]).await?;
+            sock.flush().await?;
+            Ok(After::Close)
+        }
+        Fault::MalformedJson => {
+            let body = b"{\"id\": \"chatcmpl-mock\", \"choices\": [ {not json";
+            sock.write_all(&response(200, &[], body)).await?;
+            Ok(After::KeepAlive)
+        }
+        Fault::TruncatedBody => {
+            let body = envelope(&content, "stop");
+            let cut = &body[..body.len() * 6 / 10];
+            sock.write_all(&response(200, &[], cut)).await?;
+            Ok(After::KeepAlive)
+        }
+        Fault::InvalidSchema => {
+            let bad = match &value {
+                Some(Value::Object(_)) => json!(["wrong"]).to_string(),
+                Some(Value::Array(_)) => json!("wrong").to_string(),
+                Some(Value::String(_)) => json!(42).to_string(),
+                Some(_) => json!("wrong").to_string(),
+                None => String::new(),
+            };
+            sock.write_all(&response(200, &[], &envelope(&bad, "stop")))
+                .await?;
+            Ok(After::KeepAlive)
+        }
+        Fault::FinishLength => {
+            let half: String = content.chars().take(content.chars().count() / 2).collect();
+            sock.write_all(&response(200, &[], &envelope(&half, "length")))
+                .await?;
+            Ok(After::KeepAlive)
+        }
+    }
+}
+
+/// A deterministic value matching `schema`, with strings tagged `[h]`.
+fn generate(schema: &Value, h: &str, name: Option<&str>, index: Option<usize>) -> Value {
+    let num = |salt: u64| -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        h.hash(&mut hasher);
+        salt.hash(&mut hasher);
+        name.hash(&mut hasher);
+        hasher.finish()
+    };
+    let ty = match schema.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ => "null",
+    };
+    let int = |k: &str| schema.get(k).and_then(Value::as_u64);
+    let float = |k: &str| schema.get(k).and_then(Value::as_f64);
+    match ty {
+        "object" => {
+            let mut out = Map::new();
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (k, s) in props {
+                    out.insert(k.clone(), generate(s, h, Some(k), None));
+                }
+            }
+            Value::Object(out)
+        }
+        "array" => {
+            let mut n = int("minItems").unwrap_or(3).max(1);
+            if let Some(max) = int("maxItems") {
+                n = n.min(max);
+            }
+            let items = schema.get("items").cloned().unwrap_or(Value::Null);
+            Value::Array(
+                (0..n as usize)
+                    .map(|i| generate(&items, h, name, Some(i)))
+                    .collect(),
+            )
+        }
+        "string" => {
+            if let Some(e) = schema.get("enum").and_then(Value::as_array).filter(|e| !e.is_empty()) {
+                return e[(num(1) % e.len() as u64) as usize].clone();
+            }
+            Value::String(match (index, name) {
+                (Some(i), _) => format!("Q{} [{h}] What was the figure for item {}?", i + 1, i + 1),
+                (None, Some(p)) if p != "value" => format!("{p} [{h}]"),
+                _ => format!("Answer [{h}]: the passage reports it."),
+            })
+        }
+        "integer" => {
+            let lo = schema.get("minimum").and_then(Value::as_i64).unwrap_or(0);
+            let hi = schema.get("maximum").and_then(Value::as_i64).unwrap_or(lo + 1000);
+            let span = (hi - lo).max(0) as u64 + 1;
+            json!(lo + (num(2) % span) as i64)
+        }
+        "number" => {
+            let lo = float("minimum").unwrap_or(0.0);
+            let hi = float("maximum").unwrap_or(lo + 1000.0);
+            let f = lo + (num(3) % 10_000) as f64 / 10_000.0 * (hi - lo);
+            json!((f * 100.0).round() / 100.0)
+        }
+        "boolean" => json!(num(4) % 2 == 0),
+        _ => Value::Null,
+    }
+}
