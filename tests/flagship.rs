@@ -166,9 +166,21 @@ async fn flagship_under_transient_faults_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_faults_keep_rows_with_null_and_typed_error() {
     let text = std::fs::read_to_string(excerpts()).unwrap();
-    let third: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
-    // A marker only in the third passage: its question call always returns schema-invalid output.
-    let marker: String = third["transcript"].as_str().unwrap().chars().skip(100).take(60).collect();
+    let transcripts: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["transcript"]
+            .as_str()
+            .unwrap()
+            .to_string())
+        .collect();
+    // A marker found in exactly one passage (the excerpts overlap a little): its question call
+    // always returns schema-invalid output.
+    let third: Vec<char> = transcripts[2].chars().collect();
+    let marker: String = (0..third.len() - 60)
+        .step_by(50)
+        .map(|i| third[i..i + 60].iter().collect::<String>())
+        .find(|m| transcripts.iter().filter(|t| t.contains(m.as_str())).count() == 1)
+        .expect("a unique marker");
     let cfg = MockConfig {
         permanent: vec![
             (marker.clone(), Fault::InvalidSchema),
@@ -187,7 +199,12 @@ async fn permanent_faults_keep_rows_with_null_and_typed_error() {
     let qerr = error_kinds(&batches, "question_error");
     let aerr = error_kinds(&batches, "answer_error");
     // 13 passages x 3 questions + the failed passage kept as one row.
-    assert_eq!(rows.len(), 13 * 3 + 1);
+    let summary: Vec<String> = rows
+        .iter()
+        .zip(&qerr)
+        .map(|(r, e)| format!("{:?} {:?} {:?}", &r.passage[..20], r.question, e))
+        .collect();
+    assert_eq!(rows.len(), 13 * 3 + 1, "{summary:#?}");
     let mut failed_passages = 0;
     for (i, r) in rows.iter().enumerate() {
         if r.passage.contains(&marker) {

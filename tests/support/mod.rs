@@ -7,7 +7,6 @@ pub mod mock_llm;
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 use sluice::{Engine, RunOptions};
@@ -81,15 +80,39 @@ pub fn flagship_sql(input: &Path, output: &Path) -> String {
         .replace("'out/earnings_qa.parquet'", &format!("'{}'", output.display()))
 }
 
-/// Reads a Parquet file or directory back.
+/// Reads a Parquet file (or every Parquet file under a directory) back with the Arrow types
+/// stored in the file, using the parquet crate directly.
 pub async fn read_parquet(path: &Path) -> Vec<RecordBatch> {
-    let ctx = SessionContext::new();
-    ctx.read_parquet(path.to_str().expect("utf-8 path"), ParquetReadOptions::default())
-        .await
-        .expect("parquet opens")
-        .collect()
-        .await
-        .expect("parquet reads")
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut files = vec![];
+    if path.is_dir() {
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("output directory").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "parquet") {
+                    files.push(p);
+                }
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut batches = vec![];
+    for f in files {
+        let file = std::fs::File::open(&f).expect("parquet file opens");
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .expect("valid parquet")
+            .build()
+            .expect("reader");
+        for b in reader {
+            batches.push(b.expect("batch decodes"));
+        }
+    }
+    batches
 }
 
 /// Starts a mock server with the given configuration.
