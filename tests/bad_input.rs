@@ -71,6 +71,7 @@ const COPY_QA: &str = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\
 /// Asserts a failed run: exit code, one `error:` line containing every needle, no panic, and
 /// no output file.
 fn assert_clean_failure(p: &Project, (code, _out, err): &(i32, String, String), needles: &[&str]) {
+    eprintln!("[{code}] {}", err.lines().filter(|l| l.starts_with("error:")).collect::<Vec<_>>().join(" / "));
     assert_ne!(*code, 0, "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
