@@ -9,9 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::catalog::Session;
 use datafusion::common::DataFusionError;
 use datafusion::execution::SessionStateBuilder;
-use datafusion::catalog::Session;
 use datafusion::execution::context::QueryPlanner;
 use datafusion::logical_expr::registry::FunctionRegistry;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
@@ -193,9 +193,7 @@ impl QueryPlanner for SluiceQueryPlanner {
         let planner = DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(LlmPlanner {
             runtime: self.runtime.clone(),
         })]);
-        planner
-            .create_physical_plan(logical_plan, session)
-            .await
+        planner.create_physical_plan(logical_plan, session).await
     }
 }
 
@@ -397,7 +395,9 @@ impl Engine {
                 let staged = StagedOutput::for_target(&target);
                 if let Some(s) = &staged {
                     s.prepare().map_err(|e| {
-                        DataFusionError::Execution(format!("cannot create the directory of {target}: {e}"))
+                        DataFusionError::Execution(format!(
+                            "cannot create the directory of {target}: {e}"
+                        ))
                     })?;
                     copy.target = s.staging_sql.clone();
                 }
@@ -410,7 +410,9 @@ impl Engine {
                 match (result, staged) {
                     (Ok(batches), Some(s)) => {
                         s.commit().map_err(|e| {
-                            DataFusionError::Execution(format!("cannot move the output to {target}: {e}"))
+                            DataFusionError::Execution(format!(
+                                "cannot move the output to {target}: {e}"
+                            ))
                         })?;
                         writeln!(out, "COPY {} rows to {target}", count_rows(&batches)).ok();
                     }
@@ -443,7 +445,9 @@ impl Engine {
                 }
                 let name = cet.name.to_string();
                 let state = self.ctx.state();
-                let plan = state.statement_to_plan(Statement::CreateExternalTable(cet)).await?;
+                let plan = state
+                    .statement_to_plan(Statement::CreateExternalTable(cet))
+                    .await?;
                 self.ctx.execute_logical_plan(plan).await?.collect().await?;
                 writeln!(out, "CREATE EXTERNAL TABLE {name}").ok();
             }
@@ -452,11 +456,15 @@ impl Engine {
                 let plan = state.statement_to_plan(other).await?;
                 let is_query = !matches!(
                     plan,
-                    LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Statement(_)
+                    LogicalPlan::Ddl(_)
+                        | LogicalPlan::Dml(_)
+                        | LogicalPlan::Statement(_)
                         | LogicalPlan::Copy(_)
                 );
                 let label = match &plan {
-                    LogicalPlan::Ddl(DdlStatement::CreateView(v)) => format!("CREATE VIEW {}", v.name),
+                    LogicalPlan::Ddl(DdlStatement::CreateView(v)) => {
+                        format!("CREATE VIEW {}", v.name)
+                    }
                     LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(t)) => {
                         format!("CREATE TABLE {}", t.name)
                     }

@@ -71,7 +71,13 @@ const COPY_QA: &str = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\
 /// Asserts a failed run: exit code, one `error:` line containing every needle, no panic, and
 /// no output file.
 fn assert_clean_failure(p: &Project, (code, _out, err): &(i32, String, String), needles: &[&str]) {
-    eprintln!("[{code}] {}", err.lines().filter(|l| l.starts_with("error:")).collect::<Vec<_>>().join(" / "));
+    eprintln!(
+        "[{code}] {}",
+        err.lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     assert_ne!(*code, 0, "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
@@ -140,7 +146,10 @@ async fn template_with_undefined_variable() {
     let s = server().await;
     let p = Project::new(&s.base_url());
     let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
-    p.write("udfs/answer_question.toml", &t.replace("{{ question }}", "{{ questoin }}"));
+    p.write(
+        "udfs/answer_question.toml",
+        &t.replace("{{ question }}", "{{ questoin }}"),
+    );
     let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["answer_question.toml", "questoin"]);
 }
@@ -152,19 +161,39 @@ async fn invalid_output_schema() {
     let t = std::fs::read_to_string(p.path("udfs/generate_questions.toml")).unwrap();
     p.write(
         "udfs/generate_questions.toml",
-        &t.replace("items = { type = \"string\" }", "items = { type = \"strin\" }"),
+        &t.replace(
+            "items = { type = \"string\" }",
+            "items = { type = \"strin\" }",
+        ),
     );
     let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
-    assert_clean_failure(&r.1, &r.0, &["generate_questions.toml", "output.items", "strin"]);
+    assert_clean_failure(
+        &r.1,
+        &r.0,
+        &["generate_questions.toml", "output.items", "strin"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_provider() {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let p = Project::new(&format!("http://127.0.0.1:{port}/v1"));
     let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
-    assert_clean_failure(&r.1, &r.0, &["answer_question", "connect", &format!("127.0.0.1:{port}"), "q.sql:2"]);
+    assert_clean_failure(
+        &r.1,
+        &r.0,
+        &[
+            "answer_question",
+            "connect",
+            &format!("127.0.0.1:{port}"),
+            "q.sql:2",
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +248,11 @@ async fn api_key_never_appears_in_logs_errors_or_outputs() {
     })
     .await;
     assert_eq!(good.0, 0, "{}", good.2);
-    assert!(good.2.contains("DEBUG") || good.2.contains("LLM:"), "{}", good.2);
+    assert!(
+        good.2.contains("DEBUG") || good.2.contains("LLM:"),
+        "{}",
+        good.2
+    );
     assert!(!good.1.contains(SECRET) && !good.2.contains(SECRET));
     assert!(p.path("out/r.parquet").exists());
     std::fs::remove_file(p.path("sluice.toml")).ok();

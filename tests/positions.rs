@@ -33,7 +33,11 @@ async fn requests_for(sql: &str) -> (String, u64) {
 }
 
 fn rows_printed(out: &str) -> usize {
-    let line = out.lines().rev().find(|l| l.starts_with('(')).expect("row count line");
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('('))
+        .expect("row count line");
     line.trim_start_matches('(')
         .split_whitespace()
         .next()
@@ -75,15 +79,12 @@ async fn nested_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subquery_in_from_and_in() {
-    let (out, n) = requests_for(
-        "SELECT * FROM (SELECT x, llm(x) AS y FROM v) s WHERE y IS NOT NULL;",
-    )
-    .await;
+    let (out, n) =
+        requests_for("SELECT * FROM (SELECT x, llm(x) AS y FROM v) s WHERE y IS NOT NULL;").await;
     assert_eq!((rows_printed(&out), n), (5, 5));
-    let (out, n) = requests_for(
-        "SELECT x FROM v WHERE x IN (SELECT x FROM v WHERE llm(x) LIKE 'Answer%');",
-    )
-    .await;
+    let (out, n) =
+        requests_for("SELECT x FROM v WHERE x IN (SELECT x FROM v WHERE llm(x) LIKE 'Answer%');")
+            .await;
     assert_eq!((rows_printed(&out), n), (5, 5));
 }
 
@@ -98,8 +99,7 @@ async fn cte_referenced_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_by_key() {
-    let (out, n) =
-        requests_for("SELECT llm(x) AS k, count(*) AS c FROM v GROUP BY llm(x);").await;
+    let (out, n) = requests_for("SELECT llm(x) AS k, count(*) AS c FROM v GROUP BY llm(x);").await;
     assert_eq!((rows_printed(&out), n), (5, 5));
 }
 
@@ -118,10 +118,8 @@ async fn order_by() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_argument() {
-    let (out, n) = requests_for(
-        "SELECT x, first_value(llm(x)) OVER (ORDER BY n) AS f FROM v;",
-    )
-    .await;
+    let (out, n) =
+        requests_for("SELECT x, first_value(llm(x)) OVER (ORDER BY n) AS f FROM v;").await;
     assert_eq!((rows_printed(&out), n), (5, 5));
 }
 
@@ -133,10 +131,9 @@ async fn unnest_argument() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn struct_fields_of_a_subquery_call() {
-    let (out, n) = requests_for(
-        "SELECT m, m['a'] AS a, m['b'] AS b FROM (SELECT profile(x) AS m FROM v);",
-    )
-    .await;
+    let (out, n) =
+        requests_for("SELECT m, m['a'] AS a, m['b'] AS b FROM (SELECT profile(x) AS m FROM v);")
+            .await;
     assert_eq!((rows_printed(&out), n), (5, 5));
 }
 

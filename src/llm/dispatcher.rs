@@ -105,7 +105,11 @@ impl Metrics {
     pub fn snapshot(&self) -> MetricsSnapshot {
         let names = |m: &Mutex<BTreeMap<ErrorKind, u64>>| {
             m.lock()
-                .map(|m| m.iter().map(|(k, v)| (k.as_str().to_string(), *v)).collect())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.as_str().to_string(), *v))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         MetricsSnapshot {
@@ -220,7 +224,8 @@ impl Inner {
         let resp = result?;
         if let Some(u) = resp.usage {
             m.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
-            m.tokens_out.fetch_add(u.completion_tokens, Ordering::Relaxed);
+            m.tokens_out
+                .fetch_add(u.completion_tokens, Ordering::Relaxed);
         }
         parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
             e.http_status = Some(200);

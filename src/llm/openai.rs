@@ -134,7 +134,11 @@ fn httpdate_to_unix(s: &str) -> Option<u64> {
         return None;
     }
     // Days from civil date (Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
     let era = y / 400;
     let yoe = y - era * 400;
     let doy = (153 * m + 2) / 5 + day - 1;
@@ -213,9 +217,9 @@ impl Provider for OpenAiProvider {
                 401 | 403 => (
                     ErrorKind::Auth,
                     match &self.api_key_env {
-                        Some(var) => format!(
-                            "authentication failed: {msg} (check the key in ${var})"
-                        ),
+                        Some(var) => {
+                            format!("authentication failed: {msg} (check the key in ${var})")
+                        }
                         None => format!(
                             "authentication failed: {msg} (set api_key_env for this model in \
                              sluice.toml)"
@@ -224,7 +228,10 @@ impl Provider for OpenAiProvider {
                 ),
                 404 => (
                     ErrorKind::NotFound,
-                    format!("{} answered 404: {msg} (check base_url and model)", self.url),
+                    format!(
+                        "{} answered 404: {msg} (check base_url and model)",
+                        self.url
+                    ),
                 ),
                 408 => (ErrorKind::Timeout, format!("request timeout: {msg}")),
                 500..=599 => (ErrorKind::ServerError, format!("server error: {msg}")),

@@ -79,7 +79,11 @@ impl ScalarUDFImpl for ChunkText {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))))
+        Ok(DataType::List(Arc::new(Field::new(
+            "item",
+            DataType::Utf8,
+            true,
+        ))))
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -101,7 +105,9 @@ impl ScalarUDFImpl for ChunkText {
                 continue;
             }
             let m = max.value(i);
-            let o = overlap.map(|o| if o.is_null(i) { 0 } else { o.value(i) }).unwrap_or(0);
+            let o = overlap
+                .map(|o| if o.is_null(i) { 0 } else { o.value(i) })
+                .unwrap_or(0);
             if m <= 0 || o < 0 {
                 return exec_err!(
                     "chunk_text: max_chars must be positive and overlap_chars non-negative, got \
@@ -139,7 +145,9 @@ pub fn json_lines_glob(location: &str) -> Option<String> {
     if exts.contains("json") {
         return None;
     }
-    let ext = ["jsonl", "ndjson"].into_iter().find(|e| exts.contains(*e))?;
+    let ext = ["jsonl", "ndjson"]
+        .into_iter()
+        .find(|e| exts.contains(*e))?;
     let sep = if location.ends_with('/') { "" } else { "/" };
     Some(format!("{location}{sep}*.{ext}"))
 }
@@ -171,11 +179,7 @@ pub fn find_malformed_json_line(location: &Path) -> Option<String> {
             let text = match std::str::from_utf8(&line) {
                 Ok(t) => t,
                 Err(e) => {
-                    return Some(format!(
-                        "{}:{}: not valid UTF-8 ({e})",
-                        f.display(),
-                        i + 1
-                    ));
+                    return Some(format!("{}:{}: not valid UTF-8 ({e})", f.display(), i + 1));
                 }
             };
             if text.trim().is_empty() {

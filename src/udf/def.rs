@@ -192,8 +192,8 @@ impl FunctionDef {
             path: path.to_path_buf(),
             message,
         };
-        let raw: RawDef =
-            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().replace('\n', " ")))?;
+        let raw: RawDef = toml::from_str(text)
+            .map_err(|e| invalid(e.to_string().trim_end().replace('\n', " ")))?;
         let output = match raw.output {
             None => None,
             Some(v) => {
@@ -332,20 +332,28 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("udfs/ask.toml") && e.contains("\"pasage\""), "{e}");
+        assert!(
+            e.contains("udfs/ask.toml") && e.contains("\"pasage\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn broken_template_and_schema_and_toml_are_load_errors() {
-        let e = FunctionDef::parse(&GOOD.replace("{{ passage }}", "{{ passage "), Path::new("f.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = FunctionDef::parse(
+            &GOOD.replace("{{ passage }}", "{{ passage "),
+            Path::new("f.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("prompt template"), "{e}");
         let e = FunctionDef::parse(&GOOD.replace("\"string\"", "\"date\""), Path::new("f.toml"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("output.items"), "{e}");
-        let e = FunctionDef::parse("name = ", Path::new("f.toml")).unwrap_err().to_string();
+        let e = FunctionDef::parse("name = ", Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("f.toml:"), "{e}");
         let e = FunctionDef::parse(&format!("{GOOD}\ncolour = 1"), Path::new("f.toml"))
             .unwrap_err()

@@ -12,16 +12,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, StringBuilder, StructArray, UInt16Array, UInt32Array};
 use datafusion::arrow::array::{Array, StringArray};
+use datafusion::arrow::array::{ArrayRef, StringBuilder, StructArray, UInt16Array, UInt32Array};
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::Session;
 use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::execution::context::TaskContext;
-use datafusion::catalog::Session;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
@@ -348,7 +348,11 @@ fn no_call_error(kind: ErrorKind, message: String) -> CallResult {
     }))
 }
 
-async fn run_call(shared: &Shared, call: &PhysicalCall, batch: &RecordBatch) -> Result<Vec<CallResult>> {
+async fn run_call(
+    shared: &Shared,
+    call: &PhysicalCall,
+    batch: &RecordBatch,
+) -> Result<Vec<CallResult>> {
     let n = batch.num_rows();
     let columns: Vec<Vec<Option<JinjaValue>>> = call
         .args
@@ -404,7 +408,8 @@ async fn process_batch(shared: &Shared, batch: RecordBatch) -> Result<RecordBatc
             if e.kind.is_systemic() {
                 return Err(DataFusionError::Execution(format!(
                     "{}(): model {:?} failed: {e}",
-                    def.name, call.model.provider.endpoint()
+                    def.name,
+                    call.model.provider.endpoint()
                 )));
             }
             if def.on_error == OnError::Fail && e.kind != ErrorKind::NullInput {

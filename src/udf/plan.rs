@@ -160,7 +160,11 @@ impl UserDefinedLogicalNodeCore for LlmNode {
         Ok(())
     }
 
-    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, mut inputs: Vec<LogicalPlan>) -> Result<Self> {
+    fn with_exprs_and_inputs(
+        &self,
+        exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> Result<Self> {
         let mut exprs = exprs.into_iter();
         let calls = self
             .calls
@@ -212,7 +216,7 @@ fn contains_llm_call(e: &Expr) -> bool {
 }
 
 /// The call identity (function + arguments) of an LLM expression, with `llm`'s model argument split off.
-fn call_identity(u: &LlmUdf, args: &[Expr]) -> Result<(String, Vec<Expr>, Option<String>)> {
+fn call_identity(u: &LlmUdf, args: &[Expr]) -> Result<CallId> {
     if u.def.name == GENERIC_LLM && args.len() == 2 {
         let model = match &args[1] {
             Expr::Literal(ScalarValue::Utf8(Some(m)), _)
@@ -249,14 +253,17 @@ impl OptimizerRule for LiftLlmCalls {
     }
 }
 
-/// Distinct calls of one node, grouped by nesting level.
+/// A call's identity: function name, arguments, and the model named in SQL (for `llm`).
+type CallId = (String, Vec<Expr>, Option<String>);
+
+/// Distinct calls of one node.
 struct Collected {
     /// (identity, def) per distinct call, in discovery order.
-    calls: Vec<((String, Vec<Expr>, Option<String>), Arc<FunctionDef>)>,
+    calls: Vec<(CallId, Arc<FunctionDef>)>,
 }
 
 impl Collected {
-    fn find(&self, id: &(String, Vec<Expr>, Option<String>)) -> Option<usize> {
+    fn find(&self, id: &CallId) -> Option<usize> {
         self.calls.iter().position(|(i, _)| i == id)
     }
 }
@@ -302,7 +309,10 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
     }
     let inputs = node.inputs();
     if inputs.len() != 1 {
-        return plan_err!("LLM calls in a node with {} inputs are not supported", inputs.len());
+        return plan_err!(
+            "LLM calls in a node with {} inputs are not supported",
+            inputs.len()
+        );
     }
     let original_schema = node.schema().clone();
     let mut current = inputs[0].clone();

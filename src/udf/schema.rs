@@ -199,7 +199,9 @@ fn to_arrow(s: &Value, path: &str) -> Result<DataType, SchemaError> {
         if let Some(v) = obj.get(key)
             && v.as_u64().is_none()
         {
-            return Err(err(format!("{key} must be a non-negative integer, got {v}")));
+            return Err(err(format!(
+                "{key} must be a non-negative integer, got {v}"
+            )));
         }
     }
     for key in ["minimum", "maximum"] {
@@ -214,7 +216,9 @@ fn to_arrow(s: &Value, path: &str) -> Result<DataType, SchemaError> {
         obj.get("maxItems").and_then(Value::as_u64),
     ) && lo > hi
     {
-        return Err(err(format!("minItems ({lo}) is greater than maxItems ({hi})")));
+        return Err(err(format!(
+            "minItems ({lo}) is greater than maxItems ({hi})"
+        )));
     }
     if let Some(e) = obj.get("enum") {
         let ok = e.as_array().is_some_and(|a| {
@@ -317,9 +321,14 @@ fn validate(s: &Value, v: &Value, path: &str) -> Result<(), String> {
     }
     let obj = s.as_object().expect("validated schema is an object");
     if let Some(e) = obj.get("enum").and_then(Value::as_array)
-        && !e.iter().any(|x| x == v || (x.as_f64().is_some() && x.as_f64() == v.as_f64()))
+        && !e
+            .iter()
+            .any(|x| x == v || (x.as_f64().is_some() && x.as_f64() == v.as_f64()))
     {
-        return Err(format!("{path}: {v} is not one of {}", Value::Array(e.clone())));
+        return Err(format!(
+            "{path}: {v} is not one of {}",
+            Value::Array(e.clone())
+        ));
     }
     let num = |k: &str| obj.get(k).and_then(Value::as_f64);
     let int = |k: &str| obj.get(k).and_then(Value::as_u64);
@@ -453,9 +462,18 @@ mod tests {
             (json!({"type": "string", "pattern": "x"}), "pattern"),
             (json!({"anyOf": []}), "missing \"type\""),
             (json!({"type": "array"}), "items"),
-            (json!({"type": "object", "properties": {"a": {"type": "date"}}}), "properties.a"),
-            (json!({"type": "array", "items": {"type": "string"}, "minItems": 4, "maxItems": 2}), "minItems"),
-            (json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}), "\"b\""),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "date"}}}),
+                "properties.a",
+            ),
+            (
+                json!({"type": "array", "items": {"type": "string"}, "minItems": 4, "maxItems": 2}),
+                "minItems",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}),
+                "\"b\"",
+            ),
         ] {
             let e = OutputSchema::new(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{e} should contain {needle}");
@@ -469,8 +487,16 @@ mod tests {
         )
         .unwrap();
         assert!(s.validate(&json!(["a", "b", "c"])).is_ok());
-        assert!(s.validate(&json!(["a", "b"])).unwrap_err().contains("minItems"));
-        assert!(s.validate(&json!(["a", "b", 3])).unwrap_err().contains("$[2]"));
+        assert!(
+            s.validate(&json!(["a", "b"]))
+                .unwrap_err()
+                .contains("minItems")
+        );
+        assert!(
+            s.validate(&json!(["a", "b", 3]))
+                .unwrap_err()
+                .contains("$[2]")
+        );
         assert!(s.validate(&json!("x")).is_err());
         let o = OutputSchema::new(json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}, "required": ["a"], "additionalProperties": false})).unwrap();
         assert!(o.validate(&json!({"a": 1})).is_ok());
@@ -483,7 +509,11 @@ mod tests {
     fn converts_values_to_arrays() {
         let s = OutputSchema::new(json!({"type": "object", "properties": {"a": {"type": "integer"}, "l": {"type": "array", "items": {"type": "string"}}}})).unwrap();
         let arr = s
-            .to_array(&[Some(json!({"a": 1, "l": ["x"]})), None, Some(json!({"a": 2, "l": []}))])
+            .to_array(&[
+                Some(json!({"a": 1, "l": ["x"]})),
+                None,
+                Some(json!({"a": 2, "l": []})),
+            ])
             .unwrap();
         assert_eq!(arr.len(), 3);
         assert_eq!(arr.null_count(), 1);
@@ -495,7 +525,9 @@ mod tests {
         let s = OutputSchema::new(json!({"type": "string"})).unwrap();
         assert!(s.is_wrapped());
         assert_eq!(s.provider_schema()["properties"]["value"]["type"], "string");
-        let o = OutputSchema::new(json!({"type": "object", "properties": {"a": {"type": "string"}}})).unwrap();
+        let o =
+            OutputSchema::new(json!({"type": "object", "properties": {"a": {"type": "string"}}}))
+                .unwrap();
         assert!(!o.is_wrapped());
         assert_eq!(o.provider_schema()["additionalProperties"], false);
         assert!(!o.strict_compatible());

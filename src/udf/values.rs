@@ -27,19 +27,27 @@ pub fn to_template_values(array: &ArrayRef) -> Vec<Option<Value>> {
     match array.data_type() {
         DataType::Utf8 => {
             let a = array.as_string::<i32>();
-            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+            (0..n)
+                .map(|i| valid(i).then(|| Value::from(a.value(i))))
+                .collect()
         }
         DataType::LargeUtf8 => {
             let a = array.as_string::<i64>();
-            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+            (0..n)
+                .map(|i| valid(i).then(|| Value::from(a.value(i))))
+                .collect()
         }
         DataType::Utf8View => {
             let a = array.as_string_view();
-            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+            (0..n)
+                .map(|i| valid(i).then(|| Value::from(a.value(i))))
+                .collect()
         }
         DataType::Boolean => {
             let a: &BooleanArray = array.as_boolean();
-            (0..n).map(|i| valid(i).then(|| Value::from(a.value(i)))).collect()
+            (0..n)
+                .map(|i| valid(i).then(|| Value::from(a.value(i))))
+                .collect()
         }
         DataType::Int8 => prim!(Int8Type, i64::from),
         DataType::Int16 => prim!(Int16Type, i64::from),
@@ -127,6 +135,9 @@ mod tests {
         let l: ArrayRef = Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
             Some(vec![Some(1), Some(2)]),
         ]));
-        assert_eq!(to_template_values(&l)[0].as_ref().unwrap().to_string(), "[1, 2]");
+        assert_eq!(
+            to_template_values(&l)[0].as_ref().unwrap().to_string(),
+            "[1, 2]"
+        );
     }
 }

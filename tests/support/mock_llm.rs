@@ -495,17 +495,16 @@ async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::
         .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         .and_then(content_of)
     else {
-        let body = error_body("messages must contain a user message", "invalid_request_error");
+        let body = error_body(
+            "messages must contain a user message",
+            "invalid_request_error",
+        );
         sock.write_all(&response(400, &[], &body)).await?;
         return Ok(After::KeepAlive);
     };
     let h = prompt_hash(system.as_deref(), &user);
     let attempt = {
-        let mut m = st
-            .stats
-            .by_prompt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut m = st.stats.by_prompt.lock().unwrap_or_else(|p| p.into_inner());
         let e = m.entry(h.clone()).or_default();
         *e += 1;
         *e - 1
@@ -534,8 +533,12 @@ async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::
         tokio::time::sleep(delay).await;
     }
 
-    let schema = parsed.pointer("/response_format/json_schema/schema").cloned();
-    let json_object = parsed.pointer("/response_format/type").and_then(Value::as_str)
+    let schema = parsed
+        .pointer("/response_format/json_schema/schema")
+        .cloned();
+    let json_object = parsed
+        .pointer("/response_format/type")
+        .and_then(Value::as_str)
         == Some("json_object");
     let value = schema.as_ref().map(|s| generate(s, &h, None, None));
     let content = match (&value, json_object) {
@@ -543,10 +546,14 @@ async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::
         (None, true) => json!({"answer": format!("[{h}]")}).to_string(),
         (None, false) => format!("Answer [{h}]: the passage reports the figure."),
     };
-    let model = parsed.get("model").and_then(Value::as_str).unwrap_or("mock");
+    let model = parsed
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock");
     let envelope = |content: &str, finish: &str| -> Vec<u8> {
         let id = st.ids.fetch_add(1, Ordering::Relaxed);
-        let prompt_chars = system.as_deref().map_or(0, |s| s.chars().count()) + user.chars().count();
+        let prompt_chars =
+            system.as_deref().map_or(0, |s| s.chars().count()) + user.chars().count();
         let pt = prompt_chars / 4 + 1;
         let ct = content.chars().count() / 4 + 1;
         json!({
@@ -671,7 +678,11 @@ fn generate(schema: &Value, h: &str, name: Option<&str>, index: Option<usize>) -
             )
         }
         "string" => {
-            if let Some(e) = schema.get("enum").and_then(Value::as_array).filter(|e| !e.is_empty()) {
+            if let Some(e) = schema
+                .get("enum")
+                .and_then(Value::as_array)
+                .filter(|e| !e.is_empty())
+            {
                 return e[(num(1) % e.len() as u64) as usize].clone();
             }
             Value::String(match (index, name) {
@@ -682,7 +693,10 @@ fn generate(schema: &Value, h: &str, name: Option<&str>, index: Option<usize>) -
         }
         "integer" => {
             let lo = schema.get("minimum").and_then(Value::as_i64).unwrap_or(0);
-            let hi = schema.get("maximum").and_then(Value::as_i64).unwrap_or(lo + 1000);
+            let hi = schema
+                .get("maximum")
+                .and_then(Value::as_i64)
+                .unwrap_or(lo + 1000);
             let span = (hi - lo).max(0) as u64 + 1;
             json!(lo + (num(2) % span) as i64)
         }

@@ -48,8 +48,12 @@ pub fn config(base_url: &str, max_attempts: u32, udf_dir: &Path) -> Config {
 
 /// An engine using the repository's `udfs/` against `server`.
 pub fn flagship_engine(server: &MockServer, max_attempts: u32) -> Engine {
-    Engine::new(&config(&server.base_url(), max_attempts, &repo().join("udfs")))
-        .expect("engine starts")
+    Engine::new(&config(
+        &server.base_url(),
+        max_attempts,
+        &repo().join("udfs"),
+    ))
+    .expect("engine starts")
 }
 
 /// An engine with extra definitions given as TOML texts.
@@ -77,7 +81,10 @@ pub fn flagship_sql(input: &Path, output: &Path) -> String {
     std::fs::read_to_string(repo().join("queries/earnings_qa.sql"))
         .expect("flagship query exists")
         .replace("'data/transcripts/'", &format!("'{}'", input.display()))
-        .replace("'out/earnings_qa.parquet'", &format!("'{}'", output.display()))
+        .replace(
+            "'out/earnings_qa.parquet'",
+            &format!("'{}'", output.display()),
+        )
 }
 
 /// Reads a Parquet file (or every Parquet file under a directory) back with the Arrow types

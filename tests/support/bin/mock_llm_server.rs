@@ -25,11 +25,10 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
             println!("{USAGE}");
             std::process::exit(0);
         }
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = |v: &str| -> Result<u64, String> {
-            v.parse().map_err(|_| format!("{flag}: {v:?} is not a whole number"))
+            v.parse()
+                .map_err(|_| format!("{flag}: {v:?} is not a whole number"))
         };
         let prob = |v: &str| -> Result<f64, String> {
             v.parse::<f64>()
@@ -54,9 +53,8 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
             "--retry-after-ms" => cfg.retry_after_ms = num(&value)?,
             "--hang-ms" => cfg.hang = Duration::from_millis(num(&value)?),
             "--api-key-env" => {
-                cfg.api_key = Some(
-                    std::env::var(&value).map_err(|_| format!("{value} is not set"))?,
-                )
+                cfg.api_key =
+                    Some(std::env::var(&value).map_err(|_| format!("{value} is not set"))?)
             }
             other => return Err(format!("unknown flag {other}")),
         }
