@@ -166,3 +166,22 @@ async fn limit_bounds_the_calls() {
     let (out, n) = requests_for("SELECT llm(x) FROM v LIMIT 2;").await;
     assert_eq!((rows_printed(&out), n), (2, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_text_in_sql_feeds_llm_calls() {
+    let (out, n) = requests_for(
+        "SELECT unnest(chunk_text(x || '. ' || x || ' again.', 8)) AS p FROM v; \
+         SELECT p, llm(p) FROM (SELECT unnest(chunk_text(x || '. ' || x || ' again.', 8)) AS p FROM v);",
+    )
+    .await;
+    // alpha. alpha again. -> "alpha.", "alpha", "again." ...: every chunk within 8 characters.
+    assert!(out.lines().filter(|l| l.starts_with("| ")).all(|l| {
+        l.split('|')
+            .nth(1)
+            .is_some_and(|c| c.trim().chars().count() <= 8)
+    }));
+    let rows = rows_printed(&out);
+    assert!(rows >= 10, "{out}");
+    // Identical chunks ("again.") are sent once.
+    assert!(n < rows as u64, "{n} requests for {rows} rows");
+}
