@@ -42,6 +42,43 @@ pub enum Command {
         #[arg(long)]
         metrics_json: Option<PathBuf>,
     },
+    /// Write a deterministic corpus of fictional earnings-call transcripts as JSON lines.
+    GenCorpus {
+        /// Output file (`.jsonl`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of companies.
+        #[arg(long, default_value_t = 200)]
+        companies: usize,
+        /// Consecutive quarters per company.
+        #[arg(long, default_value_t = 8)]
+        quarters: usize,
+        /// Stop after about this much output, e.g. 100MB or 1GB (quarters then repeat as needed).
+        #[arg(long)]
+        size: Option<String>,
+        /// Random seed; the same seed gives the same bytes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+/// Parses sizes such as `1GB`, `100MB`, `512KB` or a byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [
+        ("GB", 1u64 << 30),
+        ("MB", 1 << 20),
+        ("KB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1));
+    num.parse::<f64>()
+        .ok()
+        .filter(|n| *n > 0.0)
+        .map(|n| (n * mult as f64) as u64)
+        .ok_or_else(|| format!("{s:?} is not a size such as 100MB or 1GB"))
 }
 
 /// Exit code for a failed statement.
@@ -133,6 +170,53 @@ async fn run(cli: Cli) -> ExitCode {
         }
     };
     match cli.command {
+        Command::GenCorpus {
+            out,
+            companies,
+            quarters,
+            size,
+            seed,
+        } => {
+            let max_bytes = match size.as_deref().map(parse_size).transpose() {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("error: --size {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            // With a size budget, quarters repeat until it is reached.
+            let quarters = if max_bytes.is_some() {
+                usize::MAX / 2
+            } else {
+                quarters
+            };
+            let result = std::fs::File::create(&out).and_then(|f| {
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                let r = crate::source::corpus::write_corpus(
+                    &mut w,
+                    seed,
+                    companies.max(1),
+                    quarters,
+                    max_bytes,
+                )?;
+                w.flush()?;
+                Ok(r)
+            });
+            match result {
+                Ok((records, bytes)) => {
+                    eprintln!(
+                        "wrote {records} transcripts ({bytes} bytes) to {}",
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot write {}: {e}", out.display());
+                    let _ = std::fs::remove_file(&out);
+                    ExitCode::from(EXIT_STATEMENT_FAILED)
+                }
+            }
+        }
         Command::Run {
             file,
             max_rows,

@@ -488,10 +488,11 @@ impl Engine {
                     }
                     let table = pretty_format_batches(&shown)?;
                     writeln!(out, "{table}").ok();
+                    let plural = if total == 1 { "" } else { "s" };
                     if total > shown_rows {
-                        writeln!(out, "({total} rows, {shown_rows} shown)").ok();
+                        writeln!(out, "({total} row{plural}, {shown_rows} shown)").ok();
                     } else {
-                        writeln!(out, "({total} rows)").ok();
+                        writeln!(out, "({total} row{plural})").ok();
                     }
                 } else {
                     df.collect().await?;

@@ -2,6 +2,7 @@
 //! functions that prepare passages, such as `chunk_text`.
 
 pub mod chunk;
+pub mod corpus;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
