@@ -462,9 +462,10 @@ fn error_array(results: &[CallResult]) -> ArrayRef {
     for r in results {
         match r {
             Ok(_) => {
-                kind.append_value("");
-                message.append_value("");
-                attempts.push(0u32);
+                // Children are NULL too, so `e['kind']` of a success is NULL, not "".
+                kind.append_null();
+                message.append_null();
+                attempts.push(None);
                 status.push(None);
                 finish.append_null();
                 valid.push(false);
@@ -472,7 +473,7 @@ fn error_array(results: &[CallResult]) -> ArrayRef {
             Err(e) => {
                 kind.append_value(e.kind.as_str());
                 message.append_value(&e.message);
-                attempts.push(e.attempts);
+                attempts.push(Some(e.attempts));
                 status.push(e.http_status);
                 finish.append_option(e.finish_reason.as_deref());
                 valid.push(true);
