@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::engine::{Engine, RunOptions};
 use crate::llm::MetricsSnapshot;
@@ -17,6 +18,9 @@ pub struct Cli {
     /// Configuration file (default: $SLUICE_CONFIG, else ./sluice.toml if present).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// Response cache directory (default: `[cache] dir` of sluice.toml, else .sluice/cache).
+    #[arg(long, global = true)]
+    pub cache_dir: Option<PathBuf>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -41,6 +45,18 @@ pub enum Command {
         /// Also write the LLM metrics as JSON to this file.
         #[arg(long)]
         metrics_json: Option<PathBuf>,
+        /// Neither read nor write the persistent response cache.
+        #[arg(long, conflicts_with = "refresh")]
+        no_cache: bool,
+        /// Ignore cached responses (call again) but store the new ones.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Inspect or empty the persistent response cache.
+    Cache {
+        /// `stats` or `clear`.
+        #[command(subcommand)]
+        action: CacheAction,
     },
     /// Write a deterministic corpus of fictional earnings-call transcripts as JSON lines.
     GenCorpus {
@@ -60,6 +76,15 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+/// What `sluice cache` does.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Entries, file size and bytes per entry.
+    Stats,
+    /// Remove every stored response.
+    Clear,
 }
 
 /// Parses sizes such as `1GB`, `100MB`, `512KB` or a byte count.
@@ -131,6 +156,12 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
     if retries > 0 {
         s.push_str(&format!(" ({})", join(&m.retries)));
     }
+    if m.cache_hits + m.cache_misses > 0 {
+        s.push_str(&format!(
+            ", cache {} hits / {} misses",
+            m.cache_hits, m.cache_misses
+        ));
+    }
     if m.deduplicated > 0 {
         s.push_str(&format!(", {} shared by identical calls", m.deduplicated));
     }
@@ -162,14 +193,18 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let config = match load_config(cli.config.as_deref()) {
+    let mut config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(dir) = cli.cache_dir {
+        config.cache.dir = dir;
+    }
     match cli.command {
+        Command::Cache { action } => cache_command(&config, action),
         Command::GenCorpus {
             out,
             companies,
@@ -222,7 +257,13 @@ async fn run(cli: Cli) -> ExitCode {
             max_rows,
             quiet,
             metrics_json,
+            no_cache,
+            refresh,
         } => {
+            if no_cache {
+                config.cache.enabled = false;
+            }
+            config.cache.refresh = refresh;
             let engine = match Engine::new(&config) {
                 Ok(e) => e,
                 Err(e) => {
@@ -234,8 +275,11 @@ async fn run(cli: Cli) -> ExitCode {
             let mut stdout = std::io::stdout();
             let result = engine.run_file(&file, &opts, &mut stdout).await;
             stdout.flush().ok();
+            if let Err(e) = engine.flush_cache().await {
+                eprintln!("warning: {e}");
+            }
             let metrics = engine.metrics();
-            if !quiet && metrics.calls + metrics.deduplicated > 0 {
+            if !quiet && metrics.calls + metrics.deduplicated + metrics.cache_hits > 0 {
                 eprintln!("{}", format_summary(&metrics));
             }
             if let Some(path) = metrics_json
@@ -250,6 +294,45 @@ async fn run(cli: Cli) -> ExitCode {
                     ExitCode::from(EXIT_STATEMENT_FAILED)
                 }
             }
+        }
+    }
+}
+
+fn cache_command(config: &Config, action: CacheAction) -> ExitCode {
+    let dir = &config.cache.dir;
+    if matches!(action, CacheAction::Stats) && !ResponseCache::file_in(dir).exists() {
+        println!("cache {}: empty (no cache file yet)", dir.display());
+        return ExitCode::SUCCESS;
+    }
+    let cache = match ResponseCache::open(dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_STATEMENT_FAILED);
+        }
+    };
+    let result = match action {
+        CacheAction::Stats => cache.stats().map(|s| {
+            let per = |b: u64| b.checked_div(s.entries).unwrap_or(0);
+            println!(
+                "cache {}: {} responses, {} bytes on disk ({} per response; {} of keys and values \
+                 per response)",
+                cache.path().display(),
+                s.entries,
+                s.file_bytes,
+                per(s.file_bytes),
+                per(s.payload_bytes)
+            );
+        }),
+        CacheAction::Clear => cache.clear().map(|n| {
+            println!("cache {}: removed {n} responses", cache.path().display());
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_STATEMENT_FAILED)
         }
     }
 }

@@ -11,6 +11,10 @@
 //! concurrency = 64        # global budget shared by every function, partition and stage
 //! max_attempts = 6        # per row, including the first try
 //!
+//! [cache]
+//! dir = ".sluice/cache"   # persistent response cache (relative to this file)
+//! enabled = true
+//!
 //! [models.default]
 //! kind = "openai"                         # any OpenAI-compatible server
 //! base_url = "http://127.0.0.1:8000/v1"
@@ -110,6 +114,8 @@ struct RawConfig {
     #[serde(default)]
     dispatcher: RawDispatcher,
     #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
     models: BTreeMap<String, RawModel>,
 }
 
@@ -120,6 +126,13 @@ struct RawDispatcher {
     max_attempts: Option<u32>,
     backoff_base_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    dir: Option<PathBuf>,
+    enabled: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +173,28 @@ impl Default for DispatcherConfig {
     }
 }
 
+/// Where the persistent response cache lives and whether it is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// The cache directory (default `.sluice/cache`, relative to the config file's directory or
+    /// to the working directory without one).
+    pub dir: PathBuf,
+    /// Whether runs read and write the cache (`--no-cache` turns it off for one run).
+    pub enabled: bool,
+    /// Ignore stored responses but store new ones (`--refresh`; not a file setting).
+    pub refresh: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: PathBuf::from(".sluice").join("cache"),
+            enabled: true,
+            refresh: false,
+        }
+    }
+}
+
 /// One model a function can name.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -194,6 +229,8 @@ pub struct Config {
     pub udf_dir: PathBuf,
     /// Dispatcher settings.
     pub dispatcher: DispatcherConfig,
+    /// Persistent response cache.
+    pub cache: CacheConfig,
     /// Models by name.
     pub models: BTreeMap<String, ModelConfig>,
     /// The file this came from, if any.
@@ -205,6 +242,7 @@ impl Default for Config {
         Config {
             udf_dir: PathBuf::from("udfs"),
             dispatcher: DispatcherConfig::default(),
+            cache: CacheConfig::default(),
             models: BTreeMap::new(),
             source: None,
         }
@@ -253,6 +291,10 @@ impl Config {
             cfg.udf_dir = base_dir.join(dir);
         } else {
             cfg.udf_dir = base_dir.join("udfs");
+        }
+        cfg.cache.dir = base_dir.join(raw.cache.dir.unwrap_or(cfg.cache.dir));
+        if let Some(e) = raw.cache.enabled {
+            cfg.cache.enabled = e;
         }
         let d = raw.dispatcher;
         if let Some(c) = d.concurrency {

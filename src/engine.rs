@@ -22,6 +22,7 @@ use datafusion::sql::parser::{DFParser, Statement};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
+use crate::cache::{CacheError, CacheMode, ResponseCache};
 use crate::config::{Config, ProviderKind};
 use crate::llm::dispatcher::ModelHandle;
 use crate::llm::openai::OpenAiProvider;
@@ -47,6 +48,9 @@ pub enum EngineError {
         /// What went wrong.
         message: String,
     },
+    /// The response cache could not be opened.
+    #[error(transparent)]
+    Cache(CacheError),
     /// DataFusion refused a registration.
     #[error("{0}")]
     DataFusion(#[from] DataFusionError),
@@ -235,7 +239,19 @@ impl Engine {
 
     /// Builds an engine with explicit function definitions.
     pub fn with_functions(config: &Config, defs: Vec<FunctionDef>) -> Result<Engine, EngineError> {
-        let dispatcher = Dispatcher::new(config.dispatcher.clone());
+        let cache = if config.cache.enabled {
+            Some(Arc::new(
+                ResponseCache::open(&config.cache.dir).map_err(EngineError::Cache)?,
+            ))
+        } else {
+            None
+        };
+        let mode = if config.cache.refresh {
+            CacheMode::Refresh
+        } else {
+            CacheMode::ReadWrite
+        };
+        let dispatcher = Dispatcher::with_cache(config.dispatcher.clone(), cache, mode);
         let mut models = BTreeMap::new();
         for (name, m) in &config.models {
             let provider: Arc<dyn Provider> = match m.kind {
@@ -308,6 +324,14 @@ impl Engine {
     /// The function named `name`.
     pub fn function(&self, name: &str) -> Option<&Arc<FunctionDef>> {
         self.functions.iter().find(|f| f.name == name)
+    }
+
+    /// Waits until every response received so far is stored durably in the cache.
+    pub async fn flush_cache(&self) -> Result<(), CacheError> {
+        match self.runtime.dispatcher.cache() {
+            Some(c) => c.flush().await,
+            None => Ok(()),
+        }
     }
 
     /// Counters of the LLM calls made so far.

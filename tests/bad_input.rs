@@ -3,65 +3,26 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use support::*;
 
 const SECRET: &str = "sk-sluice-test-7c1f9e0dSECRET";
 
-struct Project {
-    dir: tempfile::TempDir,
-}
-
-impl Project {
-    /// A project directory with the repository's udfs, a sluice.toml for `base_url`, and a copy
-    /// of the real excerpts as data/t.jsonl.
-    fn new(base_url: &str) -> Project {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        std::fs::create_dir_all(p.join("udfs")).unwrap();
-        for f in ["generate_questions.toml", "answer_question.toml"] {
-            std::fs::copy(repo().join("udfs").join(f), p.join("udfs").join(f)).unwrap();
-        }
-        std::fs::write(p.join("sluice.toml"), config_text(base_url, 2, 8)).unwrap();
-        std::fs::create_dir_all(p.join("data")).unwrap();
-        std::fs::copy(
-            shared_data("earnings_transcript_excerpts.jsonl"),
-            p.join("data/t.jsonl"),
-        )
-        .unwrap();
-        Project { dir }
+/// Runs `sluice -vv run q.sql` in `p` with `sql` and extra environment variables; returns (exit
+/// code, stdout, stderr).
+fn run_sql(p: &Project, sql: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    p.write("q.sql", sql);
+    let mut cmd = p.command(&["-vv", "run", "q.sql"]);
+    for (k, v) in env {
+        cmd.env(k, v);
     }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn write(&self, rel: &str, text: &str) {
-        let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-
-    /// Runs `sluice -vv run q.sql` with `sql`; returns (exit code, stdout, stderr).
-    fn run(&self, sql: &str, env: &[(&str, &str)]) -> (i32, String, String) {
-        self.write("q.sql", sql);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.current_dir(self.dir.path())
-            .args(["-vv", "run", "q.sql"])
-            .env_remove("RUST_LOG")
-            .env_remove("SLUICE_CONFIG");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("sluice runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
+    let out = cmd.output().expect("sluice runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 const COPY_QA: &str = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
@@ -104,60 +65,60 @@ async fn in_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_jsonl_line_names_file_and_line() {
     let s = server().await;
-    let p = Project::new(&s.base_url());
+    let p = Project::new(&s.base_url(), 8, false);
     let mut text = std::fs::read_to_string(p.path("data/t.jsonl")).unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[4] = "{\"ticker\": \"CSTE\", \"q\": broken".into();
     text = lines.join("\n");
     p.write("data/t.jsonl", &text);
-    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["t.jsonl:5", "q.sql:"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_column() {
     let s = server().await;
-    let p = Project::new(&s.base_url());
+    let p = Project::new(&s.base_url(), 8, false);
     let sql = COPY_QA.replace("transcript, 'What", "passage, 'What");
-    let r = in_blocking(move || (p.run(&sql, &[]), p)).await;
+    let r = in_blocking(move || (run_sql(&p, &sql, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["passage", "q.sql:2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_function() {
     let s = server().await;
-    let p = Project::new(&s.base_url());
+    let p = Project::new(&s.base_url(), 8, false);
     let sql = COPY_QA.replace("answer_question(", "answer_questions(");
-    let r = in_blocking(move || (p.run(&sql, &[]), p)).await;
+    let r = in_blocking(move || (run_sql(&p, &sql, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["answer_questions", "q.sql:2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_arity() {
     let s = server().await;
-    let p = Project::new(&s.base_url());
+    let p = Project::new(&s.base_url(), 8, false);
     let sql = COPY_QA.replace("transcript, 'What was revenue?'", "transcript");
-    let r = in_blocking(move || (p.run(&sql, &[]), p)).await;
+    let r = in_blocking(move || (run_sql(&p, &sql, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["answer_question", "5", "q.sql:2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_with_undefined_variable() {
     let s = server().await;
-    let p = Project::new(&s.base_url());
+    let p = Project::new(&s.base_url(), 8, false);
     let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
     p.write(
         "udfs/answer_question.toml",
         &t.replace("{{ question }}", "{{ questoin }}"),
     );
-    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["answer_question.toml", "questoin"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_output_schema() {
     let s = server().await;
-    let p = Project::new(&s.base_url());
+    let p = Project::new(&s.base_url(), 8, false);
     let t = std::fs::read_to_string(p.path("udfs/generate_questions.toml")).unwrap();
     p.write(
         "udfs/generate_questions.toml",
@@ -166,7 +127,7 @@ async fn invalid_output_schema() {
             "items = { type = \"strin\" }",
         ),
     );
-    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;
     assert_clean_failure(
         &r.1,
         &r.0,
@@ -182,8 +143,8 @@ async fn unreachable_provider() {
         .local_addr()
         .unwrap()
         .port();
-    let p = Project::new(&format!("http://127.0.0.1:{port}/v1"));
-    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    let p = Project::new(&format!("http://127.0.0.1:{port}/v1"), 8, false);
+    let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;
     assert_clean_failure(
         &r.1,
         &r.0,
@@ -199,11 +160,11 @@ async fn unreachable_provider() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_api_key_variable() {
     let s = server().await;
-    let p = Project::new(&s.base_url());
+    let p = Project::new(&s.base_url(), 8, false);
     let mut cfg = config_text(&s.base_url(), 2, 8);
     cfg.push_str("api_key_env = \"SLUICE_TEST_MISSING_KEY\"\n");
     p.write("sluice.toml", &cfg);
-    let r = in_blocking(move || (p.run(COPY_QA, &[]), p)).await;
+    let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["SLUICE_TEST_MISSING_KEY", "sluice.toml"]);
 }
 
@@ -228,13 +189,14 @@ async fn api_key_never_appears_in_logs_errors_or_outputs() {
         ..MockConfig::default()
     })
     .await;
-    let p = Project::new(&s.base_url());
-    let mut cfg = config_text(&s.base_url(), 2, 8);
+    // The cache is on, so that the stored responses are scanned too.
+    let p = Project::new(&s.base_url(), 8, true);
+    let mut cfg = config_text(&s.base_url(), 2, 8).replace("enabled = false", "enabled = true");
     cfg.push_str("api_key_env = \"SLUICE_TEST_KEY\"\n");
     p.write("sluice.toml", &cfg);
     let wrong = format!("{SECRET}-wrong");
     let (p, bad) = in_blocking(move || {
-        let r = p.run(COPY_QA, &[("SLUICE_TEST_KEY", wrong.as_str())]);
+        let r = run_sql(&p, COPY_QA, &[("SLUICE_TEST_KEY", wrong.as_str())]);
         (p, r)
     })
     .await;
@@ -243,7 +205,7 @@ async fn api_key_never_appears_in_logs_errors_or_outputs() {
 
     // The right key works, and appears in no log line, output or file.
     let (p, good) = in_blocking(move || {
-        let r = p.run(COPY_QA, &[("SLUICE_TEST_KEY", SECRET)]);
+        let r = run_sql(&p, COPY_QA, &[("SLUICE_TEST_KEY", SECRET)]);
         (p, r)
     })
     .await;
@@ -256,6 +218,7 @@ async fn api_key_never_appears_in_logs_errors_or_outputs() {
     assert!(!good.1.contains(SECRET) && !good.2.contains(SECRET));
     assert!(p.path("out/r.parquet").exists());
     std::fs::remove_file(p.path("sluice.toml")).ok();
+    assert!(p.path(".sluice/cache/responses.redb").exists());
     scan_for_secret(p.dir.path());
     assert!(s.stats().requests >= 14);
 }

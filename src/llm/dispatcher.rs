@@ -5,6 +5,8 @@
 //!   request is on the wire, never during backoff;
 //! - retries retryable failures with exponential backoff and full jitter, honouring Retry-After;
 //! - validates each response against the function's output schema, retrying invalid ones;
+//! - answers from the persistent [`ResponseCache`] before queuing a request, and stores every
+//!   validated response there the moment it arrives;
 //! - sends identical requests (same [`request_key`]) once per run and shares the result;
 //! - counts what happened ([`Metrics`]).
 
@@ -19,7 +21,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::{ErrorKind, LlmError, LlmRequest, Provider, RowError, parse_response};
-use crate::cache::{RequestKey, request_key};
+use crate::cache::{CacheMode, CachedResponse, RequestKey, ResponseCache, request_key};
 use crate::config::DispatcherConfig;
 
 /// The result of one row's call: the validated value or the final error.
@@ -58,6 +60,10 @@ pub struct Metrics {
     pub tokens_out: AtomicU64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: AtomicU64,
+    /// Calls answered from the persistent cache.
+    pub cache_hits: AtomicU64,
+    /// Calls looked up in the persistent cache and not found.
+    pub cache_misses: AtomicU64,
     in_flight: AtomicU64,
     retries: Mutex<BTreeMap<ErrorKind, u64>>,
     errors: Mutex<BTreeMap<ErrorKind, u64>>,
@@ -82,6 +88,10 @@ pub struct MetricsSnapshot {
     pub tokens_out: u64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: u64,
+    /// Calls answered from the persistent cache.
+    pub cache_hits: u64,
+    /// Calls looked up in the persistent cache and not found.
+    pub cache_misses: u64,
     /// Retries by the failure that caused them.
     pub retries: BTreeMap<String, u64>,
     /// Final errors by kind.
@@ -95,6 +105,7 @@ impl MetricsSnapshot {
             "calls": self.calls, "deduplicated": self.deduplicated, "requests": self.requests,
             "succeeded": self.succeeded, "failed": self.failed, "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "max_in_flight": self.max_in_flight,
+            "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
             "retries": self.retries, "errors": self.errors,
         })
     }
@@ -121,6 +132,8 @@ impl Metrics {
             tokens_in: self.tokens_in.load(Ordering::Relaxed),
             tokens_out: self.tokens_out.load(Ordering::Relaxed),
             max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
             retries: names(&self.retries),
             errors: names(&self.errors),
         }
@@ -145,19 +158,38 @@ struct Inner {
     global: Arc<Semaphore>,
     memo: Mutex<HashMap<RequestKey, SharedCall>>,
     metrics: Arc<Metrics>,
+    cache: Option<Arc<ResponseCache>>,
+    cache_mode: CacheMode,
 }
 
 impl Dispatcher {
     /// A dispatcher with the given budget and retry policy.
     pub fn new(cfg: DispatcherConfig) -> Self {
+        Self::with_cache(cfg, None, CacheMode::Off)
+    }
+
+    /// A dispatcher that answers from and stores into `cache` as `mode` says.
+    pub fn with_cache(
+        cfg: DispatcherConfig,
+        cache: Option<Arc<ResponseCache>>,
+        cache_mode: CacheMode,
+    ) -> Self {
+        let cache = cache.filter(|_| cache_mode != CacheMode::Off);
         Dispatcher {
             inner: Arc::new(Inner {
                 global: Arc::new(Semaphore::new(cfg.concurrency)),
                 cfg,
                 memo: Mutex::new(HashMap::new()),
                 metrics: Arc::new(Metrics::default()),
+                cache,
+                cache_mode,
             }),
         }
+    }
+
+    /// The persistent cache in use, if any.
+    pub fn cache(&self) -> Option<&Arc<ResponseCache>> {
+        self.inner.cache.as_ref()
     }
 
     /// The run's counters.
@@ -173,6 +205,26 @@ impl Dispatcher {
     /// Makes one row's call: the validated value, or the error after all attempts.
     pub async fn call(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
         let key = request_key(&model.provider.endpoint(), &req);
+        if let Some(cache) = &self.inner.cache
+            && self.inner.cache_mode == CacheMode::ReadWrite
+        {
+            match cache.get(&key) {
+                Ok(Some(hit)) => {
+                    self.inner
+                        .metrics
+                        .cache_hits
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(Arc::new(hit.value));
+                }
+                Ok(None) => {
+                    self.inner
+                        .metrics
+                        .cache_misses
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         let fut = {
             let mut memo = self
                 .inner
@@ -190,7 +242,9 @@ impl Dispatcher {
                 None => {
                     let inner = self.inner.clone();
                     let model = model.clone();
-                    let f = async move { inner.run(&model, req).await }.boxed().shared();
+                    let f = async move { inner.run(&model, req, key).await }
+                        .boxed()
+                        .shared();
                     if memo.len() < MEMO_CAPACITY {
                         memo.insert(key, f.clone());
                     }
@@ -211,7 +265,11 @@ impl Inner {
         Duration::from_secs_f64(exp * (0.5 + fastrand::f64() * 0.5))
     }
 
-    async fn attempt(&self, model: &ModelHandle, req: &LlmRequest) -> Result<Value, LlmError> {
+    async fn attempt(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+    ) -> Result<CachedResponse, LlmError> {
         let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
         let _global = self.global.acquire().await.map_err(|_| closed())?;
         let _model = model.limit.acquire().await.map_err(|_| closed())?;
@@ -227,13 +285,18 @@ impl Inner {
             m.tokens_out
                 .fetch_add(u.completion_tokens, Ordering::Relaxed);
         }
-        parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
+        let value = parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
             e.http_status = Some(200);
             e
+        })?;
+        Ok(CachedResponse {
+            value,
+            usage: resp.usage,
+            finish_reason: resp.finish_reason,
         })
     }
 
-    async fn run(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
+    async fn run(&self, model: &ModelHandle, req: LlmRequest, key: RequestKey) -> CallResult {
         let m = &self.metrics;
         m.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -241,9 +304,12 @@ impl Inner {
         loop {
             attempt += 1;
             match self.attempt(model, &req).await {
-                Ok(v) => {
+                Ok(resp) => {
                     m.succeeded.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Arc::new(v));
+                    if let Some(cache) = &self.cache {
+                        cache.put(key, &resp);
+                    }
+                    return Ok(Arc::new(resp.value));
                 }
                 Err(e) => {
                     let last = attempt >= self.cfg.max_attempts || !e.kind.is_retryable();

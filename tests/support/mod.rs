@@ -28,7 +28,7 @@ pub fn shared_data(name: &str) -> PathBuf {
 pub fn config_text(base_url: &str, max_attempts: u32, concurrency: usize) -> String {
     format!(
         "[dispatcher]\nconcurrency = {concurrency}\nmax_attempts = {max_attempts}\n\
-         backoff_base_ms = 2\nbackoff_max_ms = 50\n\n\
+         backoff_base_ms = 2\nbackoff_max_ms = 50\n\n[cache]\nenabled = false\n\n\
          [models.default]\nkind = \"openai\"\nbase_url = \"{base_url}\"\nmodel = \"mock\"\n\
          timeout_ms = 2000\n"
     )
@@ -125,4 +125,98 @@ pub async fn read_parquet(path: &Path) -> Vec<RecordBatch> {
 /// Starts a mock server with the given configuration.
 pub async fn mock(cfg: MockConfig) -> MockServer {
     MockServer::start(cfg).await.expect("mock server starts")
+}
+
+/// Every row of `batches` rendered as one line (columns joined by ` | `), sorted, so that two
+/// results can be compared regardless of row order.
+pub fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    let opts = FormatOptions::default().with_null("NULL");
+    let mut rows = vec![];
+    for b in batches {
+        let fmts: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).expect("formatter"))
+            .collect();
+        for i in 0..b.num_rows() {
+            let cells: Vec<String> = fmts.iter().map(|f| f.value(i).to_string()).collect();
+            rows.push(cells.join(" | "));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// A project directory for driving the `sluice` binary: the repository's udfs, a sluice.toml
+/// pointing at `base_url` (cache enabled in `<dir>/.sluice/cache` when `cache` is set), and the
+/// real excerpts as `data/t.jsonl`.
+pub struct Project {
+    /// The directory (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// Sets up the directory.
+    pub fn new(base_url: &str, concurrency: usize, cache: bool) -> Project {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("udfs")).unwrap();
+        for f in ["generate_questions.toml", "answer_question.toml"] {
+            std::fs::copy(repo().join("udfs").join(f), p.join("udfs").join(f)).unwrap();
+        }
+        let mut cfg = config_text(base_url, 2, concurrency);
+        if cache {
+            cfg = cfg.replace("[cache]\nenabled = false", "[cache]\nenabled = true");
+        }
+        std::fs::write(p.join("sluice.toml"), cfg).unwrap();
+        std::fs::create_dir_all(p.join("data")).unwrap();
+        std::fs::copy(
+            shared_data("earnings_transcript_excerpts.jsonl"),
+            p.join("data/t.jsonl"),
+        )
+        .unwrap();
+        Project { dir }
+    }
+
+    /// A path inside the project.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a file inside the project, creating directories.
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// A `sluice` command running in the project, with a clean environment for sluice's own
+    /// variables.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.current_dir(self.dir.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("SLUICE_CONFIG");
+        cmd
+    }
+
+    /// Runs `sluice <args>`; returns (exit code, stdout, stderr).
+    pub fn run_args(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().expect("sluice runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+}
+
+/// The flagship SQL reading `data/` and writing `out_rel`, relative to a [`Project`].
+pub fn project_flagship_sql(out_rel: &str) -> String {
+    std::fs::read_to_string(repo().join("queries/earnings_qa.sql"))
+        .expect("flagship query exists")
+        .replace("'data/transcripts/'", "'data/'")
+        .replace("'out/earnings_qa.parquet'", &format!("'{out_rel}'"))
 }
