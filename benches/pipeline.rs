@@ -1,0 +1,282 @@
+//! End-to-end benchmarks of the `sluice` binary against the project's test server
+//! (`sluice-mock-llm`), each in its own process so that the client's CPU time and peak memory
+//! are its own.
+//!
+//! `cargo bench --bench pipeline [-- SCENARIO...]` runs the full scenarios (release build) and
+//! prints one JSON line per scenario; `benches/README.md` records the figures. Without `--bench`
+//! (as `cargo test --all-targets` runs it) it makes a small smoke run that checks the harness and
+//! the counts it relies on, so the benchmark cannot rot unnoticed.
+//!
+//! Scenarios: `flagship-c64`, `flagship-c512`, `jitter`, `rate-limit`, `cache`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The test server as a child process, ended by PID on drop.
+struct Mock {
+    child: Child,
+    url: String,
+}
+
+impl Mock {
+    fn start(args: &[&str]) -> Mock {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-mock-llm"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sluice-mock-llm starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("listening line");
+        let url = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected mock output {line:?}"))
+            .to_string();
+        Mock { child, url }
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the PID of a child this harness started and has not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// What one `sluice` process cost.
+struct Measured {
+    wall_s: f64,
+    cpu_s: f64,
+    max_rss_mb: f64,
+    metrics: Value,
+}
+
+/// Runs `sluice` with `args` in `dir`; waits with wait4(2) to get the child's own rusage.
+fn run_sluice(dir: &Path, args: &[&str]) -> Measured {
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sluice starts");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value to be overwritten by wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; status and usage point to live locals.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall_s = started.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4 failed");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "sluice {args:?} failed: {err}"
+    );
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let metrics = std::fs::read_to_string(dir.join("metrics.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    Measured {
+        wall_s,
+        cpu_s: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_mb: usage.ru_maxrss as f64 / 1024.0,
+        metrics,
+    }
+}
+
+/// A project directory: the repository's udfs, a sluice.toml, a generated corpus of
+/// `passages` transcripts (one passage each) and the flagship query.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(url: &str, concurrency: usize, passages: usize, cache: bool) -> Project {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        std::fs::create_dir_all(p.join("udfs")).unwrap();
+        std::fs::create_dir_all(p.join("data")).unwrap();
+        for f in ["generate_questions.toml", "answer_question.toml"] {
+            std::fs::copy(repo.join("udfs").join(f), p.join("udfs").join(f)).unwrap();
+        }
+        std::fs::write(
+            p.join("sluice.toml"),
+            format!(
+                "[dispatcher]\nconcurrency = {concurrency}\nmax_attempts = 8\n\
+                 backoff_base_ms = 50\nbackoff_max_ms = 2000\n\n\
+                 [cache]\nenabled = {cache}\n\n\
+                 [models.default]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"mock\"\n\
+                 timeout_ms = 10000\n"
+            ),
+        )
+        .unwrap();
+        let sql = std::fs::read_to_string(repo.join("queries/earnings_qa.sql"))
+            .unwrap()
+            .replace("'data/transcripts/'", "'data/'");
+        std::fs::write(p.join("q.sql"), sql).unwrap();
+        // Generated transcripts are under 4,096 characters: one passage each.
+        let companies = passages.clamp(1, 500);
+        let quarters = passages.div_ceil(companies);
+        let out = p.join("data/corpus.jsonl");
+        let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["gen-corpus", "--companies", &companies.to_string()])
+            .args(["--quarters", &quarters.to_string(), "--out"])
+            .arg(&out)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // Keep exactly `passages` lines.
+        let text = std::fs::read_to_string(&out).unwrap();
+        let kept: Vec<&str> = text.lines().take(passages).collect();
+        std::fs::write(&out, kept.join("\n") + "\n").unwrap();
+        Project { dir }
+    }
+
+    fn run(&self, extra: &[&str]) -> Measured {
+        let mut args = vec!["run", "q.sql", "--quiet", "--metrics-json", "metrics.json"];
+        args.extend_from_slice(extra);
+        run_sluice(self.dir.path(), &args)
+    }
+}
+
+fn num(m: &Value, k: &str) -> u64 {
+    m[k].as_u64().unwrap_or(0)
+}
+
+/// One flagship run against a fresh server; returns the JSON line of the scenario.
+fn flagship(
+    name: &str,
+    passages: usize,
+    concurrency: usize,
+    mock_args: &[&str],
+    mean_latency_ms: f64,
+) -> Value {
+    let mock = Mock::start(mock_args);
+    let p = Project::new(&mock.url, concurrency, passages, false);
+    let m = p.run(&[]);
+    let prompts = num(&m.metrics, "calls") + num(&m.metrics, "deduplicated");
+    let requests = num(&m.metrics, "requests");
+    let rate = prompts as f64 / m.wall_s;
+    let limit = concurrency as f64 / (mean_latency_ms / 1000.0);
+    json!({
+        "scenario": name, "passages": passages, "prompts": prompts, "requests": requests,
+        "concurrency": concurrency, "mean_latency_ms": mean_latency_ms,
+        "wall_s": round(m.wall_s, 3), "prompts_per_s": round(rate, 1),
+        "limit_prompts_per_s": round(limit, 1), "ratio_to_limit": round(rate / limit, 3),
+        "cpu_ms_per_prompt": round(m.cpu_s * 1000.0 / prompts.max(1) as f64, 4),
+        "max_rss_mb": round(m.max_rss_mb, 1), "failed": num(&m.metrics, "failed"),
+        "retries": m.metrics["retries"].clone(), "max_in_flight": num(&m.metrics, "max_in_flight"),
+    })
+}
+
+/// Fills a cache at high concurrency, then re-runs from it.
+fn cache_rerun(passages: usize) -> Value {
+    let mock = Mock::start(&[]);
+    let p = Project::new(&mock.url, 256, passages, true);
+    let fill = p.run(&[]);
+    let prompts = num(&fill.metrics, "calls") + num(&fill.metrics, "deduplicated");
+    let again = p.run(&[]);
+    assert_eq!(num(&again.metrics, "requests"), 0, "the re-run is all hits");
+    let hits = num(&again.metrics, "cache_hits");
+    let stats = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(p.dir.path())
+        .args(["cache", "stats"])
+        .output()
+        .unwrap();
+    let file_bytes = std::fs::metadata(p.dir.path().join(".sluice/cache/responses.redb"))
+        .map_or(0, |m| m.len());
+    json!({
+        "scenario": "cache", "passages": passages, "prompts": prompts, "hits": hits,
+        "fill_wall_s": round(fill.wall_s, 2), "fill_prompts_per_s": round(prompts as f64 / fill.wall_s, 1),
+        "rerun_wall_s": round(again.wall_s, 3),
+        "rerun_prompts_per_s": round(hits as f64 / again.wall_s, 1),
+        "rerun_cpu_ms_per_prompt": round(again.cpu_s * 1000.0 / hits.max(1) as f64, 4),
+        "rerun_max_rss_mb": round(again.max_rss_mb, 1),
+        "cache_file_bytes": file_bytes,
+        "cache_bytes_per_entry": file_bytes / hits.max(1),
+        "stats": String::from_utf8_lossy(&stats.stdout).trim().to_string(),
+    })
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn smoke() {
+    // Small and fast: checks that the counts the benchmark reports are the real ones.
+    let mock = Mock::start(&["--latency-ms", "1"]);
+    let p = Project::new(&mock.url, 16, 12, true);
+    let first = p.run(&[]);
+    assert_eq!(num(&first.metrics, "requests"), 48, "{}", first.metrics);
+    assert_eq!(num(&first.metrics, "succeeded"), 48);
+    assert!(first.cpu_s > 0.0 && first.max_rss_mb > 1.0);
+    let again = p.run(&[]);
+    assert_eq!(num(&again.metrics, "requests"), 0);
+    assert_eq!(num(&again.metrics, "cache_hits"), 48);
+    let line = flagship("smoke", 12, 8, &["--latency-ms", "5"], 5.0);
+    assert_eq!(line["prompts"], 48, "{line}");
+    println!("{line}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        smoke();
+        return;
+    }
+    let wanted: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let want = |s: &str| wanted.is_empty() || wanted.contains(&s);
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let emit = |v: Value| {
+        println!("{v}");
+        assert!(Instant::now() < deadline, "benchmarks exceeded 30 minutes");
+    };
+    if want("flagship-c64") {
+        emit(flagship("flagship-c64", 4000, 64, &["--latency-ms", "20"], 20.0));
+    }
+    if want("flagship-c512") {
+        emit(flagship("flagship-c512", 8000, 512, &["--latency-ms", "20"], 20.0));
+    }
+    if want("jitter") {
+        // Uniform 10-200 ms: mean 105 ms.
+        let args = ["--latency-ms", "10", "--jitter-ms", "190"];
+        emit(flagship("jitter-10-200ms-c64", 1000, 64, &args, 105.0));
+    }
+    if want("rate-limit") {
+        let args = [
+            "--latency-ms",
+            "20",
+            "--rate-limit",
+            "0.05",
+            "--retry-after-ms",
+            "100",
+        ];
+        emit(flagship("rate-limit-5pct-c64", 2000, 64, &args, 20.0));
+    }
+    if want("cache") {
+        emit(cache_rerun(50_000));
+    }
+}
