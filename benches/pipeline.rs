@@ -201,8 +201,8 @@ fn cache_rerun(passages: usize) -> Value {
         .args(["cache", "stats"])
         .output()
         .unwrap();
-    let file_bytes = std::fs::metadata(p.dir.path().join(".sluice/cache/responses.redb"))
-        .map_or(0, |m| m.len());
+    let file_bytes =
+        std::fs::metadata(p.dir.path().join(".sluice/cache/responses.redb")).map_or(0, |m| m.len());
     json!({
         "scenario": "cache", "passages": passages, "prompts": prompts, "hits": hits,
         "fill_wall_s": round(fill.wall_s, 2), "fill_prompts_per_s": round(prompts as f64 / fill.wall_s, 1),
@@ -255,10 +255,22 @@ fn main() {
         assert!(Instant::now() < deadline, "benchmarks exceeded 30 minutes");
     };
     if want("flagship-c64") {
-        emit(flagship("flagship-c64", 4000, 64, &["--latency-ms", "20"], 20.0));
+        emit(flagship(
+            "flagship-c64",
+            4000,
+            64,
+            &["--latency-ms", "20"],
+            20.0,
+        ));
     }
     if want("flagship-c512") {
-        emit(flagship("flagship-c512", 8000, 512, &["--latency-ms", "20"], 20.0));
+        emit(flagship(
+            "flagship-c512",
+            8000,
+            512,
+            &["--latency-ms", "20"],
+            20.0,
+        ));
     }
     if want("jitter") {
         // Uniform 10-200 ms: mean 105 ms.

@@ -20,6 +20,9 @@
 //! base_url = "http://127.0.0.1:8000/v1"
 //! model = "gpt-4o-mini"
 //! api_key_env = "OPENAI_API_KEY"
+//! concurrency = 64                        # most requests in flight for this model
+//! rpm = 5000                              # optional requests-per-minute limit
+//! tpm = 2000000                           # optional tokens-per-minute limit
 //! ```
 
 use std::collections::BTreeMap;
@@ -147,6 +150,9 @@ struct RawModel {
     connect_timeout_ms: Option<u64>,
     structured_output: Option<StructuredOutput>,
     max_response_bytes: Option<usize>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    adaptive_concurrency: Option<bool>,
 }
 
 /// Dispatcher settings: the global budget and the retry policy.
@@ -220,6 +226,12 @@ pub struct ModelConfig {
     pub structured_output: StructuredOutput,
     /// Largest response body accepted.
     pub max_response_bytes: usize,
+    /// Requests per minute allowed by the provider, if limited.
+    pub rpm: Option<u64>,
+    /// Tokens per minute allowed by the provider, if limited.
+    pub tpm: Option<u64>,
+    /// Shrink concurrency on 429s and grow it back on success (default true).
+    pub adaptive_concurrency: bool,
 }
 
 /// The loaded configuration.
@@ -341,6 +353,14 @@ impl Config {
                     }
                 },
             };
+            let positive = |v: Option<u64>, key: &str| match v {
+                Some(0) => Err(invalid(format!(
+                    "models.{name}.{key} must be at least 1 (leave it out for no limit)"
+                ))),
+                other => Ok(other),
+            };
+            let rpm = positive(m.rpm, "rpm")?;
+            let tpm = positive(m.tpm, "tpm")?;
             let concurrency = m.concurrency.unwrap_or(cfg.dispatcher.concurrency);
             if concurrency == 0 {
                 return Err(invalid(format!(
@@ -361,6 +381,9 @@ impl Config {
                     connect_timeout: Duration::from_millis(m.connect_timeout_ms.unwrap_or(10_000)),
                     structured_output: m.structured_output.unwrap_or_default(),
                     max_response_bytes: m.max_response_bytes.unwrap_or(16 << 20),
+                    rpm,
+                    tpm,
+                    adaptive_concurrency: m.adaptive_concurrency.unwrap_or(true),
                 },
             );
         }

@@ -20,11 +20,11 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
 
 use crate::cache::{CacheError, CacheMode, ResponseCache};
 use crate::config::{Config, ProviderKind};
 use crate::llm::dispatcher::ModelHandle;
+use crate::llm::governor::{Governor, GovernorConfig};
 use crate::llm::openai::OpenAiProvider;
 use crate::llm::{Dispatcher, MetricsSnapshot, Provider};
 use crate::sink::StagedOutput;
@@ -267,7 +267,12 @@ impl Engine {
                 name.clone(),
                 ModelHandle {
                     provider,
-                    limit: Arc::new(Semaphore::new(m.concurrency)),
+                    governor: Arc::new(Governor::new(GovernorConfig {
+                        max_concurrency: m.concurrency.min(config.dispatcher.concurrency),
+                        rpm: m.rpm,
+                        tpm: m.tpm,
+                        adaptive: m.adaptive_concurrency,
+                    })),
                 },
             );
         }

@@ -21,7 +21,7 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
 fn engine(server: &MockServer, max_attempts: u32, timeout_ms: u64) -> Engine {
     let text = format!(
         "[dispatcher]\nconcurrency = 16\nmax_attempts = {max_attempts}\nbackoff_base_ms = 1\n\
-         backoff_max_ms = 20\n[models.default]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+         backoff_max_ms = 20\n[cache]\nenabled = false\n[models.default]\nkind = \"openai\"\nbase_url = \"{}\"\n\
          model = \"m\"\ntimeout_ms = {timeout_ms}\n",
         server.base_url()
     );

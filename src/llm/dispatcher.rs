@@ -20,6 +20,7 @@ use futures::future::{BoxFuture, Shared};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use super::governor::{Governor, Outcome, estimate_tokens};
 use super::{ErrorKind, LlmError, LlmRequest, Provider, RowError, parse_response};
 use crate::cache::{CacheMode, CachedResponse, RequestKey, ResponseCache, request_key};
 use crate::config::DispatcherConfig;
@@ -32,13 +33,115 @@ type SharedCall = Shared<BoxFuture<'static, CallResult>>;
 /// How many completed results the in-run dedup map keeps before it stops remembering new ones.
 const MEMO_CAPACITY: usize = 200_000;
 
-/// A model as the dispatcher sees it: a provider and its own concurrency limit.
+/// A model as the dispatcher sees it: a provider and the governor that paces it.
 #[derive(Debug, Clone)]
 pub struct ModelHandle {
     /// The endpoint.
     pub provider: Arc<dyn Provider>,
-    /// Requests in flight for this model.
-    pub limit: Arc<Semaphore>,
+    /// Adaptive concurrency, RPM/TPM buckets and pauses for this model.
+    pub governor: Arc<Governor>,
+}
+
+/// Latency histogram with logarithmic buckets (5% wide, from 50 µs), lock-free to record.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const HIST_BUCKETS: usize = 420;
+const HIST_FIRST_US: f64 = 50.0;
+const HIST_GROWTH: f64 = 1.05;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: (0..HIST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn record(&self, d: Duration) {
+        let us = d.as_secs_f64() * 1e6;
+        let i = if us <= HIST_FIRST_US {
+            0
+        } else {
+            ((us / HIST_FIRST_US).ln() / HIST_GROWTH.ln()).ceil() as usize
+        };
+        self.buckets[i.min(HIST_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds: the upper edge of its bucket (within 5%).
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(HIST_FIRST_US * HIST_GROWTH.powi(i as i32) / 1000.0);
+            }
+        }
+        None
+    }
+}
+
+/// Counters of one LLM function.
+#[derive(Debug, Default)]
+pub struct FunctionMetrics {
+    /// Rows that asked for a value (calls, shared calls and cache hits).
+    pub prompts: AtomicU64,
+    /// Requests sent (attempts).
+    pub requests: AtomicU64,
+    /// Calls answered from the persistent cache.
+    pub cache_hits: AtomicU64,
+    /// Calls that ended with a value.
+    pub succeeded: AtomicU64,
+    /// Calls that ended with an error.
+    pub failed: AtomicU64,
+    /// Prompt tokens reported.
+    pub tokens_in: AtomicU64,
+    /// Completion tokens reported.
+    pub tokens_out: AtomicU64,
+    /// Highest number of this function's requests on the wire at once.
+    pub max_in_flight: AtomicU64,
+    in_flight: AtomicU64,
+    /// Latency of each request on the wire.
+    pub latency: LatencyHistogram,
+    retries: Mutex<BTreeMap<ErrorKind, u64>>,
+    errors: Mutex<BTreeMap<ErrorKind, u64>>,
+}
+
+impl FunctionMetrics {
+    fn to_json(&self) -> Value {
+        let q = |x| {
+            self.latency
+                .quantile_ms(x)
+                .map(|v| (v * 100.0).round() / 100.0)
+        };
+        serde_json::json!({
+            "prompts": self.prompts.load(Ordering::Relaxed),
+            "requests": self.requests.load(Ordering::Relaxed),
+            "cache_hits": self.cache_hits.load(Ordering::Relaxed),
+            "succeeded": self.succeeded.load(Ordering::Relaxed),
+            "failed": self.failed.load(Ordering::Relaxed),
+            "tokens_in": self.tokens_in.load(Ordering::Relaxed),
+            "tokens_out": self.tokens_out.load(Ordering::Relaxed),
+            "max_in_flight": self.max_in_flight.load(Ordering::Relaxed),
+            "latency_ms": {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99)},
+            "retries": Metrics::names(&self.retries),
+            "errors": Metrics::names(&self.errors),
+        })
+    }
 }
 
 /// Counters for one run, shared by all calls.
@@ -67,6 +170,7 @@ pub struct Metrics {
     in_flight: AtomicU64,
     retries: Mutex<BTreeMap<ErrorKind, u64>>,
     errors: Mutex<BTreeMap<ErrorKind, u64>>,
+    functions: Mutex<BTreeMap<String, Arc<FunctionMetrics>>>,
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -96,6 +200,9 @@ pub struct MetricsSnapshot {
     pub retries: BTreeMap<String, u64>,
     /// Final errors by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Per function: prompts, requests, cache hits, retries and errors by kind, tokens, latency
+    /// p50/p95/p99 (ms), in-flight high-water mark.
+    pub functions: BTreeMap<String, Value>,
 }
 
 impl MetricsSnapshot {
@@ -106,24 +213,43 @@ impl MetricsSnapshot {
             "succeeded": self.succeeded, "failed": self.failed, "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "max_in_flight": self.max_in_flight,
             "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
-            "retries": self.retries, "errors": self.errors,
+            "retries": self.retries, "errors": self.errors, "functions": self.functions,
         })
     }
 }
 
 impl Metrics {
+    fn names(m: &Mutex<BTreeMap<ErrorKind, u64>>) -> BTreeMap<String, u64> {
+        m.lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.as_str().to_string(), *v))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The counters of `function`, created on first use.
+    pub fn function(&self, function: &str) -> Arc<FunctionMetrics> {
+        let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = f.get(function) {
+            return m.clone();
+        }
+        let m = Arc::new(FunctionMetrics::default());
+        f.insert(function.to_string(), m.clone());
+        m
+    }
+
     /// Copies the counters.
     pub fn snapshot(&self) -> MetricsSnapshot {
-        let names = |m: &Mutex<BTreeMap<ErrorKind, u64>>| {
-            m.lock()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.as_str().to_string(), *v))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let names = Self::names;
+        let functions = self
+            .functions
+            .lock()
+            .map(|f| f.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+            .unwrap_or_default();
         MetricsSnapshot {
+            functions,
             calls: self.calls.load(Ordering::Relaxed),
             deduplicated: self.deduplicated.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
@@ -205,6 +331,8 @@ impl Dispatcher {
     /// Makes one row's call: the validated value, or the error after all attempts.
     pub async fn call(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
         let key = request_key(&model.provider.endpoint(), &req);
+        let fm = self.inner.metrics.function(&req.function);
+        fm.prompts.fetch_add(1, Ordering::Relaxed);
         if let Some(cache) = &self.inner.cache
             && self.inner.cache_mode == CacheMode::ReadWrite
         {
@@ -214,6 +342,7 @@ impl Dispatcher {
                         .metrics
                         .cache_hits
                         .fetch_add(1, Ordering::Relaxed);
+                    fm.cache_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(Arc::new(hit.value));
                 }
                 Ok(None) => {
@@ -242,7 +371,7 @@ impl Dispatcher {
                 None => {
                     let inner = self.inner.clone();
                     let model = model.clone();
-                    let f = async move { inner.run(&model, req, key).await }
+                    let f = async move { inner.run(&model, req, key, &fm).await }
                         .boxed()
                         .shared();
                     if memo.len() < MEMO_CAPACITY {
@@ -269,20 +398,49 @@ impl Inner {
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
+        fm: &FunctionMetrics,
     ) -> Result<CachedResponse, LlmError> {
         let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
-        let _global = self.global.acquire().await.map_err(|_| closed())?;
-        let _model = model.limit.acquire().await.map_err(|_| closed())?;
+        let prompt_chars =
+            req.prompt.user.len() + req.prompt.system.as_ref().map_or(0, String::len);
+        // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
+        // so that a paused model never holds permits other models could use.
+        let admission = model
+            .governor
+            .admit(estimate_tokens(prompt_chars, req.max_tokens))
+            .await;
+        let Ok(_global) = self.global.acquire().await else {
+            model.governor.release(admission, Outcome::Failed);
+            return Err(closed());
+        };
         let m = &self.metrics;
         m.requests.fetch_add(1, Ordering::Relaxed);
+        fm.requests.fetch_add(1, Ordering::Relaxed);
         let now = m.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         m.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        let now = fm.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        fm.max_in_flight.fetch_max(now, Ordering::Relaxed);
         let result = model.provider.complete(req).await;
         m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        fm.in_flight.fetch_sub(1, Ordering::Relaxed);
+        fm.latency.record(admission.started().elapsed());
+        let outcome = match &result {
+            Ok(r) => Outcome::Done {
+                tokens: r.usage.map(|u| u.prompt_tokens + u.completion_tokens),
+            },
+            Err(e) if e.kind == ErrorKind::RateLimited => Outcome::RateLimited {
+                retry_after: e.retry_after,
+            },
+            Err(_) => Outcome::Failed,
+        };
+        model.governor.release(admission, outcome);
         let resp = result?;
         if let Some(u) = resp.usage {
             m.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
             m.tokens_out
+                .fetch_add(u.completion_tokens, Ordering::Relaxed);
+            fm.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
+            fm.tokens_out
                 .fetch_add(u.completion_tokens, Ordering::Relaxed);
         }
         let value = parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
@@ -296,16 +454,24 @@ impl Inner {
         })
     }
 
-    async fn run(&self, model: &ModelHandle, req: LlmRequest, key: RequestKey) -> CallResult {
+    async fn run(
+        &self,
+        model: &ModelHandle,
+        mut req: LlmRequest,
+        key: RequestKey,
+        fm: &FunctionMetrics,
+    ) -> CallResult {
         let m = &self.metrics;
         m.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut attempt = 0;
+        let mut raised_max_tokens = false;
         loop {
             attempt += 1;
-            match self.attempt(model, &req).await {
+            match self.attempt(model, &req, fm).await {
                 Ok(resp) => {
                     m.succeeded.fetch_add(1, Ordering::Relaxed);
+                    fm.succeeded.fetch_add(1, Ordering::Relaxed);
                     if let Some(cache) = &self.cache {
                         cache.put(key, &resp);
                     }
@@ -319,7 +485,9 @@ impl Inner {
                     );
                     if last {
                         m.failed.fetch_add(1, Ordering::Relaxed);
+                        fm.failed.fetch_add(1, Ordering::Relaxed);
                         Metrics::bump(&m.errors, e.kind);
+                        Metrics::bump(&fm.errors, e.kind);
                         tracing::debug!(
                             function = %req.function, elapsed = ?started.elapsed(),
                             "call failed after {attempt} attempt(s)"
@@ -327,6 +495,16 @@ impl Inner {
                         return Err(Arc::new(RowError::from_attempt(e, attempt)));
                     }
                     Metrics::bump(&m.retries, e.kind);
+                    Metrics::bump(&fm.retries, e.kind);
+                    if e.kind == ErrorKind::Truncated && !raised_max_tokens {
+                        // Repeating the same call would stop at the same place: double the
+                        // completion limit, once. The response is still stored under the
+                        // original request's key.
+                        raised_max_tokens = true;
+                        let max = req.max_tokens.unwrap_or(256);
+                        req.max_tokens = Some(max.saturating_mul(2));
+                        continue;
+                    }
                     let delay = match e.retry_after {
                         Some(d) => d.min(self.cfg.backoff_max),
                         None => self.backoff(attempt),

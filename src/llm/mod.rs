@@ -6,6 +6,7 @@
 //! [`RowError`] that SQL can select.
 
 pub mod dispatcher;
+pub mod governor;
 pub mod openai;
 
 use std::fmt;
