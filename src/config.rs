@@ -91,10 +91,15 @@ impl fmt::Display for Secret {
 
 /// Provider kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, llama.cpp server).
     Openai,
+    /// An OpenAI-compatible text completions server taking list prompts (vLLM, llama.cpp
+    /// server): `batch_size` prompts per request.
+    OpenaiCompletions,
+    /// Lamini's API: list prompts and `output_type`.
+    Lamini,
 }
 
 /// How structured output is requested from an OpenAI-compatible server.
@@ -142,7 +147,7 @@ struct RawCache {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     kind: ProviderKind,
-    base_url: String,
+    base_url: Option<String>,
     model: String,
     api_key_env: Option<String>,
     concurrency: Option<usize>,
@@ -153,6 +158,7 @@ struct RawModel {
     rpm: Option<u64>,
     tpm: Option<u64>,
     adaptive_concurrency: Option<bool>,
+    batch_size: Option<usize>,
 }
 
 /// Dispatcher settings: the global budget and the retry policy.
@@ -232,6 +238,9 @@ pub struct ModelConfig {
     pub tpm: Option<u64>,
     /// Shrink concurrency on 429s and grow it back on success (default true).
     pub adaptive_concurrency: bool,
+    /// Prompts per request for providers that take several (`openai_completions`, `lamini`;
+    /// default 8); always 1 for chat completions.
+    pub batch_size: usize,
 }
 
 /// The loaded configuration.
@@ -328,18 +337,41 @@ impl Config {
             cfg.dispatcher.backoff_max = Duration::from_millis(ms);
         }
         for (name, m) in raw.models {
-            let url = reqwest::Url::parse(&m.base_url).map_err(|e| {
+            let base_url = match (&m.base_url, m.kind) {
+                (Some(u), _) => u.clone(),
+                (None, ProviderKind::Lamini) => "https://api.lamini.ai".to_string(),
+                (None, _) => {
+                    return Err(invalid(format!(
+                        "models.{name}.base_url is missing (e.g. \"https://api.openai.com/v1\" \
+                         or \"http://127.0.0.1:8000/v1\")"
+                    )));
+                }
+            };
+            let url = reqwest::Url::parse(&base_url).map_err(|e| {
                 invalid(format!(
-                    "models.{name}.base_url = {:?} is not a valid URL ({e})",
-                    m.base_url
+                    "models.{name}.base_url = {base_url:?} is not a valid URL ({e})"
                 ))
             })?;
             if url.scheme() != "http" && url.scheme() != "https" {
                 return Err(invalid(format!(
-                    "models.{name}.base_url must start with http:// or https://, got {:?}",
-                    m.base_url
+                    "models.{name}.base_url must start with http:// or https://, got {base_url:?}"
                 )));
             }
+            let batch_size = match (m.kind, m.batch_size) {
+                (ProviderKind::Openai, Some(b)) if b != 1 => {
+                    return Err(invalid(format!(
+                        "models.{name}.batch_size: chat completions take one prompt per request; \
+                         use kind = \"openai_completions\" for list prompts"
+                    )));
+                }
+                (ProviderKind::Openai, _) => 1,
+                (_, Some(0)) => {
+                    return Err(invalid(format!(
+                        "models.{name}.batch_size must be at least 1"
+                    )));
+                }
+                (_, b) => b.unwrap_or(8),
+            };
             let api_key = match &m.api_key_env {
                 None => None,
                 Some(var) => match env(var) {
@@ -372,7 +404,7 @@ impl Config {
                 ModelConfig {
                     name,
                     kind: m.kind,
-                    base_url: m.base_url.trim_end_matches('/').to_string(),
+                    base_url: base_url.trim_end_matches('/').to_string(),
                     model: m.model,
                     api_key_env: m.api_key_env,
                     api_key,
@@ -384,6 +416,7 @@ impl Config {
                     rpm,
                     tpm,
                     adaptive_concurrency: m.adaptive_concurrency.unwrap_or(true),
+                    batch_size,
                 },
             );
         }

@@ -25,7 +25,8 @@ use crate::cache::{CacheError, CacheMode, ResponseCache};
 use crate::config::{Config, ProviderKind};
 use crate::llm::dispatcher::ModelHandle;
 use crate::llm::governor::{Governor, GovernorConfig};
-use crate::llm::openai::OpenAiProvider;
+use crate::llm::lamini::LaminiProvider;
+use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
 use crate::llm::{Dispatcher, MetricsSnapshot, Provider};
 use crate::sink::StagedOutput;
 use crate::source::{ChunkText, find_malformed_json_line};
@@ -254,14 +255,17 @@ impl Engine {
         let dispatcher = Dispatcher::with_cache(config.dispatcher.clone(), cache, mode);
         let mut models = BTreeMap::new();
         for (name, m) in &config.models {
+            let pool = m.concurrency.min(config.dispatcher.concurrency);
+            let model_err = |message| EngineError::Model {
+                model: name.clone(),
+                message,
+            };
             let provider: Arc<dyn Provider> = match m.kind {
-                ProviderKind::Openai => Arc::new(
-                    OpenAiProvider::new(m, m.concurrency.min(config.dispatcher.concurrency))
-                        .map_err(|message| EngineError::Model {
-                            model: name.clone(),
-                            message,
-                        })?,
-                ),
+                ProviderKind::Openai => Arc::new(OpenAiProvider::new(m, pool).map_err(model_err)?),
+                ProviderKind::OpenaiCompletions => {
+                    Arc::new(CompletionsProvider::new(m, pool).map_err(model_err)?)
+                }
+                ProviderKind::Lamini => Arc::new(LaminiProvider::new(m, pool).map_err(model_err)?),
             };
             models.insert(
                 name.clone(),
@@ -294,6 +298,17 @@ impl Engine {
         let builtin = generic_llm_def();
         for def in std::iter::once(builtin).chain(defs) {
             let def = Arc::new(def);
+            if let Some(handle) = runtime.models.get(&def.model)
+                && let Err(message) = handle.provider.check_schema(def.output.as_ref())
+            {
+                return Err(EngineError::Definition(DefError::Invalid {
+                    path: def.source.clone(),
+                    message: format!(
+                        "function {}: model {:?} cannot return this output: {message}",
+                        def.name, def.model
+                    ),
+                }));
+            }
             for udf in LlmUdf::pair(def.clone()) {
                 if ctx.udf(udf.name()).is_ok() {
                     return Err(EngineError::Definition(DefError::Invalid {

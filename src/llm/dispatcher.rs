@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::governor::{Governor, Outcome, estimate_tokens};
-use super::{ErrorKind, LlmError, LlmRequest, Provider, RowError, parse_response};
+use super::{ErrorKind, LlmError, LlmRequest, LlmResponse, Provider, RowError, parse_response};
 use crate::cache::{CacheMode, CachedResponse, RequestKey, ResponseCache, request_key};
 use crate::config::DispatcherConfig;
 
@@ -286,6 +286,101 @@ struct Inner {
     metrics: Arc<Metrics>,
     cache: Option<Arc<ResponseCache>>,
     cache_mode: CacheMode,
+    batchers: Mutex<HashMap<BatchKey, mpsc::UnboundedSender<Pending>>>,
+}
+
+/// Prompts batched together share a model, a function and a completion limit.
+type BatchKey = (usize, String, Option<u32>);
+
+/// A prompt waiting for a place in a list-prompt request.
+struct Pending {
+    req: LlmRequest,
+    done: oneshot::Sender<Result<LlmResponse, LlmError>>,
+}
+
+/// Forms list-prompt requests for one model, function and completion limit: a batch is taken
+/// from the queue only once the model's governor and the global budget admit a request, so under
+/// load every request leaves full and no prompt waits for a batch to fill.
+async fn collect_batches(
+    model: ModelHandle,
+    global: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    fm: Arc<FunctionMetrics>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+) {
+    let max = model.provider.max_batch().max(1);
+    while let Some(first) = rx.recv().await {
+        let prompt_chars =
+            first.req.prompt.user.len() + first.req.prompt.system.as_ref().map_or(0, String::len);
+        let estimate = estimate_tokens(prompt_chars, first.req.max_tokens) * max as u64;
+        let admission = model.governor.admit(estimate).await;
+        let Ok(permit) = global.clone().acquire_owned().await else {
+            model.governor.release(admission, Outcome::Failed);
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (model, metrics, fm) = (model.clone(), metrics.clone(), fm.clone());
+        tokio::spawn(async move {
+            let (reqs, dones): (Vec<LlmRequest>, Vec<_>) =
+                batch.into_iter().map(|p| (p.req, p.done)).unzip();
+            let result = on_the_wire(&metrics, &fm, || model.provider.complete_batch(&reqs)).await;
+            drop(permit);
+            fm.latency.record(admission.started().elapsed());
+            let outcome = match &result {
+                Ok(_) => Outcome::Done { tokens: None },
+                Err(e) if e.kind == ErrorKind::RateLimited => Outcome::RateLimited {
+                    retry_after: e.retry_after,
+                },
+                Err(_) => Outcome::Failed,
+            };
+            model.governor.release(admission, outcome);
+            match result {
+                Ok(results) if results.len() == dones.len() => {
+                    for (done, r) in dones.into_iter().zip(results) {
+                        let _ = done.send(r);
+                    }
+                }
+                Ok(results) => {
+                    let e = LlmError::new(
+                        ErrorKind::MalformedResponse,
+                        format!("{} answers for {} prompts", results.len(), dones.len()),
+                    );
+                    for done in dones {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for done in dones {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Counts one request on the wire (globally and for its function) around `send`.
+async fn on_the_wire<T, F: std::future::Future<Output = T>>(
+    m: &Metrics,
+    fm: &FunctionMetrics,
+    send: impl FnOnce() -> F,
+) -> T {
+    m.requests.fetch_add(1, Ordering::Relaxed);
+    fm.requests.fetch_add(1, Ordering::Relaxed);
+    let now = m.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    m.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    let now = fm.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    fm.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    let out = send().await;
+    m.in_flight.fetch_sub(1, Ordering::Relaxed);
+    fm.in_flight.fetch_sub(1, Ordering::Relaxed);
+    out
 }
 
 impl Dispatcher {
@@ -309,6 +404,7 @@ impl Dispatcher {
                 metrics: Arc::new(Metrics::default()),
                 cache,
                 cache_mode,
+                batchers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -386,6 +482,78 @@ impl Dispatcher {
 }
 
 impl Inner {
+    /// One request for one prompt: governor, global budget, provider.
+    async fn send_one(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+        fm: &FunctionMetrics,
+    ) -> Result<LlmResponse, LlmError> {
+        let prompt_chars =
+            req.prompt.user.len() + req.prompt.system.as_ref().map_or(0, String::len);
+        // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
+        // so that a paused model never holds permits other models could use.
+        let admission = model
+            .governor
+            .admit(estimate_tokens(prompt_chars, req.max_tokens))
+            .await;
+        let Ok(_global) = self.global.acquire().await else {
+            model.governor.release(admission, Outcome::Failed);
+            return Err(LlmError::new(ErrorKind::Connection, "dispatcher shut down"));
+        };
+        let result = on_the_wire(&self.metrics, fm, || model.provider.complete(req)).await;
+        fm.latency.record(admission.started().elapsed());
+        let outcome = match &result {
+            Ok(r) => Outcome::Done {
+                tokens: r.usage.map(|u| u.prompt_tokens + u.completion_tokens),
+            },
+            Err(e) if e.kind == ErrorKind::RateLimited => Outcome::RateLimited {
+                retry_after: e.retry_after,
+            },
+            Err(_) => Outcome::Failed,
+        };
+        model.governor.release(admission, outcome);
+        result
+    }
+
+    /// Queues the prompt for a list-prompt request of its model, function and limit.
+    async fn send_batched(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+        fm: &Arc<FunctionMetrics>,
+    ) -> Result<LlmResponse, LlmError> {
+        let key: BatchKey = (
+            Arc::as_ptr(&model.governor) as usize,
+            req.function.clone(),
+            req.max_tokens,
+        );
+        let tx = {
+            let mut b = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
+            b.entry(key)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(collect_batches(
+                        model.clone(),
+                        self.global.clone(),
+                        self.metrics.clone(),
+                        fm.clone(),
+                        rx,
+                    ));
+                    tx
+                })
+                .clone()
+        };
+        let (done, answer) = oneshot::channel();
+        let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
+        tx.send(Pending {
+            req: req.clone(),
+            done,
+        })
+        .map_err(|_| closed())?;
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self.cfg.backoff_base.as_secs_f64();
         let cap = self.cfg.backoff_max.as_secs_f64();
@@ -398,42 +566,14 @@ impl Inner {
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
-        fm: &FunctionMetrics,
+        fm: &Arc<FunctionMetrics>,
     ) -> Result<CachedResponse, LlmError> {
-        let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
-        let prompt_chars =
-            req.prompt.user.len() + req.prompt.system.as_ref().map_or(0, String::len);
-        // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
-        // so that a paused model never holds permits other models could use.
-        let admission = model
-            .governor
-            .admit(estimate_tokens(prompt_chars, req.max_tokens))
-            .await;
-        let Ok(_global) = self.global.acquire().await else {
-            model.governor.release(admission, Outcome::Failed);
-            return Err(closed());
+        let result = if model.provider.max_batch() > 1 {
+            self.send_batched(model, req, fm).await
+        } else {
+            self.send_one(model, req, fm).await
         };
         let m = &self.metrics;
-        m.requests.fetch_add(1, Ordering::Relaxed);
-        fm.requests.fetch_add(1, Ordering::Relaxed);
-        let now = m.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        m.max_in_flight.fetch_max(now, Ordering::Relaxed);
-        let now = fm.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        fm.max_in_flight.fetch_max(now, Ordering::Relaxed);
-        let result = model.provider.complete(req).await;
-        m.in_flight.fetch_sub(1, Ordering::Relaxed);
-        fm.in_flight.fetch_sub(1, Ordering::Relaxed);
-        fm.latency.record(admission.started().elapsed());
-        let outcome = match &result {
-            Ok(r) => Outcome::Done {
-                tokens: r.usage.map(|u| u.prompt_tokens + u.completion_tokens),
-            },
-            Err(e) if e.kind == ErrorKind::RateLimited => Outcome::RateLimited {
-                retry_after: e.retry_after,
-            },
-            Err(_) => Outcome::Failed,
-        };
-        model.governor.release(admission, outcome);
         let resp = result?;
         if let Some(u) = resp.usage {
             m.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
@@ -459,7 +599,7 @@ impl Inner {
         model: &ModelHandle,
         mut req: LlmRequest,
         key: RequestKey,
-        fm: &FunctionMetrics,
+        fm: &Arc<FunctionMetrics>,
     ) -> CallResult {
         let m = &self.metrics;
         m.calls.fetch_add(1, Ordering::Relaxed);

@@ -7,6 +7,8 @@
 
 pub mod dispatcher;
 pub mod governor;
+pub mod http;
+pub mod lamini;
 pub mod openai;
 
 use std::fmt;
@@ -219,6 +221,29 @@ pub trait Provider: Send + Sync + fmt::Debug {
     fn endpoint(&self) -> String;
     /// Sends one request.
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError>;
+
+    /// Most prompts one request may carry (1: one prompt per request).
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Sends several prompts (of the same function and parameters) in one request: one result
+    /// per prompt, in order, or one error for the whole request.
+    async fn complete_batch(
+        &self,
+        reqs: &[LlmRequest],
+    ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            out.push(self.complete(r).await);
+        }
+        Ok(out)
+    }
+
+    /// Whether this provider can return values of `schema`; checked when the engine starts.
+    fn check_schema(&self, _schema: Option<&OutputSchema>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Turns a response into the function's value: JSON parsed, unwrapped and validated against the

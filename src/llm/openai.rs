@@ -1,45 +1,29 @@
-//! OpenAI-compatible chat completions (`POST {base_url}/chat/completions`): OpenAI, vLLM, Ollama,
-//! llama.cpp server, and the project's own test server.
-
-use std::time::Duration;
+//! OpenAI-compatible servers (OpenAI, vLLM, Ollama, llama.cpp server, the project's test server):
+//! chat completions (`POST {base_url}/chat/completions`, one prompt per request) and text
+//! completions (`POST {base_url}/completions` with a list prompt, several prompts per request).
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{ErrorKind, LlmError, LlmRequest, LlmResponse, Provider, Usage, preview};
-use crate::config::{ModelConfig, Secret, StructuredOutput};
+use super::http::{HttpEndpoint, malformed};
+use super::{LlmError, LlmRequest, LlmResponse, Provider, Usage, preview};
+use crate::config::{ModelConfig, StructuredOutput};
 
 /// A provider speaking the OpenAI chat completions protocol.
 #[derive(Debug)]
 pub struct OpenAiProvider {
-    client: reqwest::Client,
-    url: String,
+    http: HttpEndpoint,
     model: String,
-    api_key: Option<Secret>,
-    api_key_env: Option<String>,
     structured: StructuredOutput,
-    max_body: usize,
 }
 
 impl OpenAiProvider {
     /// Builds a provider (and its connection pool) for one configured model.
     pub fn new(cfg: &ModelConfig, pool_size: usize) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.connect_timeout)
-            .pool_max_idle_per_host(pool_size)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(OpenAiProvider {
-            client,
-            url: format!("{}/chat/completions", cfg.base_url),
+            http: HttpEndpoint::new(cfg, format!("{}/chat/completions", cfg.base_url), pool_size)?,
             model: cfg.model.clone(),
-            api_key: cfg.api_key.clone(),
-            api_key_env: cfg.api_key_env.clone(),
             structured: cfg.structured_output,
-            max_body: cfg.max_response_bytes,
         })
     }
 
@@ -50,255 +34,175 @@ impl OpenAiProvider {
         }
         messages.push(json!({"role": "user", "content": req.prompt.user}));
         let mut body = json!({"model": self.model, "messages": messages});
-        if let Some(m) = req.max_tokens {
-            body["max_tokens"] = json!(m);
-        }
-        if let Some(t) = req.temperature {
-            body["temperature"] = json!(t);
-        }
-        if let Some(schema) = &req.schema {
-            match self.structured {
-                StructuredOutput::JsonSchema => {
-                    body["response_format"] = json!({
-                        "type": "json_schema",
-                        "json_schema": {
-                            "name": req.function,
-                            "schema": schema.provider_schema(),
-                            "strict": schema.strict_compatible(),
-                        }
-                    });
-                }
-                StructuredOutput::JsonObject => {
-                    body["response_format"] = json!({"type": "json_object"});
-                }
-                StructuredOutput::None => {}
-            }
-        }
+        add_generation_params(&mut body, req, self.structured);
         body
     }
+}
 
-    fn classify_transport(&self, e: &reqwest::Error) -> LlmError {
-        // reqwest's messages name the URL (never headers), so they carry no credentials.
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            source = s.source();
+/// `max_tokens`, `temperature` and `response_format` as the OpenAI protocols name them.
+fn add_generation_params(body: &mut Value, req: &LlmRequest, structured: StructuredOutput) {
+    if let Some(m) = req.max_tokens {
+        body["max_tokens"] = json!(m);
+    }
+    if let Some(t) = req.temperature {
+        body["temperature"] = json!(t);
+    }
+    if let Some(schema) = &req.schema {
+        match structured {
+            StructuredOutput::JsonSchema => {
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": req.function,
+                        "schema": schema.provider_schema(),
+                        "strict": schema.strict_compatible(),
+                    }
+                });
+            }
+            StructuredOutput::JsonObject => {
+                body["response_format"] = json!({"type": "json_object"});
+            }
+            StructuredOutput::None => {}
         }
-        let kind = if e.is_timeout() {
-            ErrorKind::Timeout
-        } else if e.is_connect() {
-            ErrorKind::Connect
-        } else {
-            ErrorKind::Connection
-        };
-        LlmError::new(kind, msg)
     }
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-    }
-    let v = get("retry-after")?.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return Some(Duration::from_secs_f64(secs.max(0.0)));
-    }
-    // An HTTP date: wait until then.
-    let when = httpdate_to_unix(v)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs();
-    Some(Duration::from_secs(when.saturating_sub(now)))
+fn usage_of(v: &Value) -> Option<Usage> {
+    v.get("usage").map(|u| Usage {
+        prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
+        completion_tokens: u
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+    })
 }
 
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix seconds.
-fn httpdate_to_unix(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 || parts[5] != "GMT" {
-        return None;
-    }
-    let day: u64 = parts[1].parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == parts[2])? as u64
-        + 1;
-    let year: u64 = parts[3].parse().ok()?;
-    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
-    if hms.len() != 3 || year < 1970 {
-        return None;
-    }
-    // Days from civil date (Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
+fn finish_reason_of(choice: &Value) -> Option<String> {
+    choice
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
-fn provider_message(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| preview(text.trim()))
+/// A string field of a choice; null or missing is empty content.
+fn text_field(choice: &Value, pointer: &str) -> Result<String, LlmError> {
+    match choice.pointer(pointer) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Null) | None => Ok(String::new()),
+        Some(other) => Err(malformed(format!(
+            "{} is not a string: {}",
+            pointer.trim_start_matches('/').replace('/', "."),
+            preview(&other.to_string())
+        ))),
+    }
 }
 
 #[async_trait]
 impl Provider for OpenAiProvider {
     fn endpoint(&self) -> String {
-        format!("openai:{}#{}", self.url, self.model)
+        format!("openai:{}#{}", self.http.url(), self.model)
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
-        let body = serde_json::to_vec(&self.body(req))
-            .map_err(|e| LlmError::new(ErrorKind::BadRequest, e.to_string()))?;
-        let mut builder = self
-            .client
-            .post(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key.expose());
-        }
-        let mut resp = builder
-            .send()
-            .await
-            .map_err(|e| self.classify_transport(&e))?;
-        let status = resp.status().as_u16();
-        let wait = retry_after(resp.headers());
-        let mut buf: Vec<u8> = Vec::with_capacity(
-            resp.content_length()
-                .map(|l| l as usize)
-                .unwrap_or(4096)
-                .min(self.max_body),
-        );
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if buf.len() + chunk.len() > self.max_body {
-                        return Err(LlmError {
-                            http_status: Some(status),
-                            ..LlmError::new(
-                                ErrorKind::TooLarge,
-                                format!("response body exceeds {} bytes", self.max_body),
-                            )
-                        });
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let mut err = self.classify_transport(&e);
-                    err.http_status = Some(status);
-                    return Err(err);
-                }
-            }
-        }
-        if status != 200 {
-            let msg = provider_message(&buf);
-            let (kind, message) = match status {
-                429 => (ErrorKind::RateLimited, format!("rate limited: {msg}")),
-                401 | 403 => (
-                    ErrorKind::Auth,
-                    match &self.api_key_env {
-                        Some(var) => {
-                            format!("authentication failed: {msg} (check the key in ${var})")
-                        }
-                        None => format!(
-                            "authentication failed: {msg} (set api_key_env for this model in \
-                             sluice.toml)"
-                        ),
-                    },
-                ),
-                404 => (
-                    ErrorKind::NotFound,
-                    format!(
-                        "{} answered 404: {msg} (check base_url and model)",
-                        self.url
-                    ),
-                ),
-                408 => (ErrorKind::Timeout, format!("request timeout: {msg}")),
-                500..=599 => (ErrorKind::ServerError, format!("server error: {msg}")),
-                _ => (ErrorKind::BadRequest, format!("request refused: {msg}")),
-            };
-            return Err(LlmError {
-                http_status: Some(status),
-                retry_after: wait,
-                ..LlmError::new(kind, message)
-            });
-        }
-        let malformed = |m: String| LlmError {
-            http_status: Some(200),
-            ..LlmError::new(ErrorKind::MalformedResponse, m)
-        };
-        let v: Value = serde_json::from_slice(&buf).map_err(|e| {
-            malformed(format!(
-                "response body is not valid JSON ({e}): {}",
-                preview(&String::from_utf8_lossy(&buf))
-            ))
-        })?;
+        let v = self.http.post_json(&self.body(req)).await?;
         let choice = v
             .pointer("/choices/0")
             .ok_or_else(|| malformed("response has no choices[0]".into()))?;
-        let content = match choice.pointer("/message/content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) | None => String::new(),
-            Some(other) => {
-                return Err(malformed(format!(
-                    "message.content is not a string: {}",
-                    preview(&other.to_string())
-                )));
-            }
-        };
-        let finish_reason = choice
-            .get("finish_reason")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let usage = v.get("usage").map(|u| Usage {
-            prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
-            completion_tokens: u
-                .get("completion_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-        });
         Ok(LlmResponse {
-            content,
-            finish_reason,
-            usage,
+            content: text_field(choice, "/message/content")?,
+            finish_reason: finish_reason_of(choice),
+            usage: usage_of(&v),
         })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A provider speaking the OpenAI text completions protocol with list prompts (vLLM, llama.cpp
+/// server, SGLang): up to `batch_size` prompts per request. There are no chat messages: the
+/// prompt sent is the system text, a blank line, then the user text, so a model that needs its
+/// chat template should have it written into the function's template.
+#[derive(Debug)]
+pub struct CompletionsProvider {
+    http: HttpEndpoint,
+    model: String,
+    structured: StructuredOutput,
+    batch_size: usize,
+}
 
-    #[test]
-    fn parses_retry_after_forms() {
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert("retry-after", "2".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
-        h.insert("retry-after-ms", "150".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
-        assert_eq!(
-            httpdate_to_unix("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784_111_777)
-        );
+impl CompletionsProvider {
+    /// Builds a provider for one configured model.
+    pub fn new(cfg: &ModelConfig, pool_size: usize) -> Result<Self, String> {
+        Ok(CompletionsProvider {
+            http: HttpEndpoint::new(cfg, format!("{}/completions", cfg.base_url), pool_size)?,
+            model: cfg.model.clone(),
+            structured: cfg.structured_output,
+            batch_size: cfg.batch_size,
+        })
+    }
+}
+
+/// The text of a request as one raw prompt.
+pub fn flat_prompt(req: &LlmRequest) -> String {
+    match &req.prompt.system {
+        Some(s) => format!("{s}\n\n{}", req.prompt.user),
+        None => req.prompt.user.clone(),
+    }
+}
+
+#[async_trait]
+impl Provider for CompletionsProvider {
+    fn endpoint(&self) -> String {
+        format!("openai-completions:{}#{}", self.http.url(), self.model)
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        let mut out = self.complete_batch(std::slice::from_ref(req)).await?;
+        out.pop()
+            .unwrap_or_else(|| Err(malformed("response has no choices".into())))
+    }
+
+    async fn complete_batch(
+        &self,
+        reqs: &[LlmRequest],
+    ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {
+        let Some(first) = reqs.first() else {
+            return Ok(vec![]);
+        };
+        let prompts: Vec<String> = reqs.iter().map(flat_prompt).collect();
+        let mut body = json!({"model": self.model, "prompt": prompts});
+        add_generation_params(&mut body, first, self.structured);
+        let v = self.http.post_json(&body).await?;
+        let choices = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .ok_or_else(|| malformed("response has no choices".into()))?;
+        // Choices carry the index of their prompt; fill by index.
+        let mut out: Vec<Option<Result<LlmResponse, LlmError>>> = vec![None; reqs.len()];
+        let total = usage_of(&v);
+        let n = reqs.len() as u64;
+        for (pos, c) in choices.iter().enumerate() {
+            let i = c
+                .get("index")
+                .and_then(Value::as_u64)
+                .map_or(pos, |i| i as usize);
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some(text_field(c, "/text").map(|content| LlmResponse {
+                    content,
+                    finish_reason: finish_reason_of(c),
+                    // Usage is reported per request: share it evenly.
+                    usage: total.map(|u| Usage {
+                        prompt_tokens: u.prompt_tokens / n,
+                        completion_tokens: u.completion_tokens / n,
+                    }),
+                }));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(malformed("no choice for this prompt".into()))))
+            .collect())
     }
 }

@@ -141,7 +141,9 @@ impl Default for MockConfig {
 pub struct StatsSnapshot {
     /// Every POST to a completions endpoint.
     pub requests: u64,
-    /// Answered 200 with a valid answer.
+    /// Prompts in those requests (a list-prompt request carries several).
+    pub prompts: u64,
+    /// Prompts answered 200 with a valid answer.
     pub ok: u64,
     /// Injected faults by name.
     pub faults: HashMap<String, u64>,
@@ -155,7 +157,7 @@ impl StatsSnapshot {
     /// The snapshot as JSON.
     pub fn to_json(&self) -> Value {
         json!({
-            "requests": self.requests, "ok": self.ok, "faults": self.faults,
+            "requests": self.requests, "prompts": self.prompts, "ok": self.ok, "faults": self.faults,
             "distinct_prompts": self.by_prompt.len(), "max_in_flight": self.max_in_flight,
         })
     }
@@ -164,6 +166,7 @@ impl StatsSnapshot {
 #[derive(Debug, Default)]
 struct Stats {
     requests: AtomicU64,
+    prompts: AtomicU64,
     ok: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
@@ -261,6 +264,7 @@ impl State {
         let s = &self.stats;
         StatsSnapshot {
             requests: s.requests.load(Ordering::Relaxed),
+            prompts: s.prompts.load(Ordering::Relaxed),
             ok: s.ok.load(Ordering::Relaxed),
             faults: s.faults.lock().map(|m| m.clone()).unwrap_or_default(),
             by_prompt: s.by_prompt.lock().map(|m| m.clone()).unwrap_or_default(),
@@ -271,6 +275,7 @@ impl State {
     fn reset(&self) {
         let s = &self.stats;
         s.requests.store(0, Ordering::Relaxed);
+        s.prompts.store(0, Ordering::Relaxed);
         s.ok.store(0, Ordering::Relaxed);
         s.max_in_flight.store(0, Ordering::Relaxed);
         if let Ok(mut m) = s.faults.lock() {
@@ -426,12 +431,21 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             sock.write_all(&response(200, &[], b"{}")).await?;
             Ok(After::KeepAlive)
         }
-        ("POST", "/v1/chat/completions") => {
+        ("POST", "/v1/chat/completions") | ("POST", "/v1/completions") => {
+            let proto = if req.path == "/v1/chat/completions" {
+                Proto::Chat
+            } else if serde_json::from_slice::<Value>(&req.body)
+                .is_ok_and(|v| v.get("model_name").is_some())
+            {
+                Proto::Lamini
+            } else {
+                Proto::Completions
+            };
             let s = &st.stats;
             s.requests.fetch_add(1, Ordering::Relaxed);
             let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             s.max_in_flight.fetch_max(now, Ordering::Relaxed);
-            let result = chat(sock, st, &req).await;
+            let result = serve_llm(sock, st, &req, proto).await;
             s.in_flight.fetch_sub(1, Ordering::Relaxed);
             result
         }
@@ -461,7 +475,53 @@ fn count_fault(st: &State, f: Fault) {
     }
 }
 
-async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::Result<After> {
+/// The wire protocol of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    /// `POST /v1/chat/completions`: one prompt as messages.
+    Chat,
+    /// `POST /v1/completions` (OpenAI-compatible): `prompt` is a string or a list of strings.
+    Completions,
+    /// `POST /v1/completions` with `model_name` (Lamini): list prompts and `output_type`.
+    Lamini,
+}
+
+/// One prompt of a request.
+struct Prompt {
+    system: Option<String>,
+    user: String,
+    hash: String,
+}
+
+/// Lamini's flat `output_type` as a JSON schema.
+fn lamini_schema(output_type: &Map<String, Value>) -> Value {
+    let props: Map<String, Value> = output_type
+        .iter()
+        .map(|(k, t)| {
+            let ty = match t.as_str() {
+                Some("int") => "integer",
+                Some("float") => "number",
+                Some("bool") => "boolean",
+                _ => "string",
+            };
+            (k.clone(), json!({"type": ty}))
+        })
+        .collect();
+    json!({"type": "object", "properties": props})
+}
+
+async fn bad_request(sock: &mut TcpStream, message: &str) -> std::io::Result<After> {
+    let body = error_body(message, "invalid_request_error");
+    sock.write_all(&response(400, &[], &body)).await?;
+    Ok(After::KeepAlive)
+}
+
+async fn serve_llm(
+    sock: &mut TcpStream,
+    st: &Arc<State>,
+    req: &Request,
+    proto: Proto,
+) -> std::io::Result<After> {
     let cfg = &st.cfg;
     if let Some(key) = &cfg.api_key {
         let expected = format!("Bearer {key}");
@@ -473,47 +533,78 @@ async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::
     }
     let parsed: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
-        Err(e) => {
-            let body = error_body(&format!("invalid JSON body: {e}"), "invalid_request_error");
-            sock.write_all(&response(400, &[], &body)).await?;
-            return Ok(After::KeepAlive);
+        Err(e) => return bad_request(sock, &format!("invalid JSON body: {e}")).await,
+    };
+    let text_prompts = |v: Option<&Value>| -> Option<(Vec<String>, bool)> {
+        match v? {
+            Value::String(s) => Some((vec![s.clone()], false)),
+            Value::Array(a) if !a.is_empty() => a
+                .iter()
+                .map(|p| p.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .map(|l| (l, true)),
+            _ => None,
         }
     };
-    let messages = parsed
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let content_of = |m: &Value| m.get("content").and_then(Value::as_str).map(str::to_string);
-    let system = messages
-        .iter()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("system"))
-        .and_then(content_of);
-    let Some(user) = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .and_then(content_of)
-    else {
-        let body = error_body(
-            "messages must contain a user message",
-            "invalid_request_error",
-        );
-        sock.write_all(&response(400, &[], &body)).await?;
-        return Ok(After::KeepAlive);
+    let (prompts, listed): (Vec<Prompt>, bool) = match proto {
+        Proto::Chat => {
+            let messages = parsed
+                .get("messages")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let content_of =
+                |m: &Value| m.get("content").and_then(Value::as_str).map(str::to_string);
+            let system = messages
+                .iter()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("system"))
+                .and_then(content_of);
+            let Some(user) = messages
+                .iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+                .and_then(content_of)
+            else {
+                return bad_request(sock, "messages must contain a user message").await;
+            };
+            let hash = prompt_hash(system.as_deref(), &user);
+            (vec![Prompt { system, user, hash }], false)
+        }
+        Proto::Completions | Proto::Lamini => {
+            let Some((list, listed)) = text_prompts(parsed.get("prompt")) else {
+                return bad_request(sock, "prompt must be a string or a list of strings").await;
+            };
+            let prompts = list
+                .into_iter()
+                .map(|user| Prompt {
+                    hash: prompt_hash(None, &user),
+                    system: None,
+                    user,
+                })
+                .collect();
+            (prompts, listed)
+        }
     };
-    let h = prompt_hash(system.as_deref(), &user);
+    let s = &st.stats;
+    s.prompts.fetch_add(prompts.len() as u64, Ordering::Relaxed);
+    // Faults and jitter are drawn for the request from its first prompt's history.
     let attempt = {
-        let mut m = st.stats.by_prompt.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry(h.clone()).or_default();
-        *e += 1;
-        *e - 1
+        let mut m = s.by_prompt.lock().unwrap_or_else(|p| p.into_inner());
+        let mut first = 0;
+        for (i, p) in prompts.iter().enumerate() {
+            let e = m.entry(p.hash.clone()).or_default();
+            *e += 1;
+            if i == 0 {
+                first = *e - 1;
+            }
+        }
+        first
     };
-    let mut rng = seeded(cfg.seed, &h, attempt);
+    let mut rng = seeded(cfg.seed, &prompts[0].hash, attempt);
     let fault = cfg
         .permanent
         .iter()
-        .find(|(marker, _)| user.contains(marker.as_str()))
+        .find(|(marker, _)| prompts.iter().any(|p| p.user.contains(marker.as_str())))
         .map(|(_, f)| *f)
         .or_else(|| {
             let u = rng.f64();
@@ -533,43 +624,92 @@ async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::
         tokio::time::sleep(delay).await;
     }
 
-    let schema = parsed
-        .pointer("/response_format/json_schema/schema")
-        .cloned();
-    let json_object = parsed
-        .pointer("/response_format/type")
-        .and_then(Value::as_str)
-        == Some("json_object");
-    let value = schema.as_ref().map(|s| generate(s, &h, None, None));
-    let content = match (&value, json_object) {
-        (Some(v), _) => v.to_string(),
-        (None, true) => json!({"answer": format!("[{h}]")}).to_string(),
-        (None, false) => format!("Answer [{h}]: the passage reports the figure."),
+    // The schema each prompt's answer follows, and whether the answer is a JSON object.
+    let (schema, json_object) = match proto {
+        Proto::Lamini => (
+            parsed
+                .get("output_type")
+                .and_then(Value::as_object)
+                .map(lamini_schema),
+            false,
+        ),
+        _ => (
+            parsed
+                .pointer("/response_format/json_schema/schema")
+                .cloned(),
+            parsed
+                .pointer("/response_format/type")
+                .and_then(Value::as_str)
+                == Some("json_object"),
+        ),
     };
+    let values: Vec<Option<Value>> = prompts
+        .iter()
+        .map(|p| schema.as_ref().map(|s| generate(s, &p.hash, None, None)))
+        .collect();
+    let contents: Vec<String> = prompts
+        .iter()
+        .zip(&values)
+        .map(|(p, v)| match (v, json_object) {
+            (Some(v), _) => v.to_string(),
+            (None, true) => json!({"answer": format!("[{}]", p.hash)}).to_string(),
+            (None, false) => format!("Answer [{}]: the passage reports the figure.", p.hash),
+        })
+        .collect();
     let model = parsed
         .get("model")
+        .or_else(|| parsed.get("model_name"))
         .and_then(Value::as_str)
-        .unwrap_or("mock");
-    let envelope = |content: &str, finish: &str| -> Vec<u8> {
+        .unwrap_or("mock")
+        .to_string();
+    let envelope = |contents: &[String], finish: &str| -> Vec<u8> {
         let id = st.ids.fetch_add(1, Ordering::Relaxed);
-        let prompt_chars =
-            system.as_deref().map_or(0, |s| s.chars().count()) + user.chars().count();
+        let prompt_chars: usize = prompts
+            .iter()
+            .map(|p| p.system.as_deref().map_or(0, |s| s.chars().count()) + p.user.chars().count())
+            .sum();
         let pt = prompt_chars / 4 + 1;
-        let ct = content.chars().count() / 4 + 1;
-        json!({
-            "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
-        })
-        .to_string()
-        .into_bytes()
+        let ct = contents.iter().map(|c| c.chars().count()).sum::<usize>() / 4 + 1;
+        let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct});
+        let v = match proto {
+            Proto::Chat => json!({
+                "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": contents[0]},
+                             "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Proto::Completions => json!({
+                "id": format!("cmpl-mock-{id}"), "object": "text_completion", "created": 0,
+                "model": model,
+                "choices": contents.iter().enumerate().map(|(i, c)| json!({
+                    "index": i, "text": c, "finish_reason": finish, "logprobs": null,
+                })).collect::<Vec<_>>(),
+                "usage": usage,
+            }),
+            Proto::Lamini => {
+                // Lamini answers the parsed objects (or {"output": text}); a list for a list.
+                let items: Vec<Value> = contents
+                    .iter()
+                    .map(|c| match serde_json::from_str::<Value>(c) {
+                        Ok(v @ Value::Object(_)) if schema.is_some() => v,
+                        _ if schema.is_some() => json!({"broken": c}),
+                        _ => json!({"output": c}),
+                    })
+                    .collect();
+                if listed {
+                    Value::Array(items)
+                } else {
+                    items.into_iter().next().unwrap_or(Value::Null)
+                }
+            }
+        };
+        v.to_string().into_bytes()
     };
 
     let Some(fault) = fault else {
-        st.stats.ok.fetch_add(1, Ordering::Relaxed);
-        sock.write_all(&response(200, &[], &envelope(&content, "stop")))
+        s.ok.fetch_add(prompts.len() as u64, Ordering::Relaxed);
+        sock.write_all(&response(200, &[], &envelope(&contents, "stop")))
             .await?;
         return Ok(After::KeepAlive);
     };
@@ -596,7 +736,7 @@ async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::
             Ok(After::Close)
         }
         Fault::DroppedConnection => {
-            let body = envelope(&content, "stop");
+            let body = envelope(&contents, "stop");
             let full = response(200, &[], &body);
             let cut = full.len() - body.len() / 2;
             sock.write_all(&full[..cut]).await?;
@@ -609,25 +749,31 @@ async fn chat(sock: &mut TcpStream, st: &Arc<State>, req: &Request) -> std::io::
             Ok(After::KeepAlive)
         }
         Fault::TruncatedBody => {
-            let body = envelope(&content, "stop");
+            let body = envelope(&contents, "stop");
             let cut = &body[..body.len() * 6 / 10];
             sock.write_all(&response(200, &[], cut)).await?;
             Ok(After::KeepAlive)
         }
         Fault::InvalidSchema => {
-            let bad = match &value {
-                Some(Value::Object(_)) => json!(["wrong"]).to_string(),
-                Some(Value::Array(_)) => json!("wrong").to_string(),
-                Some(Value::String(_)) => json!(42).to_string(),
-                Some(_) => json!("wrong").to_string(),
-                None => String::new(),
-            };
+            let bad: Vec<String> = values
+                .iter()
+                .map(|v| match v {
+                    Some(Value::Object(_)) => json!(["wrong"]).to_string(),
+                    Some(Value::Array(_)) => json!("wrong").to_string(),
+                    Some(Value::String(_)) => json!(42).to_string(),
+                    Some(_) => json!("wrong").to_string(),
+                    None => String::new(),
+                })
+                .collect();
             sock.write_all(&response(200, &[], &envelope(&bad, "stop")))
                 .await?;
             Ok(After::KeepAlive)
         }
         Fault::FinishLength => {
-            let half: String = content.chars().take(content.chars().count() / 2).collect();
+            let half: Vec<String> = contents
+                .iter()
+                .map(|c| c.chars().take(c.chars().count() / 2).collect())
+                .collect();
             sock.write_all(&response(200, &[], &envelope(&half, "length")))
                 .await?;
             Ok(After::KeepAlive)

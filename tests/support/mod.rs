@@ -12,7 +12,7 @@ use sluice::udf::def::FunctionDef;
 use sluice::{Engine, RunOptions};
 
 #[allow(unused_imports)]
-pub use mock_llm::{Fault, FaultRates, MockConfig, MockServer, prompt_hash};
+pub use mock_llm::{Fault, FaultRates, MockConfig, MockServer, StatsSnapshot, prompt_hash};
 
 /// The repository root.
 pub fn repo() -> PathBuf {

@@ -1,0 +1,278 @@
+//! Lamini's API (`POST {base_url}/v1/completions`): list prompts in one request, structured
+//! output through `output_type`, a flat map of field name to `str`, `int`, `float` or `bool`.
+//!
+//! Output schemas map onto `output_type` like this (anything else is refused when the engine
+//! starts, naming the function):
+//! - an object whose properties are all scalars: one field per property;
+//! - a scalar (string, integer, number, boolean): one field `value`;
+//! - an array of scalars with `minItems = maxItems = n` (n ≤ 32), e.g. three questions: fields
+//!   `item_1` … `item_n`, put back into an array;
+//! - no schema: Lamini's plain `{"output": text}`.
+//!
+//! Lamini sends the prompt as given, so a model that needs its chat template should have it
+//! written into the function's template; the system text, if any, precedes the user text.
+
+use async_trait::async_trait;
+use serde_json::{Map, Value, json};
+
+use super::http::{HttpEndpoint, malformed};
+use super::openai::flat_prompt;
+use super::{LlmError, LlmRequest, LlmResponse, Provider, preview};
+use crate::config::ModelConfig;
+use crate::udf::schema::OutputSchema;
+
+/// Largest fixed-length array mapped to `item_1..item_n` fields.
+const MAX_ITEMS: u64 = 32;
+
+/// A provider for Lamini's completions API.
+#[derive(Debug)]
+pub struct LaminiProvider {
+    http: HttpEndpoint,
+    model: String,
+    batch_size: usize,
+}
+
+/// How a function's output travels through `output_type` and back.
+#[derive(Debug, Clone, PartialEq)]
+enum Shape {
+    /// No schema: `{"output": text}`.
+    Text,
+    /// Object fields as they are.
+    Object(Map<String, Value>),
+    /// A scalar as field `value`.
+    Scalar(&'static str),
+    /// A fixed-length array as `item_1..item_n`.
+    Items(&'static str, u64),
+}
+
+fn lamini_type(schema: &Value) -> Option<&'static str> {
+    let ty = match schema.get("type")? {
+        Value::String(t) => t.as_str(),
+        // ["string", "null"]: nullable scalars still map to the scalar type.
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).find(|t| *t != "null")?,
+        _ => return None,
+    };
+    match ty {
+        "string" => Some("str"),
+        "integer" => Some("int"),
+        "number" => Some("float"),
+        "boolean" => Some("bool"),
+        _ => None,
+    }
+}
+
+fn shape(schema: Option<&OutputSchema>) -> Result<Shape, String> {
+    let Some(s) = schema else {
+        return Ok(Shape::Text);
+    };
+    let j = &s.json;
+    if let Some(t) = lamini_type(j) {
+        return Ok(Shape::Scalar(t));
+    }
+    match s.root_type() {
+        "object" => {
+            let props = j
+                .get("properties")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let mut fields = Map::new();
+            for (k, p) in &props {
+                let t = lamini_type(p).ok_or_else(|| {
+                    format!(
+                        "property {k:?} is not a string, integer, number or boolean, and \
+                         Lamini's output_type holds only those"
+                    )
+                })?;
+                fields.insert(k.clone(), json!(t));
+            }
+            Ok(Shape::Object(fields))
+        }
+        "array" => {
+            let items = j.get("items").and_then(lamini_type);
+            let min = j.get("minItems").and_then(Value::as_u64);
+            let max = j.get("maxItems").and_then(Value::as_u64);
+            match (items, min, max) {
+                (Some(t), Some(a), Some(b)) if a == b && (1..=MAX_ITEMS).contains(&a) => {
+                    Ok(Shape::Items(t, a))
+                }
+                _ => Err(format!(
+                    "an array output needs scalar items and minItems = maxItems (1 to \
+                     {MAX_ITEMS}) to travel through Lamini's output_type"
+                )),
+            }
+        }
+        other => Err(format!(
+            "a {other} output cannot travel through Lamini's output_type"
+        )),
+    }
+}
+
+impl Shape {
+    fn output_type(&self) -> Option<Value> {
+        match self {
+            Shape::Text => None,
+            Shape::Object(fields) => Some(Value::Object(fields.clone())),
+            Shape::Scalar(t) => Some(json!({ "value": t })),
+            Shape::Items(t, n) => Some(Value::Object(
+                (1..=*n).map(|i| (format!("item_{i}"), json!(t))).collect(),
+            )),
+        }
+    }
+
+    /// The content (JSON text, or plain text without a schema) of one answer item.
+    fn content(&self, item: &Value) -> Result<String, LlmError> {
+        let obj = item.as_object().ok_or_else(|| {
+            malformed(format!(
+                "answer item is not an object: {}",
+                preview(&item.to_string())
+            ))
+        })?;
+        match self {
+            Shape::Text => match obj.get("output") {
+                Some(Value::String(s)) => Ok(s.clone()),
+                _ => Err(malformed(format!(
+                    "answer has no string output: {}",
+                    preview(&item.to_string())
+                ))),
+            },
+            Shape::Object(_) | Shape::Scalar(_) => Ok(item.to_string()),
+            Shape::Items(_, n) => {
+                let mut out = Vec::with_capacity(*n as usize);
+                for i in 1..=*n {
+                    // A missing field stays missing, so validation reports the short array.
+                    if let Some(v) = obj.get(&format!("item_{i}")) {
+                        out.push(v.clone());
+                    }
+                }
+                Ok(Value::Array(out).to_string())
+            }
+        }
+    }
+}
+
+impl LaminiProvider {
+    /// Builds a provider for one configured model.
+    pub fn new(cfg: &ModelConfig, pool_size: usize) -> Result<Self, String> {
+        Ok(LaminiProvider {
+            http: HttpEndpoint::new(cfg, format!("{}/v1/completions", cfg.base_url), pool_size)?,
+            model: cfg.model.clone(),
+            batch_size: cfg.batch_size,
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for LaminiProvider {
+    fn endpoint(&self) -> String {
+        format!("lamini:{}#{}", self.http.url(), self.model)
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), String> {
+        shape(schema).map(|_| ())
+    }
+
+    async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        let mut out = self.complete_batch(std::slice::from_ref(req)).await?;
+        out.pop()
+            .unwrap_or_else(|| Err(malformed("response has no answer".into())))
+    }
+
+    async fn complete_batch(
+        &self,
+        reqs: &[LlmRequest],
+    ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {
+        let Some(first) = reqs.first() else {
+            return Ok(vec![]);
+        };
+        let shape = shape(first.schema.as_deref())
+            .map_err(|m| LlmError::new(super::ErrorKind::BadRequest, m))?;
+        let prompts: Vec<String> = reqs.iter().map(flat_prompt).collect();
+        let mut body = json!({"model_name": self.model, "prompt": prompts});
+        if let Some(t) = shape.output_type() {
+            body["output_type"] = t;
+        }
+        if let Some(m) = first.max_tokens {
+            body["max_new_tokens"] = json!(m);
+        }
+        let v = self.http.post_json(&body).await?;
+        let items = match v {
+            Value::Array(items) => items,
+            other => {
+                return Err(malformed(format!(
+                    "expected a list of {} answers: {}",
+                    reqs.len(),
+                    preview(&other.to_string())
+                )));
+            }
+        };
+        if items.len() != reqs.len() {
+            return Err(malformed(format!(
+                "{} answers for {} prompts",
+                items.len(),
+                reqs.len()
+            )));
+        }
+        Ok(items
+            .iter()
+            .map(|item| {
+                shape.content(item).map(|content| LlmResponse {
+                    content,
+                    finish_reason: None,
+                    usage: None,
+                })
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(j: Value) -> OutputSchema {
+        OutputSchema::new(j).unwrap()
+    }
+
+    #[test]
+    fn maps_schemas_to_output_types() {
+        let three = schema(json!({"type": "array", "items": {"type": "string"},
+                                  "minItems": 3, "maxItems": 3}));
+        let s = shape(Some(&three)).unwrap();
+        assert_eq!(
+            s.output_type().unwrap(),
+            json!({"item_1": "str", "item_2": "str", "item_3": "str"})
+        );
+        assert_eq!(
+            s.content(&json!({"item_1": "a", "item_2": "b", "item_3": "c"}))
+                .unwrap(),
+            r#"["a","b","c"]"#
+        );
+        let obj = schema(json!({"type": "object", "properties": {
+            "amount": {"type": "number"}, "unit": {"type": "string"}}}));
+        assert_eq!(
+            shape(Some(&obj)).unwrap().output_type().unwrap(),
+            json!({"amount": "float", "unit": "str"})
+        );
+        let int = schema(json!({"type": "integer"}));
+        assert_eq!(
+            shape(Some(&int)).unwrap().output_type().unwrap(),
+            json!({"value": "int"})
+        );
+        assert_eq!(shape(None).unwrap(), Shape::Text);
+        assert_eq!(Shape::Text.content(&json!({"output": "hi"})).unwrap(), "hi");
+    }
+
+    #[test]
+    fn refuses_schemas_output_type_cannot_hold() {
+        let nested = schema(json!({"type": "object", "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "string"}}}}}));
+        assert!(shape(Some(&nested)).unwrap_err().contains("\"a\""));
+        let open = schema(json!({"type": "array", "items": {"type": "string"}}));
+        assert!(shape(Some(&open)).unwrap_err().contains("minItems"));
+    }
+}
