@@ -7,7 +7,7 @@
 //! (as `cargo test --all-targets` runs it) it makes a small smoke run that checks the harness and
 //! the counts it relies on, so the benchmark cannot rot unnoticed.
 //!
-//! Scenarios: `flagship-c64`, `flagship-c512`, `jitter`, `rate-limit`, `cache`.
+//! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `cache`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -106,6 +106,17 @@ struct Project {
 
 impl Project {
     fn new(url: &str, concurrency: usize, passages: usize, cache: bool) -> Project {
+        Self::with_model(url, concurrency, passages, cache, "kind = \"openai\"")
+    }
+
+    /// `model` is the `kind` line (and any other settings) of the `default` model.
+    fn with_model(
+        url: &str,
+        concurrency: usize,
+        passages: usize,
+        cache: bool,
+        model: &str,
+    ) -> Project {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path();
         let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -120,7 +131,7 @@ impl Project {
                 "[dispatcher]\nconcurrency = {concurrency}\nmax_attempts = 8\n\
                  backoff_base_ms = 50\nbackoff_max_ms = 2000\n\n\
                  [cache]\nenabled = {cache}\n\n\
-                 [models.default]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"mock\"\n\
+                 [models.default]\n{model}\nbase_url = \"{url}\"\nmodel = \"mock\"\n\
                  timeout_ms = 10000\n"
             ),
         )
@@ -167,16 +178,33 @@ fn flagship(
     mock_args: &[&str],
     mean_latency_ms: f64,
 ) -> Value {
+    flagship_with(name, passages, concurrency, mock_args, mean_latency_ms, 1)
+}
+
+/// [`flagship`] with `batch` prompts per request (`openai_completions` when above 1).
+fn flagship_with(
+    name: &str,
+    passages: usize,
+    concurrency: usize,
+    mock_args: &[&str],
+    mean_latency_ms: f64,
+    batch: usize,
+) -> Value {
     let mock = Mock::start(mock_args);
-    let p = Project::new(&mock.url, concurrency, passages, false);
+    let model = if batch > 1 {
+        format!("kind = \"openai_completions\"\nbatch_size = {batch}")
+    } else {
+        "kind = \"openai\"".to_string()
+    };
+    let p = Project::with_model(&mock.url, concurrency, passages, false, &model);
     let m = p.run(&[]);
     let prompts = num(&m.metrics, "calls") + num(&m.metrics, "deduplicated");
     let requests = num(&m.metrics, "requests");
     let rate = prompts as f64 / m.wall_s;
-    let limit = concurrency as f64 / (mean_latency_ms / 1000.0);
+    let limit = (concurrency * batch) as f64 / (mean_latency_ms / 1000.0);
     json!({
         "scenario": name, "passages": passages, "prompts": prompts, "requests": requests,
-        "concurrency": concurrency, "mean_latency_ms": mean_latency_ms,
+        "concurrency": concurrency, "batch": batch, "mean_latency_ms": mean_latency_ms,
         "wall_s": round(m.wall_s, 3), "prompts_per_s": round(rate, 1),
         "limit_prompts_per_s": round(limit, 1), "ratio_to_limit": round(rate / limit, 3),
         "cpu_ms_per_prompt": round(m.cpu_s * 1000.0 / prompts.max(1) as f64, 4),
@@ -233,6 +261,10 @@ fn smoke() {
     let line = flagship("smoke", 12, 8, &["--latency-ms", "5"], 5.0);
     assert_eq!(line["prompts"], 48, "{line}");
     println!("{line}");
+    let line = flagship_with("smoke-batch4", 12, 4, &["--latency-ms", "5"], 5.0, 4);
+    assert_eq!(line["prompts"], 48, "{line}");
+    assert!(line["requests"].as_u64().unwrap() < 48, "{line}");
+    println!("{line}");
 }
 
 fn main() {
@@ -269,6 +301,10 @@ fn main() {
             &["--latency-ms", "20"],
             20.0,
         ));
+    }
+    if want("batch8") {
+        let args = ["--latency-ms", "20"];
+        emit(flagship_with("batch8-c64", 25_000, 64, &args, 20.0, 8));
     }
     if want("jitter") {
         // Uniform 10-200 ms: mean 105 ms.
