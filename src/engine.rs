@@ -28,7 +28,8 @@ use crate::llm::governor::{Governor, GovernorConfig};
 use crate::llm::lamini::LaminiProvider;
 use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
 use crate::llm::{Dispatcher, MetricsSnapshot, Provider};
-use crate::sink::StagedOutput;
+use crate::sink::store::ObjectStores;
+use crate::sink::{StagedOutput, is_local};
 use crate::source::{ChunkText, find_malformed_json_line};
 use crate::udf::def::{DefError, FunctionDef};
 use crate::udf::exec::{LlmPlanner, LlmRuntime};
@@ -202,6 +203,42 @@ impl QueryPlanner for SluiceQueryPlanner {
     }
 }
 
+/// Shortens object-store errors: an S3 XML error body becomes `Code: Message`, and staged names
+/// (`.name.sluice-tmp-PID-N.ext`) become the name the user wrote.
+pub fn tidy_store_message(msg: &str) -> String {
+    let mut out = msg.to_string();
+    if let Some(start) = out.find("<?xml") {
+        let tag = |t: &str| {
+            let open = format!("<{t}>");
+            let close = format!("</{t}>");
+            let a = out[start..].find(&open)? + start + open.len();
+            let b = out[a..].find(&close)? + a;
+            Some(out[a..b].to_string())
+        };
+        let summary = match (tag("Code"), tag("Message")) {
+            (Some(c), Some(m)) => format!("{c}: {m}"),
+            (Some(c), None) => c,
+            _ => String::new(),
+        };
+        let end = out[start..]
+            .find("</Error>")
+            .map_or(out.len(), |e| start + e + "</Error>".len());
+        out.replace_range(start..end, &summary);
+    }
+    // `.qa.sluice-tmp-123-0.parquet` -> `qa.parquet`; `.parts.sluice-tmp-123-0` -> `parts`.
+    while let Some(i) = out.find(".sluice-tmp-") {
+        let begin = out[..i].rfind(['/', ' ', '\'', '"']).map_or(0, |b| b + 1);
+        let after = &out[i + ".sluice-tmp-".len()..];
+        let digits = after
+            .find(|c: char| !(c.is_ascii_digit() || c == '-'))
+            .unwrap_or(after.len());
+        let end = i + ".sluice-tmp-".len() + digits;
+        let stem = out[begin..i].trim_start_matches('.').to_string();
+        out.replace_range(begin..end, &stem);
+    }
+    out
+}
+
 /// Options for running scripts.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -284,8 +321,12 @@ impl Engine {
         let session_config = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let runtime_env = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(ObjectStores::new()))
+            .build_arc()?;
         let state = SessionStateBuilder::new()
             .with_config(session_config)
+            .with_runtime_env(runtime_env)
             .with_default_features()
             .with_query_planner(Arc::new(SluiceQueryPlanner {
                 runtime: runtime.clone(),
@@ -405,7 +446,7 @@ impl Engine {
     }
 
     fn explain_error(&self, e: DataFusionError) -> String {
-        let mut msg = e.to_string().replace('\n', " ");
+        let mut msg = tidy_store_message(&e.to_string().replace('\n', " "));
         if msg.contains("Json error") || msg.contains("JSON") {
             let locations = self
                 .json_locations
@@ -417,6 +458,54 @@ impl Engine {
             }
         }
         msg
+    }
+
+    /// The object store holding `url` (built from the environment on first use).
+    fn store_for(
+        &self,
+        url: &url::Url,
+    ) -> Result<Arc<dyn object_store::ObjectStore>, DataFusionError> {
+        self.ctx.runtime_env().object_store(
+            datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
+                "{}://{}",
+                url.scheme(),
+                url.host_str().unwrap_or_default()
+            ))?,
+        )
+    }
+
+    /// The JSON-lines files of an object-store prefix. DataFusion's JSON reader takes every
+    /// file of a prefix, but globs only on local paths: when the prefix also holds other files,
+    /// the `.jsonl` / `.ndjson` objects are listed (the first 10,000) and named one by one.
+    async fn remote_json_lines(&self, location: &str) -> Result<Vec<String>, DataFusionError> {
+        use futures::TryStreamExt;
+        if !location.ends_with('/') {
+            return Ok(vec![location.to_string()]);
+        }
+        let url = url::Url::parse(location)
+            .map_err(|e| DataFusionError::Plan(format!("{location} is not a valid URL: {e}")))?;
+        let store = self.store_for(&url)?;
+        let prefix = object_store::path::Path::from_url_path(url.path())
+            .map_err(|e| DataFusionError::Plan(format!("{location}: {e}")))?;
+        let keys: Vec<object_store::path::Path> = store
+            .list(Some(&prefix))
+            .take(10_000)
+            .map_ok(|o| o.location)
+            .try_collect()
+            .await
+            .map_err(|e| DataFusionError::Execution(format!("cannot list {location}: {e}")))?;
+        let is_lines = |k: &object_store::path::Path| {
+            matches!(k.extension(), Some("jsonl" | "ndjson" | "json"))
+        };
+        if keys.iter().all(is_lines) {
+            return Ok(vec![location.to_string()]);
+        }
+        let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+        Ok(keys
+            .iter()
+            .filter(|k| is_lines(k))
+            .map(|k| format!("{root}/{k}"))
+            .collect())
     }
 
     async fn run_statement(
@@ -436,7 +525,31 @@ impl Engine {
         match statement {
             Statement::CopyTo(mut copy) => {
                 let target = copy.target.clone();
-                let staged = StagedOutput::for_target(&target);
+                let is_dir = !copy.partitioned_by.is_empty();
+                let staged = if is_local(&target) {
+                    StagedOutput::local(&target, is_dir)
+                } else {
+                    let url = url::Url::parse(&target).map_err(|e| {
+                        DataFusionError::Plan(format!("{target} is not a valid URL: {e}"))
+                    })?;
+                    let store = self.store_for(&url)?;
+                    // Fail on a missing bucket or bad credentials before any LLM call is made.
+                    let parent = object_store::path::Path::from_url_path(url.path())
+                        .ok()
+                        .and_then(|p| {
+                            let parts: Vec<_> = p.parts().collect();
+                            let n = parts.len().saturating_sub(1);
+                            (n > 0)
+                                .then(|| object_store::path::Path::from_iter(parts[..n].to_vec()))
+                        });
+                    store
+                        .list_with_delimiter(parent.as_ref())
+                        .await
+                        .map_err(|e| {
+                            DataFusionError::Execution(format!("cannot write {target}: {e}"))
+                        })?;
+                    StagedOutput::in_store(&target, &url, store, is_dir)
+                };
                 if let Some(s) = &staged {
                     s.prepare().map_err(|e| {
                         DataFusionError::Execution(format!(
@@ -453,7 +566,7 @@ impl Engine {
                 .await;
                 match (result, staged) {
                     (Ok(batches), Some(s)) => {
-                        s.commit().map_err(|e| {
+                        s.commit().await.map_err(|e| {
                             DataFusionError::Execution(format!(
                                 "cannot move the output to {target}: {e}"
                             ))
@@ -465,7 +578,7 @@ impl Engine {
                     }
                     (Err(e), staged) => {
                         if let Some(s) = staged {
-                            s.abort();
+                            s.abort().await;
                         }
                         return Err(e);
                     }
@@ -481,11 +594,17 @@ impl Engine {
                             }
                         }
                     }
-                    for location in cet.locations.iter_mut() {
-                        if let Some(glob) = crate::source::json_lines_glob(location) {
-                            *location = glob;
+                    let mut locations = Vec::with_capacity(cet.locations.len());
+                    for location in std::mem::take(&mut cet.locations) {
+                        if is_local(&location) {
+                            locations.push(
+                                crate::source::json_lines_glob(&location).unwrap_or(location),
+                            );
+                        } else {
+                            locations.extend(self.remote_json_lines(&location).await?);
                         }
                     }
+                    cet.locations = locations;
                 }
                 let name = cet.name.to_string();
                 let state = self.ctx.state();
@@ -576,5 +695,22 @@ mod tests {
         assert_eq!(s[1].line, 4);
         assert!(s[1].text.contains("';'"));
         assert_eq!(s[2].line, 5);
+    }
+
+    #[test]
+    fn s3_errors_are_shortened_and_staged_names_hidden() {
+        let m = "IO error: Object at location .qa.sluice-tmp-10488-0.parquet not found: Error \
+                 performing PUT http://h/no-such-bucket/.qa.sluice-tmp-10488-0.parquet - 404: \
+                 <?xml version=\"1.0\"?> <Error><Code>NoSuchBucket</Code><Message>The bucket \
+                 does not exist</Message><RequestId>x</RequestId></Error>";
+        assert_eq!(
+            tidy_store_message(m),
+            "IO error: Object at location qa.parquet not found: Error performing PUT \
+             http://h/no-such-bucket/qa.parquet - 404: NoSuchBucket: The bucket does not exist"
+        );
+        assert_eq!(
+            tidy_store_message("out/.parts.sluice-tmp-1-2/x"),
+            "out/parts/x"
+        );
     }
 }

@@ -137,9 +137,26 @@ pub fn json_lines_glob(location: &str) -> Option<String> {
     if raw.contains(['*', '?', '[']) || !Path::new(raw).is_dir() {
         return None;
     }
+    let names = std::fs::read_dir(raw)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string());
+    json_lines_glob_for(location, names)
+}
+
+/// The glob that selects the JSON-lines files of a directory (or object-store prefix) holding
+/// the files `names`: `location/*.jsonl` or `location/*.ndjson` when there is no `.json` file
+/// (DataFusion's JSON reader looks only for `.json`); `None` when nothing needs changing.
+pub fn json_lines_glob_for(
+    location: &str,
+    names: impl IntoIterator<Item = String>,
+) -> Option<String> {
+    if location.contains(['*', '?', '[']) {
+        return None;
+    }
     let mut exts = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(raw).ok()?.flatten() {
-        if let Some(ext) = entry.path().extension().and_then(|e| e.to_str()) {
+    for name in names {
+        if let Some((_, ext)) = name.rsplit_once('.') {
             exts.insert(ext.to_ascii_lowercase());
         }
     }
