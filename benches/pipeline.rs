@@ -7,7 +7,7 @@
 //! (as `cargo test --all-targets` runs it) it makes a small smoke run that checks the harness and
 //! the counts it relies on, so the benchmark cannot rot unnoticed.
 //!
-//! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `cache`.
+//! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `cache`, `s3`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -61,13 +61,19 @@ struct Measured {
 }
 
 /// Runs `sluice` with `args` in `dir`; waits with wait4(2) to get the child's own rusage.
+fn run_sluice(dir: &Path, args: &[&str]) -> Measured {
+    run_sluice_env(dir, args, &[])
+}
+
+/// [`run_sluice`] with extra environment variables.
 // The child is reaped by wait4 below, which clippy cannot see.
 #[allow(clippy::zombie_processes)]
-fn run_sluice(dir: &Path, args: &[&str]) -> Measured {
+fn run_sluice_env(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Measured {
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .current_dir(dir)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr.txt")).expect("stderr file"))
         .spawn()
@@ -242,6 +248,108 @@ fn cache_rerun(passages: usize) -> Value {
     })
 }
 
+/// Writes a ~1 GB uncompressed Parquet result to local disk and to a local S3 server (moto),
+/// then reads each back in full: MB/s of each.
+fn s3_vs_local() -> Value {
+    let moto_bin = std::env::var("SLUICE_MOTO_SERVER")
+        .unwrap_or_else(|_| format!("{}/.venv-moto/bin/moto_server", env!("CARGO_MANIFEST_DIR")));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut moto = Command::new(&moto_bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server (run scripts/test.sh once to create .venv-moto)");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let env = vec![
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID", "bench".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "bench-secret".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    std::fs::write(d.join("sluice.toml"), "[cache]\nenabled = false\n").unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["gen-corpus", "--size", "1GB", "--out"])
+        .arg(d.join("data/corpus.jsonl"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sql = |name: &str, text: &str| {
+        std::fs::write(d.join(name), text).unwrap();
+    };
+    sql(
+        "prepare.sql",
+        "CREATE EXTERNAL TABLE c STORED AS JSON LOCATION 'data/';\n\
+         COPY (SELECT * FROM c) TO 'src.parquet' STORED AS PARQUET \
+         OPTIONS ('format.compression' 'uncompressed');\n",
+    );
+    run_sluice_env(d, &["run", "prepare.sql"], &[]);
+    let bytes = std::fs::metadata(d.join("src.parquet")).unwrap().len();
+    let mb = bytes as f64 / 1e6;
+    let _ = reqwest_free_put(&endpoint, "bench");
+    let write = |target: &str| {
+        sql(
+            "write.sql",
+            &format!(
+                "CREATE EXTERNAL TABLE s STORED AS PARQUET LOCATION 'src.parquet';\n\
+                 COPY (SELECT * FROM s) TO '{target}' STORED AS PARQUET \
+                 OPTIONS ('format.compression' 'uncompressed');\n"
+            ),
+        );
+        run_sluice_env(d, &["run", "write.sql"], &env)
+    };
+    let read = |location: &str| {
+        sql(
+            "read.sql",
+            &format!(
+                "CREATE EXTERNAL TABLE r STORED AS PARQUET LOCATION '{location}';\n\
+                 SELECT count(*), sum(length(transcript)) FROM r;\n"
+            ),
+        );
+        run_sluice_env(d, &["run", "read.sql"], &env)
+    };
+    let lw = write("out/big.parquet");
+    let lr = read("out/big.parquet");
+    let sw = write("s3://bench/big.parquet");
+    let sr = read("s3://bench/big.parquet");
+    let _ = moto.kill();
+    let _ = moto.wait();
+    let rate = |m: &Measured| round(mb / m.wall_s, 1);
+    json!({
+        "scenario": "s3-vs-local", "parquet_mb": round(mb, 1),
+        "local_write_mb_s": rate(&lw), "local_read_mb_s": rate(&lr),
+        "s3_write_mb_s": rate(&sw), "s3_read_mb_s": rate(&sr),
+        "s3_write_max_rss_mb": round(sw.max_rss_mb, 1), "s3_read_max_rss_mb": round(sr.max_rss_mb, 1),
+    })
+}
+
+/// Creates a bucket on the local S3 server with a plain HTTP PUT (moto needs no signature).
+fn reqwest_free_put(endpoint: &str, bucket: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let addr = endpoint.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
+    Ok(())
+}
+
 fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
@@ -324,5 +432,8 @@ fn main() {
     }
     if want("cache") {
         emit(cache_rerun(50_000));
+    }
+    if want("s3") {
+        emit(s3_vs_local());
     }
 }

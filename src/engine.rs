@@ -395,6 +395,11 @@ impl Engine {
         }
     }
 
+    /// The live counters of the LLM calls (for progress displays).
+    pub fn live_metrics(&self) -> Arc<crate::llm::Metrics> {
+        self.runtime.dispatcher.metrics().clone()
+    }
+
     /// Counters of the LLM calls made so far.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.runtime.dispatcher.metrics().snapshot()

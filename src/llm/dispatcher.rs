@@ -122,6 +122,11 @@ pub struct FunctionMetrics {
 }
 
 impl FunctionMetrics {
+    /// Retries of every cause.
+    pub fn retries_total(&self) -> u64 {
+        self.retries.lock().map(|m| m.values().sum()).unwrap_or(0)
+    }
+
     fn to_json(&self) -> Value {
         let q = |x| {
             self.latency
@@ -226,6 +231,14 @@ impl Metrics {
                     .map(|(k, v)| (k.as_str().to_string(), *v))
                     .collect()
             })
+            .unwrap_or_default()
+    }
+
+    /// Every function's counters, in name order.
+    pub fn functions(&self) -> Vec<(String, Arc<FunctionMetrics>)> {
+        self.functions
+            .lock()
+            .map(|f| f.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default()
     }
 

@@ -1,5 +1,7 @@
 //! The `sluice` command line.
 
+pub mod progress;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,7 +41,7 @@ pub enum Command {
         /// Rows of each SELECT result to print.
         #[arg(long, default_value_t = 20)]
         max_rows: usize,
-        /// Print no LLM summary.
+        /// No progress display and no LLM summary.
         #[arg(short, long)]
         quiet: bool,
         /// Also write the LLM metrics as JSON to this file.
@@ -298,9 +300,24 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             };
             let opts = RunOptions { max_rows };
-            let mut stdout = std::io::stdout();
-            let result = engine.run_file(&file, &opts, &mut stdout).await;
-            stdout.flush().ok();
+            let progress = (!quiet).then(|| progress::Progress::start(engine.live_metrics()));
+            let result = match &progress {
+                Some(p) => {
+                    let mut out = p.writer(std::io::stdout());
+                    let r = engine.run_file(&file, &opts, &mut out).await;
+                    out.flush().ok();
+                    r
+                }
+                None => {
+                    let mut out = std::io::stdout();
+                    let r = engine.run_file(&file, &opts, &mut out).await;
+                    out.flush().ok();
+                    r
+                }
+            };
+            if let Some(p) = progress {
+                p.finish().await;
+            }
             if let Err(e) = engine.flush_cache().await {
                 eprintln!("warning: {e}");
             }

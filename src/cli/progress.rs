@@ -1,0 +1,158 @@
+//! Live progress on the terminal: one line per LLM function with prompts done, rate, retries,
+//! cache hits, errors, tokens and elapsed time. Drawn on stderr only when it is a terminal;
+//! `--quiet` turns it off.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::watch;
+
+use crate::llm::Metrics;
+
+/// A running progress display; [`Progress::finish`] draws the last state and stops it.
+pub struct Progress {
+    multi: MultiProgress,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Compact counts: 950, 12.3k, 4.5M.
+fn compact(n: u64) -> String {
+    match n {
+        0..=9_999 => n.to_string(),
+        10_000..=999_999 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.1}M", n as f64 / 1e6),
+    }
+}
+
+/// Prompts finished (answered, failed or found in the cache).
+fn done(m: &crate::llm::dispatcher::FunctionMetrics) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    m.succeeded.load(Relaxed) + m.failed.load(Relaxed) + m.cache_hits.load(Relaxed)
+}
+
+/// The line of one function; `elapsed` is the time it has been working (up to its last
+/// finished prompt), so the rate does not decay once the function is done.
+fn line(m: &crate::llm::dispatcher::FunctionMetrics, elapsed: Duration) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let hits = m.cache_hits.load(Relaxed);
+    let done = done(m);
+    let prompts = m.prompts.load(Relaxed);
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+    let tokens = m.tokens_in.load(Relaxed) + m.tokens_out.load(Relaxed);
+    format!(
+        "{} / {} prompts · {rate:.0}/s · {} retries · {} cached · {} errors · {} tokens",
+        compact(done),
+        compact(prompts),
+        compact(m.retries_total()),
+        compact(hits),
+        compact(m.failed.load(Relaxed)),
+        compact(tokens),
+    )
+}
+
+impl Progress {
+    /// Starts drawing `metrics` on stderr (nothing is drawn when stderr is not a terminal).
+    pub fn start(metrics: Arc<Metrics>) -> Progress {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
+        let (stop, mut stopped) = watch::channel(false);
+        let mp = multi.clone();
+        let task = tokio::spawn(async move {
+            let style = ProgressStyle::with_template("{spinner} {prefix:.bold} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner());
+            // Per function: its bar, when it appeared, and its last count and when that changed.
+            let mut bars: Vec<(String, ProgressBar, Instant, u64, Instant)> = vec![];
+            loop {
+                for (name, fm) in metrics.functions() {
+                    let i = match bars.iter().position(|b| b.0 == name) {
+                        Some(i) => i,
+                        None => {
+                            let b = mp.add(ProgressBar::new_spinner());
+                            b.set_style(style.clone());
+                            b.set_prefix(name.clone());
+                            let now = Instant::now();
+                            bars.push((name.clone(), b, now, 0, now));
+                            bars.len() - 1
+                        }
+                    };
+                    let entry = &mut bars[i];
+                    let d = done(&fm);
+                    if d != entry.3 {
+                        entry.3 = d;
+                        entry.4 = Instant::now();
+                    }
+                    entry.1.set_message(line(&fm, entry.4 - entry.2));
+                    entry.1.tick();
+                }
+                if *stopped.borrow() {
+                    for b in &bars {
+                        b.1.finish();
+                    }
+                    return;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(125), stopped.changed()).await;
+            }
+        });
+        Progress { multi, stop, task }
+    }
+
+    /// A writer for results that hides the bars while it writes, so lines do not interleave.
+    pub fn writer<W: Write>(&self, inner: W) -> SuspendingWriter<W> {
+        SuspendingWriter {
+            multi: self.multi.clone(),
+            inner,
+        }
+    }
+
+    /// Draws the final state and stops.
+    pub async fn finish(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Writes through while the progress bars are hidden.
+pub struct SuspendingWriter<W: Write> {
+    multi: MultiProgress,
+    inner: W,
+}
+
+impl<W: Write> Write for SuspendingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let inner = &mut self.inner;
+        self.multi.suspend(|| inner.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let inner = &mut self.inner;
+        self.multi.suspend(|| inner.flush())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_compact() {
+        assert_eq!(compact(950), "950");
+        assert_eq!(compact(12_345), "12.3k");
+        assert_eq!(compact(4_500_000), "4.5M");
+    }
+
+    #[test]
+    fn a_line_shows_every_counter() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = Metrics::default();
+        let f = m.function("answer_question");
+        f.prompts.store(10, Relaxed);
+        f.succeeded.store(6, Relaxed);
+        f.cache_hits.store(2, Relaxed);
+        f.failed.store(1, Relaxed);
+        let l = line(&f, Duration::from_secs(1));
+        assert!(l.starts_with("9 / 10 prompts · 9/s"), "{l}");
+        assert!(l.contains("2 cached") && l.contains("1 errors"), "{l}");
+    }
+}
