@@ -216,6 +216,11 @@ fn flagship_with(
         "cpu_ms_per_prompt": round(m.cpu_s * 1000.0 / prompts.max(1) as f64, 4),
         "max_rss_mb": round(m.max_rss_mb, 1), "failed": num(&m.metrics, "failed"),
         "retries": m.metrics["retries"].clone(), "max_in_flight": num(&m.metrics, "max_in_flight"),
+        // Request latency as sluice saw it (server latency + transport), and the limit it sets.
+        "answer_latency_p50_ms": m.metrics["functions"]["answer_question"]["latency_ms"]["p50"].clone(),
+        "ratio_to_measured_limit": m.metrics["functions"]["answer_question"]["latency_ms"]["p50"]
+            .as_f64()
+            .map(|p50| round(rate / ((concurrency * batch) as f64 / (p50 / 1000.0)), 3)),
     })
 }
 

@@ -100,6 +100,8 @@ pub enum ProviderKind {
     OpenaiCompletions,
     /// Lamini's API: list prompts and `output_type`.
     Lamini,
+    /// The embedded local model: a GGUF file run in-process with llama.cpp.
+    Local,
 }
 
 /// How structured output is requested from an OpenAI-compatible server.
@@ -159,6 +161,7 @@ struct RawModel {
     tpm: Option<u64>,
     adaptive_concurrency: Option<bool>,
     batch_size: Option<usize>,
+    context_size: Option<u32>,
 }
 
 /// Dispatcher settings: the global budget and the retry policy.
@@ -241,6 +244,35 @@ pub struct ModelConfig {
     /// Prompts per request for providers that take several (`openai_completions`, `lamini`;
     /// default 8); always 1 for chat completions.
     pub batch_size: usize,
+    /// Context tokens per row for the local model (prompt and output; default 2048).
+    pub context_size: u32,
+}
+
+/// The GGUF the default model runs (fetched by `scripts/fetch-model.sh`).
+pub const DEFAULT_LOCAL_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+impl ModelConfig {
+    /// The embedded local model reading `path`, decoding `parallel` rows together.
+    pub fn local(name: &str, path: PathBuf, parallel: usize) -> ModelConfig {
+        ModelConfig {
+            name: name.to_string(),
+            kind: ProviderKind::Local,
+            base_url: String::new(),
+            model: path.to_string_lossy().to_string(),
+            api_key_env: None,
+            api_key: None,
+            concurrency: parallel,
+            timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(10),
+            structured_output: StructuredOutput::JsonSchema,
+            max_response_bytes: 16 << 20,
+            rpm: None,
+            tpm: None,
+            adaptive_concurrency: false,
+            batch_size: 1,
+            context_size: 2048,
+        }
+    }
 }
 
 /// The loaded configuration.
@@ -259,12 +291,19 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// No file: functions in `./udfs`, the cache in `./.sluice/cache`, and the `default` model is
+    /// the embedded SmolLM2-135M-Instruct in `./models/`.
     fn default() -> Self {
+        let mut models = BTreeMap::new();
+        models.insert(
+            "default".to_string(),
+            ModelConfig::local("default", PathBuf::from(DEFAULT_LOCAL_MODEL), 8),
+        );
         Config {
             udf_dir: PathBuf::from("udfs"),
             dispatcher: DispatcherConfig::default(),
             cache: CacheConfig::default(),
-            models: BTreeMap::new(),
+            models,
             source: None,
         }
     }
@@ -308,6 +347,13 @@ impl Config {
             source: Some(path.to_path_buf()),
             ..Config::default()
         };
+        // A file that names no `default` model keeps the embedded one, found beside the file.
+        if let Some(m) = cfg.models.get_mut("default") {
+            m.model = base_dir
+                .join(DEFAULT_LOCAL_MODEL)
+                .to_string_lossy()
+                .to_string();
+        }
         if let Some(dir) = raw.udf_dir {
             cfg.udf_dir = base_dir.join(dir);
         } else {
@@ -337,6 +383,34 @@ impl Config {
             cfg.dispatcher.backoff_max = Duration::from_millis(ms);
         }
         for (name, m) in raw.models {
+            if m.kind == ProviderKind::Local {
+                let mut lm = ModelConfig::local(&name, base_dir.join(&m.model), 8);
+                if let Some(c) = m.concurrency {
+                    if c == 0 {
+                        return Err(invalid(format!(
+                            "models.{name}.concurrency must be at least 1"
+                        )));
+                    }
+                    lm.concurrency = c;
+                }
+                if let Some(c) = m.context_size {
+                    if c < 256 {
+                        return Err(invalid(format!(
+                            "models.{name}.context_size must be at least 256 tokens"
+                        )));
+                    }
+                    lm.context_size = c;
+                }
+                if m.base_url.is_some() || m.api_key_env.is_some() || m.batch_size.is_some() {
+                    return Err(invalid(format!(
+                        "models.{name}: a local model takes model (the GGUF path), concurrency \
+                         (rows decoded together) and context_size; base_url, api_key_env and \
+                         batch_size belong to servers"
+                    )));
+                }
+                cfg.models.insert(name, lm);
+                continue;
+            }
             let base_url = match (&m.base_url, m.kind) {
                 (Some(u), _) => u.clone(),
                 (None, ProviderKind::Lamini) => "https://api.lamini.ai".to_string(),
@@ -417,6 +491,7 @@ impl Config {
                     tpm,
                     adaptive_concurrency: m.adaptive_concurrency.unwrap_or(true),
                     batch_size,
+                    context_size: m.context_size.unwrap_or(2048),
                 },
             );
         }

@@ -303,6 +303,15 @@ impl Engine {
                     Arc::new(CompletionsProvider::new(m, pool).map_err(model_err)?)
                 }
                 ProviderKind::Lamini => Arc::new(LaminiProvider::new(m, pool).map_err(model_err)?),
+                #[cfg(feature = "local")]
+                ProviderKind::Local => Arc::new(crate::llm::local::LocalProvider::new(m)),
+                #[cfg(not(feature = "local"))]
+                ProviderKind::Local => {
+                    return Err(model_err(
+                        "this sluice was built without the local model (cargo feature `local`)"
+                            .to_string(),
+                    ));
+                }
             };
             models.insert(
                 name.clone(),

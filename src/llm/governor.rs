@@ -3,14 +3,16 @@
 //!
 //! Every request to a model passes [`Governor::admit`] before it is sent. The governor lets it
 //! through when
-//! - fewer requests than the current *adaptive limit* are in flight (the limit starts at the
-//!   configured concurrency, shrinks multiplicatively on a 429 and grows back by about one per
-//!   round trip on success — TCP's AIMD, so a rate-limited provider is not hammered and a
-//!   recovered one is filled again);
+//! - fewer requests than the current *adaptive limit* are in flight. The limit starts at the
+//!   configured concurrency and is judged once per round trip (a window of as many responses as
+//!   the limit): when more than a fifth of the window was refused with 429 the provider is
+//!   saturated, so the limit shrinks by 30% and the whole model pauses for the longest
+//!   Retry-After of the window; otherwise it grows back by about one per round trip (TCP's AIMD).
+//!   A scattering of 429s — a provider refusing a few requests at random — costs only those
+//!   requests their own Retry-After, not the whole model's throughput;
 //! - the RPM and TPM buckets hold enough (tokens are estimated from the prompt length and
 //!   `max_tokens` and corrected when the response reports its usage);
-//! - the model is not paused: a 429 with Retry-After, or rate-limit headers saying the quota is
-//!   spent, pause *every* request to that model until then, not only the one that was refused.
+//! - the model is not paused.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,8 +37,11 @@ struct State {
     in_flight: usize,
     /// Current adaptive limit (fractional so that additive increase can be smooth).
     limit: f64,
-    /// Lowest limit since the last 429 decrease, to decrease at most once per round trip.
-    last_decrease: Option<Instant>,
+    /// Responses answered and refused with 429 in the current window (one round trip).
+    window_ok: usize,
+    window_limited: usize,
+    /// Longest Retry-After of the window's 429s.
+    window_retry_after: Option<Duration>,
     paused_until: Option<Instant>,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
@@ -129,7 +134,9 @@ impl Governor {
             state: Mutex::new(State {
                 in_flight: 0,
                 limit: max,
-                last_decrease: None,
+                window_ok: 0,
+                window_limited: 0,
+                window_retry_after: None,
                 paused_until: None,
                 rpm: cfg.rpm.map(|r| Bucket::new(r, now)),
                 tpm: cfg.tpm.map(|t| Bucket::new(t, now)),
@@ -154,48 +161,63 @@ impl Governor {
         self.lock().min_limit as usize
     }
 
+    /// Tries to admit now; otherwise returns how long to wait (zero: until a release).
+    fn try_admit(&self, tokens: f64) -> Result<Admission, Duration> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if let Some(until) = st.paused_until {
+            if until > now {
+                return Err(until - now);
+            }
+            st.paused_until = None;
+        }
+        if let Some(b) = st.rpm.as_mut() {
+            let w = b.wait_for(1.0, now);
+            if !w.is_zero() {
+                return Err(w);
+            }
+        }
+        if let Some(b) = st.tpm.as_mut() {
+            let w = b.wait_for(tokens, now);
+            if !w.is_zero() {
+                return Err(w);
+            }
+        }
+        if st.in_flight >= (st.limit as usize).max(1) {
+            return Err(Duration::ZERO);
+        }
+        st.in_flight += 1;
+        if let Some(b) = st.rpm.as_mut() {
+            b.level -= 1.0;
+        }
+        if let Some(b) = st.tpm.as_mut() {
+            b.level -= tokens.min(b.capacity);
+        }
+        // Room is left: pass the wake-up on, so that waiters fill every free slot.
+        if st.in_flight < (st.limit as usize).max(1) {
+            self.changed.notify_one();
+        }
+        Ok(Admission {
+            estimated_tokens: tokens,
+            started: now,
+        })
+    }
+
     /// Waits until a request estimated at `estimated_tokens` may be sent.
     pub async fn admit(&self, estimated_tokens: u64) -> Admission {
         let tokens = estimated_tokens as f64;
         loop {
+            // Fast path: no waiting, no registration.
+            if let Ok(a) = self.try_admit(tokens) {
+                return a;
+            }
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let wait = {
-                let mut st = self.lock();
-                let now = Instant::now();
-                let mut wait = Duration::ZERO;
-                if let Some(until) = st.paused_until {
-                    if until > now {
-                        wait = until - now;
-                    } else {
-                        st.paused_until = None;
-                    }
-                }
-                if wait.is_zero()
-                    && let Some(b) = st.rpm.as_mut()
-                {
-                    wait = b.wait_for(1.0, now);
-                }
-                if wait.is_zero()
-                    && let Some(b) = st.tpm.as_mut()
-                {
-                    wait = b.wait_for(tokens, now);
-                }
-                if wait.is_zero() && st.in_flight < (st.limit as usize).max(1) {
-                    st.in_flight += 1;
-                    if let Some(b) = st.rpm.as_mut() {
-                        b.level -= 1.0;
-                    }
-                    if let Some(b) = st.tpm.as_mut() {
-                        b.level -= tokens.min(b.capacity);
-                    }
-                    return Admission {
-                        estimated_tokens: tokens,
-                        started: now,
-                    };
-                }
-                wait
+            // Check again now that a release cannot be missed.
+            let wait = match self.try_admit(tokens) {
+                Ok(a) => return a,
+                Err(w) => w,
             };
             if wait.is_zero() {
                 // Full: wait for a release.
@@ -211,7 +233,6 @@ impl Governor {
     pub fn release(&self, adm: Admission, outcome: Outcome) {
         let mut st = self.lock();
         st.in_flight = st.in_flight.saturating_sub(1);
-        let now = Instant::now();
         let max = self.cfg.max_concurrency.max(1) as f64;
         match outcome {
             Outcome::Done { tokens } => {
@@ -220,32 +241,39 @@ impl Governor {
                     b.level =
                         (b.level + adm.estimated_tokens.min(b.capacity) - t as f64).min(b.capacity);
                 }
+                st.window_ok += 1;
                 if self.cfg.adaptive && st.limit < max {
                     st.limit = (st.limit + 1.0 / st.limit.max(1.0)).min(max);
                 }
             }
             Outcome::RateLimited { retry_after } => {
+                st.window_limited += 1;
+                st.window_retry_after = st.window_retry_after.max(retry_after);
+            }
+            Outcome::Failed => {}
+        }
+        // Judge the window once it spans a round trip of the current limit.
+        let seen = st.window_ok + st.window_limited;
+        if seen >= (st.limit as usize).max(WINDOW_MIN) {
+            if st.window_limited as f64 > SATURATED * seen as f64 {
                 if self.cfg.adaptive {
-                    // Decrease at most once per round trip: 429s of requests sent before the
-                    // last decrease say nothing new.
-                    let fresh = st.last_decrease.is_none_or(|t| adm.started > t);
-                    if fresh {
-                        st.limit = (st.limit * 0.7).max(1.0);
-                        st.min_limit = st.min_limit.min(st.limit);
-                        st.last_decrease = Some(now);
-                    }
+                    st.limit = (st.limit * 0.7).max(1.0);
+                    st.min_limit = st.min_limit.min(st.limit);
                 }
-                if let Some(d) = retry_after {
-                    let until = now + d;
+                if let Some(d) = st.window_retry_after {
+                    let until = Instant::now() + d;
                     if st.paused_until.is_none_or(|p| p < until) {
                         st.paused_until = Some(until);
                     }
                 }
             }
-            Outcome::Failed => {}
+            st.window_ok = 0;
+            st.window_limited = 0;
+            st.window_retry_after = None;
         }
         drop(st);
-        self.changed.notify_waiters();
+        // One slot is free: wake one waiter (it passes the wake-up on while room is left).
+        self.changed.notify_one();
     }
 
     /// Pauses the model until `until` (rate-limit headers said the quota is spent).
@@ -256,6 +284,12 @@ impl Governor {
         }
     }
 }
+
+/// Fewest responses a window judges.
+const WINDOW_MIN: usize = 8;
+
+/// Share of 429s in a window above which the provider is saturated.
+const SATURATED: f64 = 0.2;
 
 /// Estimated tokens of a request: about four characters per token for the prompt, plus the
 /// completion limit.
@@ -295,40 +329,43 @@ mod tests {
         g.release(c, Outcome::Failed);
     }
 
-    #[tokio::test]
-    async fn rate_limits_shrink_once_per_round_trip_and_recover() {
-        let g = Governor::new(cfg(100));
+    async fn window(g: &Governor, n: usize, limited: usize, retry_after: Option<Duration>) {
         let mut adms = vec![];
-        for _ in 0..10 {
+        for _ in 0..n {
             adms.push(g.admit(1).await);
         }
-        // Ten 429s of requests sent together count as one signal.
-        for a in adms {
-            g.release(a, Outcome::RateLimited { retry_after: None });
+        for (i, a) in adms.into_iter().enumerate() {
+            let outcome = if i < limited {
+                Outcome::RateLimited { retry_after }
+            } else {
+                Outcome::Done { tokens: None }
+            };
+            g.release(a, outcome);
         }
+    }
+
+    #[tokio::test]
+    async fn saturation_shrinks_once_per_round_trip_scattered_429s_do_not() {
+        let g = Governor::new(cfg(100));
+        // A round trip with 30% refused: saturated, cut by 30%.
+        window(&g, 100, 30, None).await;
         assert_eq!(g.limit(), 70);
-        let a = g.admit(1).await;
-        g.release(a, Outcome::RateLimited { retry_after: None });
-        assert_eq!(g.limit(), 49);
-        // About one step per round trip of `limit` requests: (100² - 49²) / 2 ≈ 3,800.
+        // 5% refused at random: not saturation, the limit keeps growing.
+        window(&g, 70, 3, None).await;
+        assert!(g.limit() >= 70, "not cut: {}", g.limit());
+        // About one step per round trip of `limit` requests: back to the maximum.
         for _ in 0..4000 {
             let a = g.admit(1).await;
             g.release(a, Outcome::Done { tokens: None });
         }
         assert_eq!(g.limit(), 100, "recovers to the configured maximum");
-        assert_eq!(g.min_limit(), 49);
+        assert_eq!(g.min_limit(), 70);
     }
 
     #[tokio::test]
-    async fn retry_after_pauses_every_request_of_the_model() {
+    async fn saturated_windows_pause_the_model_for_retry_after() {
         let g = Governor::new(cfg(8));
-        let a = g.admit(1).await;
-        g.release(
-            a,
-            Outcome::RateLimited {
-                retry_after: Some(Duration::from_millis(150)),
-            },
-        );
+        window(&g, 8, 8, Some(Duration::from_millis(150))).await;
         let t = Instant::now();
         let b = g.admit(1).await;
         assert!(
@@ -336,6 +373,13 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+        g.release(b, Outcome::Done { tokens: None });
+        // One 429 in eight pauses nobody.
+        let g = Governor::new(cfg(8));
+        window(&g, 8, 1, Some(Duration::from_millis(500))).await;
+        let t = Instant::now();
+        let b = g.admit(1).await;
+        assert!(t.elapsed() < Duration::from_millis(50));
         g.release(b, Outcome::Done { tokens: None });
     }
 

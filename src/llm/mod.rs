@@ -9,6 +9,8 @@ pub mod dispatcher;
 pub mod governor;
 pub mod http;
 pub mod lamini;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod openai;
 
 use std::fmt;

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -235,6 +236,8 @@ struct Shared {
 
 struct Slot {
     rows: usize,
+    /// (row, call) pairs of this slice that have their result.
+    finished_calls: Arc<AtomicUsize>,
     task: Option<SpawnedTask<Result<RecordBatch>>>,
     done: Option<Result<RecordBatch>>,
 }
@@ -251,20 +254,31 @@ struct LlmStream {
 }
 
 impl LlmStream {
+    /// Rows whose calls are still running. A slice waiting on a few slow rows (a retry in
+    /// backoff) counts only those rows, so later slices keep the budget full meanwhile.
     fn unfinished_rows(&self) -> usize {
+        let calls = self.shared.calls.len().max(1);
         self.pending
             .iter()
             .filter(|s| s.done.is_none())
-            .map(|s| s.rows)
+            .map(|s| {
+                let open =
+                    s.rows * calls - s.finished_calls.load(Ordering::Relaxed).min(s.rows * calls);
+                open.div_ceil(calls)
+            })
             .sum()
     }
 
     fn submit(&mut self, batch: RecordBatch) {
         let shared = self.shared.clone();
         let rows = batch.num_rows();
-        let task = SpawnedTask::spawn(async move { process_batch(&shared, batch).await });
+        let finished_calls = Arc::new(AtomicUsize::new(0));
+        let progress = finished_calls.clone();
+        let task =
+            SpawnedTask::spawn(async move { process_batch(&shared, batch, &progress).await });
         self.pending.push_back(Slot {
             rows,
+            finished_calls,
             task: Some(task),
             done: None,
         });
@@ -352,6 +366,7 @@ async fn run_call(
     shared: &Shared,
     call: &PhysicalCall,
     batch: &RecordBatch,
+    progress: &AtomicUsize,
 ) -> Result<Vec<CallResult>> {
     let n = batch.num_rows();
     let columns: Vec<Vec<Option<JinjaValue>>> = call
@@ -394,13 +409,26 @@ async fn run_call(
             shared.dispatcher.call(&call.model, req).await
         }
     });
-    Ok(futures::future::join_all(rows).await)
+    let counted = rows.map(|row| async move {
+        let r = row.await;
+        progress.fetch_add(1, Ordering::Relaxed);
+        r
+    });
+    Ok(futures::future::join_all(counted).await)
 }
 
-async fn process_batch(shared: &Shared, batch: RecordBatch) -> Result<RecordBatch> {
-    let per_call =
-        futures::future::try_join_all(shared.calls.iter().map(|c| run_call(shared, c, &batch)))
-            .await?;
+async fn process_batch(
+    shared: &Shared,
+    batch: RecordBatch,
+    progress: &AtomicUsize,
+) -> Result<RecordBatch> {
+    let per_call = futures::future::try_join_all(
+        shared
+            .calls
+            .iter()
+            .map(|c| run_call(shared, c, &batch, progress)),
+    )
+    .await?;
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     for (call, results) in shared.calls.iter().zip(per_call) {
         let def = &call.def;

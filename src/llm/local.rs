@@ -1,0 +1,410 @@
+//! The embedded local model: in-process GGUF inference with llama.cpp (through `llama-cpp-2`),
+//! so the flagship runs offline with no server and no key.
+//!
+//! One worker thread owns the model and its context and decodes up to `concurrency` rows
+//! together: every step puts the next token of each active sequence (or a chunk of a new
+//! sequence's prompt) into one batch, so the CPU works on several rows at once. Prompts are
+//! rendered with the model's own chat template (the GGUF's `tokenizer.chat_template`, a Jinja
+//! template run with minijinja), and a function's output schema becomes a llama.cpp grammar
+//! (llama.cpp's JSON-schema converter), so `generate_questions` returns exactly three strings
+//! even from a 135M-parameter model.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use async_trait::async_trait;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::oneshot;
+
+use super::{ErrorKind, LlmError, LlmRequest, LlmResponse, Provider, Usage};
+use crate::config::ModelConfig;
+
+/// llama.cpp's backend may be initialised once per process.
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+
+fn backend() -> Result<&'static LlamaBackend, String> {
+    BACKEND
+        .get_or_init(|| {
+            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            b.void_logs();
+            Ok(b)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Settings of the local model.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Sequences decoded together.
+    pub parallel: usize,
+    /// Context tokens per sequence (prompt + output).
+    pub context_per_sequence: u32,
+    /// CPU threads for decoding.
+    pub threads: i32,
+}
+
+struct Job {
+    system: Option<String>,
+    user: String,
+    schema: Option<String>,
+    max_tokens: u32,
+    temperature: f64,
+    reply: oneshot::Sender<Result<LlmResponse, LlmError>>,
+}
+
+/// The `local` provider.
+#[derive(Debug)]
+pub struct LocalProvider {
+    settings: LocalSettings,
+    identity: String,
+    worker: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+}
+
+impl LocalProvider {
+    /// A provider for `cfg` (`model` is the GGUF path). The model is loaded on the first call.
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let path = PathBuf::from(&cfg.model);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
+        let settings = LocalSettings {
+            path: path.clone(),
+            parallel: cfg.concurrency.clamp(1, 64),
+            context_per_sequence: cfg.context_size,
+            threads,
+        };
+        // The file name and size identify the model in cache keys without hashing 100 MB.
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let name = path
+            .file_name()
+            .map_or_else(|| cfg.model.clone(), |n| n.to_string_lossy().to_string());
+        LocalProvider {
+            identity: format!("local:{name}#{size}"),
+            settings,
+            worker: Mutex::new(None),
+        }
+    }
+
+    fn worker(&self) -> Result<std::sync::mpsc::Sender<Job>, LlmError> {
+        let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = w.as_ref() {
+            return Ok(tx.clone());
+        }
+        if !self.settings.path.exists() {
+            return Err(LlmError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "model file {} not found: run scripts/fetch-model.sh for the default model, \
+                     or set model = \"path/to/model.gguf\" in sluice.toml",
+                    self.settings.path.display()
+                ),
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let settings = self.settings.clone();
+        std::thread::Builder::new()
+            .name("sluice-local-model".into())
+            .spawn(move || worker_main(&settings, &rx))
+            .map_err(|e| LlmError::new(ErrorKind::NotFound, format!("cannot start: {e}")))?;
+        *w = Some(tx.clone());
+        Ok(tx)
+    }
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn endpoint(&self) -> String {
+        self.identity.clone()
+    }
+
+    async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        let tx = self.worker()?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            system: req.prompt.system.clone(),
+            user: req.prompt.user.clone(),
+            schema: req.schema.as_ref().map(|s| s.provider_schema().to_string()),
+            max_tokens: req.max_tokens.unwrap_or(256),
+            temperature: req.temperature.unwrap_or(0.0),
+            reply,
+        };
+        let gone = || LlmError::new(ErrorKind::Connection, "the local model stopped");
+        tx.send(job).map_err(|_| gone())?;
+        answer.await.unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+/// Renders the GGUF's chat template (or a ChatML fallback) for one system + user exchange.
+pub fn render_chat(
+    template: Option<&str>,
+    system: Option<&str>,
+    user: &str,
+) -> Result<String, String> {
+    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+                          {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let mut env = minijinja::Environment::new();
+    env.add_template("chat", template.unwrap_or(CHATML))
+        .map_err(|e| format!("the model's chat template does not parse: {e}"))?;
+    let mut messages = vec![];
+    if let Some(s) = system {
+        messages.push(minijinja::context! { role => "system", content => s });
+    }
+    messages.push(minijinja::context! { role => "user", content => user });
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => "",
+                eos_token => "",
+            })
+        })
+        .map_err(|e| format!("the model's chat template failed: {e}"))
+}
+
+/// A sequence being decoded.
+struct Active {
+    job: Job,
+    sampler: LlamaSampler,
+    /// Prompt tokens not yet decoded.
+    prompt: Vec<LlamaToken>,
+    prompt_len: usize,
+    /// Position of the next token.
+    pos: i32,
+    /// The token to feed next (after the prompt).
+    next: Option<LlamaToken>,
+    output: Vec<u8>,
+    generated: u32,
+    /// Index in the batch of this sequence's logits, when it has one this step.
+    logits_at: Option<i32>,
+}
+
+fn fail_all(rx: &std::sync::mpsc::Receiver<Job>, message: &str) {
+    while let Ok(job) = rx.recv() {
+        let _ = job
+            .reply
+            .send(Err(LlmError::new(ErrorKind::NotFound, message.to_string())));
+    }
+}
+
+fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
+    let backend = match backend() {
+        Ok(b) => b,
+        Err(e) => return fail_all(rx, &format!("cannot start llama.cpp: {e}")),
+    };
+    let model = match LlamaModel::load_from_file(backend, &s.path, &LlamaModelParams::default()) {
+        Ok(m) => m,
+        Err(e) => {
+            return fail_all(
+                rx,
+                &format!("cannot load {} as a GGUF model: {e}", s.path.display()),
+            );
+        }
+    };
+    let template = model.meta_val_str("tokenizer.chat_template").ok();
+    let per_seq = s.context_per_sequence.min(model.n_ctx_train().max(512));
+    let n_ctx = per_seq * s.parallel as u32;
+    let n_batch = n_ctx.min(2048);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch.min(512))
+        .with_n_seq_max(s.parallel as u32)
+        .with_n_threads(s.threads)
+        .with_n_threads_batch(s.threads);
+    let mut ctx = match model.new_context(backend, params) {
+        Ok(c) => c,
+        Err(e) => return fail_all(rx, &format!("cannot create a llama.cpp context: {e}")),
+    };
+    let vocab = model.vocab();
+    let mut grammars: HashMap<String, Result<String, String>> = HashMap::new();
+    let mut slots: Vec<Option<Active>> = (0..s.parallel).map(|_| None).collect();
+    let mut batch = LlamaBatch::new(n_batch as usize, s.parallel as i32);
+    loop {
+        // Admit new rows into free slots; block only when nothing is running.
+        if slots.iter().all(Option::is_none) {
+            match rx.recv() {
+                Ok(job) => {
+                    slots[0] = start(job, &model, template.as_deref(), &mut grammars, per_seq)
+                }
+                Err(_) => return,
+            }
+        }
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            match rx.try_recv() {
+                Ok(job) => *slot = start(job, &model, template.as_deref(), &mut grammars, per_seq),
+                Err(_) => break,
+            }
+        }
+        if slots.iter().all(Option::is_none) {
+            continue;
+        }
+        // One batch: a prompt chunk or the next token of every active sequence.
+        batch.clear();
+        let mut room = n_batch as usize;
+        for (seq, slot) in slots.iter_mut().enumerate() {
+            let Some(a) = slot.as_mut() else { continue };
+            a.logits_at = None;
+            if room == 0 {
+                continue;
+            }
+            if !a.prompt.is_empty() {
+                let take = a.prompt.len().min(room);
+                let chunk: Vec<LlamaToken> = a.prompt.drain(..take).collect();
+                let last_of_prompt = a.prompt.is_empty();
+                for (i, t) in chunk.iter().enumerate() {
+                    let logits = last_of_prompt && i + 1 == take;
+                    if batch.add(*t, a.pos, &[seq as i32], logits).is_err() {
+                        break;
+                    }
+                    if logits {
+                        a.logits_at = Some(batch.n_tokens() - 1);
+                    }
+                    a.pos += 1;
+                }
+                room -= take;
+            } else if let Some(t) = a.next.take() {
+                if batch.add(t, a.pos, &[seq as i32], true).is_ok() {
+                    a.logits_at = Some(batch.n_tokens() - 1);
+                    a.pos += 1;
+                    room -= 1;
+                }
+            }
+        }
+        if let Err(e) = ctx.decode(&mut batch) {
+            let msg = format!("llama.cpp decode failed: {e}");
+            for (seq, slot) in slots.iter_mut().enumerate() {
+                if let Some(a) = slot.take() {
+                    let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                    let _ = a
+                        .job
+                        .reply
+                        .send(Err(LlmError::new(ErrorKind::ServerError, msg.clone())));
+                }
+            }
+            continue;
+        }
+        for (seq, slot) in slots.iter_mut().enumerate() {
+            let Some(a) = slot.as_mut() else { continue };
+            let Some(i) = a.logits_at else { continue };
+            let token = a.sampler.sample(&ctx, i);
+            let stop = vocab.is_eog(token);
+            if !stop {
+                a.output
+                    .extend_from_slice(&vocab.token_to_piece(token, false, None));
+                a.generated += 1;
+            }
+            let full = a.generated >= a.job.max_tokens || a.pos as u32 + 1 >= per_seq;
+            if stop || full {
+                let a = slot.take().expect("active");
+                let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                let finish = if stop { "stop" } else { "length" };
+                let _ = a.job.reply.send(Ok(LlmResponse {
+                    content: String::from_utf8_lossy(&a.output).to_string(),
+                    finish_reason: Some(finish.to_string()),
+                    usage: Some(Usage {
+                        prompt_tokens: a.prompt_len as u64,
+                        completion_tokens: u64::from(a.generated),
+                    }),
+                }));
+            } else {
+                a.next = Some(token);
+            }
+        }
+    }
+}
+
+/// Tokenizes a job's prompt and builds its sampler; replies with an error and returns `None`
+/// when it cannot run.
+fn start(
+    job: Job,
+    model: &LlamaModel,
+    template: Option<&str>,
+    grammars: &mut HashMap<String, Result<String, String>>,
+    per_seq: u32,
+) -> Option<Active> {
+    let vocab = model.vocab();
+    let fail = |job: Job, kind: ErrorKind, msg: String| {
+        let _ = job.reply.send(Err(LlmError::new(kind, msg)));
+        None
+    };
+    let text = match render_chat(template, job.system.as_deref(), &job.user) {
+        Ok(t) => t,
+        Err(e) => return fail(job, ErrorKind::Template, e),
+    };
+    let prompt = vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true);
+    if prompt.len() as u32 + job.max_tokens.min(64) >= per_seq {
+        let msg = format!(
+            "the prompt has {} tokens; the local model's context holds {per_seq} per row \
+             (context_size in sluice.toml)",
+            prompt.len()
+        );
+        return fail(job, ErrorKind::TooLarge, msg);
+    }
+    let mut chain = vec![];
+    if let Some(schema) = &job.schema {
+        let grammar = grammars
+            .entry(schema.clone())
+            .or_insert_with(|| {
+                llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| e.to_string())
+            })
+            .clone();
+        match grammar
+            .and_then(|g| LlamaSampler::grammar(model, &g, "root").map_err(|e| e.to_string()))
+        {
+            Ok(g) => chain.push(g),
+            Err(e) => {
+                return fail(
+                    job,
+                    ErrorKind::BadRequest,
+                    format!("cannot turn the output schema into a grammar: {e}"),
+                );
+            }
+        }
+    }
+    if job.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        chain.push(LlamaSampler::temp(job.temperature as f32));
+        chain.push(LlamaSampler::dist(fastrand::u32(..)));
+    }
+    let prompt_len = prompt.len();
+    Some(Active {
+        job,
+        sampler: LlamaSampler::chain_simple(chain),
+        prompt,
+        prompt_len,
+        pos: 0,
+        next: None,
+        output: Vec::new(),
+        generated: 0,
+        logits_at: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_renders_messages_and_generation_prompt() {
+        let t = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + \
+                 message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\
+                 {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+        let out = render_chat(Some(t), Some("sys"), "hi").unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(render_chat(None, Some("sys"), "hi").unwrap(), out);
+    }
+}

@@ -1,0 +1,96 @@
+//! The embedded local model on the real GGUF (SmolLM2-135M-Instruct Q4_1, fetched into models/
+//! by scripts/fetch-model.sh): the flagship's functions run in-process, and the output schema's
+//! grammar makes `generate_questions` return exactly three questions.
+#![cfg(feature = "local")]
+
+mod support;
+
+use std::path::Path;
+
+use datafusion::arrow::array::{Array, AsArray};
+use sluice::Engine;
+use sluice::config::Config;
+use support::*;
+
+fn engine() -> Engine {
+    let model = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
+        model.display()
+    );
+    let text = format!(
+        "[cache]\nenabled = false\n[models.default]\nkind = \"local\"\nmodel = \"{}\"\n\
+         concurrency = 4\ncontext_size = 2048\n",
+        model.display()
+    );
+    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+    cfg.udf_dir = repo().join("udfs");
+    Engine::new(&cfg).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generates_three_questions_and_answers_offline() {
+    let e = engine();
+    let data = shared_data("earnings_transcript_excerpts.jsonl");
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         CREATE TABLE p AS SELECT ticker, q, date, substr(transcript, 1, 1200) AS passage \
+         FROM t ORDER BY date, q LIMIT 3;\n\
+         CREATE TABLE g AS SELECT ticker, q, date, passage, \
+           generate_questions(ticker, q, date, passage) AS qs, \
+           generate_questions_error(ticker, q, date, passage) AS err FROM p;\n\
+         CREATE TABLE a AS SELECT answer_question(ticker, q, date, passage, qs[1]) AS answer, \
+           answer_question_error(ticker, q, date, passage, qs[1]) AS err FROM g;\n",
+        data.display()
+    );
+    run(&e, &sql).await.unwrap();
+    let g = e
+        .query("SELECT qs, err['kind'] AS kind FROM g")
+        .await
+        .unwrap();
+    let mut rows = 0;
+    for b in &g {
+        let qs = b.column(0).as_list::<i32>();
+        let kind = b.column(1).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            rows += 1;
+            assert!(kind.is_null(i), "error: {}", kind.value(i));
+            let list = qs.value(i);
+            let list = list.as_string::<i32>();
+            assert_eq!(list.len(), 3, "exactly three questions");
+            for j in 0..3 {
+                assert!(!list.value(j).trim().is_empty(), "question {j} is empty");
+                eprintln!("Q: {}", list.value(j));
+            }
+        }
+    }
+    assert_eq!(rows, 3);
+    let a = e.query("SELECT answer, err['kind'] FROM a").await.unwrap();
+    for b in &a {
+        let ans = b.column(0).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            assert!(b.column(1).is_null(i), "answer failed");
+            assert!(!ans.value(i).trim().is_empty());
+            eprintln!("A: {}", ans.value(i));
+        }
+    }
+    let m = e.metrics();
+    assert_eq!(m.calls, 6);
+    assert!(m.tokens_out > 0 && m.tokens_in > 0);
+    eprintln!("{}", sluice::cli::format_summary(&m));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_model_file_fails_the_statement_with_the_fix() {
+    let text = "[cache]\nenabled = false\n[models.default]\nkind = \"local\"\n\
+                model = \"/nonexistent/model.gguf\"\n";
+    let mut cfg = Config::parse(text, Path::new("sluice.toml"), &|_| None).unwrap();
+    cfg.udf_dir = repo().join("udfs");
+    let e = Engine::new(&cfg).unwrap();
+    let err = run(&e, "SELECT llm('hello');").await.unwrap_err();
+    assert!(
+        err.contains("/nonexistent/model.gguf") && err.contains("fetch-model.sh"),
+        "{err}"
+    );
+}
