@@ -336,6 +336,7 @@ fn s3_vs_local() -> Value {
         "scenario": "s3-vs-local", "parquet_mb": round(mb, 1),
         "local_write_mb_s": rate(&lw), "local_read_mb_s": rate(&lr),
         "s3_write_mb_s": rate(&sw), "s3_read_mb_s": rate(&sr),
+        "local_write_max_rss_mb": round(lw.max_rss_mb, 1), "local_read_max_rss_mb": round(lr.max_rss_mb, 1),
         "s3_write_max_rss_mb": round(sw.max_rss_mb, 1), "s3_read_max_rss_mb": round(sr.max_rss_mb, 1),
     })
 }

@@ -295,10 +295,12 @@ impl Default for Config {
     /// the embedded SmolLM2-135M-Instruct in `./models/`.
     fn default() -> Self {
         let mut models = BTreeMap::new();
-        models.insert(
-            "default".to_string(),
-            ModelConfig::local("default", PathBuf::from(DEFAULT_LOCAL_MODEL), 8),
-        );
+        if cfg!(feature = "local") {
+            models.insert(
+                "default".to_string(),
+                ModelConfig::local("default", PathBuf::from(DEFAULT_LOCAL_MODEL), 8),
+            );
+        }
         Config {
             udf_dir: PathBuf::from("udfs"),
             dispatcher: DispatcherConfig::default(),
