@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Runs the flagship pipeline (queries/earnings_qa.sql) on the demo corpus in data/.
+# Sets everything up and runs the flagship pipeline (queries/earnings_qa.sql) on the demo corpus
+# in data/ with the embedded local model — no server, no API key:
+#   1. fetches the default model (SmolLM2-135M-Instruct Q4_1, ~98 MB) into models/, checksum
+#      verified (scripts/fetch-model.sh);
+#   2. builds sluice (release; llama.cpp needs cmake and libclang: on Debian/Ubuntu
+#      `apt-get install cmake libclang-dev`);
+#   3. runs the query with a progress display, writes out/earnings_qa.parquet and shows rows.
 #
-# Until the embedded local model lands, the provider is the project's own OpenAI-compatible test
-# server (tests/support/mock_llm.rs), started here on 127.0.0.1 and stopped at the end: its
-# answers are canned, tagged with the hash of their prompt. Point [models.default] of a
-# sluice.toml at a real server to get real answers (see README).
+# `scripts/demo.sh --mock` runs the same query against the project's fault-injecting test server
+# instead (canned answers tagged with the hash of their prompt), for a check without the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" != "--mock" ]; then
+  scripts/fetch-model.sh
+  cargo build --locked --release --bin sluice
+  mkdir -p out
+  # No sluice.toml: the `default` model is the embedded one in models/.
+  env -u SLUICE_CONFIG ./target/release/sluice run queries/earnings_qa.sql
+  echo "Parquet written to out/earnings_qa.parquet"
+  exit 0
+fi
 
 cargo build --locked --bins
 mkdir -p out
@@ -25,6 +39,8 @@ cat > out/demo-sluice.toml <<TOML
 udf_dir = "../udfs"
 [dispatcher]
 concurrency = 64
+[cache]
+enabled = false
 [models.default]
 kind = "openai"
 base_url = "$base_url"

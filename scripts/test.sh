@@ -4,7 +4,7 @@
 # Integration tests start their own servers on 127.0.0.1 and stop them by PID: the project's
 # fault-injecting OpenAI-compatible server (in-process), and a real S3-compatible server (moto,
 # from the virtual environment .venv-moto this script creates). They read the real excerpts
-# from ../shared/data.
+# from ../shared/data, and run the embedded model on the real GGUF (models/, fetched here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,9 @@ if [ ! -x .venv-moto/bin/moto_server ]; then
   .venv-moto/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 export SLUICE_MOTO_SERVER="$PWD/.venv-moto/bin/moto_server"
+
+# The embedded model's tests run the real GGUF.
+scripts/fetch-model.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -123,8 +123,8 @@ async fn invalid_output_schema() {
     p.write(
         "udfs/generate_questions.toml",
         &t.replace(
-            "items = { type = \"string\" }",
-            "items = { type = \"strin\" }",
+            "items = { type = \"string\",",
+            "items = { type = \"strin\",",
         ),
     );
     let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;

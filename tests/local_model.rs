@@ -66,11 +66,15 @@ async fn generates_three_questions_and_answers_offline() {
         }
     }
     assert_eq!(rows, 3);
-    let a = e.query("SELECT answer, err['kind'] FROM a").await.unwrap();
+    let a = e
+        .query("SELECT answer, err['kind'], err['message'] FROM a")
+        .await
+        .unwrap();
     for b in &a {
         let ans = b.column(0).as_string::<i32>();
+        let msg = b.column(2).as_string::<i32>();
         for i in 0..b.num_rows() {
-            assert!(b.column(1).is_null(i), "answer failed");
+            assert!(b.column(1).is_null(i), "answer failed: {}", msg.value(i));
             assert!(!ans.value(i).trim().is_empty());
             eprintln!("A: {}", ans.value(i));
         }

@@ -131,7 +131,11 @@ fn init_logging(verbose: u8) {
 pub fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
     let path = explicit
         .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("SLUICE_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            std::env::var_os("SLUICE_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
         .or_else(|| {
             let p = PathBuf::from("sluice.toml");
             p.exists().then_some(p)

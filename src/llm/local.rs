@@ -174,7 +174,11 @@ pub fn render_chat(
 /// A sequence being decoded.
 struct Active {
     job: Job,
-    sampler: LlamaSampler,
+    /// The output schema's grammar, if any.
+    grammar: Option<LlamaSampler>,
+    /// Greedy, or temperature + random draw.
+    base: LlamaSampler,
+    greedy: bool,
     /// Prompt tokens not yet decoded.
     prompt: Vec<LlamaToken>,
     prompt_len: usize,
@@ -272,12 +276,12 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
                     a.pos += 1;
                 }
                 room -= take;
-            } else if let Some(t) = a.next.take() {
-                if batch.add(t, a.pos, &[seq as i32], true).is_ok() {
-                    a.logits_at = Some(batch.n_tokens() - 1);
-                    a.pos += 1;
-                    room -= 1;
-                }
+            } else if let Some(t) = a.next.take()
+                && batch.add(t, a.pos, &[seq as i32], true).is_ok()
+            {
+                a.logits_at = Some(batch.n_tokens() - 1);
+                a.pos += 1;
+                room -= 1;
             }
         }
         if let Err(e) = ctx.decode(&mut batch) {
@@ -296,7 +300,7 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
         for (seq, slot) in slots.iter_mut().enumerate() {
             let Some(a) = slot.as_mut() else { continue };
             let Some(i) = a.logits_at else { continue };
-            let token = a.sampler.sample(&ctx, i);
+            let token = next_token(&ctx, i, a);
             let stop = vocab.is_eog(token);
             if !stop {
                 a.output
@@ -321,6 +325,46 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
             }
         }
     }
+}
+
+/// Picks the next token of a sequence from the logits at batch index `i`.
+///
+/// With a grammar, checking every one of the vocabulary's ~50k tokens against it at each step is
+/// what makes constrained decoding slow; as llama.cpp's own sampler does, the unconstrained
+/// choice is tried first (greedy: the best logit), and the whole vocabulary goes through the
+/// grammar only when that token is not allowed.
+fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Active) -> LlamaToken {
+    use llama_cpp_2::token::data::LlamaTokenData;
+    use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+    let Some(grammar) = a.grammar.as_mut() else {
+        return a.base.sample(ctx, i);
+    };
+    if a.greedy {
+        let logits = ctx.get_logits_ith(i);
+        let (best, logit) =
+            logits
+                .iter()
+                .copied()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |m, (t, l)| {
+                    if l > m.1 { (t, l) } else { m }
+                });
+        let token = LlamaToken(best as i32);
+        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, logit, 0.0)], false);
+        one.apply_sampler(grammar);
+        if one.data[0].logit().is_finite() {
+            grammar.accept(token);
+            return token;
+        }
+    }
+    let mut all = ctx.token_data_array_ith(i);
+    all.apply_sampler(grammar);
+    all.apply_sampler(&mut a.base);
+    let token = all
+        .selected_token()
+        .unwrap_or_else(|| all.sample_token_greedy());
+    grammar.accept(token);
+    token
 }
 
 /// Tokenizes a job's prompt and builds its sampler; replies with an error and returns `None`
@@ -350,7 +394,7 @@ fn start(
         );
         return fail(job, ErrorKind::TooLarge, msg);
     }
-    let mut chain = vec![];
+    let mut grammar_sampler = None;
     if let Some(schema) = &job.schema {
         let grammar = grammars
             .entry(schema.clone())
@@ -361,7 +405,7 @@ fn start(
         match grammar
             .and_then(|g| LlamaSampler::grammar(model, &g, "root").map_err(|e| e.to_string()))
         {
-            Ok(g) => chain.push(g),
+            Ok(g) => grammar_sampler = Some(g),
             Err(e) => {
                 return fail(
                     job,
@@ -371,16 +415,21 @@ fn start(
             }
         }
     }
-    if job.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
+    let greedy = job.temperature <= 0.0;
+    let base = if greedy {
+        LlamaSampler::greedy()
     } else {
-        chain.push(LlamaSampler::temp(job.temperature as f32));
-        chain.push(LlamaSampler::dist(fastrand::u32(..)));
-    }
+        LlamaSampler::chain_simple([
+            LlamaSampler::temp(job.temperature as f32),
+            LlamaSampler::dist(fastrand::u32(..)),
+        ])
+    };
     let prompt_len = prompt.len();
     Some(Active {
         job,
-        sampler: LlamaSampler::chain_simple(chain),
+        grammar: grammar_sampler,
+        base,
+        greedy,
         prompt,
         prompt_len,
         pos: 0,

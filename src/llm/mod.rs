@@ -248,6 +248,19 @@ pub trait Provider: Send + Sync + fmt::Debug {
     }
 }
 
+/// One prompt sent as a list of one, for providers whose protocol takes lists.
+pub async fn complete_as_batch<P: Provider + ?Sized>(
+    provider: &P,
+    req: &LlmRequest,
+) -> Result<LlmResponse, LlmError> {
+    let mut out = provider.complete_batch(std::slice::from_ref(req)).await?;
+    out.pop().unwrap_or_else(|| {
+        Err(http::malformed(
+            "the response has no answer for the prompt".into(),
+        ))
+    })
+}
+
 /// Turns a response into the function's value: JSON parsed, unwrapped and validated against the
 /// schema, or the non-empty text for functions without a schema.
 pub fn parse_response(

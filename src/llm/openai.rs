@@ -159,9 +159,7 @@ impl Provider for CompletionsProvider {
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
-        let mut out = self.complete_batch(std::slice::from_ref(req)).await?;
-        out.pop()
-            .unwrap_or_else(|| Err(malformed("response has no choices".into())))
+        super::complete_as_batch(self, req).await
     }
 
     async fn complete_batch(

@@ -73,19 +73,28 @@ impl StagedOutput {
         let name = path.file_name()?.to_string_lossy().to_string();
         let parent = path.parent().unwrap_or(Path::new("")).to_path_buf();
         let staging = parent.join(staged_name(&name, is_dir));
-        let mut staging_sql = staging.to_string_lossy().to_string();
-        if is_dir {
-            staging_sql.push('/');
-        }
-        Some(StagedOutput {
-            target: target.to_string(),
-            staging_sql,
+        let sql = staging.to_string_lossy().to_string();
+        Some(Self::staged(
+            target,
+            sql,
             is_dir,
-            place: Place::Local {
+            Place::Local {
                 target: path,
                 staging,
             },
-        })
+        ))
+    }
+
+    fn staged(target: &str, mut staging_sql: String, is_dir: bool, place: Place) -> StagedOutput {
+        if is_dir {
+            staging_sql.push('/');
+        }
+        StagedOutput {
+            target: target.to_string(),
+            staging_sql,
+            is_dir,
+            place,
+        }
     }
 
     /// Prepares a staging location beside `target` (a URL) in `store`.
@@ -107,20 +116,17 @@ impl StagedOutput {
                 .chain(std::iter::once(staged)),
         );
         let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
-        let mut staging_sql = format!("{root}/{staging}");
-        if is_dir {
-            staging_sql.push('/');
-        }
-        Some(StagedOutput {
-            target: target.to_string(),
-            staging_sql,
+        let sql = format!("{root}/{staging}");
+        Some(Self::staged(
+            target,
+            sql,
             is_dir,
-            place: Place::Store {
+            Place::Store {
                 store,
                 target: full,
                 staging,
             },
-        })
+        ))
     }
 
     /// Creates the parent directory of a local target, so the error for an unwritable location
