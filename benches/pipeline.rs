@@ -7,7 +7,8 @@
 //! (as `cargo test --all-targets` runs it) it makes a small smoke run that checks the harness and
 //! the counts it relies on, so the benchmark cannot rot unnoticed.
 //!
-//! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `cache`, `s3`.
+//! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `cache`, `s3`,
+//! `local` (the embedded model; needs the default `local` feature and `models/` fetched).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -341,6 +342,60 @@ fn s3_vs_local() -> Value {
     })
 }
 
+/// Tokens per second of the embedded model (needs the `local` feature and models/ fetched):
+/// 16 rows answering the same kind of short question, decoded 1, 4 and 8 at a time.
+fn local_model() -> Value {
+    let model = format!(
+        "{}/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut out = serde_json::Map::new();
+    out.insert("scenario".into(), json!("local-model"));
+    for parallel in [1, 4, 8] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("sluice.toml"),
+            format!(
+                "[cache]\nenabled = false\n[models.default]\nkind = \"local\"\n\
+                 model = \"{model}\"\nconcurrency = {parallel}\n"
+            ),
+        )
+        .unwrap();
+        // No output schema: plain generation of at most 48 tokens per row, 16 different
+        // prompts (rows cut at 48 tokens are retried once with 96: all of it is counted).
+        std::fs::create_dir_all(d.join("udfs")).unwrap();
+        std::fs::write(
+            d.join("udfs/sentence.toml"),
+            "name = \"sentence\"\nargs = [\"n\"]\nmax_tokens = 48\ntemperature = 0.0\n\
+             prompt = \"Write one sentence about the number {{ n }} in a quarterly earnings \
+             report.\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("q.sql"),
+            "CREATE TABLE r AS SELECT sentence(v) AS t, sentence_error(v) AS e \
+             FROM (SELECT unnest(range(16)) AS v);\n",
+        )
+        .unwrap();
+        let m = run_sluice(
+            d,
+            &["run", "q.sql", "--quiet", "--metrics-json", "metrics.json"],
+        );
+        let tokens = num(&m.metrics, "tokens_out");
+        out.insert(
+            format!("rows_{parallel}_at_once"),
+            json!({
+                "tokens_out": tokens, "tokens_in": num(&m.metrics, "tokens_in"),
+                "wall_s": round(m.wall_s, 2),
+                "generated_tokens_per_s": round(tokens as f64 / m.wall_s, 1),
+                "max_rss_mb": round(m.max_rss_mb, 1),
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
 /// Creates a bucket on the local S3 server with a plain HTTP PUT (moto needs no signature).
 fn reqwest_free_put(endpoint: &str, bucket: &str) -> std::io::Result<()> {
     use std::io::{Read, Write};
@@ -441,5 +496,8 @@ fn main() {
     }
     if want("s3") {
         emit(s3_vs_local());
+    }
+    if want("local") {
+        emit(local_model());
     }
 }

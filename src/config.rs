@@ -136,6 +136,7 @@ struct RawDispatcher {
     max_attempts: Option<u32>,
     backoff_base_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
+    deadline_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -175,6 +176,8 @@ pub struct DispatcherConfig {
     pub backoff_base: Duration,
     /// Upper bound of one backoff delay (also caps Retry-After).
     pub backoff_max: Duration,
+    /// Total time one row may spend on its attempts and waits; no retry starts after it.
+    pub row_deadline: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -184,6 +187,7 @@ impl Default for DispatcherConfig {
             max_attempts: 6,
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
+            row_deadline: Duration::from_secs(600),
         }
     }
 }
@@ -383,6 +387,9 @@ impl Config {
         }
         if let Some(ms) = d.backoff_max_ms {
             cfg.dispatcher.backoff_max = Duration::from_millis(ms);
+        }
+        if let Some(ms) = d.deadline_ms {
+            cfg.dispatcher.row_deadline = Duration::from_millis(ms);
         }
         for (name, m) in raw.models {
             if m.kind == ProviderKind::Local {

@@ -152,3 +152,35 @@ async fn transient_faults_of_every_kind_are_absorbed() {
     assert_eq!(stats.requests, 300 + faults);
     assert_eq!(engine.metrics().failed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_stops_retrying_at_its_deadline() {
+    let server = mock(MockConfig {
+        permanent: vec![("row0".to_string(), Fault::Server500)],
+        ..MockConfig::default()
+    })
+    .await;
+    let text = format!(
+        "[dispatcher]\nconcurrency = 4\nmax_attempts = 50\nbackoff_base_ms = 40\n\
+         backoff_max_ms = 40\ndeadline_ms = 300\n[cache]\nenabled = false\n\
+         [models.default]\nkind = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\n",
+        server.base_url()
+    );
+    let cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+    let def = FunctionDef::parse(TRIPLE, Path::new("triple.toml")).unwrap();
+    let engine = Engine::with_functions(&cfg, vec![def]).unwrap();
+    let started = std::time::Instant::now();
+    let b = engine
+        .query("SELECT triple_error('row0')['message'], triple_error('row0')['attempts']")
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let msg = b[0].column(0).as_string::<i32>().value(0).to_string();
+    let attempts = b[0]
+        .column(1)
+        .as_primitive::<datafusion::arrow::datatypes::UInt32Type>()
+        .value(0);
+    assert!(msg.contains("row deadline"), "{msg}");
+    assert!((3..=12).contains(&attempts), "{attempts} attempts");
+    assert!(elapsed < std::time::Duration::from_secs(3), "{elapsed:?}");
+}

@@ -630,8 +630,21 @@ impl Inner {
                     }
                     return Ok(Arc::new(resp.value));
                 }
-                Err(e) => {
-                    let last = attempt >= self.cfg.max_attempts || !e.kind.is_retryable();
+                Err(mut e) => {
+                    let delay = match e.retry_after {
+                        Some(d) => d.min(self.cfg.backoff_max),
+                        None => self.backoff(attempt),
+                    };
+                    // The row's total deadline: no retry that would start after it.
+                    let past_deadline = started.elapsed() + delay > self.cfg.row_deadline;
+                    if past_deadline && e.kind.is_retryable() && attempt < self.cfg.max_attempts {
+                        e.message = format!(
+                            "{} (row deadline of {:?} reached; deadline_ms in [dispatcher])",
+                            e.message, self.cfg.row_deadline
+                        );
+                    }
+                    let last =
+                        attempt >= self.cfg.max_attempts || !e.kind.is_retryable() || past_deadline;
                     tracing::debug!(
                         function = %req.function, attempt, kind = %e.kind,
                         status = ?e.http_status, "attempt failed: {}", e.message
@@ -658,10 +671,6 @@ impl Inner {
                         req.max_tokens = Some(max.saturating_mul(2));
                         continue;
                     }
-                    let delay = match e.retry_after {
-                        Some(d) => d.min(self.cfg.backoff_max),
-                        None => self.backoff(attempt),
-                    };
                     tokio::time::sleep(delay).await;
                 }
             }
