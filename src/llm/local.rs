@@ -178,6 +178,8 @@ struct Active {
     grammar: Option<LlamaSampler>,
     /// Greedy, or temperature + random draw.
     base: LlamaSampler,
+    /// Repetition penalty over the last tokens.
+    penalties: LlamaSampler,
     greedy: bool,
     /// Prompt tokens not yet decoded.
     prompt: Vec<LlamaToken>,
@@ -329,41 +331,45 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
 
 /// Picks the next token of a sequence from the logits at batch index `i`.
 ///
-/// With a grammar, checking every one of the vocabulary's ~50k tokens against it at each step is
-/// what makes constrained decoding slow; as llama.cpp's own sampler does, the unconstrained
-/// choice is tried first (greedy: the best logit), and the whole vocabulary goes through the
-/// grammar only when that token is not allowed.
+/// A repetition penalty first (small models fall into loops such as `0.00,0.00,...`). With a
+/// grammar, checking every one of the vocabulary's ~50k tokens against it at each step is what
+/// makes constrained decoding slow; as llama.cpp's own sampler does, the unconstrained choice is
+/// tried first (greedy: the best logit), and the whole vocabulary goes through the grammar only
+/// when that token is not allowed.
 fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Active) -> LlamaToken {
-    use llama_cpp_2::token::data::LlamaTokenData;
     use llama_cpp_2::token::data_array::LlamaTokenDataArray;
-    let Some(grammar) = a.grammar.as_mut() else {
-        return a.base.sample(ctx, i);
-    };
-    if a.greedy {
-        let logits = ctx.get_logits_ith(i);
-        let (best, logit) =
-            logits
-                .iter()
-                .copied()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |m, (t, l)| {
-                    if l > m.1 { (t, l) } else { m }
-                });
-        let token = LlamaToken(best as i32);
-        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, logit, 0.0)], false);
+    let mut all = ctx.token_data_array_ith(i);
+    all.apply_sampler(&mut a.penalties);
+    let mut chosen = None;
+    if let Some(grammar) = a.grammar.as_mut()
+        && a.greedy
+        && let Some(best) = all
+            .data
+            .iter()
+            .copied()
+            .max_by(|x, y| x.logit().total_cmp(&y.logit()))
+    {
+        let mut one = LlamaTokenDataArray::new(vec![best], false);
         one.apply_sampler(grammar);
         if one.data[0].logit().is_finite() {
-            grammar.accept(token);
-            return token;
+            chosen = Some(best.id());
         }
     }
-    let mut all = ctx.token_data_array_ith(i);
-    all.apply_sampler(grammar);
-    all.apply_sampler(&mut a.base);
-    let token = all
-        .selected_token()
-        .unwrap_or_else(|| all.sample_token_greedy());
-    grammar.accept(token);
+    let token = match chosen {
+        Some(t) => t,
+        None => {
+            if let Some(grammar) = a.grammar.as_mut() {
+                all.apply_sampler(grammar);
+            }
+            all.apply_sampler(&mut a.base);
+            all.selected_token()
+                .unwrap_or_else(|| all.sample_token_greedy())
+        }
+    };
+    if let Some(grammar) = a.grammar.as_mut() {
+        grammar.accept(token);
+    }
+    a.penalties.accept(token);
     token
 }
 
@@ -429,6 +435,7 @@ fn start(
         job,
         grammar: grammar_sampler,
         base,
+        penalties: LlamaSampler::penalties(model.n_vocab(), 64, 1.15, 0.0, 0.0),
         greedy,
         prompt,
         prompt_len,
