@@ -178,8 +178,8 @@ struct Active {
     grammar: Option<LlamaSampler>,
     /// Greedy, or temperature + random draw.
     base: LlamaSampler,
-    /// Repetition penalty over the last tokens.
-    penalties: LlamaSampler,
+    /// The last tokens generated, for the repetition penalty.
+    recent: std::collections::VecDeque<LlamaToken>,
     greedy: bool,
     /// Prompt tokens not yet decoded.
     prompt: Vec<LlamaToken>,
@@ -329,35 +329,71 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
     }
 }
 
+/// Repetition penalty on the last [`PENALTY_WINDOW`] tokens (llama.cpp's `repeat_penalty`):
+/// small models fall into loops such as `0.00,0.00,...` without it.
+const PENALTY: f32 = 1.15;
+const PENALTY_WINDOW: usize = 64;
+
+fn penalised(logit: f32) -> f32 {
+    if logit > 0.0 {
+        logit / PENALTY
+    } else {
+        logit * PENALTY
+    }
+}
+
 /// Picks the next token of a sequence from the logits at batch index `i`.
 ///
-/// A repetition penalty first (small models fall into loops such as `0.00,0.00,...`). With a
-/// grammar, checking every one of the vocabulary's ~50k tokens against it at each step is what
-/// makes constrained decoding slow; as llama.cpp's own sampler does, the unconstrained choice is
-/// tried first (greedy: the best logit), and the whole vocabulary goes through the grammar only
-/// when that token is not allowed.
+/// Greedy decoding reads the logits in place: one pass for the best token with the repetition
+/// penalty applied to the recent ones, no 50k-entry candidate array. With a grammar, the best
+/// token is checked alone first, as llama.cpp's own sampler does; the whole vocabulary goes
+/// through the grammar only when that token is not allowed (checking ~50k tokens at every step
+/// is what makes constrained decoding slow).
 fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Active) -> LlamaToken {
+    use llama_cpp_2::token::data::LlamaTokenData;
     use llama_cpp_2::token::data_array::LlamaTokenDataArray;
-    let mut all = ctx.token_data_array_ith(i);
-    all.apply_sampler(&mut a.penalties);
+    let recent = |t: usize| a.recent.iter().any(|r| r.0 as usize == t);
     let mut chosen = None;
-    if let Some(grammar) = a.grammar.as_mut()
-        && a.greedy
-        && let Some(best) = all
-            .data
-            .iter()
-            .copied()
-            .max_by(|x, y| x.logit().total_cmp(&y.logit()))
-    {
-        let mut one = LlamaTokenDataArray::new(vec![best], false);
-        one.apply_sampler(grammar);
-        if one.data[0].logit().is_finite() {
-            chosen = Some(best.id());
+    if a.greedy {
+        let logits = ctx.get_logits_ith(i);
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for (t, &l) in logits.iter().enumerate() {
+            if l > best.1 {
+                best = (t, l);
+            }
+        }
+        // The penalty only lowers logits: re-check the recent tokens and the winner.
+        if recent(best.0) {
+            best = (0, f32::NEG_INFINITY);
+            for (t, &l) in logits.iter().enumerate() {
+                let l = if recent(t) { penalised(l) } else { l };
+                if l > best.1 {
+                    best = (t, l);
+                }
+            }
+        }
+        let token = LlamaToken(best.0 as i32);
+        match a.grammar.as_mut() {
+            None => chosen = Some(token),
+            Some(grammar) => {
+                let mut one =
+                    LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, best.1, 0.0)], false);
+                one.apply_sampler(grammar);
+                if one.data[0].logit().is_finite() {
+                    chosen = Some(token);
+                }
+            }
         }
     }
     let token = match chosen {
         Some(t) => t,
         None => {
+            let mut all = ctx.token_data_array_ith(i);
+            for d in all.data.iter_mut() {
+                if recent(d.id().0 as usize) {
+                    d.set_logit(penalised(d.logit()));
+                }
+            }
             if let Some(grammar) = a.grammar.as_mut() {
                 all.apply_sampler(grammar);
             }
@@ -369,7 +405,10 @@ fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Acti
     if let Some(grammar) = a.grammar.as_mut() {
         grammar.accept(token);
     }
-    a.penalties.accept(token);
+    if a.recent.len() == PENALTY_WINDOW {
+        a.recent.pop_front();
+    }
+    a.recent.push_back(token);
     token
 }
 
@@ -435,7 +474,7 @@ fn start(
         job,
         grammar: grammar_sampler,
         base,
-        penalties: LlamaSampler::penalties(model.n_vocab(), 64, 1.15, 0.0, 0.0),
+        recent: std::collections::VecDeque::with_capacity(PENALTY_WINDOW),
         greedy,
         prompt,
         prompt_len,
