@@ -539,6 +539,14 @@ impl Engine {
         match statement {
             Statement::CopyTo(mut copy) => {
                 let target = copy.target.clone();
+                if let Some(format) = &copy.stored_as
+                    && !["PARQUET", "CSV", "JSON", "ARROW"]
+                        .contains(&format.to_ascii_uppercase().as_str())
+                {
+                    return Err(DataFusionError::Plan(format!(
+                        "COPY ... STORED AS {format}: sluice writes PARQUET, CSV, JSON or ARROW"
+                    )));
+                }
                 let is_dir = !copy.partitioned_by.is_empty();
                 let staged = if is_local(&target) {
                     StagedOutput::local(&target, is_dir)
@@ -621,11 +629,25 @@ impl Engine {
                     cet.locations = locations;
                 }
                 let name = cet.name.to_string();
+                let locations = cet.locations.join(", ");
                 let state = self.ctx.state();
                 let plan = state
                     .statement_to_plan(Statement::CreateExternalTable(cet))
                     .await?;
                 self.ctx.execute_logical_plan(plan).await?.collect().await?;
+                // Empty files give a table without columns; say so here rather than as a
+                // "no field named ..." in a later statement.
+                if self
+                    .ctx
+                    .table(name.as_str())
+                    .await
+                    .is_ok_and(|t| t.schema().fields().is_empty())
+                {
+                    let _ = self.ctx.deregister_table(name.as_str());
+                    return Err(DataFusionError::Plan(format!(
+                        "{name}: no columns could be read from {locations} (the files are empty)"
+                    )));
+                }
                 writeln!(out, "CREATE EXTERNAL TABLE {name}").ok();
             }
             other => {

@@ -222,3 +222,216 @@ async fn api_key_never_appears_in_logs_errors_or_outputs() {
     scan_for_secret(p.dir.path());
     assert!(s.stats().requests >= 14);
 }
+
+/// Sets up a project, lets `edit` change it, runs `sql`, and checks a clean failure naming
+/// every needle.
+async fn case(
+    sql: &str,
+    edit: impl FnOnce(&Project) + Send + 'static,
+    needles: &'static [&'static str],
+) {
+    let s = server().await;
+    let p = Project::new(&s.base_url(), 8, false);
+    edit(&p);
+    let sql = sql.to_string();
+    let r = in_blocking(move || (run_sql(&p, &sql, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, needles);
+}
+
+fn set_config(p: &Project, from: &str, to: &str) {
+    let t = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    assert!(t.contains(from), "{from:?} not in sluice.toml");
+    p.write("sluice.toml", &t.replacen(from, to, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_jsonl_file() {
+    case(COPY_QA, |p| p.write("data/t.jsonl", ""), &["q.sql:1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_jsonl_file() {
+    case(
+        COPY_QA,
+        |p| {
+            std::fs::write(
+                p.path("data/t.jsonl"),
+                b"{\"ticker\": \"A\xff\xfe\", \"q\": \"x\", \"date\": \"d\", \"transcript\": \"t\"}\n",
+            )
+            .unwrap()
+        },
+        &["q.sql:"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_syntax_error_names_the_line() {
+    case(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\nSELEC ticker FROM t;\n",
+        |_| {},
+        &["q.sql:3", "statement 2"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_table() {
+    case("SELECT * FROM nowhere;\n", |_| {}, &["q.sql:1", "nowhere"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_arguments() {
+    let sql = COPY_QA.replace("'What was revenue?')", "'What was revenue?', 'extra')");
+    case(&sql, |_| {}, &["answer_question", "q.sql:2"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_toml_in_a_function_file() {
+    case(
+        COPY_QA,
+        |p| p.write("udfs/broken.toml", "name = \"broken\nargs = [\n"),
+        &["broken.toml"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_function_names() {
+    case(
+        COPY_QA,
+        |p| {
+            let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
+            p.write("udfs/answer_question_copy.toml", &t);
+        },
+        &["answer_question"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_naming_an_unknown_model() {
+    case(
+        COPY_QA,
+        |p| {
+            let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
+            p.write(
+                "udfs/answer_question.toml",
+                &t.replace("model = \"default\"", "model = \"nosuchmodel\""),
+            );
+        },
+        &["nosuchmodel"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_provider_kind() {
+    case(
+        COPY_QA,
+        |p| set_config(p, "kind = \"openai\"", "kind = \"magic\""),
+        &["sluice.toml", "magic"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_base_url() {
+    case(
+        COPY_QA,
+        |p| {
+            let t = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+            let start = t.find("base_url = \"").unwrap();
+            let end = start + t[start..].find('\n').unwrap();
+            p.write(
+                "sluice.toml",
+                &format!("{}base_url = \"not a url\"{}", &t[..start], &t[end..]),
+            );
+        },
+        &["sluice.toml", "base_url"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_config_key() {
+    case(
+        COPY_QA,
+        |p| set_config(p, "[dispatcher]\n", "[dispatcher]\nconcurency = 8\n"),
+        &["sluice.toml", "concurency"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_failure() {
+    case(
+        COPY_QA,
+        |p| {
+            let t = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+            let start = t.find("base_url = \"").unwrap();
+            let end = start + t[start..].find('\n').unwrap();
+            p.write(
+                "sluice.toml",
+                &format!(
+                    "{}base_url = \"http://no-such-host.invalid/v1\"{}",
+                    &t[..start],
+                    &t[end..]
+                ),
+            );
+        },
+        &["q.sql:2", "no-such-host.invalid"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_path_that_cannot_be_created() {
+    // A file where the output's directory should be (root ignores permission bits).
+    let sql = COPY_QA.replace("'out/r.parquet'", "'data/t.jsonl/r.parquet'");
+    case(&sql, |_| {}, &["q.sql:2", "data/t.jsonl/r.parquet"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_output_format() {
+    let sql = COPY_QA.replace("STORED AS PARQUET", "STORED AS XML");
+    case(&sql, |_| {}, &["q.sql:2", "XML"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_fail_stops_the_statement_on_a_failed_row() {
+    let s = mock(MockConfig {
+        permanent: vec![("revenue".to_string(), Fault::Server500)],
+        ..MockConfig::default()
+    })
+    .await;
+    let p = Project::new(&s.base_url(), 8, false);
+    let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
+    p.write(
+        "udfs/answer_question.toml",
+        &t.replace("on_error = \"null\"", "on_error = \"fail\""),
+    );
+    let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["answer_question", "on_error", "q.sql:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_text_with_a_bad_size() {
+    case(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+         SELECT unnest(chunk_text(transcript, 0)) FROM t;\n",
+        |_| {},
+        &["q.sql:2", "chunk_text"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_input_directory() {
+    case(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'nowhere/';\nSELECT * FROM t;\n",
+        |_| {},
+        &["q.sql:1", "nowhere"],
+    )
+    .await;
+}
