@@ -435,3 +435,20 @@ async fn missing_input_directory() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_column_type() {
+    case(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+         COPY (SELECT unnest(chunk_text(transcript, 4096)) AS p FROM t) TO 'out/r.parquet' \
+         STORED AS PARQUET;\n",
+        |p| {
+            p.write(
+                "data/t.jsonl",
+                "{\"ticker\": \"A\", \"q\": \"2020-Q1\", \"date\": \"d\", \"transcript\": 123}\n",
+            )
+        },
+        &["q.sql:2", "chunk_text", "Int64"],
+    )
+    .await;
+}
