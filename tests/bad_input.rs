@@ -452,3 +452,43 @@ async fn wrong_column_type() {
     )
     .await;
 }
+
+/// A 50 MB transcript in one line is data, not an error: it is read and cut into passages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mb_row_is_read_and_chunked() {
+    let s = server().await;
+    let p = Project::new(&s.base_url(), 8, false);
+    let sentence = "Revenue grew 12% to $4.2 million in the quarter. ";
+    let big = sentence.repeat(50 * 1024 * 1024 / sentence.len());
+    p.write(
+        "data/t.jsonl",
+        &format!(
+            "{{\"ticker\": \"BIG\", \"q\": \"2020-Q1\", \"date\": \"d\", \"transcript\": \"{big}\"}}\n"
+        ),
+    );
+    let sql = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+               SELECT count(*) AS passages, max(length(p)) AS longest FROM \
+               (SELECT unnest(chunk_text(transcript, 4096)) AS p FROM t);\n";
+    let (p, (code, out, err)) = in_blocking(move || {
+        let r = run_sql(&p, sql, &[]);
+        (p, r)
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    // Passages end at sentence boundaries, so a little under 4,096 characters each.
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("| ") && !l.contains("passages"))
+        .unwrap_or_else(|| panic!("no result row:\n{out}"));
+    let cells: Vec<usize> = row
+        .split('|')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    let (passages, longest) = (cells[0], cells[1]);
+    assert!(
+        (big.len() / 4096..big.len() / 3500).contains(&passages),
+        "{passages} passages"
+    );
+    assert!(longest <= 4096, "{longest}");
+    drop(p);
+}
