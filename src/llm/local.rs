@@ -235,6 +235,9 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
     let mut grammars: HashMap<String, Result<String, String>> = HashMap::new();
     let mut slots: Vec<Option<Active>> = (0..s.parallel).map(|_| None).collect();
     let mut batch = LlamaBatch::new(n_batch as usize, s.parallel as i32);
+    // Decode steps and the time llama.cpp spent in them, against the loop's wall time.
+    let mut steps = (0u64, std::time::Duration::ZERO);
+    let started = std::time::Instant::now();
     loop {
         // Admit new rows into free slots; block only when nothing is running.
         if slots.iter().all(Option::is_none) {
@@ -286,7 +289,12 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
                 room -= 1;
             }
         }
-        if let Err(e) = ctx.decode(&mut batch) {
+        let step = std::time::Instant::now();
+        let decoded = ctx.decode(&mut batch);
+        let decode_time = step.elapsed();
+        steps.0 += 1;
+        steps.1 += decode_time;
+        if let Err(e) = decoded {
             let msg = format!("llama.cpp decode failed: {e}");
             for (seq, slot) in slots.iter_mut().enumerate() {
                 if let Some(a) = slot.take() {
@@ -312,6 +320,15 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
             let full = a.generated >= a.job.max_tokens || a.pos as u32 + 1 >= per_seq;
             if stop || full {
                 let a = slot.take().expect("active");
+                tracing::debug!(
+                    "local model: row done, {} prompt + {} generated tokens; {} decode steps \
+                     so far took {:?} in llama.cpp of {:?}",
+                    a.prompt_len,
+                    a.generated,
+                    steps.0,
+                    steps.1,
+                    started.elapsed()
+                );
                 let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
                 let finish = if stop { "stop" } else { "length" };
                 let _ = a.job.reply.send(Ok(LlmResponse {
