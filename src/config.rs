@@ -178,6 +178,8 @@ pub struct DispatcherConfig {
     pub backoff_max: Duration,
     /// Total time one row may spend on its attempts and waits; no retry starts after it.
     pub row_deadline: Duration,
+    /// Most tokens (prompt + completion) the run may spend; `--budget-tokens`.
+    pub budget_tokens: Option<u64>,
 }
 
 impl Default for DispatcherConfig {
@@ -188,6 +190,7 @@ impl Default for DispatcherConfig {
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             row_deadline: Duration::from_secs(600),
+            budget_tokens: None,
         }
     }
 }

@@ -404,6 +404,15 @@ impl Engine {
         }
     }
 
+    /// Whether a request was refused because the token budget would be exceeded.
+    pub fn budget_exhausted(&self) -> bool {
+        self.runtime
+            .dispatcher
+            .metrics()
+            .budget_exhausted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The live counters of the LLM calls (for progress displays).
     pub fn live_metrics(&self) -> Arc<crate::llm::Metrics> {
         self.runtime.dispatcher.metrics().clone()

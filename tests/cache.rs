@@ -182,3 +182,30 @@ async fn a_second_process_on_the_same_cache_gets_a_clear_error() {
     first.wait().unwrap();
     drop(p);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_budget_stops_cleanly_and_the_rerun_continues() {
+    let s = mock(MockConfig::default()).await;
+    let p = Project::new(&s.base_url(), 4, true);
+    p.write("q.sql", &project_flagship_sql("out/qa.parquet"));
+    // Each prompt is about 1,000 tokens: the budget covers roughly a third of the 56 prompts.
+    let (code, _, err) = p.run_args(&["run", "q.sql", "--budget-tokens", "20000"]);
+    assert_eq!(code, 3, "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap();
+    assert!(line.contains("token budget of 20000"), "{line}");
+    assert!(!p.path("out/qa.parquet").exists(), "no partial output");
+    let spent = s.stats().requests;
+    assert!(
+        (5..56).contains(&spent),
+        "{spent} requests within the budget"
+    );
+
+    s.reset_stats();
+    let (rows, _) = flagship(&p, "out/qa.parquet", &[]).await;
+    assert_eq!(rows.len(), 42);
+    assert_eq!(
+        s.stats().requests,
+        56 - spent,
+        "the re-run sends only what the budget stopped"
+    );
+}

@@ -53,6 +53,10 @@ pub enum Command {
         /// Ignore cached responses (call again) but store the new ones.
         #[arg(long)]
         refresh: bool,
+        /// Stop cleanly (exit code 3) before the run's prompt + completion tokens would exceed
+        /// this; everything received so far stays in the cache.
+        #[arg(long)]
+        budget_tokens: Option<u64>,
     },
     /// Inspect or empty the persistent response cache.
     Cache {
@@ -112,6 +116,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub const EXIT_STATEMENT_FAILED: u8 = 1;
 /// Exit code for bad configuration, function definitions or usage.
 pub const EXIT_CONFIG: u8 = 2;
+/// Exit code for a run stopped by `--budget-tokens`.
+pub const EXIT_BUDGET: u8 = 3;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -291,7 +297,11 @@ async fn run(cli: Cli) -> ExitCode {
             metrics_json,
             no_cache,
             refresh,
+            budget_tokens,
         } => {
+            if budget_tokens.is_some() {
+                config.dispatcher.budget_tokens = budget_tokens;
+            }
             if no_cache {
                 config.cache.enabled = false;
             }
@@ -338,7 +348,11 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    ExitCode::from(EXIT_STATEMENT_FAILED)
+                    if engine.budget_exhausted() {
+                        ExitCode::from(EXIT_BUDGET)
+                    } else {
+                        ExitCode::from(EXIT_STATEMENT_FAILED)
+                    }
                 }
             }
         }

@@ -168,6 +168,10 @@ pub struct Metrics {
     pub tokens_out: AtomicU64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: AtomicU64,
+    /// Estimated tokens of the requests on the wire (counted against the budget).
+    reserved_tokens: AtomicU64,
+    /// Set when a request was refused because the token budget would be exceeded.
+    pub budget_exhausted: std::sync::atomic::AtomicBool,
     /// Calls answered from the persistent cache.
     pub cache_hits: AtomicU64,
     /// Calls looked up in the persistent cache and not found.
@@ -378,6 +382,20 @@ async fn collect_batches(
     }
 }
 
+/// Tokens held against the budget while a request is on the wire.
+struct BudgetReservation<'a> {
+    metrics: &'a Metrics,
+    tokens: u64,
+}
+
+impl Drop for BudgetReservation<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .reserved_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+    }
+}
+
 /// Counts one request on the wire (globally and for its function) around `send`.
 async fn on_the_wire<T, F: std::future::Future<Output = T>>(
     m: &Metrics,
@@ -504,6 +522,7 @@ impl Inner {
     ) -> Result<LlmResponse, LlmError> {
         let prompt_chars =
             req.prompt.user.len() + req.prompt.system.as_ref().map_or(0, String::len);
+        let _reservation = self.reserve_budget(estimate_tokens(prompt_chars, req.max_tokens))?;
         // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
         // so that a paused model never holds permits other models could use.
         let admission = model
@@ -527,6 +546,33 @@ impl Inner {
         };
         model.governor.release(admission, outcome);
         result
+    }
+
+    /// Counts `estimate` tokens against the run's budget while a request is on the wire, or
+    /// refuses the request when the budget would be exceeded.
+    fn reserve_budget(&self, estimate: u64) -> Result<Option<BudgetReservation<'_>>, LlmError> {
+        let Some(budget) = self.cfg.budget_tokens else {
+            return Ok(None);
+        };
+        let m = &self.metrics;
+        let used = m.tokens_in.load(Ordering::Relaxed) + m.tokens_out.load(Ordering::Relaxed);
+        let reserved = m.reserved_tokens.fetch_add(estimate, Ordering::Relaxed) + estimate;
+        if used + reserved > budget {
+            m.reserved_tokens.fetch_sub(estimate, Ordering::Relaxed);
+            m.budget_exhausted.store(true, Ordering::Relaxed);
+            return Err(LlmError::new(
+                ErrorKind::Budget,
+                format!(
+                    "token budget of {budget} reached ({used} tokens used); every response \
+                     received is in the cache: re-run with a larger --budget-tokens (or none) \
+                     to continue from there"
+                ),
+            ));
+        }
+        Ok(Some(BudgetReservation {
+            metrics: m,
+            tokens: estimate,
+        }))
     }
 
     /// Queues the prompt for a list-prompt request of its model, function and limit.
@@ -557,6 +603,9 @@ impl Inner {
                 })
                 .clone()
         };
+        let prompt_chars =
+            req.prompt.user.len() + req.prompt.system.as_ref().map_or(0, String::len);
+        let _reservation = self.reserve_budget(estimate_tokens(prompt_chars, req.max_tokens))?;
         let (done, answer) = oneshot::channel();
         let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
         tx.send(Pending {

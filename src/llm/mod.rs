@@ -58,6 +58,8 @@ pub enum ErrorKind {
     NullInput,
     /// The prompt could not be rendered for this row.
     Template,
+    /// The run's token budget would be exceeded: systemic, ends the statement.
+    Budget,
 }
 
 impl ErrorKind {
@@ -79,6 +81,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::NullInput => "null_input",
             ErrorKind::Template => "template",
+            ErrorKind::Budget => "budget",
         }
     }
 
@@ -103,7 +106,7 @@ impl ErrorKind {
     pub fn is_systemic(self) -> bool {
         matches!(
             self,
-            ErrorKind::Connect | ErrorKind::Auth | ErrorKind::NotFound
+            ErrorKind::Connect | ErrorKind::Auth | ErrorKind::NotFound | ErrorKind::Budget
         )
     }
 }

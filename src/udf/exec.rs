@@ -306,6 +306,22 @@ impl Stream for LlmStream {
         let this = &mut *self;
         loop {
             this.poll_tasks(cx);
+            // A slice failed the statement: submit nothing more, and let the requests already
+            // on the wire finish (their responses reach the cache) before reporting it.
+            if let Some(i) = this
+                .pending
+                .iter()
+                .position(|s| matches!(s.done, Some(Err(_))))
+            {
+                if this.pending.iter().any(|s| s.task.is_some()) {
+                    return Poll::Pending;
+                }
+                let slot = this.pending.remove(i).expect("failed slot");
+                this.pending.clear();
+                this.input = None;
+                this.leftover = None;
+                return Poll::Ready(slot.done);
+            }
             // Emit the front slot as soon as it is complete.
             if this.pending.front().is_some_and(|s| s.done.is_some()) {
                 let slot = this.pending.pop_front().expect("front exists");
