@@ -238,6 +238,17 @@ async fn case(
     assert_clean_failure(&r.1, &r.0, needles);
 }
 
+/// Replaces the `base_url` line of the project's sluice.toml.
+fn set_base_url(p: &Project, url: &str) {
+    let t = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    let start = t.find("base_url = \"").unwrap();
+    let end = start + t[start..].find('\n').unwrap();
+    p.write(
+        "sluice.toml",
+        &format!("{}base_url = \"{url}\"{}", &t[..start], &t[end..]),
+    );
+}
+
 fn set_config(p: &Project, from: &str, to: &str) {
     let t = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
     assert!(t.contains(from), "{from:?} not in sluice.toml");
@@ -339,15 +350,7 @@ async fn unknown_provider_kind() {
 async fn bad_base_url() {
     case(
         COPY_QA,
-        |p| {
-            let t = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
-            let start = t.find("base_url = \"").unwrap();
-            let end = start + t[start..].find('\n').unwrap();
-            p.write(
-                "sluice.toml",
-                &format!("{}base_url = \"not a url\"{}", &t[..start], &t[end..]),
-            );
-        },
+        |p| set_base_url(p, "not a url"),
         &["sluice.toml", "base_url"],
     )
     .await;
@@ -367,19 +370,7 @@ async fn unknown_config_key() {
 async fn dns_failure() {
     case(
         COPY_QA,
-        |p| {
-            let t = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
-            let start = t.find("base_url = \"").unwrap();
-            let end = start + t[start..].find('\n').unwrap();
-            p.write(
-                "sluice.toml",
-                &format!(
-                    "{}base_url = \"http://no-such-host.invalid/v1\"{}",
-                    &t[..start],
-                    &t[end..]
-                ),
-            );
-        },
+        |p| set_base_url(p, "http://no-such-host.invalid/v1"),
         &["q.sql:2", "no-such-host.invalid"],
     )
     .await;

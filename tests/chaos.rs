@@ -10,33 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use sluice::Engine;
 use sluice::config::Config;
 use support::*;
-
-fn strings(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
-    let mut out = vec![];
-    for b in batches {
-        let a = b.column_by_name(col).unwrap().as_string::<i32>();
-        for i in 0..a.len() {
-            out.push(a.is_valid(i).then(|| a.value(i).to_string()));
-        }
-    }
-    out
-}
-
-fn kinds(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
-    let mut out = vec![];
-    for b in batches {
-        let st = b.column_by_name(col).unwrap().as_struct();
-        let k = st.column_by_name("kind").unwrap().as_string::<i32>();
-        for i in 0..st.len() {
-            out.push(st.is_valid(i).then(|| k.value(i).to_string()));
-        }
-    }
-    out
-}
 
 const KNOWN: [&str; 9] = [
     "rate_limited",
@@ -94,7 +70,10 @@ async fn flagship_under_every_fault_at_once_keeps_every_row() {
     let passages = strings(&b, "passage");
     let questions = strings(&b, "question");
     let answers = strings(&b, "answer");
-    let (qk, ak) = (kinds(&b, "question_error"), kinds(&b, "answer_error"));
+    let (qk, ak) = (
+        error_kinds(&b, "question_error"),
+        error_kinds(&b, "answer_error"),
+    );
     let mut per_passage: HashMap<&str, usize> = HashMap::new();
     for p in &passages {
         *per_passage.entry(p.as_deref().unwrap()).or_default() += 1;

@@ -4,41 +4,10 @@ mod support;
 
 use std::collections::HashMap;
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::DataType;
 use minijinja::Value;
 use support::*;
-
-/// Every row of a Parquet result, as column name → string values (None for NULL).
-fn strings(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
-    let mut out = vec![];
-    for b in batches {
-        let a = b
-            .column_by_name(col)
-            .unwrap_or_else(|| panic!("column {col}"));
-        let s = a.as_string::<i32>();
-        for i in 0..s.len() {
-            out.push(s.is_valid(i).then(|| s.value(i).to_string()));
-        }
-    }
-    out
-}
-
-/// `kind` of an error struct column per row (None when the row has no error).
-fn error_kinds(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
-    let mut out = vec![];
-    for b in batches {
-        let a = b
-            .column_by_name(col)
-            .unwrap_or_else(|| panic!("column {col}"));
-        let st = a.as_struct();
-        let kind = st.column_by_name("kind").expect("kind").as_string::<i32>();
-        for i in 0..st.len() {
-            out.push(st.is_valid(i).then(|| kind.value(i).to_string()));
-        }
-    }
-    out
-}
 
 struct Row {
     company: String,

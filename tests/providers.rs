@@ -5,7 +5,6 @@ mod support;
 
 use std::path::Path;
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use minijinja::Value;
 use sluice::Engine;
 use sluice::config::Config;
@@ -23,17 +22,6 @@ fn engine(kind: &str, base_url: &str, batch: usize, concurrency: usize) -> Engin
     Engine::new(&cfg).unwrap()
 }
 
-fn column(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
-    let mut out = vec![];
-    for b in batches {
-        let a = b.column_by_name(name).unwrap().as_string::<i32>();
-        for i in 0..a.len() {
-            out.push(a.is_valid(i).then(|| a.value(i).to_string()));
-        }
-    }
-    out
-}
-
 /// Runs the flagship over the real excerpts; checks 42 rows, every answer tagged with the hash
 /// of its own flat prompt (system, blank line, user), and returns what the server saw.
 async fn flagship_batched(engine: &Engine, server: &MockServer) -> StatsSnapshot {
@@ -43,12 +31,12 @@ async fn flagship_batched(engine: &Engine, server: &MockServer) -> StatsSnapshot
     run(engine, &sql).await.unwrap();
     let batches = read_parquet(&out).await;
     let (c, q, d, p) = (
-        column(&batches, "company"),
-        column(&batches, "quarter"),
-        column(&batches, "date"),
-        column(&batches, "passage"),
+        strings(&batches, "company"),
+        strings(&batches, "quarter"),
+        strings(&batches, "date"),
+        strings(&batches, "passage"),
     );
-    let (questions, answers) = (column(&batches, "question"), column(&batches, "answer"));
+    let (questions, answers) = (strings(&batches, "question"), strings(&batches, "answer"));
     assert_eq!(answers.len(), 42, "14 passages x 3 questions");
     let def = engine.function("answer_question").unwrap();
     for i in 0..answers.len() {

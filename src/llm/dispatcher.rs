@@ -20,7 +20,7 @@ use futures::future::{BoxFuture, Shared};
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::governor::{Governor, Outcome, estimate_tokens};
+use super::governor::{Governor, Outcome};
 use super::{ErrorKind, LlmError, LlmRequest, LlmResponse, Provider, RowError, parse_response};
 use crate::cache::{CacheMode, CachedResponse, RequestKey, ResponseCache, request_key};
 use crate::config::DispatcherConfig;
@@ -327,9 +327,7 @@ async fn collect_batches(
 ) {
     let max = model.provider.max_batch().max(1);
     while let Some(first) = rx.recv().await {
-        let prompt_chars =
-            first.req.prompt.user.len() + first.req.prompt.system.as_ref().map_or(0, String::len);
-        let estimate = estimate_tokens(prompt_chars, first.req.max_tokens) * max as u64;
+        let estimate = first.req.estimated_tokens() * max as u64;
         let admission = model.governor.admit(estimate).await;
         let Ok(permit) = global.clone().acquire_owned().await else {
             model.governor.release(admission, Outcome::Failed);
@@ -520,15 +518,11 @@ impl Inner {
         req: &LlmRequest,
         fm: &FunctionMetrics,
     ) -> Result<LlmResponse, LlmError> {
-        let prompt_chars =
-            req.prompt.user.len() + req.prompt.system.as_ref().map_or(0, String::len);
-        let _reservation = self.reserve_budget(estimate_tokens(prompt_chars, req.max_tokens))?;
+        let estimate = req.estimated_tokens();
+        let _reservation = self.reserve_budget(estimate)?;
         // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
         // so that a paused model never holds permits other models could use.
-        let admission = model
-            .governor
-            .admit(estimate_tokens(prompt_chars, req.max_tokens))
-            .await;
+        let admission = model.governor.admit(estimate).await;
         let Ok(_global) = self.global.acquire().await else {
             model.governor.release(admission, Outcome::Failed);
             return Err(LlmError::new(ErrorKind::Connection, "dispatcher shut down"));
@@ -603,9 +597,7 @@ impl Inner {
                 })
                 .clone()
         };
-        let prompt_chars =
-            req.prompt.user.len() + req.prompt.system.as_ref().map_or(0, String::len);
-        let _reservation = self.reserve_budget(estimate_tokens(prompt_chars, req.max_tokens))?;
+        let _reservation = self.reserve_budget(req.estimated_tokens())?;
         let (done, answer) = oneshot::channel();
         let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
         tx.send(Pending {

@@ -198,6 +198,15 @@ pub struct LlmRequest {
     pub schema: Option<Arc<OutputSchema>>,
 }
 
+impl LlmRequest {
+    /// Tokens this request may cost before the provider reports usage: prompt length (system
+    /// and user) and the completion limit; see [`governor::estimate_tokens`].
+    pub fn estimated_tokens(&self) -> u64 {
+        let chars = self.prompt.user.len() + self.prompt.system.as_ref().map_or(0, String::len);
+        governor::estimate_tokens(chars, self.max_tokens)
+    }
+}
+
 /// Token usage reported by a provider.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {

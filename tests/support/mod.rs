@@ -7,6 +7,7 @@ pub mod s3;
 
 use std::path::{Path, PathBuf};
 
+use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::record_batch::RecordBatch;
 use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
@@ -121,6 +122,37 @@ pub async fn read_parquet(path: &Path) -> Vec<RecordBatch> {
         }
     }
     batches
+}
+
+/// The values of a Utf8 column over every batch (None for NULL).
+pub fn strings(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
+    let mut out = vec![];
+    for b in batches {
+        let a = b
+            .column_by_name(col)
+            .unwrap_or_else(|| panic!("column {col}"));
+        let s = a.as_string::<i32>();
+        for i in 0..s.len() {
+            out.push(s.is_valid(i).then(|| s.value(i).to_string()));
+        }
+    }
+    out
+}
+
+/// `kind` of an error struct column per row (None when the row has no error).
+pub fn error_kinds(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
+    let mut out = vec![];
+    for b in batches {
+        let a = b
+            .column_by_name(col)
+            .unwrap_or_else(|| panic!("column {col}"));
+        let st = a.as_struct();
+        let kind = st.column_by_name("kind").expect("kind").as_string::<i32>();
+        for i in 0..st.len() {
+            out.push(st.is_valid(i).then(|| kind.value(i).to_string()));
+        }
+    }
+    out
 }
 
 /// Starts a mock server with the given configuration.
