@@ -58,6 +58,8 @@ pub enum CacheMode {
     Refresh,
     /// Neither read nor write (`--no-cache`).
     Off,
+    /// Answer from the cache when possible; store nothing (`sluice explain`).
+    ReadOnly,
 }
 
 /// Errors of the persistent cache.

@@ -163,6 +163,9 @@ struct RawModel {
     adaptive_concurrency: Option<bool>,
     batch_size: Option<usize>,
     context_size: Option<u32>,
+    input_usd_per_mtok: Option<f64>,
+    output_usd_per_mtok: Option<f64>,
+    tokenizer: Option<String>,
 }
 
 /// Dispatcher settings: the global budget and the retry policy.
@@ -180,6 +183,8 @@ pub struct DispatcherConfig {
     pub row_deadline: Duration,
     /// Most tokens (prompt + completion) the run may spend; `--budget-tokens`.
     pub budget_tokens: Option<u64>,
+    /// Most US dollars the run may spend at the models' prices; `--budget-usd`.
+    pub budget_usd: Option<f64>,
 }
 
 impl Default for DispatcherConfig {
@@ -191,6 +196,7 @@ impl Default for DispatcherConfig {
             backoff_max: Duration::from_secs(30),
             row_deadline: Duration::from_secs(600),
             budget_tokens: None,
+            budget_usd: None,
         }
     }
 }
@@ -253,6 +259,28 @@ pub struct ModelConfig {
     pub batch_size: usize,
     /// Context tokens per row for the local model (prompt and output; default 2048).
     pub context_size: u32,
+    /// Prices for `sluice explain` and `--budget-usd` (a local model costs nothing).
+    pub prices: Option<Prices>,
+    /// How `sluice explain` counts tokens: a tiktoken encoding (`o200k_base`, `cl100k_base`) or
+    /// a GGUF file whose vocabulary to use; default: the encoding OpenAI uses for `model`, else
+    /// `o200k_base`. Local models always use their own vocabulary.
+    pub tokenizer: Option<String>,
+}
+
+/// What a model's tokens cost, in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prices {
+    /// USD per million prompt tokens (`input_usd_per_mtok`).
+    pub input: f64,
+    /// USD per million completion tokens (`output_usd_per_mtok`).
+    pub output: f64,
+}
+
+impl Prices {
+    /// The cost of `prompt` + `completion` tokens in USD.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
+    }
 }
 
 /// The GGUF the default model runs (fetched by `scripts/fetch-model.sh`).
@@ -278,6 +306,11 @@ impl ModelConfig {
             adaptive_concurrency: false,
             batch_size: 1,
             context_size: 2048,
+            prices: Some(Prices {
+                input: 0.0,
+                output: 0.0,
+            }),
+            tokenizer: None,
         }
     }
 }
@@ -413,11 +446,16 @@ impl Config {
                     }
                     lm.context_size = c;
                 }
-                if m.base_url.is_some() || m.api_key_env.is_some() || m.batch_size.is_some() {
+                if m.base_url.is_some()
+                    || m.api_key_env.is_some()
+                    || m.batch_size.is_some()
+                    || m.tokenizer.is_some()
+                {
                     return Err(invalid(format!(
                         "models.{name}: a local model takes model (the GGUF path), concurrency \
-                         (rows decoded together) and context_size; base_url, api_key_env and \
-                         batch_size belong to servers"
+                         (rows decoded together) and context_size, and counts tokens with its \
+                         own vocabulary; base_url, api_key_env, batch_size and tokenizer belong \
+                         to servers"
                     )));
                 }
                 cfg.models.insert(name, lm);
@@ -485,6 +523,8 @@ impl Config {
                     "models.{name}.concurrency must be at least 1"
                 )));
             }
+            let prices =
+                prices(&name, m.input_usd_per_mtok, m.output_usd_per_mtok).map_err(invalid)?;
             cfg.models.insert(
                 name.clone(),
                 ModelConfig {
@@ -504,10 +544,37 @@ impl Config {
                     adaptive_concurrency: m.adaptive_concurrency.unwrap_or(true),
                     batch_size,
                     context_size: m.context_size.unwrap_or(2048),
+                    prices,
+                    tokenizer: m.tokenizer,
                 },
             );
         }
         Ok(cfg)
+    }
+}
+
+/// Both prices or neither; non-negative and finite.
+fn prices(name: &str, input: Option<f64>, output: Option<f64>) -> Result<Option<Prices>, String> {
+    match (input, output) {
+        (None, None) => Ok(None),
+        (Some(input), Some(output)) => {
+            for (key, v) in [
+                ("input_usd_per_mtok", input),
+                ("output_usd_per_mtok", output),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(format!(
+                        "models.{name}.{key} must be a price in USD per million tokens (>= 0), \
+                         got {v}"
+                    ));
+                }
+            }
+            Ok(Some(Prices { input, output }))
+        }
+        _ => Err(format!(
+            "models.{name}: give both input_usd_per_mtok and output_usd_per_mtok (USD per \
+             million prompt and completion tokens), or neither"
+        )),
     }
 }
 

@@ -24,6 +24,7 @@ use futures::StreamExt;
 use crate::cache::{CacheError, CacheMode, ResponseCache};
 use crate::config::{Config, ProviderKind};
 use crate::llm::dispatcher::ModelHandle;
+use crate::llm::estimate::{EstimateProvider, TokenCounter};
 use crate::llm::governor::{Governor, GovernorConfig};
 use crate::llm::lamini::LaminiProvider;
 use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
@@ -35,6 +36,9 @@ use crate::udf::def::{DefError, FunctionDef};
 use crate::udf::exec::{LlmPlanner, LlmRuntime};
 use crate::udf::plan::LiftLlmCalls;
 use crate::udf::{LlmUdf, generic_llm_def};
+
+mod explain;
+pub use explain::{Explanation, FunctionEstimate, StatementEstimate, thousands};
 
 /// Errors that stop the engine from starting.
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +262,45 @@ pub struct Engine {
     runtime: Arc<LlmRuntime>,
     functions: Vec<Arc<FunctionDef>>,
     json_locations: std::sync::Mutex<BTreeMap<String, PathBuf>>,
+    answers: Answers,
+    token_counters: BTreeMap<String, String>,
+}
+
+/// Who answers an engine's LLM calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answers {
+    /// The configured models.
+    Models,
+    /// Placeholders with counted tokens (`sluice explain`).
+    Estimates,
+}
+
+/// An estimating provider that keeps the real provider's schema checks and cache identity.
+#[derive(Debug)]
+struct CheckedEstimate {
+    estimate: EstimateProvider,
+    real: Arc<dyn Provider>,
+}
+
+#[async_trait]
+impl Provider for CheckedEstimate {
+    fn endpoint(&self) -> String {
+        self.estimate.endpoint()
+    }
+
+    async fn complete(
+        &self,
+        req: &crate::llm::LlmRequest,
+    ) -> Result<crate::llm::LlmResponse, crate::llm::LlmError> {
+        self.estimate.complete(req).await
+    }
+
+    fn check_schema(
+        &self,
+        schema: Option<&crate::udf::schema::OutputSchema>,
+    ) -> Result<(), String> {
+        self.real.check_schema(schema)
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -277,20 +320,60 @@ impl Engine {
 
     /// Builds an engine with explicit function definitions.
     pub fn with_functions(config: &Config, defs: Vec<FunctionDef>) -> Result<Engine, EngineError> {
+        Self::build(config, defs, Answers::Models)
+    }
+
+    /// Builds an engine whose LLM functions call no model: every call is answered with a
+    /// placeholder shaped by its output schema and its tokens are counted with the model's
+    /// tokenizer (see [`crate::llm::estimate`]); the response cache is only read. For
+    /// `sluice explain`.
+    pub fn for_estimates(config: &Config) -> Result<Engine, EngineError> {
+        let defs = FunctionDef::load_dir(&config.udf_dir)?;
+        Self::build(config, defs, Answers::Estimates)
+    }
+
+    /// Whether this engine only estimates (see [`Engine::for_estimates`]).
+    pub fn estimates(&self) -> bool {
+        self.answers == Answers::Estimates
+    }
+
+    /// How each model's tokens are counted, for engines that estimate.
+    pub fn token_counters(&self) -> &BTreeMap<String, String> {
+        &self.token_counters
+    }
+
+    fn build(
+        config: &Config,
+        defs: Vec<FunctionDef>,
+        answers: Answers,
+    ) -> Result<Engine, EngineError> {
+        let estimating = answers == Answers::Estimates;
         let cache = if config.cache.enabled {
-            Some(Arc::new(
-                ResponseCache::open(&config.cache.dir).map_err(EngineError::Cache)?,
-            ))
+            match ResponseCache::open(&config.cache.dir) {
+                Ok(c) => Some(Arc::new(c)),
+                // An estimate does without the cache while a run holds it.
+                Err(CacheError::Busy(_)) if estimating => None,
+                Err(e) => return Err(EngineError::Cache(e)),
+            }
         } else {
             None
         };
-        let mode = if config.cache.refresh {
+        let mode = if estimating {
+            CacheMode::ReadOnly
+        } else if config.cache.refresh {
             CacheMode::Refresh
         } else {
             CacheMode::ReadWrite
         };
-        let dispatcher = Dispatcher::with_cache(config.dispatcher.clone(), cache, mode);
+        let mut dispatch = config.dispatcher.clone();
+        if estimating {
+            dispatch.max_attempts = 1;
+            dispatch.budget_tokens = None;
+            dispatch.budget_usd = None;
+        }
+        let dispatcher = Dispatcher::with_cache(dispatch, cache, mode);
         let mut models = BTreeMap::new();
+        let mut token_counters = BTreeMap::new();
         for (name, m) in &config.models {
             let pool = m.concurrency.min(config.dispatcher.concurrency);
             let model_err = |message| EngineError::Model {
@@ -313,16 +396,34 @@ impl Engine {
                     ));
                 }
             };
+            let mut governor = GovernorConfig {
+                max_concurrency: m.concurrency.min(config.dispatcher.concurrency),
+                rpm: m.rpm,
+                tpm: m.tpm,
+                adaptive: m.adaptive_concurrency,
+            };
+            let provider: Arc<dyn Provider> = if estimating {
+                governor = GovernorConfig {
+                    max_concurrency: config.dispatcher.concurrency,
+                    rpm: None,
+                    tpm: None,
+                    adaptive: false,
+                };
+                let counter = TokenCounter::for_model(m).map_err(model_err)?;
+                token_counters.insert(name.clone(), counter.describe());
+                Arc::new(CheckedEstimate {
+                    estimate: EstimateProvider::new(provider.endpoint(), Arc::new(counter)),
+                    real: provider,
+                })
+            } else {
+                provider
+            };
             models.insert(
                 name.clone(),
                 ModelHandle {
                     provider,
-                    governor: Arc::new(Governor::new(GovernorConfig {
-                        max_concurrency: m.concurrency.min(config.dispatcher.concurrency),
-                        rpm: m.rpm,
-                        tpm: m.tpm,
-                        adaptive: m.adaptive_concurrency,
-                    })),
+                    governor: Arc::new(Governor::new(governor)),
+                    prices: m.prices,
                 },
             );
         }
@@ -378,6 +479,8 @@ impl Engine {
             runtime,
             functions,
             json_locations: Default::default(),
+            answers,
+            token_counters,
         })
     }
 

@@ -1,6 +1,7 @@
 //! The `sluice` command line.
 
 pub mod progress;
+pub mod repl;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,28 @@ pub enum Command {
         /// this; everything received so far stays in the cache.
         #[arg(long)]
         budget_tokens: Option<u64>,
+        /// Stop cleanly (exit code 3) before the run's cost would exceed this many US dollars
+        /// at the models' prices (`input_usd_per_mtok`, `output_usd_per_mtok` in sluice.toml).
+        #[arg(long)]
+        budget_usd: Option<f64>,
+    },
+    /// Plan every statement and estimate its LLM calls, tokens and cost, without calling a
+    /// model or writing anything (cached responses count as free).
+    Explain {
+        /// The SQL file.
+        file: PathBuf,
+        /// Print the estimate as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Leave the plans out.
+        #[arg(long)]
+        no_plan: bool,
+    },
+    /// An interactive SQL shell with the LLM functions (`\d` lists tables and functions).
+    Sql {
+        /// Rows of each SELECT result to print.
+        #[arg(long, default_value_t = 20)]
+        max_rows: usize,
     },
     /// Inspect or empty the persistent response cache.
     Cache {
@@ -116,7 +139,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub const EXIT_STATEMENT_FAILED: u8 = 1;
 /// Exit code for bad configuration, function definitions or usage.
 pub const EXIT_CONFIG: u8 = 2;
-/// Exit code for a run stopped by `--budget-tokens`.
+/// Exit code for a run stopped by `--budget-tokens` or `--budget-usd`.
 pub const EXIT_BUDGET: u8 = 3;
 
 fn init_logging(verbose: u8) {
@@ -243,6 +266,25 @@ async fn run(cli: Cli) -> ExitCode {
     }
     match cli.command {
         Command::Cache { action } => cache_command(&config, action),
+        Command::Explain {
+            file,
+            json,
+            no_plan,
+        } => explain_command(&config, &file, json, no_plan).await,
+        Command::Sql { max_rows } => {
+            let engine = match Engine::new(&config) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if repl::run(&engine, &RunOptions { max_rows }).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_STATEMENT_FAILED)
+            }
+        }
         Command::GenCorpus {
             out,
             companies,
@@ -298,9 +340,17 @@ async fn run(cli: Cli) -> ExitCode {
             no_cache,
             refresh,
             budget_tokens,
+            budget_usd,
         } => {
             if budget_tokens.is_some() {
                 config.dispatcher.budget_tokens = budget_tokens;
+            }
+            if let Some(usd) = budget_usd {
+                if !usd.is_finite() || usd < 0.0 {
+                    eprintln!("error: --budget-usd must be a non-negative amount, got {usd}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                config.dispatcher.budget_usd = Some(usd);
             }
             if no_cache {
                 config.cache.enabled = false;
@@ -313,6 +363,16 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if budget_usd.is_some()
+                && let Some(model) = unpriced_model(&engine, &config)
+            {
+                eprintln!(
+                    "error: --budget-usd needs the price of model {model}: set \
+                     input_usd_per_mtok and output_usd_per_mtok (USD per million tokens) in \
+                     [models.{model}] of sluice.toml"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let opts = RunOptions { max_rows };
             let progress = (!quiet).then(|| progress::Progress::start(engine.live_metrics()));
             let result = match &progress {
@@ -349,12 +409,66 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     if engine.budget_exhausted() {
+                        eprintln!(
+                            "stopped by the budget: statements 1 to {} completed, statement {} \
+                             and later not run (its output was not written); {} calls answered \
+                             and kept in the cache, {} refused; the same command with a larger \
+                             budget continues from there",
+                            e.index - 1,
+                            e.index,
+                            metrics.succeeded + metrics.cache_hits,
+                            metrics.errors.get("budget").copied().unwrap_or(0)
+                        );
                         ExitCode::from(EXIT_BUDGET)
                     } else {
                         ExitCode::from(EXIT_STATEMENT_FAILED)
                     }
                 }
             }
+        }
+    }
+}
+
+/// A model that an LLM function uses but that has no prices.
+fn unpriced_model(engine: &Engine, config: &Config) -> Option<String> {
+    engine
+        .functions()
+        .iter()
+        .map(|f| &f.model)
+        .find(|m| config.models.get(*m).is_some_and(|m| m.prices.is_none()))
+        .cloned()
+}
+
+async fn explain_command(config: &Config, file: &Path, json: bool, no_plan: bool) -> ExitCode {
+    let engine = match Engine::for_estimates(config) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let sql = match std::fs::read_to_string(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(EXIT_STATEMENT_FAILED);
+        }
+    };
+    match engine
+        .explain_script(&sql, &file.display().to_string(), config)
+        .await
+    {
+        Ok(x) => {
+            if json {
+                println!("{}", x.to_json());
+            } else {
+                print!("{}", x.to_text(!no_plan));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_STATEMENT_FAILED)
         }
     }
 }

@@ -21,9 +21,11 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::governor::{Governor, Outcome};
-use super::{ErrorKind, LlmError, LlmRequest, LlmResponse, Provider, RowError, parse_response};
+use super::{
+    ErrorKind, LlmError, LlmRequest, LlmResponse, Provider, RowError, Usage, parse_response,
+};
 use crate::cache::{CacheMode, CachedResponse, RequestKey, ResponseCache, request_key};
-use crate::config::DispatcherConfig;
+use crate::config::{DispatcherConfig, Prices};
 
 /// The result of one row's call: the validated value or the final error.
 pub type CallResult = Result<Arc<Value>, Arc<RowError>>;
@@ -40,6 +42,17 @@ pub struct ModelHandle {
     pub provider: Arc<dyn Provider>,
     /// Adaptive concurrency, RPM/TPM buckets and pauses for this model.
     pub governor: Arc<Governor>,
+    /// What its tokens cost (for `--budget-usd`), if known.
+    pub prices: Option<Prices>,
+}
+
+impl ModelHandle {
+    /// Nano-dollars (1e-9 USD) that `usage` costs at this model's prices (0 without prices).
+    fn nano_usd(&self, usage: Usage) -> u64 {
+        self.prices.map_or(0, |p| {
+            (p.cost(usage.prompt_tokens, usage.completion_tokens) * 1e9).ceil() as u64
+        })
+    }
 }
 
 /// Latency histogram with logarithmic buckets (5% wide, from 50 µs), lock-free to record.
@@ -170,6 +183,10 @@ pub struct Metrics {
     pub max_in_flight: AtomicU64,
     /// Estimated tokens of the requests on the wire (counted against the budget).
     reserved_tokens: AtomicU64,
+    /// Cost of the responses received, in nano-dollars (at the models' prices).
+    pub spent_nano_usd: AtomicU64,
+    /// Estimated cost of the requests on the wire, in nano-dollars.
+    reserved_nano_usd: AtomicU64,
     /// Set when a request was refused because the token budget would be exceeded.
     pub budget_exhausted: std::sync::atomic::AtomicBool,
     /// Calls answered from the persistent cache.
@@ -380,10 +397,11 @@ async fn collect_batches(
     }
 }
 
-/// Tokens held against the budget while a request is on the wire.
+/// Tokens and dollars held against the budgets while a request is on the wire.
 struct BudgetReservation<'a> {
     metrics: &'a Metrics,
     tokens: u64,
+    nano_usd: u64,
 }
 
 impl Drop for BudgetReservation<'_> {
@@ -391,6 +409,9 @@ impl Drop for BudgetReservation<'_> {
         self.metrics
             .reserved_tokens
             .fetch_sub(self.tokens, Ordering::Relaxed);
+        self.metrics
+            .reserved_nano_usd
+            .fetch_sub(self.nano_usd, Ordering::Relaxed);
     }
 }
 
@@ -459,7 +480,10 @@ impl Dispatcher {
         let fm = self.inner.metrics.function(&req.function);
         fm.prompts.fetch_add(1, Ordering::Relaxed);
         if let Some(cache) = &self.inner.cache
-            && self.inner.cache_mode == CacheMode::ReadWrite
+            && matches!(
+                self.inner.cache_mode,
+                CacheMode::ReadWrite | CacheMode::ReadOnly
+            )
         {
             match cache.get(&key) {
                 Ok(Some(hit)) => {
@@ -519,7 +543,7 @@ impl Inner {
         fm: &FunctionMetrics,
     ) -> Result<LlmResponse, LlmError> {
         let estimate = req.estimated_tokens();
-        let _reservation = self.reserve_budget(estimate)?;
+        let _reservation = self.reserve_budget(model, req)?;
         // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
         // so that a paused model never holds permits other models could use.
         let admission = model.governor.admit(estimate).await;
@@ -542,31 +566,52 @@ impl Inner {
         result
     }
 
-    /// Counts `estimate` tokens against the run's budget while a request is on the wire, or
-    /// refuses the request when the budget would be exceeded.
-    fn reserve_budget(&self, estimate: u64) -> Result<Option<BudgetReservation<'_>>, LlmError> {
-        let Some(budget) = self.cfg.budget_tokens else {
+    /// Counts the request's estimated tokens and cost against the run's budgets while it is on
+    /// the wire, or refuses it when a budget would be exceeded.
+    fn reserve_budget(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+    ) -> Result<Option<BudgetReservation<'_>>, LlmError> {
+        if self.cfg.budget_tokens.is_none() && self.cfg.budget_usd.is_none() {
             return Ok(None);
-        };
+        }
         let m = &self.metrics;
+        let estimate = req.estimated_usage();
+        let tokens = estimate.prompt_tokens + estimate.completion_tokens;
+        let nano_usd = model.nano_usd(estimate);
         let used = m.tokens_in.load(Ordering::Relaxed) + m.tokens_out.load(Ordering::Relaxed);
-        let reserved = m.reserved_tokens.fetch_add(estimate, Ordering::Relaxed) + estimate;
-        if used + reserved > budget {
-            m.reserved_tokens.fetch_sub(estimate, Ordering::Relaxed);
+        let reserved = m.reserved_tokens.fetch_add(tokens, Ordering::Relaxed) + tokens;
+        let spent = m.spent_nano_usd.load(Ordering::Relaxed);
+        let reserved_usd = m.reserved_nano_usd.fetch_add(nano_usd, Ordering::Relaxed) + nano_usd;
+        let reservation = BudgetReservation {
+            metrics: m,
+            tokens,
+            nano_usd,
+        };
+        let refuse = |message: String| {
             m.budget_exhausted.store(true, Ordering::Relaxed);
-            return Err(LlmError::new(
-                ErrorKind::Budget,
-                format!(
-                    "token budget of {budget} reached ({used} tokens used); every response \
-                     received is in the cache: re-run with a larger --budget-tokens (or none) \
-                     to continue from there"
-                ),
+            Err(LlmError::new(ErrorKind::Budget, message))
+        };
+        if let Some(budget) = self.cfg.budget_tokens
+            && used + reserved > budget
+        {
+            return refuse(format!(
+                "token budget of {budget} reached ({used} tokens used); every response \
+                 received is in the cache: re-run with a larger --budget-tokens (or none) \
+                 to continue from there"
             ));
         }
-        Ok(Some(BudgetReservation {
-            metrics: m,
-            tokens: estimate,
-        }))
+        if let Some(budget) = self.cfg.budget_usd
+            && (spent + reserved_usd) as f64 > budget * 1e9
+        {
+            return refuse(format!(
+                "cost budget of ${budget} reached (${:.4} spent); every response received is \
+                 in the cache: re-run with a larger --budget-usd (or none) to continue from there",
+                spent as f64 / 1e9
+            ));
+        }
+        Ok(Some(reservation))
     }
 
     /// Queues the prompt for a list-prompt request of its model, function and limit.
@@ -597,7 +642,7 @@ impl Inner {
                 })
                 .clone()
         };
-        let _reservation = self.reserve_budget(req.estimated_tokens())?;
+        let _reservation = self.reserve_budget(model, req)?;
         let (done, answer) = oneshot::channel();
         let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
         tx.send(Pending {
@@ -630,6 +675,8 @@ impl Inner {
         let m = &self.metrics;
         let resp = result?;
         if let Some(u) = resp.usage {
+            m.spent_nano_usd
+                .fetch_add(model.nano_usd(u), Ordering::Relaxed);
             m.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
             m.tokens_out
                 .fetch_add(u.completion_tokens, Ordering::Relaxed);
@@ -666,7 +713,9 @@ impl Inner {
                 Ok(resp) => {
                     m.succeeded.fetch_add(1, Ordering::Relaxed);
                     fm.succeeded.fetch_add(1, Ordering::Relaxed);
-                    if let Some(cache) = &self.cache {
+                    if let Some(cache) = &self.cache
+                        && self.cache_mode != CacheMode::ReadOnly
+                    {
                         cache.put(key, &resp);
                     }
                     return Ok(Arc::new(resp.value));

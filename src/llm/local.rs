@@ -171,6 +171,64 @@ pub fn render_chat(
         .map_err(|e| format!("the model's chat template failed: {e}"))
 }
 
+/// A GGUF's vocabulary and chat template, loaded without the weights: counts tokens exactly as
+/// the local provider feeds them (for `sluice explain`).
+pub struct Vocabulary {
+    model: LlamaModel,
+    template: Option<String>,
+    file_name: String,
+}
+
+impl Vocabulary {
+    /// Loads the vocabulary of the GGUF at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Vocabulary, String> {
+        if !path.exists() {
+            return Err(format!(
+                "model file {} not found: run scripts/fetch-model.sh for the default model, or \
+                 set model = \"path/to/model.gguf\" in sluice.toml",
+                path.display()
+            ));
+        }
+        let backend = backend().map_err(|e| format!("cannot start llama.cpp: {e}"))?;
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let model = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| format!("cannot load {} as a GGUF model: {e}", path.display()))?;
+        Ok(Vocabulary {
+            template: model.meta_val_str("tokenizer.chat_template").ok(),
+            file_name: path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            ),
+            model,
+        })
+    }
+
+    /// The GGUF's file name.
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+
+    /// Tokens of plain text (no special tokens).
+    pub fn count(&self, text: &str) -> u64 {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .len() as u64
+    }
+
+    /// Prompt tokens of a system + user exchange: the chat template rendered and tokenized as
+    /// the provider does it.
+    pub fn count_chat(&self, system: Option<&str>, user: &str) -> u64 {
+        let vocab = self.model.vocab();
+        match render_chat(self.template.as_deref(), system, user) {
+            Ok(text) => vocab
+                .tokenize(text.as_bytes(), vocab.should_add_bos(), true)
+                .len() as u64,
+            Err(_) => self.count(system.unwrap_or_default()) + self.count(user),
+        }
+    }
+}
+
 /// A sequence being decoded.
 struct Active {
     job: Job,

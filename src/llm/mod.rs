@@ -6,6 +6,7 @@
 //! [`RowError`] that SQL can select.
 
 pub mod dispatcher;
+pub mod estimate;
 pub mod governor;
 pub mod http;
 pub mod lamini;
@@ -202,8 +203,19 @@ impl LlmRequest {
     /// Tokens this request may cost before the provider reports usage: prompt length (system
     /// and user) and the completion limit; see [`governor::estimate_tokens`].
     pub fn estimated_tokens(&self) -> u64 {
+        let u = self.estimated_usage();
+        u.prompt_tokens + u.completion_tokens
+    }
+
+    /// The prompt and completion parts of [`LlmRequest::estimated_tokens`].
+    pub fn estimated_usage(&self) -> Usage {
         let chars = self.prompt.user.len() + self.prompt.system.as_ref().map_or(0, String::len);
-        governor::estimate_tokens(chars, self.max_tokens)
+        let total = governor::estimate_tokens(chars, self.max_tokens);
+        let completion = u64::from(self.max_tokens.unwrap_or(256));
+        Usage {
+            prompt_tokens: total - completion,
+            completion_tokens: completion,
+        }
     }
 }
 

@@ -119,6 +119,9 @@ pub struct MockConfig {
     pub hang: Duration,
     /// If set, requests must carry `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Bill usage as OpenAI does (tiktoken `o200k_base`; chat messages by the cookbook's rule,
+    /// plus the `response_format` schema) instead of characters / 4 (cheap, for benchmarks).
+    pub tiktoken_usage: bool,
 }
 
 impl Default for MockConfig {
@@ -132,6 +135,7 @@ impl Default for MockConfig {
             retry_after_ms: 20,
             hang: Duration::from_secs(10),
             api_key: None,
+            tiktoken_usage: false,
         }
     }
 }
@@ -664,12 +668,21 @@ async fn serve_llm(
         .to_string();
     let envelope = |contents: &[String], finish: &str| -> Vec<u8> {
         let id = st.ids.fetch_add(1, Ordering::Relaxed);
-        let prompt_chars: usize = prompts
-            .iter()
-            .map(|p| p.system.as_deref().map_or(0, |s| s.chars().count()) + p.user.chars().count())
-            .sum();
-        let pt = prompt_chars / 4 + 1;
-        let ct = contents.iter().map(|c| c.chars().count()).sum::<usize>() / 4 + 1;
+        let (pt, ct) = if cfg.tiktoken_usage {
+            billed_tokens(proto, &parsed, &prompts, contents)
+        } else {
+            let prompt_chars: usize = prompts
+                .iter()
+                .map(|p| {
+                    p.system.as_deref().map_or(0, |s| s.chars().count()) + p.user.chars().count()
+                })
+                .sum();
+            let pt = prompt_chars / 4 + 1;
+            (
+                pt,
+                contents.iter().map(|c| c.chars().count()).sum::<usize>() / 4 + 1,
+            )
+        };
         let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct});
         let v = match proto {
             Proto::Chat => json!({
@@ -782,6 +795,43 @@ async fn serve_llm(
 }
 
 /// A deterministic value matching `schema`, with strings tagged `[h]`.
+/// Prompt and completion tokens as OpenAI bills them: tiktoken's implementation of the
+/// cookbook's chat rule for messages (plus the structured-output schema), the plain text of list
+/// prompts, and the text of every answer.
+fn billed_tokens(
+    proto: Proto,
+    parsed: &Value,
+    prompts: &[Prompt],
+    contents: &[String],
+) -> (usize, usize) {
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    let count = |s: &str| bpe.encode_ordinary(s).len();
+    let pt = match proto {
+        Proto::Chat => {
+            let messages: Vec<tiktoken_rs::ChatCompletionRequestMessage> = prompts
+                .iter()
+                .flat_map(|p| {
+                    let system = p.system.clone().map(|c| ("system", c));
+                    system.into_iter().chain([("user", p.user.clone())])
+                })
+                .map(
+                    |(role, content)| tiktoken_rs::ChatCompletionRequestMessage {
+                        role: role.into(),
+                        content: Some(content),
+                        ..Default::default()
+                    },
+                )
+                .collect();
+            let schema = parsed
+                .pointer("/response_format/json_schema/schema")
+                .map_or(0, |s| count(&s.to_string()));
+            tiktoken_rs::num_tokens_from_messages("gpt-4o", &messages).unwrap_or(0) + schema
+        }
+        _ => prompts.iter().map(|p| count(&p.user)).sum(),
+    };
+    (pt, contents.iter().map(|c| count(c)).sum())
+}
+
 fn generate(schema: &Value, h: &str, name: Option<&str>, index: Option<usize>) -> Value {
     let num = |salt: u64| -> u64 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();

@@ -1,0 +1,439 @@
+//! `sluice explain`: what a script would do and cost, without calling any model.
+//!
+//! Every statement is planned and run on an engine built by [`Engine::for_estimates`]: sources are
+//! read and chunked for real, each LLM call is looked up in the response cache (read only) and
+//! otherwise answered by a placeholder that follows the function's output schema, with prompt
+//! tokens counted by the model's tokenizer. Nothing is written: `COPY` and `INSERT` run only their
+//! source query, and a later `CREATE EXTERNAL TABLE` over a `COPY` target gets an empty table of
+//! the target's schema.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::DataFusionError;
+use datafusion::datasource::MemTable;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::sql::parser::{DFParser, Statement};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::{Engine, RunOptions, StatementError, split_statements, summary};
+use crate::config::Config;
+
+/// One LLM function's share of a statement or script.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FunctionEstimate {
+    /// The function.
+    pub function: String,
+    /// The model it calls.
+    pub model: String,
+    /// Rows that call it.
+    pub calls: u64,
+    /// Calls the response cache answers (free).
+    pub cached: u64,
+    /// Requests that would be sent (identical calls share one).
+    pub requests: u64,
+    /// Prompt tokens of those requests (counted with the model's tokenizer).
+    pub tokens_in: u64,
+    /// Completion tokens of those requests (estimated from the output schema).
+    pub tokens_out: u64,
+    /// Cost in USD at the model's prices, when they are configured.
+    pub cost_usd: Option<f64>,
+}
+
+impl FunctionEstimate {
+    fn to_json(&self) -> Value {
+        json!({
+            "function": self.function, "model": self.model, "calls": self.calls,
+            "cached": self.cached, "requests": self.requests, "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out, "cost_usd": self.cost_usd,
+        })
+    }
+
+    fn add(&mut self, o: &FunctionEstimate) {
+        self.calls += o.calls;
+        self.cached += o.cached;
+        self.requests += o.requests;
+        self.tokens_in += o.tokens_in;
+        self.tokens_out += o.tokens_out;
+        self.cost_usd = match (self.cost_usd, o.cost_usd) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+    }
+}
+
+/// One statement of the script.
+#[derive(Debug, Clone, Default)]
+pub struct StatementEstimate {
+    /// 1-based statement number.
+    pub index: usize,
+    /// Line where it starts.
+    pub line: usize,
+    /// Its first words.
+    pub summary: String,
+    /// The optimised logical plan (LLM calls lifted into their own nodes), for statements
+    /// that read data.
+    pub plan: Option<String>,
+    /// Rows the statement's query produces (for COPY and INSERT: rows that would be written).
+    pub rows: Option<u64>,
+    /// LLM calls made while running it.
+    pub functions: Vec<FunctionEstimate>,
+    /// What explain did differently from a run, if anything.
+    pub note: Option<String>,
+}
+
+/// The whole estimate.
+#[derive(Debug, Clone, Default)]
+pub struct Explanation {
+    /// Per statement.
+    pub statements: Vec<StatementEstimate>,
+    /// Per function over the whole script.
+    pub totals: Vec<FunctionEstimate>,
+    /// How each model's tokens were counted.
+    pub tokenizers: BTreeMap<String, String>,
+    /// Models whose functions were called but that have no prices.
+    pub unpriced: Vec<String>,
+}
+
+impl Explanation {
+    /// Sum over every function.
+    pub fn total(&self) -> FunctionEstimate {
+        let mut t = FunctionEstimate {
+            cost_usd: Some(0.0),
+            ..Default::default()
+        };
+        for f in &self.totals {
+            t.add(f);
+        }
+        t
+    }
+
+    /// The estimate as JSON (`sluice explain --json`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "statements": self.statements.iter().map(|s| json!({
+                "index": s.index, "line": s.line, "summary": s.summary, "plan": s.plan,
+                "rows": s.rows, "note": s.note,
+                "functions": s.functions.iter().map(FunctionEstimate::to_json).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "functions": self.totals.iter().map(FunctionEstimate::to_json).collect::<Vec<_>>(),
+            "total": self.total().to_json(),
+            "tokenizers": self.tokenizers,
+            "unpriced_models": self.unpriced,
+        })
+    }
+
+    /// The estimate as text: each statement with its plan and calls, then a table per function.
+    pub fn to_text(&self, with_plans: bool) -> String {
+        let mut s = String::new();
+        for st in &self.statements {
+            s.push_str(&format!(
+                "Statement {} (line {}): {}\n",
+                st.index, st.line, st.summary
+            ));
+            if let Some(note) = &st.note {
+                s.push_str(&format!("  note: {note}\n"));
+            }
+            if with_plans && let Some(plan) = &st.plan {
+                for line in plan.lines() {
+                    s.push_str(&format!("  | {line}\n"));
+                }
+            }
+            if let Some(rows) = st.rows {
+                s.push_str(&format!("  rows: {}\n", thousands(rows)));
+            }
+            for f in &st.functions {
+                s.push_str(&format!(
+                    "  {}: {} calls, {} cached, {} requests\n",
+                    f.function,
+                    thousands(f.calls),
+                    thousands(f.cached),
+                    thousands(f.requests)
+                ));
+            }
+        }
+        s.push('\n');
+        s.push_str(&table(&self.totals, &self.total()));
+        for (model, how) in &self.tokenizers {
+            s.push_str(&format!("tokens of model {model}: {how}\n"));
+        }
+        s.push_str(
+            "prompt tokens are counted exactly; completion tokens are estimated from each output \
+             schema (array lengths from minItems/maxItems, strings of about 80 characters)\n",
+        );
+        for model in &self.unpriced {
+            s.push_str(&format!(
+                "no prices for model {model}: set input_usd_per_mtok and output_usd_per_mtok in \
+                 [models.{model}] of sluice.toml to see its cost\n"
+            ));
+        }
+        s
+    }
+}
+
+fn table(rows: &[FunctionEstimate], total: &FunctionEstimate) -> String {
+    let header = [
+        "function",
+        "model",
+        "calls",
+        "cached",
+        "requests",
+        "tokens in",
+        "tokens out (est.)",
+        "cost USD",
+    ];
+    let cells = |f: &FunctionEstimate| {
+        vec![
+            f.function.clone(),
+            f.model.clone(),
+            thousands(f.calls),
+            thousands(f.cached),
+            thousands(f.requests),
+            thousands(f.tokens_in),
+            thousands(f.tokens_out),
+            f.cost_usd.map_or("-".into(), |c| format!("{c:.4}")),
+        ]
+    };
+    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    lines.extend(rows.iter().map(cells));
+    let mut t = cells(total);
+    t[0] = "total".into();
+    t[1] = String::new();
+    lines.push(t);
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            lines
+                .iter()
+                .map(|l| l[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for l in &lines {
+        let row: Vec<String> = l
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < 2 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(row.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Counters of every function so far: (calls, cached, requests, tokens in, tokens out).
+type Counters = BTreeMap<String, [u64; 5]>;
+
+impl Engine {
+    fn function_counters(&self) -> Counters {
+        self.live_metrics()
+            .functions()
+            .into_iter()
+            .map(|(name, f)| {
+                let c = [
+                    f.prompts.load(Ordering::Relaxed),
+                    f.cache_hits.load(Ordering::Relaxed),
+                    f.requests.load(Ordering::Relaxed),
+                    f.tokens_in.load(Ordering::Relaxed),
+                    f.tokens_out.load(Ordering::Relaxed),
+                ];
+                (name, c)
+            })
+            .collect()
+    }
+
+    /// Estimates every statement of `sql` (see the module documentation). `config` gives the
+    /// models' prices. Stops at the first statement that fails to plan or run.
+    pub async fn explain_script(
+        &self,
+        sql: &str,
+        origin: &str,
+        config: &Config,
+    ) -> Result<Explanation, StatementError> {
+        let mut out = Explanation {
+            tokenizers: self.token_counters().clone(),
+            ..Default::default()
+        };
+        let mut copy_targets: BTreeMap<String, (usize, SchemaRef)> = BTreeMap::new();
+        let mut totals: BTreeMap<String, FunctionEstimate> = BTreeMap::new();
+        for (i, stmt) in split_statements(sql).into_iter().enumerate() {
+            let before = self.function_counters();
+            let mut est = StatementEstimate {
+                index: i + 1,
+                line: stmt.line,
+                summary: summary(&stmt.text),
+                ..Default::default()
+            };
+            self.explain_statement(&stmt.text, &mut est, &mut copy_targets)
+                .await
+                .map_err(|e| StatementError {
+                    origin: origin.to_string(),
+                    line: stmt.line,
+                    index: i + 1,
+                    summary: summary(&stmt.text),
+                    message: self.explain_error(e),
+                })?;
+            for (name, after) in self.function_counters() {
+                let b = before.get(&name).copied().unwrap_or_default();
+                let d: Vec<u64> = after.iter().zip(b).map(|(a, b)| a - b).collect();
+                if d.iter().all(|v| *v == 0) {
+                    continue;
+                }
+                let model = self
+                    .function(&name)
+                    .map_or_else(String::new, |f| f.model.clone());
+                let prices = config.models.get(&model).and_then(|m| m.prices);
+                if prices.is_none() && !out.unpriced.contains(&model) {
+                    out.unpriced.push(model.clone());
+                }
+                let f = FunctionEstimate {
+                    function: name.clone(),
+                    model,
+                    calls: d[0],
+                    cached: d[1],
+                    requests: d[2],
+                    tokens_in: d[3],
+                    tokens_out: d[4],
+                    cost_usd: prices.map(|p| p.cost(d[3], d[4])),
+                };
+                totals
+                    .entry(name)
+                    .or_insert_with(|| FunctionEstimate {
+                        function: f.function.clone(),
+                        model: f.model.clone(),
+                        cost_usd: f.cost_usd.map(|_| 0.0),
+                        ..Default::default()
+                    })
+                    .add(&f);
+                est.functions.push(f);
+            }
+            out.statements.push(est);
+        }
+        out.totals = totals.into_values().collect();
+        Ok(out)
+    }
+
+    async fn explain_statement(
+        &self,
+        text: &str,
+        est: &mut StatementEstimate,
+        copy_targets: &mut BTreeMap<String, (usize, SchemaRef)>,
+    ) -> Result<(), DataFusionError> {
+        let mut statements = DFParser::parse_sql(text)?;
+        if statements.len() != 1 {
+            return Err(DataFusionError::Plan(format!(
+                "expected one statement, found {}",
+                statements.len()
+            )));
+        }
+        let statement = statements.pop_front().expect("one statement");
+        let state = self.ctx.state();
+        match statement {
+            Statement::CreateExternalTable(cet) => {
+                let written_by = cet
+                    .locations
+                    .iter()
+                    .find_map(|l| copy_targets.get(&target_key(l)));
+                if let Some((index, schema)) = written_by {
+                    let table = MemTable::try_new(schema.clone(), vec![vec![]])?;
+                    self.ctx
+                        .register_table(cet.name.to_string().as_str(), Arc::new(table))?;
+                    est.note = Some(format!(
+                        "reads what statement {index} writes; explain writes nothing, so this \
+                         table is empty here"
+                    ));
+                    return Ok(());
+                }
+                let mut sink = std::io::sink();
+                self.run_statement(text, &RunOptions::default(), &mut sink)
+                    .await
+            }
+            other => {
+                let plan = state.statement_to_plan(other).await?;
+                let optimized = |p: &LogicalPlan| {
+                    state
+                        .optimize(p)
+                        .map(|o| o.display_indent().to_string())
+                        .ok()
+                };
+                let (source, written) = match &plan {
+                    LogicalPlan::Copy(c) => {
+                        copy_targets.insert(
+                            target_key(&c.output_url),
+                            (est.index, c.input.schema().inner().clone()),
+                        );
+                        est.note =
+                            Some(format!("writes {} (not written by explain)", c.output_url));
+                        (Some(c.input.as_ref().clone()), true)
+                    }
+                    LogicalPlan::Dml(d) => {
+                        est.note = Some(format!(
+                            "writes into {} (not written by explain)",
+                            d.table_name
+                        ));
+                        (Some(d.input.as_ref().clone()), true)
+                    }
+                    LogicalPlan::Ddl(DdlStatement::CreateView(v)) => {
+                        est.plan = optimized(&v.input);
+                        (None, false)
+                    }
+                    LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => (None, false),
+                    query => (Some(query.clone()), false),
+                };
+                let Some(source) = source else {
+                    // Definitions (views, CREATE TABLE AS, DROP, SET): run as in a real run.
+                    if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(t)) = &plan {
+                        est.plan = optimized(&t.input);
+                    }
+                    self.ctx.execute_logical_plan(plan).await?.collect().await?;
+                    return Ok(());
+                };
+                est.plan = optimized(if written { &plan } else { &source });
+                let mut stream = self
+                    .ctx
+                    .execute_logical_plan(source)
+                    .await?
+                    .execute_stream()
+                    .await?;
+                let mut rows = 0u64;
+                while let Some(batch) = stream.next().await {
+                    rows += batch?.num_rows() as u64;
+                }
+                est.rows = Some(rows);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A location as COPY and CREATE EXTERNAL TABLE spell it, made comparable.
+fn target_key(location: &str) -> String {
+    location
+        .trim_start_matches("file://")
+        .trim_start_matches("./")
+        .trim_end_matches('/')
+        .to_string()
+}

@@ -1,0 +1,312 @@
+//! Estimating a run without making it: token counting with the model's own tokenizer and a
+//! provider that answers every request with a schema-shaped placeholder, for `sluice explain`.
+//!
+//! Prompt tokens are counted exactly as the model would see them: for OpenAI chat models the
+//! cookbook's message framing (3 tokens per message, 3 to prime the reply) plus the structured
+//! output schema; for text-completion and Lamini servers the flat prompt; for the embedded model
+//! its chat template rendered and tokenized with the GGUF's vocabulary. Completion tokens can only
+//! be guessed: the placeholder follows the output schema (array lengths from `minItems` /
+//! `maxItems`, strings of [`TYPICAL_STRING_CHARS`] within `minLength`/`maxLength`), so fan-out
+//! downstream (three questions per passage → three answers) is counted from the declaration.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value, json};
+
+use super::{LlmError, LlmRequest, LlmResponse, Provider, Usage};
+use crate::config::{ModelConfig, ProviderKind, StructuredOutput};
+
+/// Characters of a placeholder string when the schema allows it (about one sentence).
+pub const TYPICAL_STRING_CHARS: usize = 80;
+/// Items of a placeholder array whose schema bounds neither end.
+pub const DEFAULT_ARRAY_ITEMS: usize = 3;
+/// Tokens of a placeholder answer of a function without an output schema (capped by its
+/// `max_tokens`).
+pub const TYPICAL_TEXT_TOKENS: u64 = 60;
+
+/// Counts tokens the way one model does.
+pub enum TokenCounter {
+    /// A tiktoken encoding (OpenAI and OpenAI-compatible servers).
+    Tiktoken {
+        /// Encoding name, e.g. `o200k_base`.
+        name: String,
+        /// The encoder.
+        bpe: &'static tiktoken_rs::CoreBPE,
+        /// How the prompt is sent: chat messages (framing counted) or one flat text.
+        chat: bool,
+        /// Whether the output schema is sent as `response_format` (counted with the prompt).
+        schema_in_prompt: bool,
+    },
+    /// A GGUF vocabulary and chat template (the embedded model, or `tokenizer = "x.gguf"`).
+    #[cfg(feature = "local")]
+    Gguf(Arc<super::local::Vocabulary>),
+}
+
+impl std::fmt::Debug for TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl TokenCounter {
+    /// The counter for a configured model: `tokenizer` if set, else the GGUF of a local model,
+    /// else the encoding OpenAI uses for the model id, else `o200k_base`.
+    pub fn for_model(m: &ModelConfig) -> Result<TokenCounter, String> {
+        let chat = m.kind == ProviderKind::Openai;
+        let schema_in_prompt = chat && m.structured_output == StructuredOutput::JsonSchema;
+        let gguf = match (&m.tokenizer, m.kind) {
+            (_, ProviderKind::Local) => Some(m.model.clone()),
+            (Some(t), _) if t.ends_with(".gguf") => Some(t.clone()),
+            _ => None,
+        };
+        if let Some(path) = gguf {
+            #[cfg(feature = "local")]
+            {
+                return super::local::Vocabulary::load(std::path::Path::new(&path))
+                    .map(|v| TokenCounter::Gguf(Arc::new(v)));
+            }
+            #[cfg(not(feature = "local"))]
+            return Err(format!(
+                "counting tokens with {path} needs the local model (cargo feature `local`)"
+            ));
+        }
+        use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
+        let (name, tokenizer) = match m.tokenizer.as_deref() {
+            Some("o200k_base") => ("o200k_base", Tokenizer::O200kBase),
+            Some("cl100k_base") => ("cl100k_base", Tokenizer::Cl100kBase),
+            Some(other) => {
+                return Err(format!(
+                    "models.{}.tokenizer = {other:?}: use \"o200k_base\", \"cl100k_base\" or the \
+                     path of a .gguf file whose vocabulary to count with",
+                    m.name
+                ));
+            }
+            None => match get_tokenizer(&m.model) {
+                Some(Tokenizer::Cl100kBase) => ("cl100k_base", Tokenizer::Cl100kBase),
+                _ => ("o200k_base", Tokenizer::O200kBase),
+            },
+        };
+        let bpe = tiktoken_rs::bpe_for_tokenizer(tokenizer).map_err(|e| e.to_string())?;
+        Ok(TokenCounter::Tiktoken {
+            name: name.to_string(),
+            bpe,
+            chat,
+            schema_in_prompt,
+        })
+    }
+
+    /// What counts, for reports: `tiktoken o200k_base` or `GGUF vocabulary of <file>`.
+    pub fn describe(&self) -> String {
+        match self {
+            TokenCounter::Tiktoken { name, .. } => format!("tiktoken {name}"),
+            #[cfg(feature = "local")]
+            TokenCounter::Gguf(v) => format!("GGUF vocabulary of {}", v.file_name()),
+        }
+    }
+
+    /// Tokens of a piece of text.
+    pub fn text(&self, s: &str) -> u64 {
+        match self {
+            TokenCounter::Tiktoken { bpe, .. } => bpe.encode_ordinary(s).len() as u64,
+            #[cfg(feature = "local")]
+            TokenCounter::Gguf(v) => v.count(s),
+        }
+    }
+
+    /// Prompt tokens of a request, as the model is sent it.
+    pub fn prompt(&self, req: &LlmRequest) -> u64 {
+        match self {
+            TokenCounter::Tiktoken {
+                chat,
+                schema_in_prompt,
+                ..
+            } => {
+                if !chat {
+                    return self.text(&super::openai::flat_prompt(req));
+                }
+                let p = &req.prompt;
+                let mut n = chat_prompt_tokens(|s| self.text(s), p.system.as_deref(), &p.user);
+                if *schema_in_prompt && let Some(schema) = &req.schema {
+                    n += self.text(&schema.provider_schema().to_string());
+                }
+                n
+            }
+            #[cfg(feature = "local")]
+            TokenCounter::Gguf(v) => v.count_chat(req.prompt.system.as_deref(), &req.prompt.user),
+        }
+    }
+}
+
+/// Prompt tokens of a chat request by OpenAI's cookbook rule: each message costs 3 framing
+/// tokens plus its role and content, and 3 more prime the reply. The test server bills this way.
+pub fn chat_prompt_tokens(count: impl Fn(&str) -> u64, system: Option<&str>, user: &str) -> u64 {
+    let message = |role: &str, content: &str| 3 + count(role) + count(content);
+    system.map_or(0, |s| message("system", s)) + message("user", user) + 3
+}
+
+/// A provider that sends nothing: each request is answered at once with a placeholder that
+/// follows the output schema, and its usage is counted with the model's tokenizer.
+#[derive(Debug)]
+pub struct EstimateProvider {
+    endpoint: String,
+    counter: Arc<TokenCounter>,
+}
+
+impl EstimateProvider {
+    /// Stands in for a model whose real provider reports `endpoint` (so cache lookups match).
+    pub fn new(endpoint: String, counter: Arc<TokenCounter>) -> Self {
+        EstimateProvider { endpoint, counter }
+    }
+}
+
+#[async_trait]
+impl Provider for EstimateProvider {
+    fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        let content = match &req.schema {
+            Some(schema) => placeholder(&schema.provider_schema()).to_string(),
+            None => {
+                let tokens = TYPICAL_TEXT_TOKENS.min(u64::from(req.max_tokens.unwrap_or(256)));
+                // One common word is one token in every vocabulary sluice counts with.
+                vec!["the"; tokens.max(1) as usize].join(" ")
+            }
+        };
+        let usage = Usage {
+            prompt_tokens: self.counter.prompt(req),
+            completion_tokens: self.counter.text(&content),
+        };
+        Ok(LlmResponse {
+            content,
+            finish_reason: Some("stop".into()),
+            usage: Some(usage),
+        })
+    }
+}
+
+/// A value that satisfies `schema` with typical sizes: what the estimate assumes a model returns.
+pub fn placeholder(schema: &Value) -> Value {
+    placeholder_variant(schema, 0)
+}
+
+/// The `variant`-th placeholder: items of an array differ from each other (as a model's would),
+/// so calls made downstream of them are not merged as identical.
+fn placeholder_variant(schema: &Value, variant: usize) -> Value {
+    let ty = match schema.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ => "null",
+    };
+    let int = |k: &str| schema.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    match ty {
+        "object" => {
+            let mut out = Map::new();
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (k, s) in props {
+                    out.insert(k.clone(), placeholder_variant(s, variant));
+                }
+            }
+            Value::Object(out)
+        }
+        "array" => {
+            let n = match (int("minItems"), int("maxItems")) {
+                (Some(lo), Some(hi)) => (lo + hi.max(lo)).div_ceil(2),
+                (Some(lo), None) => lo.max(1),
+                (None, Some(hi)) => hi.min(DEFAULT_ARRAY_ITEMS),
+                (None, None) => DEFAULT_ARRAY_ITEMS,
+            };
+            let items = schema.get("items").unwrap_or(&Value::Null);
+            Value::Array(
+                (0..n)
+                    .map(|i| placeholder_variant(items, variant * n + i))
+                    .collect(),
+            )
+        }
+        "string" => {
+            let lo = int("minLength").unwrap_or(0);
+            let hi = int("maxLength").unwrap_or(usize::MAX).max(lo);
+            Value::String(prose(TYPICAL_STRING_CHARS.clamp(lo, hi), variant))
+        }
+        "integer" => {
+            let lo = schema.get("minimum").and_then(Value::as_i64).unwrap_or(0);
+            json!(
+                lo.max(1000).min(
+                    schema
+                        .get("maximum")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(i64::MAX)
+                )
+            )
+        }
+        "number" => {
+            let lo = schema.get("minimum").and_then(Value::as_f64).unwrap_or(0.0);
+            let hi = schema.get("maximum").and_then(Value::as_f64).unwrap_or(1e6);
+            json!((lo + hi.max(lo)) / 2.0)
+        }
+        "boolean" => Value::Bool(true),
+        _ => Value::Null,
+    }
+}
+
+/// English-like text of exactly `chars` characters (tokenizes like prose, ~4.5 chars a token),
+/// starting at a different word for each `variant`.
+fn prose(chars: usize, variant: usize) -> String {
+    const WORDS: &str = "What was the reported revenue growth for the quarter and how does the \
+                         company expect operating margin to develop over the next fiscal year ";
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(WORDS.match_indices(' ').map(|(i, _)| i + 1))
+        .filter(|i| *i < WORDS.len())
+        .collect();
+    let start = starts[variant % starts.len()];
+    WORDS[start..]
+        .chars()
+        .chain(WORDS.chars().cycle())
+        .take(chars)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_follows_item_bounds_and_string_lengths() {
+        let s = json!({"type": "object", "properties": {"value": {
+            "type": "array", "minItems": 2, "maxItems": 4,
+            "items": {"type": "string", "minLength": 10, "maxLength": 30}}}});
+        let v = placeholder(&s);
+        let items = v["value"].as_array().unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_str().unwrap().len(), 30);
+        assert_ne!(items[0], items[1], "items differ");
+        let short = placeholder(&json!({"type": "string", "minLength": 200}));
+        assert_eq!(short.as_str().unwrap().len(), 200);
+        assert_eq!(placeholder(&json!({"enum": ["a", "b"]})), json!("a"));
+        assert_eq!(
+            placeholder(&json!({"type": "integer", "minimum": 1, "maximum": 5})),
+            json!(5)
+        );
+    }
+
+    #[test]
+    fn chat_framing_follows_the_cookbook() {
+        let words = |s: &str| s.split_whitespace().count() as u64;
+        // system: 3 + 1 + 2, user: 3 + 1 + 1, priming 3.
+        assert_eq!(chat_prompt_tokens(words, Some("be brief"), "hi"), 14);
+        assert_eq!(chat_prompt_tokens(words, None, "hi"), 8);
+    }
+}

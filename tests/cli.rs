@@ -1,0 +1,336 @@
+//! The command line beyond `run`: `sluice explain` against an actual run on the test server
+//! (which bills tokens as OpenAI does), `--budget-usd`, and the `sluice sql` shell with piped
+//! input and on a pseudo-terminal.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use support::*;
+
+/// Prices written into the project's sluice.toml (USD per million tokens).
+const PRICE_IN: f64 = 0.15;
+const PRICE_OUT: f64 = 0.60;
+
+fn priced_project(base_url: &str) -> Project {
+    let p = Project::new(base_url, 4, true);
+    let cfg = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    p.write(
+        "sluice.toml",
+        &format!("{cfg}input_usd_per_mtok = {PRICE_IN}\noutput_usd_per_mtok = {PRICE_OUT}\n"),
+    );
+    p.write("q.sql", &project_flagship_sql("out/qa.parquet"));
+    p
+}
+
+fn function<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["function"] == name)
+        .unwrap_or_else(|| panic!("{name} in {v}"))
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is a number in {v}"))
+}
+
+fn within(estimate: u64, actual: u64, tolerance: f64) -> bool {
+    (estimate as f64 - actual as f64).abs() <= tolerance * actual as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_matches_the_actual_run_and_calls_nothing() {
+    let s = mock(MockConfig {
+        tiktoken_usage: true,
+        ..MockConfig::default()
+    })
+    .await;
+    let p = priced_project(&s.base_url());
+    let (code, out, err) = p.run_args(&["explain", "q.sql", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(s.stats().requests, 0, "explain calls no model");
+    assert!(!p.path("out/qa.parquet").exists(), "explain writes nothing");
+    let est: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+
+    // 14 passages: 14 question calls, and 3 questions each (minItems = maxItems = 3) → 42 answers.
+    let gq = function(&est, "generate_questions");
+    let aq = function(&est, "answer_question");
+    assert_eq!((n(gq, "calls"), n(gq, "requests")), (14, 14), "{gq}");
+    assert_eq!((n(aq, "calls"), n(aq, "requests")), (42, 42), "{aq}");
+    let copy = est["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["summary"].as_str().unwrap().starts_with("COPY"))
+        .expect("the COPY statement");
+    assert_eq!(copy["rows"], 42, "{copy}");
+    assert!(
+        copy["plan"]
+            .as_str()
+            .unwrap()
+            .contains("generate_questions"),
+        "{copy}"
+    );
+
+    // The actual run on the test server.
+    let (code, _, err) = p.run_args(&["run", "q.sql", "--metrics-json", "m.json"]);
+    assert_eq!(code, 0, "{err}");
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(p.path("m.json")).unwrap()).unwrap();
+    let actual = |f: &str, k: &str| m["functions"][f][k].as_u64().unwrap();
+    // Prompts of stage 1 are known exactly; stage 2's contain the questions, which explain can
+    // only guess, so its prompt count may differ by their length.
+    assert_eq!(
+        n(gq, "tokens_in"),
+        actual("generate_questions", "tokens_in"),
+        "stage 1 prompt tokens counted exactly"
+    );
+    assert!(
+        within(
+            n(aq, "tokens_in"),
+            actual("answer_question", "tokens_in"),
+            0.05
+        ),
+        "stage 2 prompt tokens: {} estimated, {} actual",
+        n(aq, "tokens_in"),
+        actual("answer_question", "tokens_in")
+    );
+    let total_est = n(&est["total"], "tokens_in") + n(&est["total"], "tokens_out");
+    let total_actual = m["tokens_in"].as_u64().unwrap() + m["tokens_out"].as_u64().unwrap();
+    assert!(
+        within(total_est, total_actual, 0.15),
+        "total tokens: {total_est} estimated, {total_actual} actual (goal: within 15%)"
+    );
+    let cost = est["total"]["cost_usd"].as_f64().unwrap();
+    let expected = (n(&est["total"], "tokens_in") as f64 * PRICE_IN
+        + n(&est["total"], "tokens_out") as f64 * PRICE_OUT)
+        / 1e6;
+    assert!((cost - expected).abs() < 1e-9, "{cost} vs {expected}");
+
+    // After the run every call is cached: the same plan costs nothing.
+    s.reset_stats();
+    let (code, out, err) = p.run_args(&["explain", "q.sql", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let again: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(n(&again["total"], "calls"), 56);
+    assert_eq!(n(&again["total"], "cached"), 56);
+    assert_eq!(n(&again["total"], "requests"), 0);
+    assert_eq!(again["total"]["cost_usd"].as_f64(), Some(0.0));
+    assert_eq!(s.stats().requests, 0);
+
+    // The text form: plans, the table and how tokens were counted.
+    let (code, text, err) = p.run_args(&["explain", "q.sql"]);
+    assert_eq!(code, 0, "{err}");
+    for needle in [
+        "Statement 4 (line",
+        "generate_questions",
+        "tokens out (est.)",
+        "tiktoken o200k_base",
+        "reads what statement 4 writes",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_reports_a_bad_statement_like_run() {
+    let s = mock(MockConfig::default()).await;
+    let p = priced_project(&s.base_url());
+    p.write(
+        "bad.sql",
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+         SELECT generate_questions(ticker, q, date) FROM t;\n",
+    );
+    let (code, out, err) = p.run_args(&["explain", "bad.sql"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.starts_with("error: bad.sql:2: statement 2"),
+        "names file, line and statement: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(s.stats().requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dollar_budget_stops_cleanly_and_needs_prices() {
+    let s = mock(MockConfig {
+        tiktoken_usage: true,
+        ..MockConfig::default()
+    })
+    .await;
+    // Without prices the budget cannot be enforced: refused before any call.
+    let unpriced = Project::new(&s.base_url(), 4, true);
+    unpriced.write("q.sql", &project_flagship_sql("out/qa.parquet"));
+    let (code, _, err) = unpriced.run_args(&["run", "q.sql", "--budget-usd", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("model default") && err.contains("input_usd_per_mtok"),
+        "{err}"
+    );
+    assert_eq!(s.stats().requests, 0);
+
+    // The whole run costs about $0.009 at these prices: $0.003 stops it about a third through.
+    let p = priced_project(&s.base_url());
+    let (code, _, err) = p.run_args(&["run", "q.sql", "--budget-usd", "0.003"]);
+    assert_eq!(code, 3, "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap();
+    assert!(line.contains("cost budget of $0.003"), "{line}");
+    let stop = err
+        .lines()
+        .find(|l| l.starts_with("stopped by the budget"))
+        .unwrap_or_else(|| panic!("a line saying what was done: {err}"));
+    assert!(
+        stop.contains("statements 1 to 3 completed, statement 4"),
+        "{stop}"
+    );
+    assert!(!p.path("out/qa.parquet").exists(), "no partial output");
+    let spent = s.stats().requests;
+    assert!(
+        (5..56).contains(&spent),
+        "{spent} requests within the budget"
+    );
+    s.reset_stats();
+    let (code, _, err) = p.run_args(&["run", "q.sql", "--metrics-json", "m.json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        s.stats().requests,
+        56 - spent,
+        "the re-run sends only what the budget stopped"
+    );
+}
+
+/// Input for the shell: meta commands, a multi-line statement, an LLM call and a bad statement.
+const SESSION: &str = "\\d\n\
+CREATE EXTERNAL TABLE t\n  STORED AS JSON LOCATION 'data/t.jsonl';\n\
+\\d t\n\
+SELECT ticker, generate_questions(ticker, q, date, substr(transcript, 1, 400)) AS qs\n\
+  FROM (SELECT * FROM t ORDER BY ticker LIMIT 2);\n\
+SELECT no_such_column FROM t;\n\
+\\d generate_questions\n\
+\\q\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_runs_statements_from_piped_input() {
+    let s = mock(MockConfig::default()).await;
+    let p = Project::new(&s.base_url(), 4, false);
+    let dir = p.dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .current_dir(&dir)
+            .env_remove("SLUICE_CONFIG")
+            .arg("sql")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(SESSION.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed statement: exit 1\n{stderr}"
+    );
+    // \d before any table: the LLM functions with their signatures.
+    assert!(stdout.contains("No tables."), "{stdout}");
+    assert!(
+        stdout.contains("generate_questions(ticker, quarter, date, passage) -> List("),
+        "{stdout}"
+    );
+    assert!(stdout.contains("answer_question("), "{stdout}");
+    // \d t: the columns of the table created by the multi-line statement.
+    assert!(stdout.contains("transcript"), "{stdout}");
+    // The LLM call ran for exactly the two rows and printed them.
+    assert!(stdout.contains("(2 rows)"), "{stdout}");
+    assert_eq!(s.stats().prompts, 2);
+    // The bad statement's error, and the session went on to the last command.
+    assert!(stderr.contains("no_such_column"), "{stderr}");
+    assert!(
+        stdout.contains("also: generate_questions_error"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("sluice>"), "no prompt on piped input");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_prompts_on_a_terminal() {
+    let s = mock(MockConfig::default()).await;
+    let p = Project::new(&s.base_url(), 4, false);
+    let dir = p.dir.path().to_path_buf();
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+        let sluice = env!("CARGO_BIN_EXE_sluice");
+        let mut child = Command::new("script")
+            .current_dir(&dir)
+            .env_remove("SLUICE_CONFIG")
+            .args(["-qec", &format!("{sluice} sql"), "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("script(1) runs");
+        let seen = Arc::new(Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        // Type each line only once its prompt is drawn, as a person would (input typed ahead
+        // of the prompt is discarded when the line editor takes the terminal).
+        let mut stdin = child.stdin.take().unwrap();
+        let lines = [
+            "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/t.jsonl';",
+            "SELECT count(*) AS n",
+            "FROM t;",
+            "\\q",
+        ];
+        for (i, line) in lines.iter().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while seen.lock().unwrap().matches("> ").count() <= i && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
+        }
+        let status = child.wait().unwrap();
+        reader.join().unwrap();
+        let text = seen.lock().unwrap().clone();
+        (status, text)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("sluice> "), "the prompt is drawn: {text}");
+    assert!(text.contains("   ...> "), "continuation prompt: {text}");
+    assert!(
+        text.contains("| 14 |"),
+        "the count of the 14 transcripts: {text}"
+    );
+    assert!(p.path(".sluice/history").exists(), "history kept");
+}
