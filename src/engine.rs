@@ -178,7 +178,7 @@ fn summary(text: &str) -> String {
     let flat: String = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.starts_with("--"))
+        .filter(|l| !l.is_empty() && !l.starts_with("--"))
         .collect::<Vec<_>>()
         .join(" ");
     let mut s: String = flat.chars().take(60).collect();

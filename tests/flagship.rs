@@ -120,6 +120,18 @@ async fn flagship_over_real_excerpts_three_questions_per_passage() {
     assert!(stats.by_prompt.values().all(|n| *n == 1));
     let m = engine.metrics();
     assert_eq!((m.calls, m.requests, m.failed), (56, 56, 0));
+    // The progress counters: every row handed over and finished, no input left open (so the
+    // totals shown were final and the ETA could be drawn).
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, rows) in [("generate_questions", 14), ("answer_question", 42)] {
+        let f = engine.live_metrics().function(name);
+        let counts = (
+            f.rows_queued.load(Relaxed),
+            f.rows_finished.load(Relaxed),
+            f.open_inputs.load(Relaxed),
+        );
+        assert_eq!(counts, (rows, rows, 0), "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use sluice::Engine;
 use sluice::config::Config;
 use support::*;
 
-fn engine() -> Engine {
+fn local_config() -> Config {
     let model = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         model.exists(),
@@ -26,7 +26,11 @@ fn engine() -> Engine {
     );
     let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
     cfg.udf_dir = repo().join("udfs");
-    Engine::new(&cfg).unwrap()
+    cfg
+}
+
+fn engine() -> Engine {
+    Engine::new(&local_config()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,6 +87,26 @@ async fn generates_three_questions_and_answers_offline() {
     assert_eq!(m.calls, 6);
     assert!(m.tokens_out > 0 && m.tokens_in > 0);
     eprintln!("{}", sluice::cli::format_summary(&m));
+
+    // `sluice explain` counts the same prompts with the GGUF's own vocabulary and chat template:
+    // stage 1's prompt tokens exactly as the model was fed them.
+    let cfg = local_config();
+    let x = Engine::for_estimates(&cfg)
+        .unwrap()
+        .explain_script(&sql, "test.sql", &cfg)
+        .await
+        .unwrap();
+    let gq = x
+        .totals
+        .iter()
+        .find(|f| f.function == "generate_questions")
+        .unwrap();
+    let actual = m.functions["generate_questions"]["tokens_in"]
+        .as_u64()
+        .unwrap();
+    assert_eq!((gq.calls, gq.tokens_in), (3, actual), "{gq:?}");
+    assert_eq!(gq.cost_usd, Some(0.0), "a local model costs nothing");
+    assert!(x.tokenizers["default"].contains("GGUF vocabulary of SmolLM2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,5 +120,10 @@ async fn a_missing_model_file_fails_the_statement_with_the_fix() {
     assert!(
         err.contains("/nonexistent/model.gguf") && err.contains("fetch-model.sh"),
         "{err}"
+    );
+    let err = Engine::for_estimates(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("/nonexistent/model.gguf") && err.contains("fetch-model.sh"),
+        "explain says the same: {err}"
     );
 }

@@ -409,12 +409,20 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     if engine.budget_exhausted() {
+                        let kept = if config.cache.enabled {
+                            "and kept in the cache; the same command with a larger budget \
+                             continues from there"
+                        } else {
+                            "(not kept: the cache is off)"
+                        };
+                        let completed = match e.index {
+                            1 => "no statement completed".to_string(),
+                            2 => "statement 1 completed".to_string(),
+                            i => format!("statements 1 to {} completed", i - 1),
+                        };
                         eprintln!(
-                            "stopped by the budget: statements 1 to {} completed, statement {} \
-                             and later not run (its output was not written); {} calls answered \
-                             and kept in the cache, {} refused; the same command with a larger \
-                             budget continues from there",
-                            e.index - 1,
+                            "stopped by the budget: {completed}, statement {} and later not \
+                             completed (no output written); {} calls answered {kept}; {} refused",
                             e.index,
                             metrics.succeeded + metrics.cache_hits,
                             metrics.errors.get("budget").copied().unwrap_or(0)

@@ -1,6 +1,7 @@
-//! Live progress on the terminal: one line per LLM function with prompts done, rate, retries,
-//! cache hits, errors, tokens and elapsed time. Drawn on stderr only when it is a terminal;
-//! `--quiet` turns it off.
+//! Live progress on the terminal: one line per LLM function with rows done out of rows handed to
+//! it so far, rate, retries, cache hits, errors, tokens, elapsed time and — once the plan has
+//! handed over its last row, so the total is final — the ETA. Drawn on stderr only when it is a
+//! terminal; `--quiet` turns it off.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -27,10 +28,19 @@ fn compact(n: u64) -> String {
     }
 }
 
-/// Prompts finished (answered, failed or found in the cache).
+/// Rows finished (answered, failed, shared or found in the cache).
 fn done(m: &crate::llm::dispatcher::FunctionMetrics) -> u64 {
-    use std::sync::atomic::Ordering::Relaxed;
-    m.succeeded.load(Relaxed) + m.failed.load(Relaxed) + m.cache_hits.load(Relaxed)
+    m.rows_finished.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `42s`, `3m 05s`, `2h 10m`.
+fn duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+    }
 }
 
 /// The line of one function; `elapsed` is the time it has been working (up to its last
@@ -39,18 +49,25 @@ fn line(m: &crate::llm::dispatcher::FunctionMetrics, elapsed: Duration) -> Strin
     use std::sync::atomic::Ordering::Relaxed;
     let hits = m.cache_hits.load(Relaxed);
     let done = done(m);
-    let prompts = m.prompts.load(Relaxed);
+    let total = m.rows_queued.load(Relaxed);
     let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
     let tokens = m.tokens_in.load(Relaxed) + m.tokens_out.load(Relaxed);
-    format!(
+    let mut s = format!(
         "{} / {} prompts · {rate:.0}/s · {} retries · {} cached · {} errors · {} tokens",
         compact(done),
-        compact(prompts),
+        compact(total),
         compact(m.retries_total()),
         compact(hits),
         compact(m.failed.load(Relaxed)),
         compact(tokens),
-    )
+    );
+    if m.open_inputs.load(Relaxed) == 0 && done < total && rate > 0.0 {
+        s.push_str(&format!(
+            " · ETA {}",
+            duration((total - done) as f64 / rate)
+        ));
+    }
+    s
 }
 
 impl Progress {
@@ -68,6 +85,11 @@ impl Progress {
                 for (name, fm) in metrics.functions() {
                     let i = match bars.iter().position(|b| b.0 == name) {
                         Some(i) => i,
+                        // A bar appears with the function's first row, so bars are in the
+                        // order the pipeline reaches its stages.
+                        None if fm.rows_queued.load(std::sync::atomic::Ordering::Relaxed) == 0 => {
+                            continue;
+                        }
                         None => {
                             let b = mp.add(ProgressBar::new_spinner());
                             b.set_style(style.clone());
@@ -136,6 +158,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn durations_are_short() {
+        assert_eq!(duration(42.2), "42s");
+        assert_eq!(duration(185.0), "3m 05s");
+        assert_eq!(duration(7800.0), "2h 10m");
+    }
+
+    #[test]
     fn counts_are_compact() {
         assert_eq!(compact(950), "950");
         assert_eq!(compact(12_345), "12.3k");
@@ -147,12 +176,18 @@ mod tests {
         use std::sync::atomic::Ordering::Relaxed;
         let m = Metrics::default();
         let f = m.function("answer_question");
-        f.prompts.store(10, Relaxed);
-        f.succeeded.store(6, Relaxed);
+        f.rows_queued.store(10, Relaxed);
+        f.rows_finished.store(9, Relaxed);
         f.cache_hits.store(2, Relaxed);
         f.failed.store(1, Relaxed);
+        f.open_inputs.store(1, Relaxed);
         let l = line(&f, Duration::from_secs(1));
         assert!(l.starts_with("9 / 10 prompts · 9/s"), "{l}");
         assert!(l.contains("2 cached") && l.contains("1 errors"), "{l}");
+        assert!(!l.contains("ETA"), "no ETA while rows may still come: {l}");
+        f.open_inputs.store(0, Relaxed);
+        f.rows_finished.store(1, Relaxed);
+        let l = line(&f, Duration::from_secs(2));
+        assert!(l.ends_with("· ETA 18s"), "9 rows left at 0.5/s: {l}");
     }
 }

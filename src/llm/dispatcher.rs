@@ -127,6 +127,13 @@ pub struct FunctionMetrics {
     pub tokens_out: AtomicU64,
     /// Highest number of this function's requests on the wire at once.
     pub max_in_flight: AtomicU64,
+    /// Rows handed to the function by the plan so far (for progress).
+    pub rows_queued: AtomicU64,
+    /// Rows whose value or error is known (cached, shared, failed before a call included).
+    pub rows_finished: AtomicU64,
+    /// Plan nodes calling the function whose input is not yet exhausted: while this is 0 the
+    /// number of rows queued is final (for the ETA).
+    pub open_inputs: AtomicU64,
     in_flight: AtomicU64,
     /// Latency of each request on the wire.
     pub latency: LatencyHistogram,
@@ -589,6 +596,11 @@ impl Inner {
             tokens,
             nano_usd,
         };
+        let kept = if self.cache.is_some() && self.cache_mode != CacheMode::ReadOnly {
+            "every response received is in the cache: re-run with a larger"
+        } else {
+            "the cache is off, so a re-run starts over: re-run with a larger"
+        };
         let refuse = |message: String| {
             m.budget_exhausted.store(true, Ordering::Relaxed);
             Err(LlmError::new(ErrorKind::Budget, message))
@@ -597,18 +609,19 @@ impl Inner {
             && used + reserved > budget
         {
             return refuse(format!(
-                "token budget of {budget} reached ({used} tokens used); every response \
-                 received is in the cache: re-run with a larger --budget-tokens (or none) \
-                 to continue from there"
+                "token budget of {budget} reached ({used} tokens used, {} held by requests in \
+                 flight); {kept} --budget-tokens (or none)",
+                reserved - tokens
             ));
         }
         if let Some(budget) = self.cfg.budget_usd
             && (spent + reserved_usd) as f64 > budget * 1e9
         {
             return refuse(format!(
-                "cost budget of ${budget} reached (${:.4} spent); every response received is \
-                 in the cache: re-run with a larger --budget-usd (or none) to continue from there",
-                spent as f64 / 1e9
+                "cost budget of ${budget} reached (${:.4} spent, ${:.4} held by requests in \
+                 flight); {kept} --budget-usd (or none)",
+                spent as f64 / 1e9,
+                (reserved_usd - nano_usd) as f64 / 1e9
             ));
         }
         Ok(Some(reservation))

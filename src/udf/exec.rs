@@ -39,7 +39,7 @@ use super::def::{FunctionDef, OnError};
 use super::plan::LlmNode;
 use super::values::to_template_values;
 use super::{ERROR_TYPE, value_type};
-use crate::llm::dispatcher::{CallResult, ModelHandle};
+use crate::llm::dispatcher::{CallResult, FunctionMetrics, ModelHandle};
 use crate::llm::{Dispatcher, ErrorKind, LlmRequest, RowError};
 
 /// What LLM execution needs from the session: the dispatcher and the configured models.
@@ -212,8 +212,17 @@ impl ExecutionPlan for LlmExec {
     ) -> Result<SendableRecordBatchStream> {
         let input = self.input.execute(partition, context)?;
         let concurrency = self.dispatcher.config().concurrency;
+        let functions: Vec<Arc<FunctionMetrics>> = self
+            .calls
+            .iter()
+            .map(|c| self.dispatcher.metrics().function(&c.def.name))
+            .collect();
+        for f in &functions {
+            f.open_inputs.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Box::pin(LlmStream {
             input: Some(input),
+            functions,
             pending: VecDeque::new(),
             slice_rows: concurrency.clamp(16, 1024),
             unfinished_limit: 2 * concurrency + 16,
@@ -244,6 +253,8 @@ struct Slot {
 
 struct LlmStream {
     input: Option<SendableRecordBatchStream>,
+    /// Counters of the called functions; `open_inputs` counts this stream until its input ends.
+    functions: Vec<Arc<FunctionMetrics>>,
     pending: VecDeque<Slot>,
     slice_rows: usize,
     unfinished_limit: usize,
@@ -253,7 +264,22 @@ struct LlmStream {
     shared: Arc<Shared>,
 }
 
+impl Drop for LlmStream {
+    fn drop(&mut self) {
+        self.close_input();
+    }
+}
+
 impl LlmStream {
+    /// The input is exhausted (or abandoned): the functions' row totals are final for it.
+    fn close_input(&mut self) {
+        if self.input.take().is_some() {
+            for f in &self.functions {
+                f.open_inputs.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Rows whose calls are still running. A slice waiting on a few slow rows (a retry in
     /// backoff) counts only those rows, so later slices keep the budget full meanwhile.
     fn unfinished_rows(&self) -> usize {
@@ -272,6 +298,9 @@ impl LlmStream {
     fn submit(&mut self, batch: RecordBatch) {
         let shared = self.shared.clone();
         let rows = batch.num_rows();
+        for f in &self.functions {
+            f.rows_queued.fetch_add(rows as u64, Ordering::Relaxed);
+        }
         let finished_calls = Arc::new(AtomicUsize::new(0));
         let progress = finished_calls.clone();
         let task =
@@ -318,7 +347,7 @@ impl Stream for LlmStream {
                 }
                 let slot = this.pending.remove(i).expect("failed slot");
                 this.pending.clear();
-                this.input = None;
+                this.close_input();
                 this.leftover = None;
                 return Poll::Ready(slot.done);
             }
@@ -355,7 +384,7 @@ impl Stream for LlmStream {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => this.input = None,
+                Poll::Ready(None) => this.close_input(),
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -425,9 +454,12 @@ async fn run_call(
             shared.dispatcher.call(&call.model, req).await
         }
     });
+    let fm = shared.dispatcher.metrics().function(&def.name);
+    let fm = &fm;
     let counted = rows.map(|row| async move {
         let r = row.await;
         progress.fetch_add(1, Ordering::Relaxed);
+        fm.rows_finished.fetch_add(1, Ordering::Relaxed);
         r
     });
     Ok(futures::future::join_all(counted).await)

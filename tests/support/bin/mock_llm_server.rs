@@ -13,7 +13,7 @@ use mock_llm::{MockConfig, MockServer};
 const USAGE: &str = "usage: sluice-mock-llm [--port N] [--latency-ms N] [--jitter-ms N] [--seed N]
   [--rate-limit P] [--server-500 P] [--server-503 P] [--timeout P] [--dropped P]
   [--malformed P] [--truncated P] [--invalid-schema P] [--finish-length P]
-  [--retry-after-ms N] [--hang-ms N] [--api-key-env NAME]
+  [--retry-after-ms N] [--hang-ms N] [--api-key-env NAME] [--tiktoken-usage]
 P is a probability per request (0..1).";
 
 fn parse_args() -> Result<(MockConfig, u16), String> {
@@ -21,6 +21,10 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
     let mut port = 0u16;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--tiktoken-usage" {
+            cfg.tiktoken_usage = true;
+            continue;
+        }
         if flag == "--help" || flag == "-h" {
             println!("{USAGE}");
             std::process::exit(0);
