@@ -46,7 +46,7 @@ pub static ERROR_TYPE: LazyLock<DataType> = LazyLock::new(|| {
 
 /// The built-in `llm(prompt [, model])` definition: the prompt is sent as is.
 pub fn generic_llm_def() -> FunctionDef {
-    FunctionDef::new(
+    let mut def = FunctionDef::new(
         GENERIC_LLM,
         vec!["prompt".to_string()],
         "default",
@@ -55,7 +55,9 @@ pub fn generic_llm_def() -> FunctionDef {
         None,
         PathBuf::from("<built-in llm>"),
     )
-    .expect("the built-in llm definition is valid")
+    .expect("the built-in llm definition is valid");
+    def.description = Some("The prompt as it is, answered by the default model".into());
+    def
 }
 
 /// The SQL value type of a function's result.
