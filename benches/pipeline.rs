@@ -147,23 +147,42 @@ impl Project {
             .unwrap()
             .replace("'data/transcripts/'", "'data/'");
         std::fs::write(p.join("q.sql"), sql).unwrap();
-        // Generated transcripts are under 4,096 characters: one passage each.
-        let companies = passages.clamp(1, 500);
-        let quarters = passages.div_ceil(companies);
-        let out = p.join("data/corpus.jsonl");
+        let project = Project { dir };
+        if passages > 0 {
+            // Generated transcripts are under 4,096 characters: one passage each.
+            let companies = passages.clamp(1, 500);
+            let quarters = passages.div_ceil(companies);
+            let out = project.corpus();
+            project.gen_corpus(&[
+                "--companies",
+                &companies.to_string(),
+                "--quarters",
+                &quarters.to_string(),
+            ]);
+            // Keep exactly `passages` lines.
+            let text = std::fs::read_to_string(&out).unwrap();
+            let kept: Vec<&str> = text.lines().take(passages).collect();
+            std::fs::write(&out, kept.join("\n") + "\n").unwrap();
+        }
+        project
+    }
+
+    /// The generated corpus file.
+    fn corpus(&self) -> PathBuf {
+        self.dir.path().join("data/corpus.jsonl")
+    }
+
+    /// Writes the corpus with `sluice gen-corpus ARGS`.
+    fn gen_corpus(&self, args: &[&str]) {
         let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["gen-corpus", "--companies", &companies.to_string()])
-            .args(["--quarters", &quarters.to_string(), "--out"])
-            .arg(&out)
+            .arg("gen-corpus")
+            .args(args)
+            .arg("--out")
+            .arg(self.corpus())
             .stderr(Stdio::null())
             .status()
             .unwrap();
         assert!(status.success());
-        // Keep exactly `passages` lines.
-        let text = std::fs::read_to_string(&out).unwrap();
-        let kept: Vec<&str> = text.lines().take(passages).collect();
-        std::fs::write(&out, kept.join("\n") + "\n").unwrap();
-        Project { dir }
     }
 
     fn run(&self, extra: &[&str]) -> Measured {
@@ -251,6 +270,46 @@ fn cache_rerun(passages: usize) -> Value {
         "cache_file_bytes": file_bytes,
         "cache_bytes_per_entry": file_bytes / hits.max(1),
         "stats": String::from_utf8_lossy(&stats.stdout).trim().to_string(),
+    })
+}
+
+/// GB scale (issue 9): `size` of generated transcripts → chunk → both LLM stages → Parquet,
+/// first live against the test server at 20 ms (which fills the cache), then the same run again
+/// with every call answered from the cache: MB/s of input and peak RSS of each.
+fn scale(size: &str, concurrency: usize) -> Value {
+    let mock = Mock::start(&["--latency-ms", "20"]);
+    let p = Project::new(&mock.url, concurrency, 0, true);
+    p.gen_corpus(&["--size", size]);
+    let input = std::fs::metadata(p.corpus()).unwrap().len() as f64 / 1e6;
+    let transcripts = std::fs::read(p.corpus())
+        .unwrap()
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count();
+    let live = p.run(&[]);
+    let prompts = num(&live.metrics, "calls") + num(&live.metrics, "deduplicated");
+    let limit = concurrency as f64 / 0.020;
+    let cached = p.run(&[]);
+    assert_eq!(
+        num(&cached.metrics, "requests"),
+        0,
+        "the second run is all hits"
+    );
+    let output = std::fs::metadata(p.dir.path().join("out/earnings_qa.parquet"))
+        .map_or(0.0, |m| m.len() as f64 / 1e6);
+    json!({
+        "scenario": format!("scale-{size}"), "input_mb": round(input, 1),
+        "transcripts": transcripts, "prompts": prompts, "output_parquet_mb": round(output, 1),
+        "live_concurrency": concurrency, "live_wall_s": round(live.wall_s, 2),
+        "live_prompts_per_s": round(prompts as f64 / live.wall_s, 1),
+        "live_limit_prompts_per_s": round(limit, 1),
+        "live_ratio_to_limit": round(prompts as f64 / live.wall_s / limit, 3),
+        "live_max_rss_mb": round(live.max_rss_mb, 1),
+        "live_cpu_s": round(live.cpu_s, 2),
+        "cached_wall_s": round(cached.wall_s, 2),
+        "cached_mb_per_s": round(input / cached.wall_s, 1),
+        "cached_max_rss_mb": round(cached.max_rss_mb, 1),
+        "cached_cpu_s": round(cached.cpu_s, 2),
     })
 }
 
@@ -496,6 +555,12 @@ fn main() {
     }
     if want("s3") {
         emit(s3_vs_local());
+    }
+    if want("scale") || want("scale-100MB") {
+        emit(scale("100MB", 256));
+    }
+    if want("scale") || want("scale-1GB") {
+        emit(scale("1GB", 256));
     }
     if want("local") {
         emit(local_model());

@@ -62,6 +62,9 @@ pub enum CacheMode {
     ReadOnly,
 }
 
+/// Memory redb may use for its page cache.
+const CACHE_MEMORY_BYTES: usize = 64 << 20;
+
 /// Errors of the persistent cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -184,7 +187,13 @@ impl ResponseCache {
         };
         std::fs::create_dir_all(dir)
             .map_err(|e| store_err(format!("cannot create {}: {e}", dir.display())))?;
-        let db = match Database::create(&path) {
+        // redb's page cache defaults to 1 GiB, which a large cache file would fill over a run:
+        // keep it small so memory stays flat in the size of the cache (lookups beyond it are
+        // served by the OS page cache).
+        let db = match Database::builder()
+            .set_cache_size(CACHE_MEMORY_BYTES)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(CacheError::Busy(dir.to_path_buf()));

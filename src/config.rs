@@ -126,7 +126,16 @@ struct RawConfig {
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
+    execution: RawExecution,
+    #[serde(default)]
     models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawExecution {
+    memory_limit: Option<String>,
+    parquet_row_group_rows: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -219,6 +228,30 @@ impl Default for CacheConfig {
             dir: PathBuf::from(".sluice").join("cache"),
             enabled: true,
             refresh: false,
+        }
+    }
+}
+
+/// Query execution settings (`[execution]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionConfig {
+    /// Memory the query engine may hold (sorts, joins and aggregations spill to disk beyond it;
+    /// other operators fail with a clear error). `None`: no limit.
+    pub memory_limit: Option<u64>,
+    /// Most rows per Parquet row group that COPY writes (a row group is held in memory until
+    /// it is complete; `OPTIONS (max_row_group_size N)` overrides it per statement).
+    pub parquet_row_group_rows: usize,
+}
+
+/// DuckDB's row group size: large enough for fast scans, small enough to keep a COPY of
+/// 4 KB passages within a few hundred MB.
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 122_880;
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            memory_limit: None,
+            parquet_row_group_rows: DEFAULT_ROW_GROUP_ROWS,
         }
     }
 }
@@ -324,6 +357,8 @@ pub struct Config {
     pub dispatcher: DispatcherConfig,
     /// Persistent response cache.
     pub cache: CacheConfig,
+    /// Query execution (memory).
+    pub execution: ExecutionConfig,
     /// Models by name.
     pub models: BTreeMap<String, ModelConfig>,
     /// The file this came from, if any.
@@ -345,6 +380,7 @@ impl Default for Config {
             udf_dir: PathBuf::from("udfs"),
             dispatcher: DispatcherConfig::default(),
             cache: CacheConfig::default(),
+            execution: ExecutionConfig::default(),
             models,
             source: None,
         }
@@ -404,6 +440,19 @@ impl Config {
         cfg.cache.dir = base_dir.join(raw.cache.dir.unwrap_or(cfg.cache.dir));
         if let Some(e) = raw.cache.enabled {
             cfg.cache.enabled = e;
+        }
+        if let Some(limit) = &raw.execution.memory_limit {
+            let bytes = crate::cli::parse_size(limit)
+                .map_err(|e| invalid(format!("execution.memory_limit: {e}")))?;
+            cfg.execution.memory_limit = Some(bytes);
+        }
+        if let Some(rows) = raw.execution.parquet_row_group_rows {
+            if rows == 0 {
+                return Err(invalid(
+                    "execution.parquet_row_group_rows must be at least 1".into(),
+                ));
+            }
+            cfg.execution.parquet_row_group_rows = rows;
         }
         let d = raw.dispatcher;
         if let Some(c) = d.concurrency {
@@ -600,6 +649,43 @@ mod tests {
         assert_eq!(m.api_key.as_ref().unwrap().expose(), "sk-secret");
         assert_eq!(m.concurrency, 8);
         assert!(!format!("{cfg:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn execution_limits_parse_with_units() {
+        let cfg =
+            parse("[execution]\nmemory_limit = \"2GB\"\nparquet_row_group_rows = 1000\n").unwrap();
+        assert_eq!(cfg.execution.memory_limit, Some(2 << 30));
+        assert_eq!(cfg.execution.parquet_row_group_rows, 1000);
+        let e = parse("[execution]\nmemory_limit = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("execution.memory_limit"), "{e}");
+        assert_eq!(
+            parse("").unwrap().execution.parquet_row_group_rows,
+            DEFAULT_ROW_GROUP_ROWS
+        );
+    }
+
+    #[test]
+    fn prices_come_in_pairs() {
+        let base = "[models.m]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n";
+        let cfg = parse(&format!(
+            "{base}input_usd_per_mtok = 0.15\noutput_usd_per_mtok = 0.6\n"
+        ))
+        .unwrap();
+        let p = cfg.models["m"].prices.unwrap();
+        assert!((p.cost(1_000_000, 1_000_000) - 0.75).abs() < 1e-12);
+        let e = parse(&format!("{base}input_usd_per_mtok = 0.15\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output_usd_per_mtok"), "{e}");
+        let e = parse(&format!(
+            "{base}input_usd_per_mtok = -1\noutput_usd_per_mtok = 1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(">= 0"), "{e}");
     }
 
     #[test]

@@ -428,12 +428,22 @@ impl Engine {
             );
         }
         let runtime = Arc::new(LlmRuntime { dispatcher, models });
-        let session_config = SessionConfig::new()
+        let mut session_config = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let runtime_env = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_object_store_registry(Arc::new(ObjectStores::new()))
-            .build_arc()?;
+        session_config
+            .options_mut()
+            .execution
+            .parquet
+            .max_row_group_size = config.execution.parquet_row_group_rows;
+        let mut runtime_env = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(ObjectStores::new()));
+        if let Some(limit) = config.execution.memory_limit {
+            runtime_env = runtime_env.with_memory_pool(Arc::new(
+                datafusion::execution::memory_pool::FairSpillPool::new(limit as usize),
+            ));
+        }
+        let runtime_env = runtime_env.build_arc()?;
         let state = SessionStateBuilder::new()
             .with_config(session_config)
             .with_runtime_env(runtime_env)
