@@ -135,7 +135,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawExecution {
     memory_limit: Option<String>,
-    parquet_row_group_rows: Option<usize>,
+    parquet_row_group_bytes: Option<String>,
+    batch_rows: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -238,20 +239,26 @@ pub struct ExecutionConfig {
     /// Memory the query engine may hold (sorts, joins and aggregations spill to disk beyond it;
     /// other operators fail with a clear error). `None`: no limit.
     pub memory_limit: Option<u64>,
-    /// Most rows per Parquet row group that COPY writes (a row group is held in memory until
-    /// it is complete; `OPTIONS (max_row_group_size N)` overrides it per statement).
-    pub parquet_row_group_rows: usize,
+    /// Most bytes per Parquet row group that COPY writes: a row group is held in memory until
+    /// it is complete, so this bounds the writer's memory whatever the row width or the
+    /// compression.
+    pub parquet_row_group_bytes: u64,
+    /// Rows per Arrow batch between operators. Text pipelines carry kilobytes per row, so this
+    /// is smaller than DataFusion's 8,192: less memory in flight, same speed.
+    pub batch_rows: usize,
 }
 
-/// DuckDB's row group size: large enough for fast scans, small enough to keep a COPY of
-/// 4 KB passages within a few hundred MB.
-pub const DEFAULT_ROW_GROUP_ROWS: usize = 122_880;
+/// Row group size in bytes by default (parquet-mr's block size is 128 MB).
+pub const DEFAULT_ROW_GROUP_BYTES: u64 = 64 << 20;
+/// Rows per batch by default.
+pub const DEFAULT_BATCH_ROWS: usize = 1024;
 
 impl Default for ExecutionConfig {
     fn default() -> Self {
         ExecutionConfig {
             memory_limit: None,
-            parquet_row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+            parquet_row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
+            batch_rows: DEFAULT_BATCH_ROWS,
         }
     }
 }
@@ -446,13 +453,15 @@ impl Config {
                 .map_err(|e| invalid(format!("execution.memory_limit: {e}")))?;
             cfg.execution.memory_limit = Some(bytes);
         }
-        if let Some(rows) = raw.execution.parquet_row_group_rows {
+        if let Some(size) = &raw.execution.parquet_row_group_bytes {
+            cfg.execution.parquet_row_group_bytes = crate::cli::parse_size(size)
+                .map_err(|e| invalid(format!("execution.parquet_row_group_bytes: {e}")))?;
+        }
+        if let Some(rows) = raw.execution.batch_rows {
             if rows == 0 {
-                return Err(invalid(
-                    "execution.parquet_row_group_rows must be at least 1".into(),
-                ));
+                return Err(invalid("execution.batch_rows must be at least 1".into()));
             }
-            cfg.execution.parquet_row_group_rows = rows;
+            cfg.execution.batch_rows = rows;
         }
         let d = raw.dispatcher;
         if let Some(c) = d.concurrency {
@@ -653,18 +662,19 @@ mod tests {
 
     #[test]
     fn execution_limits_parse_with_units() {
-        let cfg =
-            parse("[execution]\nmemory_limit = \"2GB\"\nparquet_row_group_rows = 1000\n").unwrap();
+        let cfg = parse(
+            "[execution]\nmemory_limit = \"2GB\"\nparquet_row_group_bytes = \"16MB\"\n\
+             batch_rows = 256\n",
+        )
+        .unwrap();
         assert_eq!(cfg.execution.memory_limit, Some(2 << 30));
-        assert_eq!(cfg.execution.parquet_row_group_rows, 1000);
+        assert_eq!(cfg.execution.parquet_row_group_bytes, 16 << 20);
+        assert_eq!(cfg.execution.batch_rows, 256);
         let e = parse("[execution]\nmemory_limit = \"lots\"\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("execution.memory_limit"), "{e}");
-        assert_eq!(
-            parse("").unwrap().execution.parquet_row_group_rows,
-            DEFAULT_ROW_GROUP_ROWS
-        );
+        assert_eq!(parse("").unwrap().execution, ExecutionConfig::default());
     }
 
     #[test]

@@ -430,12 +430,21 @@ impl Engine {
         let runtime = Arc::new(LlmRuntime { dispatcher, models });
         let mut session_config = SessionConfig::new()
             .with_information_schema(true)
-            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
-        session_config
-            .options_mut()
-            .execution
-            .parquet
-            .max_row_group_size = config.execution.parquet_row_group_rows;
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .with_batch_size(config.execution.batch_rows);
+        {
+            // Row groups bounded in bytes (honoured by the serial writer only): the writer's
+            // memory stays flat in the output size. Column encoding in parallel buys little on
+            // a machine whose cores already run the pipeline.
+            let exec = &mut session_config.options_mut().execution;
+            exec.parquet.allow_single_file_parallelism = false;
+            exec.parquet.max_row_group_bytes = Some(
+                datafusion::config::MaxRowGroupBytes::try_new(
+                    config.execution.parquet_row_group_bytes.max(1) as usize,
+                )
+                .map_err(EngineError::DataFusion)?,
+            );
+        }
         let mut runtime_env = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_object_store_registry(Arc::new(ObjectStores::new()));
         if let Some(limit) = config.execution.memory_limit {
