@@ -62,6 +62,10 @@ struct Measured {
 }
 
 /// Runs `sluice` with `args` in `dir`; waits with wait4(2) to get the child's own rusage.
+///
+/// Linux carries a process's peak RSS across fork and exec, so a child's `ru_maxrss` is at
+/// least this benchmark process's own peak: the benchmark must never hold large buffers (it
+/// streams corpora instead of reading them).
 fn run_sluice(dir: &Path, args: &[&str]) -> Measured {
     run_sluice_env(dir, args, &[])
 }
@@ -159,10 +163,19 @@ impl Project {
                 "--quarters",
                 &quarters.to_string(),
             ]);
-            // Keep exactly `passages` lines.
-            let text = std::fs::read_to_string(&out).unwrap();
-            let kept: Vec<&str> = text.lines().take(passages).collect();
-            std::fs::write(&out, kept.join("\n") + "\n").unwrap();
+            // Keep exactly `passages` lines, streaming: a child's peak RSS starts at this
+            // process's peak (see `run_sluice_env`), so the bench never holds a corpus.
+            let kept = out.with_extension("kept");
+            {
+                use std::io::{BufRead, Write};
+                let reader = std::io::BufReader::new(std::fs::File::open(&out).unwrap());
+                let mut w = std::io::BufWriter::new(std::fs::File::create(&kept).unwrap());
+                for line in reader.lines().take(passages) {
+                    writeln!(w, "{}", line.unwrap()).unwrap();
+                }
+                w.flush().unwrap();
+            }
+            std::fs::rename(&kept, &out).unwrap();
         }
         project
     }
@@ -281,11 +294,11 @@ fn scale(size: &str, concurrency: usize) -> Value {
     let p = Project::new(&mock.url, concurrency, 0, true);
     p.gen_corpus(&["--size", size]);
     let input = std::fs::metadata(p.corpus()).unwrap().len() as f64 / 1e6;
-    let transcripts = std::fs::read(p.corpus())
-        .unwrap()
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count();
+    let transcripts = {
+        use std::io::BufRead;
+        let reader = std::io::BufReader::new(std::fs::File::open(p.corpus()).unwrap());
+        reader.split(b'\n').count()
+    };
     let live = p.run(&[]);
     let prompts = num(&live.metrics, "calls") + num(&live.metrics, "deduplicated");
     let limit = concurrency as f64 / 0.020;

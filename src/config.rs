@@ -248,8 +248,10 @@ pub struct ExecutionConfig {
     pub batch_rows: usize,
 }
 
-/// Row group size in bytes by default (parquet-mr's block size is 128 MB).
-pub const DEFAULT_ROW_GROUP_BYTES: u64 = 64 << 20;
+/// Row group size in bytes by default: the writer holds a row group (and a copy while it is
+/// flushed), so this bounds its memory; 16 MB of compressed pages is still large enough for
+/// fast scans.
+pub const DEFAULT_ROW_GROUP_BYTES: u64 = 16 << 20;
 /// Rows per batch by default.
 pub const DEFAULT_BATCH_ROWS: usize = 1024;
 

@@ -438,6 +438,9 @@ impl Engine {
             // a machine whose cores already run the pipeline.
             let exec = &mut session_config.options_mut().execution;
             exec.parquet.allow_single_file_parallelism = false;
+            // zstd level 1: on LLM outputs (passages repeated per question) it is as small as
+            // level 3 and faster; `OPTIONS ('format.compression' ...)` chooses per statement.
+            exec.parquet.compression = Some("zstd(1)".into());
             exec.parquet.max_row_group_bytes = Some(
                 datafusion::config::MaxRowGroupBytes::try_new(
                     config.execution.parquet_row_group_bytes.max(1) as usize,
