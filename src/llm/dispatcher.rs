@@ -32,8 +32,10 @@ pub type CallResult = Result<Arc<Value>, Arc<RowError>>;
 
 type SharedCall = Shared<BoxFuture<'static, CallResult>>;
 
-/// How many completed results the in-run dedup map keeps before it stops remembering new ones.
-const MEMO_CAPACITY: usize = 200_000;
+/// Entries of the in-run dedup map; when it is full, completed calls are forgotten (a later
+/// identical call is answered by the persistent cache, or sent again without one), so memory
+/// stays flat however long the run.
+const MEMO_CAPACITY: usize = 20_000;
 
 /// A model as the dispatcher sees it: a provider and the governor that paces it.
 #[derive(Debug, Clone)]
@@ -530,6 +532,9 @@ impl Dispatcher {
                     let f = async move { inner.run(&model, req, key, &fm).await }
                         .boxed()
                         .shared();
+                    if memo.len() >= MEMO_CAPACITY {
+                        memo.retain(|_, call| call.peek().is_none());
+                    }
                     if memo.len() < MEMO_CAPACITY {
                         memo.insert(key, f.clone());
                     }
@@ -778,5 +783,75 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::governor::GovernorConfig;
+    use crate::udf::def::RenderedPrompt;
+
+    /// Answers every prompt with its own text.
+    #[derive(Debug)]
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl Provider for Echo {
+        fn endpoint(&self) -> String {
+            "echo".into()
+        }
+
+        async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+            Ok(LlmResponse {
+                content: req.prompt.user.clone(),
+                finish_reason: Some("stop".into()),
+                usage: None,
+            })
+        }
+    }
+
+    fn request(i: usize) -> LlmRequest {
+        LlmRequest {
+            function: "f".into(),
+            prompt: RenderedPrompt {
+                system: None,
+                user: format!("prompt {i}"),
+            },
+            max_tokens: None,
+            temperature: None,
+            schema: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_dedup_map_forgets_completed_calls_when_full() {
+        let d = Dispatcher::new(DispatcherConfig::default());
+        let model = ModelHandle {
+            provider: Arc::new(Echo),
+            governor: Arc::new(Governor::new(GovernorConfig {
+                max_concurrency: 8,
+                rpm: None,
+                tpm: None,
+                adaptive: false,
+            })),
+            prices: None,
+        };
+        for i in 0..MEMO_CAPACITY + 100 {
+            d.call(&model, request(i)).await.unwrap();
+        }
+        let remembered = d.inner.memo.lock().unwrap().len();
+        assert!(
+            remembered <= 101,
+            "completed calls forgotten: {remembered} kept"
+        );
+        // A recent identical call is still shared; a forgotten one is made again.
+        d.call(&model, request(MEMO_CAPACITY + 99)).await.unwrap();
+        assert_eq!(d.metrics().deduplicated.load(Ordering::Relaxed), 1);
+        d.call(&model, request(0)).await.unwrap();
+        assert_eq!(
+            d.metrics().requests.load(Ordering::Relaxed),
+            (MEMO_CAPACITY + 101) as u64
+        );
     }
 }
