@@ -434,7 +434,7 @@ fn local_model() -> Value {
             ),
         )
         .unwrap();
-        // No output schema: plain generation of at most 48 tokens per row, 16 different
+        // No output schema: plain generation of at most 48 tokens per row, 64 different
         // prompts (rows cut at 48 tokens are retried once with 96: all of it is counted).
         std::fs::create_dir_all(d.join("udfs")).unwrap();
         std::fs::write(
@@ -447,20 +447,37 @@ fn local_model() -> Value {
         std::fs::write(
             d.join("q.sql"),
             "CREATE TABLE r AS SELECT sentence(v) AS t, sentence_error(v) AS e \
-             FROM (SELECT unnest(range(16)) AS v);\n",
+             FROM (SELECT unnest(range(64)) AS v);\n",
         )
         .unwrap();
-        let m = run_sluice(
+        let m = run_sluice_env(
             d,
             &["run", "q.sql", "--quiet", "--metrics-json", "metrics.json"],
+            &[("RUST_LOG", "sluice::llm::local=debug".to_string())],
         );
         let tokens = num(&m.metrics, "tokens_out");
+        // The local provider's log: steps that carried only generated tokens (no prompt), the
+        // figure comparable with llama-batched-bench's text-generation speed.
+        let log = std::fs::read_to_string(d.join("stderr.txt")).unwrap_or_default();
+        let generation = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split("generation-only steps: ").nth(1))
+            .map(|rest| {
+                let n: Vec<f64> = rest
+                    .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                json!({"steps": n[0], "tokens": n[1], "seconds": n[2],
+                       "tokens_per_s": round(n[1] / n[2], 1)})
+            });
         out.insert(
             format!("rows_{parallel}_at_once"),
             json!({
                 "tokens_out": tokens, "tokens_in": num(&m.metrics, "tokens_in"),
                 "wall_s": round(m.wall_s, 2),
                 "generated_tokens_per_s": round(tokens as f64 / m.wall_s, 1),
+                "generation_only_steps": generation,
                 "max_rss_mb": round(m.max_rss_mb, 1),
             }),
         );

@@ -293,8 +293,11 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
     let mut grammars: HashMap<String, Result<String, String>> = HashMap::new();
     let mut slots: Vec<Option<Active>> = (0..s.parallel).map(|_| None).collect();
     let mut batch = LlamaBatch::new(n_batch as usize, s.parallel as i32);
-    // Decode steps and the time llama.cpp spent in them, against the loop's wall time.
+    // Decode steps and the time llama.cpp spent in them, against the loop's wall time; and the
+    // steps that carried only generated tokens (no prompt), comparable with llama.cpp's own
+    // text-generation figure: (steps, tokens, time).
     let mut steps = (0u64, std::time::Duration::ZERO);
+    let mut generation = (0u64, 0u64, std::time::Duration::ZERO);
     let started = std::time::Instant::now();
     loop {
         // Admit new rows into free slots; block only when nothing is running.
@@ -347,11 +350,20 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
                 room -= 1;
             }
         }
+        let only_generation = slots
+            .iter()
+            .flatten()
+            .all(|a| a.prompt.is_empty() && a.pos as usize > a.prompt_len);
         let step = std::time::Instant::now();
         let decoded = ctx.decode(&mut batch);
         let decode_time = step.elapsed();
         steps.0 += 1;
         steps.1 += decode_time;
+        if only_generation {
+            generation.0 += 1;
+            generation.1 += batch.n_tokens() as u64;
+            generation.2 += decode_time;
+        }
         if let Err(e) = decoded {
             let msg = format!("llama.cpp decode failed: {e}");
             for (seq, slot) in slots.iter_mut().enumerate() {
@@ -380,12 +392,16 @@ fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
                 let a = slot.take().expect("active");
                 tracing::debug!(
                     "local model: row done, {} prompt + {} generated tokens; {} decode steps \
-                     so far took {:?} in llama.cpp of {:?}",
+                     so far took {:?} in llama.cpp of {:?}; generation-only steps: {} steps, {} \
+                     tokens, {:.3} s",
                     a.prompt_len,
                     a.generated,
                     steps.0,
                     steps.1,
-                    started.elapsed()
+                    started.elapsed(),
+                    generation.0,
+                    generation.1,
+                    generation.2.as_secs_f64()
                 );
                 let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
                 let finish = if stop { "stop" } else { "length" };
