@@ -415,7 +415,7 @@ fn s3_vs_local() -> Value {
 }
 
 /// Tokens per second of the embedded model (needs the `local` feature and models/ fetched):
-/// 16 rows answering the same kind of short question, decoded 1, 4 and 8 at a time.
+/// 64 rows answering the same kind of short question, decoded 1, 4 and 8 at a time.
 fn local_model() -> Value {
     let model = format!(
         "{}/models/SmolLM2-135M-Instruct.Q4_1.gguf",
