@@ -662,15 +662,7 @@ impl Engine {
         opts: &RunOptions,
         out: &mut dyn Write,
     ) -> Result<(), DataFusionError> {
-        let mut statements = DFParser::parse_sql(text)?;
-        if statements.len() != 1 {
-            return Err(DataFusionError::Plan(format!(
-                "expected one statement, found {}",
-                statements.len()
-            )));
-        }
-        let statement = statements.pop_front().expect("one statement");
-        match statement {
+        match parse_one(text)? {
             Statement::CopyTo(mut copy) => {
                 let target = copy.target.clone();
                 if let Some(format) = &copy.stored_as
@@ -836,6 +828,18 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// The one statement of `text` (the script runner has already split the file).
+fn parse_one(text: &str) -> Result<Statement, DataFusionError> {
+    let mut statements = DFParser::parse_sql(text)?;
+    match (statements.pop_front(), statements.len()) {
+        (Some(statement), 0) => Ok(statement),
+        (first, rest) => Err(DataFusionError::Plan(format!(
+            "expected one statement, found {}",
+            usize::from(first.is_some()) + rest
+        ))),
     }
 }
 

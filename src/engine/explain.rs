@@ -15,11 +15,11 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::DataFusionError;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
-use datafusion::sql::parser::{DFParser, Statement};
+use datafusion::sql::parser::Statement;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Engine, RunOptions, StatementError, split_statements, summary};
+use super::{Engine, RunOptions, StatementError, parse_one, split_statements, summary};
 use crate::config::Config;
 
 /// One LLM function's share of a statement or script.
@@ -342,16 +342,8 @@ impl Engine {
         est: &mut StatementEstimate,
         copy_targets: &mut BTreeMap<String, (usize, SchemaRef)>,
     ) -> Result<(), DataFusionError> {
-        let mut statements = DFParser::parse_sql(text)?;
-        if statements.len() != 1 {
-            return Err(DataFusionError::Plan(format!(
-                "expected one statement, found {}",
-                statements.len()
-            )));
-        }
-        let statement = statements.pop_front().expect("one statement");
         let state = self.ctx.state();
-        match statement {
+        match parse_one(text)? {
             Statement::CreateExternalTable(cet) => {
                 let written_by = cet
                     .locations
