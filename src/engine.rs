@@ -38,7 +38,7 @@ use crate::udf::plan::LiftLlmCalls;
 use crate::udf::{LlmUdf, generic_llm_def};
 
 mod explain;
-pub use explain::{Explanation, FunctionEstimate, StatementEstimate, thousands};
+pub use explain::{Explanation, FunctionEstimate, StatementEstimate};
 
 /// Errors that stop the engine from starting.
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +262,6 @@ pub struct Engine {
     runtime: Arc<LlmRuntime>,
     functions: Vec<Arc<FunctionDef>>,
     json_locations: std::sync::Mutex<BTreeMap<String, PathBuf>>,
-    answers: Answers,
     token_counters: BTreeMap<String, String>,
 }
 
@@ -330,11 +329,6 @@ impl Engine {
     pub fn for_estimates(config: &Config) -> Result<Engine, EngineError> {
         let defs = FunctionDef::load_dir(&config.udf_dir)?;
         Self::build(config, defs, Answers::Estimates)
-    }
-
-    /// Whether this engine only estimates (see [`Engine::for_estimates`]).
-    pub fn estimates(&self) -> bool {
-        self.answers == Answers::Estimates
     }
 
     /// How each model's tokens are counted, for engines that estimate.
@@ -501,7 +495,6 @@ impl Engine {
             runtime,
             functions,
             json_locations: Default::default(),
-            answers,
             token_counters,
         })
     }

@@ -232,7 +232,7 @@ fn table(rows: &[FunctionEstimate], total: &FunctionEstimate) -> String {
 }
 
 /// `1234567` → `1,234,567`.
-pub fn thousands(n: u64) -> String {
+fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
