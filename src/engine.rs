@@ -570,15 +570,26 @@ impl Engine {
         for (i, stmt) in split_statements(sql).into_iter().enumerate() {
             self.run_statement(&stmt.text, opts, out)
                 .await
-                .map_err(|e| StatementError {
-                    origin: origin.to_string(),
-                    line: stmt.line,
-                    index: i + 1,
-                    summary: summary(&stmt.text),
-                    message: self.explain_error(e),
-                })?;
+                .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
         }
         Ok(())
+    }
+
+    /// The failure of the `index`-th statement of a script, with its place and a readable cause.
+    fn statement_error(
+        &self,
+        origin: &str,
+        index: usize,
+        stmt: &ScriptStatement,
+        e: DataFusionError,
+    ) -> StatementError {
+        StatementError {
+            origin: origin.to_string(),
+            line: stmt.line,
+            index,
+            summary: summary(&stmt.text),
+            message: self.explain_error(e),
+        }
     }
 
     /// Runs a statement and collects a query's result (for tests and embedding).

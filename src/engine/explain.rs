@@ -289,13 +289,7 @@ impl Engine {
             };
             self.explain_statement(&stmt.text, &mut est, &mut copy_targets)
                 .await
-                .map_err(|e| StatementError {
-                    origin: origin.to_string(),
-                    line: stmt.line,
-                    index: i + 1,
-                    summary: summary(&stmt.text),
-                    message: self.explain_error(e),
-                })?;
+                .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
             for (name, after) in self.function_counters() {
                 let b = before.get(&name).copied().unwrap_or_default();
                 let d: Vec<u64> = after.iter().zip(b).map(|(a, b)| a - b).collect();
