@@ -62,6 +62,18 @@ pub enum CacheMode {
     ReadOnly,
 }
 
+impl CacheMode {
+    /// Whether stored responses answer calls.
+    pub fn reads(self) -> bool {
+        matches!(self, CacheMode::ReadWrite | CacheMode::ReadOnly)
+    }
+
+    /// Whether new responses are stored.
+    pub fn writes(self) -> bool {
+        matches!(self, CacheMode::ReadWrite | CacheMode::Refresh)
+    }
+}
+
 /// Memory redb may use for its page cache.
 const CACHE_MEMORY_BYTES: usize = 64 << 20;
 

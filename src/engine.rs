@@ -274,34 +274,6 @@ enum Answers {
     Estimates,
 }
 
-/// An estimating provider that keeps the real provider's schema checks and cache identity.
-#[derive(Debug)]
-struct CheckedEstimate {
-    estimate: EstimateProvider,
-    real: Arc<dyn Provider>,
-}
-
-#[async_trait]
-impl Provider for CheckedEstimate {
-    fn endpoint(&self) -> String {
-        self.estimate.endpoint()
-    }
-
-    async fn complete(
-        &self,
-        req: &crate::llm::LlmRequest,
-    ) -> Result<crate::llm::LlmResponse, crate::llm::LlmError> {
-        self.estimate.complete(req).await
-    }
-
-    fn check_schema(
-        &self,
-        schema: Option<&crate::udf::schema::OutputSchema>,
-    ) -> Result<(), String> {
-        self.real.check_schema(schema)
-    }
-}
-
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -390,27 +362,25 @@ impl Engine {
                     ));
                 }
             };
-            let mut governor = GovernorConfig {
-                max_concurrency: m.concurrency.min(config.dispatcher.concurrency),
-                rpm: m.rpm,
-                tpm: m.tpm,
-                adaptive: m.adaptive_concurrency,
-            };
-            let provider: Arc<dyn Provider> = if estimating {
-                governor = GovernorConfig {
+            let (provider, governor): (Arc<dyn Provider>, _) = if estimating {
+                // Nothing is sent: no pacing, the whole budget in flight.
+                let counter = TokenCounter::for_model(m).map_err(model_err)?;
+                token_counters.insert(name.clone(), counter.describe());
+                let governor = GovernorConfig {
                     max_concurrency: config.dispatcher.concurrency,
                     rpm: None,
                     tpm: None,
                     adaptive: false,
                 };
-                let counter = TokenCounter::for_model(m).map_err(model_err)?;
-                token_counters.insert(name.clone(), counter.describe());
-                Arc::new(CheckedEstimate {
-                    estimate: EstimateProvider::new(provider.endpoint(), Arc::new(counter)),
-                    real: provider,
-                })
+                (Arc::new(EstimateProvider::new(provider, counter)), governor)
             } else {
-                provider
+                let governor = GovernorConfig {
+                    max_concurrency: pool,
+                    rpm: m.rpm,
+                    tpm: m.tpm,
+                    adaptive: m.adaptive_concurrency,
+                };
+                (provider, governor)
             };
             models.insert(
                 name.clone(),
@@ -520,6 +490,21 @@ impl Engine {
             Some(c) => c.flush().await,
             None => Ok(()),
         }
+    }
+
+    /// A model that an LLM function uses but that has no prices (so `--budget-usd` cannot be
+    /// enforced for it).
+    pub fn unpriced_model(&self) -> Option<String> {
+        self.functions
+            .iter()
+            .map(|f| &f.model)
+            .find(|m| {
+                self.runtime
+                    .models
+                    .get(*m)
+                    .is_some_and(|h| h.prices.is_none())
+            })
+            .cloned()
     }
 
     /// Whether a request was refused because the token budget would be exceeded.

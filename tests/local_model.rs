@@ -93,7 +93,7 @@ async fn generates_three_questions_and_answers_offline() {
     let cfg = local_config();
     let x = Engine::for_estimates(&cfg)
         .unwrap()
-        .explain_script(&sql, "test.sql", &cfg)
+        .explain_script(&sql, "test.sql")
         .await
         .unwrap();
     let gq = x

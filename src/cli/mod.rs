@@ -364,7 +364,7 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             };
             if budget_usd.is_some()
-                && let Some(model) = unpriced_model(&engine, &config)
+                && let Some(model) = engine.unpriced_model()
             {
                 eprintln!(
                     "error: --budget-usd needs the price of model {model}: set \
@@ -437,16 +437,6 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// A model that an LLM function uses but that has no prices.
-fn unpriced_model(engine: &Engine, config: &Config) -> Option<String> {
-    engine
-        .functions()
-        .iter()
-        .map(|f| &f.model)
-        .find(|m| config.models.get(*m).is_some_and(|m| m.prices.is_none()))
-        .cloned()
-}
-
 async fn explain_command(config: &Config, file: &Path, json: bool, no_plan: bool) -> ExitCode {
     let engine = match Engine::for_estimates(config) {
         Ok(e) => e,
@@ -463,7 +453,7 @@ async fn explain_command(config: &Config, file: &Path, json: bool, no_plan: bool
         }
     };
     match engine
-        .explain_script(&sql, &file.display().to_string(), config)
+        .explain_script(&sql, &file.display().to_string())
         .await
     {
         Ok(x) => {

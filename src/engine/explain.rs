@@ -20,7 +20,6 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::{Engine, RunOptions, StatementError, parse_one, split_statements, summary};
-use crate::config::Config;
 
 /// One LLM function's share of a statement or script.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -265,13 +264,12 @@ impl Engine {
             .collect()
     }
 
-    /// Estimates every statement of `sql` (see the module documentation). `config` gives the
-    /// models' prices. Stops at the first statement that fails to plan or run.
+    /// Estimates every statement of `sql` (see the module documentation), costed at the models'
+    /// prices. Stops at the first statement that fails to plan or run.
     pub async fn explain_script(
         &self,
         sql: &str,
         origin: &str,
-        config: &Config,
     ) -> Result<Explanation, StatementError> {
         let mut out = Explanation {
             tokenizers: self.token_counters().clone(),
@@ -299,7 +297,7 @@ impl Engine {
                 let model = self
                     .function(&name)
                     .map_or_else(String::new, |f| f.model.clone());
-                let prices = config.models.get(&model).and_then(|m| m.prices);
+                let prices = self.runtime.models.get(&model).and_then(|m| m.prices);
                 if prices.is_none() && !out.unpriced.contains(&model) {
                     out.unpriced.push(model.clone());
                 }

@@ -489,10 +489,7 @@ impl Dispatcher {
         let fm = self.inner.metrics.function(&req.function);
         fm.prompts.fetch_add(1, Ordering::Relaxed);
         if let Some(cache) = &self.inner.cache
-            && matches!(
-                self.inner.cache_mode,
-                CacheMode::ReadWrite | CacheMode::ReadOnly
-            )
+            && self.inner.cache_mode.reads()
         {
             match cache.get(&key) {
                 Ok(Some(hit)) => {
@@ -554,8 +551,9 @@ impl Inner {
         req: &LlmRequest,
         fm: &FunctionMetrics,
     ) -> Result<LlmResponse, LlmError> {
-        let estimate = req.estimated_tokens();
-        let _reservation = self.reserve_budget(model, req)?;
+        let estimate = req.estimated_usage();
+        let _reservation = self.reserve_budget(model, estimate)?;
+        let estimate = estimate.prompt_tokens + estimate.completion_tokens;
         // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
         // so that a paused model never holds permits other models could use.
         let admission = model.governor.admit(estimate).await;
@@ -578,18 +576,17 @@ impl Inner {
         result
     }
 
-    /// Counts the request's estimated tokens and cost against the run's budgets while it is on
-    /// the wire, or refuses it when a budget would be exceeded.
+    /// Counts a request's estimated usage (tokens and cost) against the run's budgets while it
+    /// is on the wire, or refuses it when a budget would be exceeded.
     fn reserve_budget(
         &self,
         model: &ModelHandle,
-        req: &LlmRequest,
+        estimate: Usage,
     ) -> Result<Option<BudgetReservation<'_>>, LlmError> {
         if self.cfg.budget_tokens.is_none() && self.cfg.budget_usd.is_none() {
             return Ok(None);
         }
         let m = &self.metrics;
-        let estimate = req.estimated_usage();
         let tokens = estimate.prompt_tokens + estimate.completion_tokens;
         let nano_usd = model.nano_usd(estimate);
         let used = m.tokens_in.load(Ordering::Relaxed) + m.tokens_out.load(Ordering::Relaxed);
@@ -601,7 +598,7 @@ impl Inner {
             tokens,
             nano_usd,
         };
-        let kept = if self.cache.is_some() && self.cache_mode != CacheMode::ReadOnly {
+        let kept = if self.cache.is_some() && self.cache_mode.writes() {
             "every response received is in the cache: re-run with a larger"
         } else {
             "the cache is off, so a re-run starts over: re-run with a larger"
@@ -660,7 +657,7 @@ impl Inner {
                 })
                 .clone()
         };
-        let _reservation = self.reserve_budget(model, req)?;
+        let _reservation = self.reserve_budget(model, req.estimated_usage())?;
         let (done, answer) = oneshot::channel();
         let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
         tx.send(Pending {
@@ -732,7 +729,7 @@ impl Inner {
                     m.succeeded.fetch_add(1, Ordering::Relaxed);
                     fm.succeeded.fetch_add(1, Ordering::Relaxed);
                     if let Some(cache) = &self.cache
-                        && self.cache_mode != CacheMode::ReadOnly
+                        && self.cache_mode.writes()
                     {
                         cache.put(key, &resp);
                     }

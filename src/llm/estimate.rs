@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::{LlmError, LlmRequest, LlmResponse, Provider, Usage};
 use crate::config::{ModelConfig, ProviderKind, StructuredOutput};
+use crate::udf::schema::OutputSchema;
 
 /// Characters of a placeholder string when the schema allows it (about one sentence).
 pub const TYPICAL_STRING_CHARS: usize = 80;
@@ -146,24 +147,29 @@ pub fn chat_prompt_tokens(count: impl Fn(&str) -> u64, system: Option<&str>, use
 }
 
 /// A provider that sends nothing: each request is answered at once with a placeholder that
-/// follows the output schema, and its usage is counted with the model's tokenizer.
+/// follows the output schema, and its usage is counted with the model's tokenizer. It keeps the
+/// real provider's identity (so cache lookups match) and its schema checks.
 #[derive(Debug)]
 pub struct EstimateProvider {
-    endpoint: String,
-    counter: Arc<TokenCounter>,
+    real: Arc<dyn Provider>,
+    counter: TokenCounter,
 }
 
 impl EstimateProvider {
-    /// Stands in for a model whose real provider reports `endpoint` (so cache lookups match).
-    pub fn new(endpoint: String, counter: Arc<TokenCounter>) -> Self {
-        EstimateProvider { endpoint, counter }
+    /// Stands in for `real`, counting tokens with `counter`.
+    pub fn new(real: Arc<dyn Provider>, counter: TokenCounter) -> Self {
+        EstimateProvider { real, counter }
     }
 }
 
 #[async_trait]
 impl Provider for EstimateProvider {
     fn endpoint(&self) -> String {
-        self.endpoint.clone()
+        self.real.endpoint()
+    }
+
+    fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), String> {
+        self.real.check_schema(schema)
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {

@@ -102,11 +102,7 @@ impl LocalProvider {
         if !self.settings.path.exists() {
             return Err(LlmError::new(
                 ErrorKind::NotFound,
-                format!(
-                    "model file {} not found: run scripts/fetch-model.sh for the default model, \
-                     or set model = \"path/to/model.gguf\" in sluice.toml",
-                    self.settings.path.display()
-                ),
+                missing_model(&self.settings.path),
             ));
         }
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -171,6 +167,15 @@ pub fn render_chat(
         .map_err(|e| format!("the model's chat template failed: {e}"))
 }
 
+/// The error for a GGUF path that does not exist, with the fix.
+fn missing_model(path: &std::path::Path) -> String {
+    format!(
+        "model file {} not found: run scripts/fetch-model.sh for the default model, or set \
+         model = \"path/to/model.gguf\" in sluice.toml",
+        path.display()
+    )
+}
+
 /// A GGUF's vocabulary and chat template, loaded without the weights: counts tokens exactly as
 /// the local provider feeds them (for `sluice explain`).
 pub struct Vocabulary {
@@ -183,11 +188,7 @@ impl Vocabulary {
     /// Loads the vocabulary of the GGUF at `path`.
     pub fn load(path: &std::path::Path) -> Result<Vocabulary, String> {
         if !path.exists() {
-            return Err(format!(
-                "model file {} not found: run scripts/fetch-model.sh for the default model, or \
-                 set model = \"path/to/model.gguf\" in sluice.toml",
-                path.display()
-            ));
+            return Err(missing_model(path));
         }
         let backend = backend().map_err(|e| format!("cannot start llama.cpp: {e}"))?;
         let params = LlamaModelParams::default().with_vocab_only(true);

@@ -222,7 +222,6 @@ impl ExecutionPlan for LlmExec {
         }
         Ok(Box::pin(LlmStream {
             input: Some(input),
-            functions,
             pending: VecDeque::new(),
             slice_rows: concurrency.clamp(16, 1024),
             unfinished_limit: 2 * concurrency + 16,
@@ -232,6 +231,7 @@ impl ExecutionPlan for LlmExec {
                 calls: self.calls.clone(),
                 schema: self.schema.clone(),
                 dispatcher: self.dispatcher.clone(),
+                functions,
             }),
         }))
     }
@@ -241,6 +241,9 @@ struct Shared {
     calls: Vec<Arc<PhysicalCall>>,
     schema: SchemaRef,
     dispatcher: Dispatcher,
+    /// Counters of each call's function, in the order of `calls`; `open_inputs` counts the
+    /// stream until its input ends.
+    functions: Vec<Arc<FunctionMetrics>>,
 }
 
 struct Slot {
@@ -253,8 +256,6 @@ struct Slot {
 
 struct LlmStream {
     input: Option<SendableRecordBatchStream>,
-    /// Counters of the called functions; `open_inputs` counts this stream until its input ends.
-    functions: Vec<Arc<FunctionMetrics>>,
     pending: VecDeque<Slot>,
     slice_rows: usize,
     unfinished_limit: usize,
@@ -274,7 +275,7 @@ impl LlmStream {
     /// The input is exhausted (or abandoned): the functions' row totals are final for it.
     fn close_input(&mut self) {
         if self.input.take().is_some() {
-            for f in &self.functions {
+            for f in &self.shared.functions {
                 f.open_inputs.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -298,7 +299,7 @@ impl LlmStream {
     fn submit(&mut self, batch: RecordBatch) {
         let shared = self.shared.clone();
         let rows = batch.num_rows();
-        for f in &self.functions {
+        for f in &self.shared.functions {
             f.rows_queued.fetch_add(rows as u64, Ordering::Relaxed);
         }
         let finished_calls = Arc::new(AtomicUsize::new(0));
@@ -410,6 +411,7 @@ fn no_call_error(kind: ErrorKind, message: String) -> CallResult {
 async fn run_call(
     shared: &Shared,
     call: &PhysicalCall,
+    fm: &FunctionMetrics,
     batch: &RecordBatch,
     progress: &AtomicUsize,
 ) -> Result<Vec<CallResult>> {
@@ -454,8 +456,6 @@ async fn run_call(
             shared.dispatcher.call(&call.model, req).await
         }
     });
-    let fm = shared.dispatcher.metrics().function(&def.name);
-    let fm = &fm;
     let counted = rows.map(|row| async move {
         let r = row.await;
         progress.fetch_add(1, Ordering::Relaxed);
@@ -474,7 +474,8 @@ async fn process_batch(
         shared
             .calls
             .iter()
-            .map(|c| run_call(shared, c, &batch, progress)),
+            .zip(&shared.functions)
+            .map(|(c, fm)| run_call(shared, c, fm, &batch, progress)),
     )
     .await?;
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
