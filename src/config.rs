@@ -451,12 +451,12 @@ impl Config {
             cfg.cache.enabled = e;
         }
         if let Some(limit) = &raw.execution.memory_limit {
-            let bytes = crate::cli::parse_size(limit)
-                .map_err(|e| invalid(format!("execution.memory_limit: {e}")))?;
+            let bytes =
+                parse_size(limit).map_err(|e| invalid(format!("execution.memory_limit: {e}")))?;
             cfg.execution.memory_limit = Some(bytes);
         }
         if let Some(size) = &raw.execution.parquet_row_group_bytes {
-            cfg.execution.parquet_row_group_bytes = crate::cli::parse_size(size)
+            cfg.execution.parquet_row_group_bytes = parse_size(size)
                 .map_err(|e| invalid(format!("execution.parquet_row_group_bytes: {e}")))?;
         }
         if let Some(rows) = raw.execution.batch_rows {
@@ -611,6 +611,25 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// Parses sizes such as `1GB`, `100MB`, `512KB` or a byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [
+        ("GB", 1u64 << 30),
+        ("MB", 1 << 20),
+        ("KB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1));
+    num.parse::<f64>()
+        .ok()
+        .filter(|n| *n > 0.0)
+        .map(|n| (n * mult as f64) as u64)
+        .ok_or_else(|| format!("{s:?} is not a size such as 100MB or 1GB"))
 }
 
 /// Both prices or neither; non-negative and finite.

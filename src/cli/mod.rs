@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::cache::ResponseCache;
-use crate::config::Config;
+use crate::config::{Config, parse_size};
 use crate::engine::{Engine, RunOptions};
 use crate::llm::MetricsSnapshot;
 
@@ -114,25 +114,6 @@ pub enum CacheAction {
     Stats,
     /// Remove every stored response.
     Clear,
-}
-
-/// Parses sizes such as `1GB`, `100MB`, `512KB` or a byte count.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_uppercase();
-    let (num, mult) = [
-        ("GB", 1u64 << 30),
-        ("MB", 1 << 20),
-        ("KB", 1 << 10),
-        ("B", 1),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
-    .unwrap_or((t.clone(), 1));
-    num.parse::<f64>()
-        .ok()
-        .filter(|n| *n > 0.0)
-        .map(|n| (n * mult as f64) as u64)
-        .ok_or_else(|| format!("{s:?} is not a size such as 100MB or 1GB"))
 }
 
 /// Exit code for a failed statement.
