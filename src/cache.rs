@@ -15,37 +15,59 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::llm::{LlmRequest, Usage};
+use crate::udf::def::RenderedPrompt;
+use crate::udf::schema::OutputSchema;
 
 /// A 32-byte SHA-256 request key.
 pub type RequestKey = [u8; 32];
 
 /// Computes the key of `req` sent to `endpoint` (provider URL and model id).
 pub fn request_key(endpoint: &str, req: &LlmRequest) -> RequestKey {
-    let mut h = Sha256::new();
-    // Each field is length-prefixed so that no two different requests share a byte stream.
-    let mut field = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    field(b"sluice-request-v1");
-    field(endpoint.as_bytes());
-    field(&req.max_tokens.map(|m| m as i64).unwrap_or(-1).to_le_bytes());
-    field(
-        &req.temperature
-            .map(f64::to_bits)
-            .unwrap_or(u64::MAX)
-            .to_le_bytes(),
-    );
-    match &req.schema {
-        Some(s) => field(s.json.to_string().as_bytes()),
-        None => field(b"\0none"),
+    KeyPrefix::new(endpoint, req.max_tokens, req.temperature, req.schema.as_deref()).key(&req.prompt)
+}
+
+/// The part of a request key that one function's calls share (endpoint, generation parameters,
+/// output schema), hashed once; [`KeyPrefix::key`] completes it with each call's messages.
+#[derive(Clone)]
+pub struct KeyPrefix(Sha256);
+
+/// Hashes one field, length-prefixed so that no two different requests share a byte stream.
+fn hash_field(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+impl KeyPrefix {
+    /// The shared part of the keys of requests to `endpoint` with these parameters.
+    pub fn new(
+        endpoint: &str,
+        max_tokens: Option<u32>,
+        temperature: Option<f64>,
+        schema: Option<&OutputSchema>,
+    ) -> KeyPrefix {
+        let mut h = Sha256::new();
+        hash_field(&mut h, b"sluice-request-v1");
+        hash_field(&mut h, endpoint.as_bytes());
+        hash_field(&mut h, &max_tokens.map(i64::from).unwrap_or(-1).to_le_bytes());
+        let temperature = temperature.map(f64::to_bits).unwrap_or(u64::MAX);
+        hash_field(&mut h, &temperature.to_le_bytes());
+        match schema {
+            Some(s) => hash_field(&mut h, s.json.to_string().as_bytes()),
+            None => hash_field(&mut h, b"\0none"),
+        }
+        KeyPrefix(h)
     }
-    match &req.prompt.system {
-        Some(s) => field(s.as_bytes()),
-        None => field(b"\0none"),
+
+    /// The key of the request that sends `prompt` with this prefix's parameters.
+    pub fn key(&self, prompt: &RenderedPrompt) -> RequestKey {
+        let mut h = self.0.clone();
+        match &prompt.system {
+            Some(s) => hash_field(&mut h, s.as_bytes()),
+            None => hash_field(&mut h, b"\0none"),
+        }
+        hash_field(&mut h, prompt.user.as_bytes());
+        h.finalize().into()
     }
-    field(req.prompt.user.as_bytes());
-    h.finalize().into()
 }
 
 /// How a run uses the persistent response cache.
@@ -74,8 +96,10 @@ impl CacheMode {
     }
 }
 
-/// Memory redb may use for its page cache.
-const CACHE_MEMORY_BYTES: usize = 64 << 20;
+/// Memory redb may use for its page cache. The B-tree's branch pages fit; a leaf of a large cache
+/// is read from the OS page cache instead. Measured on a 285 MB cache file (1 GB corpus): 16 MiB
+/// answers as fast as 64 MiB, and 256 MiB saves about 10% of the run for 280 MB more memory.
+const CACHE_MEMORY_BYTES: usize = 16 << 20;
 
 /// Errors of the persistent cache.
 #[derive(Debug, thiserror::Error)]
@@ -250,14 +274,26 @@ impl ResponseCache {
 
     /// The stored response for `key`, if any. A damaged entry reads as absent.
     pub fn get(&self, key: &RequestKey) -> Result<Option<CachedResponse>, CacheError> {
+        Ok(self.get_many(std::slice::from_ref(key))?.pop().flatten())
+    }
+
+    /// The stored responses for `keys`, in their order, read in one transaction (and in key
+    /// order, which keeps the B-tree's pages warm). A damaged entry reads as absent.
+    pub fn get_many(&self, keys: &[RequestKey]) -> Result<Vec<Option<CachedResponse>>, CacheError> {
         let err = |e: &dyn std::fmt::Display| CacheError::Store {
             path: self.path.clone(),
             message: e.to_string(),
         };
         let r = self.db.begin_read().map_err(|e| err(&e))?;
         let t = r.open_table(RESPONSES).map_err(|e| err(&e))?;
-        let got = t.get(key).map_err(|e| err(&e))?;
-        Ok(got.and_then(|g| CachedResponse::decode(g.value())))
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by_key(|&i| &keys[i]);
+        let mut out = vec![None; keys.len()];
+        for i in order {
+            let got = t.get(&keys[i]).map_err(|e| err(&e))?;
+            out[i] = got.and_then(|g| CachedResponse::decode(g.value()));
+        }
+        Ok(out)
     }
 
     /// Queues `resp` to be stored under `key`; it is durable after the writer's next commit.

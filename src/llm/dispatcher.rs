@@ -487,28 +487,53 @@ impl Dispatcher {
     pub async fn call(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
         let key = request_key(&model.provider.endpoint(), &req);
         let fm = self.inner.metrics.function(&req.function);
-        fm.prompts.fetch_add(1, Ordering::Relaxed);
-        if let Some(cache) = &self.inner.cache
-            && self.inner.cache_mode.reads()
-        {
-            match cache.get(&key) {
-                Ok(Some(hit)) => {
-                    self.inner
-                        .metrics
-                        .cache_hits
-                        .fetch_add(1, Ordering::Relaxed);
-                    fm.cache_hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Arc::new(hit.value));
-                }
-                Ok(None) => {
-                    self.inner
-                        .metrics
-                        .cache_misses
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::warn!("{e}"),
-            }
+        if let Some(Some(hit)) = self.from_cache(&fm, &[key]).pop() {
+            return Ok(hit);
         }
+        self.call_uncached(model, req, key, fm).await
+    }
+
+    /// Counts one prompt of `fm` per key and answers from the persistent cache what it can, in
+    /// one read: a value per key, or `None` where the call must be made
+    /// ([`Dispatcher::call_uncached`]).
+    pub fn from_cache(&self, fm: &FunctionMetrics, keys: &[RequestKey]) -> Vec<Option<Arc<Value>>> {
+        fm.prompts.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let Some(cache) = self
+            .inner
+            .cache
+            .as_ref()
+            .filter(|_| self.inner.cache_mode.reads() && !keys.is_empty())
+        else {
+            return vec![None; keys.len()];
+        };
+        let found = match cache.get_many(keys) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("{e}");
+                return vec![None; keys.len()];
+            }
+        };
+        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        let m = &self.inner.metrics;
+        m.cache_hits.fetch_add(hits, Ordering::Relaxed);
+        m.cache_misses
+            .fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
+        fm.cache_hits.fetch_add(hits, Ordering::Relaxed);
+        found
+            .into_iter()
+            .map(|f| f.map(|hit| Arc::new(hit.value)))
+            .collect()
+    }
+
+    /// Makes a call that [`Dispatcher::from_cache`] did not answer: shared with an identical
+    /// call already running, or sent (with retries) and stored.
+    pub async fn call_uncached(
+        &self,
+        model: &ModelHandle,
+        req: LlmRequest,
+        key: RequestKey,
+        fm: Arc<FunctionMetrics>,
+    ) -> CallResult {
         let fut = {
             let mut memo = self
                 .inner

@@ -274,11 +274,19 @@ impl FunctionDef {
             .zip(values.iter().cloned())
             .collect::<std::collections::BTreeMap<String, JinjaValue>>()
             .into();
+        // The output is about the template plus its arguments: reserve that up front, so that a
+        // prompt carrying a long passage is not grown (and copied) step by step.
+        let args_len: usize = values.iter().filter_map(|v| v.as_str()).map(str::len).sum();
         let render = |name: &str| -> Result<String, String> {
-            self.env
+            let template = self
+                .env
                 .get_template(name)
-                .and_then(|t| t.render(&ctx))
-                .map_err(|e| format!("{name} template: {}", jinja_message(&e)))
+                .map_err(|e| format!("{name} template: {}", jinja_message(&e)))?;
+            let mut out = Vec::with_capacity(template.source().len() + args_len);
+            template
+                .render_captured_to(&ctx, &mut out)
+                .map_err(|e| format!("{name} template: {}", jinja_message(&e)))?;
+            String::from_utf8(out).map_err(|e| format!("{name} template: {e}"))
         };
         let system = match self.system {
             Some(_) => Some(render("system")?),

@@ -35,11 +35,12 @@ use futures::{FutureExt, Stream, StreamExt};
 use minijinja::Value as JinjaValue;
 use serde_json::Value;
 
-use super::def::{FunctionDef, OnError};
+use super::def::{FunctionDef, OnError, RenderedPrompt};
 use super::plan::LlmNode;
 use super::values::to_template_values;
 use super::{ERROR_TYPE, value_type};
 use crate::llm::dispatcher::{CallResult, FunctionMetrics, ModelHandle};
+use crate::cache::{KeyPrefix, RequestKey};
 use crate::llm::{Dispatcher, ErrorKind, LlmRequest, RowError};
 
 /// What LLM execution needs from the session: the dispatcher and the configured models.
@@ -411,7 +412,7 @@ fn no_call_error(kind: ErrorKind, message: String) -> CallResult {
 async fn run_call(
     shared: &Shared,
     call: &PhysicalCall,
-    fm: &FunctionMetrics,
+    fm: &Arc<FunctionMetrics>,
     batch: &RecordBatch,
     progress: &AtomicUsize,
 ) -> Result<Vec<CallResult>> {
@@ -423,8 +424,19 @@ async fn run_call(
         .collect::<Result<_>>()?;
     let def = &call.def;
     let schema = def.output.clone().map(Arc::new);
-    let rows = (0..n).map(|row| {
-        let mut values = Vec::with_capacity(columns.len());
+    let prefix = KeyPrefix::new(
+        &call.model.provider.endpoint(),
+        def.max_tokens,
+        def.temperature,
+        schema.as_deref(),
+    );
+    // Render every row's prompt (rows that cannot be called get their error now), then answer
+    // what the cache holds in one read, and send the rest.
+    let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
+    let mut to_call: Vec<(usize, RenderedPrompt, RequestKey)> = Vec::with_capacity(n);
+    let mut values = Vec::with_capacity(columns.len());
+    for row in 0..n {
+        values.clear();
         let mut null_arg = None;
         for (i, col) in columns.iter().enumerate() {
             match &col[row] {
@@ -434,35 +446,65 @@ async fn run_call(
                 }
             }
         }
-        let schema = schema.clone();
-        async move {
-            if let Some(i) = null_arg {
-                return no_call_error(
-                    ErrorKind::NullInput,
-                    format!("argument {:?} is NULL; no call was made", def.args[i]),
-                );
+        if let Some(i) = null_arg {
+            results.push(Some(no_call_error(
+                ErrorKind::NullInput,
+                format!("argument {:?} is NULL; no call was made", def.args[i]),
+            )));
+            continue;
+        }
+        match def.render(&values) {
+            Ok(prompt) => {
+                let key = prefix.key(&prompt);
+                to_call.push((row, prompt, key));
+                results.push(None);
             }
-            let prompt = match def.render(&values) {
-                Ok(p) => p,
-                Err(e) => return no_call_error(ErrorKind::Template, e),
-            };
-            let req = LlmRequest {
-                function: def.name.clone(),
-                prompt,
-                max_tokens: def.max_tokens,
-                temperature: def.temperature,
-                schema,
-            };
-            shared.dispatcher.call(&call.model, req).await
+            Err(e) => results.push(Some(no_call_error(ErrorKind::Template, e))),
+        }
+    }
+    drop(columns);
+    let keys: Vec<RequestKey> = to_call.iter().map(|(_, _, key)| *key).collect();
+    let cached = shared.dispatcher.from_cache(fm, &keys);
+    let sends = to_call
+        .into_iter()
+        .zip(cached)
+        .filter_map(|((row, prompt, key), hit)| match hit {
+            Some(value) => {
+                results[row] = Some(Ok(value));
+                None
+            }
+            None => Some((row, prompt, key)),
+        })
+        .collect::<Vec<_>>();
+    let answered = n - sends.len();
+    progress.fetch_add(answered, Ordering::Relaxed);
+    fm.rows_finished
+        .fetch_add(answered as u64, Ordering::Relaxed);
+    let sent = sends.into_iter().map(|(row, prompt, key)| {
+        let req = LlmRequest {
+            function: def.name.clone(),
+            prompt,
+            max_tokens: def.max_tokens,
+            temperature: def.temperature,
+            schema: schema.clone(),
+        };
+        async move {
+            let r = shared
+                .dispatcher
+                .call_uncached(&call.model, req, key, fm.clone())
+                .await;
+            progress.fetch_add(1, Ordering::Relaxed);
+            fm.rows_finished.fetch_add(1, Ordering::Relaxed);
+            (row, r)
         }
     });
-    let counted = rows.map(|row| async move {
-        let r = row.await;
-        progress.fetch_add(1, Ordering::Relaxed);
-        fm.rows_finished.fetch_add(1, Ordering::Relaxed);
-        r
-    });
-    Ok(futures::future::join_all(counted).await)
+    for (row, r) in futures::future::join_all(sent).await {
+        results[row] = Some(r);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every row has its result"))
+        .collect())
 }
 
 async fn process_batch(
@@ -506,9 +548,9 @@ async fn process_batch(
 fn value_array(def: &FunctionDef, results: &[CallResult]) -> Result<ArrayRef> {
     match &def.output {
         Some(schema) => {
-            let values: Vec<Option<Value>> = results
+            let values: Vec<Option<&Value>> = results
                 .iter()
-                .map(|r| r.as_ref().ok().map(|v| v.as_ref().clone()))
+                .map(|r| r.as_ref().ok().map(|v| v.as_ref()))
                 .collect();
             schema.to_array(&values).map_err(|e| {
                 DataFusionError::Execution(format!(

@@ -54,7 +54,7 @@ impl OutputSchema {
     }
 
     /// Converts validated values (None = NULL) to one Arrow array of [`Self::data_type`].
-    pub fn to_array(&self, values: &[Option<Value>]) -> Result<ArrayRef, String> {
+    pub fn to_array(&self, values: &[Option<&Value>]) -> Result<ArrayRef, String> {
         values_to_array(&self.data_type, values)
     }
 
@@ -403,7 +403,7 @@ fn validate(s: &Value, v: &Value, path: &str) -> Result<(), String> {
 }
 
 /// Converts JSON values to one Arrow array of type `data_type` (None and JSON null become NULL).
-pub fn values_to_array(data_type: &DataType, values: &[Option<Value>]) -> Result<ArrayRef, String> {
+pub fn values_to_array(data_type: &DataType, values: &[Option<&Value>]) -> Result<ArrayRef, String> {
     if values.iter().all(Option::is_none) {
         return Ok(new_null_array(data_type, values.len()));
     }
@@ -412,20 +412,25 @@ pub fn values_to_array(data_type: &DataType, values: &[Option<Value>]) -> Result
         .with_batch_size(values.len().max(1))
         .build_decoder()
         .map_err(|e| e.to_string())?;
-    let rows: Vec<Value> = values
-        .iter()
-        .map(|v| {
-            let mut m = Map::with_capacity(1);
-            m.insert("v".into(), v.clone().unwrap_or(Value::Null));
-            Value::Object(m)
-        })
-        .collect();
+    let rows: Vec<Row> = values.iter().map(|v| Row(*v)).collect();
     decoder.serialize(&rows).map_err(|e| e.to_string())?;
     let batch = decoder
         .flush()
         .map_err(|e| e.to_string())?
         .ok_or_else(|| "no rows decoded".to_string())?;
     Ok(batch.column(0).clone())
+}
+
+/// One value as the decoder's one-column row `{"v": value}`, serialised without copying it.
+struct Row<'a>(Option<&'a Value>);
+
+impl serde::Serialize for Row<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry("v", &self.0.unwrap_or(&Value::Null))?;
+        m.end()
+    }
 }
 
 #[cfg(test)]
@@ -510,9 +515,9 @@ mod tests {
         let s = OutputSchema::new(json!({"type": "object", "properties": {"a": {"type": "integer"}, "l": {"type": "array", "items": {"type": "string"}}}})).unwrap();
         let arr = s
             .to_array(&[
-                Some(json!({"a": 1, "l": ["x"]})),
+                Some(&json!({"a": 1, "l": ["x"]})),
                 None,
-                Some(json!({"a": 2, "l": []})),
+                Some(&json!({"a": 2, "l": []})),
             ])
             .unwrap();
         assert_eq!(arr.len(), 3);
