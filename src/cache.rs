@@ -23,7 +23,13 @@ pub type RequestKey = [u8; 32];
 
 /// Computes the key of `req` sent to `endpoint` (provider URL and model id).
 pub fn request_key(endpoint: &str, req: &LlmRequest) -> RequestKey {
-    KeyPrefix::new(endpoint, req.max_tokens, req.temperature, req.schema.as_deref()).key(&req.prompt)
+    KeyPrefix::new(
+        endpoint,
+        req.max_tokens,
+        req.temperature,
+        req.schema.as_deref(),
+    )
+    .key(&req.prompt)
 }
 
 /// The part of a request key that one function's calls share (endpoint, generation parameters,
@@ -48,7 +54,10 @@ impl KeyPrefix {
         let mut h = Sha256::new();
         hash_field(&mut h, b"sluice-request-v1");
         hash_field(&mut h, endpoint.as_bytes());
-        hash_field(&mut h, &max_tokens.map(i64::from).unwrap_or(-1).to_le_bytes());
+        hash_field(
+            &mut h,
+            &max_tokens.map(i64::from).unwrap_or(-1).to_le_bytes(),
+        );
         let temperature = temperature.map(f64::to_bits).unwrap_or(u64::MAX);
         hash_field(&mut h, &temperature.to_le_bytes());
         match schema {

@@ -64,7 +64,7 @@ proptest! {
             .into_iter()
             .map(|v| s.validate(&v).is_ok().then_some(v))
             .collect();
-        let array = s.to_array(&valid);
+        let array = s.to_array(&valid.iter().map(Option::as_ref).collect::<Vec<_>>());
         prop_assert!(array.is_ok(), "validated values must convert: {:?}", array.err());
         let array = array.unwrap();
         prop_assert_eq!(array.len(), valid.len());

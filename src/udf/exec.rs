@@ -39,8 +39,8 @@ use super::def::{FunctionDef, OnError, RenderedPrompt};
 use super::plan::LlmNode;
 use super::values::to_template_values;
 use super::{ERROR_TYPE, value_type};
-use crate::llm::dispatcher::{CallResult, FunctionMetrics, ModelHandle};
 use crate::cache::{KeyPrefix, RequestKey};
+use crate::llm::dispatcher::{CallResult, FunctionMetrics, ModelHandle};
 use crate::llm::{Dispatcher, ErrorKind, LlmRequest, RowError};
 
 /// What LLM execution needs from the session: the dispatcher and the configured models.

@@ -403,7 +403,10 @@ fn validate(s: &Value, v: &Value, path: &str) -> Result<(), String> {
 }
 
 /// Converts JSON values to one Arrow array of type `data_type` (None and JSON null become NULL).
-pub fn values_to_array(data_type: &DataType, values: &[Option<&Value>]) -> Result<ArrayRef, String> {
+pub fn values_to_array(
+    data_type: &DataType,
+    values: &[Option<&Value>],
+) -> Result<ArrayRef, String> {
     if values.iter().all(Option::is_none) {
         return Ok(new_null_array(data_type, values.len()));
     }
