@@ -96,6 +96,95 @@ pub struct FunctionDef {
     /// Where it was defined (for messages).
     pub source: PathBuf,
     env: Environment<'static>,
+    /// The system and prompt templates pre-split, when both are plain (see [`Splice`]).
+    splices: Option<(Option<Splice>, Splice)>,
+}
+
+/// A template that is only literal text and `{{ arg }}` substitutions, split at them once at
+/// load time, so that a row whose arguments are strings renders by concatenation: the same text
+/// minijinja outputs, without evaluating the template for every row.
+#[derive(Debug, Clone, PartialEq)]
+struct Splice(Vec<Piece>);
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Text(String),
+    Arg(usize),
+}
+
+/// Marks argument `i` in a sentinel rendering (private-use characters a template cannot hold).
+const SENTINEL_OPEN: char = '\u{F8FF}';
+const SENTINEL_CLOSE: char = '\u{F8FE}';
+
+impl Splice {
+    /// The splice of template `name` (source `source`) in `env`, if the source has no
+    /// statements or comments and every `{{ ... }}` is a bare argument name. The literal text
+    /// comes from minijinja itself (rendering with a sentinel per argument), so whitespace
+    /// control and the dropped trailing newline are exactly minijinja's.
+    fn of(env: &Environment, name: &str, source: &str, args: &[String]) -> Option<Splice> {
+        if source.contains("{%")
+            || source.contains("{#")
+            || source.contains([SENTINEL_OPEN, SENTINEL_CLOSE])
+        {
+            return None;
+        }
+        let mut substitutions = 0;
+        let mut rest = source;
+        while let Some(open) = rest.find("{{") {
+            let after = &rest[open + 2..];
+            let close = after.find("}}")?;
+            let inner = &after[..close];
+            let inner = inner.strip_prefix(['-', '+']).unwrap_or(inner);
+            let inner = inner.strip_suffix(['-', '+']).unwrap_or(inner).trim();
+            if !args.iter().any(|a| a == inner) {
+                return None;
+            }
+            substitutions += 1;
+            rest = &after[close + 2..];
+        }
+        let ctx: std::collections::BTreeMap<&str, String> = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.as_str(), format!("{SENTINEL_OPEN}{i}{SENTINEL_CLOSE}")))
+            .collect();
+        let rendered = env.get_template(name).ok()?.render(&ctx).ok()?;
+        let mut pieces = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(open) = rest.find(SENTINEL_OPEN) {
+            if open > 0 {
+                pieces.push(Piece::Text(rest[..open].to_string()));
+            }
+            let after = &rest[open + SENTINEL_OPEN.len_utf8()..];
+            let close = after.find(SENTINEL_CLOSE)?;
+            let i: usize = after[..close].parse().ok()?;
+            pieces.push(Piece::Arg(i));
+            rest = &after[close + SENTINEL_CLOSE.len_utf8()..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        let args_placed = pieces.iter().filter(|p| matches!(p, Piece::Arg(_))).count();
+        (args_placed == substitutions).then_some(Splice(pieces))
+    }
+
+    fn render(&self, values: &[&str]) -> String {
+        let len = self
+            .0
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.len(),
+                Piece::Arg(i) => values[*i].len(),
+            })
+            .sum();
+        let mut out = String::with_capacity(len);
+        for p in &self.0 {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Arg(i) => out.push_str(values[*i]),
+            }
+        }
+        out
+    }
 }
 
 /// A rendered request: system and user message.
@@ -170,6 +259,11 @@ impl FunctionDef {
                 )));
             }
         }
+        let splices = match &system {
+            Some(src) => Splice::of(&env, "system", src, &args).map(Some),
+            None => Some(None),
+        }
+        .and_then(|system| Some((system, Splice::of(&env, "prompt", &prompt, &args)?)));
         Ok(FunctionDef {
             name: name.to_string(),
             description: None,
@@ -183,6 +277,7 @@ impl FunctionDef {
             on_error: OnError::Null,
             source,
             env,
+            splices,
         })
     }
 
@@ -263,6 +358,22 @@ impl FunctionDef {
             defs.push(def);
         }
         Ok(defs)
+    }
+
+    /// Whether [`FunctionDef::render_strs`] renders this function's prompts.
+    pub fn renders_strs(&self) -> bool {
+        self.splices.is_some()
+    }
+
+    /// Renders system and prompt for one row whose arguments are all strings, by concatenation
+    /// (`values[i]` binds `self.args[i]`); `None` when a template is more than literal text and
+    /// `{{ arg }}` substitutions (use [`FunctionDef::render`]). The output equals `render`'s.
+    pub fn render_strs(&self, values: &[&str]) -> Option<RenderedPrompt> {
+        let (system, prompt) = self.splices.as_ref()?;
+        Some(RenderedPrompt {
+            system: system.as_ref().map(|s| s.render(values)),
+            user: prompt.render(values),
+        })
     }
 
     /// Renders system and prompt for one row; `values[i]` binds `self.args[i]`.
@@ -367,5 +478,65 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
             .unwrap_err()
             .to_string();
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn plain_templates_render_by_concatenation_exactly_as_minijinja() {
+        let args = vec!["a".to_string(), "b".to_string()];
+        let def = |system: Option<&str>, prompt: &str| {
+            FunctionDef::new(
+                "f",
+                args.clone(),
+                "default",
+                system.map(str::to_string),
+                prompt.to_string(),
+                None,
+                PathBuf::from("f.toml"),
+            )
+            .unwrap()
+        };
+        let plain = [
+            "{{ a }}",
+            "x {{a}} y {{ b }} z {{ a }}",
+            "line\n  {{- a -}}  \n{{ b }}\n",
+            "{{ a }}\n\n",
+            "{{+ a +}} {{ b -}}\n\n  end",
+            "only text, no variables\n",
+            "{{ a }}{{ b }}",
+            "",
+            "unicode é {{ b }} ✓",
+        ];
+        let values = [
+            ["", ""],
+            ["{{ b }}", "{% if %}"],
+            ["trailing\n", "\nleading"],
+            ["é ✓ \u{1F600}", "  spaces  "],
+        ];
+        for t in plain {
+            for system in [None, Some("sys {{ b }}."), Some("constant")] {
+                let d = def(system, t);
+                assert!(d.renders_strs(), "{t:?} is plain");
+                for v in values {
+                    let jv: Vec<JinjaValue> = v.iter().map(|s| JinjaValue::from(*s)).collect();
+                    assert_eq!(
+                        d.render_strs(&v).unwrap(),
+                        d.render(&jv).unwrap(),
+                        "template {t:?}, system {system:?}, values {v:?}"
+                    );
+                }
+            }
+        }
+        for t in [
+            "{{ a | upper }}",
+            "{% if a %}{{ b }}{% endif %}",
+            "{# note #}{{ a }}",
+            "{{ a ~ b }}",
+            "{{ -a }}",
+            "{{ a.b }}",
+            "{{ \"a\" }}",
+        ] {
+            assert!(!def(None, t).renders_strs(), "{t:?} is not plain");
+            assert!(!def(Some(t), "{{ a }}").renders_strs(), "system {t:?}");
+        }
     }
 }

@@ -37,7 +37,7 @@ use serde_json::Value;
 
 use super::def::{FunctionDef, OnError, RenderedPrompt};
 use super::plan::LlmNode;
-use super::values::to_template_values;
+use super::values::{StrColumn, to_template_values};
 use super::{ERROR_TYPE, value_type};
 use crate::cache::{KeyPrefix, RequestKey};
 use crate::llm::dispatcher::{CallResult, FunctionMetrics, ModelHandle};
@@ -417,10 +417,10 @@ async fn run_call(
     progress: &AtomicUsize,
 ) -> Result<Vec<CallResult>> {
     let n = batch.num_rows();
-    let columns: Vec<Vec<Option<JinjaValue>>> = call
+    let arrays: Vec<ArrayRef> = call
         .args
         .iter()
-        .map(|e| Ok(to_template_values(&e.evaluate(batch)?.into_array(n)?)))
+        .map(|e| e.evaluate(batch)?.into_array(n))
         .collect::<Result<_>>()?;
     let def = &call.def;
     let schema = def.output.clone().map(Arc::new);
@@ -432,37 +432,69 @@ async fn run_call(
     );
     // Render every row's prompt (rows that cannot be called get their error now), then answer
     // what the cache holds in one read, and send the rest.
-    let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
-    let mut to_call: Vec<(usize, RenderedPrompt, RequestKey)> = Vec::with_capacity(n);
-    let mut values = Vec::with_capacity(columns.len());
-    for row in 0..n {
-        values.clear();
-        let mut null_arg = None;
-        for (i, col) in columns.iter().enumerate() {
-            match &col[row] {
-                Some(v) => values.push(v.clone()),
-                None => {
-                    null_arg.get_or_insert(i);
+    let null_arg = |i: usize| {
+        no_call_error(
+            ErrorKind::NullInput,
+            format!("argument {:?} is NULL; no call was made", def.args[i]),
+        )
+    };
+    let template_error = |e: String| no_call_error(ErrorKind::Template, e);
+    // Each row's prompt, or the result of a row that cannot be called.
+    let mut prompts: Vec<std::result::Result<RenderedPrompt, CallResult>> = Vec::with_capacity(n);
+    let strs: Option<Vec<StrColumn>> = def
+        .renders_strs()
+        .then(|| arrays.iter().map(StrColumn::of).collect())
+        .flatten();
+    if let Some(strs) = strs {
+        // Plain templates over string arguments: concatenate straight from the Arrow buffers.
+        let mut values: Vec<&str> = Vec::with_capacity(strs.len());
+        'rows: for row in 0..n {
+            values.clear();
+            for (i, col) in strs.iter().enumerate() {
+                match col.get(row) {
+                    Some(v) => values.push(v),
+                    None => {
+                        prompts.push(Err(null_arg(i)));
+                        continue 'rows;
+                    }
                 }
             }
+            prompts.push(
+                def.render_strs(&values).ok_or_else(|| {
+                    template_error("internal: a plain template did not render".into())
+                }),
+            );
         }
-        if let Some(i) = null_arg {
-            results.push(Some(no_call_error(
-                ErrorKind::NullInput,
-                format!("argument {:?} is NULL; no call was made", def.args[i]),
-            )));
-            continue;
+    } else {
+        let columns: Vec<Vec<Option<JinjaValue>>> = arrays.iter().map(to_template_values).collect();
+        let mut values = Vec::with_capacity(columns.len());
+        'rows: for row in 0..n {
+            values.clear();
+            for (i, col) in columns.iter().enumerate() {
+                match &col[row] {
+                    Some(v) => values.push(v.clone()),
+                    None => {
+                        prompts.push(Err(null_arg(i)));
+                        continue 'rows;
+                    }
+                }
+            }
+            prompts.push(def.render(&values).map_err(template_error));
         }
-        match def.render(&values) {
+    }
+    drop(arrays);
+    let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
+    let mut to_call: Vec<(usize, RenderedPrompt, RequestKey)> = Vec::with_capacity(n);
+    for (row, prompt) in prompts.into_iter().enumerate() {
+        match prompt {
             Ok(prompt) => {
                 let key = prefix.key(&prompt);
                 to_call.push((row, prompt, key));
                 results.push(None);
             }
-            Err(e) => results.push(Some(no_call_error(ErrorKind::Template, e))),
+            Err(no_call) => results.push(Some(no_call)),
         }
     }
-    drop(columns);
     let keys: Vec<RequestKey> = to_call.iter().map(|(_, _, key)| *key).collect();
     let cached = shared.dispatcher.from_cache(fm, &keys);
     let sends = to_call

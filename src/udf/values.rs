@@ -12,6 +12,37 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use minijinja::Value;
 
+/// A string column read in place, for templates that render by concatenation.
+pub enum StrColumn<'a> {
+    /// `Utf8`.
+    Utf8(&'a datafusion::arrow::array::StringArray),
+    /// `LargeUtf8`.
+    LargeUtf8(&'a datafusion::arrow::array::LargeStringArray),
+    /// `Utf8View`.
+    Utf8View(&'a datafusion::arrow::array::StringViewArray),
+}
+
+impl<'a> StrColumn<'a> {
+    /// `array` as strings, if it is a string array.
+    pub fn of(array: &'a ArrayRef) -> Option<StrColumn<'a>> {
+        match array.data_type() {
+            DataType::Utf8 => Some(StrColumn::Utf8(array.as_string())),
+            DataType::LargeUtf8 => Some(StrColumn::LargeUtf8(array.as_string())),
+            DataType::Utf8View => Some(StrColumn::Utf8View(array.as_string_view())),
+            _ => None,
+        }
+    }
+
+    /// Row `i`, or `None` if it is NULL.
+    pub fn get(&self, i: usize) -> Option<&'a str> {
+        match self {
+            StrColumn::Utf8(a) => a.is_valid(i).then(|| a.value(i)),
+            StrColumn::LargeUtf8(a) => a.is_valid(i).then(|| a.value(i)),
+            StrColumn::Utf8View(a) => a.is_valid(i).then(|| a.value(i)),
+        }
+    }
+}
+
 /// Converts every row of `array` to a template value; NULL rows become `None`.
 pub fn to_template_values(array: &ArrayRef) -> Vec<Option<Value>> {
     let n = array.len();
