@@ -34,13 +34,34 @@ pub fn request_key(endpoint: &str, req: &LlmRequest) -> RequestKey {
 
 /// The part of a request key that one function's calls share (endpoint, generation parameters,
 /// output schema), hashed once; [`KeyPrefix::key`] completes it with each call's messages.
+///
+/// The byte stream hashed is: every field but the user message length-prefixed, then the user
+/// message followed by its length. Two different requests never share a stream, and the user
+/// message comes last and unprefixed so that consecutive prompts that start alike (the three
+/// questions about one passage) share the hashing of their common start ([`KeyPrefix::keys`]).
 #[derive(Clone)]
 pub struct KeyPrefix(Sha256);
 
-/// Hashes one field, length-prefixed so that no two different requests share a byte stream.
+/// Hashes one field, length-prefixed.
 fn hash_field(h: &mut Sha256, bytes: &[u8]) {
     h.update((bytes.len() as u64).to_le_bytes());
     h.update(bytes);
+}
+
+/// How often [`KeyPrefix::keys`] keeps the hash state along a user message.
+const CHECKPOINT_BYTES: usize = 256;
+
+/// Length of the common start of `a` and `b`.
+fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 64 <= n && a[i..i + 64] == b[i..i + 64] {
+        i += 64;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
 }
 
 impl KeyPrefix {
@@ -52,7 +73,7 @@ impl KeyPrefix {
         schema: Option<&OutputSchema>,
     ) -> KeyPrefix {
         let mut h = Sha256::new();
-        hash_field(&mut h, b"sluice-request-v1");
+        hash_field(&mut h, b"sluice-request-v2");
         hash_field(&mut h, endpoint.as_bytes());
         hash_field(
             &mut h,
@@ -67,15 +88,62 @@ impl KeyPrefix {
         KeyPrefix(h)
     }
 
-    /// The key of the request that sends `prompt` with this prefix's parameters.
-    pub fn key(&self, prompt: &RenderedPrompt) -> RequestKey {
+    /// The state after this prefix and `prompt`'s system message.
+    fn with_system(&self, prompt: &RenderedPrompt) -> Sha256 {
         let mut h = self.0.clone();
         match &prompt.system {
             Some(s) => hash_field(&mut h, s.as_bytes()),
             None => hash_field(&mut h, b"\0none"),
         }
-        hash_field(&mut h, prompt.user.as_bytes());
+        h
+    }
+
+    /// The key of the request that sends `prompt` with this prefix's parameters.
+    pub fn key(&self, prompt: &RenderedPrompt) -> RequestKey {
+        let mut h = self.with_system(prompt);
+        h.update(prompt.user.as_bytes());
+        h.update((prompt.user.len() as u64).to_le_bytes());
         h.finalize().into()
+    }
+
+    /// The keys of `prompts` (each equal to [`KeyPrefix::key`]'s), hashing the start a prompt
+    /// shares with the one before it only once.
+    pub fn keys<'a>(
+        &self,
+        prompts: impl IntoIterator<Item = &'a RenderedPrompt>,
+    ) -> Vec<RequestKey> {
+        let prompts = prompts.into_iter();
+        let mut keys = Vec::with_capacity(prompts.size_hint().0);
+        // checkpoints[k]: the state after the system message and the user message's first
+        // k * CHECKPOINT_BYTES bytes, for the previous prompt.
+        let mut checkpoints: Vec<Sha256> = Vec::new();
+        let mut previous: Option<&RenderedPrompt> = None;
+        for prompt in prompts {
+            let user = prompt.user.as_bytes();
+            let shared = match previous {
+                Some(p) if p.system == prompt.system => {
+                    common_prefix_len(p.user.as_bytes(), user) / CHECKPOINT_BYTES
+                }
+                _ => {
+                    checkpoints.clear();
+                    checkpoints.push(self.with_system(prompt));
+                    0
+                }
+            };
+            checkpoints.truncate(shared.min(checkpoints.len() - 1) + 1);
+            let mut pos = (checkpoints.len() - 1) * CHECKPOINT_BYTES;
+            let mut h = checkpoints.last().expect("one checkpoint at least").clone();
+            while pos + CHECKPOINT_BYTES <= user.len() {
+                h.update(&user[pos..pos + CHECKPOINT_BYTES]);
+                pos += CHECKPOINT_BYTES;
+                checkpoints.push(h.clone());
+            }
+            h.update(&user[pos..]);
+            h.update((user.len() as u64).to_le_bytes());
+            keys.push(h.finalize().into());
+            previous = Some(prompt);
+        }
+        keys
     }
 }
 
@@ -476,6 +544,35 @@ mod tests {
             temperature: temp,
             schema: None,
         }
+    }
+
+    #[test]
+    fn keys_of_a_sequence_equal_each_key() {
+        let prefix = KeyPrefix::new("e", Some(10), None, None);
+        let long = "p".repeat(3 * CHECKPOINT_BYTES + 17);
+        let prompt = |system: Option<&str>, user: String| RenderedPrompt {
+            system: system.map(str::to_string),
+            user,
+        };
+        let prompts = vec![
+            prompt(None, format!("{long} question one")),
+            prompt(None, format!("{long} question two, longer than the first")),
+            prompt(None, format!("{long} q")),
+            prompt(None, long[..CHECKPOINT_BYTES].to_string()),
+            prompt(None, long[..CHECKPOINT_BYTES * 2].to_string()),
+            prompt(Some("sys"), long[..CHECKPOINT_BYTES * 2].to_string()),
+            prompt(Some("sys"), format!("{long}{long}")),
+            prompt(Some("other"), format!("{long}{long}")),
+            prompt(Some("other"), String::new()),
+            prompt(Some("other"), "x".into()),
+            prompt(None, format!("{long} question one")),
+        ];
+        let keys = prefix.keys(&prompts);
+        let one_by_one: Vec<RequestKey> = prompts.iter().map(|p| prefix.key(p)).collect();
+        assert_eq!(keys, one_by_one);
+        assert_eq!(keys[0], keys[10]);
+        let distinct: std::collections::HashSet<_> = keys[..10].iter().collect();
+        assert_eq!(distinct.len(), 10);
     }
 
     #[test]

@@ -483,19 +483,20 @@ async fn run_call(
         }
     }
     drop(arrays);
+    let keys = prefix.keys(prompts.iter().filter_map(|p| p.as_ref().ok()));
     let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
-    let mut to_call: Vec<(usize, RenderedPrompt, RequestKey)> = Vec::with_capacity(n);
+    let mut to_call: Vec<(usize, RenderedPrompt, RequestKey)> = Vec::with_capacity(keys.len());
+    let mut next_key = keys.iter();
     for (row, prompt) in prompts.into_iter().enumerate() {
         match prompt {
             Ok(prompt) => {
-                let key = prefix.key(&prompt);
+                let key = *next_key.next().expect("a key per prompt");
                 to_call.push((row, prompt, key));
                 results.push(None);
             }
             Err(no_call) => results.push(Some(no_call)),
         }
     }
-    let keys: Vec<RequestKey> = to_call.iter().map(|(_, _, key)| *key).collect();
     let cached = shared.dispatcher.from_cache(fm, &keys);
     let sends = to_call
         .into_iter()
