@@ -18,7 +18,8 @@ use crate::llm::{LlmRequest, Usage};
 use crate::udf::def::RenderedPrompt;
 use crate::udf::schema::OutputSchema;
 
-/// A 32-byte SHA-256 request key.
+/// A 32-byte request key: 8 bytes that group calls whose user messages open alike, then 24 bytes
+/// of the SHA-256 of the whole request (see [`KeyPrefix`]).
 pub type RequestKey = [u8; 32];
 
 /// Computes the key of `req` sent to `endpoint` (provider URL and model id).
@@ -36,11 +37,17 @@ pub fn request_key(endpoint: &str, req: &LlmRequest) -> RequestKey {
 /// output schema), hashed once; [`KeyPrefix::key`] completes it with each call's messages.
 ///
 /// The byte stream hashed is: every field but the user message length-prefixed, then the user
-/// message followed by its length. Two different requests never share a stream, and the user
-/// message comes last and unprefixed so that consecutive prompts that start alike (the three
-/// questions about one passage) share the hashing of their common start ([`KeyPrefix::keys`]).
+/// message followed by its length. Two different requests never share a stream. The key is the
+/// first 8 bytes of the SHA-256 of the stream cut after the user message's first
+/// [`GROUP_BYTES`], then the first 24 bytes of the SHA-256 of the whole stream (192 bits, which
+/// no two requests share by accident). So calls whose prompts open alike (the three questions
+/// about one passage) sit side by side in the store and are read with one page, and consecutive
+/// prompts that share their start hash it once ([`KeyPrefix::keys`]).
 #[derive(Clone)]
 pub struct KeyPrefix(Sha256);
+
+/// How much of the user message groups keys.
+const GROUP_BYTES: usize = 1024;
 
 /// Hashes one field, length-prefixed.
 fn hash_field(h: &mut Sha256, bytes: &[u8]) {
@@ -100,10 +107,7 @@ impl KeyPrefix {
 
     /// The key of the request that sends `prompt` with this prefix's parameters.
     pub fn key(&self, prompt: &RenderedPrompt) -> RequestKey {
-        let mut h = self.with_system(prompt);
-        h.update(prompt.user.as_bytes());
-        h.update((prompt.user.len() as u64).to_le_bytes());
-        h.finalize().into()
+        self.keys([prompt])[0]
     }
 
     /// The keys of `prompts` (each equal to [`KeyPrefix::key`]'s), hashing the start a prompt
@@ -112,12 +116,14 @@ impl KeyPrefix {
         &self,
         prompts: impl IntoIterator<Item = &'a RenderedPrompt>,
     ) -> Vec<RequestKey> {
+        const GROUP_CHECKPOINT: usize = GROUP_BYTES / CHECKPOINT_BYTES;
         let prompts = prompts.into_iter();
         let mut keys = Vec::with_capacity(prompts.size_hint().0);
         // checkpoints[k]: the state after the system message and the user message's first
         // k * CHECKPOINT_BYTES bytes, for the previous prompt.
         let mut checkpoints: Vec<Sha256> = Vec::new();
         let mut previous: Option<&RenderedPrompt> = None;
+        let mut group = [0u8; 8];
         for prompt in prompts {
             let user = prompt.user.as_bytes();
             let shared = match previous {
@@ -131,6 +137,8 @@ impl KeyPrefix {
                 }
             };
             checkpoints.truncate(shared.min(checkpoints.len() - 1) + 1);
+            // The previous prompt's group holds if both share the group's whole span.
+            let same_group = checkpoints.len() > GROUP_CHECKPOINT;
             let mut pos = (checkpoints.len() - 1) * CHECKPOINT_BYTES;
             let mut h = checkpoints.last().expect("one checkpoint at least").clone();
             while pos + CHECKPOINT_BYTES <= user.len() {
@@ -139,8 +147,15 @@ impl KeyPrefix {
                 checkpoints.push(h.clone());
             }
             h.update(&user[pos..]);
+            if !same_group {
+                let cut = checkpoints.get(GROUP_CHECKPOINT).unwrap_or(&h);
+                group.copy_from_slice(&cut.clone().finalize()[..8]);
+            }
             h.update((user.len() as u64).to_le_bytes());
-            keys.push(h.finalize().into());
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&group);
+            key[8..].copy_from_slice(&h.finalize()[..24]);
+            keys.push(key);
             previous = Some(prompt);
         }
         keys
@@ -549,7 +564,7 @@ mod tests {
     #[test]
     fn keys_of_a_sequence_equal_each_key() {
         let prefix = KeyPrefix::new("e", Some(10), None, None);
-        let long = "p".repeat(3 * CHECKPOINT_BYTES + 17);
+        let long = "p".repeat(5 * CHECKPOINT_BYTES + 17);
         let prompt = |system: Option<&str>, user: String| RenderedPrompt {
             system: system.map(str::to_string),
             user,
@@ -573,6 +588,15 @@ mod tests {
         assert_eq!(keys[0], keys[10]);
         let distinct: std::collections::HashSet<_> = keys[..10].iter().collect();
         assert_eq!(distinct.len(), 10);
+        // Prompts that open with the same GROUP_BYTES sit together; others do not.
+        assert!(long.len() >= GROUP_BYTES);
+        assert_eq!(keys[0][..8], keys[1][..8]);
+        assert_eq!(keys[0][..8], keys[2][..8]);
+        assert_ne!(keys[0][..8], keys[3][..8]);
+        assert_ne!(keys[3][..8], keys[4][..8]);
+        assert_ne!(keys[6][..8], keys[7][..8]);
+        let other = prefix.key(&prompt(None, format!("x{long}")));
+        assert_ne!(keys[0][..8], other[..8]);
     }
 
     #[test]
