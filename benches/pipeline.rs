@@ -287,8 +287,9 @@ fn cache_rerun(passages: usize) -> Value {
 }
 
 /// GB scale (issue 9): `size` of generated transcripts → chunk → both LLM stages → Parquet,
-/// first live against the test server at 20 ms (which fills the cache), then the same run again
-/// with every call answered from the cache: MB/s of input and peak RSS of each.
+/// first live against the test server at 20 ms (which fills the cache), then the same run three
+/// times with every call answered from the cache: MB/s of input and peak RSS of each (for the
+/// cached runs, the median wall time and the median peak RSS).
 fn scale(size: &str, concurrency: usize) -> Value {
     let mock = Mock::start(&["--latency-ms", "20"]);
     let p = Project::new(&mock.url, concurrency, 0, true);
@@ -302,12 +303,25 @@ fn scale(size: &str, concurrency: usize) -> Value {
     let live = p.run(&[]);
     let prompts = num(&live.metrics, "calls") + num(&live.metrics, "deduplicated");
     let limit = concurrency as f64 / 0.020;
-    let cached = p.run(&[]);
-    assert_eq!(
-        num(&cached.metrics, "requests"),
-        0,
-        "the second run is all hits"
-    );
+    // The cached run is short and this machine is noisy: run it three times, report the medians
+    // and every run's figures.
+    let mut cached: Vec<Measured> = (0..3).map(|_| p.run(&[])).collect();
+    for c in &cached {
+        assert_eq!(
+            num(&c.metrics, "requests"),
+            0,
+            "the later runs are all hits"
+        );
+    }
+    let cached_runs: Vec<Value> = cached
+        .iter()
+        .map(|c| json!([round(c.wall_s, 2), round(c.max_rss_mb, 1)]))
+        .collect();
+    let mut rss: Vec<f64> = cached.iter().map(|c| c.max_rss_mb).collect();
+    rss.sort_by(f64::total_cmp);
+    let cached_rss = rss[1];
+    cached.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+    let cached = cached.swap_remove(1);
     let output = std::fs::metadata(p.dir.path().join("out/earnings_qa.parquet"))
         .map_or(0.0, |m| m.len() as f64 / 1e6);
     json!({
@@ -321,8 +335,9 @@ fn scale(size: &str, concurrency: usize) -> Value {
         "live_cpu_s": round(live.cpu_s, 2),
         "cached_wall_s": round(cached.wall_s, 2),
         "cached_mb_per_s": round(input / cached.wall_s, 1),
-        "cached_max_rss_mb": round(cached.max_rss_mb, 1),
+        "cached_max_rss_mb": round(cached_rss, 1),
         "cached_cpu_s": round(cached.cpu_s, 2),
+        "cached_runs_wall_s_rss_mb": cached_runs,
     })
 }
 
