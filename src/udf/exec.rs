@@ -409,6 +409,67 @@ fn no_call_error(kind: ErrorKind, message: String) -> CallResult {
     }))
 }
 
+/// Each row's prompt, or the result of a row that cannot be called (a NULL argument, a template
+/// error). Plain templates over string columns render straight from the Arrow buffers.
+fn render_rows(
+    def: &FunctionDef,
+    arrays: &[ArrayRef],
+    n: usize,
+) -> Vec<std::result::Result<RenderedPrompt, CallResult>> {
+    let null_arg = |i: usize| {
+        no_call_error(
+            ErrorKind::NullInput,
+            format!("argument {:?} is NULL; no call was made", def.args[i]),
+        )
+    };
+    let mut prompts = Vec::with_capacity(n);
+    let strs: Option<Vec<StrColumn>> = def
+        .renders_strs()
+        .then(|| arrays.iter().map(StrColumn::of).collect())
+        .flatten();
+    if let Some(strs) = strs {
+        let mut values: Vec<&str> = Vec::with_capacity(strs.len());
+        'rows: for row in 0..n {
+            values.clear();
+            for (i, col) in strs.iter().enumerate() {
+                match col.get(row) {
+                    Some(v) => values.push(v),
+                    None => {
+                        prompts.push(Err(null_arg(i)));
+                        continue 'rows;
+                    }
+                }
+            }
+            prompts.push(def.render_strs(&values).ok_or_else(|| {
+                no_call_error(
+                    ErrorKind::Template,
+                    "a plain template did not render".into(),
+                )
+            }));
+        }
+    } else {
+        let columns: Vec<Vec<Option<JinjaValue>>> = arrays.iter().map(to_template_values).collect();
+        let mut values = Vec::with_capacity(columns.len());
+        'rows: for row in 0..n {
+            values.clear();
+            for (i, col) in columns.iter().enumerate() {
+                match &col[row] {
+                    Some(v) => values.push(v.clone()),
+                    None => {
+                        prompts.push(Err(null_arg(i)));
+                        continue 'rows;
+                    }
+                }
+            }
+            prompts.push(
+                def.render(&values)
+                    .map_err(|e| no_call_error(ErrorKind::Template, e)),
+            );
+        }
+    }
+    prompts
+}
+
 async fn run_call(
     shared: &Shared,
     call: &PhysicalCall,
@@ -432,56 +493,7 @@ async fn run_call(
     );
     // Render every row's prompt (rows that cannot be called get their error now), then answer
     // what the cache holds in one read, and send the rest.
-    let null_arg = |i: usize| {
-        no_call_error(
-            ErrorKind::NullInput,
-            format!("argument {:?} is NULL; no call was made", def.args[i]),
-        )
-    };
-    let template_error = |e: String| no_call_error(ErrorKind::Template, e);
-    // Each row's prompt, or the result of a row that cannot be called.
-    let mut prompts: Vec<std::result::Result<RenderedPrompt, CallResult>> = Vec::with_capacity(n);
-    let strs: Option<Vec<StrColumn>> = def
-        .renders_strs()
-        .then(|| arrays.iter().map(StrColumn::of).collect())
-        .flatten();
-    if let Some(strs) = strs {
-        // Plain templates over string arguments: concatenate straight from the Arrow buffers.
-        let mut values: Vec<&str> = Vec::with_capacity(strs.len());
-        'rows: for row in 0..n {
-            values.clear();
-            for (i, col) in strs.iter().enumerate() {
-                match col.get(row) {
-                    Some(v) => values.push(v),
-                    None => {
-                        prompts.push(Err(null_arg(i)));
-                        continue 'rows;
-                    }
-                }
-            }
-            prompts.push(
-                def.render_strs(&values).ok_or_else(|| {
-                    template_error("internal: a plain template did not render".into())
-                }),
-            );
-        }
-    } else {
-        let columns: Vec<Vec<Option<JinjaValue>>> = arrays.iter().map(to_template_values).collect();
-        let mut values = Vec::with_capacity(columns.len());
-        'rows: for row in 0..n {
-            values.clear();
-            for (i, col) in columns.iter().enumerate() {
-                match &col[row] {
-                    Some(v) => values.push(v.clone()),
-                    None => {
-                        prompts.push(Err(null_arg(i)));
-                        continue 'rows;
-                    }
-                }
-            }
-            prompts.push(def.render(&values).map_err(template_error));
-        }
-    }
+    let prompts = render_rows(def, &arrays, n);
     drop(arrays);
     let keys = prefix.keys(prompts.iter().filter_map(|p| p.as_ref().ok()));
     let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
