@@ -407,6 +407,33 @@ async fn on_error_fail_stops_the_statement_on_a_failed_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_fail_looks_past_a_null_argument_to_a_failed_row() {
+    // The slice's first row is not called (NULL argument); its second fails. The statement
+    // fails on the second, whichever row's error comes first.
+    let s = mock(MockConfig {
+        permanent: vec![("revenue".to_string(), Fault::Server500)],
+        ..MockConfig::default()
+    })
+    .await;
+    let p = Project::new(&s.base_url(), 8, false);
+    let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
+    p.write(
+        "udfs/answer_question.toml",
+        &t.replace("on_error = \"null\"", "on_error = \"fail\""),
+    );
+    p.write(
+        "data/t.jsonl",
+        "{\"ticker\":\"A\",\"q\":\"2024-Q1\",\"date\":\"2024-04-01\",\"transcript\":\"x\",\"question\":null}\n\
+         {\"ticker\":\"B\",\"q\":\"2024-Q1\",\"date\":\"2024-04-01\",\"transcript\":\"y\",\"question\":\"What was revenue?\"}\n",
+    );
+    let sql = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+        COPY (SELECT ticker, answer_question(ticker, q, date, transcript, question) AS a \
+        FROM t) TO 'out/r.parquet' STORED AS PARQUET;\n";
+    let r = in_blocking(move || (run_sql(&p, sql, &[]), p)).await;
+    assert_clean_failure(&r.1, &r.0, &["answer_question", "on_error", "q.sql:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_text_with_a_bad_size() {
     case(
         "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\

@@ -568,21 +568,24 @@ async fn process_batch(
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     for (call, results) in shared.calls.iter().zip(per_call) {
         let def = &call.def;
-        if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
-            if e.kind.is_systemic() {
-                return Err(DataFusionError::Execution(format!(
-                    "{}(): model {:?} failed: {e}",
-                    def.name,
-                    call.model.provider.endpoint()
-                )));
-            }
-            if def.on_error == OnError::Fail && e.kind != ErrorKind::NullInput {
-                return Err(DataFusionError::Execution(format!(
-                    "{}() failed for a row (on_error = \"fail\" in {}): {e}",
-                    def.name,
-                    def.source.display()
-                )));
-            }
+        // Any systemic failure (the model is unreachable, refuses the key, ...) fails the
+        // statement, whichever rows it hit first; so does any failed row under on_error = "fail".
+        let mut errors = results.iter().filter_map(|r| r.as_ref().err());
+        if let Some(e) = errors.clone().find(|e| e.kind.is_systemic()) {
+            return Err(DataFusionError::Execution(format!(
+                "{}(): model {:?} failed: {e}",
+                def.name,
+                call.model.provider.endpoint()
+            )));
+        }
+        if def.on_error == OnError::Fail
+            && let Some(e) = errors.find(|e| e.kind != ErrorKind::NullInput)
+        {
+            return Err(DataFusionError::Execution(format!(
+                "{}() failed for a row (on_error = \"fail\" in {}): {e}",
+                def.name,
+                def.source.display()
+            )));
         }
         columns.push(value_array(def, &results)?);
         columns.push(error_array(&results));
