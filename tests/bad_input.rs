@@ -389,8 +389,10 @@ async fn unsupported_output_format() {
     case(&sql, |_| {}, &["q.sql:2", "XML"]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_error_fail_stops_the_statement_on_a_failed_row() {
+/// Runs `sql` against a server that fails every prompt mentioning revenue, with
+/// `answer_question` declared `on_error = "fail"` (and `data/t.jsonl` replaced by `data` if
+/// given); asserts that the statement fails cleanly.
+async fn on_error_fail_case(data: Option<&'static str>, sql: &'static str) {
     let s = mock(MockConfig {
         permanent: vec![("revenue".to_string(), Fault::Server500)],
         ..MockConfig::default()
@@ -402,35 +404,32 @@ async fn on_error_fail_stops_the_statement_on_a_failed_row() {
         "udfs/answer_question.toml",
         &t.replace("on_error = \"null\"", "on_error = \"fail\""),
     );
-    let r = in_blocking(move || (run_sql(&p, COPY_QA, &[]), p)).await;
+    if let Some(data) = data {
+        p.write("data/t.jsonl", data);
+    }
+    let r = in_blocking(move || (run_sql(&p, sql, &[]), p)).await;
     assert_clean_failure(&r.1, &r.0, &["answer_question", "on_error", "q.sql:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_fail_stops_the_statement_on_a_failed_row() {
+    on_error_fail_case(None, COPY_QA).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_error_fail_looks_past_a_null_argument_to_a_failed_row() {
     // The slice's first row is not called (NULL argument); its second fails. The statement
     // fails on the second, whichever row's error comes first.
-    let s = mock(MockConfig {
-        permanent: vec![("revenue".to_string(), Fault::Server500)],
-        ..MockConfig::default()
-    })
+    on_error_fail_case(
+        Some(
+            "{\"ticker\":\"A\",\"q\":\"2024-Q1\",\"date\":\"2024-04-01\",\"transcript\":\"x\",\"question\":null}\n\
+             {\"ticker\":\"B\",\"q\":\"2024-Q1\",\"date\":\"2024-04-01\",\"transcript\":\"y\",\"question\":\"What was revenue?\"}\n",
+        ),
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+         COPY (SELECT ticker, answer_question(ticker, q, date, transcript, question) AS a \
+         FROM t) TO 'out/r.parquet' STORED AS PARQUET;\n",
+    )
     .await;
-    let p = Project::new(&s.base_url(), 8, false);
-    let t = std::fs::read_to_string(p.path("udfs/answer_question.toml")).unwrap();
-    p.write(
-        "udfs/answer_question.toml",
-        &t.replace("on_error = \"null\"", "on_error = \"fail\""),
-    );
-    p.write(
-        "data/t.jsonl",
-        "{\"ticker\":\"A\",\"q\":\"2024-Q1\",\"date\":\"2024-04-01\",\"transcript\":\"x\",\"question\":null}\n\
-         {\"ticker\":\"B\",\"q\":\"2024-Q1\",\"date\":\"2024-04-01\",\"transcript\":\"y\",\"question\":\"What was revenue?\"}\n",
-    );
-    let sql = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
-        COPY (SELECT ticker, answer_question(ticker, q, date, transcript, question) AS a \
-        FROM t) TO 'out/r.parquet' STORED AS PARQUET;\n";
-    let r = in_blocking(move || (run_sql(&p, sql, &[]), p)).await;
-    assert_clean_failure(&r.1, &r.0, &["answer_question", "on_error", "q.sql:2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
