@@ -96,8 +96,27 @@ pub struct FunctionDef {
     /// Where it was defined (for messages).
     pub source: PathBuf,
     env: Environment<'static>,
-    /// The system and prompt templates pre-split, when both are plain (see [`Splice`]).
-    splices: Option<(Option<Splice>, Splice)>,
+    /// The system and prompt templates pre-split, when both are plain.
+    plain: Option<PlainTemplates>,
+}
+
+/// A function's system and prompt templates when both are only literal text and `{{ arg }}`
+/// substitutions: a row whose arguments are strings renders by concatenation, with the same
+/// output as [`FunctionDef::render`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlainTemplates {
+    system: Option<Splice>,
+    prompt: Splice,
+}
+
+impl PlainTemplates {
+    /// Renders one row; `values[i]` binds argument `i`.
+    pub fn render(&self, values: &[&str]) -> RenderedPrompt {
+        RenderedPrompt {
+            system: self.system.as_ref().map(|s| s.render(values)),
+            user: self.prompt.render(values),
+        }
+    }
 }
 
 /// A template that is only literal text and `{{ arg }}` substitutions, split at them once at
@@ -259,11 +278,16 @@ impl FunctionDef {
                 )));
             }
         }
-        let splices = match &system {
+        let plain = match &system {
             Some(src) => Splice::of(&env, "system", src, &args).map(Some),
             None => Some(None),
         }
-        .and_then(|system| Some((system, Splice::of(&env, "prompt", &prompt, &args)?)));
+        .and_then(|system| {
+            Some(PlainTemplates {
+                system,
+                prompt: Splice::of(&env, "prompt", &prompt, &args)?,
+            })
+        });
         Ok(FunctionDef {
             name: name.to_string(),
             description: None,
@@ -277,7 +301,7 @@ impl FunctionDef {
             on_error: OnError::Null,
             source,
             env,
-            splices,
+            plain,
         })
     }
 
@@ -360,20 +384,10 @@ impl FunctionDef {
         Ok(defs)
     }
 
-    /// Whether [`FunctionDef::render_strs`] renders this function's prompts.
-    pub fn renders_strs(&self) -> bool {
-        self.splices.is_some()
-    }
-
-    /// Renders system and prompt for one row whose arguments are all strings, by concatenation
-    /// (`values[i]` binds `self.args[i]`); `None` when a template is more than literal text and
-    /// `{{ arg }}` substitutions (use [`FunctionDef::render`]). The output equals `render`'s.
-    pub fn render_strs(&self, values: &[&str]) -> Option<RenderedPrompt> {
-        let (system, prompt) = self.splices.as_ref()?;
-        Some(RenderedPrompt {
-            system: system.as_ref().map(|s| s.render(values)),
-            user: prompt.render(values),
-        })
+    /// The templates pre-split for rendering by concatenation; `None` when a template is more
+    /// than literal text and `{{ arg }}` substitutions (use [`FunctionDef::render`]).
+    pub fn plain_templates(&self) -> Option<&PlainTemplates> {
+        self.plain.as_ref()
     }
 
     /// Renders system and prompt for one row; `values[i]` binds `self.args[i]`.
@@ -515,11 +529,13 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
         for t in plain {
             for system in [None, Some("sys {{ b }}."), Some("constant")] {
                 let d = def(system, t);
-                assert!(d.renders_strs(), "{t:?} is plain");
+                let plain = d
+                    .plain_templates()
+                    .unwrap_or_else(|| panic!("{t:?} is plain"));
                 for v in values {
                     let jv: Vec<JinjaValue> = v.iter().map(|s| JinjaValue::from(*s)).collect();
                     assert_eq!(
-                        d.render_strs(&v).unwrap(),
+                        plain.render(&v),
                         d.render(&jv).unwrap(),
                         "template {t:?}, system {system:?}, values {v:?}"
                     );
@@ -535,8 +551,14 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
             "{{ a.b }}",
             "{{ \"a\" }}",
         ] {
-            assert!(!def(None, t).renders_strs(), "{t:?} is not plain");
-            assert!(!def(Some(t), "{{ a }}").renders_strs(), "system {t:?}");
+            assert!(
+                def(None, t).plain_templates().is_none(),
+                "{t:?} is not plain"
+            );
+            assert!(
+                def(Some(t), "{{ a }}").plain_templates().is_none(),
+                "system {t:?}"
+            );
         }
     }
 }

@@ -423,11 +423,11 @@ fn render_rows(
         )
     };
     let mut prompts = Vec::with_capacity(n);
-    let strs: Option<Vec<StrColumn>> = def
-        .renders_strs()
-        .then(|| arrays.iter().map(StrColumn::of).collect())
-        .flatten();
-    if let Some(strs) = strs {
+    let plain = def.plain_templates().and_then(|plain| {
+        let strs: Option<Vec<StrColumn>> = arrays.iter().map(StrColumn::of).collect();
+        Some((plain, strs?))
+    });
+    if let Some((plain, strs)) = plain {
         let mut values: Vec<&str> = Vec::with_capacity(strs.len());
         'rows: for row in 0..n {
             values.clear();
@@ -440,12 +440,7 @@ fn render_rows(
                     }
                 }
             }
-            prompts.push(def.render_strs(&values).ok_or_else(|| {
-                no_call_error(
-                    ErrorKind::Template,
-                    "a plain template did not render".into(),
-                )
-            }));
+            prompts.push(Ok(plain.render(&values)));
         }
     } else {
         let columns: Vec<Vec<Option<JinjaValue>>> = arrays.iter().map(to_template_values).collect();

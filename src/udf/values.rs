@@ -12,7 +12,7 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use minijinja::Value;
 
-/// A string column read in place, for templates that render by concatenation.
+/// A string column of any of Arrow's three string types, read in place.
 pub enum StrColumn<'a> {
     /// `Utf8`.
     Utf8(&'a datafusion::arrow::array::StringArray),
@@ -46,6 +46,9 @@ impl<'a> StrColumn<'a> {
 /// Converts every row of `array` to a template value; NULL rows become `None`.
 pub fn to_template_values(array: &ArrayRef) -> Vec<Option<Value>> {
     let n = array.len();
+    if let Some(strs) = StrColumn::of(array) {
+        return (0..n).map(|i| strs.get(i).map(Value::from)).collect();
+    }
     let valid = |i: usize| array.is_valid(i);
     macro_rules! prim {
         ($t:ty, $conv:expr) => {{
@@ -56,24 +59,6 @@ pub fn to_template_values(array: &ArrayRef) -> Vec<Option<Value>> {
         }};
     }
     match array.data_type() {
-        DataType::Utf8 => {
-            let a = array.as_string::<i32>();
-            (0..n)
-                .map(|i| valid(i).then(|| Value::from(a.value(i))))
-                .collect()
-        }
-        DataType::LargeUtf8 => {
-            let a = array.as_string::<i64>();
-            (0..n)
-                .map(|i| valid(i).then(|| Value::from(a.value(i))))
-                .collect()
-        }
-        DataType::Utf8View => {
-            let a = array.as_string_view();
-            (0..n)
-                .map(|i| valid(i).then(|| Value::from(a.value(i))))
-                .collect()
-        }
         DataType::Boolean => {
             let a: &BooleanArray = array.as_boolean();
             (0..n)
