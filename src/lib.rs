@@ -15,6 +15,7 @@ pub mod engine;
 pub mod llm;
 pub mod sink;
 pub mod source;
+pub mod types;
 pub mod udf;
 
 pub use config::Config;

@@ -101,9 +101,7 @@ async fn generates_three_questions_and_answers_offline() {
         .iter()
         .find(|f| f.function == "generate_questions")
         .unwrap();
-    let actual = m.functions["generate_questions"]["tokens_in"]
-        .as_u64()
-        .unwrap();
+    let actual = m.functions["generate_questions"].tokens_in;
     assert_eq!((gq.calls, gq.tokens_in), (3, actual), "{gq:?}");
     assert_eq!(gq.cost_usd, Some(0.0), "a local model costs nothing");
     assert!(x.tokenizers["default"].contains("GGUF vocabulary of SmolLM2"));

@@ -106,7 +106,10 @@ async fn batched_requests_absorb_transient_faults() {
 fn lamini_refuses_outputs_output_type_cannot_hold() {
     let text = "[cache]\nenabled = false\n[models.default]\nkind = \"lamini\"\nmodel = \"m\"\n";
     let cfg = Config::parse(text, Path::new("sluice.toml"), &|_| None).unwrap();
-    assert_eq!(cfg.models["default"].base_url, "https://api.lamini.ai");
+    assert_eq!(
+        cfg.models["default"].server().unwrap().base_url,
+        "https://api.lamini.ai"
+    );
     let def = sluice::udf::def::FunctionDef::parse(
         "name = \"nested\"\nargs = [\"x\"]\nprompt = \"{{ x }}\"\n\
          output = { type = \"object\", properties = { a = { type = \"object\", properties = \

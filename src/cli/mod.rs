@@ -189,29 +189,19 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
         m.tokens_in, m.tokens_out, m.max_in_flight
     ));
     for (name, f) in &m.functions {
-        let n = |k: &str| f[k].as_u64().unwrap_or(0);
         s.push_str(&format!(
             "\n  {name}: {} prompts, {} requests, {} cache hits, {} failed",
-            n("prompts"),
-            n("requests"),
-            n("cache_hits"),
-            n("failed")
+            f.prompts, f.requests, f.cache_hits, f.failed
         ));
-        let lat = &f["latency_ms"];
-        if let (Some(p50), Some(p95), Some(p99)) = (
-            lat["p50"].as_f64(),
-            lat["p95"].as_f64(),
-            lat["p99"].as_f64(),
-        ) {
+        let lat = &f.latency_ms;
+        if let (Some(p50), Some(p95), Some(p99)) = (lat.p50, lat.p95, lat.p99) {
             s.push_str(&format!(
                 "; latency p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms"
             ));
         }
         s.push_str(&format!(
             "; tokens {} in / {} out; peak {} in flight",
-            n("tokens_in"),
-            n("tokens_out"),
-            n("max_in_flight")
+            f.tokens_in, f.tokens_out, f.max_in_flight
         ));
     }
     s

@@ -29,7 +29,7 @@ fn compact(n: u64) -> String {
 }
 
 /// Rows finished (answered, failed, shared or found in the cache).
-fn done(m: &crate::llm::dispatcher::FunctionMetrics) -> u64 {
+fn done(m: &crate::llm::dispatch::FunctionMetrics) -> u64 {
     m.rows_finished.load(std::sync::atomic::Ordering::Relaxed)
 }
 
@@ -45,7 +45,7 @@ fn duration(secs: f64) -> String {
 
 /// The line of one function; `elapsed` is the time it has been working (up to its last
 /// finished prompt), so the rate does not decay once the function is done.
-fn line(m: &crate::llm::dispatcher::FunctionMetrics, elapsed: Duration) -> String {
+fn line(m: &crate::llm::dispatch::FunctionMetrics, elapsed: Duration) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let hits = m.cache_hits.load(Relaxed);
     let done = done(m);

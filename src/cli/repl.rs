@@ -12,6 +12,7 @@ use datafusion::arrow::util::pretty::pretty_format_batches;
 use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
 
+use crate::engine::statements::ends_statement;
 use crate::engine::{Engine, RunOptions};
 
 const HELP: &str = "\
@@ -86,35 +87,6 @@ pub async fn run(engine: &Engine, opts: &RunOptions) -> bool {
     }
     let _ = engine.flush_cache().await;
     ok
-}
-
-/// Whether `sql` ends with a `;` outside quotes and comments.
-fn ends_statement(sql: &str) -> bool {
-    let mut last = None;
-    let mut chars = sql.chars().peekable();
-    let mut quote: Option<char> = None;
-    while let Some(c) = chars.next() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None => match c {
-                '\'' | '"' => {
-                    quote = Some(c);
-                    last = Some(c);
-                }
-                '-' if chars.peek() == Some(&'-') => {
-                    for c in chars.by_ref() {
-                        if c == '\n' {
-                            break;
-                        }
-                    }
-                }
-                c if c.is_whitespace() => {}
-                c => last = Some(c),
-            },
-        }
-    }
-    quote.is_none() && last == Some(';')
 }
 
 /// Runs a meta command; returns false to quit.
@@ -193,20 +165,5 @@ fn print_batches(batches: &[datafusion::arrow::record_batch::RecordBatch]) {
     match pretty_format_batches(batches) {
         Ok(t) => println!("{t}"),
         Err(e) => eprintln!("error: {e}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ends_statement;
-
-    #[test]
-    fn statements_end_at_a_semicolon_outside_quotes_and_comments() {
-        assert!(ends_statement("SELECT 1;"));
-        assert!(ends_statement("SELECT 1;  -- done\n"));
-        assert!(!ends_statement("SELECT 'a;"));
-        assert!(!ends_statement("SELECT 1 -- not yet;\n"));
-        assert!(ends_statement("SELECT ';' AS x;\n"));
-        assert!(!ends_statement("SELECT 1\n"));
     }
 }

@@ -19,7 +19,8 @@ use datafusion::sql::parser::Statement;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Engine, RunOptions, StatementError, parse_one, split_statements, summary};
+use super::statements::{parse_one, split_statements, summary};
+use super::{Engine, RunOptions, StatementError};
 
 /// One LLM function's share of a statement or script.
 #[derive(Debug, Clone, Default, PartialEq)]

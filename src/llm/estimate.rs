@@ -14,9 +14,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
-use super::{LlmError, LlmRequest, LlmResponse, Provider, Usage};
+use super::Provider;
 use crate::config::{ModelConfig, ProviderKind, StructuredOutput};
-use crate::udf::schema::OutputSchema;
+use crate::types::{
+    LlmError, LlmRequest, LlmResponse, NumberBounds, OutputSchema, SchemaKind, SchemaNode, Usage,
+};
 
 /// Characters of a placeholder string when the schema allows it (about one sentence).
 pub const TYPICAL_STRING_CHARS: usize = 80;
@@ -55,8 +57,11 @@ impl TokenCounter {
     /// else the encoding OpenAI uses for the model id, else `o200k_base`.
     pub fn for_model(m: &ModelConfig) -> Result<TokenCounter, String> {
         let chat = m.kind == ProviderKind::Openai;
-        let schema_in_prompt = chat && m.structured_output == StructuredOutput::JsonSchema;
-        let gguf = match (&m.tokenizer, m.kind) {
+        let server = m.server();
+        let schema_in_prompt =
+            chat && server.is_some_and(|s| s.structured_output == StructuredOutput::JsonSchema);
+        let configured = server.and_then(|s| s.tokenizer.clone());
+        let gguf = match (&configured, m.kind) {
             (_, ProviderKind::Local) => Some(m.model.clone()),
             (Some(t), _) if t.ends_with(".gguf") => Some(t.clone()),
             _ => None,
@@ -73,7 +78,7 @@ impl TokenCounter {
             ));
         }
         use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
-        let (name, tokenizer) = match m.tokenizer.as_deref() {
+        let (name, tokenizer) = match configured.as_deref() {
             Some("o200k_base") => ("o200k_base", Tokenizer::O200kBase),
             Some("cl100k_base") => ("cl100k_base", Tokenizer::Cl100kBase),
             Some(other) => {
@@ -174,7 +179,14 @@ impl Provider for EstimateProvider {
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
         let content = match &req.schema {
-            Some(schema) => placeholder(&schema.provider_schema()).to_string(),
+            Some(schema) => {
+                let value = placeholder(&schema.root);
+                if schema.is_wrapped() {
+                    json!({ "value": value }).to_string()
+                } else {
+                    value.to_string()
+                }
+            }
             None => {
                 let tokens = TYPICAL_TEXT_TOKENS.min(u64::from(req.max_tokens.unwrap_or(256)));
                 // One common word is one token in every vocabulary sluice counts with.
@@ -194,77 +206,74 @@ impl Provider for EstimateProvider {
 }
 
 /// A value that satisfies `schema` with typical sizes: what the estimate assumes a model returns.
-pub fn placeholder(schema: &Value) -> Value {
+pub fn placeholder(schema: &SchemaNode) -> Value {
     placeholder_variant(schema, 0)
 }
 
 /// The `variant`-th placeholder: items of an array differ from each other (as a model's would),
 /// so calls made downstream of them are not merged as identical.
-fn placeholder_variant(schema: &Value, variant: usize) -> Value {
-    let ty = match schema.get("type") {
-        Some(Value::String(t)) => t.as_str(),
-        Some(Value::Array(ts)) => ts
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|t| *t != "null")
-            .unwrap_or("null"),
-        _ => "null",
-    };
-    let int = |k: &str| schema.get(k).and_then(Value::as_u64).map(|v| v as usize);
-    if let Some(first) = schema
-        .get("enum")
-        .and_then(Value::as_array)
-        .and_then(|e| e.first())
-    {
-        return first.clone();
-    }
-    match ty {
-        "object" => {
-            let mut out = Map::new();
-            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
-                for (k, s) in props {
-                    out.insert(k.clone(), placeholder_variant(s, variant));
-                }
-            }
-            Value::Object(out)
-        }
-        "array" => {
-            let n = match (int("minItems"), int("maxItems")) {
+fn placeholder_variant(schema: &SchemaNode, variant: usize) -> Value {
+    let as_usize = |v: Option<u64>| v.map(|v| v as usize);
+    match &schema.kind {
+        SchemaKind::Object { properties, .. } => Value::Object(
+            properties
+                .iter()
+                .map(|(k, s)| (k.clone(), placeholder_variant(s, variant)))
+                .collect::<Map<_, _>>(),
+        ),
+        SchemaKind::Array {
+            items,
+            min_items,
+            max_items,
+        } => {
+            let n = match (as_usize(*min_items), as_usize(*max_items)) {
                 (Some(lo), Some(hi)) => (lo + hi.max(lo)).div_ceil(2),
                 (Some(lo), None) => lo.max(1),
                 (None, Some(hi)) => hi.min(DEFAULT_ARRAY_ITEMS),
                 (None, None) => DEFAULT_ARRAY_ITEMS,
             };
-            let items = schema.get("items").unwrap_or(&Value::Null);
             Value::Array(
                 (0..n)
                     .map(|i| placeholder_variant(items, variant * n + i))
                     .collect(),
             )
         }
-        "string" => {
-            let lo = int("minLength").unwrap_or(0);
-            let hi = int("maxLength").unwrap_or(usize::MAX).max(lo);
+        SchemaKind::String {
+            enum_values: Some(e),
+            ..
+        } if !e.is_empty() => Value::from(e[0].clone()),
+        SchemaKind::String {
+            min_length,
+            max_length,
+            ..
+        } => {
+            let lo = as_usize(*min_length).unwrap_or(0);
+            let hi = as_usize(*max_length).unwrap_or(usize::MAX).max(lo);
             Value::String(prose(TYPICAL_STRING_CHARS.clamp(lo, hi), variant))
         }
-        "integer" => {
-            let lo = schema.get("minimum").and_then(Value::as_i64).unwrap_or(0);
-            json!(
-                lo.max(1000).min(
-                    schema
-                        .get("maximum")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(i64::MAX)
-                )
-            )
+        SchemaKind::Integer(NumberBounds {
+            enum_values: Some(e),
+            ..
+        })
+        | SchemaKind::Number(NumberBounds {
+            enum_values: Some(e),
+            ..
+        }) if !e.is_empty() => Value::Number(e[0].clone()),
+        SchemaKind::Integer(b) => {
+            let lo = b.minimum.as_ref().and_then(|n| n.as_i64()).unwrap_or(0);
+            let hi = b
+                .maximum
+                .as_ref()
+                .and_then(|n| n.as_i64())
+                .unwrap_or(i64::MAX);
+            json!(lo.max(1000).min(hi))
         }
-        "number" => {
-            let lo = schema.get("minimum").and_then(Value::as_f64).unwrap_or(0.0);
-            let hi = schema.get("maximum").and_then(Value::as_f64).unwrap_or(1e6);
+        SchemaKind::Number(b) => {
+            let lo = b.minimum.as_ref().and_then(|n| n.as_f64()).unwrap_or(0.0);
+            let hi = b.maximum.as_ref().and_then(|n| n.as_f64()).unwrap_or(1e6);
             json!((lo + hi.max(lo)) / 2.0)
         }
-        "boolean" => Value::Bool(true),
-        _ => Value::Null,
+        SchemaKind::Boolean => Value::Bool(true),
     }
 }
 
@@ -291,19 +300,25 @@ mod tests {
 
     #[test]
     fn placeholder_follows_item_bounds_and_string_lengths() {
-        let s = json!({"type": "object", "properties": {"value": {
+        let node = |j| OutputSchema::new(j).unwrap().root;
+        let s = node(json!({"type": "object", "properties": {"value": {
             "type": "array", "minItems": 2, "maxItems": 4,
-            "items": {"type": "string", "minLength": 10, "maxLength": 30}}}});
+            "items": {"type": "string", "minLength": 10, "maxLength": 30}}}}));
         let v = placeholder(&s);
         let items = v["value"].as_array().unwrap();
         assert_eq!(items.len(), 3);
         assert_eq!(items[0].as_str().unwrap().len(), 30);
         assert_ne!(items[0], items[1], "items differ");
-        let short = placeholder(&json!({"type": "string", "minLength": 200}));
+        let short = placeholder(&node(json!({"type": "string", "minLength": 200})));
         assert_eq!(short.as_str().unwrap().len(), 200);
-        assert_eq!(placeholder(&json!({"enum": ["a", "b"]})), json!("a"));
         assert_eq!(
-            placeholder(&json!({"type": "integer", "minimum": 1, "maximum": 5})),
+            placeholder(&node(json!({"type": "string", "enum": ["a", "b"]}))),
+            json!("a")
+        );
+        assert_eq!(
+            placeholder(&node(
+                json!({"type": "integer", "minimum": 1, "maximum": 5})
+            )),
             json!(5)
         );
     }

@@ -14,7 +14,7 @@
 //!   `max_tokens` and corrected when the response reports its usage);
 //! - the model is not paused.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -93,18 +93,34 @@ pub struct Governor {
     changed: Notify,
 }
 
-/// Permission to have one request in flight; give it back with [`Governor::release`].
+/// Permission to have one request in flight. It is given back when dropped: with the outcome
+/// set by [`Admission::finish`], or as a request that ended without one (cancelled, failed)
+/// that neither grows nor cuts the limit. No code path can keep a slot it no longer uses.
 #[derive(Debug)]
 #[must_use]
 pub struct Admission {
+    governor: Arc<Governor>,
     estimated_tokens: f64,
     started: Instant,
+    outcome: Option<Outcome>,
 }
 
 impl Admission {
     /// When the request was admitted.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Gives the slot back, adapting the limit to how the request ended.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or(Outcome::Failed);
+        self.governor.release(self.estimated_tokens, outcome);
     }
 }
 
@@ -161,8 +177,13 @@ impl Governor {
         self.lock().min_limit as usize
     }
 
+    /// In flight now (admissions not yet given back).
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
     /// Tries to admit now; otherwise returns how long to wait (zero: until a release).
-    fn try_admit(&self, tokens: f64) -> Result<Admission, Duration> {
+    fn try_admit(self: &Arc<Self>, tokens: f64) -> Result<Admission, Duration> {
         let mut st = self.lock();
         let now = Instant::now();
         if let Some(until) = st.paused_until {
@@ -198,13 +219,15 @@ impl Governor {
             self.changed.notify_one();
         }
         Ok(Admission {
+            governor: self.clone(),
             estimated_tokens: tokens,
             started: now,
+            outcome: None,
         })
     }
 
     /// Waits until a request estimated at `estimated_tokens` may be sent.
-    pub async fn admit(&self, estimated_tokens: u64) -> Admission {
+    pub async fn admit(self: &Arc<Self>, estimated_tokens: u64) -> Admission {
         let tokens = estimated_tokens as f64;
         loop {
             // Fast path: no waiting, no registration.
@@ -229,8 +252,8 @@ impl Governor {
         }
     }
 
-    /// Gives back an admission and adapts to how the request ended.
-    pub fn release(&self, adm: Admission, outcome: Outcome) {
+    /// Gives back an admission's slot and adapts to how the request ended.
+    fn release(&self, estimated_tokens: f64, outcome: Outcome) {
         let mut st = self.lock();
         st.in_flight = st.in_flight.saturating_sub(1);
         let max = self.cfg.max_concurrency.max(1) as f64;
@@ -239,7 +262,7 @@ impl Governor {
                 if let (Some(b), Some(t)) = (st.tpm.as_mut(), tokens) {
                     // Correct the estimate with the reported usage.
                     b.level =
-                        (b.level + adm.estimated_tokens.min(b.capacity) - t as f64).min(b.capacity);
+                        (b.level + estimated_tokens.min(b.capacity) - t as f64).min(b.capacity);
                 }
                 st.window_ok += 1;
                 if self.cfg.adaptive && st.limit < max {
@@ -291,12 +314,6 @@ const WINDOW_MIN: usize = 8;
 /// Share of 429s in a window above which the provider is saturated.
 const SATURATED: f64 = 0.2;
 
-/// Estimated tokens of a request: about four characters per token for the prompt, plus the
-/// completion limit.
-pub fn estimate_tokens(prompt_chars: usize, max_tokens: Option<u32>) -> u64 {
-    (prompt_chars as u64).div_ceil(4) + u64::from(max_tokens.unwrap_or(256))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,16 +337,16 @@ mod tests {
         let waiter = tokio::spawn(async move { g2.admit(1).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "a third request waits");
-        g.release(a, Outcome::Done { tokens: None });
+        a.finish(Outcome::Done { tokens: None });
         let c = tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .expect("woken")
             .unwrap();
-        g.release(b, Outcome::Failed);
-        g.release(c, Outcome::Failed);
+        b.finish(Outcome::Failed);
+        c.finish(Outcome::Failed);
     }
 
-    async fn window(g: &Governor, n: usize, limited: usize, retry_after: Option<Duration>) {
+    async fn window(g: &Arc<Governor>, n: usize, limited: usize, retry_after: Option<Duration>) {
         let mut adms = vec![];
         for _ in 0..n {
             adms.push(g.admit(1).await);
@@ -340,13 +357,13 @@ mod tests {
             } else {
                 Outcome::Done { tokens: None }
             };
-            g.release(a, outcome);
+            a.finish(outcome);
         }
     }
 
     #[tokio::test]
     async fn saturation_shrinks_once_per_round_trip_scattered_429s_do_not() {
-        let g = Governor::new(cfg(100));
+        let g = Arc::new(Governor::new(cfg(100)));
         // A round trip with 30% refused: saturated, cut by 30%.
         window(&g, 100, 30, None).await;
         assert_eq!(g.limit(), 70);
@@ -356,7 +373,7 @@ mod tests {
         // About one step per round trip of `limit` requests: back to the maximum.
         for _ in 0..4000 {
             let a = g.admit(1).await;
-            g.release(a, Outcome::Done { tokens: None });
+            a.finish(Outcome::Done { tokens: None });
         }
         assert_eq!(g.limit(), 100, "recovers to the configured maximum");
         assert_eq!(g.min_limit(), 70);
@@ -364,7 +381,7 @@ mod tests {
 
     #[tokio::test]
     async fn saturated_windows_pause_the_model_for_retry_after() {
-        let g = Governor::new(cfg(8));
+        let g = Arc::new(Governor::new(cfg(8)));
         window(&g, 8, 8, Some(Duration::from_millis(150))).await;
         let t = Instant::now();
         let b = g.admit(1).await;
@@ -373,30 +390,30 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
-        g.release(b, Outcome::Done { tokens: None });
+        b.finish(Outcome::Done { tokens: None });
         // One 429 in eight pauses nobody.
-        let g = Governor::new(cfg(8));
+        let g = Arc::new(Governor::new(cfg(8)));
         window(&g, 8, 1, Some(Duration::from_millis(500))).await;
         let t = Instant::now();
         let b = g.admit(1).await;
         assert!(t.elapsed() < Duration::from_millis(50));
-        g.release(b, Outcome::Done { tokens: None });
+        b.finish(Outcome::Done { tokens: None });
     }
 
     #[tokio::test]
     async fn rpm_and_tpm_buckets_pace_requests() {
         // 600 requests per minute = one per 100 ms once the bucket is empty.
-        let g = Governor::new(GovernorConfig {
+        let g = Arc::new(Governor::new(GovernorConfig {
             rpm: Some(600),
             ..cfg(1000)
-        });
+        }));
         for _ in 0..600 {
             let a = g.admit(1).await;
-            g.release(a, Outcome::Done { tokens: None });
+            a.finish(Outcome::Done { tokens: None });
         }
         let t = Instant::now();
         let a = g.admit(1).await;
-        g.release(a, Outcome::Done { tokens: None });
+        a.finish(Outcome::Done { tokens: None });
         assert!(
             t.elapsed() >= Duration::from_millis(80),
             "{:?}",
@@ -405,21 +422,35 @@ mod tests {
 
         // 6,000 tokens per minute: a 500-token request after the bucket is spent waits ~5 s;
         // reported usage smaller than the estimate gives the difference back.
-        let g = Governor::new(GovernorConfig {
+        let g = Arc::new(Governor::new(GovernorConfig {
             tpm: Some(6000),
             ..cfg(1000)
-        });
+        }));
         let a = g.admit(6000).await;
-        g.release(a, Outcome::Done { tokens: Some(5900) });
+        a.finish(Outcome::Done { tokens: Some(5900) });
         let t = Instant::now();
         let a = g.admit(100).await;
         assert!(t.elapsed() < Duration::from_millis(50), "refund made room");
-        g.release(a, Outcome::Done { tokens: Some(100) });
+        a.finish(Outcome::Done { tokens: Some(100) });
     }
 
-    #[test]
-    fn estimates_tokens_from_prompt_and_limit() {
-        assert_eq!(estimate_tokens(400, Some(50)), 150);
-        assert_eq!(estimate_tokens(0, None), 256);
+    #[tokio::test]
+    async fn a_dropped_admission_gives_its_slot_back() {
+        let g = Arc::new(Governor::new(cfg(1)));
+        let a = g.admit(1).await;
+        assert_eq!(g.in_flight(), 1);
+        drop(a);
+        assert_eq!(g.in_flight(), 0);
+        // A request cancelled while it waits for admission takes nothing.
+        let held = g.admit(1).await;
+        let g2 = g.clone();
+        let waiter = tokio::spawn(async move { g2.admit(1).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiter.abort();
+        let _ = waiter.await;
+        held.finish(Outcome::Done { tokens: None });
+        assert_eq!(g.in_flight(), 0);
+        let again = tokio::time::timeout(Duration::from_secs(1), g.admit(1)).await;
+        assert!(again.is_ok(), "the slot is free");
     }
 }

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{ErrorKind, LlmError, preview};
-use crate::config::{ModelConfig, Secret};
+use super::preview;
+use crate::config::{Secret, ServerConfig};
+use crate::types::{ErrorKind, LlmError};
 
 /// A JSON-over-HTTP endpoint of one model.
 #[derive(Debug)]
@@ -22,7 +23,7 @@ pub struct HttpEndpoint {
 impl HttpEndpoint {
     /// An endpoint at `url` with the model's timeouts, key and body cap, and a connection pool
     /// of `pool_size`.
-    pub fn new(cfg: &ModelConfig, url: String, pool_size: usize) -> Result<Self, String> {
+    pub fn new(cfg: &ServerConfig, url: String, pool_size: usize) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.connect_timeout)

@@ -17,9 +17,11 @@ use serde_json::{Map, Value, json};
 
 use super::http::{HttpEndpoint, malformed};
 use super::openai::flat_prompt;
-use super::{LlmError, LlmRequest, LlmResponse, Provider, preview};
-use crate::config::ModelConfig;
-use crate::udf::schema::OutputSchema;
+use super::{Provider, preview};
+use crate::config::ServerConfig;
+use crate::types::{
+    ErrorKind, LlmError, LlmRequest, LlmResponse, OutputSchema, SchemaKind, SchemaNode,
+};
 
 /// Largest fixed-length array mapped to `item_1..item_n` fields.
 const MAX_ITEMS: u64 = 32;
@@ -45,18 +47,13 @@ enum Shape {
     Items(&'static str, u64),
 }
 
-fn lamini_type(schema: &Value) -> Option<&'static str> {
-    let ty = match schema.get("type")? {
-        Value::String(t) => t.as_str(),
-        // ["string", "null"]: nullable scalars still map to the scalar type.
-        Value::Array(ts) => ts.iter().filter_map(Value::as_str).find(|t| *t != "null")?,
-        _ => return None,
-    };
-    match ty {
-        "string" => Some("str"),
-        "integer" => Some("int"),
-        "number" => Some("float"),
-        "boolean" => Some("bool"),
+/// Lamini's name for a scalar node's type (nullable scalars map to the scalar type).
+fn lamini_type(node: &SchemaNode) -> Option<&'static str> {
+    match node.kind {
+        SchemaKind::String { .. } => Some("str"),
+        SchemaKind::Integer(_) => Some("int"),
+        SchemaKind::Number(_) => Some("float"),
+        SchemaKind::Boolean => Some("bool"),
         _ => None,
     }
 }
@@ -65,19 +62,13 @@ fn shape(schema: Option<&OutputSchema>) -> Result<Shape, String> {
     let Some(s) = schema else {
         return Ok(Shape::Text);
     };
-    let j = &s.json;
-    if let Some(t) = lamini_type(j) {
+    if let Some(t) = lamini_type(&s.root) {
         return Ok(Shape::Scalar(t));
     }
-    match s.root_type() {
-        "object" => {
-            let props = j
-                .get("properties")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
+    match &s.root.kind {
+        SchemaKind::Object { properties, .. } => {
             let mut fields = Map::new();
-            for (k, p) in &props {
+            for (k, p) in properties {
                 let t = lamini_type(p).ok_or_else(|| {
                     format!(
                         "property {k:?} is not a string, integer, number or boolean, and \
@@ -88,22 +79,22 @@ fn shape(schema: Option<&OutputSchema>) -> Result<Shape, String> {
             }
             Ok(Shape::Object(fields))
         }
-        "array" => {
-            let items = j.get("items").and_then(lamini_type);
-            let min = j.get("minItems").and_then(Value::as_u64);
-            let max = j.get("maxItems").and_then(Value::as_u64);
-            match (items, min, max) {
-                (Some(t), Some(a), Some(b)) if a == b && (1..=MAX_ITEMS).contains(&a) => {
-                    Ok(Shape::Items(t, a))
-                }
-                _ => Err(format!(
-                    "an array output needs scalar items and minItems = maxItems (1 to \
-                     {MAX_ITEMS}) to travel through Lamini's output_type"
-                )),
+        SchemaKind::Array {
+            items,
+            min_items,
+            max_items,
+        } => match (lamini_type(items), *min_items, *max_items) {
+            (Some(t), Some(a), Some(b)) if a == b && (1..=MAX_ITEMS).contains(&a) => {
+                Ok(Shape::Items(t, a))
             }
-        }
+            _ => Err(format!(
+                "an array output needs scalar items and minItems = maxItems (1 to \
+                 {MAX_ITEMS}) to travel through Lamini's output_type"
+            )),
+        },
         other => Err(format!(
-            "a {other} output cannot travel through Lamini's output_type"
+            "a {} output cannot travel through Lamini's output_type",
+            other.type_name()
         )),
     }
 }
@@ -152,11 +143,11 @@ impl Shape {
 }
 
 impl LaminiProvider {
-    /// Builds a provider for one configured model.
-    pub fn new(cfg: &ModelConfig, pool_size: usize) -> Result<Self, String> {
+    /// Builds a provider for `model` on one configured server.
+    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, String> {
         Ok(LaminiProvider {
             http: HttpEndpoint::new(cfg, format!("{}/v1/completions", cfg.base_url), pool_size)?,
-            model: cfg.model.clone(),
+            model: model.to_string(),
             batch_size: cfg.batch_size,
         })
     }
@@ -187,8 +178,8 @@ impl Provider for LaminiProvider {
         let Some(first) = reqs.first() else {
             return Ok(vec![]);
         };
-        let shape = shape(first.schema.as_deref())
-            .map_err(|m| LlmError::new(super::ErrorKind::BadRequest, m))?;
+        let shape =
+            shape(first.schema.as_deref()).map_err(|m| LlmError::new(ErrorKind::BadRequest, m))?;
         let prompts: Vec<String> = reqs.iter().map(flat_prompt).collect();
         let mut body = json!({"model_name": self.model, "prompt": prompts});
         if let Some(t) = shape.output_type() {

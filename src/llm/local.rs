@@ -24,8 +24,9 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
-use super::{ErrorKind, LlmError, LlmRequest, LlmResponse, Provider, Usage};
-use crate::config::ModelConfig;
+use super::Provider;
+use crate::config::LocalConfig;
+use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, Usage};
 
 /// llama.cpp's backend may be initialised once per process.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -72,13 +73,14 @@ pub struct LocalProvider {
 }
 
 impl LocalProvider {
-    /// A provider for `cfg` (`model` is the GGUF path). The model is loaded on the first call.
-    pub fn new(cfg: &ModelConfig) -> Self {
-        let path = PathBuf::from(&cfg.model);
+    /// A provider for the GGUF at `model`, decoding `concurrency` rows together. The model is
+    /// loaded on the first call.
+    pub fn new(model: &str, concurrency: usize, cfg: &LocalConfig) -> Self {
+        let path = PathBuf::from(model);
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
         let settings = LocalSettings {
             path: path.clone(),
-            parallel: cfg.concurrency.clamp(1, 64),
+            parallel: concurrency.clamp(1, 64),
             context_per_sequence: cfg.context_size,
             threads,
         };
@@ -86,7 +88,7 @@ impl LocalProvider {
         let size = std::fs::metadata(&path).map_or(0, |m| m.len());
         let name = path
             .file_name()
-            .map_or_else(|| cfg.model.clone(), |n| n.to_string_lossy().to_string());
+            .map_or_else(|| model.to_string(), |n| n.to_string_lossy().to_string());
         LocalProvider {
             identity: format!("local:{name}#{size}"),
             settings,

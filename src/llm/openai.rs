@@ -6,8 +6,9 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::http::{HttpEndpoint, malformed};
-use super::{LlmError, LlmRequest, LlmResponse, Provider, Usage, preview};
-use crate::config::{ModelConfig, StructuredOutput};
+use super::{Provider, preview};
+use crate::config::{ServerConfig, StructuredOutput};
+use crate::types::{LlmError, LlmRequest, LlmResponse, Usage};
 
 /// A provider speaking the OpenAI chat completions protocol.
 #[derive(Debug)]
@@ -18,11 +19,11 @@ pub struct OpenAiProvider {
 }
 
 impl OpenAiProvider {
-    /// Builds a provider (and its connection pool) for one configured model.
-    pub fn new(cfg: &ModelConfig, pool_size: usize) -> Result<Self, String> {
+    /// Builds a provider (and its connection pool) for `model` on one configured server.
+    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, String> {
         Ok(OpenAiProvider {
             http: HttpEndpoint::new(cfg, format!("{}/chat/completions", cfg.base_url), pool_size)?,
-            model: cfg.model.clone(),
+            model: model.to_string(),
             structured: cfg.structured_output,
         })
     }
@@ -129,11 +130,11 @@ pub struct CompletionsProvider {
 }
 
 impl CompletionsProvider {
-    /// Builds a provider for one configured model.
-    pub fn new(cfg: &ModelConfig, pool_size: usize) -> Result<Self, String> {
+    /// Builds a provider for `model` on one configured server.
+    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, String> {
         Ok(CompletionsProvider {
             http: HttpEndpoint::new(cfg, format!("{}/completions", cfg.base_url), pool_size)?,
-            model: cfg.model.clone(),
+            model: model.to_string(),
             structured: cfg.structured_output,
             batch_size: cfg.batch_size,
         })

@@ -18,7 +18,61 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
+mod message;
+
+pub use message::tidy_store_message;
+
 static STAGE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Why an output could not be staged or put in place.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The target's store refuses to list its location (missing bucket, bad credentials).
+    #[error("cannot write {target}: {message}")]
+    Unwritable {
+        /// The target as the user wrote it.
+        target: String,
+        /// The store's answer, tidied.
+        message: String,
+    },
+    /// The directory of a local target cannot be created.
+    #[error("cannot create the directory of {target}: {source}")]
+    Prepare {
+        /// The target as the user wrote it.
+        target: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The staged output could not be moved over the target.
+    #[error("cannot move the output to {target}: {message}")]
+    Commit {
+        /// The target as the user wrote it.
+        target: String,
+        /// Why, with staged names shown as the target's.
+        message: String,
+    },
+}
+
+/// Checks that the store holding `url` lets us list the target's parent, before any work.
+pub async fn check_writable(
+    store: &dyn ObjectStore,
+    url: &url::Url,
+    target: &str,
+) -> Result<(), SinkError> {
+    let parent = ObjPath::from_url_path(url.path()).ok().and_then(|p| {
+        let parts: Vec<_> = p.parts().collect();
+        let n = parts.len().saturating_sub(1);
+        (n > 0).then(|| ObjPath::from_iter(parts[..n].to_vec()))
+    });
+    store
+        .list_with_delimiter(parent.as_ref())
+        .await
+        .map(|_| ())
+        .map_err(|e| SinkError::Unwritable {
+            target: target.to_string(),
+            message: tidy_store_message(&e.to_string()),
+        })
+}
 
 /// Whether `target` is a local path (no URL scheme, or `file://`).
 pub fn is_local(target: &str) -> bool {
@@ -131,19 +185,22 @@ impl StagedOutput {
 
     /// Creates the parent directory of a local target, so the error for an unwritable location
     /// names the target rather than the staging path.
-    pub fn prepare(&self) -> std::io::Result<()> {
+    pub fn prepare(&self) -> Result<(), SinkError> {
         if let Place::Local { target, .. } = &self.place
             && let Some(parent) = target.parent()
             && !parent.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(parent)?;
+            std::fs::create_dir_all(parent).map_err(|source| SinkError::Prepare {
+                target: self.target.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
 
     /// Moves the staged output over the target (replacing an earlier output).
-    pub async fn commit(self) -> Result<(), String> {
-        match self.place {
+    pub async fn commit(self) -> Result<(), SinkError> {
+        let result = match self.place {
             Place::Local { target, staging } => {
                 commit_local(&target, &staging, self.is_dir).map_err(|e| e.to_string())
             }
@@ -154,7 +211,11 @@ impl StagedOutput {
             } => commit_store(store.as_ref(), &target, &staging, self.is_dir)
                 .await
                 .map_err(|e| e.to_string()),
-        }
+        };
+        result.map_err(|message| SinkError::Commit {
+            target: self.target,
+            message: tidy_store_message(&message),
+        })
     }
 
     /// Removes whatever the failed statement left in the staging location.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use minijinja::{Environment, UndefinedBehavior, Value as JinjaValue};
 use serde::Deserialize;
 
-use super::schema::OutputSchema;
+use crate::types::{OutputSchema, RenderedPrompt};
 
 /// What happens to a row whose call fails after all retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
@@ -204,15 +204,6 @@ impl Splice {
         }
         out
     }
-}
-
-/// A rendered request: system and user message.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RenderedPrompt {
-    /// System message, if any.
-    pub system: Option<String>,
-    /// User message.
-    pub user: String,
 }
 
 fn is_identifier(s: &str) -> bool {

@@ -1,7 +1,8 @@
 //! LLM functions in SQL: the DataFusion glue.
 //!
 //! Each `udfs/*.toml` file becomes two SQL functions:
-//! - `name(args...)`: the value, typed by the declared output schema ([`schema`]);
+//! - `name(args...)`: the value, typed by the declared output schema
+//!   ([`crate::types::OutputSchema`]);
 //! - `name_error(args...)`: NULL on success, otherwise a struct `{kind, message, attempts,
 //!   http_status, finish_reason}` describing why the same call failed.
 //!
@@ -13,7 +14,8 @@
 pub mod def;
 pub mod exec;
 pub mod plan;
-pub mod schema;
+mod slice;
+mod stream;
 pub mod values;
 
 use std::any::Any;

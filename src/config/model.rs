@@ -1,0 +1,325 @@
+//! One model a function can name (`[models.NAME]`): what every model has, then the part only a
+//! server has (URL, key, timeouts, structured output, batching, tokenizer) or only the embedded
+//! local model has (its context size).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::raw::RawModel;
+
+/// A secret string (API key). Its `Debug` and `Display` never show the value, so it cannot leak
+/// through logs or error messages by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret value; call only where it is sent to the provider.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Provider kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, llama.cpp server).
+    Openai,
+    /// An OpenAI-compatible text completions server taking list prompts (vLLM, llama.cpp
+    /// server): `batch_size` prompts per request.
+    OpenaiCompletions,
+    /// Lamini's API: list prompts and `output_type`.
+    Lamini,
+    /// The embedded local model: a GGUF file run in-process with llama.cpp.
+    Local,
+}
+
+/// How structured output is requested from an OpenAI-compatible server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// `response_format = {type: "json_schema", ...}` (OpenAI, vLLM, llama.cpp server, Ollama).
+    #[default]
+    JsonSchema,
+    /// `response_format = {type: "json_object"}`; the schema is still validated by sluice.
+    JsonObject,
+    /// No `response_format`; the schema is described in the prompt and validated by sluice.
+    None,
+}
+
+/// What a model's tokens cost, in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prices {
+    /// USD per million prompt tokens (`input_usd_per_mtok`).
+    pub input: f64,
+    /// USD per million completion tokens (`output_usd_per_mtok`).
+    pub output: f64,
+}
+
+impl Prices {
+    /// The cost of `prompt` + `completion` tokens in USD.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
+    }
+}
+
+/// One model a function can name.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// The name functions use (`model = "default"`).
+    pub name: String,
+    /// Provider kind.
+    pub kind: ProviderKind,
+    /// Model id sent to a server, or the GGUF path of the local model.
+    pub model: String,
+    /// Requests in flight for this model (never more than the global budget); rows decoded
+    /// together for the local model.
+    pub concurrency: usize,
+    /// Requests per minute allowed by the provider, if limited.
+    pub rpm: Option<u64>,
+    /// Tokens per minute allowed by the provider, if limited.
+    pub tpm: Option<u64>,
+    /// Shrink concurrency on 429s and grow it back on success (default true for servers).
+    pub adaptive_concurrency: bool,
+    /// Prices for `sluice explain` and `--budget-usd` (a local model costs nothing).
+    pub prices: Option<Prices>,
+    /// The settings only a server or only the local model has.
+    pub part: ModelPart,
+}
+
+/// The settings of one kind of model.
+#[derive(Debug, Clone)]
+pub enum ModelPart {
+    /// A model behind an HTTP API.
+    Server(ServerConfig),
+    /// The embedded local model.
+    Local(LocalConfig),
+}
+
+/// What only a model behind an HTTP API has.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Base URL, e.g. `https://api.openai.com/v1` (no trailing `/`).
+    pub base_url: String,
+    /// Name of the environment variable that held the key (for messages).
+    pub api_key_env: Option<String>,
+    /// The key, read from `api_key_env` at load time.
+    pub api_key: Option<Secret>,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// How to ask for structured output.
+    pub structured_output: StructuredOutput,
+    /// Largest response body accepted.
+    pub max_response_bytes: usize,
+    /// Prompts per request for providers that take several (`openai_completions`, `lamini`;
+    /// default 8); always 1 for chat completions.
+    pub batch_size: usize,
+    /// How `sluice explain` counts tokens: a tiktoken encoding (`o200k_base`, `cl100k_base`) or
+    /// a GGUF file whose vocabulary to use; default: the encoding OpenAI uses for the model,
+    /// else `o200k_base`.
+    pub tokenizer: Option<String>,
+}
+
+/// What only the embedded local model has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalConfig {
+    /// Context tokens per row (prompt and output; default 2048).
+    pub context_size: u32,
+}
+
+impl ModelConfig {
+    /// The embedded local model reading `path`, decoding `parallel` rows together.
+    pub fn local(name: &str, path: PathBuf, parallel: usize) -> ModelConfig {
+        ModelConfig {
+            name: name.to_string(),
+            kind: ProviderKind::Local,
+            model: path.to_string_lossy().to_string(),
+            concurrency: parallel,
+            rpm: None,
+            tpm: None,
+            adaptive_concurrency: false,
+            prices: Some(Prices {
+                input: 0.0,
+                output: 0.0,
+            }),
+            part: ModelPart::Local(LocalConfig { context_size: 2048 }),
+        }
+    }
+
+    /// The server settings, for a model behind an HTTP API.
+    pub fn server(&self) -> Option<&ServerConfig> {
+        match &self.part {
+            ModelPart::Server(s) => Some(s),
+            ModelPart::Local(_) => None,
+        }
+    }
+}
+
+/// Checks `[models.NAME]` and builds the model; `base_dir` resolves a local model's path and
+/// `env` reads the API key; `default_concurrency` is the dispatcher's.
+pub(super) fn model_from_raw(
+    name: &str,
+    m: RawModel,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    default_concurrency: usize,
+) -> Result<ModelConfig, String> {
+    if m.concurrency == Some(0) {
+        return Err(format!("models.{name}.concurrency must be at least 1"));
+    }
+    if m.kind == ProviderKind::Local {
+        return local_from_raw(name, m, base_dir);
+    }
+    let positive = |v: Option<u64>, key: &str| match v {
+        Some(0) => Err(format!(
+            "models.{name}.{key} must be at least 1 (leave it out for no limit)"
+        )),
+        other => Ok(other),
+    };
+    let rpm = positive(m.rpm, "rpm")?;
+    let tpm = positive(m.tpm, "tpm")?;
+    let prices = prices(name, m.input_usd_per_mtok, m.output_usd_per_mtok)?;
+    Ok(ModelConfig {
+        name: name.to_string(),
+        kind: m.kind,
+        concurrency: m.concurrency.unwrap_or(default_concurrency),
+        rpm,
+        tpm,
+        adaptive_concurrency: m.adaptive_concurrency.unwrap_or(true),
+        prices,
+        part: ModelPart::Server(server_from_raw(name, &m, env)?),
+        model: m.model,
+    })
+}
+
+fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig, String> {
+    let mut lm = ModelConfig::local(name, base_dir.join(&m.model), 8);
+    if let Some(c) = m.concurrency {
+        lm.concurrency = c;
+    }
+    if let Some(c) = m.context_size {
+        if c < 256 {
+            return Err(format!(
+                "models.{name}.context_size must be at least 256 tokens"
+            ));
+        }
+        lm.part = ModelPart::Local(LocalConfig { context_size: c });
+    }
+    let misplaced = m.server_keys();
+    if ["base_url", "api_key_env", "batch_size", "tokenizer"]
+        .iter()
+        .any(|k| misplaced.contains(k))
+    {
+        return Err(format!(
+            "models.{name}: a local model takes model (the GGUF path), concurrency (rows \
+             decoded together) and context_size, and counts tokens with its own vocabulary; \
+             base_url, api_key_env, batch_size and tokenizer belong to servers"
+        ));
+    }
+    Ok(lm)
+}
+
+fn server_from_raw(
+    name: &str,
+    m: &RawModel,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ServerConfig, String> {
+    let base_url = match (&m.base_url, m.kind) {
+        (Some(u), _) => u.clone(),
+        (None, ProviderKind::Lamini) => "https://api.lamini.ai".to_string(),
+        (None, _) => {
+            return Err(format!(
+                "models.{name}.base_url is missing (e.g. \"https://api.openai.com/v1\" \
+                 or \"http://127.0.0.1:8000/v1\")"
+            ));
+        }
+    };
+    let url = reqwest::Url::parse(&base_url)
+        .map_err(|e| format!("models.{name}.base_url = {base_url:?} is not a valid URL ({e})"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!(
+            "models.{name}.base_url must start with http:// or https://, got {base_url:?}"
+        ));
+    }
+    let batch_size = match (m.kind, m.batch_size) {
+        (ProviderKind::Openai, Some(b)) if b != 1 => {
+            return Err(format!(
+                "models.{name}.batch_size: chat completions take one prompt per request; \
+                 use kind = \"openai_completions\" for list prompts"
+            ));
+        }
+        (ProviderKind::Openai, _) => 1,
+        (_, Some(0)) => return Err(format!("models.{name}.batch_size must be at least 1")),
+        (_, b) => b.unwrap_or(8),
+    };
+    let api_key = match &m.api_key_env {
+        None => None,
+        Some(var) => match env(var) {
+            Some(v) if !v.is_empty() => Some(Secret::new(v)),
+            _ => {
+                return Err(format!(
+                    "models.{name}: environment variable {var} (api_key_env) is not set; \
+                     export it with the API key, or remove api_key_env for servers without \
+                     authentication"
+                ));
+            }
+        },
+    };
+    Ok(ServerConfig {
+        base_url: base_url.trim_end_matches('/').to_string(),
+        api_key_env: m.api_key_env.clone(),
+        api_key,
+        timeout: Duration::from_millis(m.timeout_ms.unwrap_or(120_000)),
+        connect_timeout: Duration::from_millis(m.connect_timeout_ms.unwrap_or(10_000)),
+        structured_output: m.structured_output.unwrap_or_default(),
+        max_response_bytes: m.max_response_bytes.unwrap_or(16 << 20),
+        batch_size,
+        tokenizer: m.tokenizer.clone(),
+    })
+}
+
+/// Both prices or neither; non-negative and finite.
+fn prices(name: &str, input: Option<f64>, output: Option<f64>) -> Result<Option<Prices>, String> {
+    match (input, output) {
+        (None, None) => Ok(None),
+        (Some(input), Some(output)) => {
+            for (key, v) in [
+                ("input_usd_per_mtok", input),
+                ("output_usd_per_mtok", output),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(format!(
+                        "models.{name}.{key} must be a price in USD per million tokens (>= 0), \
+                         got {v}"
+                    ));
+                }
+            }
+            Ok(Some(Prices { input, output }))
+        }
+        _ => Err(format!(
+            "models.{name}: give both input_usd_per_mtok and output_usd_per_mtok (USD per \
+             million prompt and completion tokens), or neither"
+        )),
+    }
+}

@@ -1,0 +1,92 @@
+//! `sluice.toml` as serde reads it: one typed section per table, every key optional, unknown
+//! keys refused. [`super::Config::parse`] turns it into the configuration in one validation
+//! pass.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::model::{ProviderKind, StructuredOutput};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub udf_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub dispatcher: RawDispatcher,
+    #[serde(default)]
+    pub cache: RawCache,
+    #[serde(default)]
+    pub execution: RawExecution,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExecution {
+    pub memory_limit: Option<String>,
+    pub parquet_row_group_bytes: Option<String>,
+    pub batch_rows: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDispatcher {
+    pub concurrency: Option<usize>,
+    pub max_attempts: Option<u32>,
+    pub backoff_base_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub dir: Option<PathBuf>,
+    pub enabled: Option<bool>,
+}
+
+/// A `[models.NAME]` table. Server and local keys share the table (so that a key given to the
+/// wrong kind gets a message saying so, not serde's "unknown field").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawModel {
+    pub kind: ProviderKind,
+    pub model: String,
+    pub concurrency: Option<usize>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub adaptive_concurrency: Option<bool>,
+    pub input_usd_per_mtok: Option<f64>,
+    pub output_usd_per_mtok: Option<f64>,
+    // Servers only.
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub structured_output: Option<StructuredOutput>,
+    pub max_response_bytes: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub tokenizer: Option<String>,
+    // The local model only.
+    pub context_size: Option<u32>,
+}
+
+impl RawModel {
+    /// The server-only keys that are set.
+    pub fn server_keys(&self) -> Vec<&'static str> {
+        let set = [
+            ("base_url", self.base_url.is_some()),
+            ("api_key_env", self.api_key_env.is_some()),
+            ("timeout_ms", self.timeout_ms.is_some()),
+            ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
+            ("structured_output", self.structured_output.is_some()),
+            ("max_response_bytes", self.max_response_bytes.is_some()),
+            ("batch_size", self.batch_size.is_some()),
+            ("tokenizer", self.tokenizer.is_some()),
+        ];
+        set.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect()
+    }
+}

@@ -1,0 +1,208 @@
+//! An engine from configuration: the response cache, the models, the DataFusion session with
+//! sluice's planner, optimizer rule and functions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::context::QueryPlanner;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::registry::FunctionRegistry;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use super::models::{Answers, build_models};
+use super::{Engine, EngineError};
+use crate::cache::{CacheError, CacheMode, ResponseCache};
+use crate::config::Config;
+use crate::llm::Dispatcher;
+use crate::sink::store::ObjectStores;
+use crate::source::ChunkText;
+use crate::udf::def::{DefError, FunctionDef};
+use crate::udf::exec::{LlmPlanner, LlmRuntime};
+use crate::udf::plan::LiftLlmCalls;
+use crate::udf::{LlmUdf, generic_llm_def};
+
+/// DataFusion's planner with sluice's extension planner for LLM nodes.
+#[derive(Debug)]
+struct SluiceQueryPlanner {
+    runtime: Arc<LlmRuntime>,
+}
+
+#[async_trait]
+impl QueryPlanner for SluiceQueryPlanner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session: &dyn Session,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let planner = DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(LlmPlanner {
+            runtime: self.runtime.clone(),
+        })]);
+        planner.create_physical_plan(logical_plan, session).await
+    }
+}
+
+/// The dispatcher with the response cache as configured: read-only for estimates (which do
+/// without the cache while a run holds it).
+fn dispatcher(config: &Config, answers: Answers) -> Result<Dispatcher, EngineError> {
+    let estimating = answers == Answers::Estimates;
+    let cache = if config.cache.enabled {
+        match ResponseCache::open(&config.cache.dir) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(CacheError::Busy(_)) if estimating => None,
+            Err(e) => return Err(EngineError::Cache(e)),
+        }
+    } else {
+        None
+    };
+    let mode = if estimating {
+        CacheMode::ReadOnly
+    } else if config.cache.refresh {
+        CacheMode::Refresh
+    } else {
+        CacheMode::ReadWrite
+    };
+    let mut settings = config.dispatcher.clone();
+    if estimating {
+        settings.max_attempts = 1;
+        settings.budget_tokens = None;
+        settings.budget_usd = None;
+    }
+    Ok(Dispatcher::with_cache(settings, cache, mode))
+}
+
+/// The DataFusion session: sluice's planner and rule, object stores, memory and Parquet
+/// settings.
+fn session(config: &Config, runtime: &Arc<LlmRuntime>) -> Result<SessionContext, EngineError> {
+    let mut session_config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .with_batch_size(config.execution.batch_rows);
+    {
+        // Row groups bounded in bytes (honoured by the serial writer only): the writer's
+        // memory stays flat in the output size. Column encoding in parallel buys little on
+        // a machine whose cores already run the pipeline.
+        let exec = &mut session_config.options_mut().execution;
+        exec.parquet.allow_single_file_parallelism = false;
+        // zstd level 1: on LLM outputs (passages repeated per question) it is as small as
+        // level 3 and faster; `OPTIONS ('format.compression' ...)` chooses per statement.
+        exec.parquet.compression = Some("zstd(1)".into());
+        exec.parquet.max_row_group_bytes = Some(
+            datafusion::config::MaxRowGroupBytes::try_new(
+                config.execution.parquet_row_group_bytes.max(1) as usize,
+            )
+            .map_err(EngineError::DataFusion)?,
+        );
+    }
+    let mut runtime_env = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_object_store_registry(Arc::new(ObjectStores::new()));
+    if let Some(limit) = config.execution.memory_limit {
+        runtime_env = runtime_env.with_memory_pool(Arc::new(
+            datafusion::execution::memory_pool::FairSpillPool::new(limit as usize),
+        ));
+    }
+    let runtime_env = runtime_env.build_arc()?;
+    let state = SessionStateBuilder::new()
+        .with_config(session_config)
+        .with_runtime_env(runtime_env)
+        .with_default_features()
+        .with_query_planner(Arc::new(SluiceQueryPlanner {
+            runtime: runtime.clone(),
+        }))
+        .with_optimizer_rule(Arc::new(LiftLlmCalls))
+        .build();
+    Ok(SessionContext::new_with_state(state))
+}
+
+impl Engine {
+    /// Builds an engine from configuration, loading function definitions from `config.udf_dir`.
+    pub fn new(config: &Config) -> Result<Engine, EngineError> {
+        let defs = FunctionDef::load_dir(&config.udf_dir)?;
+        Self::with_functions(config, defs)
+    }
+
+    /// Builds an engine with explicit function definitions.
+    pub fn with_functions(config: &Config, defs: Vec<FunctionDef>) -> Result<Engine, EngineError> {
+        Self::build(config, defs, Answers::Models)
+    }
+
+    /// Builds an engine whose LLM functions call no model: every call is answered with a
+    /// placeholder shaped by its output schema and its tokens are counted with the model's
+    /// tokenizer (see [`crate::llm::estimate`]); the response cache is only read. For
+    /// `sluice explain`.
+    pub fn for_estimates(config: &Config) -> Result<Engine, EngineError> {
+        let defs = FunctionDef::load_dir(&config.udf_dir)?;
+        Self::build(config, defs, Answers::Estimates)
+    }
+
+    /// How each model's tokens are counted, for engines that estimate.
+    pub fn token_counters(&self) -> &BTreeMap<String, String> {
+        &self.token_counters
+    }
+
+    pub(super) fn build(
+        config: &Config,
+        defs: Vec<FunctionDef>,
+        answers: Answers,
+    ) -> Result<Engine, EngineError> {
+        let dispatcher = dispatcher(config, answers)?;
+        let models = build_models(config, answers)?;
+        let runtime = Arc::new(LlmRuntime {
+            dispatcher,
+            models: models.handles,
+        });
+        let ctx = session(config, &runtime)?;
+        let functions = register_functions(&ctx, &runtime, defs)?;
+        Ok(Engine {
+            ctx,
+            runtime,
+            functions,
+            json_locations: Default::default(),
+            token_counters: models.token_counters,
+        })
+    }
+}
+
+/// Registers `chunk_text`, the built-in `llm` and every definition (value and error faces),
+/// checking that each function's model can return its output.
+fn register_functions(
+    ctx: &SessionContext,
+    runtime: &LlmRuntime,
+    defs: Vec<FunctionDef>,
+) -> Result<Vec<Arc<FunctionDef>>, EngineError> {
+    ctx.register_udf(ChunkText::udf());
+    let mut functions = Vec::with_capacity(defs.len() + 1);
+    let builtin = generic_llm_def();
+    for def in std::iter::once(builtin).chain(defs) {
+        let def = Arc::new(def);
+        if let Some(handle) = runtime.models.get(&def.model)
+            && let Err(message) = handle.provider.check_schema(def.output.as_ref())
+        {
+            return Err(EngineError::Definition(DefError::Invalid {
+                path: def.source.clone(),
+                message: format!(
+                    "function {}: model {:?} cannot return this output: {message}",
+                    def.name, def.model
+                ),
+            }));
+        }
+        for udf in LlmUdf::pair(def.clone()) {
+            if ctx.udf(udf.name()).is_ok() {
+                return Err(EngineError::Definition(DefError::Invalid {
+                    path: def.source.clone(),
+                    message: format!(
+                        "function name {:?} is already a SQL function; choose another name",
+                        udf.name()
+                    ),
+                }));
+            }
+            ctx.register_udf(udf);
+        }
+        functions.push(def);
+    }
+    Ok(functions)
+}

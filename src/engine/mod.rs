@@ -1,0 +1,253 @@
+//! The engine: a DataFusion session with sluice's functions, planner and dispatcher, and the
+//! runner that executes a `.sql` file statement by statement.
+//!
+//! - [`statements`]: SQL text → statements (shared with the shell);
+//! - `build`: a session from configuration — models and their providers (`models`), the
+//!   response cache, the planner with the LLM rule, the functions;
+//! - `run`: one statement (tables, views, queries printed); `copy`: `COPY ... TO`, staged by
+//!   [`crate::sink`] so that it is all or nothing;
+//! - [`explain`](Engine::explain_script): the estimate of a script without calling a model.
+
+mod build;
+mod copy;
+mod explain;
+mod models;
+mod run;
+pub mod statements;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::DataFusionError;
+use datafusion::prelude::SessionContext;
+
+use crate::cache::CacheError;
+use crate::llm::{Metrics, MetricsSnapshot};
+use crate::sink::tidy_store_message;
+use crate::source::find_malformed_json_line;
+use crate::udf::def::{DefError, FunctionDef};
+use crate::udf::exec::LlmRuntime;
+
+pub use explain::{Explanation, FunctionEstimate, StatementEstimate};
+use statements::summary;
+pub use statements::{ScriptStatement, split_statements};
+
+/// Errors that stop the engine from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A function definition is invalid.
+    #[error(transparent)]
+    Definition(#[from] DefError),
+    /// A model could not be set up.
+    #[error("model {model:?}: {message}")]
+    Model {
+        /// The model name.
+        model: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The response cache could not be opened.
+    #[error(transparent)]
+    Cache(CacheError),
+    /// DataFusion refused a registration.
+    #[error("{0}")]
+    DataFusion(#[from] DataFusionError),
+}
+
+/// A statement of a script that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}:{line}: statement {index} ({summary}): {message}")]
+pub struct StatementError {
+    /// The script (file path or `<sql>`).
+    pub origin: String,
+    /// 1-based line where the statement starts.
+    pub line: usize,
+    /// 1-based statement number.
+    pub index: usize,
+    /// The statement's first words.
+    pub summary: String,
+    /// What failed, on one line.
+    pub message: String,
+}
+
+/// Options for running scripts.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Rows of a SELECT result printed (the rest are counted).
+    pub max_rows: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { max_rows: 20 }
+    }
+}
+
+/// A sluice session: SQL with LLM functions.
+pub struct Engine {
+    ctx: SessionContext,
+    runtime: Arc<LlmRuntime>,
+    functions: Vec<Arc<FunctionDef>>,
+    json_locations: std::sync::Mutex<BTreeMap<String, PathBuf>>,
+    token_counters: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("functions", &self.functions.len())
+            .finish()
+    }
+}
+
+/// Whether `e` is (or was caused by) Arrow's JSON reader refusing its input.
+fn is_json_error(e: &DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let arrow = match c.downcast_ref::<DataFusionError>() {
+            Some(DataFusionError::ArrowError(a, _)) => Some(a.as_ref()),
+            _ => c.downcast_ref::<ArrowError>(),
+        };
+        if matches!(arrow, Some(ArrowError::JsonError(_))) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+impl Engine {
+    /// The DataFusion session (for registering more tables or functions).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The LLM functions available in SQL (the built-in `llm` first).
+    pub fn functions(&self) -> &[Arc<FunctionDef>] {
+        &self.functions
+    }
+
+    /// The function named `name`.
+    pub fn function(&self, name: &str) -> Option<&Arc<FunctionDef>> {
+        self.functions.iter().find(|f| f.name == name)
+    }
+
+    /// Waits until every response received so far is stored durably in the cache.
+    pub async fn flush_cache(&self) -> Result<(), CacheError> {
+        match self.runtime.dispatcher.cache() {
+            Some(c) => c.flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// A model that an LLM function uses but that has no prices (so `--budget-usd` cannot be
+    /// enforced for it).
+    pub fn unpriced_model(&self) -> Option<String> {
+        self.functions
+            .iter()
+            .map(|f| &f.model)
+            .find(|m| {
+                self.runtime
+                    .models
+                    .get(*m)
+                    .is_some_and(|h| h.prices.is_none())
+            })
+            .cloned()
+    }
+
+    /// Whether a request was refused because the token budget would be exceeded.
+    pub fn budget_exhausted(&self) -> bool {
+        self.runtime
+            .dispatcher
+            .metrics()
+            .budget_exhausted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The live counters of the LLM calls (for progress displays).
+    pub fn live_metrics(&self) -> Arc<Metrics> {
+        self.runtime.dispatcher.metrics().clone()
+    }
+
+    /// Counters of the LLM calls made so far.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.runtime.dispatcher.metrics().snapshot()
+    }
+
+    /// Runs a `.sql` file; output of SELECTs and progress lines go to `out`.
+    pub async fn run_file(
+        &self,
+        path: &Path,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), StatementError> {
+        let sql = std::fs::read_to_string(path).map_err(|e| StatementError {
+            origin: path.display().to_string(),
+            line: 0,
+            index: 0,
+            summary: "reading the file".into(),
+            message: e.to_string(),
+        })?;
+        self.run_script(&sql, &path.display().to_string(), opts, out)
+            .await
+    }
+
+    /// Runs every statement of `sql` in order; stops at the first failure.
+    pub async fn run_script(
+        &self,
+        sql: &str,
+        origin: &str,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), StatementError> {
+        for (i, stmt) in split_statements(sql).into_iter().enumerate() {
+            self.run_statement(&stmt.text, opts, out)
+                .await
+                .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
+        }
+        Ok(())
+    }
+
+    /// The failure of the `index`-th statement of a script, with its place and a readable cause.
+    fn statement_error(
+        &self,
+        origin: &str,
+        index: usize,
+        stmt: &ScriptStatement,
+        e: DataFusionError,
+    ) -> StatementError {
+        StatementError {
+            origin: origin.to_string(),
+            line: stmt.line,
+            index,
+            summary: summary(&stmt.text),
+            message: self.explain_error(e),
+        }
+    }
+
+    /// Runs a statement and collects a query's result (for tests and embedding).
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, DataFusionError> {
+        self.ctx.sql(sql).await?.collect().await
+    }
+
+    /// A failed statement's cause on one line: object-store noise shortened, staged names shown
+    /// as the names the user wrote, and a JSON decoding error located in its file and line.
+    fn explain_error(&self, e: DataFusionError) -> String {
+        let mut msg = tidy_store_message(&e.to_string().replace('\n', " "));
+        if is_json_error(&e) {
+            let locations = self
+                .json_locations
+                .lock()
+                .map(|m| m.values().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            if let Some(found) = locations.iter().find_map(|l| find_malformed_json_line(l)) {
+                msg = format!("{found} — {msg}");
+            }
+        }
+        msg
+    }
+}

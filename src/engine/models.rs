@@ -1,0 +1,105 @@
+//! Building the models of `sluice.toml`: each model's provider (by kind) and its governor,
+//! or — for `sluice explain` — a provider that answers with placeholders and counts tokens
+//! with the model's tokenizer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::EngineError;
+use crate::config::{Config, ModelConfig, ModelPart, ProviderKind};
+use crate::llm::Provider;
+use crate::llm::dispatch::ModelHandle;
+use crate::llm::estimate::{EstimateProvider, TokenCounter};
+use crate::llm::governor::{Governor, GovernorConfig};
+use crate::llm::lamini::LaminiProvider;
+use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
+
+/// Who answers an engine's LLM calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answers {
+    /// The configured models.
+    Models,
+    /// Placeholders with counted tokens (`sluice explain`).
+    Estimates,
+}
+
+/// The configured models, and (when estimating) how each counts tokens.
+pub(super) struct Models {
+    /// Handles by model name.
+    pub handles: BTreeMap<String, ModelHandle>,
+    /// `tiktoken o200k_base`, `GGUF vocabulary of ...` by model name (estimates only).
+    pub token_counters: BTreeMap<String, String>,
+}
+
+/// The provider that talks to model `m`, with `pool` connections.
+fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, String> {
+    let id = &m.model;
+    Ok(match (&m.part, m.kind) {
+        (ModelPart::Server(s), ProviderKind::Openai) => Arc::new(OpenAiProvider::new(id, s, pool)?),
+        (ModelPart::Server(s), ProviderKind::OpenaiCompletions) => {
+            Arc::new(CompletionsProvider::new(id, s, pool)?)
+        }
+        (ModelPart::Server(s), ProviderKind::Lamini) => Arc::new(LaminiProvider::new(id, s, pool)?),
+        #[cfg(feature = "local")]
+        (ModelPart::Local(l), _) => {
+            Arc::new(crate::llm::local::LocalProvider::new(id, m.concurrency, l))
+        }
+        #[cfg(not(feature = "local"))]
+        (ModelPart::Local(_), _) => {
+            return Err(
+                "this sluice was built without the local model (cargo feature `local`)".into(),
+            );
+        }
+        (ModelPart::Server(_), ProviderKind::Local) => {
+            return Err("a local model has no server settings".into());
+        }
+    })
+}
+
+/// Every model of `config`, answering as `answers` says.
+pub(super) fn build_models(config: &Config, answers: Answers) -> Result<Models, EngineError> {
+    let mut out = Models {
+        handles: BTreeMap::new(),
+        token_counters: BTreeMap::new(),
+    };
+    for (name, m) in &config.models {
+        let model_err = |message| EngineError::Model {
+            model: name.clone(),
+            message,
+        };
+        let pool = m.concurrency.min(config.dispatcher.concurrency);
+        let real = provider(m, pool).map_err(model_err)?;
+        let (provider, governor): (Arc<dyn Provider>, _) = match answers {
+            Answers::Estimates => {
+                // Nothing is sent: no pacing, the whole budget in flight.
+                let counter = TokenCounter::for_model(m).map_err(model_err)?;
+                out.token_counters.insert(name.clone(), counter.describe());
+                let governor = GovernorConfig {
+                    max_concurrency: config.dispatcher.concurrency,
+                    rpm: None,
+                    tpm: None,
+                    adaptive: false,
+                };
+                (Arc::new(EstimateProvider::new(real, counter)), governor)
+            }
+            Answers::Models => {
+                let governor = GovernorConfig {
+                    max_concurrency: pool,
+                    rpm: m.rpm,
+                    tpm: m.tpm,
+                    adaptive: m.adaptive_concurrency,
+                };
+                (real, governor)
+            }
+        };
+        out.handles.insert(
+            name.clone(),
+            ModelHandle {
+                provider,
+                governor: Arc::new(Governor::new(governor)),
+                prices: m.prices,
+            },
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,120 @@
+//! Identical calls of one run are made once: a call whose request key matches one already
+//! running shares its result, and one that matches a finished call gets that call's result.
+//!
+//! A running call is held only by the rows waiting for it; the map keeps a weak handle. When
+//! every waiter is dropped (a LIMIT satisfied, an error elsewhere, Ctrl-C), the call itself is
+//! dropped — and with it its place on the wire, its governor admission and its budget
+//! reservation — and a later identical call starts afresh.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared, WeakShared};
+
+use super::{CallResult, FunctionMetrics, Inner, ModelHandle};
+use crate::cache::RequestKey;
+use crate::types::LlmRequest;
+
+type SharedCall = Shared<BoxFuture<'static, CallResult>>;
+
+/// Entries of the map; when it is full, finished calls are forgotten (a later identical call
+/// is answered by the persistent cache, or sent again without one), so memory stays flat
+/// however long the run.
+pub(super) const CAPACITY: usize = 20_000;
+
+#[derive(Debug)]
+enum Entry {
+    Running(WeakShared<BoxFuture<'static, CallResult>>),
+    Done(CallResult),
+}
+
+/// The calls of the run by request key.
+#[derive(Debug, Default)]
+pub(super) struct Dedup {
+    map: Mutex<HashMap<RequestKey, Entry>>,
+}
+
+/// What the map knows of a key.
+enum Found {
+    Done(CallResult),
+    Running(SharedCall),
+}
+
+impl Dedup {
+    fn lock(&self) -> MutexGuard<'_, HashMap<RequestKey, Entry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Calls remembered (running or finished).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn find(map: &HashMap<RequestKey, Entry>, key: &RequestKey) -> Option<Found> {
+        match map.get(key)? {
+            Entry::Done(r) => Some(Found::Done(r.clone())),
+            Entry::Running(weak) => weak.upgrade().map(Found::Running),
+        }
+    }
+
+    fn insert(map: &mut HashMap<RequestKey, Entry>, key: RequestKey, call: &SharedCall) {
+        let Some(weak) = call.downgrade() else {
+            return;
+        };
+        if map.len() >= CAPACITY {
+            map.retain(|_, e| matches!(e, Entry::Running(w) if w.upgrade().is_some()));
+        }
+        if map.len() < CAPACITY {
+            map.insert(key, Entry::Running(weak));
+        }
+    }
+
+    /// Records the result of a call that ran to its end.
+    fn finish(&self, key: RequestKey, result: &CallResult) {
+        if let Some(e) = self.lock().get_mut(&key) {
+            *e = Entry::Done(result.clone());
+        }
+    }
+}
+
+impl Inner {
+    /// Makes a call the persistent cache did not answer: shared with an identical call of the
+    /// run, or sent (with retries) and stored.
+    pub(super) async fn call_uncached(
+        self: &Arc<Self>,
+        model: &ModelHandle,
+        req: LlmRequest,
+        key: RequestKey,
+        fm: Arc<FunctionMetrics>,
+    ) -> CallResult {
+        let call = {
+            let mut map = self.dedup.lock();
+            match Dedup::find(&map, &key) {
+                Some(found) => {
+                    self.metrics.deduplicated.fetch_add(1, Ordering::Relaxed);
+                    match found {
+                        Found::Done(result) => return result,
+                        Found::Running(call) => call,
+                    }
+                }
+                None => {
+                    let inner = self.clone();
+                    let model = model.clone();
+                    let call = async move {
+                        let result = inner.run(&model, req, key, &fm).await;
+                        inner.dedup.finish(key, &result);
+                        result
+                    }
+                    .boxed()
+                    .shared();
+                    Dedup::insert(&mut map, key, &call);
+                    call
+                }
+            }
+        };
+        call.await
+    }
+}

@@ -1,0 +1,288 @@
+//! The one shared scheduler for every LLM call of a run, and the only code that talks to the
+//! response cache.
+//!
+//! The SQL layer hands a [`FunctionCaller`] the rendered prompts of a slice of rows and gets one
+//! result per prompt back. On the way, in this order (one file each):
+//! 1. the persistent [`ResponseCache`] answers what it holds, in one read (here);
+//! 2. [`dedup`]: a call identical to one already running or done in this run shares its result;
+//! 3. [`retry`]: the rest are sent with retries — exponential backoff with full jitter,
+//!    honouring Retry-After — and every response is validated against the function's output
+//!    schema, invalid ones retried; every validated response is stored in the cache as it
+//!    arrives;
+//! 4. each attempt is admitted by [`budget`] (the run's token and dollar budgets), the model's
+//!    [`Governor`](super::governor::Governor) (adaptive concurrency, RPM/TPM) and the global
+//!    concurrency budget — all three held as values that give themselves back on drop, so a
+//!    cancelled statement leaves nothing taken — and goes out alone or, for providers that take
+//!    lists, in a list-prompt request formed by [`batch`];
+//! 5. [`metrics`] counts what happened.
+
+mod batch;
+mod budget;
+mod dedup;
+pub mod metrics;
+mod retry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use super::Provider;
+use super::governor::{Governor, Outcome};
+use crate::cache::{CacheMode, KeyPrefix, RequestKey, ResponseCache};
+use crate::config::{DispatcherConfig, Prices};
+use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError};
+
+pub use metrics::{
+    FunctionMetrics, FunctionSnapshot, LatencyHistogram, LatencySnapshot, Metrics, MetricsSnapshot,
+};
+
+/// The result of one row's call: the validated value or the final error.
+pub type CallResult = Result<Arc<Value>, Arc<RowError>>;
+
+/// A model as the dispatcher sees it: a provider and the governor that paces it.
+#[derive(Debug, Clone)]
+pub struct ModelHandle {
+    /// The endpoint.
+    pub provider: Arc<dyn Provider>,
+    /// Adaptive concurrency, RPM/TPM buckets and pauses for this model.
+    pub governor: Arc<Governor>,
+    /// What its tokens cost (for `--budget-usd`), if known.
+    pub prices: Option<Prices>,
+}
+
+/// What every call of one function shares: its name, generation parameters and output schema.
+#[derive(Debug, Clone)]
+pub struct CallSpec {
+    /// The function's SQL name.
+    pub function: String,
+    /// Generation limit.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+    /// Structured output, if declared.
+    pub schema: Option<Arc<OutputSchema>>,
+}
+
+impl CallSpec {
+    fn request(&self, prompt: RenderedPrompt) -> LlmRequest {
+        LlmRequest {
+            function: self.function.clone(),
+            prompt,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            schema: self.schema.clone(),
+        }
+    }
+}
+
+/// The shared scheduler. Cheap to clone (all state is behind `Arc`s).
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: DispatcherConfig,
+    global: Arc<Semaphore>,
+    dedup: dedup::Dedup,
+    metrics: Arc<Metrics>,
+    cache: Option<Arc<ResponseCache>>,
+    cache_mode: CacheMode,
+    batchers: batch::Batchers,
+}
+
+impl Dispatcher {
+    /// A dispatcher with the given budget and retry policy.
+    pub fn new(cfg: DispatcherConfig) -> Self {
+        Self::with_cache(cfg, None, CacheMode::Off)
+    }
+
+    /// A dispatcher that answers from and stores into `cache` as `mode` says.
+    pub fn with_cache(
+        cfg: DispatcherConfig,
+        cache: Option<Arc<ResponseCache>>,
+        cache_mode: CacheMode,
+    ) -> Self {
+        let cache = cache.filter(|_| cache_mode != CacheMode::Off);
+        Dispatcher {
+            inner: Arc::new(Inner {
+                global: Arc::new(Semaphore::new(cfg.concurrency)),
+                cfg,
+                dedup: dedup::Dedup::default(),
+                metrics: Arc::new(Metrics::default()),
+                cache,
+                cache_mode,
+                batchers: batch::Batchers::default(),
+            }),
+        }
+    }
+
+    /// The persistent cache in use, if any.
+    pub fn cache(&self) -> Option<&Arc<ResponseCache>> {
+        self.inner.cache.as_ref()
+    }
+
+    /// The run's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &DispatcherConfig {
+        &self.inner.cfg
+    }
+
+    /// The caller of one function on one model: the constant part of its request keys is
+    /// hashed here, once.
+    pub fn caller(&self, model: &ModelHandle, spec: CallSpec) -> FunctionCaller {
+        let prefix = KeyPrefix::new(
+            &model.provider.endpoint(),
+            spec.max_tokens,
+            spec.temperature,
+            spec.schema.as_deref(),
+        );
+        FunctionCaller {
+            inner: self.inner.clone(),
+            model: model.clone(),
+            metrics: self.inner.metrics.function(&spec.function),
+            spec,
+            prefix,
+        }
+    }
+
+    /// Makes one call: the validated value, or the error after all attempts.
+    pub async fn call(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
+        let spec = CallSpec {
+            function: req.function,
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            schema: req.schema,
+        };
+        let progress = AtomicUsize::new(0);
+        let caller = self.caller(model, spec);
+        let mut results = caller.call_all(vec![req.prompt], &progress).await;
+        results.pop().unwrap_or_else(|| {
+            Err(Arc::new(RowError::without_call(
+                ErrorKind::Connection,
+                "no result".into(),
+            )))
+        })
+    }
+}
+
+/// Makes the calls of one function on one model ([`Dispatcher::caller`]).
+#[derive(Debug)]
+pub struct FunctionCaller {
+    inner: Arc<Inner>,
+    model: ModelHandle,
+    spec: CallSpec,
+    prefix: KeyPrefix,
+    metrics: Arc<FunctionMetrics>,
+}
+
+impl FunctionCaller {
+    /// The function's counters.
+    pub fn metrics(&self) -> &Arc<FunctionMetrics> {
+        &self.metrics
+    }
+
+    /// The model the calls go to.
+    pub fn model(&self) -> &ModelHandle {
+        &self.model
+    }
+
+    /// One result per prompt, in order: answered from the cache (one read for all), shared
+    /// with an identical call, or sent. `progress` counts the prompts whose result is known, as
+    /// they become known.
+    pub async fn call_all(
+        &self,
+        prompts: Vec<RenderedPrompt>,
+        progress: &AtomicUsize,
+    ) -> Vec<CallResult> {
+        let fm = &self.metrics;
+        let keys = self.prefix.keys(&prompts);
+        let cached = self.inner.lookup_cache(fm, &keys);
+        let mut results: Vec<Option<CallResult>> = Vec::with_capacity(prompts.len());
+        let mut sends = Vec::new();
+        for (i, ((prompt, key), hit)) in prompts.into_iter().zip(keys).zip(cached).enumerate() {
+            match hit {
+                Some(value) => results.push(Some(Ok(value))),
+                None => {
+                    results.push(None);
+                    sends.push((i, prompt, key));
+                }
+            }
+        }
+        let answered = results.len() - sends.len();
+        progress.fetch_add(answered, Ordering::Relaxed);
+        fm.rows_finished
+            .fetch_add(answered as u64, Ordering::Relaxed);
+        let sent = sends.into_iter().map(|(i, prompt, key)| {
+            let req = self.spec.request(prompt);
+            async move {
+                let r = self
+                    .inner
+                    .call_uncached(&self.model, req, key, fm.clone())
+                    .await;
+                progress.fetch_add(1, Ordering::Relaxed);
+                fm.rows_finished.fetch_add(1, Ordering::Relaxed);
+                (i, r)
+            }
+        });
+        for (i, r) in futures::future::join_all(sent).await {
+            results[i] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every prompt has its result"))
+            .collect()
+    }
+}
+
+/// How a failed request ended, for its model's governor.
+fn error_outcome(e: &LlmError) -> Outcome {
+    match e.kind {
+        ErrorKind::RateLimited => Outcome::RateLimited {
+            retry_after: e.retry_after,
+        },
+        _ => Outcome::Failed,
+    }
+}
+
+impl Inner {
+    /// Counts one prompt of `fm` per key and answers from the persistent cache what it can, in
+    /// one read: a value per key, or `None` where the call must be made.
+    fn lookup_cache(&self, fm: &FunctionMetrics, keys: &[RequestKey]) -> Vec<Option<Arc<Value>>> {
+        fm.prompts.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let Some(cache) = self
+            .cache
+            .as_ref()
+            .filter(|_| self.cache_mode.reads() && !keys.is_empty())
+        else {
+            return vec![None; keys.len()];
+        };
+        let found = match cache.get_many(keys) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("{e}");
+                return vec![None; keys.len()];
+            }
+        };
+        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        let m = &self.metrics;
+        m.cache_hits.fetch_add(hits, Ordering::Relaxed);
+        m.cache_misses
+            .fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
+        fm.cache_hits.fetch_add(hits, Ordering::Relaxed);
+        found
+            .into_iter()
+            .map(|f| f.map(|hit| Arc::new(hit.value)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+//! One call to its end: attempts until a valid value or a final error, with exponential
+//! backoff and full jitter between them (a server's Retry-After wins, capped at
+//! `backoff_max_ms`), within the row's deadline; each valid response is stored in the cache the
+//! moment it arrives.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::error_outcome;
+use super::metrics::OnTheWire;
+use super::{CallResult, FunctionMetrics, Inner, Metrics, ModelHandle};
+use crate::cache::{CachedResponse, RequestKey};
+use crate::llm::governor::Outcome;
+use crate::llm::parse_response;
+use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, RowError};
+
+impl Inner {
+    /// One request for one prompt: budget, governor, global budget, provider. Each is held
+    /// while the request is on the wire and given back on drop.
+    async fn send_one(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+        fm: &FunctionMetrics,
+    ) -> Result<LlmResponse, LlmError> {
+        let estimate = req.estimated_usage();
+        let _reservation = self.reserve_budget(model, estimate)?;
+        let estimate = estimate.prompt_tokens + estimate.completion_tokens;
+        // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
+        // so that a paused model never holds permits other models could use.
+        let admission = model.governor.admit(estimate).await;
+        let Ok(_global) = self.global.acquire().await else {
+            return Err(LlmError::new(ErrorKind::Connection, "dispatcher shut down"));
+        };
+        let result = {
+            let _wire = OnTheWire::start(&self.metrics, fm);
+            model.provider.complete(req).await
+        };
+        fm.latency.record(admission.started().elapsed());
+        admission.finish(match &result {
+            Ok(r) => Outcome::Done {
+                tokens: r.usage.map(|u| u.prompt_tokens + u.completion_tokens),
+            },
+            Err(e) => error_outcome(e),
+        });
+        result
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.cfg.backoff_base.as_secs_f64();
+        let cap = self.cfg.backoff_max.as_secs_f64();
+        let exp = (base * 2f64.powi(attempt.saturating_sub(1).min(30) as i32)).min(cap);
+        // Full jitter: uniform in [exp/2, exp] keeps a floor so retries do not stampede.
+        Duration::from_secs_f64(exp * (0.5 + fastrand::f64() * 0.5))
+    }
+
+    /// One attempt: the response, counted and validated.
+    async fn attempt(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+        fm: &Arc<FunctionMetrics>,
+    ) -> Result<CachedResponse, LlmError> {
+        let result = if model.provider.max_batch() > 1 {
+            self.send_batched(model, req, fm).await
+        } else {
+            self.send_one(model, req, fm).await
+        };
+        let m = &self.metrics;
+        let resp = result?;
+        if let Some(u) = resp.usage {
+            m.spent_nano_usd
+                .fetch_add(model.nano_usd(u), Ordering::Relaxed);
+            m.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
+            m.tokens_out
+                .fetch_add(u.completion_tokens, Ordering::Relaxed);
+            fm.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
+            fm.tokens_out
+                .fetch_add(u.completion_tokens, Ordering::Relaxed);
+        }
+        let value = parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
+            e.http_status = Some(200);
+            e
+        })?;
+        Ok(CachedResponse {
+            value,
+            usage: resp.usage,
+            finish_reason: resp.finish_reason,
+        })
+    }
+
+    /// Attempts `req` until it has a value or a final error.
+    pub(super) async fn run(
+        &self,
+        model: &ModelHandle,
+        mut req: LlmRequest,
+        key: RequestKey,
+        fm: &Arc<FunctionMetrics>,
+    ) -> CallResult {
+        let m = &self.metrics;
+        m.calls.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut attempt = 0;
+        let mut raised_max_tokens = false;
+        loop {
+            attempt += 1;
+            match self.attempt(model, &req, fm).await {
+                Ok(resp) => {
+                    m.succeeded.fetch_add(1, Ordering::Relaxed);
+                    fm.succeeded.fetch_add(1, Ordering::Relaxed);
+                    if let Some(cache) = &self.cache
+                        && self.cache_mode.writes()
+                    {
+                        cache.put(key, &resp);
+                    }
+                    return Ok(Arc::new(resp.value));
+                }
+                Err(mut e) => {
+                    let delay = match e.retry_after {
+                        Some(d) => d.min(self.cfg.backoff_max),
+                        None => self.backoff(attempt),
+                    };
+                    // The row's total deadline: no retry that would start after it.
+                    let past_deadline = started.elapsed() + delay > self.cfg.row_deadline;
+                    if past_deadline && e.kind.is_retryable() && attempt < self.cfg.max_attempts {
+                        e.message = format!(
+                            "{} (row deadline of {:?} reached; deadline_ms in [dispatcher])",
+                            e.message, self.cfg.row_deadline
+                        );
+                    }
+                    let last =
+                        attempt >= self.cfg.max_attempts || !e.kind.is_retryable() || past_deadline;
+                    tracing::debug!(
+                        function = %req.function, attempt, kind = %e.kind,
+                        status = ?e.http_status, "attempt failed: {}", e.message
+                    );
+                    if last {
+                        m.failed.fetch_add(1, Ordering::Relaxed);
+                        fm.failed.fetch_add(1, Ordering::Relaxed);
+                        Metrics::bump(&m.errors, e.kind);
+                        Metrics::bump(&fm.errors, e.kind);
+                        tracing::debug!(
+                            function = %req.function, elapsed = ?started.elapsed(),
+                            "call failed after {attempt} attempt(s)"
+                        );
+                        return Err(Arc::new(RowError::from_attempt(e, attempt)));
+                    }
+                    Metrics::bump(&m.retries, e.kind);
+                    Metrics::bump(&fm.retries, e.kind);
+                    if e.kind == ErrorKind::Truncated && !raised_max_tokens {
+                        // Repeating the same call would stop at the same place: double the
+                        // completion limit, once. The response is still stored under the
+                        // original request's key.
+                        raised_max_tokens = true;
+                        let max = req.max_tokens.unwrap_or(256);
+                        req.max_tokens = Some(max.saturating_mul(2));
+                        continue;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}

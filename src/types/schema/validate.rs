@@ -1,0 +1,140 @@
+//! Response validation: a JSON value against a [`SchemaNode`].
+
+use serde_json::{Number, Value};
+
+use super::{NumberBounds, SchemaKind, SchemaNode};
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Checks `v` against `s`; the message names the JSON path of the first violation.
+pub(super) fn value(s: &SchemaNode, v: &Value, path: &str) -> Result<(), String> {
+    let ty = s.kind.type_name();
+    if v.is_null() {
+        return if s.nullable {
+            Ok(())
+        } else {
+            Err(format!("{path}: expected {ty}, got null"))
+        };
+    }
+    let mismatch = || Err(format!("{path}: expected {ty}, got {}", kind(v)));
+    match (&s.kind, v) {
+        (
+            SchemaKind::String {
+                enum_values,
+                min_length,
+                max_length,
+            },
+            Value::String(st),
+        ) => {
+            if let Some(e) = enum_values
+                && !e.iter().any(|x| x == st)
+            {
+                return Err(format!(
+                    "{path}: {v} is not one of {}",
+                    Value::from(e.clone())
+                ));
+            }
+            let n = st.chars().count() as u64;
+            if let Some(lo) = *min_length
+                && n < lo
+            {
+                return Err(format!("{path}: string shorter than minLength {lo}"));
+            }
+            if let Some(hi) = *max_length
+                && n > hi
+            {
+                return Err(format!("{path}: string longer than maxLength {hi}"));
+            }
+            Ok(())
+        }
+        (SchemaKind::Integer(b), Value::Number(n)) => {
+            let whole = n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0);
+            if !whole {
+                return mismatch();
+            }
+            number(b, n, v, path)
+        }
+        (SchemaKind::Number(b), Value::Number(n)) => number(b, n, v, path),
+        (SchemaKind::Boolean, Value::Bool(_)) => Ok(()),
+        (
+            SchemaKind::Array {
+                items,
+                min_items,
+                max_items,
+            },
+            Value::Array(values),
+        ) => {
+            let n = values.len() as u64;
+            if let Some(lo) = *min_items
+                && n < lo
+            {
+                return Err(format!("{path}: {n} items, minItems is {lo}"));
+            }
+            if let Some(hi) = *max_items
+                && n > hi
+            {
+                return Err(format!("{path}: {n} items, maxItems is {hi}"));
+            }
+            for (i, item) in values.iter().enumerate() {
+                value(items, item, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        (
+            SchemaKind::Object {
+                properties,
+                required,
+                additional_properties,
+            },
+            Value::Object(map),
+        ) => {
+            for r in required {
+                if !map.contains_key(r) {
+                    return Err(format!("{path}: missing required property {r:?}"));
+                }
+            }
+            for (k, val) in map {
+                match properties.iter().find(|(name, _)| name == k) {
+                    Some((_, sub)) => value(sub, val, &format!("{path}.{k}"))?,
+                    None if *additional_properties == Some(false) => {
+                        return Err(format!("{path}: unexpected property {k:?}"));
+                    }
+                    None => {}
+                }
+            }
+            Ok(())
+        }
+        _ => mismatch(),
+    }
+}
+
+fn number(b: &NumberBounds, n: &Number, v: &Value, path: &str) -> Result<(), String> {
+    let f = n.as_f64().unwrap_or(f64::NAN);
+    if let Some(e) = &b.enum_values
+        && !e.iter().any(|x| x == n || x.as_f64() == Some(f))
+    {
+        let list: Vec<Value> = e.iter().cloned().map(Value::Number).collect();
+        return Err(format!("{path}: {v} is not one of {}", Value::Array(list)));
+    }
+    if let Some(lo) = b.minimum.as_ref().and_then(Number::as_f64)
+        && f < lo
+    {
+        return Err(format!("{path}: {n} is below minimum {lo}"));
+    }
+    if let Some(hi) = b.maximum.as_ref().and_then(Number::as_f64)
+        && f > hi
+    {
+        return Err(format!("{path}: {n} is above maximum {hi}"));
+    }
+    Ok(())
+}

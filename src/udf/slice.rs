@@ -1,0 +1,242 @@
+//! One slice of rows through its LLM calls: render each row's prompt from its arguments, hand
+//! the prompts to the function's [`FunctionCaller`], and turn the results into a value column
+//! (typed by the output schema) and an error column per call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use datafusion::arrow::array::{Array, ArrayRef, StringArray};
+use datafusion::arrow::array::{StringBuilder, StructArray, UInt16Array, UInt32Array};
+use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use minijinja::Value as JinjaValue;
+use serde_json::Value;
+
+use super::def::{FunctionDef, OnError};
+use super::exec::PhysicalCall;
+use super::values::{StrColumn, to_template_values};
+use super::{ERROR_TYPE, value_type};
+use crate::llm::dispatch::{CallResult, FunctionCaller};
+use crate::types::{ErrorKind, RenderedPrompt, RowError};
+
+/// What every slice of one stream shares.
+pub(super) struct SliceContext {
+    /// The calls, in output column order.
+    pub calls: Vec<Arc<PhysicalCall>>,
+    /// One caller per call.
+    pub callers: Vec<FunctionCaller>,
+    /// The output schema (input columns, then value and error per call).
+    pub schema: SchemaRef,
+}
+
+fn no_call(kind: ErrorKind, message: String) -> CallResult {
+    Err(Arc::new(RowError::without_call(kind, message)))
+}
+
+/// Each row's prompt, or the result of a row that cannot be called (a NULL argument, a template
+/// error). Plain templates over string columns render straight from the Arrow buffers.
+fn render_rows(
+    def: &FunctionDef,
+    arrays: &[ArrayRef],
+    n: usize,
+) -> Vec<std::result::Result<RenderedPrompt, CallResult>> {
+    let null_arg = |i: usize| {
+        no_call(
+            ErrorKind::NullInput,
+            format!("argument {:?} is NULL; no call was made", def.args[i]),
+        )
+    };
+    let plain = def.plain_templates().and_then(|plain| {
+        let strs: Option<Vec<StrColumn>> = arrays.iter().map(StrColumn::of).collect();
+        Some((plain, strs?))
+    });
+    if let Some((plain, strs)) = plain {
+        let mut values: Vec<&str> = Vec::with_capacity(strs.len());
+        return (0..n)
+            .map(|row| {
+                values.clear();
+                for (i, col) in strs.iter().enumerate() {
+                    values.push(col.get(row).ok_or_else(|| null_arg(i))?);
+                }
+                Ok(plain.render(&values))
+            })
+            .collect();
+    }
+    let columns: Vec<Vec<Option<JinjaValue>>> = arrays.iter().map(to_template_values).collect();
+    let mut values = Vec::with_capacity(columns.len());
+    (0..n)
+        .map(|row| {
+            values.clear();
+            for (i, col) in columns.iter().enumerate() {
+                values.push(col[row].clone().ok_or_else(|| null_arg(i))?);
+            }
+            def.render(&values)
+                .map_err(|e| no_call(ErrorKind::Template, e))
+        })
+        .collect()
+}
+
+/// One call's result for every row of `batch`.
+async fn run_call(
+    call: &PhysicalCall,
+    caller: &FunctionCaller,
+    batch: &RecordBatch,
+    progress: &AtomicUsize,
+) -> Result<Vec<CallResult>> {
+    let n = batch.num_rows();
+    let arrays: Vec<ArrayRef> = call
+        .args
+        .iter()
+        .map(|e| e.evaluate(batch)?.into_array(n))
+        .collect::<Result<_>>()?;
+    // Rows that cannot be called get their error now; the rest go to the dispatcher.
+    let rendered = render_rows(&call.def, &arrays, n);
+    drop(arrays);
+    let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
+    let mut prompts = Vec::with_capacity(n);
+    let mut rows = Vec::with_capacity(n);
+    for (row, r) in rendered.into_iter().enumerate() {
+        match r {
+            Ok(prompt) => {
+                prompts.push(prompt);
+                rows.push(row);
+                results.push(None);
+            }
+            Err(no_call) => results.push(Some(no_call)),
+        }
+    }
+    let skipped = n - prompts.len();
+    progress.fetch_add(skipped, Ordering::Relaxed);
+    caller
+        .metrics()
+        .rows_finished
+        .fetch_add(skipped as u64, Ordering::Relaxed);
+    for (row, r) in rows
+        .into_iter()
+        .zip(caller.call_all(prompts, progress).await)
+    {
+        results[row] = Some(r);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every row has its result"))
+        .collect())
+}
+
+/// The slice with each call's value and error columns appended.
+pub(super) async fn process_batch(
+    ctx: &SliceContext,
+    batch: RecordBatch,
+    progress: &AtomicUsize,
+) -> Result<RecordBatch> {
+    let per_call = futures::future::try_join_all(
+        ctx.calls
+            .iter()
+            .zip(&ctx.callers)
+            .map(|(c, caller)| run_call(c, caller, &batch, progress)),
+    )
+    .await?;
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    for (call, results) in ctx.calls.iter().zip(per_call) {
+        check_statement_errors(call, &results)?;
+        columns.push(value_array(&call.def, &results)?);
+        columns.push(error_array(&results));
+    }
+    Ok(RecordBatch::try_new(ctx.schema.clone(), columns)?)
+}
+
+/// Any systemic failure (the model is unreachable, refuses the key, ...) fails the statement,
+/// whichever rows it hit first; so does any failed row under on_error = "fail".
+fn check_statement_errors(call: &PhysicalCall, results: &[CallResult]) -> Result<()> {
+    let def = &call.def;
+    let mut errors = results.iter().filter_map(|r| r.as_ref().err());
+    if let Some(e) = errors.clone().find(|e| e.kind.is_systemic()) {
+        return Err(DataFusionError::Execution(format!(
+            "{}(): model {:?} failed: {e}",
+            def.name,
+            call.model.provider.endpoint()
+        )));
+    }
+    if def.on_error == OnError::Fail
+        && let Some(e) = errors.find(|e| e.kind != ErrorKind::NullInput)
+    {
+        return Err(DataFusionError::Execution(format!(
+            "{}() failed for a row (on_error = \"fail\" in {}): {e}",
+            def.name,
+            def.source.display()
+        )));
+    }
+    Ok(())
+}
+
+fn value_array(def: &FunctionDef, results: &[CallResult]) -> Result<ArrayRef> {
+    match &def.output {
+        Some(schema) => {
+            let values: Vec<Option<&Value>> = results
+                .iter()
+                .map(|r| r.as_ref().ok().map(|v| v.as_ref()))
+                .collect();
+            schema.to_array(&values).map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "{}(): cannot convert responses to {}: {e}",
+                    def.name,
+                    value_type(def)
+                ))
+            })
+        }
+        None => {
+            let arr: StringArray = results
+                .iter()
+                .map(|r| r.as_ref().ok().and_then(|v| v.as_str().map(str::to_string)))
+                .collect();
+            Ok(Arc::new(arr))
+        }
+    }
+}
+
+fn error_array(results: &[CallResult]) -> ArrayRef {
+    let n = results.len();
+    let mut kind = StringBuilder::with_capacity(n, n * 8);
+    let mut message = StringBuilder::with_capacity(n, n * 32);
+    let mut attempts = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut finish = StringBuilder::with_capacity(n, n);
+    let mut valid = Vec::with_capacity(n);
+    for r in results {
+        match r {
+            Ok(_) => {
+                // Children are NULL too, so `e['kind']` of a success is NULL, not "".
+                kind.append_null();
+                message.append_null();
+                attempts.push(None);
+                status.push(None);
+                finish.append_null();
+                valid.push(false);
+            }
+            Err(e) => {
+                kind.append_value(e.kind.as_str());
+                message.append_value(&e.message);
+                attempts.push(Some(e.attempts));
+                status.push(e.http_status);
+                finish.append_option(e.finish_reason.as_deref());
+                valid.push(true);
+            }
+        }
+    }
+    let DataType::Struct(fields) = ERROR_TYPE.clone() else {
+        unreachable!("ERROR_TYPE is a struct")
+    };
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(kind.finish()),
+        Arc::new(message.finish()),
+        Arc::new(UInt32Array::from(attempts)),
+        Arc::new(UInt16Array::from(status)),
+        Arc::new(finish.finish()),
+    ];
+    let nulls = NullBuffer::from(valid);
+    let arr = StructArray::new(fields, arrays, Some(nulls));
+    debug_assert_eq!(arr.len(), n);
+    Arc::new(arr)
+}
