@@ -2,6 +2,7 @@
 
 pub mod progress;
 pub mod repl;
+mod run;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -224,14 +225,47 @@ pub fn main() -> ExitCode {
     runtime.block_on(run(cli))
 }
 
-async fn run(cli: Cli) -> ExitCode {
-    let mut config = match load_config(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+/// A command that failed: the message printed after `error: ` and the exit code.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    pub(crate) fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
         }
-    };
+    }
+
+    /// Bad configuration, definitions or usage.
+    pub(crate) fn config(message: impl std::fmt::Display) -> Failure {
+        Failure::new(EXIT_CONFIG, message.to_string())
+    }
+
+    /// A statement (or the command's work) failed.
+    pub(crate) fn statement(message: impl std::fmt::Display) -> Failure {
+        Failure::new(EXIT_STATEMENT_FAILED, message.to_string())
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    match try_main(cli).await {
+        Ok(code) => code,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Loads the configuration and runs the subcommand.
+async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
+    let mut config = load_config(cli.config.as_deref()).map_err(Failure::config)?;
     if let Some(dir) = cli.cache_dir {
         config.cache.dir = dir;
     }
@@ -243,17 +277,11 @@ async fn run(cli: Cli) -> ExitCode {
             no_plan,
         } => explain_command(&config, &file, json, no_plan).await,
         Command::Sql { max_rows } => {
-            let engine = match Engine::new(&config) {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
+            let engine = Engine::new(&config).map_err(Failure::config)?;
             if repl::run(&engine, &RunOptions { max_rows }).await {
-                ExitCode::SUCCESS
+                Ok(ExitCode::SUCCESS)
             } else {
-                ExitCode::from(EXIT_STATEMENT_FAILED)
+                Err(Failure::new(EXIT_STATEMENT_FAILED, ""))
             }
         }
         Command::GenCorpus {
@@ -262,47 +290,7 @@ async fn run(cli: Cli) -> ExitCode {
             quarters,
             size,
             seed,
-        } => {
-            let max_bytes = match size.as_deref().map(parse_size).transpose() {
-                Ok(m) => m,
-                Err(e) => {
-                    eprintln!("error: --size {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            // With a size budget, quarters repeat until it is reached.
-            let quarters = if max_bytes.is_some() {
-                usize::MAX / 2
-            } else {
-                quarters
-            };
-            let result = std::fs::File::create(&out).and_then(|f| {
-                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-                let r = crate::source::corpus::write_corpus(
-                    &mut w,
-                    seed,
-                    companies.max(1),
-                    quarters,
-                    max_bytes,
-                )?;
-                w.flush()?;
-                Ok(r)
-            });
-            match result {
-                Ok((records, bytes)) => {
-                    eprintln!(
-                        "wrote {records} transcripts ({bytes} bytes) to {}",
-                        out.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: cannot write {}: {e}", out.display());
-                    let _ = std::fs::remove_file(&out);
-                    ExitCode::from(EXIT_STATEMENT_FAILED)
-                }
-            }
-        }
+        } => gen_corpus(&out, companies, quarters, size.as_deref(), seed),
         Command::Run {
             file,
             max_rows,
@@ -313,148 +301,95 @@ async fn run(cli: Cli) -> ExitCode {
             budget_tokens,
             budget_usd,
         } => {
-            if budget_tokens.is_some() {
-                config.dispatcher.budget_tokens = budget_tokens;
-            }
-            if let Some(usd) = budget_usd {
-                if !usd.is_finite() || usd < 0.0 {
-                    eprintln!("error: --budget-usd must be a non-negative amount, got {usd}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-                config.dispatcher.budget_usd = Some(usd);
-            }
-            if no_cache {
-                config.cache.enabled = false;
-            }
-            config.cache.refresh = refresh;
-            let engine = match Engine::new(&config) {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+            let flags = run::RunFlags {
+                max_rows,
+                quiet,
+                metrics_json,
+                no_cache,
+                refresh,
+                budget_tokens,
+                budget_usd,
             };
-            if budget_usd.is_some()
-                && let Some(model) = engine.unpriced_model()
-            {
-                eprintln!(
-                    "error: --budget-usd needs the price of model {model}: set \
-                     input_usd_per_mtok and output_usd_per_mtok (USD per million tokens) in \
-                     [models.{model}] of sluice.toml"
-                );
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            let opts = RunOptions { max_rows };
-            let progress = (!quiet).then(|| progress::Progress::start(engine.live_metrics()));
-            let result = match &progress {
-                Some(p) => {
-                    let mut out = p.writer(std::io::stdout());
-                    let r = engine.run_file(&file, &opts, &mut out).await;
-                    out.flush().ok();
-                    r
-                }
-                None => {
-                    let mut out = std::io::stdout();
-                    let r = engine.run_file(&file, &opts, &mut out).await;
-                    out.flush().ok();
-                    r
-                }
-            };
-            if let Some(p) = progress {
-                p.finish().await;
-            }
-            if let Err(e) = engine.flush_cache().await {
-                eprintln!("warning: {e}");
-            }
-            let metrics = engine.metrics();
-            if !quiet && metrics.calls + metrics.deduplicated + metrics.cache_hits > 0 {
-                eprintln!("{}", format_summary(&metrics));
-            }
-            if let Some(path) = metrics_json
-                && let Err(e) = std::fs::write(&path, metrics.to_json().to_string())
-            {
-                eprintln!("error: cannot write {}: {e}", path.display());
-            }
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    if engine.budget_exhausted() {
-                        let kept = if config.cache.enabled {
-                            "and kept in the cache; the same command with a larger budget \
-                             continues from there"
-                        } else {
-                            "(not kept: the cache is off)"
-                        };
-                        let completed = match e.index {
-                            1 => "no statement completed".to_string(),
-                            2 => "statement 1 completed".to_string(),
-                            i => format!("statements 1 to {} completed", i - 1),
-                        };
-                        eprintln!(
-                            "stopped by the budget: {completed}, statement {} and later not \
-                             completed (no output written); {} calls answered {kept}; {} refused",
-                            e.index,
-                            metrics.succeeded + metrics.cache_hits,
-                            metrics.errors.get("budget").copied().unwrap_or(0)
-                        );
-                        ExitCode::from(EXIT_BUDGET)
-                    } else {
-                        ExitCode::from(EXIT_STATEMENT_FAILED)
-                    }
-                }
-            }
+            run::run_command(config, &file, flags).await
         }
     }
 }
 
-async fn explain_command(config: &Config, file: &Path, json: bool, no_plan: bool) -> ExitCode {
-    let engine = match Engine::for_estimates(config) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+fn gen_corpus(
+    out: &Path,
+    companies: usize,
+    quarters: usize,
+    size: Option<&str>,
+    seed: u64,
+) -> Result<ExitCode, Failure> {
+    let max_bytes = size
+        .map(parse_size)
+        .transpose()
+        .map_err(|e| Failure::config(format!("--size {e}")))?;
+    // With a size budget, quarters repeat until it is reached.
+    let quarters = if max_bytes.is_some() {
+        usize::MAX / 2
+    } else {
+        quarters
     };
-    let sql = match std::fs::read_to_string(file) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", file.display());
-            return ExitCode::from(EXIT_STATEMENT_FAILED);
+    let result = std::fs::File::create(out).and_then(|f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let r = crate::source::corpus::write_corpus(
+            &mut w,
+            seed,
+            companies.max(1),
+            quarters,
+            max_bytes,
+        )?;
+        w.flush()?;
+        Ok(r)
+    });
+    match result {
+        Ok((records, bytes)) => {
+            eprintln!(
+                "wrote {records} transcripts ({bytes} bytes) to {}",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
-    };
-    match engine
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            Err(Failure::statement(format!(
+                "cannot write {}: {e}",
+                out.display()
+            )))
+        }
+    }
+}
+
+async fn explain_command(
+    config: &Config,
+    file: &Path,
+    json: bool,
+    no_plan: bool,
+) -> Result<ExitCode, Failure> {
+    let engine = Engine::for_estimates(config).map_err(Failure::config)?;
+    let sql = std::fs::read_to_string(file)
+        .map_err(|e| Failure::statement(format!("cannot read {}: {e}", file.display())))?;
+    let x = engine
         .explain_script(&sql, &file.display().to_string())
         .await
-    {
-        Ok(x) => {
-            if json {
-                println!("{}", x.to_json());
-            } else {
-                print!("{}", x.to_text(!no_plan));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_STATEMENT_FAILED)
-        }
+        .map_err(Failure::statement)?;
+    if json {
+        println!("{}", x.to_json());
+    } else {
+        print!("{}", x.to_text(!no_plan));
     }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn cache_command(config: &Config, action: CacheAction) -> ExitCode {
+fn cache_command(config: &Config, action: CacheAction) -> Result<ExitCode, Failure> {
     let dir = &config.cache.dir;
     if matches!(action, CacheAction::Stats) && !ResponseCache::file_in(dir).exists() {
         println!("cache {}: empty (no cache file yet)", dir.display());
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
-    let cache = match ResponseCache::open(dir) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_STATEMENT_FAILED);
-        }
-    };
+    let cache = ResponseCache::open(dir).map_err(Failure::statement)?;
     let result = match action {
         CacheAction::Stats => cache.stats().map(|s| {
             let per = |b: u64| b.checked_div(s.entries).unwrap_or(0);
@@ -472,11 +407,6 @@ fn cache_command(config: &Config, action: CacheAction) -> ExitCode {
             println!("cache {}: removed {n} responses", cache.path().display());
         }),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_STATEMENT_FAILED)
-        }
-    }
+    result.map_err(Failure::statement)?;
+    Ok(ExitCode::SUCCESS)
 }

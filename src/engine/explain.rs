@@ -335,7 +335,6 @@ impl Engine {
         est: &mut StatementEstimate,
         copy_targets: &mut BTreeMap<String, (usize, SchemaRef)>,
     ) -> Result<(), DataFusionError> {
-        let state = self.ctx.state();
         match parse_one(text)? {
             Statement::CreateExternalTable(cet) => {
                 let written_by = cet
@@ -356,61 +355,70 @@ impl Engine {
                 self.run_statement(text, &RunOptions::default(), &mut sink)
                     .await
             }
-            other => {
-                let plan = state.statement_to_plan(other).await?;
-                let optimized = |p: &LogicalPlan| {
-                    state
-                        .optimize(p)
-                        .map(|o| o.display_indent().to_string())
-                        .ok()
-                };
-                let (source, written) = match &plan {
-                    LogicalPlan::Copy(c) => {
-                        copy_targets.insert(
-                            target_key(&c.output_url),
-                            (est.index, c.input.schema().inner().clone()),
-                        );
-                        est.note =
-                            Some(format!("writes {} (not written by explain)", c.output_url));
-                        (Some(c.input.as_ref().clone()), true)
-                    }
-                    LogicalPlan::Dml(d) => {
-                        est.note = Some(format!(
-                            "writes into {} (not written by explain)",
-                            d.table_name
-                        ));
-                        (Some(d.input.as_ref().clone()), true)
-                    }
-                    LogicalPlan::Ddl(DdlStatement::CreateView(v)) => {
-                        est.plan = optimized(&v.input);
-                        (None, false)
-                    }
-                    LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => (None, false),
-                    query => (Some(query.clone()), false),
-                };
-                let Some(source) = source else {
-                    // Definitions (views, CREATE TABLE AS, DROP, SET): run as in a real run.
-                    if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(t)) = &plan {
-                        est.plan = optimized(&t.input);
-                    }
-                    self.ctx.execute_logical_plan(plan).await?.collect().await?;
-                    return Ok(());
-                };
-                est.plan = optimized(if written { &plan } else { &source });
-                let mut stream = self
-                    .ctx
-                    .execute_logical_plan(source)
-                    .await?
-                    .execute_stream()
-                    .await?;
-                let mut rows = 0u64;
-                while let Some(batch) = stream.next().await {
-                    rows += batch?.num_rows() as u64;
-                }
-                est.rows = Some(rows);
-                Ok(())
-            }
+            other => self.explain_planned(other, est, copy_targets).await,
         }
+    }
+
+    /// Any statement but an external table: definitions run as in a real run; what a query,
+    /// COPY or INSERT reads is run (its LLM calls answered by placeholders) and counted.
+    async fn explain_planned(
+        &self,
+        statement: Statement,
+        est: &mut StatementEstimate,
+        copy_targets: &mut BTreeMap<String, (usize, SchemaRef)>,
+    ) -> Result<(), DataFusionError> {
+        let state = self.ctx.state();
+        let plan = state.statement_to_plan(statement).await?;
+        let optimized = |p: &LogicalPlan| {
+            state
+                .optimize(p)
+                .map(|o| o.display_indent().to_string())
+                .ok()
+        };
+        let (source, written) = match &plan {
+            LogicalPlan::Copy(c) => {
+                copy_targets.insert(
+                    target_key(&c.output_url),
+                    (est.index, c.input.schema().inner().clone()),
+                );
+                est.note = Some(format!("writes {} (not written by explain)", c.output_url));
+                (Some(c.input.as_ref().clone()), true)
+            }
+            LogicalPlan::Dml(d) => {
+                est.note = Some(format!(
+                    "writes into {} (not written by explain)",
+                    d.table_name
+                ));
+                (Some(d.input.as_ref().clone()), true)
+            }
+            LogicalPlan::Ddl(DdlStatement::CreateView(v)) => {
+                est.plan = optimized(&v.input);
+                (None, false)
+            }
+            LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => (None, false),
+            query => (Some(query.clone()), false),
+        };
+        let Some(source) = source else {
+            // Definitions (views, CREATE TABLE AS, DROP, SET): run as in a real run.
+            if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(t)) = &plan {
+                est.plan = optimized(&t.input);
+            }
+            self.ctx.execute_logical_plan(plan).await?.collect().await?;
+            return Ok(());
+        };
+        est.plan = optimized(if written { &plan } else { &source });
+        let mut stream = self
+            .ctx
+            .execute_logical_plan(source)
+            .await?
+            .execute_stream()
+            .await?;
+        let mut rows = 0u64;
+        while let Some(batch) = stream.next().await {
+            rows += batch?.num_rows() as u64;
+        }
+        est.rows = Some(rows);
+        Ok(())
     }
 }
 

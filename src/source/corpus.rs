@@ -139,8 +139,26 @@ fn money(m: f64) -> String {
     }
 }
 
-/// One quarter's transcript for `c`, advancing its figures.
-fn transcript(rng: &mut fastrand::Rng, c: &mut Company, year: u32, quarter: u32) -> String {
+/// The figures of one quarter of `c` (advancing them), drawn in a fixed order from `rng`.
+struct Quarter {
+    prev: f64,
+    yoy: f64,
+    op_margin: f64,
+    net: f64,
+    eps: f64,
+    buyback: f64,
+    capex: f64,
+    next_lo: f64,
+    next_hi: f64,
+    fy_lo: f64,
+    fy_hi: f64,
+    shares: Vec<f64>,
+    seg_growth: Vec<f64>,
+    analysts: Vec<(String, &'static str)>,
+    ir: String,
+}
+
+fn quarter_figures(rng: &mut fastrand::Rng, c: &mut Company) -> Quarter {
     let growth = -4.0 + rng.f64() * 22.0;
     let prev = c.revenue;
     c.revenue *= 1.0 + growth / 300.0;
@@ -165,7 +183,35 @@ fn transcript(rng: &mut fastrand::Rng, c: &mut Company, year: u32, quarter: u32)
     let seg_growth: Vec<f64> = (0..3).map(|_| -6.0 + rng.f64() * 30.0).collect();
     let analysts: Vec<(String, &str)> = (0..3).map(|_| (person(rng), *pick(rng, BANKS))).collect();
     let ir = person(rng);
-    let mut p: Vec<String> = vec![
+    Quarter {
+        prev,
+        yoy,
+        op_margin,
+        net,
+        eps,
+        buyback,
+        capex,
+        next_lo,
+        next_hi,
+        fy_lo,
+        fy_hi,
+        shares,
+        seg_growth,
+        analysts,
+        ir,
+    }
+}
+
+/// The operator's opening and the CEO's prepared remarks.
+fn prepared_remarks(
+    rng: &mut fastrand::Rng,
+    c: &Company,
+    f: &Quarter,
+    year: u32,
+    quarter: u32,
+) -> Vec<String> {
+    let (prev, yoy, shares, seg_growth, ir) = (f.prev, f.yoy, &f.shares, &f.seg_growth, &f.ir);
+    vec![
         "Prepared Remarks:".into(),
         "Operator".into(),
         format!(
@@ -215,6 +261,14 @@ fn transcript(rng: &mut fastrand::Rng, c: &mut Company, year: u32, quarter: u32)
             20 + rng.u32(..400),
             c.employees
         ),
+    ]
+}
+
+/// The CFO's remarks: margins, cash and guidance.
+fn cfo_remarks(rng: &mut fastrand::Rng, c: &Company, f: &Quarter) -> Vec<String> {
+    let (op_margin, net, eps, buyback, capex) = (f.op_margin, f.net, f.eps, f.buyback, f.capex);
+    let (next_lo, next_hi, fy_lo, fy_hi) = (f.next_lo, f.next_hi, f.fy_lo, f.fy_hi);
+    vec![
         format!("{} -- Chief Financial Officer", c.cfo),
         format!(
             "Thank you, {}. Gross margin was {:.1}%, {} {} basis points from a year ago, driven by \
@@ -253,6 +307,19 @@ fn transcript(rng: &mut fastrand::Rng, c: &mut Company, year: u32, quarter: u32)
             eps * 3.9,
             eps * 4.2
         ),
+    ]
+}
+
+/// The analysts' questions and the answers, to the end of the call.
+fn questions_and_answers(rng: &mut fastrand::Rng, c: &Company, f: &Quarter) -> Vec<String> {
+    let Quarter {
+        buyback,
+        seg_growth,
+        analysts,
+        ..
+    } = f;
+    let buyback = *buyback;
+    vec![
         "Questions and Answers:".into(),
         "Operator".into(),
         format!(
@@ -315,7 +382,15 @@ fn transcript(rng: &mut fastrand::Rng, c: &mut Company, year: u32, quarter: u32)
         ),
         "Operator".into(),
         "This concludes today's conference call. Thank you for participating.".into(),
-    ];
+    ]
+}
+
+/// One quarter's transcript for `c`, advancing its figures.
+fn transcript(rng: &mut fastrand::Rng, c: &mut Company, year: u32, quarter: u32) -> String {
+    let f = quarter_figures(rng, c);
+    let mut p = prepared_remarks(rng, c, &f, year, quarter);
+    p.extend(cfo_remarks(rng, c, &f));
+    p.extend(questions_and_answers(rng, c, &f));
     p.retain(|s| !s.is_empty());
     p.join("\n")
 }

@@ -268,6 +268,24 @@ impl Collected {
     }
 }
 
+/// The name of the first LLM function called in `exprs` (for messages).
+fn first_function(exprs: &[Expr]) -> String {
+    exprs
+        .iter()
+        .find_map(|e| {
+            let mut found = None;
+            let _ = e.apply(|x| {
+                if let Some(c) = as_llm_call(x) {
+                    found = Some(c.0.def.name.clone());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            found
+        })
+        .unwrap_or_default()
+}
+
 fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transformed<LogicalPlan>> {
     if let LogicalPlan::Unnest(u) = &node {
         return preserve_failed_rows_in_unnest(u).map(|changed| match changed {
@@ -286,23 +304,10 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
         | LogicalPlan::Sort(_)
         | LogicalPlan::Window(_) => {}
         other => {
-            let (u, _) = exprs
-                .iter()
-                .find_map(|e| {
-                    let mut found = None;
-                    let _ = e.apply(|x| {
-                        if let Some(c) = as_llm_call(x) {
-                            found = Some(c.0.def.name.clone());
-                            return Ok(TreeNodeRecursion::Stop);
-                        }
-                        Ok(TreeNodeRecursion::Continue)
-                    });
-                    found.map(|f| (f, ()))
-                })
-                .unwrap_or_default();
             return plan_err!(
-                "LLM function {u}() cannot be evaluated inside {}; compute it in a subquery or \
+                "LLM function {}() cannot be evaluated inside {}; compute it in a subquery or \
                  CTE and refer to the result",
+                first_function(&exprs),
                 other.display()
             );
         }
@@ -314,8 +319,7 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
             inputs.len()
         );
     }
-    let original_schema = node.schema().clone();
-    let mut current = inputs[0].clone();
+    let input = inputs[0].clone();
 
     // Collect distinct calls and their nesting depth.
     let mut collected = Collected { calls: vec![] };
@@ -323,7 +327,6 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
     for e in &exprs {
         collect_calls(e, &mut collected, &mut depth)?;
     }
-    let max_depth = depth.iter().copied().max().unwrap_or(0);
     let names: Vec<(String, String)> = collected
         .calls
         .iter()
@@ -333,8 +336,18 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
             (v, e)
         })
         .collect();
+    let below = stack_llm_nodes(input, &collected, &depth, &names)?;
+    rewrite_over(node, exprs, below, &collected, &names).map(Transformed::yes)
+}
 
-    // Build one LlmNode per nesting level, innermost first.
+/// One [`LlmNode`] per nesting level over `input`, innermost first.
+fn stack_llm_nodes(
+    mut current: LogicalPlan,
+    collected: &Collected,
+    depth: &[usize],
+    names: &[(String, String)],
+) -> Result<LogicalPlan> {
+    let max_depth = depth.iter().copied().max().unwrap_or(0);
     for level in 1..=max_depth {
         let mut calls = vec![];
         let mut defs = vec![];
@@ -344,7 +357,7 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
             }
             let args = args
                 .iter()
-                .map(|a| replace_calls(a.clone(), &collected, &names))
+                .map(|a| replace_calls(a.clone(), collected, names))
                 .collect::<Result<Vec<_>>>()?;
             calls.push(LlmCall {
                 function: function.clone(),
@@ -359,31 +372,37 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
             node: Arc::new(LlmNode::try_new(current, calls, defs)?),
         });
     }
+    Ok(current)
+}
 
-    // Rewrite the node's own expressions to read the lifted columns, keeping output names.
+/// `node` over `below`, its expressions reading the lifted columns (output names kept), and
+/// projected back to its own schema when it passes its input's columns through.
+fn rewrite_over(
+    node: LogicalPlan,
+    exprs: Vec<Expr>,
+    below: LogicalPlan,
+    collected: &Collected,
+    names: &[(String, String)],
+) -> Result<LogicalPlan> {
+    let original_schema = node.schema().clone();
     let preserver = NamePreserver::new(&node);
     let new_exprs = exprs
         .into_iter()
         .map(|e| {
             let saved = preserver.save(&e);
-            Ok(saved.restore(replace_calls(e, &collected, &names)?))
+            Ok(saved.restore(replace_calls(e, collected, names)?))
         })
         .collect::<Result<Vec<_>>>()?;
-    let rewritten = node.with_new_exprs(new_exprs, vec![current])?;
-
-    // Nodes that pass their input's columns through would now also expose the lifted columns:
-    // project back to the original schema.
-    let plan = if rewritten.schema().fields().len() != original_schema.fields().len() {
-        let cols: Vec<Expr> = original_schema
-            .columns()
-            .into_iter()
-            .map(Expr::Column)
-            .collect();
-        LogicalPlanBuilder::from(rewritten).project(cols)?.build()?
-    } else {
-        rewritten
-    };
-    Ok(Transformed::yes(plan))
+    let rewritten = node.with_new_exprs(new_exprs, vec![below])?;
+    if rewritten.schema().fields().len() == original_schema.fields().len() {
+        return Ok(rewritten);
+    }
+    let cols: Vec<Expr> = original_schema
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    LogicalPlanBuilder::from(rewritten).project(cols)?.build()
 }
 
 /// Records the distinct calls in `e` (post-order, so arguments come first) with their depth.

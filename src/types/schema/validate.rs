@@ -1,6 +1,6 @@
 //! Response validation: a JSON value against a [`SchemaNode`].
 
-use serde_json::{Number, Value};
+use serde_json::{Map, Number, Value};
 
 use super::{NumberBounds, SchemaKind, SchemaNode};
 
@@ -35,28 +35,7 @@ pub(super) fn value(s: &SchemaNode, v: &Value, path: &str) -> Result<(), String>
                 max_length,
             },
             Value::String(st),
-        ) => {
-            if let Some(e) = enum_values
-                && !e.iter().any(|x| x == st)
-            {
-                return Err(format!(
-                    "{path}: {v} is not one of {}",
-                    Value::from(e.clone())
-                ));
-            }
-            let n = st.chars().count() as u64;
-            if let Some(lo) = *min_length
-                && n < lo
-            {
-                return Err(format!("{path}: string shorter than minLength {lo}"));
-            }
-            if let Some(hi) = *max_length
-                && n > hi
-            {
-                return Err(format!("{path}: string longer than maxLength {hi}"));
-            }
-            Ok(())
-        }
+        ) => string(enum_values.as_deref(), *min_length, *max_length, st, path),
         (SchemaKind::Integer(b), Value::Number(n)) => {
             let whole = n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0);
             if !whole {
@@ -73,23 +52,7 @@ pub(super) fn value(s: &SchemaNode, v: &Value, path: &str) -> Result<(), String>
                 max_items,
             },
             Value::Array(values),
-        ) => {
-            let n = values.len() as u64;
-            if let Some(lo) = *min_items
-                && n < lo
-            {
-                return Err(format!("{path}: {n} items, minItems is {lo}"));
-            }
-            if let Some(hi) = *max_items
-                && n > hi
-            {
-                return Err(format!("{path}: {n} items, maxItems is {hi}"));
-            }
-            for (i, item) in values.iter().enumerate() {
-                value(items, item, &format!("{path}[{i}]"))?;
-            }
-            Ok(())
-        }
+        ) => array(items, *min_items, *max_items, values, path),
         (
             SchemaKind::Object {
                 properties,
@@ -97,25 +60,87 @@ pub(super) fn value(s: &SchemaNode, v: &Value, path: &str) -> Result<(), String>
                 additional_properties,
             },
             Value::Object(map),
-        ) => {
-            for r in required {
-                if !map.contains_key(r) {
-                    return Err(format!("{path}: missing required property {r:?}"));
-                }
-            }
-            for (k, val) in map {
-                match properties.iter().find(|(name, _)| name == k) {
-                    Some((_, sub)) => value(sub, val, &format!("{path}.{k}"))?,
-                    None if *additional_properties == Some(false) => {
-                        return Err(format!("{path}: unexpected property {k:?}"));
-                    }
-                    None => {}
-                }
-            }
-            Ok(())
-        }
+        ) => object(properties, required, *additional_properties, map, path),
         _ => mismatch(),
     }
+}
+
+fn string(
+    enum_values: Option<&[String]>,
+    min_length: Option<u64>,
+    max_length: Option<u64>,
+    st: &str,
+    path: &str,
+) -> Result<(), String> {
+    if let Some(e) = enum_values
+        && !e.iter().any(|x| x == st)
+    {
+        return Err(format!(
+            "{path}: {} is not one of {}",
+            Value::from(st),
+            Value::from(e.to_vec())
+        ));
+    }
+    let n = st.chars().count() as u64;
+    if let Some(lo) = min_length
+        && n < lo
+    {
+        return Err(format!("{path}: string shorter than minLength {lo}"));
+    }
+    if let Some(hi) = max_length
+        && n > hi
+    {
+        return Err(format!("{path}: string longer than maxLength {hi}"));
+    }
+    Ok(())
+}
+
+fn array(
+    items: &SchemaNode,
+    min_items: Option<u64>,
+    max_items: Option<u64>,
+    values: &[Value],
+    path: &str,
+) -> Result<(), String> {
+    let n = values.len() as u64;
+    if let Some(lo) = min_items
+        && n < lo
+    {
+        return Err(format!("{path}: {n} items, minItems is {lo}"));
+    }
+    if let Some(hi) = max_items
+        && n > hi
+    {
+        return Err(format!("{path}: {n} items, maxItems is {hi}"));
+    }
+    for (i, item) in values.iter().enumerate() {
+        value(items, item, &format!("{path}[{i}]"))?;
+    }
+    Ok(())
+}
+
+fn object(
+    properties: &[(String, SchemaNode)],
+    required: &[String],
+    additional_properties: Option<bool>,
+    map: &Map<String, Value>,
+    path: &str,
+) -> Result<(), String> {
+    for r in required {
+        if !map.contains_key(r) {
+            return Err(format!("{path}: missing required property {r:?}"));
+        }
+    }
+    for (k, val) in map {
+        match properties.iter().find(|(name, _)| name == k) {
+            Some((_, sub)) => value(sub, val, &format!("{path}.{k}"))?,
+            None if additional_properties == Some(false) => {
+                return Err(format!("{path}: unexpected property {k:?}"));
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 fn number(b: &NumberBounds, n: &Number, v: &Value, path: &str) -> Result<(), String> {

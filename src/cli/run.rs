@@ -1,0 +1,134 @@
+//! `sluice run FILE.sql`: the run's flags applied to the configuration, the script run with
+//! progress, then the summary, the metrics file and the exit code (a budget stop says what was
+//! kept).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::{EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure, format_summary, progress};
+use crate::config::Config;
+use crate::engine::{Engine, RunOptions, StatementError};
+use crate::llm::MetricsSnapshot;
+
+/// The flags of `sluice run`.
+#[derive(Debug)]
+pub(super) struct RunFlags {
+    pub max_rows: usize,
+    pub quiet: bool,
+    pub metrics_json: Option<PathBuf>,
+    pub no_cache: bool,
+    pub refresh: bool,
+    pub budget_tokens: Option<u64>,
+    pub budget_usd: Option<f64>,
+}
+
+/// Applies the flags that change the configuration.
+fn apply(config: &mut Config, flags: &RunFlags) -> Result<(), Failure> {
+    if flags.budget_tokens.is_some() {
+        config.dispatcher.budget_tokens = flags.budget_tokens;
+    }
+    if let Some(usd) = flags.budget_usd {
+        if !usd.is_finite() || usd < 0.0 {
+            return Err(Failure::config(format!(
+                "--budget-usd must be a non-negative amount, got {usd}"
+            )));
+        }
+        config.dispatcher.budget_usd = Some(usd);
+    }
+    if flags.no_cache {
+        config.cache.enabled = false;
+    }
+    config.cache.refresh = flags.refresh;
+    Ok(())
+}
+
+/// Runs the script, printing to stdout (through the progress display unless `quiet`).
+async fn execute(engine: &Engine, file: &Path, flags: &RunFlags) -> Result<(), StatementError> {
+    let opts = RunOptions {
+        max_rows: flags.max_rows,
+    };
+    let progress = (!flags.quiet).then(|| progress::Progress::start(engine.live_metrics()));
+    let result = match &progress {
+        Some(p) => {
+            let mut out = p.writer(std::io::stdout());
+            let r = engine.run_file(file, &opts, &mut out).await;
+            out.flush().ok();
+            r
+        }
+        None => {
+            let mut out = std::io::stdout();
+            let r = engine.run_file(file, &opts, &mut out).await;
+            out.flush().ok();
+            r
+        }
+    };
+    if let Some(p) = progress {
+        p.finish().await;
+    }
+    result
+}
+
+/// The line that says what a budget stop kept.
+fn budget_stop(e: &StatementError, metrics: &MetricsSnapshot, cache_enabled: bool) -> String {
+    let kept = if cache_enabled {
+        "and kept in the cache; the same command with a larger budget continues from there"
+    } else {
+        "(not kept: the cache is off)"
+    };
+    let completed = match e.index {
+        1 => "no statement completed".to_string(),
+        2 => "statement 1 completed".to_string(),
+        i => format!("statements 1 to {} completed", i - 1),
+    };
+    format!(
+        "stopped by the budget: {completed}, statement {} and later not completed (no output \
+         written); {} calls answered {kept}; {} refused",
+        e.index,
+        metrics.succeeded + metrics.cache_hits,
+        metrics.errors.get("budget").copied().unwrap_or(0)
+    )
+}
+
+/// `sluice run`.
+pub(super) async fn run_command(
+    mut config: Config,
+    file: &Path,
+    flags: RunFlags,
+) -> Result<ExitCode, Failure> {
+    apply(&mut config, &flags)?;
+    let engine = Engine::new(&config).map_err(Failure::config)?;
+    if flags.budget_usd.is_some()
+        && let Some(model) = engine.unpriced_model()
+    {
+        return Err(Failure::new(
+            EXIT_CONFIG,
+            format!(
+                "--budget-usd needs the price of model {model}: set input_usd_per_mtok and \
+                 output_usd_per_mtok (USD per million tokens) in [models.{model}] of sluice.toml"
+            ),
+        ));
+    }
+    let result = execute(&engine, file, &flags).await;
+    if let Err(e) = engine.flush_cache().await {
+        eprintln!("warning: {e}");
+    }
+    let metrics = engine.metrics();
+    if !flags.quiet && metrics.calls + metrics.deduplicated + metrics.cache_hits > 0 {
+        eprintln!("{}", format_summary(&metrics));
+    }
+    if let Some(path) = &flags.metrics_json
+        && let Err(e) = std::fs::write(path, metrics.to_json().to_string())
+    {
+        eprintln!("error: cannot write {}: {e}", path.display());
+    }
+    let Err(e) = result else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    eprintln!("error: {e}");
+    if engine.budget_exhausted() {
+        eprintln!("{}", budget_stop(&e, &metrics, config.cache.enabled));
+        return Err(Failure::new(EXIT_BUDGET, ""));
+    }
+    Err(Failure::new(EXIT_STATEMENT_FAILED, ""))
+}

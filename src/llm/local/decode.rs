@@ -1,0 +1,422 @@
+//! The decode loop of the local model's worker thread: rows join free slots, every step
+//! decodes one batch holding a prompt chunk or the next token of each active sequence, and a
+//! sequence that stops (end of generation, its `max_tokens`, its context) answers its row.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use super::{Job, LocalSettings, backend, render_chat};
+use crate::types::{ErrorKind, LlmError, LlmResponse, Usage};
+
+/// A sequence being decoded.
+struct Active {
+    job: Job,
+    /// The output schema's grammar, if any.
+    grammar: Option<LlamaSampler>,
+    /// Greedy, or temperature + random draw.
+    base: LlamaSampler,
+    /// The last tokens generated, for the repetition penalty.
+    recent: std::collections::VecDeque<LlamaToken>,
+    greedy: bool,
+    /// Prompt tokens not yet decoded.
+    prompt: Vec<LlamaToken>,
+    prompt_len: usize,
+    /// Position of the next token.
+    pos: i32,
+    /// The token to feed next (after the prompt).
+    next: Option<LlamaToken>,
+    output: Vec<u8>,
+    generated: u32,
+    /// Index in the batch of this sequence's logits, when it has one this step.
+    logits_at: Option<i32>,
+}
+
+fn fail_all(rx: &std::sync::mpsc::Receiver<Job>, message: &str) {
+    while let Ok(job) = rx.recv() {
+        let _ = job
+            .reply
+            .send(Err(LlmError::new(ErrorKind::NotFound, message.to_string())));
+    }
+}
+
+pub(super) fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>) {
+    let backend = match backend() {
+        Ok(b) => b,
+        Err(e) => return fail_all(rx, &format!("cannot start llama.cpp: {e}")),
+    };
+    let model = match LlamaModel::load_from_file(backend, &s.path, &LlamaModelParams::default()) {
+        Ok(m) => m,
+        Err(e) => {
+            return fail_all(
+                rx,
+                &format!("cannot load {} as a GGUF model: {e}", s.path.display()),
+            );
+        }
+    };
+    let template = model.meta_val_str("tokenizer.chat_template").ok();
+    let per_seq = s.context_per_sequence.min(model.n_ctx_train().max(512));
+    let n_ctx = per_seq * s.parallel as u32;
+    let n_batch = n_ctx.min(2048);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch.min(512))
+        .with_n_seq_max(s.parallel as u32)
+        .with_n_threads(s.threads)
+        .with_n_threads_batch(s.threads);
+    let mut ctx = match model.new_context(backend, params) {
+        Ok(c) => c,
+        Err(e) => return fail_all(rx, &format!("cannot create a llama.cpp context: {e}")),
+    };
+    let mut grammars: HashMap<String, Result<String, String>> = HashMap::new();
+    let mut slots: Vec<Option<Active>> = (0..s.parallel).map(|_| None).collect();
+    let mut batch = LlamaBatch::new(n_batch as usize, s.parallel as i32);
+    let mut stats = StepStats::default();
+    loop {
+        let starting = |job| start(job, &model, template.as_deref(), &mut grammars, per_seq);
+        if !admit(rx, &mut slots, starting) {
+            return;
+        }
+        if slots.iter().all(Option::is_none) {
+            continue;
+        }
+        let only_generation = fill_batch(&mut batch, &mut slots, n_batch as usize);
+        let step = std::time::Instant::now();
+        let decoded = ctx.decode(&mut batch);
+        stats.count(
+            step.elapsed(),
+            only_generation.then(|| batch.n_tokens() as u64),
+        );
+        if let Err(e) = decoded {
+            let msg = format!("llama.cpp decode failed: {e}");
+            for (seq, slot) in slots.iter_mut().enumerate() {
+                if let Some(a) = slot.take() {
+                    let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                    let _ = a
+                        .job
+                        .reply
+                        .send(Err(LlmError::new(ErrorKind::ServerError, msg.clone())));
+                }
+            }
+            continue;
+        }
+        sample_step(&model, &mut ctx, &mut slots, per_seq, &stats);
+    }
+}
+
+/// Decode steps and the time llama.cpp spent in them, against the loop's wall time; and the
+/// steps that carried only generated tokens (no prompt), comparable with llama.cpp's own
+/// text-generation figure.
+#[derive(Debug)]
+struct StepStats {
+    started: std::time::Instant,
+    steps: u64,
+    time: std::time::Duration,
+    generation_steps: u64,
+    generation_tokens: u64,
+    generation_time: std::time::Duration,
+}
+
+impl Default for StepStats {
+    fn default() -> Self {
+        StepStats {
+            started: std::time::Instant::now(),
+            steps: 0,
+            time: std::time::Duration::ZERO,
+            generation_steps: 0,
+            generation_tokens: 0,
+            generation_time: std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl StepStats {
+    /// Counts one step that took `t`; `generated` is its token count if it carried only
+    /// generated tokens.
+    fn count(&mut self, t: std::time::Duration, generated: Option<u64>) {
+        self.steps += 1;
+        self.time += t;
+        if let Some(n) = generated {
+            self.generation_steps += 1;
+            self.generation_tokens += n;
+            self.generation_time += t;
+        }
+    }
+}
+
+/// Puts waiting rows into free slots, blocking only when nothing is running; false when the
+/// provider is gone.
+fn admit(
+    rx: &std::sync::mpsc::Receiver<Job>,
+    slots: &mut [Option<Active>],
+    mut start: impl FnMut(Job) -> Option<Active>,
+) -> bool {
+    if slots.iter().all(Option::is_none) {
+        match rx.recv() {
+            Ok(job) => slots[0] = start(job),
+            Err(_) => return false,
+        }
+    }
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match rx.try_recv() {
+            Ok(job) => *slot = start(job),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// One batch: a prompt chunk or the next token of every active sequence. Returns whether it
+/// carries only generated tokens.
+fn fill_batch(batch: &mut LlamaBatch, slots: &mut [Option<Active>], n_batch: usize) -> bool {
+    batch.clear();
+    let mut room = n_batch;
+    for (seq, slot) in slots.iter_mut().enumerate() {
+        let Some(a) = slot.as_mut() else { continue };
+        a.logits_at = None;
+        if room == 0 {
+            continue;
+        }
+        if !a.prompt.is_empty() {
+            let take = a.prompt.len().min(room);
+            let chunk: Vec<LlamaToken> = a.prompt.drain(..take).collect();
+            let last_of_prompt = a.prompt.is_empty();
+            for (i, t) in chunk.iter().enumerate() {
+                let logits = last_of_prompt && i + 1 == take;
+                if batch.add(*t, a.pos, &[seq as i32], logits).is_err() {
+                    break;
+                }
+                if logits {
+                    a.logits_at = Some(batch.n_tokens() - 1);
+                }
+                a.pos += 1;
+            }
+            room -= take;
+        } else if let Some(t) = a.next.take()
+            && batch.add(t, a.pos, &[seq as i32], true).is_ok()
+        {
+            a.logits_at = Some(batch.n_tokens() - 1);
+            a.pos += 1;
+            room -= 1;
+        }
+    }
+    slots
+        .iter()
+        .flatten()
+        .all(|a| a.prompt.is_empty() && a.pos as usize > a.prompt_len)
+}
+
+/// After a decode: the next token of every sequence that had logits; a sequence that stopped
+/// or is full answers its row and frees its slot.
+fn sample_step(
+    model: &LlamaModel,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    slots: &mut [Option<Active>],
+    per_seq: u32,
+    stats: &StepStats,
+) {
+    let vocab = model.vocab();
+    for (seq, slot) in slots.iter_mut().enumerate() {
+        let Some(a) = slot.as_mut() else { continue };
+        let Some(i) = a.logits_at else { continue };
+        let token = next_token(ctx, i, a);
+        let stop = vocab.is_eog(token);
+        if !stop {
+            a.output
+                .extend_from_slice(&vocab.token_to_piece(token, false, None));
+            a.generated += 1;
+        }
+        let full = a.generated >= a.job.max_tokens || a.pos as u32 + 1 >= per_seq;
+        if !(stop || full) {
+            a.next = Some(token);
+            continue;
+        }
+        let a = slot.take().expect("active");
+        tracing::debug!(
+            "local model: row done, {} prompt + {} generated tokens; {} decode steps so far \
+             took {:?} in llama.cpp of {:?}; generation-only steps: {} steps, {} tokens, {:.3} s",
+            a.prompt_len,
+            a.generated,
+            stats.steps,
+            stats.time,
+            stats.started.elapsed(),
+            stats.generation_steps,
+            stats.generation_tokens,
+            stats.generation_time.as_secs_f64()
+        );
+        let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        let finish = if stop { "stop" } else { "length" };
+        let _ = a.job.reply.send(Ok(LlmResponse {
+            content: String::from_utf8_lossy(&a.output).to_string(),
+            finish_reason: Some(finish.to_string()),
+            usage: Some(Usage {
+                prompt_tokens: a.prompt_len as u64,
+                completion_tokens: u64::from(a.generated),
+            }),
+        }));
+    }
+}
+
+/// Repetition penalty on the last [`PENALTY_WINDOW`] tokens (llama.cpp's `repeat_penalty`):
+/// small models fall into loops such as `0.00,0.00,...` without it.
+const PENALTY: f32 = 1.15;
+const PENALTY_WINDOW: usize = 64;
+
+fn penalised(logit: f32) -> f32 {
+    if logit > 0.0 {
+        logit / PENALTY
+    } else {
+        logit * PENALTY
+    }
+}
+
+/// Picks the next token of a sequence from the logits at batch index `i`.
+///
+/// Greedy decoding reads the logits in place: one pass for the best token with the repetition
+/// penalty applied to the recent ones, no 50k-entry candidate array. With a grammar, the best
+/// token is checked alone first, as llama.cpp's own sampler does; the whole vocabulary goes
+/// through the grammar only when that token is not allowed (checking ~50k tokens at every step
+/// is what makes constrained decoding slow).
+fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Active) -> LlamaToken {
+    use llama_cpp_2::token::data::LlamaTokenData;
+    use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+    let recent = |t: usize| a.recent.iter().any(|r| r.0 as usize == t);
+    let mut chosen = None;
+    if a.greedy {
+        let logits = ctx.get_logits_ith(i);
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for (t, &l) in logits.iter().enumerate() {
+            if l > best.1 {
+                best = (t, l);
+            }
+        }
+        // The penalty only lowers logits: re-check the recent tokens and the winner.
+        if recent(best.0) {
+            best = (0, f32::NEG_INFINITY);
+            for (t, &l) in logits.iter().enumerate() {
+                let l = if recent(t) { penalised(l) } else { l };
+                if l > best.1 {
+                    best = (t, l);
+                }
+            }
+        }
+        let token = LlamaToken(best.0 as i32);
+        match a.grammar.as_mut() {
+            None => chosen = Some(token),
+            Some(grammar) => {
+                let mut one =
+                    LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, best.1, 0.0)], false);
+                one.apply_sampler(grammar);
+                if one.data[0].logit().is_finite() {
+                    chosen = Some(token);
+                }
+            }
+        }
+    }
+    let token = match chosen {
+        Some(t) => t,
+        None => {
+            let mut all = ctx.token_data_array_ith(i);
+            for d in all.data.iter_mut() {
+                if recent(d.id().0 as usize) {
+                    d.set_logit(penalised(d.logit()));
+                }
+            }
+            if let Some(grammar) = a.grammar.as_mut() {
+                all.apply_sampler(grammar);
+            }
+            all.apply_sampler(&mut a.base);
+            all.selected_token()
+                .unwrap_or_else(|| all.sample_token_greedy())
+        }
+    };
+    if let Some(grammar) = a.grammar.as_mut() {
+        grammar.accept(token);
+    }
+    if a.recent.len() == PENALTY_WINDOW {
+        a.recent.pop_front();
+    }
+    a.recent.push_back(token);
+    token
+}
+
+/// Tokenizes a job's prompt and builds its sampler; replies with an error and returns `None`
+/// when it cannot run.
+fn start(
+    job: Job,
+    model: &LlamaModel,
+    template: Option<&str>,
+    grammars: &mut HashMap<String, Result<String, String>>,
+    per_seq: u32,
+) -> Option<Active> {
+    let vocab = model.vocab();
+    let fail = |job: Job, kind: ErrorKind, msg: String| {
+        let _ = job.reply.send(Err(LlmError::new(kind, msg)));
+        None
+    };
+    let text = match render_chat(template, job.system.as_deref(), &job.user) {
+        Ok(t) => t,
+        Err(e) => return fail(job, ErrorKind::Template, e),
+    };
+    let prompt = vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true);
+    if prompt.len() as u32 + job.max_tokens.min(64) >= per_seq {
+        let msg = format!(
+            "the prompt has {} tokens; the local model's context holds {per_seq} per row \
+             (context_size in sluice.toml)",
+            prompt.len()
+        );
+        return fail(job, ErrorKind::TooLarge, msg);
+    }
+    let mut grammar_sampler = None;
+    if let Some(schema) = &job.schema {
+        let grammar = grammars
+            .entry(schema.clone())
+            .or_insert_with(|| {
+                llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| e.to_string())
+            })
+            .clone();
+        match grammar
+            .and_then(|g| LlamaSampler::grammar(model, &g, "root").map_err(|e| e.to_string()))
+        {
+            Ok(g) => grammar_sampler = Some(g),
+            Err(e) => {
+                return fail(
+                    job,
+                    ErrorKind::BadRequest,
+                    format!("cannot turn the output schema into a grammar: {e}"),
+                );
+            }
+        }
+    }
+    let greedy = job.temperature <= 0.0;
+    let base = if greedy {
+        LlamaSampler::greedy()
+    } else {
+        LlamaSampler::chain_simple([
+            LlamaSampler::temp(job.temperature as f32),
+            LlamaSampler::dist(fastrand::u32(..)),
+        ])
+    };
+    let prompt_len = prompt.len();
+    Some(Active {
+        job,
+        grammar: grammar_sampler,
+        base,
+        recent: std::collections::VecDeque::with_capacity(PENALTY_WINDOW),
+        greedy,
+        prompt,
+        prompt_len,
+        pos: 0,
+        next: None,
+        output: Vec::new(),
+        generated: 0,
+        logits_at: None,
+    })
+}
