@@ -4,9 +4,14 @@
 //! - [`source`]: files → Arrow, and `chunk_text` to cut transcripts into passages;
 //! - [`udf`]: LLM functions declared in `udfs/*.toml`, planned so each call runs once per row;
 //! - [`llm`]: providers and the one shared dispatcher (budget, retries, validation);
-//! - [`cache`]: the identity of a request;
+//! - [`cache`]: the identity of a request and the persistent response store;
 //! - [`sink`]: `COPY ... TO` outputs that appear only when complete;
-//! - [`engine`] runs `.sql` files; [`cli`] is the `sluice` command; [`config`] reads `sluice.toml`.
+//! - [`engine`] runs `.sql` files; [`cli`] is the `sluice` command; [`config`] reads `sluice.toml`;
+//! - [`types`]: the vocabulary they share (requests, responses, errors, output schemas).
+//!
+//! `ARCHITECTURE.md` maps the modules and the rule between them: every import points down.
+
+#![deny(missing_docs)]
 
 pub mod cache;
 pub mod cli;

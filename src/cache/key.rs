@@ -3,14 +3,17 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::types::{LlmRequest, OutputSchema, RenderedPrompt};
+#[cfg(test)]
+use crate::types::LlmRequest;
+use crate::types::{OutputSchema, RenderedPrompt};
 
 /// A 32-byte request key: 8 bytes that group calls whose user messages open alike, then 24 bytes
 /// of the SHA-256 of the whole request (see [`KeyPrefix`]).
 pub type RequestKey = [u8; 32];
 
 /// Computes the key of `req` sent to `endpoint` (provider URL and model id).
-pub fn request_key(endpoint: &str, req: &LlmRequest) -> RequestKey {
+#[cfg(test)]
+pub(crate) fn request_key(endpoint: &str, req: &LlmRequest) -> RequestKey {
     KeyPrefix::new(
         endpoint,
         req.max_tokens,
@@ -99,6 +102,7 @@ impl KeyPrefix {
     }
 
     /// The key of the request that sends `prompt` with this prefix's parameters.
+    #[cfg(test)]
     pub fn key(&self, prompt: &RenderedPrompt) -> RequestKey {
         self.keys([prompt])[0]
     }

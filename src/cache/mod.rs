@@ -17,11 +17,13 @@ use crate::types::Usage;
 
 mod key;
 
-pub use key::{KeyPrefix, RequestKey, request_key};
+#[cfg(test)]
+use key::request_key;
+pub(crate) use key::{KeyPrefix, RequestKey};
 
 /// How a run uses the persistent response cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CacheMode {
+pub(crate) enum CacheMode {
     /// Answer from the cache when possible; store every new validated response.
     #[default]
     ReadWrite,
@@ -71,7 +73,7 @@ pub enum CacheError {
 
 /// A validated response as stored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CachedResponse {
+pub(crate) struct CachedResponse {
     /// The value the function returned (already validated against its schema).
     pub value: Value,
     /// Token usage of the original request, if reported.
@@ -222,13 +224,17 @@ impl ResponseCache {
     }
 
     /// The stored response for `key`, if any. A damaged entry reads as absent.
-    pub fn get(&self, key: &RequestKey) -> Result<Option<CachedResponse>, CacheError> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, key: &RequestKey) -> Result<Option<CachedResponse>, CacheError> {
         Ok(self.get_many(std::slice::from_ref(key))?.pop().flatten())
     }
 
     /// The stored responses for `keys`, in their order, read in one transaction (and in key
     /// order, which keeps the B-tree's pages warm). A damaged entry reads as absent.
-    pub fn get_many(&self, keys: &[RequestKey]) -> Result<Vec<Option<CachedResponse>>, CacheError> {
+    pub(crate) fn get_many(
+        &self,
+        keys: &[RequestKey],
+    ) -> Result<Vec<Option<CachedResponse>>, CacheError> {
         let err = |e: &dyn std::fmt::Display| CacheError::Store {
             path: self.path.clone(),
             message: e.to_string(),
@@ -246,7 +252,7 @@ impl ResponseCache {
     }
 
     /// Queues `resp` to be stored under `key`; it is durable after the writer's next commit.
-    pub fn put(&self, key: RequestKey, resp: &CachedResponse) {
+    pub(crate) fn put(&self, key: RequestKey, resp: &CachedResponse) {
         let bytes = resp.encode();
         if let Ok(tx) = self.tx.lock()
             && let Some(tx) = tx.as_ref()

@@ -1,7 +1,7 @@
 //! The `sluice` command line.
 
-pub mod progress;
-pub mod repl;
+pub(crate) mod progress;
+pub(crate) mod repl;
 mod run;
 
 use std::io::Write;

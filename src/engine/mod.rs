@@ -26,7 +26,7 @@ use datafusion::common::DataFusionError;
 use datafusion::prelude::SessionContext;
 
 use crate::cache::CacheError;
-use crate::llm::{Metrics, MetricsSnapshot};
+use crate::llm::{Metrics, MetricsSnapshot, SetupError};
 use crate::sink::tidy_store_message;
 use crate::source::find_malformed_json_line;
 use crate::udf::def::{DefError, FunctionDef};
@@ -43,12 +43,12 @@ pub enum EngineError {
     #[error(transparent)]
     Definition(#[from] DefError),
     /// A model could not be set up.
-    #[error("model {model:?}: {message}")]
+    #[error("model {model:?}: {source}")]
     Model {
         /// The model name.
         model: String,
         /// What went wrong.
-        message: String,
+        source: SetupError,
     },
     /// The response cache could not be opened.
     #[error(transparent)]

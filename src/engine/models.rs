@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use super::EngineError;
 use crate::config::{Config, ModelConfig, ModelPart, ProviderKind};
-use crate::llm::Provider;
 use crate::llm::dispatch::ModelHandle;
 use crate::llm::estimate::{EstimateProvider, TokenCounter};
 use crate::llm::governor::{Governor, GovernorConfig};
 use crate::llm::lamini::LaminiProvider;
 use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
+use crate::llm::{Provider, SetupError};
 
 /// Who answers an engine's LLM calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub(super) struct Models {
 }
 
 /// The provider that talks to model `m`, with `pool` connections.
-fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, String> {
+fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupError> {
     let id = &m.model;
     Ok(match (&m.part, m.kind) {
         (ModelPart::Server(s), ProviderKind::Openai) => Arc::new(OpenAiProvider::new(id, s, pool)?),
@@ -46,12 +46,14 @@ fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, String> {
         }
         #[cfg(not(feature = "local"))]
         (ModelPart::Local(_), _) => {
-            return Err(
+            return Err(SetupError::Unavailable(
                 "this sluice was built without the local model (cargo feature `local`)".into(),
-            );
+            ));
         }
         (ModelPart::Server(_), ProviderKind::Local) => {
-            return Err("a local model has no server settings".into());
+            return Err(SetupError::Unavailable(
+                "a local model has no server settings".into(),
+            ));
         }
     })
 }
@@ -63,9 +65,9 @@ pub(super) fn build_models(config: &Config, answers: Answers) -> Result<Models, 
         token_counters: BTreeMap::new(),
     };
     for (name, m) in &config.models {
-        let model_err = |message| EngineError::Model {
+        let model_err = |source| EngineError::Model {
             model: name.clone(),
-            message,
+            source,
         };
         let pool = m.concurrency.min(config.dispatcher.concurrency);
         let real = provider(m, pool).map_err(model_err)?;

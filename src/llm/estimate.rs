@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
-use super::Provider;
+use super::{Provider, SetupError};
 use crate::config::{ModelConfig, ProviderKind, StructuredOutput};
 use crate::types::{
     LlmError, LlmRequest, LlmResponse, NumberBounds, OutputSchema, SchemaKind, SchemaNode, Usage,
@@ -55,7 +55,7 @@ impl std::fmt::Debug for TokenCounter {
 impl TokenCounter {
     /// The counter for a configured model: `tokenizer` if set, else the GGUF of a local model,
     /// else the encoding OpenAI uses for the model id, else `o200k_base`.
-    pub fn for_model(m: &ModelConfig) -> Result<TokenCounter, String> {
+    pub fn for_model(m: &ModelConfig) -> Result<TokenCounter, SetupError> {
         let chat = m.kind == ProviderKind::Openai;
         let server = m.server();
         let schema_in_prompt =
@@ -70,30 +70,32 @@ impl TokenCounter {
             #[cfg(feature = "local")]
             {
                 return super::local::Vocabulary::load(std::path::Path::new(&path))
-                    .map(|v| TokenCounter::Gguf(Arc::new(v)));
+                    .map(|v| TokenCounter::Gguf(Arc::new(v)))
+                    .map_err(SetupError::Tokenizer);
             }
             #[cfg(not(feature = "local"))]
-            return Err(format!(
+            return Err(SetupError::Tokenizer(format!(
                 "counting tokens with {path} needs the local model (cargo feature `local`)"
-            ));
+            )));
         }
         use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
         let (name, tokenizer) = match configured.as_deref() {
             Some("o200k_base") => ("o200k_base", Tokenizer::O200kBase),
             Some("cl100k_base") => ("cl100k_base", Tokenizer::Cl100kBase),
             Some(other) => {
-                return Err(format!(
+                return Err(SetupError::Tokenizer(format!(
                     "models.{}.tokenizer = {other:?}: use \"o200k_base\", \"cl100k_base\" or the \
                      path of a .gguf file whose vocabulary to count with",
                     m.name
-                ));
+                )));
             }
             None => match get_tokenizer(&m.model) {
                 Some(Tokenizer::Cl100kBase) => ("cl100k_base", Tokenizer::Cl100kBase),
                 _ => ("o200k_base", Tokenizer::O200kBase),
             },
         };
-        let bpe = tiktoken_rs::bpe_for_tokenizer(tokenizer).map_err(|e| e.to_string())?;
+        let bpe = tiktoken_rs::bpe_for_tokenizer(tokenizer)
+            .map_err(|e| SetupError::Tokenizer(e.to_string()))?;
         Ok(TokenCounter::Tiktoken {
             name: name.to_string(),
             bpe,
@@ -173,7 +175,7 @@ impl Provider for EstimateProvider {
         self.real.endpoint()
     }
 
-    fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), String> {
+    fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), SetupError> {
         self.real.check_schema(schema)
     }
 

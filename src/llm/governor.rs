@@ -168,16 +168,19 @@ impl Governor {
     }
 
     /// The current adaptive concurrency limit.
+    #[cfg(test)]
     pub fn limit(&self) -> usize {
         self.lock().limit as usize
     }
 
     /// The lowest adaptive limit reached so far.
+    #[cfg(test)]
     pub fn min_limit(&self) -> usize {
         self.lock().min_limit as usize
     }
 
     /// In flight now (admissions not yet given back).
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.lock().in_flight
     }
@@ -297,14 +300,6 @@ impl Governor {
         drop(st);
         // One slot is free: wake one waiter (it passes the wake-up on while room is left).
         self.changed.notify_one();
-    }
-
-    /// Pauses the model until `until` (rate-limit headers said the quota is spent).
-    pub fn pause_until(&self, until: Instant) {
-        let mut st = self.lock();
-        if st.paused_until.is_none_or(|p| p < until) {
-            st.paused_until = Some(until);
-        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::preview;
+use super::{SetupError, preview};
 use crate::config::{Secret, ServerConfig};
 use crate::types::{ErrorKind, LlmError};
 
@@ -23,7 +23,7 @@ pub struct HttpEndpoint {
 impl HttpEndpoint {
     /// An endpoint at `url` with the model's timeouts, key and body cap, and a connection pool
     /// of `pool_size`.
-    pub fn new(cfg: &ServerConfig, url: String, pool_size: usize) -> Result<Self, String> {
+    pub fn new(cfg: &ServerConfig, url: String, pool_size: usize) -> Result<Self, SetupError> {
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.connect_timeout)
@@ -31,7 +31,7 @@ impl HttpEndpoint {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .map_err(|e| SetupError::HttpClient(e.to_string()))?;
         Ok(HttpEndpoint {
             client,
             url,

@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use super::http::{HttpEndpoint, malformed};
 use super::openai::flat_prompt;
-use super::{Provider, preview};
+use super::{Provider, SetupError, preview};
 use crate::config::ServerConfig;
 use crate::types::{
     ErrorKind, LlmError, LlmRequest, LlmResponse, OutputSchema, SchemaKind, SchemaNode,
@@ -144,7 +144,7 @@ impl Shape {
 
 impl LaminiProvider {
     /// Builds a provider for `model` on one configured server.
-    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, String> {
+    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, SetupError> {
         Ok(LaminiProvider {
             http: HttpEndpoint::new(cfg, format!("{}/v1/completions", cfg.base_url), pool_size)?,
             model: model.to_string(),
@@ -163,8 +163,8 @@ impl Provider for LaminiProvider {
         self.batch_size
     }
 
-    fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), String> {
-        shape(schema).map(|_| ())
+    fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), SetupError> {
+        shape(schema).map(|_| ()).map_err(SetupError::Output)
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {

@@ -6,13 +6,13 @@
 //! [`RowError`] that SQL can select.
 
 pub mod dispatch;
-pub mod estimate;
-pub mod governor;
-pub mod http;
-pub mod lamini;
+pub(crate) mod estimate;
+pub(crate) mod governor;
+pub(crate) mod http;
+pub(crate) mod lamini;
 #[cfg(feature = "local")]
-pub mod local;
-pub mod openai;
+pub(crate) mod local;
+pub(crate) mod openai;
 
 use std::fmt;
 
@@ -21,7 +21,25 @@ use serde_json::Value;
 
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, OutputSchema};
 
-pub use dispatch::{Dispatcher, Metrics, MetricsSnapshot};
+pub(crate) use dispatch::Dispatcher;
+pub use dispatch::{Metrics, MetricsSnapshot};
+
+/// Why a model cannot be set up, or cannot serve a function.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SetupError {
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(String),
+    /// The tokenizer that `sluice explain` counts with cannot be had.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// The provider cannot return values of the function's output schema.
+    #[error("{0}")]
+    Output(String),
+    /// The provider's kind is not in this build, or does not match its settings.
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 /// A model endpoint. Implementations make exactly one attempt per call; retrying, pacing and
 /// validation belong to the [`Dispatcher`].
@@ -51,7 +69,7 @@ pub trait Provider: Send + Sync + fmt::Debug {
     }
 
     /// Whether this provider can return values of `schema`; checked when the engine starts.
-    fn check_schema(&self, _schema: Option<&OutputSchema>) -> Result<(), String> {
+    fn check_schema(&self, _schema: Option<&OutputSchema>) -> Result<(), SetupError> {
         Ok(())
     }
 }

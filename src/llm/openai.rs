@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::http::{HttpEndpoint, malformed};
-use super::{Provider, preview};
+use super::{Provider, SetupError, preview};
 use crate::config::{ServerConfig, StructuredOutput};
 use crate::types::{LlmError, LlmRequest, LlmResponse, Usage};
 
@@ -20,7 +20,7 @@ pub struct OpenAiProvider {
 
 impl OpenAiProvider {
     /// Builds a provider (and its connection pool) for `model` on one configured server.
-    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, String> {
+    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, SetupError> {
         Ok(OpenAiProvider {
             http: HttpEndpoint::new(cfg, format!("{}/chat/completions", cfg.base_url), pool_size)?,
             model: model.to_string(),
@@ -131,7 +131,7 @@ pub struct CompletionsProvider {
 
 impl CompletionsProvider {
     /// Builds a provider for `model` on one configured server.
-    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, String> {
+    pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, SetupError> {
         Ok(CompletionsProvider {
             http: HttpEndpoint::new(cfg, format!("{}/completions", cfg.base_url), pool_size)?,
             model: model.to_string(),

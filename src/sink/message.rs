@@ -4,7 +4,7 @@
 
 /// Shortens object-store errors: an S3 XML error body becomes `Code: Message`, and staged names
 /// (`.name.sluice-tmp-PID-N.ext`) become the name the user wrote.
-pub fn tidy_store_message(msg: &str) -> String {
+pub(crate) fn tidy_store_message(msg: &str) -> String {
     let mut out = msg.to_string();
     if let Some(start) = out.find("<?xml") {
         let tag = |t: &str| {

@@ -8,7 +8,7 @@
 //! store the move is a server-side copy and delete per object; a single file is uploaded with a
 //! multipart upload, which S3 never shows until it completes.
 
-pub mod store;
+pub(crate) mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,13 +20,13 @@ use object_store::{ObjectStore, ObjectStoreExt};
 
 mod message;
 
-pub use message::tidy_store_message;
+pub(crate) use message::tidy_store_message;
 
 static STAGE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Why an output could not be staged or put in place.
 #[derive(Debug, thiserror::Error)]
-pub enum SinkError {
+pub(crate) enum SinkError {
     /// The target's store refuses to list its location (missing bucket, bad credentials).
     #[error("cannot write {target}: {message}")]
     Unwritable {
@@ -54,7 +54,7 @@ pub enum SinkError {
 }
 
 /// Checks that the store holding `url` lets us list the target's parent, before any work.
-pub async fn check_writable(
+pub(crate) async fn check_writable(
     store: &dyn ObjectStore,
     url: &url::Url,
     target: &str,
@@ -75,7 +75,7 @@ pub async fn check_writable(
 }
 
 /// Whether `target` is a local path (no URL scheme, or `file://`).
-pub fn is_local(target: &str) -> bool {
+pub(crate) fn is_local(target: &str) -> bool {
     match target.split_once("://") {
         Some((scheme, _)) => scheme.eq_ignore_ascii_case("file"),
         None => true,
@@ -98,7 +98,7 @@ enum Place {
 
 /// A COPY target written under a temporary name until [`StagedOutput::commit`].
 #[derive(Debug)]
-pub struct StagedOutput {
+pub(crate) struct StagedOutput {
     /// The target as the user wrote it.
     pub target: String,
     /// The staging location as the SQL target string (keeps a trailing `/` for directories).

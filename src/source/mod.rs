@@ -1,7 +1,7 @@
 //! Sources: files → Arrow (DataFusion listing tables for JSONL, CSV, Parquet) and the text
 //! functions that prepare passages, such as `chunk_text`.
 
-pub mod chunk;
+pub(crate) mod chunk;
 pub mod corpus;
 
 use std::io::BufRead;
@@ -19,7 +19,7 @@ use datafusion::logical_expr::{
 /// `max_chars` characters, cut at paragraph, then sentence, then word boundaries. Use it with
 /// `unnest(...)` to get one row per passage.
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct ChunkText {
+pub(crate) struct ChunkText {
     signature: Signature,
 }
 
@@ -132,7 +132,7 @@ impl ScalarUDFImpl for ChunkText {
 /// DataFusion reads only `*.json` files from a JSON table's directory. Newline-delimited JSON is
 /// usually named `.jsonl` or `.ndjson`: for a local directory that holds such files and no
 /// `.json` file, returns the location with the matching glob (`dir/*.jsonl`).
-pub fn json_lines_glob(location: &str) -> Option<String> {
+pub(crate) fn json_lines_glob(location: &str) -> Option<String> {
     let raw = location.strip_prefix("file://").unwrap_or(location);
     if raw.contains(['*', '?', '[']) || !Path::new(raw).is_dir() {
         return None;
@@ -147,7 +147,7 @@ pub fn json_lines_glob(location: &str) -> Option<String> {
 /// The glob that selects the JSON-lines files of a directory (or object-store prefix) holding
 /// the files `names`: `location/*.jsonl` or `location/*.ndjson` when there is no `.json` file
 /// (DataFusion's JSON reader looks only for `.json`); `None` when nothing needs changing.
-pub fn json_lines_glob_for(
+pub(crate) fn json_lines_glob_for(
     location: &str,
     names: impl IntoIterator<Item = String>,
 ) -> Option<String> {
@@ -173,7 +173,7 @@ pub fn json_lines_glob_for(
 /// Looks for the first line that is not a JSON object in the JSON files under `location` and
 /// returns `file:line: reason`. Used to turn a decoder error ("expected value at line 1") into a
 /// message that names the file and line.
-pub fn find_malformed_json_line(location: &Path) -> Option<String> {
+pub(crate) fn find_malformed_json_line(location: &Path) -> Option<String> {
     // For a glob, search the directory before the first wildcard.
     let text = location.to_string_lossy();
     let location = match text.find(['*', '?', '[']) {

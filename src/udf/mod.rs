@@ -12,11 +12,11 @@
 //! [`crate::llm::Dispatcher`].
 
 pub mod def;
-pub mod exec;
-pub mod plan;
+pub(crate) mod exec;
+pub(crate) mod plan;
 mod slice;
 mod stream;
-pub mod values;
+pub(crate) mod values;
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};
@@ -33,10 +33,10 @@ use datafusion::logical_expr::{
 use def::FunctionDef;
 
 /// Name of the generic function `llm(prompt [, model])`.
-pub const GENERIC_LLM: &str = "llm";
+pub(crate) const GENERIC_LLM: &str = "llm";
 
 /// The Arrow type of `<name>_error(...)` values.
-pub static ERROR_TYPE: LazyLock<DataType> = LazyLock::new(|| {
+pub(crate) static ERROR_TYPE: LazyLock<DataType> = LazyLock::new(|| {
     DataType::Struct(Fields::from(vec![
         Field::new("kind", DataType::Utf8, false),
         Field::new("message", DataType::Utf8, false),
@@ -47,7 +47,7 @@ pub static ERROR_TYPE: LazyLock<DataType> = LazyLock::new(|| {
 });
 
 /// The built-in `llm(prompt [, model])` definition: the prompt is sent as is.
-pub fn generic_llm_def() -> FunctionDef {
+pub(crate) fn generic_llm_def() -> FunctionDef {
     let mut def = FunctionDef::new(
         GENERIC_LLM,
         vec!["prompt".to_string()],
@@ -63,7 +63,7 @@ pub fn generic_llm_def() -> FunctionDef {
 }
 
 /// The SQL value type of a function's result.
-pub fn value_type(def: &FunctionDef) -> DataType {
+pub(crate) fn value_type(def: &FunctionDef) -> DataType {
     def.output
         .as_ref()
         .map(|o| o.data_type.clone())
@@ -72,7 +72,7 @@ pub fn value_type(def: &FunctionDef) -> DataType {
 
 /// Which of the two SQL faces of an LLM function a UDF is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Face {
+pub(crate) enum Face {
     /// `name(...)`: the value.
     Value,
     /// `name_error(...)`: the error struct.
@@ -82,7 +82,7 @@ pub enum Face {
 /// A placeholder UDF for one face of an LLM function. Calling it directly is an error: the
 /// optimizer rule replaces every call before execution.
 #[derive(Debug)]
-pub struct LlmUdf {
+pub(crate) struct LlmUdf {
     /// The definition.
     pub def: Arc<FunctionDef>,
     /// Value or error face.

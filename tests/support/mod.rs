@@ -163,6 +163,13 @@ pub async fn mock(cfg: MockConfig) -> MockServer {
 /// Every row of `batches` rendered as one line (columns joined by ` | `), sorted, so that two
 /// results can be compared regardless of row order.
 pub fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
+    let mut rows = ordered_rows(batches);
+    rows.sort();
+    rows
+}
+
+/// Every row of `batches` rendered as one line (columns joined by ` | `), in result order.
+pub fn ordered_rows(batches: &[RecordBatch]) -> Vec<String> {
     use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
     let opts = FormatOptions::default().with_null("NULL");
     let mut rows = vec![];
@@ -177,7 +184,6 @@ pub fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
             rows.push(cells.join(" | "));
         }
     }
-    rows.sort();
     rows
 }
 

@@ -39,11 +39,11 @@ pub use metrics::{
 };
 
 /// The result of one row's call: the validated value or the final error.
-pub type CallResult = Result<Arc<Value>, Arc<RowError>>;
+pub(crate) type CallResult = Result<Arc<Value>, Arc<RowError>>;
 
 /// A model as the dispatcher sees it: a provider and the governor that paces it.
 #[derive(Debug, Clone)]
-pub struct ModelHandle {
+pub(crate) struct ModelHandle {
     /// The endpoint.
     pub provider: Arc<dyn Provider>,
     /// Adaptive concurrency, RPM/TPM buckets and pauses for this model.
@@ -54,7 +54,7 @@ pub struct ModelHandle {
 
 /// What every call of one function shares: its name, generation parameters and output schema.
 #[derive(Debug, Clone)]
-pub struct CallSpec {
+pub(crate) struct CallSpec {
     /// The function's SQL name.
     pub function: String,
     /// Generation limit.
@@ -79,7 +79,7 @@ impl CallSpec {
 
 /// The shared scheduler. Cheap to clone (all state is behind `Arc`s).
 #[derive(Debug, Clone)]
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     inner: Arc<Inner>,
 }
 
@@ -96,6 +96,7 @@ struct Inner {
 
 impl Dispatcher {
     /// A dispatcher with the given budget and retry policy.
+    #[cfg(test)]
     pub fn new(cfg: DispatcherConfig) -> Self {
         Self::with_cache(cfg, None, CacheMode::Off)
     }
@@ -154,6 +155,7 @@ impl Dispatcher {
     }
 
     /// Makes one call: the validated value, or the error after all attempts.
+    #[cfg(test)]
     pub async fn call(&self, model: &ModelHandle, req: LlmRequest) -> CallResult {
         let spec = CallSpec {
             function: req.function,
@@ -175,7 +177,7 @@ impl Dispatcher {
 
 /// Makes the calls of one function on one model ([`Dispatcher::caller`]).
 #[derive(Debug)]
-pub struct FunctionCaller {
+pub(crate) struct FunctionCaller {
     inner: Arc<Inner>,
     model: ModelHandle,
     spec: CallSpec,
@@ -187,11 +189,6 @@ impl FunctionCaller {
     /// The function's counters.
     pub fn metrics(&self) -> &Arc<FunctionMetrics> {
         &self.metrics
-    }
-
-    /// The model the calls go to.
-    pub fn model(&self) -> &ModelHandle {
-        &self.model
     }
 
     /// One result per prompt, in order: answered from the cache (one read for all), shared
