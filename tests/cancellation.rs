@@ -67,6 +67,17 @@ fn wait_within(mut child: std::process::Child, limit: Duration) -> std::process:
     }
 }
 
+/// The process succeeded and its last statement counted 400 values.
+fn assert_counted_400(out: &std::process::Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| 400 |"), "{stdout}");
+}
+
 fn mock_50ms() -> MockConfig {
     MockConfig {
         latency: Duration::from_millis(50),
@@ -88,13 +99,7 @@ async fn statements_cancelled_by_limit_give_their_slots_back_in_a_run() {
     let out = tokio::task::spawn_blocking(move || wait_within(child, Duration::from_secs(60)))
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("| 400 |"), "{stdout}");
+    assert_counted_400(&out);
     let m: Value = serde_json::from_str(&std::fs::read_to_string(p.path("m.json")).unwrap())
         .expect("metrics JSON");
     let tag = &m["functions"]["tag"];
@@ -127,13 +132,7 @@ async fn statements_cancelled_by_limit_give_their_slots_back_in_the_shell() {
     let out = tokio::task::spawn_blocking(move || wait_within(child, Duration::from_secs(60)))
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("| 400 |"), "{stdout}");
+    assert_counted_400(&out);
     let requests = s.stats().requests;
     assert!(requests < 600, "{requests} requests");
     // 2.5 s of calls at full concurrency; half the slots lost would double it.

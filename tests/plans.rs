@@ -6,12 +6,7 @@ mod support;
 
 use support::*;
 
-const PROFILE: &str = r#"
-name = "profile"
-args = ["x"]
-prompt = "Describe {{ x }}"
-output = { type = "object", properties = { a = { type = "string" }, b = { type = "integer" } }, required = ["a", "b"] }
-"#;
+const PROFILE: &str = PROFILE_FN;
 
 const SETUP: &str = "CREATE TABLE t AS VALUES ('alpha', 1), ('beta', 2), ('gamma', 3);\n\
                      CREATE VIEW v AS SELECT column1 AS x, column2 AS n FROM t;\n";

@@ -7,12 +7,7 @@ mod support;
 
 use support::*;
 
-const PROFILE: &str = r#"
-name = "profile"
-args = ["x"]
-prompt = "Describe {{ x }}"
-output = { type = "object", properties = { a = { type = "string" }, b = { type = "integer" } }, required = ["a", "b"] }
-"#;
+const PROFILE: &str = PROFILE_FN;
 
 const TRIPLE: &str = r#"
 name = "triple"

@@ -160,10 +160,11 @@ impl KeyPrefix {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn req(user: &str, temp: Option<f64>) -> LlmRequest {
+    /// A request with user message `user` and temperature `temp`.
+    pub(crate) fn req(user: &str, temp: Option<f64>) -> LlmRequest {
         LlmRequest {
             function: "f".into(),
             prompt: RenderedPrompt {

@@ -408,21 +408,8 @@ fn commit_group(db: &Database, puts: &[(RequestKey, Vec<u8>)]) -> Result<(), Str
 
 #[cfg(test)]
 mod tests {
+    use super::key::tests::req;
     use super::*;
-    use crate::types::{LlmRequest, RenderedPrompt};
-
-    fn req(user: &str, temp: Option<f64>) -> LlmRequest {
-        LlmRequest {
-            function: "f".into(),
-            prompt: RenderedPrompt {
-                system: None,
-                user: user.into(),
-            },
-            max_tokens: Some(10),
-            temperature: temp,
-            schema: None,
-        }
-    }
 
     fn resp(v: Value) -> CachedResponse {
         CachedResponse {

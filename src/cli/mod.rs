@@ -2,7 +2,7 @@
 
 pub(crate) mod progress;
 pub(crate) mod repl;
-mod run;
+pub mod run;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,29 +40,9 @@ pub enum Command {
     Run {
         /// The SQL file.
         file: PathBuf,
-        /// Rows of each SELECT result to print.
-        #[arg(long, default_value_t = 20)]
-        max_rows: usize,
-        /// No progress display and no LLM summary.
-        #[arg(short, long)]
-        quiet: bool,
-        /// Also write the LLM metrics as JSON to this file.
-        #[arg(long)]
-        metrics_json: Option<PathBuf>,
-        /// Neither read nor write the persistent response cache.
-        #[arg(long, conflicts_with = "refresh")]
-        no_cache: bool,
-        /// Ignore cached responses (call again) but store the new ones.
-        #[arg(long)]
-        refresh: bool,
-        /// Stop cleanly (exit code 3) before the run's prompt + completion tokens would exceed
-        /// this; everything received so far stays in the cache.
-        #[arg(long)]
-        budget_tokens: Option<u64>,
-        /// Stop cleanly (exit code 3) before the run's cost would exceed this many US dollars
-        /// at the models' prices (`input_usd_per_mtok`, `output_usd_per_mtok` in sluice.toml).
-        #[arg(long)]
-        budget_usd: Option<f64>,
+        /// How to run it.
+        #[command(flatten)]
+        flags: run::RunFlags,
     },
     /// Plan every statement and estimate its LLM calls, tokens and cost, without calling a
     /// model or writing anything (cached responses count as free).
@@ -291,27 +271,7 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
             size,
             seed,
         } => gen_corpus(&out, companies, quarters, size.as_deref(), seed),
-        Command::Run {
-            file,
-            max_rows,
-            quiet,
-            metrics_json,
-            no_cache,
-            refresh,
-            budget_tokens,
-            budget_usd,
-        } => {
-            let flags = run::RunFlags {
-                max_rows,
-                quiet,
-                metrics_json,
-                no_cache,
-                refresh,
-                budget_tokens,
-                budget_usd,
-            };
-            run::run_command(config, &file, flags).await
-        }
+        Command::Run { file, flags } => run::run_command(config, &file, flags).await,
     }
 }
 

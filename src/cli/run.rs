@@ -12,14 +12,30 @@ use crate::engine::{Engine, RunOptions, StatementError};
 use crate::llm::MetricsSnapshot;
 
 /// The flags of `sluice run`.
-#[derive(Debug)]
-pub(super) struct RunFlags {
+#[derive(Debug, clap::Args)]
+pub struct RunFlags {
+    /// Rows of each SELECT result to print.
+    #[arg(long, default_value_t = 20)]
     pub max_rows: usize,
+    /// No progress display and no LLM summary.
+    #[arg(short, long)]
     pub quiet: bool,
+    /// Also write the LLM metrics as JSON to this file.
+    #[arg(long)]
     pub metrics_json: Option<PathBuf>,
+    /// Neither read nor write the persistent response cache.
+    #[arg(long, conflicts_with = "refresh")]
     pub no_cache: bool,
+    /// Ignore cached responses (call again) but store the new ones.
+    #[arg(long)]
     pub refresh: bool,
+    /// Stop cleanly (exit code 3) before the run's prompt + completion tokens would exceed
+    /// this; everything received so far stays in the cache.
+    #[arg(long)]
     pub budget_tokens: Option<u64>,
+    /// Stop cleanly (exit code 3) before the run's cost would exceed this many US dollars
+    /// at the models' prices (`input_usd_per_mtok`, `output_usd_per_mtok` in sluice.toml).
+    #[arg(long)]
     pub budget_usd: Option<f64>,
 }
 

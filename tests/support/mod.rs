@@ -16,6 +16,14 @@ use sluice::{Engine, RunOptions};
 #[allow(unused_imports)]
 pub use mock_llm::{Fault, FaultRates, MockConfig, MockServer, StatsSnapshot, prompt_hash};
 
+/// A function returning an object `{a: string, b: integer}` about `x` (for position tests).
+pub const PROFILE_FN: &str = r#"
+name = "profile"
+args = ["x"]
+prompt = "Describe {{ x }}"
+output = { type = "object", properties = { a = { type = "string" }, b = { type = "integer" } }, required = ["a", "b"] }
+"#;
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
