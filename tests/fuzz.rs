@@ -224,6 +224,7 @@ proptest! {
             content: sent.to_string(),
             finish_reason: Some(finish.to_string()),
             usage: None,
+            rate: Default::default(),
         };
         // `{"value": x}` is unwrapped for schemas whose root is not an object.
         let meant = match &sent {
@@ -260,6 +261,7 @@ proptest! {
             content,
             finish_reason: Some("stop".into()),
             usage: None,
+            rate: Default::default(),
         };
         if let Ok(v) = parse_response(Some(&s), &resp) {
             prop_assert!(s.validate(&v).is_ok(), "accepted an invalid value {}", v);

@@ -169,6 +169,18 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
         "; tokens {} in / {} out; peak {} in flight",
         m.tokens_in, m.tokens_out, m.max_in_flight
     ));
+    if m.hedges > 0 {
+        s.push_str(&format!("; {} hedged", m.hedges));
+    }
+    for (name, g) in m.models.iter().filter(|(_, g)| g.saturations > 0) {
+        s.push_str(&format!(
+            "\n  model {name}: the provider refused in bursts {} time(s); settled at {} in flight",
+            g.saturations, g.limit
+        ));
+        if let Some(p) = g.pace_rps {
+            s.push_str(&format!(", {p:.1} requests/s"));
+        }
+    }
     for (name, f) in &m.functions {
         s.push_str(&format!(
             "\n  {name}: {} prompts, {} requests, {} cache hits, {} failed",

@@ -84,6 +84,20 @@ pub struct DispatcherConfig {
     pub budget_tokens: Option<u64>,
     /// Most US dollars the run may spend at the models' prices; `--budget-usd`.
     pub budget_usd: Option<f64>,
+    /// When a request still unanswered is sent a second time (`hedge_after_ms`).
+    pub hedge: Hedge,
+}
+
+/// When a request that has not answered is sent a second time (the first valid answer wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hedge {
+    /// After three times the function's p99 latency, at least 250 ms (default).
+    #[default]
+    Adaptive,
+    /// After this long (`hedge_after_ms = N`).
+    After(Duration),
+    /// Never (`hedge_after_ms = 0`).
+    Off,
 }
 
 impl Default for DispatcherConfig {
@@ -96,6 +110,7 @@ impl Default for DispatcherConfig {
             row_deadline: Duration::from_secs(600),
             budget_tokens: None,
             budget_usd: None,
+            hedge: Hedge::Adaptive,
         }
     }
 }
@@ -305,6 +320,11 @@ fn dispatcher(raw: &RawDispatcher) -> Result<DispatcherConfig, String> {
         backoff_base: ms(raw.backoff_base_ms, d.backoff_base),
         backoff_max: ms(raw.backoff_max_ms, d.backoff_max),
         row_deadline: ms(raw.deadline_ms, d.row_deadline),
+        hedge: match raw.hedge_after_ms {
+            None => Hedge::Adaptive,
+            Some(0) => Hedge::Off,
+            Some(n) => Hedge::After(Duration::from_millis(n)),
+        },
         ..d
     })
 }

@@ -39,6 +39,7 @@ pub(super) struct RawDispatcher {
     pub backoff_base_ms: Option<u64>,
     pub backoff_max_ms: Option<u64>,
     pub deadline_ms: Option<u64>,
+    pub hedge_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

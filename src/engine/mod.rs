@@ -26,6 +26,7 @@ use datafusion::common::DataFusionError;
 use datafusion::prelude::SessionContext;
 
 use crate::cache::CacheError;
+use crate::llm::dispatch::ModelSnapshot;
 use crate::llm::{Metrics, MetricsSnapshot, SetupError};
 use crate::sink::tidy_store_message;
 use crate::source::find_malformed_json_line;
@@ -175,7 +176,19 @@ impl Engine {
 
     /// Counters of the LLM calls made so far.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.runtime.dispatcher.metrics().snapshot()
+        let mut m = self.runtime.dispatcher.metrics().snapshot();
+        for (name, h) in &self.runtime.models {
+            let g = &h.governor;
+            m.models.insert(
+                name.clone(),
+                ModelSnapshot {
+                    limit: g.limit(),
+                    pace_rps: g.pace(),
+                    saturations: g.saturations(),
+                },
+            );
+        }
+        m
     }
 
     /// Runs a `.sql` file; output of SELECTs and progress lines go to `out`.

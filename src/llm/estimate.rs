@@ -203,6 +203,7 @@ impl Provider for EstimateProvider {
             content,
             finish_reason: Some("stop".into()),
             usage: Some(usage),
+            rate: Default::default(),
         })
     }
 }

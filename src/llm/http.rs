@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::limits::{rate_limits, retry_after};
 use super::{SetupError, preview};
 use crate::config::{Secret, ServerConfig};
-use crate::types::{ErrorKind, LlmError};
+use crate::types::{ErrorKind, LlmError, RateLimits};
 
 /// A JSON-over-HTTP endpoint of one model.
 #[derive(Debug)]
@@ -46,8 +47,9 @@ impl HttpEndpoint {
         &self.url
     }
 
-    /// POSTs `body` and returns the parsed JSON of a 200 answer, or the classified failure.
-    pub async fn post_json(&self, body: &Value) -> Result<Value, LlmError> {
+    /// POSTs `body` and returns the parsed JSON of a 200 answer with the rate limits its
+    /// headers advertise, or the classified failure.
+    pub async fn post_json(&self, body: &Value) -> Result<(Value, RateLimits), LlmError> {
         let body = serde_json::to_vec(body)
             .map_err(|e| LlmError::new(ErrorKind::BadRequest, e.to_string()))?;
         let mut builder = self
@@ -61,6 +63,7 @@ impl HttpEndpoint {
         let mut resp = builder.send().await.map_err(|e| classify_transport(&e))?;
         let status = resp.status().as_u16();
         let wait = retry_after(resp.headers());
+        let rate = rate_limits(resp.headers());
         let mut buf: Vec<u8> = Vec::with_capacity(
             resp.content_length()
                 .map(|l| l as usize)
@@ -90,14 +93,18 @@ impl HttpEndpoint {
             }
         }
         if status != 200 {
-            return Err(self.status_error(status, &buf, wait));
+            return Err(LlmError {
+                rate: (!rate.is_empty()).then(|| Box::new(rate)),
+                ..self.status_error(status, &buf, wait)
+            });
         }
-        serde_json::from_slice(&buf).map_err(|e| {
+        let json = serde_json::from_slice(&buf).map_err(|e| {
             malformed(format!(
                 "response body is not valid JSON ({e}): {}",
                 preview(&String::from_utf8_lossy(&buf))
             ))
-        })
+        })?;
+        Ok((json, rate))
     }
 
     fn status_error(&self, status: u16, body: &[u8], wait: Option<Duration>) -> LlmError {
@@ -160,56 +167,6 @@ fn classify_transport(e: &reqwest::Error) -> LlmError {
     LlmError::new(kind, msg)
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-    }
-    let v = get("retry-after")?.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return Some(Duration::from_secs_f64(secs.max(0.0)));
-    }
-    // An HTTP date: wait until then.
-    let when = httpdate_to_unix(v)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs();
-    Some(Duration::from_secs(when.saturating_sub(now)))
-}
-
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix seconds.
-fn httpdate_to_unix(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 || parts[5] != "GMT" {
-        return None;
-    }
-    let day: u64 = parts[1].parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == parts[2])? as u64
-        + 1;
-    let year: u64 = parts[3].parse().ok()?;
-    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
-    if hms.len() != 3 || year < 1970 {
-        return None;
-    }
-    // Days from civil date (Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
-}
-
 fn provider_message(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     serde_json::from_str::<Value>(&text)
@@ -226,19 +183,6 @@ fn provider_message(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_retry_after_forms() {
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert("retry-after", "2".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
-        h.insert("retry-after-ms", "150".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
-        assert_eq!(
-            httpdate_to_unix("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784_111_777)
-        );
-    }
 
     #[test]
     fn provider_messages_come_from_the_error_body() {

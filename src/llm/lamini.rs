@@ -188,7 +188,7 @@ impl Provider for LaminiProvider {
         if let Some(m) = first.max_tokens {
             body["max_new_tokens"] = json!(m);
         }
-        let v = self.http.post_json(&body).await?;
+        let (v, rate) = self.http.post_json(&body).await?;
         let items = match v {
             Value::Array(items) => items,
             other => {
@@ -211,8 +211,8 @@ impl Provider for LaminiProvider {
             .map(|item| {
                 shape.content(item).map(|content| LlmResponse {
                     content,
-                    finish_reason: None,
-                    usage: None,
+                    rate,
+                    ..LlmResponse::default()
                 })
             })
             .collect())

@@ -10,6 +10,7 @@ pub(crate) mod estimate;
 pub(crate) mod governor;
 pub(crate) mod http;
 pub(crate) mod lamini;
+pub(crate) mod limits;
 #[cfg(feature = "local")]
 pub(crate) mod local;
 pub(crate) mod openai;
@@ -159,6 +160,7 @@ mod tests {
             content: content.into(),
             finish_reason: Some(finish.into()),
             usage: None,
+            rate: Default::default(),
         }
     }
 

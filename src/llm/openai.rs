@@ -105,7 +105,7 @@ impl Provider for OpenAiProvider {
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
-        let v = self.http.post_json(&self.body(req)).await?;
+        let (v, rate) = self.http.post_json(&self.body(req)).await?;
         let choice = v
             .pointer("/choices/0")
             .ok_or_else(|| malformed("response has no choices[0]".into()))?;
@@ -113,6 +113,7 @@ impl Provider for OpenAiProvider {
             content: text_field(choice, "/message/content")?,
             finish_reason: finish_reason_of(choice),
             usage: usage_of(&v),
+            rate,
         })
     }
 }
@@ -173,7 +174,7 @@ impl Provider for CompletionsProvider {
         let prompts: Vec<String> = reqs.iter().map(flat_prompt).collect();
         let mut body = json!({"model": self.model, "prompt": prompts});
         add_generation_params(&mut body, first, self.structured);
-        let v = self.http.post_json(&body).await?;
+        let (v, rate) = self.http.post_json(&body).await?;
         let choices = v
             .get("choices")
             .and_then(Value::as_array)
@@ -196,6 +197,7 @@ impl Provider for CompletionsProvider {
                         prompt_tokens: u.prompt_tokens / n,
                         completion_tokens: u.completion_tokens / n,
                     }),
+                    rate,
                 }));
             }
         }

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::rate::RateLimits;
+
 /// The class of a failure. Decides retrying and appears as `kind` in the `<name>_error` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ErrorKind {
@@ -108,6 +110,8 @@ pub struct LlmError {
     pub retry_after: Option<Duration>,
     /// `finish_reason` of the response, when there was one.
     pub finish_reason: Option<String>,
+    /// The rate limits the refusal advertised (a 429's headers; boxed: errors stay small).
+    pub rate: Option<Box<RateLimits>>,
 }
 
 impl LlmError {
@@ -119,6 +123,7 @@ impl LlmError {
             http_status: None,
             retry_after: None,
             finish_reason: None,
+            rate: None,
         }
     }
 }

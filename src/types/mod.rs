@@ -7,9 +7,11 @@
 //! `ARCHITECTURE.md`).
 
 mod error;
+mod rate;
 mod request;
 pub mod schema;
 
 pub use error::{ErrorKind, LlmError, RowError};
+pub use rate::{RateLimits, RateWindow};
 pub use request::{LlmRequest, LlmResponse, RenderedPrompt, Usage, estimate_tokens};
 pub use schema::{NumberBounds, OutputSchema, SchemaError, SchemaKind, SchemaNode};

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::rate::RateLimits;
 use super::schema::OutputSchema;
 
 /// A rendered request: system and user message.
@@ -64,7 +65,7 @@ pub struct Usage {
 }
 
 /// A provider's answer before validation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LlmResponse {
     /// Message content.
     pub content: String,
@@ -72,6 +73,8 @@ pub struct LlmResponse {
     pub finish_reason: Option<String>,
     /// Token usage, if reported.
     pub usage: Option<Usage>,
+    /// The rate limits the answer advertised (empty when it advertised none).
+    pub rate: RateLimits,
 }
 
 #[cfg(test)]

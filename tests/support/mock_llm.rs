@@ -21,6 +21,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+#[path = "limits.rs"]
+mod limits;
+
+pub use limits::Limits;
+use limits::{Buckets, Verdict};
+
 /// A fault the server can inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Fault {
@@ -122,6 +128,8 @@ pub struct MockConfig {
     /// Bill usage as OpenAI does (tiktoken `o200k_base`; chat messages by the cookbook's rule,
     /// plus the `response_format` schema) instead of characters / 4 (cheap, for benchmarks).
     pub tiktoken_usage: bool,
+    /// A provider's limits: a concurrency cap, request and token buckets (none by default).
+    pub limits: Limits,
 }
 
 impl Default for MockConfig {
@@ -136,6 +144,7 @@ impl Default for MockConfig {
             hang: Duration::from_secs(10),
             api_key: None,
             tiktoken_usage: false,
+            limits: Limits::default(),
         }
     }
 }
@@ -182,6 +191,7 @@ struct State {
     cfg: MockConfig,
     stats: Stats,
     ids: AtomicU64,
+    buckets: Buckets,
 }
 
 /// A running server; dropping it stops accepting connections.
@@ -221,6 +231,7 @@ impl MockServer {
             cfg,
             stats: Stats::default(),
             ids: AtomicU64::new(0),
+            buckets: Buckets::default(),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -514,6 +525,51 @@ fn lamini_schema(output_type: &Map<String, Value>) -> Value {
     json!({"type": "object", "properties": props})
 }
 
+/// The provider's limits applied to a request: the headers of its answer, or the whole 429
+/// answer of a refusal (counted in the faults as `over_concurrency`, `over_rpm`, `over_tpm`).
+fn admit(
+    st: &State,
+    parsed: &Value,
+    prompts: &[Prompt],
+) -> Result<Vec<(&'static str, String)>, Vec<u8>> {
+    let cfg = &st.cfg;
+    let max_tokens = parsed
+        .get("max_tokens")
+        .or_else(|| parsed.get("max_completion_tokens"))
+        .or_else(|| parsed.get("max_new_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(256);
+    let tokens: u64 = prompts
+        .iter()
+        .map(|p| {
+            (p.system.as_ref().map_or(0, String::len) + p.user.len()).div_ceil(4) as u64
+                + max_tokens
+        })
+        .sum();
+    let in_flight = st.stats.in_flight.load(Ordering::Relaxed);
+    let concurrency_wait = Duration::from_millis(cfg.retry_after_ms);
+    match cfg
+        .limits
+        .admit(&st.buckets, in_flight, tokens as f64, concurrency_wait)
+    {
+        Verdict::Serve(headers) => Ok(headers),
+        Verdict::Refuse {
+            reason,
+            wait,
+            mut headers,
+        } => {
+            if let Ok(mut m) = st.stats.faults.lock() {
+                *m.entry(reason.to_string()).or_default() += 1;
+            }
+            let ms = wait.as_millis() as u64 + 1;
+            headers.push(("retry-after", ms.div_ceil(1000).to_string()));
+            headers.push(("retry-after-ms", ms.to_string()));
+            let body = error_body("Rate limit reached for requests", "rate_limit_error");
+            Err(response(429, &headers, &body))
+        }
+    }
+}
+
 async fn bad_request(sock: &mut TcpStream, message: &str) -> std::io::Result<After> {
     let body = error_body(message, "invalid_request_error");
     sock.write_all(&response(400, &[], &body)).await?;
@@ -591,6 +647,13 @@ async fn serve_llm(
     };
     let s = &st.stats;
     s.prompts.fetch_add(prompts.len() as u64, Ordering::Relaxed);
+    let rate_headers = match admit(st, &parsed, &prompts) {
+        Ok(headers) => headers,
+        Err(refusal) => {
+            sock.write_all(&refusal).await?;
+            return Ok(After::KeepAlive);
+        }
+    };
     // Faults and jitter are drawn for the request from its first prompt's history.
     let attempt = {
         let mut m = s.by_prompt.lock().unwrap_or_else(|p| p.into_inner());
@@ -722,7 +785,7 @@ async fn serve_llm(
 
     let Some(fault) = fault else {
         s.ok.fetch_add(prompts.len() as u64, Ordering::Relaxed);
-        sock.write_all(&response(200, &[], &envelope(&contents, "stop")))
+        sock.write_all(&response(200, &rate_headers, &envelope(&contents, "stop")))
             .await?;
         return Ok(After::KeepAlive);
     };

@@ -71,7 +71,13 @@ async fn collect_batches(
             drop(permit);
             fm.latency.record(admission.started().elapsed());
             admission.finish(match &result {
-                Ok(_) => Outcome::Done { tokens: None },
+                Ok(results) => Outcome::Done {
+                    tokens: None,
+                    rate: results
+                        .iter()
+                        .find_map(|r| r.as_ref().ok().map(|r| r.rate))
+                        .unwrap_or_default(),
+                },
                 Err(e) => error_outcome(e),
             });
             let results = match result {

@@ -41,6 +41,11 @@ impl LatencyHistogram {
         self.buckets[i.min(HIST_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Durations recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
     /// The `q` quantile (0..=1) in milliseconds: the upper edge of its bucket (within 5%).
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         let counts: Vec<u64> = self
@@ -83,6 +88,8 @@ pub struct FunctionMetrics {
     pub tokens_out: AtomicU64,
     /// Highest number of this function's requests on the wire at once.
     pub max_in_flight: AtomicU64,
+    /// Requests sent a second time because the first had not answered (hedges).
+    pub hedges: AtomicU64,
     /// Rows handed to the function by the plan so far (for progress).
     pub rows_queued: AtomicU64,
     /// Rows whose value or error is known (cached, shared, failed before a call included).
@@ -120,6 +127,7 @@ impl FunctionMetrics {
             tokens_in: load(&self.tokens_in),
             tokens_out: load(&self.tokens_out),
             max_in_flight: load(&self.max_in_flight),
+            hedges: load(&self.hedges),
             latency_ms: LatencySnapshot {
                 p50: q(0.5),
                 p95: q(0.95),
@@ -161,6 +169,8 @@ pub struct FunctionSnapshot {
     pub tokens_out: u64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: u64,
+    /// Requests sent a second time because the first had not answered.
+    pub hedges: u64,
     /// Latency of the requests on the wire.
     pub latency_ms: LatencySnapshot,
     /// Retries by the failure that caused them.
@@ -182,6 +192,7 @@ impl FunctionSnapshot {
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "max_in_flight": self.max_in_flight,
+            "hedges": self.hedges,
             "latency_ms": {"p50": l.p50, "p95": l.p95, "p99": l.p99},
             "retries": self.retries,
             "errors": self.errors,
@@ -208,6 +219,8 @@ pub struct Metrics {
     pub tokens_out: AtomicU64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: AtomicU64,
+    /// Requests sent a second time because the first had not answered (hedges).
+    pub hedges: AtomicU64,
     /// Estimated tokens of the requests on the wire (counted against the budget).
     pub(crate) reserved_tokens: AtomicU64,
     /// Cost of the responses received, in nano-dollars (at the models' prices).
@@ -245,6 +258,8 @@ pub struct MetricsSnapshot {
     pub tokens_out: u64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: u64,
+    /// Requests sent a second time because the first had not answered.
+    pub hedges: u64,
     /// Calls answered from the persistent cache.
     pub cache_hits: u64,
     /// Calls looked up in the persistent cache and not found.
@@ -256,6 +271,19 @@ pub struct MetricsSnapshot {
     /// Per function: prompts, requests, cache hits, retries and errors by kind, tokens, latency
     /// p50/p95/p99 (ms), in-flight high-water mark.
     pub functions: BTreeMap<String, FunctionSnapshot>,
+    /// Per model: what its governor learned.
+    pub models: BTreeMap<String, ModelSnapshot>,
+}
+
+/// What a model's governor learned of the provider's limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ModelSnapshot {
+    /// The in-flight limit now.
+    pub limit: usize,
+    /// The learned pace in requests per second, if the provider's refusals taught one.
+    pub pace_rps: Option<f64>,
+    /// Round trips in which the provider refused in a burst.
+    pub saturations: u64,
 }
 
 impl MetricsSnapshot {
@@ -266,7 +294,11 @@ impl MetricsSnapshot {
             "succeeded": self.succeeded, "failed": self.failed, "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "max_in_flight": self.max_in_flight,
             "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
+            "hedges": self.hedges,
             "retries": self.retries, "errors": self.errors,
+            "models": self.models.iter().map(|(k, m)| (k.clone(), serde_json::json!({
+                "limit": m.limit, "pace_rps": m.pace_rps, "saturations": m.saturations,
+            }))).collect::<serde_json::Map<_, _>>(),
             "functions": self.functions.iter().map(|(k, f)| (k.clone(), f.to_json()))
                 .collect::<serde_json::Map<_, _>>(),
         })
@@ -321,10 +353,12 @@ impl Metrics {
             tokens_in: self.tokens_in.load(Ordering::Relaxed),
             tokens_out: self.tokens_out.load(Ordering::Relaxed),
             max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
+            hedges: self.hedges.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
             retries: names(&self.retries),
             errors: names(&self.errors),
+            models: BTreeMap::new(),
         }
     }
 

@@ -19,6 +19,7 @@
 mod batch;
 mod budget;
 mod dedup;
+mod hedge;
 pub mod metrics;
 mod retry;
 
@@ -36,6 +37,7 @@ use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt
 
 pub use metrics::{
     FunctionMetrics, FunctionSnapshot, LatencyHistogram, LatencySnapshot, Metrics, MetricsSnapshot,
+    ModelSnapshot,
 };
 
 /// The result of one row's call: the validated value or the final error.
@@ -244,6 +246,7 @@ fn error_outcome(e: &LlmError) -> Outcome {
     match e.kind {
         ErrorKind::RateLimited => Outcome::RateLimited {
             retry_after: e.retry_after,
+            rate: e.rate.as_deref().copied().unwrap_or_default(),
         },
         _ => Outcome::Failed,
     }

@@ -18,7 +18,7 @@ use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, RowError};
 impl Inner {
     /// One request for one prompt: budget, governor, global budget, provider. Each is held
     /// while the request is on the wire and given back on drop.
-    async fn send_one(
+    pub(super) async fn send_one(
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
@@ -41,6 +41,7 @@ impl Inner {
         admission.finish(match &result {
             Ok(r) => Outcome::Done {
                 tokens: r.usage.map(|u| u.prompt_tokens + u.completion_tokens),
+                rate: r.rate,
             },
             Err(e) => error_outcome(e),
         });
@@ -65,7 +66,7 @@ impl Inner {
         let result = if model.provider.max_batch() > 1 {
             self.send_batched(model, req, fm).await
         } else {
-            self.send_one(model, req, fm).await
+            self.send_hedged(model, req, fm).await
         };
         let m = &self.metrics;
         let resp = result?;

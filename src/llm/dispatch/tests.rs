@@ -22,6 +22,7 @@ impl Provider for Echo {
             content: req.prompt.user.clone(),
             finish_reason: Some("stop".into()),
             usage: None,
+            rate: Default::default(),
         })
     }
 }

@@ -260,6 +260,7 @@ fn sample_step(
                 prompt_tokens: a.prompt_len as u64,
                 completion_tokens: u64::from(a.generated),
             }),
+            rate: Default::default(),
         }));
     }
 }

@@ -14,7 +14,10 @@ const USAGE: &str = "usage: sluice-mock-llm [--port N] [--latency-ms N] [--jitte
   [--rate-limit P] [--server-500 P] [--server-503 P] [--timeout P] [--dropped P]
   [--malformed P] [--truncated P] [--invalid-schema P] [--finish-length P]
   [--retry-after-ms N] [--hang-ms N] [--api-key-env NAME] [--tiktoken-usage]
-P is a probability per request (0..1).";
+  [--max-in-flight N] [--rpm N] [--tpm N] [--burst-secs S] [--no-rate-headers]
+P is a probability per request (0..1). --max-in-flight, --rpm and --tpm are limits that answer
+429 with Retry-After beyond them (retry-after-ms for the cap); buckets hold --burst-secs of
+refill (default 1); x-ratelimit-* headers go on every answer unless --no-rate-headers.";
 
 fn parse_args() -> Result<(MockConfig, u16), String> {
     let mut cfg = MockConfig::default();
@@ -23,6 +26,10 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
     while let Some(flag) = args.next() {
         if flag == "--tiktoken-usage" {
             cfg.tiktoken_usage = true;
+            continue;
+        }
+        if flag == "--no-rate-headers" {
+            cfg.limits.headers = false;
             continue;
         }
         if flag == "--help" || flag == "-h" {
@@ -56,6 +63,16 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
             "--finish-length" => cfg.faults.finish_length = prob(&value)?,
             "--retry-after-ms" => cfg.retry_after_ms = num(&value)?,
             "--hang-ms" => cfg.hang = Duration::from_millis(num(&value)?),
+            "--max-in-flight" => cfg.limits.max_in_flight = Some(num(&value)?),
+            "--rpm" => cfg.limits.rpm = Some(num(&value)?),
+            "--tpm" => cfg.limits.tpm = Some(num(&value)?),
+            "--burst-secs" => {
+                cfg.limits.burst_secs = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| format!("{flag}: {value:?} is not a positive number"))?
+            }
             "--api-key-env" => {
                 cfg.api_key =
                     Some(std::env::var(&value).map_err(|_| format!("{value} is not set"))?)

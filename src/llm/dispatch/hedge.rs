@@ -1,0 +1,98 @@
+//! Hedging: a request still unanswered long after its function's requests usually answer is
+//! sent a second time, and the first valid answer wins; the other is dropped (and with it its
+//! connection, governor slot and permit). A hung server connection then costs one hedge, not a
+//! slot for the whole `timeout_ms`.
+//!
+//! When: after `hedge_after_ms`, or by default after three times the function's p99 latency
+//! (at least [`FLOOR`]) once [`MIN_SAMPLES`] requests have answered. Hedges are at most
+//! [`BUDGET`] of the requests sent, so a provider that is slow for everyone is not sent
+//! everything twice. The call stays one call: one result, one cache entry.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::future::{Either, select};
+
+use super::{FunctionMetrics, Inner, ModelHandle};
+use crate::config::Hedge;
+use crate::types::{LlmError, LlmRequest, LlmResponse};
+
+/// Latency samples the adaptive threshold needs.
+const MIN_SAMPLES: u64 = 20;
+/// The adaptive threshold is this many times the p99 latency...
+const P99_FACTOR: f64 = 3.0;
+/// ...and never shorter than this.
+const FLOOR: Duration = Duration::from_millis(250);
+/// Most hedges, as a share of the requests sent.
+const BUDGET: f64 = 0.02;
+/// How often a request waiting for a threshold (or for budget) looks again.
+const RECHECK: Duration = Duration::from_millis(50);
+
+impl Inner {
+    /// How long a request of `fm` may go unanswered before it is hedged, if that is known.
+    fn hedge_after(&self, fm: &FunctionMetrics) -> Option<Duration> {
+        match self.cfg.hedge {
+            Hedge::Off => None,
+            Hedge::After(d) => Some(d),
+            Hedge::Adaptive => {
+                if fm.latency.count() < MIN_SAMPLES {
+                    return None;
+                }
+                let p99_ms = fm.latency.quantile_ms(0.99)?;
+                let t = Duration::try_from_secs_f64(p99_ms * P99_FACTOR / 1000.0).ok()?;
+                Some(t.max(FLOOR))
+            }
+        }
+    }
+
+    /// Whether one more hedge stays within the budget.
+    fn hedge_allowed(&self) -> bool {
+        let hedges = self.metrics.hedges.load(Ordering::Relaxed) as f64;
+        let requests = self.metrics.requests.load(Ordering::Relaxed) as f64;
+        hedges < (requests * BUDGET).max(1.0)
+    }
+
+    /// Sends `req`, hedged as the module says.
+    pub(super) async fn send_hedged(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+        fm: &FunctionMetrics,
+    ) -> Result<LlmResponse, LlmError> {
+        if self.cfg.hedge == Hedge::Off {
+            return self.send_one(model, req, fm).await;
+        }
+        let started = Instant::now();
+        let mut first = Box::pin(self.send_one(model, req, fm));
+        loop {
+            let wait = self
+                .hedge_after(fm)
+                .map_or(RECHECK, |t| t.saturating_sub(started.elapsed()))
+                .max(Duration::from_millis(1));
+            match select(first, Box::pin(tokio::time::sleep(wait))).await {
+                Either::Left((result, _)) => return result,
+                Either::Right(((), pending)) => first = pending,
+            }
+            let due = self.hedge_after(fm).is_some_and(|t| started.elapsed() >= t);
+            if !due {
+                continue;
+            }
+            if !self.hedge_allowed() {
+                // Over budget: wait for the first, looking again now and then.
+                match select(first, Box::pin(tokio::time::sleep(RECHECK))).await {
+                    Either::Left((result, _)) => return result,
+                    Either::Right(((), pending)) => first = pending,
+                }
+                continue;
+            }
+            self.metrics.hedges.fetch_add(1, Ordering::Relaxed);
+            fm.hedges.fetch_add(1, Ordering::Relaxed);
+            let second = Box::pin(self.send_one(model, req, fm));
+            return match select(first, second).await {
+                Either::Left((Ok(r), _)) | Either::Right((Ok(r), _)) => Ok(r),
+                // The first to fail leaves the answer to the other.
+                Either::Left((Err(_), other)) | Either::Right((Err(_), other)) => other.await,
+            };
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Tests of the governor: slots, buckets, the pause rule, advertised limits, learned limits.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+fn cfg(max: usize) -> GovernorConfig {
+    GovernorConfig {
+        max_concurrency: max,
+        rpm: None,
+        tpm: None,
+        adaptive: true,
+    }
+}
+
+fn done() -> Outcome {
+    Outcome::Done {
+        tokens: None,
+        rate: RateLimits::default(),
+    }
+}
+
+fn refused(retry_after: Option<Duration>) -> Outcome {
+    Outcome::RateLimited {
+        retry_after,
+        rate: RateLimits::default(),
+    }
+}
+
+#[tokio::test]
+async fn limits_in_flight_and_wakes_waiters() {
+    let g = Arc::new(Governor::new(cfg(2)));
+    let a = g.admit(1).await;
+    let b = g.admit(1).await;
+    let g2 = g.clone();
+    let waiter = tokio::spawn(async move { g2.admit(1).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiter.is_finished(), "a third request waits");
+    a.finish(done());
+    let c = tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("woken")
+        .unwrap();
+    b.finish(Outcome::Failed);
+    c.finish(Outcome::Failed);
+}
+
+#[tokio::test]
+async fn a_dropped_admission_gives_its_slot_back() {
+    let g = Arc::new(Governor::new(cfg(1)));
+    let a = g.admit(1).await;
+    assert_eq!(g.in_flight(), 1);
+    drop(a);
+    assert_eq!(g.in_flight(), 0);
+    // A request cancelled while it waits for admission takes nothing.
+    let held = g.admit(1).await;
+    let g2 = g.clone();
+    let waiter = tokio::spawn(async move { g2.admit(1).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    waiter.abort();
+    let _ = waiter.await;
+    held.finish(done());
+    assert_eq!(g.in_flight(), 0);
+    let again = tokio::time::timeout(Duration::from_secs(1), g.admit(1)).await;
+    assert!(again.is_ok(), "the slot is free");
+}
+
+/// Admits `n` at once, then ends those admitted above `cap` in flight as refused (a server
+/// that takes `cap` requests at a time) and the rest as done.
+async fn round_trip_against_a_cap(g: &Arc<Governor>, n: usize, cap: usize) {
+    let mut adms = vec![];
+    for _ in 0..n {
+        adms.push(g.admit(1).await);
+    }
+    // Refusals come back first (a capped server answers them at once).
+    for a in adms.drain(cap.min(n)..) {
+        a.finish(refused(Some(Duration::from_millis(1))));
+    }
+    for a in adms {
+        a.finish(done());
+    }
+}
+
+#[tokio::test]
+async fn a_concurrency_cap_is_learned_and_settled_just_under() {
+    let g = Arc::new(Governor::new(cfg(64)));
+    round_trip_against_a_cap(&g, 64, 32).await;
+    assert_eq!(g.saturations(), 1);
+    assert_eq!(
+        g.limit(),
+        31,
+        "the highest level that got through, less a margin"
+    );
+    assert_eq!(g.pace(), None, "a cap is not a rate");
+    // Under the learned limit nothing is refused and nothing changes.
+    for _ in 0..20 {
+        round_trip_against_a_cap(&g, 31, 32).await;
+    }
+    assert_eq!((g.limit(), g.saturations()), (31, 1));
+}
+
+#[tokio::test]
+async fn scattered_429s_pause_nobody_and_teach_nothing() {
+    let g = Arc::new(Governor::new(cfg(64)));
+    for i in 0..2000 {
+        let a = g.admit(1).await;
+        // One in twenty refused, at any level: a provider refusing at random.
+        a.finish(if i % 20 == 0 {
+            refused(Some(Duration::from_millis(500)))
+        } else {
+            done()
+        });
+    }
+    assert_eq!(g.saturations(), 0);
+    assert_eq!((g.limit(), g.pace()), (64, None));
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    assert!(t.elapsed() < Duration::from_millis(50), "not paused");
+}
+
+#[tokio::test]
+async fn a_burst_pauses_the_model_for_a_round_trip_not_for_retry_after() {
+    let g = Arc::new(Governor::new(cfg(16)));
+    // Successes that take ~20 ms teach the round trip.
+    let mut warm = vec![];
+    for _ in 0..16 {
+        warm.push(g.admit(1).await);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for a in warm {
+        a.finish(done());
+    }
+    // A whole round trip refused, each asking for 5 s.
+    let mut adms = vec![];
+    for _ in 0..16 {
+        adms.push(g.admit(1).await);
+    }
+    for a in adms {
+        a.finish(refused(Some(Duration::from_secs(5))));
+    }
+    assert_eq!(g.saturations(), 1);
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(20) && waited < Duration::from_millis(500),
+        "{waited:?}"
+    );
+}
+
+/// A provider that takes 200 requests a second (a bucket holding 20) and answers in 20 ms.
+struct RateProvider {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateProvider {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * 200.0).min(20.0);
+        self.at = now;
+        let ok = self.tokens >= 1.0;
+        if ok {
+            self.tokens -= 1.0;
+        }
+        ok
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_is_learned_from_what_gets_through_while_refusing() {
+    let g = Arc::new(Governor::new(cfg(64)));
+    let provider = Arc::new(std::sync::Mutex::new(RateProvider {
+        tokens: 20.0,
+        at: Instant::now(),
+    }));
+    let refusals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (g, provider, refusals) = (g.clone(), provider.clone(), refusals.clone());
+            tokio::spawn(async move {
+                while started.elapsed() < Duration::from_millis(2500) {
+                    let a = g.admit(1).await;
+                    let ok = provider.lock().unwrap().take();
+                    if ok {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        a.finish(done());
+                    } else {
+                        refusals.lock().unwrap().push(Instant::now());
+                        a.finish(refused(Some(Duration::from_millis(5))));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let pace = g.pace().expect("a pace was learned");
+    assert!(
+        (160.0..=210.0).contains(&pace),
+        "pace {pace:.0}/s for a 200/s provider"
+    );
+    assert_eq!(g.limit(), 64, "no concurrency cap was inferred");
+    // Settled: the last second refused next to nothing.
+    let late = refusals
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.duration_since(started) > Duration::from_millis(1500))
+        .count();
+    assert!(late <= 10, "{late} refusals in the last second");
+}
+
+#[tokio::test]
+async fn rpm_and_tpm_buckets_pace_requests() {
+    // 600 requests per minute = one per 100 ms once the bucket is empty.
+    let g = Arc::new(Governor::new(GovernorConfig {
+        rpm: Some(600),
+        ..cfg(1000)
+    }));
+    for _ in 0..600 {
+        g.admit(1).await.finish(done());
+    }
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    assert!(
+        t.elapsed() >= Duration::from_millis(80),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // 6,000 tokens per minute: reported usage smaller than the estimate gives the
+    // difference back.
+    let g = Arc::new(Governor::new(GovernorConfig {
+        tpm: Some(6000),
+        ..cfg(1000)
+    }));
+    let a = g.admit(6000).await;
+    a.finish(Outcome::Done {
+        tokens: Some(5900),
+        rate: RateLimits::default(),
+    });
+    let t = Instant::now();
+    let a = g.admit(100).await;
+    assert!(t.elapsed() < Duration::from_millis(50), "refund made room");
+    a.finish(done());
+}
+
+fn advertised(limit: u64, remaining: u64, reset_ms: u64) -> RateLimits {
+    RateLimits {
+        requests: RateWindow {
+            limit: Some(limit),
+            remaining: Some(remaining),
+            reset: Some(Duration::from_millis(reset_ms)),
+        },
+        tokens: RateWindow::default(),
+    }
+}
+
+#[tokio::test]
+async fn advertised_limits_pace_before_any_refusal() {
+    let g = Arc::new(Governor::new(cfg(100)));
+    // The provider says 600 a minute and 3 left: three go now, the fourth waits ~100 ms.
+    g.admit(1).await.finish(Outcome::Done {
+        tokens: None,
+        rate: advertised(600, 3, 500),
+    });
+    let t = Instant::now();
+    for _ in 0..3 {
+        g.admit(1).await.finish(done());
+    }
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    g.admit(1).await.finish(done());
+    assert!(
+        t.elapsed() >= Duration::from_millis(80),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_spent_key_pauses_the_model_until_its_reset() {
+    let g = Arc::new(Governor::new(cfg(100)));
+    g.admit(1).await.finish(Outcome::RateLimited {
+        retry_after: Some(Duration::from_millis(10)),
+        rate: advertised(60_000, 0, 150),
+    });
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    assert!(
+        t.elapsed() >= Duration::from_millis(140),
+        "{:?}",
+        t.elapsed()
+    );
+    // A huge advertised reset pauses at most MAX_PAUSE, and garbage is not a pause.
+    let g = Arc::new(Governor::new(cfg(100)));
+    g.admit(1).await.finish(Outcome::Done {
+        tokens: None,
+        rate: RateLimits {
+            requests: RateWindow {
+                limit: None,
+                remaining: Some(5),
+                reset: Some(Duration::MAX),
+            },
+            tokens: RateWindow::default(),
+        },
+    });
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    assert!(t.elapsed() < Duration::from_millis(50));
+}
