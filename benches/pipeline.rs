@@ -7,7 +7,8 @@
 //! (as `cargo test --all-targets` runs it) it makes a small smoke run that checks the harness and
 //! the counts it relies on, so the benchmark cannot rot unnoticed.
 //!
-//! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `cache`, `s3`,
+//! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `limits`, `hedge`,
+//! `cache`, `s3`, `scale`,
 //! `local` (the embedded model; needs the default `local` feature and `models/` fetched).
 
 use std::io::{BufRead, BufReader};
@@ -254,6 +255,109 @@ fn flagship_with(
         "ratio_to_measured_limit": m.metrics["functions"]["answer_question"]["latency_ms"]["p50"]
             .as_f64()
             .map(|p50| round(rate / ((concurrency * batch) as f64 / (p50 / 1000.0)), 3)),
+    })
+}
+
+/// The test server's counters (`GET /stats`).
+fn mock_stats(mock: &Mock) -> Value {
+    use std::io::{Read, Write};
+    let addr = mock
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).expect("mock reachable");
+    write!(
+        sock,
+        "GET /stats HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    sock.read_to_string(&mut text).unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("{}");
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+/// Requests the server refused for its limits (`over_concurrency`, `over_rpm`, `over_tpm`).
+fn refused(stats: &Value) -> u64 {
+    ["over_concurrency", "over_rpm", "over_tpm"]
+        .iter()
+        .map(|k| stats["faults"][k].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Mean tokens per request as the test server's token bucket counts them, for the flagship.
+fn flagship_tokens_per_request() -> f64 {
+    let mock = Mock::start(&["--tpm", "1000000000"]);
+    let p = Project::new(&mock.url, 16, 50, false);
+    p.run(&[]);
+    let stats = mock_stats(&mock);
+    stats["tokens_admitted"].as_f64().unwrap_or(0.0) / stats["requests"].as_f64().unwrap_or(1.0)
+}
+
+/// The flagship at 20 ms and concurrency 64 against a provider that enforces a limit worth
+/// `limit_prompts_per_s` (issue 15): throughput as a ratio to it, and the share of requests
+/// it refused.
+fn limited(name: &str, passages: usize, limit_args: &[&str], limit_prompts_per_s: f64) -> Value {
+    let mut args = vec!["--latency-ms", "20"];
+    args.extend_from_slice(limit_args);
+    let mock = Mock::start(&args);
+    let p = Project::new(&mock.url, 64, passages, false);
+    let m = p.run(&[]);
+    let stats = mock_stats(&mock);
+    let prompts = num(&m.metrics, "calls") + num(&m.metrics, "deduplicated");
+    let requests = stats["requests"].as_u64().unwrap_or(0);
+    let refused = refused(&stats);
+    let rate = prompts as f64 / m.wall_s;
+    json!({
+        "scenario": name, "passages": passages, "prompts": prompts, "requests": requests,
+        "server_args": limit_args.join(" "),
+        "wall_s": round(m.wall_s, 2), "prompts_per_s": round(rate, 1),
+        "limit_prompts_per_s": round(limit_prompts_per_s, 1),
+        "ratio_to_limit": round(rate / limit_prompts_per_s, 3),
+        "refused": refused, "refused_share": round(refused as f64 / requests.max(1) as f64, 4),
+        "failed": num(&m.metrics, "failed"), "max_in_flight_server": stats["max_in_flight"].clone(),
+        "governor": m.metrics["models"]["default"].clone(),
+        "max_rss_mb": round(m.max_rss_mb, 1),
+    })
+}
+
+/// Hedging (issue 15): the flagship with 0.5% of requests hanging for 20 s, against the same
+/// run without hangs.
+fn hedging(passages: usize) -> Value {
+    let clean = {
+        let mock = Mock::start(&["--latency-ms", "20"]);
+        Project::new(&mock.url, 64, passages, false).run(&[])
+    };
+    let mock = Mock::start(&[
+        "--latency-ms",
+        "20",
+        "--timeout",
+        "0.005",
+        "--hang-ms",
+        "20000",
+    ]);
+    let p = Project::new(&mock.url, 64, passages, true);
+    let m = p.run(&[]);
+    let stats = mock_stats(&mock);
+    let hedges = num(&m.metrics, "hedges");
+    let requests = num(&m.metrics, "requests");
+    let calls = num(&m.metrics, "calls");
+    let entries = {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .current_dir(p.dir.path())
+            .args(["cache", "stats"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    json!({
+        "scenario": "hedge-0.5pct-hang-20s", "passages": passages, "calls": calls,
+        "requests": requests, "hedges": hedges,
+        "hedge_share": round(hedges as f64 / requests.max(1) as f64, 4),
+        "hung": stats["faults"]["timeout"].clone(), "failed": num(&m.metrics, "failed"),
+        "clean_wall_s": round(clean.wall_s, 2), "wall_s": round(m.wall_s, 2),
+        "ratio_to_clean": round(m.wall_s / clean.wall_s, 3), "cache": entries,
     })
 }
 
@@ -594,6 +698,41 @@ fn main() {
             "100",
         ];
         emit(flagship("rate-limit-5pct-c64", 2000, 64, &args, 20.0));
+    }
+    if want("limits") {
+        let concurrency_limit = 32.0 / 0.020;
+        for (name, headers) in [("limits-cap32", true), ("limits-cap32-no-headers", false)] {
+            let mut args = vec!["--max-in-flight", "32", "--retry-after-ms", "1000"];
+            if !headers {
+                args.push("--no-rate-headers");
+            }
+            emit(limited(name, 2000, &args, concurrency_limit));
+        }
+        for (name, headers) in [
+            ("limits-rpm12000", true),
+            ("limits-rpm12000-no-headers", false),
+        ] {
+            let mut args = vec!["--rpm", "12000"];
+            if !headers {
+                args.push("--no-rate-headers");
+            }
+            emit(limited(name, 2000, &args, 200.0));
+        }
+        // Tokens bind before requests: the token limit is worth 150 requests a second.
+        let per_request = flagship_tokens_per_request();
+        let tpm = (150.0 * 60.0 * per_request).round() as u64;
+        let tpm_arg = tpm.to_string();
+        for (name, headers) in [("limits-tpm", true), ("limits-tpm-no-headers", false)] {
+            let mut args = vec!["--rpm", "12000", "--tpm", tpm_arg.as_str()];
+            if !headers {
+                args.push("--no-rate-headers");
+            }
+            let limit = tpm as f64 / 60.0 / per_request;
+            emit(limited(name, 2000, &args, limit));
+        }
+    }
+    if want("hedge") {
+        emit(hedging(2000));
     }
     if want("cache") {
         emit(cache_rerun(50_000));

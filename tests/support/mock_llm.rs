@@ -121,6 +121,9 @@ pub struct MockConfig {
     pub permanent: Vec<(String, Fault)>,
     /// Delay requested by 429 responses.
     pub retry_after_ms: u64,
+    /// If set, injected 429s send this `Retry-After` verbatim (and no `retry-after-ms`): for
+    /// servers that send odd values.
+    pub retry_after_raw: Option<String>,
     /// How long a Timeout fault hangs.
     pub hang: Duration,
     /// If set, requests must carry `Authorization: Bearer <key>`.
@@ -141,6 +144,7 @@ impl Default for MockConfig {
             faults: FaultRates::default(),
             permanent: vec![],
             retry_after_ms: 20,
+            retry_after_raw: None,
             hang: Duration::from_secs(10),
             api_key: None,
             tiktoken_usage: false,
@@ -164,6 +168,8 @@ pub struct StatsSnapshot {
     pub by_prompt: HashMap<String, u64>,
     /// Most requests being processed at once.
     pub max_in_flight: u64,
+    /// Tokens of the requests the limits let through, as the token bucket counts them.
+    pub tokens_admitted: u64,
 }
 
 impl StatsSnapshot {
@@ -172,6 +178,7 @@ impl StatsSnapshot {
         json!({
             "requests": self.requests, "prompts": self.prompts, "ok": self.ok, "faults": self.faults,
             "distinct_prompts": self.by_prompt.len(), "max_in_flight": self.max_in_flight,
+            "tokens_admitted": self.tokens_admitted,
         })
     }
 }
@@ -183,6 +190,7 @@ struct Stats {
     ok: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    tokens_admitted: AtomicU64,
     faults: Mutex<HashMap<String, u64>>,
     by_prompt: Mutex<HashMap<String, u64>>,
 }
@@ -284,6 +292,7 @@ impl State {
             faults: s.faults.lock().map(|m| m.clone()).unwrap_or_default(),
             by_prompt: s.by_prompt.lock().map(|m| m.clone()).unwrap_or_default(),
             max_in_flight: s.max_in_flight.load(Ordering::Relaxed),
+            tokens_admitted: s.tokens_admitted.load(Ordering::Relaxed),
         }
     }
 
@@ -293,6 +302,7 @@ impl State {
         s.prompts.store(0, Ordering::Relaxed);
         s.ok.store(0, Ordering::Relaxed);
         s.max_in_flight.store(0, Ordering::Relaxed);
+        s.tokens_admitted.store(0, Ordering::Relaxed);
         if let Ok(mut m) = s.faults.lock() {
             m.clear();
         }
@@ -552,7 +562,12 @@ fn admit(
         .limits
         .admit(&st.buckets, in_flight, tokens as f64, concurrency_wait)
     {
-        Verdict::Serve(headers) => Ok(headers),
+        Verdict::Serve(headers) => {
+            st.stats
+                .tokens_admitted
+                .fetch_add(tokens, Ordering::Relaxed);
+            Ok(headers)
+        }
         Verdict::Refuse {
             reason,
             wait,
@@ -793,10 +808,13 @@ async fn serve_llm(
     match fault {
         Fault::RateLimit => {
             let secs = cfg.retry_after_ms.div_ceil(1000);
-            let headers = [
-                ("retry-after", secs.to_string()),
-                ("retry-after-ms", cfg.retry_after_ms.to_string()),
-            ];
+            let headers = match &cfg.retry_after_raw {
+                Some(raw) => vec![("retry-after", raw.clone())],
+                None => vec![
+                    ("retry-after", secs.to_string()),
+                    ("retry-after-ms", cfg.retry_after_ms.to_string()),
+                ],
+            };
             let body = error_body("Rate limit reached", "rate_limit_error");
             sock.write_all(&response(429, &headers, &body)).await?;
             Ok(After::KeepAlive)

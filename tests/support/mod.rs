@@ -14,7 +14,7 @@ use sluice::udf::def::FunctionDef;
 use sluice::{Engine, RunOptions};
 
 #[allow(unused_imports)]
-pub use mock_llm::{Fault, FaultRates, MockConfig, MockServer, StatsSnapshot, prompt_hash};
+pub use mock_llm::{Fault, FaultRates, Limits, MockConfig, MockServer, StatsSnapshot, prompt_hash};
 
 /// A function returning an object `{a: string, b: integer}` about `x` (for position tests).
 pub const PROFILE_FN: &str = r#"

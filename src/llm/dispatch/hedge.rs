@@ -8,6 +8,7 @@
 //! [`BUDGET`] of the requests sent, so a provider that is slow for everyone is not sent
 //! everything twice. The call stays one call: one result, one cache entry.
 
+use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -59,21 +60,24 @@ impl Inner {
         req: &LlmRequest,
         fm: &FunctionMetrics,
     ) -> Result<LlmResponse, LlmError> {
+        let (sent, second_sent) = (OnceLock::new(), OnceLock::new());
         if self.cfg.hedge == Hedge::Off {
-            return self.send_one(model, req, fm).await;
+            return self.send_one(model, req, fm, &sent).await;
         }
-        let started = Instant::now();
-        let mut first = Box::pin(self.send_one(model, req, fm));
+        // Time on the wire, not waiting for admission.
+        let on_wire = || sent.get().map_or(Duration::ZERO, Instant::elapsed);
+        let mut first = Box::pin(self.send_one(model, req, fm, &sent));
         loop {
-            let wait = self
-                .hedge_after(fm)
-                .map_or(RECHECK, |t| t.saturating_sub(started.elapsed()))
-                .max(Duration::from_millis(1));
+            let wait = match (self.hedge_after(fm), sent.get()) {
+                (Some(t), Some(_)) => t.saturating_sub(on_wire()),
+                _ => RECHECK,
+            }
+            .max(Duration::from_millis(1));
             match select(first, Box::pin(tokio::time::sleep(wait))).await {
                 Either::Left((result, _)) => return result,
                 Either::Right(((), pending)) => first = pending,
             }
-            let due = self.hedge_after(fm).is_some_and(|t| started.elapsed() >= t);
+            let due = sent.get().is_some() && self.hedge_after(fm).is_some_and(|t| on_wire() >= t);
             if !due {
                 continue;
             }
@@ -87,7 +91,7 @@ impl Inner {
             }
             self.metrics.hedges.fetch_add(1, Ordering::Relaxed);
             fm.hedges.fetch_add(1, Ordering::Relaxed);
-            let second = Box::pin(self.send_one(model, req, fm));
+            let second = Box::pin(self.send_one(model, req, fm, &second_sent));
             return match select(first, second).await {
                 Either::Left((Ok(r), _)) | Either::Right((Ok(r), _)) => Ok(r),
                 // The first to fail leaves the answer to the other.

@@ -17,12 +17,14 @@ use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, RowError};
 
 impl Inner {
     /// One request for one prompt: budget, governor, global budget, provider. Each is held
-    /// while the request is on the wire and given back on drop.
+    /// while the request is on the wire and given back on drop. `sent` is set when the request
+    /// goes on the wire.
     pub(super) async fn send_one(
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
         fm: &FunctionMetrics,
+        sent: &std::sync::OnceLock<Instant>,
     ) -> Result<LlmResponse, LlmError> {
         let estimate = req.estimated_usage();
         let _reservation = self.reserve_budget(model, estimate)?;
@@ -33,6 +35,7 @@ impl Inner {
         let Ok(_global) = self.global.acquire().await else {
             return Err(LlmError::new(ErrorKind::Connection, "dispatcher shut down"));
         };
+        let _ = sent.set(Instant::now());
         let result = {
             let _wire = OnTheWire::start(&self.metrics, fm);
             model.provider.complete(req).await

@@ -2,19 +2,19 @@
 //!
 //! Responses are judged in windows of about one round trip. A window in which the provider
 //! refused more than a fifth (and at least [`MIN_REFUSED`]) is *saturated*; scattered 429s are
-//! not, and cost only their own requests a Retry-After. A saturated window tells which kind of
-//! limit was hit:
-//! - a **concurrency cap** refuses only requests sent above some number in flight: every
-//!   refusal of the window was admitted at a higher in-flight level than every success. The
-//!   highest level that succeeded is the cap; the governor settles just under it;
-//! - a **rate** (requests or tokens per minute) refuses at any level once its bucket is empty.
-//!   Once the provider has been refusing for a while, the successes since it started are its
-//!   refill rate: the governor paces requests at [`MARGIN`] of that. Before that estimate
-//!   exists it halves its pace (or starts at half the rate it got through so far).
+//! not, and cost only their own requests a Retry-After. From a saturated window the governor
+//! learns the rate at which the provider serves — once it has been refusing for a while, what
+//! got through of the requests sent since (its refill); before that, the most requests it was
+//! seen serving at once divided by the round trip — and keeps
+//! - a **pace** of [`MARGIN`] of that rate, and
+//! - an **in-flight ceiling** of [`CEILING_SHARE`] of that rate times the round trip.
 //!
-//! Learned limits are probed upward one step at a time, only after a quiet period that doubles
-//! after every saturation (as TCP's congestion control keeps its `ssthresh`), so a run settles
-//! under the limit instead of regrowing into it every round trip.
+//! One rule covers both kinds of limit: a cap of C requests in flight at latency L serves C / L
+//! a second and C at once; a rate of R a second keeps R × L in flight.
+//!
+//! Learned limits are probed upward one step at a time (ceiling + 1, pace + 2%), only after a
+//! quiet period that doubles after every saturation (as TCP keeps its `ssthresh`), so a run
+//! settles under the limit instead of regrowing into it every round trip.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -29,6 +29,11 @@ pub(super) const MIN_REFUSED: usize = 8;
 pub(super) const WINDOW_MIN: usize = 16;
 /// Share of a learned rate that the governor paces at.
 const MARGIN: f64 = 0.95;
+/// Share of refusals in a window that trims a learned pace.
+const TRIM_AT: f64 = 0.02;
+/// Share of the most requests a provider served at once that the governor keeps in flight
+/// (at least one less).
+const CEILING_SHARE: f64 = 0.97;
 /// How far back successes count for the delivered rate.
 const HORIZON: Duration = Duration::from_secs(1);
 /// Burst a pacing bucket allows.
@@ -42,8 +47,8 @@ const PROBE_MAX: Duration = Duration::from_secs(60);
 struct Window {
     ok: usize,
     refused: usize,
-    max_ok_level: usize,
-    min_refused_level: usize,
+    /// Refusals of requests sent after the learned limits last changed.
+    refused_since_change: usize,
     longest_retry_after: Option<Duration>,
 }
 
@@ -52,8 +57,7 @@ impl Default for Window {
         Window {
             ok: 0,
             refused: 0,
-            max_ok_level: 0,
-            min_refused_level: usize::MAX,
+            refused_since_change: 0,
             longest_retry_after: None,
         }
     }
@@ -63,9 +67,8 @@ impl Default for Window {
 #[derive(Debug)]
 pub(super) struct Learner {
     window: Window,
-    /// Times of the successes within [`HORIZON`].
-    delivered: VecDeque<Instant>,
-    first_success: Option<Instant>,
+    /// When the recent successes were admitted and answered (within [`HORIZON`]).
+    delivered: VecDeque<(Instant, Instant)>,
     /// Since when the provider has been refusing (this episode), and the successes since.
     refusing_since: Option<Instant>,
     ok_since_refusing: usize,
@@ -86,7 +89,6 @@ impl Learner {
         Learner {
             window: Window::default(),
             delivered: VecDeque::new(),
-            first_success: None,
             refusing_since: None,
             ok_since_refusing: 0,
             ceiling: None,
@@ -98,17 +100,15 @@ impl Learner {
         }
     }
 
-    /// Records a success of a request admitted at in-flight `level` at `admitted`.
-    pub fn ok(&mut self, level: usize, admitted: Instant, now: Instant) {
+    /// Records a success of a request admitted at `admitted`.
+    pub fn ok(&mut self, admitted: Instant, now: Instant) {
         let latency = now.saturating_duration_since(admitted);
         self.window.ok += 1;
-        self.window.max_ok_level = self.window.max_ok_level.max(level);
-        self.first_success.get_or_insert(now);
-        self.delivered.push_back(now);
+        self.delivered.push_back((admitted, now));
         while self
             .delivered
             .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > HORIZON)
+            .is_some_and(|(_, t)| now.saturating_duration_since(*t) > HORIZON)
         {
             self.delivered.pop_front();
         }
@@ -125,10 +125,12 @@ impl Learner {
         };
     }
 
-    /// Records a refusal (429) of a request admitted at in-flight `level`.
-    pub fn refused(&mut self, level: usize, retry_after: Option<Duration>, now: Instant) {
+    /// Records a refusal (429) of a request admitted at `admitted`.
+    pub fn refused(&mut self, admitted: Instant, retry_after: Option<Duration>, now: Instant) {
         self.window.refused += 1;
-        self.window.min_refused_level = self.window.min_refused_level.min(level);
+        if admitted >= self.last_change {
+            self.window.refused_since_change += 1;
+        }
         self.window.longest_retry_after = self.window.longest_retry_after.max(retry_after);
         if self.refusing_since.is_none() {
             self.refusing_since = Some(now);
@@ -136,17 +138,25 @@ impl Learner {
         }
     }
 
-    /// Successes per second over the last [`HORIZON`] (or since the first success, at least
-    /// one round trip).
-    fn delivered_rate(&self, now: Instant) -> f64 {
-        let since_first = self
-            .first_success
-            .map_or(HORIZON, |t| now.saturating_duration_since(t));
-        let span = since_first
-            .as_secs_f64()
-            .max(self.rtt)
-            .min(HORIZON.as_secs_f64());
-        self.delivered.len() as f64 / span.max(1e-3)
+    /// Most requests that were being served successfully at once, over the successes
+    /// answered since `since` (a provider serving C at a time, or R a second at latency L,
+    /// shows C or R × L).
+    fn served_at_once(&self, since: Instant, now: Instant) -> usize {
+        let _ = now;
+        let mut events: Vec<(Instant, i32)> = self
+            .delivered
+            .iter()
+            .filter(|(_, done)| *done >= since)
+            .flat_map(|(start, done)| [(*start, 1), (*done, -1)])
+            .collect();
+        // Ends sort before starts at the same instant.
+        events.sort_unstable();
+        let (mut serving, mut most) = (0i32, 0i32);
+        for (_, d) in events {
+            serving += d;
+            most = most.max(serving);
+        }
+        most.max(0) as usize
     }
 
     /// The provider's refill rate, once it has been refusing for long enough to tell: what
@@ -157,7 +167,7 @@ impl Learner {
             .saturating_duration_since(self.refusing_since?)
             .as_secs_f64();
         let span = since - self.rtt;
-        (span >= self.rtt.max(0.05) && self.ok_since_refusing >= 4)
+        (span >= (4.0 * self.rtt).max(0.1) && self.ok_since_refusing >= 16)
             .then(|| self.ok_since_refusing as f64 / span)
     }
 
@@ -176,53 +186,81 @@ impl Learner {
             if w.refused == 0 {
                 self.refusing_since = None;
             }
+            self.trim_pace(&w, now);
             return None;
         }
         self.saturations += 1;
         self.last_change = now;
         self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
-        if w.max_ok_level > 0 && w.min_refused_level > w.max_ok_level {
-            // A concurrency cap: settle just under the highest level that got through.
-            let cap = w.max_ok_level;
-            self.ceiling = Some(cap.saturating_sub((cap / 32).max(1)).max(1));
-        } else {
-            // Refusals among successes: a rate. (A first window can look like a cap when a
-            // bucket's burst let the first requests through; this corrects it.)
-            self.ceiling = None;
-            self.learn_rate(now);
-        }
+        self.learn(now);
+        tracing::debug!(
+            ok = w.ok, refused = w.refused, rtt_ms = self.rtt * 1000.0,
+            pace = ?self.pace.as_ref().map(|p| p.rate), ceiling = ?self.ceiling,
+            "governor: the provider refused in a burst"
+        );
+
         // Two round trips; before any success has timed one, what the provider asked (at
-        // most a second).
-        let pause = if self.rtt > 0.0 {
-            let round_trips = Duration::try_from_secs_f64(2.0 * self.rtt).unwrap_or(Duration::ZERO);
-            w.longest_retry_after
-                .map_or(round_trips, |r| r.min(round_trips))
+        // most 100 ms).
+        // One to two round trips (what is on the wire answers meanwhile); before any
+        // success has timed one, 20 to 100 ms.
+        let asked = w.longest_retry_after.unwrap_or(Duration::from_millis(100));
+        let rtt = Duration::try_from_secs_f64(self.rtt).unwrap_or(Duration::ZERO);
+        let pause = if rtt.is_zero() {
+            asked.clamp(Duration::from_millis(20), Duration::from_millis(100))
         } else {
-            w.longest_retry_after
-                .unwrap_or(Duration::from_millis(100))
-                .min(Duration::from_secs(1))
+            asked.clamp(rtt, rtt * 2)
         };
+        // The refill is measured again from after the pause, over time spent sending.
+        self.refusing_since = Some(now + pause);
+        self.ok_since_refusing = 0;
         Some(pause)
     }
 
-    /// Sets the pace from the provider's refill rate, or halves it while that is unknown.
-    fn learn_rate(&mut self, now: Instant) {
+    /// Under a learned pace, a window that still saw refusals (more than [`TRIM_AT`]) means
+    /// the pace is that much too fast: it drops by the refused share. (Scattered refusals of
+    /// a provider that refuses at random never set a pace, so they never trim one.)
+    fn trim_pace(&mut self, w: &Window, now: Instant) {
+        let seen = (w.ok + w.refused) as f64;
+        let share = w.refused_since_change as f64 / seen.max(1.0);
+        if let Some(p) = self.pace.as_mut()
+            && w.refused_since_change >= 2
+            && share > TRIM_AT
+        {
+            let rate = p.rate * (1.0 - share) * 0.98;
+            p.set_pace(rate, now);
+            self.last_change = now;
+        }
+    }
+
+    /// Learns from a saturated window: the rate at which the provider serves (its refill
+    /// once it has been refusing for a while, else the most requests it served at once over
+    /// the round trip) gives the pace, and the most it served at once, less a margin, the
+    /// in-flight ceiling. The two describe a concurrency cap and a rate alike: a cap of C at
+    /// latency L serves C / L a second and C at once; a rate R keeps about R × L in flight.
+    fn learn(&mut self, now: Instant) {
+        // Over the last second: one round trip may hold too few successes to tell.
+        let at_once = self.served_at_once(now - HORIZON, now);
+        let served = match self.capacity(now) {
+            Some(c) => c,
+            None if self.rtt > 0.0 => at_once as f64 / self.rtt,
+            None => 0.0,
+        };
+        if served <= 0.0 || at_once == 0 {
+            // Nothing got through yet: the pause alone waits for the provider.
+            return;
+        }
         let rate = match (self.capacity(now), &self.pace) {
-            (Some(c), _) => c * MARGIN,
-            (None, Some(p)) => p.rate * 0.5,
-            (None, None) => {
-                let delivered = self.delivered_rate(now);
-                if delivered <= 0.0 {
-                    // Nothing got through yet: the pause alone waits for the provider.
-                    return;
-                }
-                delivered * 0.5
-            }
+            (Some(_), _) | (None, None) => served * MARGIN,
+            // Still refusing at the pace set from an early estimate: halve it until the
+            // refill can be measured.
+            (None, Some(p)) => (served * MARGIN).min(p.rate * 0.5),
         };
         match self.pace.as_mut() {
             Some(p) => p.set_pace(rate, now),
             None => self.pace = Some(Bucket::pace(rate, PACE_BURST, now)),
         }
+        let margin = ((at_once as f64 * (1.0 - CEILING_SHARE)).ceil() as usize).max(1);
+        self.ceiling = Some(at_once.saturating_sub(margin).max(1));
     }
 
     /// After a quiet period, raises the learned limits one step (a concurrency cap by one, a

@@ -72,8 +72,6 @@ pub struct Governor {
 pub struct Admission {
     governor: Arc<Governor>,
     estimated_tokens: f64,
-    /// Requests in flight when this one was admitted, itself included.
-    level: usize,
     started: Instant,
     outcome: Option<Outcome>,
 }
@@ -205,7 +203,6 @@ impl Governor {
         Ok(Admission {
             governor: self.clone(),
             estimated_tokens: tokens,
-            level: st.in_flight,
             started: now,
             outcome: None,
         })
@@ -250,11 +247,11 @@ impl Governor {
                     b.give(adm.estimated_tokens.min(b.capacity) - t as f64);
                 }
                 self.heed(st, &rate, now);
-                st.learner.ok(adm.level, adm.started, now);
+                st.learner.ok(adm.started, now);
             }
             Outcome::RateLimited { retry_after, rate } => {
                 self.heed(st, &rate, now);
-                st.learner.refused(adm.level, retry_after, now);
+                st.learner.refused(adm.started, retry_after, now);
             }
             Outcome::Failed => {}
         }
