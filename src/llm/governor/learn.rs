@@ -43,7 +43,7 @@ const PROBE_FIRST: Duration = Duration::from_secs(2);
 const PROBE_MAX: Duration = Duration::from_secs(60);
 
 /// The responses of the current window.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Window {
     ok: usize,
     refused: usize,
@@ -52,16 +52,6 @@ struct Window {
     longest_retry_after: Option<Duration>,
 }
 
-impl Default for Window {
-    fn default() -> Self {
-        Window {
-            ok: 0,
-            refused: 0,
-            refused_since_change: 0,
-            longest_retry_after: None,
-        }
-    }
-}
 
 /// What the governor has learned of one provider.
 #[derive(Debug)]
