@@ -79,7 +79,12 @@ async fn a_concurrency_cap_is_learned_after_one_round_trip() {
     assert!(refused <= 48, "{refused} refused of {requests}");
     assert_eq!(requests, 400 + refused);
     let m = e.metrics();
-    assert_eq!(m.models["default"].limit, 3, "{:?}", m.models);
+    let limit = m.models["default"].limit;
+    assert!(
+        (2..=4).contains(&limit),
+        "limit {limit} for a cap of 4: {:?}",
+        m.models
+    );
     assert!(server.stats().max_in_flight <= 16);
 }
 

@@ -470,8 +470,11 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             s.requests.fetch_add(1, Ordering::Relaxed);
             let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             s.max_in_flight.fetch_max(now, Ordering::Relaxed);
-            let result = serve_llm(sock, st, &req, proto).await;
-            s.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let mut released = false;
+            let result = serve_llm(sock, st, &req, proto, &mut released).await;
+            if !released {
+                s.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
             result
         }
         _ => {
@@ -596,6 +599,7 @@ async fn serve_llm(
     st: &Arc<State>,
     req: &Request,
     proto: Proto,
+    released: &mut bool,
 ) -> std::io::Result<After> {
     let cfg = &st.cfg;
     if let Some(key) = &cfg.api_key {
@@ -800,8 +804,12 @@ async fn serve_llm(
 
     let Some(fault) = fault else {
         s.ok.fetch_add(prompts.len() as u64, Ordering::Relaxed);
-        sock.write_all(&response(200, &rate_headers, &envelope(&contents, "stop")))
-            .await?;
+        let answer = response(200, &rate_headers, &envelope(&contents, "stop"));
+        // The request stops counting against the concurrency cap once its answer is ready,
+        // before it is sent, as a server frees a slot when generation ends.
+        s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        *released = true;
+        sock.write_all(&answer).await?;
         return Ok(After::KeepAlive);
     };
     count_fault(st, fault);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::{Either, select};
 
+use super::metrics::HEDGE_REFRESH;
 use super::{FunctionMetrics, Inner, ModelHandle};
 use crate::config::Hedge;
 use crate::types::{LlmError, LlmRequest, LlmResponse};
@@ -36,12 +37,23 @@ impl Inner {
             Hedge::Off => None,
             Hedge::After(d) => Some(d),
             Hedge::Adaptive => {
+                let requests = fm.requests.load(Ordering::Relaxed);
+                let cached = fm.hedge_after_us.load(Ordering::Relaxed);
+                let at = fm.hedge_after_at.load(Ordering::Relaxed);
+                if cached > 0 && requests.saturating_sub(at) < HEDGE_REFRESH {
+                    return Some(Duration::from_micros(cached));
+                }
                 if fm.latency.count() < MIN_SAMPLES {
                     return None;
                 }
                 let p99_ms = fm.latency.quantile_ms(0.99)?;
-                let t = Duration::try_from_secs_f64(p99_ms * P99_FACTOR / 1000.0).ok()?;
-                Some(t.max(FLOOR))
+                let t = Duration::try_from_secs_f64(p99_ms * P99_FACTOR / 1000.0)
+                    .ok()?
+                    .max(FLOOR);
+                fm.hedge_after_us
+                    .store(t.as_micros().max(1) as u64, Ordering::Relaxed);
+                fm.hedge_after_at.store(requests, Ordering::Relaxed);
+                Some(t)
             }
         }
     }

@@ -90,6 +90,10 @@ pub struct FunctionMetrics {
     pub max_in_flight: AtomicU64,
     /// Requests sent a second time because the first had not answered (hedges).
     pub hedges: AtomicU64,
+    /// The adaptive hedging threshold in µs (0: not known yet), and the requests count when
+    /// it was computed (it is recomputed every [`HEDGE_REFRESH`] requests, not per request).
+    pub(crate) hedge_after_us: AtomicU64,
+    pub(crate) hedge_after_at: AtomicU64,
     /// Rows handed to the function by the plan so far (for progress).
     pub rows_queued: AtomicU64,
     /// Rows whose value or error is known (cached, shared, failed before a call included).
@@ -199,6 +203,9 @@ impl FunctionSnapshot {
         })
     }
 }
+
+/// How many requests an adaptive hedging threshold serves before it is computed again.
+pub(crate) const HEDGE_REFRESH: u64 = 64;
 
 /// Counters for one run, shared by all calls.
 #[derive(Debug, Default)]

@@ -52,7 +52,6 @@ struct Window {
     longest_retry_after: Option<Duration>,
 }
 
-
 /// What the governor has learned of one provider.
 #[derive(Debug)]
 pub(super) struct Learner {
