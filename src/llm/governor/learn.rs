@@ -170,10 +170,7 @@ impl Learner {
         }
         let seen = self.window.ok + self.window.refused;
         let w = std::mem::take(&mut self.window);
-        // Only refusals of requests sent under the current limits count: those sent before
-        // the last change (still on the wire when it was made) say nothing of it.
-        let fresh = w.refused_since_change;
-        let saturated = fresh >= MIN_REFUSED && fresh as f64 > SATURATED * seen as f64;
+        let saturated = w.refused >= MIN_REFUSED && w.refused as f64 > SATURATED * seen as f64;
         if !saturated {
             if w.refused == 0 {
                 self.refusing_since = None;
