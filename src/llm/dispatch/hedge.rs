@@ -80,8 +80,11 @@ impl Inner {
         let on_wire = || sent.get().map_or(Duration::ZERO, Instant::elapsed);
         let mut first = Box::pin(self.send_one(model, req, fm, &sent));
         loop {
+            // Until the first is due for a hedge (sent, threshold known and passed, budget
+            // left), wait for it, looking again at the threshold or now and then.
             let wait = match (self.hedge_after(fm), sent.get()) {
-                (Some(t), Some(_)) => t.saturating_sub(on_wire()),
+                (Some(t), Some(_)) if on_wire() < t => t.saturating_sub(on_wire()),
+                (Some(_), Some(_)) if self.hedge_allowed() => break,
                 _ => RECHECK,
             }
             .max(Duration::from_millis(1));
@@ -89,26 +92,14 @@ impl Inner {
                 Either::Left((result, _)) => return result,
                 Either::Right(((), pending)) => first = pending,
             }
-            let due = sent.get().is_some() && self.hedge_after(fm).is_some_and(|t| on_wire() >= t);
-            if !due {
-                continue;
-            }
-            if !self.hedge_allowed() {
-                // Over budget: wait for the first, looking again now and then.
-                match select(first, Box::pin(tokio::time::sleep(RECHECK))).await {
-                    Either::Left((result, _)) => return result,
-                    Either::Right(((), pending)) => first = pending,
-                }
-                continue;
-            }
-            self.metrics.hedges.fetch_add(1, Ordering::Relaxed);
-            fm.hedges.fetch_add(1, Ordering::Relaxed);
-            let second = Box::pin(self.send_one(model, req, fm, &second_sent));
-            return match select(first, second).await {
-                Either::Left((Ok(r), _)) | Either::Right((Ok(r), _)) => Ok(r),
-                // The first to fail leaves the answer to the other.
-                Either::Left((Err(_), other)) | Either::Right((Err(_), other)) => other.await,
-            };
+        }
+        self.metrics.hedges.fetch_add(1, Ordering::Relaxed);
+        fm.hedges.fetch_add(1, Ordering::Relaxed);
+        let second = Box::pin(self.send_one(model, req, fm, &second_sent));
+        match select(first, second).await {
+            Either::Left((Ok(r), _)) | Either::Right((Ok(r), _)) => Ok(r),
+            // The first to fail leaves the answer to the other.
+            Either::Left((Err(_), other)) | Either::Right((Err(_), other)) => other.await,
         }
     }
 }

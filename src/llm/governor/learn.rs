@@ -24,9 +24,9 @@ use super::bucket::Bucket;
 /// Share of refusals in a window above which the provider is saturated.
 const SATURATED: f64 = 0.2;
 /// Fewest refusals that make a window saturated.
-pub(super) const MIN_REFUSED: usize = 8;
+const MIN_REFUSED: usize = 8;
 /// Fewest responses a window judges.
-pub(super) const WINDOW_MIN: usize = 16;
+const WINDOW_MIN: usize = 16;
 /// Share of a learned rate that the governor paces at.
 const MARGIN: f64 = 0.95;
 /// Share of refusals in a window that trims a learned pace.
@@ -128,10 +128,10 @@ impl Learner {
     }
 
     /// Most requests that were being served successfully at once, over the successes
-    /// answered since `since` (a provider serving C at a time, or R a second at latency L,
-    /// shows C or R × L).
-    fn served_at_once(&self, since: Instant, now: Instant) -> usize {
-        let _ = now;
+    /// answered in the last [`HORIZON`] (a provider serving C at a time, or R a second at
+    /// latency L, shows C or R × L).
+    fn served_at_once(&self, now: Instant) -> usize {
+        let since = now.checked_sub(HORIZON).unwrap_or(now);
         let mut events: Vec<(Instant, i32)> = self
             .delivered
             .iter()
@@ -228,8 +228,9 @@ impl Learner {
     /// latency L serves C / L a second and C at once; a rate R keeps about R × L in flight.
     fn learn(&mut self, now: Instant) {
         // Over the last second: one round trip may hold too few successes to tell.
-        let at_once = self.served_at_once(now - HORIZON, now);
-        let served = match self.capacity(now) {
+        let at_once = self.served_at_once(now);
+        let capacity = self.capacity(now);
+        let served = match capacity {
             Some(c) => c,
             None if self.rtt > 0.0 => at_once as f64 / self.rtt,
             None => 0.0,
@@ -238,7 +239,7 @@ impl Learner {
             // Nothing got through yet: the pause alone waits for the provider.
             return;
         }
-        let rate = match (self.capacity(now), &self.pace) {
+        let rate = match (capacity, &self.pace) {
             (Some(_), _) | (None, None) => served * MARGIN,
             // Still refusing at the pace set from an early estimate: halve it until the
             // refill can be measured.
