@@ -46,6 +46,7 @@ async fn print_all() {
         "SELECT x FROM v ORDER BY llm(x)",
         "SELECT x, llm(x) FROM v ORDER BY x DESC LIMIT 2",
         "SELECT llm(x) FROM v LIMIT 2",
+        "SELECT llm(x) FROM v ORDER BY n LIMIT 2 OFFSET 1",
         "SELECT llm(llm(x)) AS y FROM v",
         "SELECT llm(x) AS k, count(*) FROM v GROUP BY llm(x)",
         "SELECT profile(x)['a'] AS a, profile_error(x) AS e FROM v",
@@ -125,18 +126,50 @@ Projection: v.x
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn projection_under_a_topk() {
-    // Today the call is evaluated below the TopK, for every row (issue: only the calls the
-    // rows returned need); this pin moves when that is fixed.
+async fn projection_over_a_topk() {
+    // The sort key does not depend on the call: the TopK runs first, and only the rows it keeps
+    // are sent to the model.
     let expected = r#"
-Sort: v.x DESC NULLS FIRST, fetch=2
+Projection: v.x, __sluice_llm_1 AS llm(v.x)
+  LlmNode: __sluice_llm_1 := llm(v.x)
+    Sort: v.x DESC NULLS FIRST, fetch=2
+      SubqueryAlias: v
+        Projection: t.column1 AS x
+          TableScan: t projection=[column1]"#;
+    assert_eq!(
+        position("SELECT x, llm(x) FROM v ORDER BY x DESC LIMIT 2").await,
+        expected.trim_start_matches('\n')
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_below_the_calls() {
+    // The rows an OFFSET skips are not sent either.
+    let expected = r#"
+Projection: __sluice_llm_1 AS llm(v.x)
+  LlmNode: __sluice_llm_1 := llm(v.x)
+    Limit: skip=1, fetch=2
+      Sort: v.n ASC NULLS LAST, fetch=3
+        SubqueryAlias: v
+          Projection: t.column1 AS x, t.column2 AS n
+            TableScan: t projection=[column1, column2]"#;
+    assert_eq!(
+        position("SELECT llm(x) FROM v ORDER BY n LIMIT 2 OFFSET 1").await,
+        expected.trim_start_matches('\n')
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sort_on_a_call_stays_above_it() {
+    let expected = r#"
+Sort: llm(v.x) ASC NULLS LAST, fetch=2
   Projection: v.x, __sluice_llm_1 AS llm(v.x)
     LlmNode: __sluice_llm_1 := llm(v.x)
       SubqueryAlias: v
         Projection: t.column1 AS x
           TableScan: t projection=[column1]"#;
     assert_eq!(
-        position("SELECT x, llm(x) FROM v ORDER BY x DESC LIMIT 2").await,
+        position("SELECT x, llm(x) FROM v ORDER BY llm(x) LIMIT 2").await,
         expected.trim_start_matches('\n')
     );
 }

@@ -239,6 +239,23 @@ async fn limit_bounds_the_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_by_limit_calls_only_the_rows_kept() {
+    // The sort key does not depend on the call: 2 calls, not 5, and the rows keep their order.
+    let (rows, n) = rows_for("SELECT x, llm(x) FROM v ORDER BY x DESC LIMIT 2;").await;
+    let expected: Vec<String> = ["gamma", "epsilon"]
+        .iter()
+        .map(|x| format!("{x} | {}", answer(x)))
+        .collect();
+    assert_eq!((rows, n), (expected, 2));
+    // A key not in the select list, with an OFFSET.
+    let (rows, n) = rows_for("SELECT llm(x) FROM v ORDER BY n LIMIT 2 OFFSET 1;").await;
+    assert_eq!((rows, n), (vec![answer("beta"), answer("gamma")], 2));
+    // Ordered by the call itself, every row must be answered.
+    let (rows, n) = rows_for("SELECT x FROM v ORDER BY llm(x) LIMIT 2;").await;
+    assert_eq!((rows.len(), n), (2, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_text_in_sql_feeds_llm_calls() {
     let (rows, n) = rows_for(
         "SELECT p, llm(p) FROM (SELECT unnest(chunk_text(x || '. ' || x || ' again.', 8)) AS p \

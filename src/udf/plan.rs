@@ -17,7 +17,7 @@
 //! DataFusion's own optimizer rules have seen the (volatile) placeholders, so no rule later inlines
 //! the call into several places.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ use datafusion::common::{Column, DFSchema, DFSchemaRef, Result, plan_err};
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::{
-    Expr, Extension, LogicalPlan, LogicalPlanBuilder, Projection, Unnest,
+    Expr, Extension, LogicalPlan, LogicalPlanBuilder, Projection, Sort, Unnest,
     UserDefinedLogicalNodeCore,
 };
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
@@ -249,8 +249,74 @@ impl OptimizerRule for LiftLlmCalls {
         plan: LogicalPlan,
         config: &dyn OptimizerConfig,
     ) -> Result<Transformed<LogicalPlan>> {
-        plan.transform_up_with_subqueries(|node| lift_node(node, config))
+        let sorted_first = plan.transform_down_with_subqueries(sort_before_calls)?;
+        let lifted = sorted_first
+            .data
+            .transform_up_with_subqueries(|node| lift_node(node, config))?;
+        Ok(Transformed::new(
+            lifted.data,
+            sorted_first.transformed || lifted.transformed,
+            TreeNodeRecursion::Continue,
+        ))
     }
+}
+
+/// `Sort(Projection)` where the projection calls a model but no sort key depends on a call
+/// becomes `Projection(Sort)`: the rows are ordered (and, with a fetch, cut to the TopK) before
+/// any call, so `SELECT x, f(x) FROM t ORDER BY x LIMIT 5` makes 5 calls, not one per row.
+fn sort_before_calls(node: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
+    let LogicalPlan::Sort(sort) = &node else {
+        return Ok(Transformed::no(node));
+    };
+    let LogicalPlan::Projection(projection) = sort.input.as_ref() else {
+        return Ok(Transformed::no(node));
+    };
+    if !projection.expr.iter().any(contains_llm_call) {
+        return Ok(Transformed::no(node));
+    }
+    // What each output column of the projection is, over the projection's input.
+    let meaning: HashMap<Column, &Expr> = projection
+        .schema
+        .columns()
+        .into_iter()
+        .zip(&projection.expr)
+        .collect();
+    let mut keys = Vec::with_capacity(sort.expr.len());
+    for key in &sort.expr {
+        let over_input = key
+            .expr
+            .clone()
+            .transform(|e| match &e {
+                Expr::Column(c) => match meaning.get(c) {
+                    Some(m) => Ok(Transformed::yes((*m).clone().unalias_nested().data)),
+                    None => Ok(Transformed::no(e)),
+                },
+                _ => Ok(Transformed::no(e)),
+            })?
+            .data;
+        let movable = !contains_llm_call(&over_input)
+            && !over_input.exists(|e| {
+                Ok(matches!(
+                    e,
+                    Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
+                ))
+            })?;
+        if !movable {
+            return Ok(Transformed::no(node));
+        }
+        keys.push(key.with_expr(over_input));
+    }
+    let ordered = LogicalPlan::Sort(Sort {
+        expr: keys,
+        input: projection.input.clone(),
+        fetch: sort.fetch,
+    });
+    let moved = Projection::try_new_with_schema(
+        projection.expr.clone(),
+        Arc::new(ordered),
+        projection.schema.clone(),
+    )?;
+    Ok(Transformed::yes(LogicalPlan::Projection(moved)))
 }
 
 /// A call's identity: function name, arguments, and the model named in SQL (for `llm`).
@@ -292,6 +358,9 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
             Some(plan) => Transformed::yes(plan),
             None => Transformed::no(node),
         });
+    }
+    if let LogicalPlan::Limit(_) = &node {
+        return Ok(limit_before_calls(node));
     }
     let exprs = node.expressions();
     if !exprs.iter().any(contains_llm_call) {
@@ -338,6 +407,30 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
         .collect();
     let below = stack_llm_nodes(input, &collected, &depth, &names)?;
     rewrite_over(node, exprs, below, &collected, &names).map(Transformed::yes)
+}
+
+/// `Limit(LlmNode(x))` becomes `LlmNode(Limit(x))`, through every stacked node: an LLM node keeps
+/// its input's rows and their order, so the rows an OFFSET skips are never sent to the model.
+fn limit_before_calls(node: LogicalPlan) -> Transformed<LogicalPlan> {
+    let LogicalPlan::Limit(limit) = &node else {
+        return Transformed::no(node);
+    };
+    let LogicalPlan::Extension(ext) = limit.input.as_ref() else {
+        return Transformed::no(node);
+    };
+    let Some(llm) = ext.node.as_any().downcast_ref::<LlmNode>() else {
+        return Transformed::no(node);
+    };
+    let mut sunk = limit.clone();
+    sunk.input = Arc::new(llm.input.clone());
+    let below = limit_before_calls(LogicalPlan::Limit(sunk)).data;
+    let moved = LlmNode {
+        input: below,
+        ..llm.clone()
+    };
+    Transformed::yes(LogicalPlan::Extension(Extension {
+        node: Arc::new(moved),
+    }))
 }
 
 /// One [`LlmNode`] per nesting level over `input`, innermost first.
