@@ -24,4 +24,4 @@ pub mod types;
 pub mod udf;
 
 pub use config::Config;
-pub use engine::{Engine, RunOptions};
+pub use engine::{Engine, OutputFormat, RunOptions};

@@ -1,6 +1,7 @@
 //! The command line beyond `run`: `sluice explain` against an actual run on the test server
-//! (which bills tokens as OpenAI does), `--budget-usd`, and the `sluice sql` shell with piped
-//! input and on a pseudo-terminal.
+//! (which bills tokens as OpenAI does), `--budget-usd`, the script given by `-c`, stdin and
+//! `--set`, the `--format` of printed rows, and the `sluice sql` shell with piped input and on a
+//! pseudo-terminal.
 
 mod support;
 
@@ -333,4 +334,139 @@ async fn the_shell_prompts_on_a_terminal() {
         "the count of the 14 transcripts: {text}"
     );
     assert!(p.path(".sluice/history").exists(), "history kept");
+}
+
+/// `llm(head)` over the first 12 characters of the first excerpts in their order.
+const TWO_CALLS: &str = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '${CORPUS}';\n\
+                         SELECT left(transcript, 12) AS head, llm(left(transcript, 12)) AS a FROM t \
+                         ORDER BY head LIMIT ${N:-2};";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_from_c_and_stdin_with_set_and_formats() {
+    let s = mock(MockConfig::default()).await;
+    let p = Project::new(&s.base_url(), 4, false);
+    let dir = p.dir.path().to_path_buf();
+
+    // -c with --set, as CSV: a header and the rows, nothing else on stdout.
+    let args = [
+        "run",
+        "-q",
+        "--format",
+        "csv",
+        "--set",
+        "CORPUS=data/t.jsonl",
+        "-c",
+        TWO_CALLS,
+    ];
+    let (code, stdout, stderr) = tokio::task::spawn_blocking({
+        let p = p.dir.path().to_path_buf();
+        move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .current_dir(&p)
+                .env_remove("SLUICE_CONFIG")
+                .args(args)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "header and 2 rows only:\n{stdout}");
+    assert_eq!(lines[0], "head,a");
+    let heads = excerpt_heads(&dir.join("data/t.jsonl"));
+    for (line, head) in lines[1..].iter().zip(&heads) {
+        let answer = format!("Answer [{}]", prompt_hash(None, head));
+        assert!(line.starts_with(&format!("{head},")), "{line}");
+        assert!(
+            line.contains(&answer),
+            "each row carries its own answer: {line}"
+        );
+    }
+    assert!(stderr.contains("CREATE EXTERNAL TABLE t"), "{stderr}");
+    assert_eq!(s.stats().prompts, 2, "ORDER BY ... LIMIT 2 makes 2 calls");
+
+    // The same script from stdin, as JSON lines, with N given: 3 objects.
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .current_dir(&dir)
+                .env_remove("SLUICE_CONFIG")
+                .args([
+                    "run",
+                    "-q",
+                    "--format",
+                    "json",
+                    "--set",
+                    "CORPUS=data/t.jsonl",
+                ])
+                .args(["--set", "N=3", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(TWO_CALLS.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    assert_eq!(rows[2]["head"].as_str(), Some(heads[2].as_str()));
+
+    // A variable without a value: exit 2, naming it, before any call.
+    let (code, _, stderr) = p.run_args(&["run", "-c", TWO_CALLS]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("${CORPUS}") && stderr.contains("--set CORPUS="),
+        "{stderr}"
+    );
+    // The default table format prints the row count.
+    let (code, stdout, _) =
+        p.run_args(&["run", "-q", "--set", "CORPUS=data/t.jsonl", "-c", TWO_CALLS]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("(2 rows)") && stdout.contains("CREATE EXTERNAL TABLE t"),
+        "{stdout}"
+    );
+}
+
+/// The first 12 characters of each transcript of a JSON-lines file, sorted.
+fn excerpt_heads(path: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            v["transcript"]
+                .as_str()
+                .map(|t| t.chars().take(12).collect())
+        })
+        .collect();
+    v.sort();
+    v
 }

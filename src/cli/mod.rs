@@ -3,6 +3,7 @@
 pub(crate) mod progress;
 pub(crate) mod repl;
 pub mod run;
+pub mod script;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,10 +37,11 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Execute every statement of a .sql file in order.
+    /// Execute every statement of a .sql file (or of `-c "SQL"`, or of stdin with `-`) in order.
     Run {
-        /// The SQL file.
-        file: PathBuf,
+        /// The script.
+        #[command(flatten)]
+        script: script::ScriptArgs,
         /// How to run it.
         #[command(flatten)]
         flags: run::RunFlags,
@@ -47,8 +49,9 @@ pub enum Command {
     /// Plan every statement and estimate its LLM calls, tokens and cost, without calling a
     /// model or writing anything (cached responses count as free).
     Explain {
-        /// The SQL file.
-        file: PathBuf,
+        /// The script.
+        #[command(flatten)]
+        script: script::ScriptArgs,
         /// Print the estimate as JSON.
         #[arg(long)]
         json: bool,
@@ -264,13 +267,21 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Cache { action } => cache_command(&config, action),
         Command::Explain {
-            file,
+            script,
             json,
             no_plan,
-        } => explain_command(&config, &file, json, no_plan).await,
+        } => explain_command(&config, &script.load()?, json, no_plan).await,
         Command::Sql { max_rows } => {
             let engine = Engine::new(&config).map_err(Failure::config)?;
-            if repl::run(&engine, &RunOptions { max_rows }).await {
+            if repl::run(
+                &engine,
+                &RunOptions {
+                    max_rows,
+                    ..RunOptions::default()
+                },
+            )
+            .await
+            {
                 Ok(ExitCode::SUCCESS)
             } else {
                 Err(Failure::new(EXIT_STATEMENT_FAILED, ""))
@@ -283,7 +294,7 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
             size,
             seed,
         } => gen_corpus(&out, companies, quarters, size.as_deref(), seed),
-        Command::Run { file, flags } => run::run_command(config, &file, flags).await,
+        Command::Run { script, flags } => run::run_command(config, &script.load()?, flags).await,
     }
 }
 
@@ -336,15 +347,13 @@ fn gen_corpus(
 
 async fn explain_command(
     config: &Config,
-    file: &Path,
+    script: &script::Script,
     json: bool,
     no_plan: bool,
 ) -> Result<ExitCode, Failure> {
     let engine = Engine::for_estimates(config).map_err(Failure::config)?;
-    let sql = std::fs::read_to_string(file)
-        .map_err(|e| Failure::statement(format!("cannot read {}: {e}", file.display())))?;
     let x = engine
-        .explain_script(&sql, &file.display().to_string())
+        .explain_script(&script.sql, &script.origin)
         .await
         .map_err(Failure::statement)?;
     if json {

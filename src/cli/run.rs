@@ -3,20 +3,25 @@
 //! kept).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::script::Script;
 use super::{EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure, format_summary, progress};
 use crate::config::Config;
-use crate::engine::{Engine, RunOptions, StatementError};
+use crate::engine::{Engine, OutputFormat, RunOptions, StatementError};
 use crate::llm::MetricsSnapshot;
 
 /// The flags of `sluice run`.
 #[derive(Debug, clap::Args)]
 pub struct RunFlags {
-    /// Rows of each SELECT result to print.
+    /// Rows of each SELECT result to print as a table.
     #[arg(long, default_value_t = 20)]
     pub max_rows: usize,
+    /// How SELECT results are printed: `table` (the first --max-rows), or every row as `csv`
+    /// or `json` lines with nothing else on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
     /// No progress display and no LLM summary.
     #[arg(short, long)]
     pub quiet: bool,
@@ -60,21 +65,26 @@ fn apply(config: &mut Config, flags: &RunFlags) -> Result<(), Failure> {
 }
 
 /// Runs the script, printing to stdout (through the progress display unless `quiet`).
-async fn execute(engine: &Engine, file: &Path, flags: &RunFlags) -> Result<(), StatementError> {
+async fn execute(engine: &Engine, script: &Script, flags: &RunFlags) -> Result<(), StatementError> {
     let opts = RunOptions {
         max_rows: flags.max_rows,
+        format: flags.format,
     };
     let progress = (!flags.quiet).then(|| progress::Progress::start(engine.live_metrics()));
     let result = match &progress {
         Some(p) => {
             let mut out = p.writer(std::io::stdout());
-            let r = engine.run_file(file, &opts, &mut out).await;
+            let r = engine
+                .run_script(&script.sql, &script.origin, &opts, &mut out)
+                .await;
             out.flush().ok();
             r
         }
         None => {
             let mut out = std::io::stdout();
-            let r = engine.run_file(file, &opts, &mut out).await;
+            let r = engine
+                .run_script(&script.sql, &script.origin, &opts, &mut out)
+                .await;
             out.flush().ok();
             r
         }
@@ -109,7 +119,7 @@ fn budget_stop(e: &StatementError, metrics: &MetricsSnapshot, cache_enabled: boo
 /// `sluice run`.
 pub(super) async fn run_command(
     mut config: Config,
-    file: &Path,
+    script: &Script,
     flags: RunFlags,
 ) -> Result<ExitCode, Failure> {
     apply(&mut config, &flags)?;
@@ -125,7 +135,7 @@ pub(super) async fn run_command(
             ),
         ));
     }
-    let result = execute(&engine, file, &flags).await;
+    let result = execute(&engine, script, &flags).await;
     if let Err(e) = engine.flush_cache().await {
         eprintln!("warning: {e}");
     }

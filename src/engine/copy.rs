@@ -8,7 +8,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
 use datafusion::sql::parser::{CopyToStatement, Statement};
 
-use super::Engine;
+use super::{Engine, RunOptions};
 use crate::sink::{SinkError, StagedOutput, check_writable, is_local};
 
 /// Output formats `COPY` may write.
@@ -60,6 +60,7 @@ impl Engine {
     pub(super) async fn run_copy(
         &self,
         mut copy: CopyToStatement,
+        opts: &RunOptions,
         out: &mut dyn Write,
     ) -> Result<(), DataFusionError> {
         let target = copy.target.clone();
@@ -93,7 +94,8 @@ impl Engine {
                 return Err(e);
             }
         };
-        writeln!(out, "COPY {} rows to {target}", count_rows(&batches)).ok();
+        let rows = count_rows(&batches);
+        super::run::report(opts, out, &format!("COPY {rows} rows to {target}"));
         Ok(())
     }
 }

@@ -78,14 +78,32 @@ pub struct StatementError {
 /// Options for running scripts.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Rows of a SELECT result printed (the rest are counted).
+    /// Rows of a SELECT result printed as a table (the rest are counted).
     pub max_rows: usize,
+    /// How SELECT results are printed.
+    pub format: OutputFormat,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { max_rows: 20 }
+        RunOptions {
+            max_rows: 20,
+            format: OutputFormat::Table,
+        }
     }
+}
+
+/// How the rows of a SELECT are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// A table of the first `max_rows` rows, then the row count; statements print what they did.
+    #[default]
+    Table,
+    /// Every row as CSV with a header line, nothing else on stdout (what statements did goes to
+    /// stderr).
+    Csv,
+    /// Every row as one JSON object per line, nothing else on stdout.
+    Json,
 }
 
 /// A sluice session: SQL with LLM functions.

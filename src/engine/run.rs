@@ -12,7 +12,7 @@ use datafusion::sql::parser::{CreateExternalTable, Statement};
 use futures::StreamExt;
 
 use super::statements::parse_one;
-use super::{Engine, RunOptions};
+use super::{Engine, OutputFormat, RunOptions};
 use crate::sink::is_local;
 
 impl Engine {
@@ -72,8 +72,8 @@ impl Engine {
         out: &mut dyn Write,
     ) -> Result<(), DataFusionError> {
         match parse_one(text)? {
-            Statement::CopyTo(copy) => self.run_copy(copy, out).await,
-            Statement::CreateExternalTable(cet) => self.create_external_table(cet, out).await,
+            Statement::CopyTo(copy) => self.run_copy(copy, opts, out).await,
+            Statement::CreateExternalTable(cet) => self.create_external_table(cet, opts, out).await,
             other => self.run_other(other, opts, out).await,
         }
     }
@@ -83,6 +83,7 @@ impl Engine {
     async fn create_external_table(
         &self,
         mut cet: CreateExternalTable,
+        opts: &RunOptions,
         out: &mut dyn Write,
     ) -> Result<(), DataFusionError> {
         if cet.file_type.eq_ignore_ascii_case("json") {
@@ -122,7 +123,7 @@ impl Engine {
                 "{name}: no columns could be read from {locations} (the files are empty)"
             )));
         }
-        writeln!(out, "CREATE EXTERNAL TABLE {name}").ok();
+        report(opts, out, &format!("CREATE EXTERNAL TABLE {name}"));
         Ok(())
     }
 
@@ -154,11 +155,14 @@ impl Engine {
         if !is_query {
             df.collect().await?;
             if !label.is_empty() {
-                writeln!(out, "{label}").ok();
+                report(opts, out, &label);
             }
             return Ok(());
         }
         let mut stream = df.execute_stream().await?;
+        if opts.format != OutputFormat::Table {
+            return write_rows(stream, opts.format, out).await;
+        }
         let mut shown = vec![];
         let mut shown_rows = 0;
         let mut total = 0;
@@ -180,4 +184,52 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// What a statement did ("CREATE VIEW v"): on `out` with tables, on stderr with a machine
+/// format, so that stdout holds only rows.
+pub(super) fn report(opts: &RunOptions, out: &mut dyn Write, what: &str) {
+    if opts.format == OutputFormat::Table {
+        writeln!(out, "{what}").ok();
+    } else {
+        eprintln!("{what}");
+    }
+}
+
+/// Every row of a query as CSV (one header) or JSON lines, batch by batch as they come.
+async fn write_rows(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<(), DataFusionError> {
+    use datafusion::arrow::{csv, json};
+    let mut buf = Vec::new();
+    let mut header = true;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        buf.clear();
+        if format == OutputFormat::Csv {
+            let mut w = csv::WriterBuilder::new()
+                .with_header(header)
+                .build(&mut buf);
+            w.write(&batch)?;
+            header = false;
+        } else {
+            let mut w = json::LineDelimitedWriter::new(&mut buf);
+            w.write(&batch)?;
+            w.finish()?;
+        }
+        out.write_all(&buf)
+            .map_err(|e| DataFusionError::Execution(format!("cannot write the rows: {e}")))?;
+    }
+    if header && format == OutputFormat::Csv {
+        // No batch at all: still print the header.
+        let mut w = csv::WriterBuilder::new().with_header(true).build(&mut buf);
+        w.write(&datafusion::arrow::record_batch::RecordBatch::new_empty(
+            stream.schema(),
+        ))?;
+        drop(w);
+        out.write_all(&buf).ok();
+    }
+    Ok(())
 }
