@@ -1,5 +1,6 @@
 //! The `sluice` command line.
 
+pub(crate) mod interrupt;
 pub(crate) mod progress;
 pub(crate) mod repl;
 pub mod run;

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::interrupt::{EXIT_INTERRUPTED, Interrupts, run_until_interrupted};
 use super::script::Script;
 use super::{EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure, format_summary, progress};
 use crate::config::Config;
@@ -64,8 +65,14 @@ fn apply(config: &mut Config, flags: &RunFlags) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Runs the script, printing to stdout (through the progress display unless `quiet`).
-async fn execute(engine: &Engine, script: &Script, flags: &RunFlags) -> Result<(), StatementError> {
+/// Runs the script, printing to stdout (through the progress display unless `quiet`); `None`
+/// when interrupted.
+async fn execute(
+    engine: &Engine,
+    script: &Script,
+    flags: &RunFlags,
+    interrupts: &mut Interrupts,
+) -> Option<Result<(), StatementError>> {
     let opts = RunOptions {
         max_rows: flags.max_rows,
         format: flags.format,
@@ -74,17 +81,15 @@ async fn execute(engine: &Engine, script: &Script, flags: &RunFlags) -> Result<(
     let result = match &progress {
         Some(p) => {
             let mut out = p.writer(std::io::stdout());
-            let r = engine
-                .run_script(&script.sql, &script.origin, &opts, &mut out)
-                .await;
+            let work = engine.run_script(&script.sql, &script.origin, &opts, &mut out);
+            let r = run_until_interrupted(engine, interrupts, work).await;
             out.flush().ok();
             r
         }
         None => {
             let mut out = std::io::stdout();
-            let r = engine
-                .run_script(&script.sql, &script.origin, &opts, &mut out)
-                .await;
+            let work = engine.run_script(&script.sql, &script.origin, &opts, &mut out);
+            let r = run_until_interrupted(engine, interrupts, work).await;
             out.flush().ok();
             r
         }
@@ -93,6 +98,24 @@ async fn execute(engine: &Engine, script: &Script, flags: &RunFlags) -> Result<(
         p.finish().await;
     }
     result
+}
+
+/// The line after an interrupt: what is kept and how to continue.
+fn interrupt_stop(metrics: &MetricsSnapshot, cache_enabled: bool) -> String {
+    let received = metrics.succeeded;
+    if cache_enabled {
+        format!(
+            "stopped: {received} answer(s) received by this run are kept in the cache \
+             (with {} found there); the interrupted statement wrote no output; the same command \
+             continues from there",
+            metrics.cache_hits
+        )
+    } else {
+        format!(
+            "stopped: {received} answer(s) received but not kept (the cache is off); the \
+             interrupted statement wrote no output"
+        )
+    }
 }
 
 /// The line that says what a budget stop kept.
@@ -135,7 +158,9 @@ pub(super) async fn run_command(
             ),
         ));
     }
-    let result = execute(&engine, script, &flags).await;
+    let mut interrupts = Interrupts::listen();
+    let result = execute(&engine, script, &flags, &mut interrupts).await;
+    crate::sink::finish_cleanups().await;
     if let Err(e) = engine.flush_cache().await {
         eprintln!("warning: {e}");
     }
@@ -148,6 +173,10 @@ pub(super) async fn run_command(
     {
         eprintln!("error: cannot write {}: {e}", path.display());
     }
+    let Some(result) = result else {
+        eprintln!("{}", interrupt_stop(&metrics, config.cache.enabled));
+        return Err(Failure::new(EXIT_INTERRUPTED, ""));
+    };
     let Err(e) = result else {
         return Ok(ExitCode::SUCCESS);
     };

@@ -187,6 +187,17 @@ impl Engine {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Stops sending requests (the first Ctrl-C): those on the wire finish and are cached, the
+    /// others wait until the statement is dropped.
+    pub fn stop_sending(&self) {
+        self.runtime.dispatcher.stop_sending();
+    }
+
+    /// Requests on the wire now.
+    pub fn requests_in_flight(&self) -> u64 {
+        self.runtime.dispatcher.in_flight()
+    }
+
     /// The live counters of the LLM calls (for progress displays).
     pub fn live_metrics(&self) -> Arc<Metrics> {
         self.runtime.dispatcher.metrics().clone()

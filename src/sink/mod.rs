@@ -105,7 +105,62 @@ pub(crate) struct StagedOutput {
     pub staging_sql: String,
     /// Whether the output is a directory (trailing `/`, or partitioned).
     pub is_dir: bool,
-    place: Place,
+    /// Where it is staged; taken by `commit` or `abort`, and cleaned up on drop otherwise.
+    place: Option<Place>,
+}
+
+/// Removals of staged outputs in object stores left by statements dropped before they ended
+/// (a cancelled run), which [`finish_cleanups`] awaits.
+static CLEANUPS: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits for the staged outputs of dropped statements to be removed from their stores (local
+/// ones are removed when dropped).
+pub async fn finish_cleanups() {
+    let pending = CLEANUPS
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
+    for task in pending {
+        let _ = task.await;
+    }
+}
+
+impl Drop for StagedOutput {
+    /// A statement dropped before commit or abort (Ctrl-C, a cancelled query) leaves nothing.
+    fn drop(&mut self) {
+        match self.place.take() {
+            None => {}
+            Some(Place::Local { staging, .. }) => remove_local(&staging),
+            Some(place @ Place::Store { .. }) => {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    let task = handle.spawn(abort_place(place));
+                    if let Ok(mut v) = CLEANUPS.lock() {
+                        v.push(task);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn remove_local(staging: &Path) {
+    let _ = if staging.is_dir() {
+        std::fs::remove_dir_all(staging)
+    } else {
+        std::fs::remove_file(staging)
+    };
+}
+
+/// Removes what a staging location holds.
+async fn abort_place(place: Place) {
+    match place {
+        Place::Local { staging, .. } => remove_local(&staging),
+        Place::Store { store, staging, .. } => {
+            let _ = remove_prefix(store.as_ref(), &staging).await;
+            let _ = store.delete(&staging).await;
+        }
+    }
 }
 
 /// `name` with the staging tag: `.stem.sluice-tmp-PID-N.ext`, or `.name.sluice-tmp-PID-N`.
@@ -147,7 +202,7 @@ impl StagedOutput {
             target: target.to_string(),
             staging_sql,
             is_dir,
-            place,
+            place: Some(place),
         }
     }
 
@@ -186,7 +241,7 @@ impl StagedOutput {
     /// Creates the parent directory of a local target, so the error for an unwritable location
     /// names the target rather than the staging path.
     pub fn prepare(&self) -> Result<(), SinkError> {
-        if let Place::Local { target, .. } = &self.place
+        if let Some(Place::Local { target, .. }) = &self.place
             && let Some(parent) = target.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -199,39 +254,30 @@ impl StagedOutput {
     }
 
     /// Moves the staged output over the target (replacing an earlier output).
-    pub async fn commit(self) -> Result<(), SinkError> {
-        let result = match self.place {
-            Place::Local { target, staging } => {
+    pub async fn commit(mut self) -> Result<(), SinkError> {
+        let result = match self.place.take() {
+            None => Ok(()),
+            Some(Place::Local { target, staging }) => {
                 commit_local(&target, &staging, self.is_dir).map_err(|e| e.to_string())
             }
-            Place::Store {
+            Some(Place::Store {
                 store,
                 target,
                 staging,
-            } => commit_store(store.as_ref(), &target, &staging, self.is_dir)
+            }) => commit_store(store.as_ref(), &target, &staging, self.is_dir)
                 .await
                 .map_err(|e| e.to_string()),
         };
         result.map_err(|message| SinkError::Commit {
-            target: self.target,
+            target: self.target.clone(),
             message: tidy_store_message(&message),
         })
     }
 
     /// Removes whatever the failed statement left in the staging location.
-    pub async fn abort(self) {
-        match self.place {
-            Place::Local { staging, .. } => {
-                let _ = if staging.is_dir() {
-                    std::fs::remove_dir_all(&staging)
-                } else {
-                    std::fs::remove_file(&staging)
-                };
-            }
-            Place::Store { store, staging, .. } => {
-                let _ = remove_prefix(store.as_ref(), &staging).await;
-                let _ = store.delete(&staging).await;
-            }
+    pub async fn abort(mut self) {
+        if let Some(place) = self.place.take() {
+            abort_place(place).await;
         }
     }
 }

@@ -276,6 +276,12 @@ impl MockServer {
         self.state.snapshot()
     }
 
+    /// The counters, readable from another thread while the server runs.
+    pub fn clone_stats_handle(&self) -> impl Fn() -> StatsSnapshot + Clone + Send + 'static {
+        let state = self.state.clone();
+        move || state.snapshot()
+    }
+
     /// Zeroes the counters (per-prompt attempt counts too).
     pub fn reset_stats(&self) {
         self.state.reset();

@@ -50,7 +50,9 @@ async fn collect_batches(
         let estimate = first.req.estimated_tokens() * max as u64;
         let admission = model.governor.admit(estimate).await;
         let Ok(permit) = global.clone().acquire_owned().await else {
-            return;
+            // Stopped (Ctrl-C): the waiting prompts are held, not failed, until dropped.
+            let _held = (first, rx);
+            return std::future::pending().await;
         };
         let mut batch = vec![first];
         while batch.len() < max {

@@ -123,6 +123,21 @@ impl Dispatcher {
         }
     }
 
+    /// Sends nothing more: a request not yet on the wire waits until its statement is dropped,
+    /// and those on the wire finish (the first Ctrl-C). Nothing fails because of it, so no
+    /// statement completes with rows it did not answer.
+    pub fn stop_sending(&self) {
+        self.inner.global.close();
+    }
+
+    /// Requests on the wire now.
+    pub fn in_flight(&self) -> u64 {
+        self.inner
+            .metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The persistent cache in use, if any.
     pub fn cache(&self) -> Option<&Arc<ResponseCache>> {
         self.inner.cache.as_ref()

@@ -33,7 +33,8 @@ impl Inner {
         // so that a paused model never holds permits other models could use.
         let admission = model.governor.admit(estimate).await;
         let Ok(_global) = self.global.acquire().await else {
-            return Err(LlmError::new(ErrorKind::Connection, "dispatcher shut down"));
+            // Stopped (Ctrl-C): nothing more is sent, and nothing fails because of it.
+            return std::future::pending().await;
         };
         let _ = sent.set(Instant::now());
         let result = {
