@@ -12,6 +12,7 @@ use super::{EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure, format_sum
 use crate::config::Config;
 use crate::engine::{Engine, OutputFormat, RunOptions, StatementError};
 use crate::llm::MetricsSnapshot;
+use crate::source::lines::{BadLines, BadRows};
 
 /// The flags of `sluice run`.
 #[derive(Debug, clap::Args)]
@@ -100,6 +101,33 @@ async fn execute(
     result
 }
 
+/// `data/t.jsonl: 2 malformed lines skipped (lines 3, 9)`.
+fn bad_rows_line(b: &BadLines) -> String {
+    let what = match b.mode {
+        BadRows::Null => "read as NULLs",
+        _ => "skipped",
+    };
+    let lines: Vec<String> = b.first_lines.iter().map(u64::to_string).collect();
+    let more = if b.count > b.first_lines.len() as u64 {
+        ", …"
+    } else {
+        ""
+    };
+    let plural = if b.count == 1 { "" } else { "s" };
+    format!(
+        "read {}: {} malformed line{plural} {what} (line{plural} {}{more})",
+        b.file,
+        b.count,
+        lines.join(", ")
+    )
+}
+
+fn bad_rows_json(b: &BadLines) -> serde_json::Value {
+    serde_json::json!({
+        "file": b.file, "mode": b.mode.as_str(), "lines": b.count, "first_lines": b.first_lines,
+    })
+}
+
 /// The line after an interrupt: what is kept and how to continue.
 fn interrupt_stop(metrics: &MetricsSnapshot, cache_enabled: bool) -> String {
     let received = metrics.succeeded;
@@ -165,13 +193,21 @@ pub(super) async fn run_command(
         eprintln!("warning: {e}");
     }
     let metrics = engine.metrics();
+    let bad_rows = engine.bad_rows().await;
     if !flags.quiet && metrics.calls + metrics.deduplicated + metrics.cache_hits > 0 {
         eprintln!("{}", format_summary(&metrics));
     }
-    if let Some(path) = &flags.metrics_json
-        && let Err(e) = std::fs::write(path, metrics.to_json().to_string())
-    {
-        eprintln!("error: cannot write {}: {e}", path.display());
+    if !flags.quiet {
+        for b in &bad_rows {
+            eprintln!("{}", bad_rows_line(b));
+        }
+    }
+    if let Some(path) = &flags.metrics_json {
+        let mut json = metrics.to_json();
+        json["bad_rows"] = serde_json::Value::Array(bad_rows.iter().map(bad_rows_json).collect());
+        if let Err(e) = std::fs::write(path, json.to_string()) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+        }
     }
     let Some(result) = result else {
         eprintln!("{}", interrupt_stop(&metrics, config.cache.enabled));

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::llm::Dispatcher;
 use crate::sink::store::ObjectStores;
 use crate::source::ChunkText;
+use crate::source::lines::{CleanLines, LineRules};
 use crate::udf::def::{DefError, FunctionDef};
 use crate::udf::exec::{LlmPlanner, LlmRuntime};
 use crate::udf::plan::LiftLlmCalls;
@@ -77,7 +78,11 @@ fn dispatcher(config: &Config, answers: Answers) -> Result<Dispatcher, EngineErr
 
 /// The DataFusion session: sluice's planner and rule, object stores, memory and Parquet
 /// settings.
-fn session(config: &Config, runtime: &Arc<LlmRuntime>) -> Result<SessionContext, EngineError> {
+fn session(
+    config: &Config,
+    runtime: &Arc<LlmRuntime>,
+    lines: Arc<LineRules>,
+) -> Result<SessionContext, EngineError> {
     let mut session_config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -99,7 +104,9 @@ fn session(config: &Config, runtime: &Arc<LlmRuntime>) -> Result<SessionContext,
         );
     }
     let mut runtime_env = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .with_object_store_registry(Arc::new(ObjectStores::new()));
+        .with_object_store_registry(Arc::new(ObjectStores::wrapped(Arc::new(
+            move |url, store| Arc::new(CleanLines::new(store, store_root(url), lines.clone())),
+        ))));
     if let Some(limit) = config.execution.memory_limit {
         runtime_env = runtime_env.with_memory_pool(Arc::new(
             datafusion::execution::memory_pool::FairSpillPool::new(limit as usize),
@@ -155,13 +162,15 @@ impl Engine {
             dispatcher,
             models: models.handles,
         });
-        let ctx = session(config, &runtime)?;
+        let lines = Arc::new(LineRules::default());
+        let ctx = session(config, &runtime, lines.clone())?;
         let functions = register_functions(&ctx, &runtime, defs)?;
         Ok(Engine {
             ctx,
             runtime,
             functions,
             json_locations: Default::default(),
+            lines,
             token_counters: models.token_counters,
         })
     }
@@ -205,4 +214,9 @@ fn register_functions(
         functions.push(def);
     }
     Ok(functions)
+}
+
+/// `scheme://host` of a store's URL (`file://` for local files), as [`LineRules`] names stores.
+pub(super) fn store_root(url: &url::Url) -> String {
+    format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default())
 }

@@ -112,6 +112,8 @@ pub struct Engine {
     runtime: Arc<LlmRuntime>,
     functions: Vec<Arc<FunctionDef>>,
     json_locations: std::sync::Mutex<BTreeMap<String, PathBuf>>,
+    /// The `bad_rows` mode of each JSON-lines location, and the lines skipped or nulled.
+    lines: Arc<crate::source::lines::LineRules>,
     token_counters: BTreeMap<String, String>,
 }
 
@@ -185,6 +187,12 @@ impl Engine {
             .metrics()
             .budget_exhausted
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The JSON-lines files whose malformed lines were skipped or read as NULLs
+    /// (`OPTIONS ('bad_rows' 'skip' | 'null')`), with the first line numbers.
+    pub async fn bad_rows(&self) -> Vec<crate::source::lines::BadLines> {
+        self.lines.report().await
     }
 
     /// Stops sending requests (the first Ctrl-C): those on the wire finish and are cached, the

@@ -14,6 +14,8 @@ use futures::StreamExt;
 use super::statements::parse_one;
 use super::{Engine, OutputFormat, RunOptions};
 use crate::sink::is_local;
+use crate::source::lines::BadRows;
+use datafusion::datasource::listing::ListingTableUrl;
 
 impl Engine {
     /// The object store holding `url` (built from the environment on first use).
@@ -104,6 +106,7 @@ impl Engine {
                 }
             }
             cet.locations = locations;
+            self.set_bad_rows(&mut cet)?;
         }
         let name = cet.name.to_string();
         let locations = cet.locations.join(", ");
@@ -124,6 +127,37 @@ impl Engine {
             )));
         }
         report(opts, out, &format!("CREATE EXTERNAL TABLE {name}"));
+        Ok(())
+    }
+
+    /// Takes the `bad_rows` option (`fail`, `skip`, `null`) out of a JSON table's options and
+    /// sets it for each of its locations (`fail` too, so that re-creating a table resets it).
+    fn set_bad_rows(&self, cet: &mut CreateExternalTable) -> Result<(), DataFusionError> {
+        let mut mode = BadRows::Fail;
+        let mut kept = Vec::with_capacity(cet.options.len());
+        for (key, value) in std::mem::take(&mut cet.options) {
+            let k = key.to_ascii_lowercase();
+            if k != "bad_rows" && k != "format.bad_rows" {
+                kept.push((key, value));
+                continue;
+            }
+            let text = value.to_string();
+            let text = text.trim_matches('\'');
+            mode = BadRows::parse(text).ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "{}: OPTIONS ('bad_rows' '{text}'): expected 'fail', 'skip' or 'null'",
+                    cet.name
+                ))
+            })?;
+        }
+        cet.options = kept;
+        for location in &cet.locations {
+            let url = ListingTableUrl::parse(location)?;
+            let root = url::Url::parse(url.object_store().as_str())
+                .map(|u| super::build::store_root(&u))
+                .map_err(|e| DataFusionError::Plan(format!("{location}: {e}")))?;
+            self.lines.set(&root, url.prefix().clone(), mode);
+        }
         Ok(())
     }
 

@@ -19,15 +19,38 @@ use url::Url;
 
 /// The object store registry of a sluice session: DataFusion's registry, plus stores built from
 /// the environment the first time a bucket is named.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ObjectStores {
     inner: DefaultObjectStoreRegistry,
+    wrap: Option<Wrap>,
+}
+
+/// What a registry does to each store it hands out (the reader of JSON lines wraps them).
+pub type Wrap = Arc<dyn Fn(&Url, Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> + Send + Sync>;
+
+impl std::fmt::Debug for ObjectStores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStores")
+            .field("inner", &self.inner)
+            .field("wrapped", &self.wrap.is_some())
+            .finish()
+    }
 }
 
 impl ObjectStores {
-    /// A registry with the local file system.
-    pub fn new() -> Self {
-        Self::default()
+    /// A registry whose stores are handed out through `wrap`.
+    pub fn wrapped(wrap: Wrap) -> Self {
+        ObjectStores {
+            inner: DefaultObjectStoreRegistry::default(),
+            wrap: Some(wrap),
+        }
+    }
+
+    fn out(&self, url: &Url, store: Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> {
+        match &self.wrap {
+            Some(w) => w(url, store),
+            None => store,
+        }
     }
 }
 
@@ -113,10 +136,10 @@ impl ObjectStoreRegistry for ObjectStores {
 
     fn get_store(&self, url: &Url) -> Result<Arc<dyn ObjectStore>> {
         if let Ok(store) = self.inner.get_store(url) {
-            return Ok(store);
+            return Ok(self.out(url, store));
         }
         let store = build_store(url)?;
         self.inner.register_store(url, store.clone());
-        Ok(store)
+        Ok(self.out(url, store))
     }
 }

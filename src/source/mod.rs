@@ -3,6 +3,7 @@
 
 pub(crate) mod chunk;
 pub mod corpus;
+pub mod lines;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
