@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -94,6 +93,32 @@ struct Found {
 pub struct LineRules {
     rules: RwLock<Vec<Rule>>,
     found: Mutex<BTreeMap<(String, String), Found>>,
+    /// Per file, the last long line a ranged read ended inside, cleaned: the reads that
+    /// continue it (DataFusion asks 16 KiB at a time until the newline) are answered from here
+    /// instead of each re-reading the line from its start.
+    long_lines: Mutex<BTreeMap<(String, String), LongLine>>,
+}
+
+#[derive(Debug, Clone)]
+struct LongLine {
+    start: u64,
+    bytes: Bytes,
+    meta: ObjectMeta,
+}
+
+impl LineRules {
+    fn long_line(&self, root: &str, path: &ObjPath, range: &Range<u64>) -> Option<LongLine> {
+        let lines = self.long_lines.lock().ok()?;
+        let l = lines.get(&(root.to_string(), path.to_string()))?;
+        let end = l.start + l.bytes.len() as u64;
+        (l.start <= range.start && range.end <= end).then(|| l.clone())
+    }
+
+    fn keep_long_line(&self, root: &str, path: &ObjPath, line: LongLine) {
+        if let Ok(mut lines) = self.long_lines.lock() {
+            lines.insert((root.to_string(), path.to_string()), line);
+        }
+    }
 }
 
 impl LineRules {
@@ -252,9 +277,6 @@ fn is_json_lines(path: &ObjPath) -> bool {
 /// Bytes asked for per read when widening a range to whole lines.
 const WINDOW: u64 = 64 * 1024;
 
-/// Bytes per read of a local file (object_store's own local stream reads 8 KiB at a time).
-const FILE_CHUNK: u64 = 1 << 20;
-
 impl CleanLines {
     /// The offset where the line holding byte `at` starts.
     async fn line_start(&self, location: &ObjPath, mut at: u64) -> object_store::Result<u64> {
@@ -280,6 +302,22 @@ impl CleanLines {
             Some(GetRange::Offset(s)) => (*s, None),
             Some(GetRange::Suffix(_)) => return self.inner.get_opts(location, options).await,
         };
+        if let Some(end) = asked_end
+            && let Some(l) = self
+                .rules
+                .long_line(&self.root, location, &(asked_start..end))
+        {
+            let (lo, hi) = ((asked_start - l.start) as usize, (end - l.start) as usize);
+            let bytes = l.bytes.slice(lo..hi);
+            return Ok(GetResult {
+                payload: GetResultPayload::Stream(
+                    futures::stream::once(async { Ok(bytes) }).boxed(),
+                ),
+                meta: l.meta,
+                range: asked_start..end,
+                attributes: Default::default(),
+            });
+        }
         let start = self.line_start(location, asked_start).await?;
         options.range = Some(match asked_end {
             Some(end) => GetRange::Bounded(start..end.saturating_add(WINDOW)),
@@ -300,6 +338,7 @@ impl CleanLines {
             size,
             wanted: wanted.clone(),
             cleaner: Cleaner::new(mode, start),
+            meta: meta.clone(),
             rules: self.rules.clone(),
             root: self.root.clone(),
             done: false,
@@ -310,54 +349,6 @@ impl CleanLines {
             range: wanted,
             attributes,
         })
-    }
-}
-
-/// The chunks of a get, reading a local file 1 MiB at a time on the blocking pool.
-fn payload_stream(result: GetResult) -> BoxStream<'static, object_store::Result<Bytes>> {
-    let range = result.range.clone();
-    match result.payload {
-        GetResultPayload::File(file, path) => file_chunks(file, path, range),
-        GetResultPayload::Stream(s) => s,
-    }
-}
-
-fn file_chunks(
-    file: std::fs::File,
-    path: PathBuf,
-    range: Range<u64>,
-) -> BoxStream<'static, object_store::Result<Bytes>> {
-    let state = (Some(file), range.start);
-    futures::stream::try_unfold(state, move |(file, pos)| {
-        let path = path.clone();
-        let end = range.end;
-        async move {
-            let Some(mut file) = file.filter(|_| pos < end) else {
-                return Ok(None);
-            };
-            let read = tokio::task::spawn_blocking(move || {
-                use std::io::{Read, Seek, SeekFrom};
-                file.seek(SeekFrom::Start(pos))?;
-                let n = (end - pos).min(FILE_CHUNK) as usize;
-                let mut buf = vec![0; n];
-                file.read_exact(&mut buf)?;
-                Ok::<_, std::io::Error>((file, buf))
-            })
-            .await
-            .map_err(|e| generic(format!("reading {}: {e}", path.display())))?;
-            let (file, buf) =
-                read.map_err(|e| generic(format!("reading {}: {e}", path.display())))?;
-            let next = pos + buf.len() as u64;
-            Ok(Some((Bytes::from(buf), (Some(file), next))))
-        }
-    })
-    .boxed()
-}
-
-fn generic(message: String) -> object_store::Error {
-    object_store::Error::Generic {
-        store: "sluice",
-        source: message.into(),
     }
 }
 
@@ -372,6 +363,7 @@ struct LineReader {
     size: u64,
     wanted: Range<u64>,
     cleaner: Cleaner,
+    meta: ObjectMeta,
     rules: Arc<LineRules>,
     root: String,
     done: bool,
@@ -431,117 +423,33 @@ impl LineReader {
             return Ok(None);
         };
         let end = start + bytes.len() as u64;
+        let bytes = Bytes::from(bytes);
+        if self.wanted.end < end {
+            self.keep_straddling_line(start, &bytes);
+        }
         let lo = self.wanted.start.clamp(start, end) - start;
         let hi = self.wanted.end.clamp(start, end) - start;
-        Ok((lo < hi).then(|| Bytes::from(bytes).slice(lo as usize..hi as usize)))
+        Ok((lo < hi).then(|| bytes.slice(lo as usize..hi as usize)))
     }
-}
 
-/// Whole lines in, the same bytes cleaned out.
-struct Cleaner {
-    mode: BadRows,
-    carry: Vec<u8>,
-    /// Offset of `carry[0]` in the object.
-    at: u64,
-    /// Offsets of the bad lines found since last taken.
-    bad: Vec<u64>,
-}
-
-impl Cleaner {
-    fn new(mode: BadRows, at: u64) -> Cleaner {
-        Cleaner {
-            mode,
-            carry: Vec::new(),
-            at,
-            bad: Vec::new(),
+    /// Keeps the line of `lines` (cleaned, from `start`) that the wanted range ends inside,
+    /// when it is long, for the reads that continue it.
+    fn keep_straddling_line(&self, start: u64, lines: &Bytes) {
+        let cut = (self.wanted.end.max(start) - start) as usize;
+        let from = memchr::memrchr(b'\n', &lines[..cut]).map_or(0, |i| i + 1);
+        let to = memchr::memchr(b'\n', &lines[cut..]).map_or(lines.len(), |i| cut + i + 1);
+        if ((to - from) as u64) < WINDOW {
+            return;
         }
-    }
-
-    /// Adds bytes; returns the lines they complete, cleaned, with their offset.
-    fn push(&mut self, chunk: &[u8]) -> Option<(u64, Vec<u8>)> {
-        let searched = self.carry.len();
-        self.carry.extend_from_slice(chunk);
-        let end = searched + memchr::memrchr(b'\n', &self.carry[searched..])? + 1;
-        let rest = self.carry.split_off(end);
-        let lines = std::mem::replace(&mut self.carry, rest);
-        Some(self.clean(lines))
-    }
-
-    /// The last line, which has no newline, at the end of the object.
-    fn finish(&mut self) -> Option<(u64, Vec<u8>)> {
-        if self.carry.is_empty() {
-            return None;
-        }
-        let lines = std::mem::take(&mut self.carry);
-        Some(self.clean(lines))
-    }
-
-    fn clean(&mut self, mut lines: Vec<u8>) -> (u64, Vec<u8>) {
-        let start = self.at;
-        let mut pos = start;
-        for line in lines.split_mut(|b| *b == b'\n') {
-            fix_lone_surrogates(line);
-            if self.mode != BadRows::Fail && is_malformed(line) {
-                self.bad.push(pos);
-                blank(line, self.mode);
-            }
-            pos += line.len() as u64 + 1;
-        }
-        self.at += lines.len() as u64;
-        (start, lines)
-    }
-}
-
-/// Not one JSON object (blank lines are not malformed: the reader passes over them).
-fn is_malformed(line: &[u8]) -> bool {
-    let t = line.trim_ascii();
-    if t.is_empty() {
-        return false;
-    }
-    t[0] != b'{' || serde_json::from_slice::<serde::de::IgnoredAny>(t).is_err()
-}
-
-/// Blanks (skip) or `{}` then blanks (null), same length.
-fn blank(line: &mut [u8], mode: BadRows) {
-    line.fill(b' ');
-    if mode == BadRows::Null && line.len() >= 2 {
-        line[..2].copy_from_slice(b"{}");
-    }
-}
-
-fn hex4(b: &[u8]) -> Option<u16> {
-    let s = std::str::from_utf8(b.get(..4)?).ok()?;
-    u16::from_str_radix(s, 16).ok()
-}
-
-/// Rewrites each `\uD800`–`\uDFFF` escape that is not part of a pair as `\ufffd`.
-fn fix_lone_surrogates(line: &mut [u8]) {
-    let mut i = 0;
-    while let Some(found) = memchr::memchr(b'\\', &line[i..]) {
-        let at = i + found;
-        if line.get(at + 1) != Some(&b'u') {
-            i = at + 2;
-            continue;
-        }
-        let Some(unit) = hex4(&line[(at + 2).min(line.len())..]) else {
-            i = at + 2;
-            continue;
-        };
-        let paired = (0xD800..0xDC00).contains(&unit)
-            && line.get(at + 6..at + 8) == Some(b"\\u")
-            && hex4(&line[(at + 8).min(line.len())..])
-                .is_some_and(|u| (0xDC00..0xE000).contains(&u));
-        if paired {
-            i = at + 12;
-        } else if (0xD800..0xE000).contains(&unit) {
-            line[at..at + 6].copy_from_slice(b"\\ufffd");
-            i = at + 6;
-        } else {
-            i = at + 6;
-        }
-        if i >= line.len() {
-            break;
-        }
+        self.rules.keep_long_line(
+            &self.root,
+            &self.location,
+            LongLine {
+                start: start + from as u64,
+                bytes: lines.slice(from..to),
+                meta: self.meta.clone(),
+            },
+        );
     }
 }
 
@@ -637,6 +545,11 @@ impl ObjectStore for CleanLines {
         self.inner.rename_opts(from, to, options).await
     }
 }
+
+mod clean;
+mod read;
+use clean::Cleaner;
+use read::payload_stream;
 
 #[cfg(test)]
 mod tests;

@@ -50,6 +50,41 @@ pub struct NumberBounds {
     pub maximum: Option<Number>,
 }
 
+/// A string's `pattern`, compiled once (compared by its text).
+#[derive(Debug, Clone)]
+pub struct Pattern(regex::Regex);
+
+impl Pattern {
+    /// Compiles `source`, which must be anchored (`^...$`): the local model's grammar is made
+    /// from whole-string patterns, so validation matches whole strings too.
+    pub fn new(source: &str) -> Result<Pattern, String> {
+        if !(source.starts_with('^') && source.ends_with('$')) || source.ends_with("\\$") {
+            return Err(format!(
+                "pattern {source:?} must match the whole string: start it with ^ and end it with $"
+            ));
+        }
+        regex::Regex::new(source)
+            .map(Pattern)
+            .map_err(|e| format!("pattern {source:?} is not a valid regular expression: {e}"))
+    }
+
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// Whether `s` matches.
+    pub fn is_match(&self, s: &str) -> bool {
+        self.0.is_match(s)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source() == other.source()
+    }
+}
+
 /// The type of a node, with the constraints that type allows.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SchemaKind {
@@ -61,6 +96,8 @@ pub enum SchemaKind {
         min_length: Option<u64>,
         /// `maxLength` in characters.
         max_length: Option<u64>,
+        /// `pattern`: a regular expression the whole string must match (`^...$`).
+        pattern: Option<Pattern>,
     },
     /// `integer` → Int64.
     Integer(NumberBounds),
@@ -208,10 +245,12 @@ impl SchemaNode {
                 enum_values,
                 min_length,
                 max_length,
+                pattern,
             } => {
                 put("enum", enum_values.clone().map(Value::from));
                 put("minLength", min_length.map(Value::from));
                 put("maxLength", max_length.map(Value::from));
+                put("pattern", pattern.as_ref().map(|p| Value::from(p.source())));
             }
             SchemaKind::Integer(b) | SchemaKind::Number(b) => {
                 let numbers = |v: &Vec<Number>| v.iter().cloned().map(Value::Number).collect();

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Number, Value};
 
-use super::{NumberBounds, SchemaError, SchemaKind, SchemaNode};
+use super::{NumberBounds, Pattern, SchemaError, SchemaKind, SchemaNode};
 
 /// Keywords that only annotate and are accepted anywhere.
 const ANNOTATIONS: &[&str] = &["description", "title", "examples", "default", "$comment"];
@@ -11,7 +11,7 @@ const ANNOTATIONS: &[&str] = &["description", "title", "examples", "default", "$
 /// Keywords each type accepts besides `type` and the annotations.
 fn allowed(ty: &str) -> Option<&'static [&'static str]> {
     Some(match ty {
-        "string" => &["enum", "minLength", "maxLength"],
+        "string" => &["enum", "minLength", "maxLength", "pattern"],
         "number" | "integer" => &["enum", "minimum", "maximum"],
         "boolean" => &[],
         "array" => &["items", "minItems", "maxItems"],
@@ -121,10 +121,16 @@ fn string(obj: &Map<String, Value>, err: &Err) -> Result<SchemaKind, SchemaError
             None
         }
     };
+    let pattern = match obj.get("pattern") {
+        None => None,
+        Some(Value::String(p)) => Some(Pattern::new(p).map_err(err)?),
+        Some(other) => return Err(err(format!("pattern must be a string, got {other}"))),
+    };
     Ok(SchemaKind::String {
         enum_values,
         min_length,
         max_length,
+        pattern,
     })
 }
 

@@ -29,7 +29,15 @@ fn maps_types_to_arrow() {
 #[test]
 fn rejects_unsupported_schemas_with_path() {
     for (bad, needle) in [
-        (json!({"type": "string", "pattern": "x"}), "pattern"),
+        (json!({"type": "string", "pattern": "x"}), "start it with ^"),
+        (
+            json!({"type": "string", "pattern": "^(x$"}),
+            "not a valid regular expression",
+        ),
+        (
+            json!({"type": "string", "pattern": 5}),
+            "pattern must be a string",
+        ),
         (json!({"anyOf": []}), "missing \"type\""),
         (json!({"type": "array"}), "items"),
         (
@@ -131,4 +139,26 @@ fn provider_schemas_close_every_object() {
         false
     );
     assert!(!s.strict_compatible(), "inner.a is not required");
+}
+
+#[test]
+fn pattern_is_validated_and_passed_to_the_provider() {
+    let s = OutputSchema::new(json!({
+        "type": "array",
+        "items": {"type": "string", "pattern": "^(What|How) [^?]{5,200}\\?$"},
+        "minItems": 1
+    }))
+    .unwrap();
+    assert!(s.validate(&json!(["What was revenue in Q2 2019?"])).is_ok());
+    let e = s.validate(&json!(["Revenue was $4 million."])).unwrap_err();
+    assert!(e.contains("does not match pattern ^(What|How)"), "{e}");
+    assert!(
+        s.validate(&json!(["What? no"])).is_err(),
+        "the whole string must match"
+    );
+    let sent = s.provider_schema();
+    assert_eq!(
+        sent["properties"]["value"]["items"]["pattern"],
+        "^(What|How) [^?]{5,200}\\?$"
+    );
 }

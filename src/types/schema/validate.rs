@@ -33,9 +33,20 @@ pub(super) fn value(s: &SchemaNode, v: &Value, path: &str) -> Result<(), String>
                 enum_values,
                 min_length,
                 max_length,
+                pattern,
             },
             Value::String(st),
-        ) => string(enum_values.as_deref(), *min_length, *max_length, st, path),
+        ) => {
+            string(enum_values.as_deref(), *min_length, *max_length, st, path)?;
+            match pattern {
+                Some(p) if !p.is_match(st) => Err(format!(
+                    "{path}: {} does not match pattern {}",
+                    Value::from(st.as_str()),
+                    p.source()
+                )),
+                _ => Ok(()),
+            }
+        }
         (SchemaKind::Integer(b), Value::Number(n)) => {
             let whole = n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0);
             if !whole {
