@@ -3,8 +3,9 @@
 # in data/ with the embedded local model — no server, no API key:
 #   1. fetches the default model (SmolLM2-135M-Instruct Q4_1, ~98 MB) into models/, checksum
 #      verified (scripts/fetch-model.sh);
-#   2. builds sluice (release; llama.cpp needs cmake and libclang: on Debian/Ubuntu
-#      `apt-get install cmake libclang-dev`);
+#   2. builds sluice with the dev profile the tests build too (llama.cpp, where the time goes, is
+#      optimised in it; see Cargo.toml), so `scripts/test.sh` afterwards reuses the build;
+#      llama.cpp needs cmake and libclang, installed by scripts/deps.sh when missing;
 #   3. runs the query with a progress display, writes out/earnings_qa.parquet and shows rows.
 #
 # `scripts/demo.sh --mock` runs the same query against the project's fault-injecting test server
@@ -12,12 +13,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/deps.sh
 if [ "${1:-}" != "--mock" ]; then
   scripts/fetch-model.sh
-  cargo build --locked --release --bin sluice
+  cargo build --locked --bin sluice
   mkdir -p out
   # No sluice.toml: the `default` model is the embedded one in models/.
-  env -u SLUICE_CONFIG ./target/release/sluice run queries/earnings_qa.sql
+  env -u SLUICE_CONFIG ./target/debug/sluice run queries/earnings_qa.sql
   echo "Parquet written to out/earnings_qa.parquet"
   exit 0
 fi

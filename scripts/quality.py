@@ -4,7 +4,8 @@
 Prints, over all rows:
   questions    share of generated questions that are questions: they start with an interrogative
                word (or an auxiliary verb) and end with "?";
-  grounded     share of answers that contain a number which occurs in their passage;
+  grounded     share of answers that contain a number (two characters or more) which occurs in
+               their passage;
   dont_know    share of answers that say the passage does not tell;
   both as shares of the answers that are not NULL, with the counts.
 
@@ -26,7 +27,8 @@ NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 def numbers(text):
-    return {n.replace(",", "") for n in NUMBER.findall(text or "")}
+    """The figures of a text (a single digit is not a figure: "1" occurs in every passage)."""
+    return {n.replace(",", "") for n in NUMBER.findall(text or "") if len(n) > 1}
 
 
 def is_question(q):

@@ -13,6 +13,8 @@ if [ ! -f ../shared/data/earnings_transcript_excerpts.jsonl ]; then
   exit 2
 fi
 
+scripts/deps.sh
+
 MOTO_VERSION=5.2.5
 if [ ! -x .venv-moto/bin/moto_server ]; then
   echo "setting up moto[server]==$MOTO_VERSION in .venv-moto (S3-compatible test server)" >&2

@@ -52,7 +52,11 @@ async fn second_run_sends_nothing_and_an_edited_stage_resends_only_itself() {
     // Edit only the answer template: only the answer stage is sent again.
     let path = p.path("udfs/answer_question.toml");
     let t = std::fs::read_to_string(&path).unwrap();
-    let edited = t.replacen("Answer the following", "Please answer the following", 1);
+    let edited = t.replacen(
+        "Answer with one short sentence",
+        "Please answer with one short sentence",
+        1,
+    );
     assert_ne!(t, edited, "the answer template was edited");
     std::fs::write(&path, edited).unwrap();
     s.reset_stats();

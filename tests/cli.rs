@@ -140,6 +140,44 @@ async fn explain_matches_the_actual_run_and_calls_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_sample_measures_completions_and_extrapolates() {
+    let s = mock(MockConfig {
+        tiktoken_usage: true,
+        ..MockConfig::default()
+    })
+    .await;
+    let p = priced_project(&s.base_url());
+    let (code, out, err) = p.run_args(&["explain", "q.sql", "--json", "--sample", "2"]);
+    assert_eq!(code, 0, "{err}");
+    // The sample ran for real on 2 transcripts: 2 question calls and 6 answers, nothing written.
+    assert_eq!(s.stats().requests, 2 + 6);
+    assert!(!p.path("out/qa.parquet").exists(), "explain writes nothing");
+    let est: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let how = est["extrapolated"].as_str().expect("says it extrapolated");
+    assert!(how.contains("first 2 rows"), "{how}");
+    let aq = function(&est, "answer_question");
+    // The sampled answers are cached: the rest are the requests still to send.
+    assert_eq!((n(aq, "calls"), n(aq, "cached"), n(aq, "requests")), (42, 6, 36));
+
+    // The run sends those requests; its completion tokens are what was extrapolated.
+    let (code, _, err) = p.run_args(&["run", "q.sql", "--metrics-json", "m.json"]);
+    assert_eq!(code, 0, "{err}");
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(p.path("m.json")).unwrap()).unwrap();
+    assert_eq!(m["functions"]["answer_question"]["requests"], 36);
+    for f in ["generate_questions", "answer_question"] {
+        let actual = m["functions"][f]["tokens_out"].as_u64().unwrap();
+        let estimated = n(function(&est, f), "tokens_out");
+        assert!(
+            within(estimated, actual, 0.10),
+            "{f}: {estimated} completion tokens extrapolated, {actual} actual"
+        );
+    }
+    let (_, text, _) = p.run_args(&["explain", "q.sql", "--sample", "1"]);
+    assert!(text.contains("completion tokens are extrapolated"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_reports_a_bad_statement_like_run() {
     let s = mock(MockConfig::default()).await;
     let p = priced_project(&s.base_url());

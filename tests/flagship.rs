@@ -201,7 +201,7 @@ async fn permanent_faults_keep_rows_with_null_and_typed_error() {
         permanent: vec![
             (marker.clone(), Fault::InvalidSchema),
             // Every answer prompt for a second question always fails with HTTP 500.
-            ("Question: Q2 [".to_string(), Fault::Server500),
+            ("Question: What was the figure for item 2 [".to_string(), Fault::Server500),
         ],
         ..MockConfig::default()
     };
@@ -230,7 +230,12 @@ async fn permanent_faults_keep_rows_with_null_and_typed_error() {
             assert!(r.question.is_none() && r.answer.is_none());
             assert_eq!(qerr[i].as_deref(), Some("invalid_output"));
             assert_eq!(aerr[i].as_deref(), Some("null_input"));
-        } else if r.question.as_deref().unwrap().starts_with("Q2 [") {
+        } else if r
+            .question
+            .as_deref()
+            .unwrap()
+            .starts_with("What was the figure for item 2 ")
+        {
             assert!(r.answer.is_none());
             assert_eq!(aerr[i].as_deref(), Some("server_error"));
         } else {

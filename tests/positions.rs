@@ -179,7 +179,7 @@ async fn unnest_argument() {
         XS.iter()
             .flat_map(|x| {
                 let h = prompt_hash(None, &format!("Three about {x}"));
-                (1..=3).map(move |i| format!("{x} | Q{i} [{h}] What was the figure for item {i}?"))
+                (1..=3).map(move |i| format!("{x} | What was the figure for item {i} [{h}]?"))
             })
             .collect(),
     );

@@ -59,6 +59,11 @@ pub enum Command {
         /// Leave the plans out.
         #[arg(long)]
         no_plan: bool,
+        /// First run the script for real on the first N rows of each table (models are called,
+        /// answers cached, nothing written), then extrapolate completion tokens and cost from
+        /// what those calls returned instead of from the output schemas.
+        #[arg(long, value_name = "N")]
+        sample: Option<usize>,
     },
     /// An interactive SQL shell with the LLM functions (`\d` lists tables and functions).
     Sql {
@@ -271,7 +276,8 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
             script,
             json,
             no_plan,
-        } => explain_command(&config, &script.load()?, json, no_plan).await,
+            sample,
+        } => explain_command(&config, &script.load()?, json, no_plan, sample).await,
         Command::Sql { max_rows } => {
             let engine = Engine::new(&config).map_err(Failure::config)?;
             if repl::run(
@@ -351,12 +357,29 @@ async fn explain_command(
     script: &script::Script,
     json: bool,
     no_plan: bool,
+    sample: Option<usize>,
 ) -> Result<ExitCode, Failure> {
+    // The sample first: its answers are cached, so the estimate counts them as free.
+    let measured = match sample {
+        Some(rows) => {
+            let engine = Engine::new(config).map_err(Failure::config)?;
+            let m = engine
+                .sample_script(&script.sql, &script.origin, rows)
+                .await
+                .map_err(Failure::statement)?;
+            engine.flush_cache().await.map_err(Failure::statement)?;
+            Some((m, rows))
+        }
+        None => None,
+    };
     let engine = Engine::for_estimates(config).map_err(Failure::config)?;
-    let x = engine
+    let mut x = engine
         .explain_script(&script.sql, &script.origin)
         .await
         .map_err(Failure::statement)?;
+    if let Some((m, rows)) = &measured {
+        engine.extrapolate(&mut x, m, *rows);
+    }
     if json {
         println!("{}", x.to_json());
     } else {

@@ -96,6 +96,8 @@ pub struct Explanation {
     pub tokenizers: BTreeMap<String, String>,
     /// Models whose functions were called but that have no prices.
     pub unpriced: Vec<String>,
+    /// How completion tokens were extrapolated from a sample (`explain --sample N`), if they were.
+    pub extrapolated: Option<String>,
 }
 
 impl Explanation {
@@ -123,6 +125,7 @@ impl Explanation {
             "total": self.total().to_json(),
             "tokenizers": self.tokenizers,
             "unpriced_models": self.unpriced,
+            "extrapolated": self.extrapolated,
         })
     }
 
@@ -160,10 +163,16 @@ impl Explanation {
         for (model, how) in &self.tokenizers {
             s.push_str(&format!("tokens of model {model}: {how}\n"));
         }
-        s.push_str(
-            "prompt tokens are counted exactly; completion tokens are estimated from each output \
-             schema (array lengths from minItems/maxItems, strings of about 80 characters)\n",
-        );
+        match &self.extrapolated {
+            Some(how) => s.push_str(&format!(
+                "prompt tokens are counted exactly; completion tokens are extrapolated: {how}\n"
+            )),
+            None => s.push_str(
+                "prompt tokens are counted exactly; completion tokens are estimated from each \
+                 output schema (array lengths from minItems/maxItems, strings of about 80 \
+                 characters)\n",
+            ),
+        }
         for model in &self.unpriced {
             s.push_str(&format!(
                 "no prices for model {model}: set input_usd_per_mtok and output_usd_per_mtok in \
@@ -272,6 +281,26 @@ impl Engine {
         sql: &str,
         origin: &str,
     ) -> Result<Explanation, StatementError> {
+        self.explain_rows(sql, origin, None).await
+    }
+
+    /// Runs every statement of `sql` for real (models called, answers cached) on the first
+    /// `rows` rows of each external table, writing nothing: what `explain --sample` measures.
+    pub async fn sample_script(
+        &self,
+        sql: &str,
+        origin: &str,
+        rows: usize,
+    ) -> Result<Explanation, StatementError> {
+        self.explain_rows(sql, origin, Some(rows)).await
+    }
+
+    async fn explain_rows(
+        &self,
+        sql: &str,
+        origin: &str,
+        sample: Option<usize>,
+    ) -> Result<Explanation, StatementError> {
         let mut out = Explanation {
             tokenizers: self.token_counters().clone(),
             ..Default::default()
@@ -286,7 +315,7 @@ impl Engine {
                 summary: summary(&stmt.text),
                 ..Default::default()
             };
-            self.explain_statement(&stmt.text, &mut est, &mut copy_targets)
+            self.explain_statement(&stmt.text, &mut est, &mut copy_targets, sample)
                 .await
                 .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
             for (name, after) in self.function_counters() {
@@ -334,9 +363,11 @@ impl Engine {
         text: &str,
         est: &mut StatementEstimate,
         copy_targets: &mut BTreeMap<String, (usize, SchemaRef)>,
+        sample: Option<usize>,
     ) -> Result<(), DataFusionError> {
         match parse_one(text)? {
             Statement::CreateExternalTable(cet) => {
+                let name = cet.name.to_string();
                 let written_by = cet
                     .locations
                     .iter()
@@ -353,7 +384,12 @@ impl Engine {
                 }
                 let mut sink = std::io::sink();
                 self.run_statement(text, &RunOptions::default(), &mut sink)
-                    .await
+                    .await?;
+                if let Some(n) = sample {
+                    self.keep_first_rows(&name, n).await?;
+                    est.note = Some(format!("sampled: its first {n} rows"));
+                }
+                Ok(())
             }
             other => self.explain_planned(other, est, copy_targets).await,
         }
@@ -419,6 +455,67 @@ impl Engine {
         }
         est.rows = Some(rows);
         Ok(())
+    }
+}
+
+impl Engine {
+    /// Replaces table `name` by its first `n` rows.
+    async fn keep_first_rows(&self, name: &str, n: usize) -> Result<(), DataFusionError> {
+        let df = self.ctx.table(name).await?.limit(0, Some(n))?;
+        let schema = df.schema().inner().clone();
+        let batches = df.collect().await?;
+        self.ctx.deregister_table(name)?;
+        let table = MemTable::try_new(schema, vec![batches])?;
+        self.ctx.register_table(name, Arc::new(table))?;
+        Ok(())
+    }
+
+    /// Puts the completion tokens measured on a sample (`sample`, from [`Engine::sample_script`]
+    /// over the first `rows` rows) in place of the schema's estimates: each function's
+    /// requests times the mean completion tokens per request it measured, costed again.
+    pub fn extrapolate(&self, full: &mut Explanation, sample: &Explanation, rows: usize) {
+        let per_request: BTreeMap<&str, f64> = sample
+            .totals
+            .iter()
+            .filter(|f| f.requests > 0)
+            .map(|f| (f.function.as_str(), f.tokens_out as f64 / f.requests as f64))
+            .collect();
+        let rescale = |f: &mut FunctionEstimate| {
+            if let Some(mean) = per_request.get(f.function.as_str()) {
+                f.tokens_out = (f.requests as f64 * mean).round() as u64;
+                let prices = self.runtime.models.get(&f.model).and_then(|m| m.prices);
+                f.cost_usd = prices.map(|p| p.cost(f.tokens_in, f.tokens_out));
+            }
+        };
+        full.totals.iter_mut().for_each(rescale);
+        for st in &mut full.statements {
+            st.functions.iter_mut().for_each(rescale);
+        }
+        let means: Vec<String> = per_request
+            .iter()
+            .map(|(f, m)| format!("{f} {m:.1} tokens per request"))
+            .collect();
+        let unmeasured: Vec<&str> = full
+            .totals
+            .iter()
+            .filter(|f| !per_request.contains_key(f.function.as_str()))
+            .map(|f| f.function.as_str())
+            .collect();
+        let mut how = format!(
+            "from a real run on the first {rows} rows of each table (measured: {})",
+            if means.is_empty() {
+                "nothing sent".to_string()
+            } else {
+                means.join(", ")
+            }
+        );
+        if !unmeasured.is_empty() {
+            how.push_str(&format!(
+                "; not measured, so estimated from the schema: {}",
+                unmeasured.join(", ")
+            ));
+        }
+        full.extrapolated = Some(how);
     }
 }
 

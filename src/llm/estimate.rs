@@ -248,11 +248,17 @@ fn placeholder_variant(schema: &SchemaNode, variant: usize) -> Value {
         SchemaKind::String {
             min_length,
             max_length,
+            pattern,
             ..
         } => {
             let lo = as_usize(*min_length).unwrap_or(0);
             let hi = as_usize(*max_length).unwrap_or(usize::MAX).max(lo);
-            Value::String(prose(TYPICAL_STRING_CHARS.clamp(lo, hi), variant))
+            let chars = TYPICAL_STRING_CHARS.clamp(lo, hi);
+            let text = prose(chars, variant);
+            match pattern {
+                Some(p) => Value::String(p.example(chars, &text).unwrap_or(text)),
+                None => Value::String(text),
+            }
         }
         SchemaKind::Integer(NumberBounds {
             enum_values: Some(e),

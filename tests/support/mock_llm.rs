@@ -977,7 +977,7 @@ fn generate(schema: &Value, h: &str, name: Option<&str>, index: Option<usize>) -
                 return e[(num(1) % e.len() as u64) as usize].clone();
             }
             Value::String(match (index, name) {
-                (Some(i), _) => format!("Q{} [{h}] What was the figure for item {}?", i + 1, i + 1),
+                (Some(i), _) => format!("What was the figure for item {} [{h}]?", i + 1),
                 (None, Some(p)) if p != "value" => format!("{p} [{h}]"),
                 _ => format!("Answer [{h}]: the passage reports it."),
             })

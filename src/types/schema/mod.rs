@@ -11,6 +11,8 @@
 
 mod arrow;
 mod parse;
+mod pattern;
+pub use pattern::Pattern;
 mod validate;
 
 use datafusion::arrow::array::ArrayRef;
@@ -48,41 +50,6 @@ pub struct NumberBounds {
     pub minimum: Option<Number>,
     /// `maximum` (inclusive).
     pub maximum: Option<Number>,
-}
-
-/// A string's `pattern`, compiled once (compared by its text).
-#[derive(Debug, Clone)]
-pub struct Pattern(regex::Regex);
-
-impl Pattern {
-    /// Compiles `source`, which must be anchored (`^...$`): the local model's grammar is made
-    /// from whole-string patterns, so validation matches whole strings too.
-    pub fn new(source: &str) -> Result<Pattern, String> {
-        if !(source.starts_with('^') && source.ends_with('$')) || source.ends_with("\\$") {
-            return Err(format!(
-                "pattern {source:?} must match the whole string: start it with ^ and end it with $"
-            ));
-        }
-        regex::Regex::new(source)
-            .map(Pattern)
-            .map_err(|e| format!("pattern {source:?} is not a valid regular expression: {e}"))
-    }
-
-    /// The expression as written.
-    pub fn source(&self) -> &str {
-        self.0.as_str()
-    }
-
-    /// Whether `s` matches.
-    pub fn is_match(&self, s: &str) -> bool {
-        self.0.is_match(s)
-    }
-}
-
-impl PartialEq for Pattern {
-    fn eq(&self, other: &Self) -> bool {
-        self.source() == other.source()
-    }
 }
 
 /// The type of a node, with the constraints that type allows.

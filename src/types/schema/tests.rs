@@ -162,3 +162,23 @@ fn pattern_is_validated_and_passed_to_the_provider() {
         "^(What|How) [^?]{5,200}\\?$"
     );
 }
+
+#[test]
+fn a_pattern_makes_examples_that_match_it() {
+    for (source, chars) in [
+        ("^(What|How much|How many) [^\\n\"?]{10,160}[?]$", 80),
+        ("^([A-Z$][^\\n\"{}\\\\]{2,240}[.]|I don't know[.])$", 80),
+        ("^[0-9]{4}-Q[1-4]$", 10),
+        ("^(a|b)+x?$", 5),
+    ] {
+        let p = Pattern::new(source).unwrap();
+        let e = p.example(chars, "the reported revenue growth ").unwrap();
+        assert!(p.is_match(&e), "{source}: {e:?}");
+        if chars > 40 {
+            assert!(
+                e.chars().count() >= chars / 2,
+                "{source}: {e:?} is about {chars} long"
+            );
+        }
+    }
+}
