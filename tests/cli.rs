@@ -157,7 +157,10 @@ async fn explain_sample_measures_completions_and_extrapolates() {
     assert!(how.contains("first 2 rows"), "{how}");
     let aq = function(&est, "answer_question");
     // The sampled answers are cached: the rest are the requests still to send.
-    assert_eq!((n(aq, "calls"), n(aq, "cached"), n(aq, "requests")), (42, 6, 36));
+    assert_eq!(
+        (n(aq, "calls"), n(aq, "cached"), n(aq, "requests")),
+        (42, 6, 36)
+    );
 
     // The run sends those requests; its completion tokens are what was extrapolated.
     let (code, _, err) = p.run_args(&["run", "q.sql", "--metrics-json", "m.json"]);
@@ -174,7 +177,10 @@ async fn explain_sample_measures_completions_and_extrapolates() {
         );
     }
     let (_, text, _) = p.run_args(&["explain", "q.sql", "--sample", "1"]);
-    assert!(text.contains("completion tokens are extrapolated"), "{text}");
+    assert!(
+        text.contains("completion tokens are extrapolated"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

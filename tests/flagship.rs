@@ -201,7 +201,10 @@ async fn permanent_faults_keep_rows_with_null_and_typed_error() {
         permanent: vec![
             (marker.clone(), Fault::InvalidSchema),
             // Every answer prompt for a second question always fails with HTTP 500.
-            ("Question: What was the figure for item 2 [".to_string(), Fault::Server500),
+            (
+                "Question: What was the figure for item 2 [".to_string(),
+                Fault::Server500,
+            ),
         ],
         ..MockConfig::default()
     };

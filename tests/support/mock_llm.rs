@@ -978,6 +978,10 @@ fn generate(schema: &Value, h: &str, name: Option<&str>, index: Option<usize>) -
             }
             Value::String(match (index, name) {
                 (Some(i), _) => format!("What was the figure for item {} [{h}]?", i + 1),
+                // Lamini's flat fields of a list (`item_1`...): a question, as the flagship's are.
+                (None, Some(p)) if p.starts_with("item_") => {
+                    format!("What was the figure for {p} [{h}]?")
+                }
                 (None, Some(p)) if p != "value" => format!("{p} [{h}]"),
                 _ => format!("Answer [{h}]: the passage reports it."),
             })
