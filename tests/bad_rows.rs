@@ -124,3 +124,35 @@ async fn a_lone_surrogate_alone_is_no_error_by_default() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout, "ticker,transcript\nA\u{fffd},x\nB,\u{1f600}\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_lines_with_the_wrong_number_of_fields() {
+    let s = mock(MockConfig::default()).await;
+    let p = Project::new(&s.base_url(), 8, false);
+    p.write(
+        "data/t.csv",
+        "ticker,n,note\nA,1,\"one, with a comma\"\nB,2\nC,3,three\nD,4,four,extra\nE,5,five\n",
+    );
+    let sql = |mode: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION 'data/t.csv' \
+             OPTIONS ('format.has_header' 'true', 'bad_rows' '{mode}'); \
+             SELECT ticker, n, note FROM t ORDER BY n;"
+        )
+    };
+    let (code, stdout, stderr) = p.run_args(&["run", "--format", "csv", "-c", &sql("skip")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout,
+        "ticker,n,note\nA,1,\"one, with a comma\"\nC,3,three\nE,5,five\n"
+    );
+    assert!(
+        stderr.contains("t.csv: 2 malformed lines skipped (lines 3, 5)"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = p.run_args(&["run", "--format", "csv", "-c", &sql("null")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.lines().count(), 1 + 5, "{stdout}");
+    let (code, _, stderr) = p.run_args(&["run", "-c", &sql("fail")]);
+    assert_eq!(code, 1, "{stderr}");
+}

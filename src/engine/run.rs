@@ -14,7 +14,7 @@ use futures::StreamExt;
 use super::statements::parse_one;
 use super::{Engine, OutputFormat, RunOptions};
 use crate::sink::is_local;
-use crate::source::lines::BadRows;
+use crate::source::lines::{BadRows, LineFormat};
 use datafusion::datasource::listing::ListingTableUrl;
 
 impl Engine {
@@ -106,7 +106,20 @@ impl Engine {
                 }
             }
             cet.locations = locations;
-            self.set_bad_rows(&mut cet)?;
+            self.set_bad_rows(&mut cet, LineFormat::Json)?;
+        } else if cet.file_type.eq_ignore_ascii_case("csv") {
+            let option = |names: &[&str], default: u8| {
+                cet.options
+                    .iter()
+                    .find(|(k, _)| names.contains(&k.to_ascii_lowercase().as_str()))
+                    .and_then(|(_, v)| v.to_string().trim_matches('\'').bytes().next())
+                    .unwrap_or(default)
+            };
+            let format = LineFormat::Csv {
+                delimiter: option(&["format.delimiter", "delimiter"], b','),
+                quote: option(&["format.quote", "quote"], b'"'),
+            };
+            self.set_bad_rows(&mut cet, format)?;
         }
         let name = cet.name.to_string();
         let locations = cet.locations.join(", ");
@@ -130,9 +143,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Takes the `bad_rows` option (`fail`, `skip`, `null`) out of a JSON table's options and
+    /// Takes the `bad_rows` option (`fail`, `skip`, `null`) out of a JSON or CSV table's options and
     /// sets it for each of its locations (`fail` too, so that re-creating a table resets it).
-    fn set_bad_rows(&self, cet: &mut CreateExternalTable) -> Result<(), DataFusionError> {
+    fn set_bad_rows(
+        &self,
+        cet: &mut CreateExternalTable,
+        format: LineFormat,
+    ) -> Result<(), DataFusionError> {
         let mut mode = BadRows::Fail;
         let mut kept = Vec::with_capacity(cet.options.len());
         for (key, value) in std::mem::take(&mut cet.options) {
@@ -156,7 +173,7 @@ impl Engine {
             let root = url::Url::parse(url.object_store().as_str())
                 .map(|u| super::build::store_root(&u))
                 .map_err(|e| DataFusionError::Plan(format!("{location}: {e}")))?;
-            self.lines.set(&root, url.prefix().clone(), mode);
+            self.lines.set(&root, url.prefix().clone(), mode, format);
         }
         Ok(())
     }

@@ -3,9 +3,23 @@
 
 use super::BadRows;
 
+/// What the lines are.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kind {
+    /// JSON objects.
+    Json,
+    /// CSV records of `fields` fields.
+    Csv {
+        delimiter: u8,
+        quote: u8,
+        fields: usize,
+    },
+}
+
 /// Whole lines in, the same bytes cleaned out.
 pub(super) struct Cleaner {
     pub(super) mode: BadRows,
+    kind: Kind,
     carry: Vec<u8>,
     /// Offset of `carry[0]` in the object.
     pub(super) at: u64,
@@ -14,9 +28,10 @@ pub(super) struct Cleaner {
 }
 
 impl Cleaner {
-    pub(super) fn new(mode: BadRows, at: u64) -> Cleaner {
+    pub(super) fn new(mode: BadRows, at: u64, kind: Kind) -> Cleaner {
         Cleaner {
             mode,
+            kind,
             carry: Vec::new(),
             at,
             bad: Vec::new(),
@@ -46,10 +61,25 @@ impl Cleaner {
         let start = self.at;
         let mut pos = start;
         for line in lines.split_mut(|b| *b == b'\n') {
-            fix_lone_surrogates(line);
-            if self.mode != BadRows::Fail && is_malformed(line) {
-                self.bad.push(pos);
-                blank(line, self.mode);
+            match self.kind {
+                Kind::Json => {
+                    fix_lone_surrogates(line);
+                    if self.mode != BadRows::Fail && is_malformed(line) {
+                        self.bad.push(pos);
+                        blank(line, self.mode);
+                    }
+                }
+                Kind::Csv {
+                    delimiter,
+                    quote,
+                    fields,
+                } => {
+                    let blank_line = line.iter().all(|b| *b == b'\r');
+                    if !blank_line && csv_field_count(line, delimiter, quote) != fields {
+                        self.bad.push(pos);
+                        blank_csv(line, self.mode, delimiter, fields);
+                    }
+                }
             }
             pos += line.len() as u64 + 1;
         }
@@ -82,31 +112,62 @@ fn hex4(b: &[u8]) -> Option<u16> {
 
 /// Rewrites each `\uD800`–`\uDFFF` escape that is not part of a pair as `\ufffd`.
 fn fix_lone_surrogates(line: &mut [u8]) {
-    let mut i = 0;
-    while let Some(found) = memchr::memchr(b'\\', &line[i..]) {
+    fix_from(line, 0, line.len());
+}
+
+/// [`fix_lone_surrogates`] for the escapes that start in `from..limit` (they may look at the
+/// bytes after `limit`); returns where the next scan resumes (at or past `limit`).
+pub(super) fn fix_from(buf: &mut [u8], from: usize, limit: usize) -> usize {
+    let limit = limit.min(buf.len());
+    let mut i = from;
+    while i < limit {
+        let Some(found) = memchr::memchr(b'\\', &buf[i..limit]) else {
+            return limit;
+        };
         let at = i + found;
-        if line.get(at + 1) != Some(&b'u') {
+        if buf.get(at + 1) != Some(&b'u') {
             i = at + 2;
             continue;
         }
-        let Some(unit) = hex4(&line[(at + 2).min(line.len())..]) else {
+        let Some(unit) = hex4(&buf[(at + 2).min(buf.len())..]) else {
             i = at + 2;
             continue;
         };
         let paired = (0xD800..0xDC00).contains(&unit)
-            && line.get(at + 6..at + 8) == Some(b"\\u")
-            && hex4(&line[(at + 8).min(line.len())..])
-                .is_some_and(|u| (0xDC00..0xE000).contains(&u));
+            && buf.get(at + 6..at + 8) == Some(b"\\u")
+            && hex4(&buf[(at + 8).min(buf.len())..]).is_some_and(|u| (0xDC00..0xE000).contains(&u));
         if paired {
             i = at + 12;
-        } else if (0xD800..0xE000).contains(&unit) {
-            line[at..at + 6].copy_from_slice(b"\\ufffd");
-            i = at + 6;
         } else {
+            if (0xD800..0xE000).contains(&unit) {
+                buf[at..at + 6].copy_from_slice(b"\\ufffd");
+            }
             i = at + 6;
         }
-        if i >= line.len() {
-            break;
+    }
+    i
+}
+
+/// The fields of one CSV line (delimiters outside quotes, plus one).
+pub(super) fn csv_field_count(line: &[u8], delimiter: u8, quote: u8) -> usize {
+    let mut quoted = false;
+    let mut n = 1;
+    for &b in line {
+        if b == quote {
+            quoted = !quoted;
+        } else if b == delimiter && !quoted {
+            n += 1;
         }
+    }
+    n
+}
+
+/// Newlines (skip: empty lines, which the CSV reader passes over), or `fields - 1` delimiters
+/// then newlines (null: a record of empty fields), same length.
+fn blank_csv(line: &mut [u8], mode: BadRows, delimiter: u8, fields: usize) {
+    line.fill(b'\n');
+    let commas = fields.saturating_sub(1);
+    if mode == BadRows::Null && commas > 0 && line.len() > commas {
+        line[..commas].fill(delimiter);
     }
 }

@@ -20,9 +20,7 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{
-    CopyOptions, GetOptions, GetRange, GetResult, GetResultPayload, ListResult, MultipartUpload,
-    ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
-    PutResult, RenameOptions,
+    GetOptions, GetRange, GetResult, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt,
 };
 
 /// What reading does with a malformed line of a JSON-lines table (`OPTIONS ('bad_rows' ...)`).
@@ -74,11 +72,27 @@ pub struct BadLines {
 /// How many line numbers a report names per file.
 const FIRST_LINES: usize = 5;
 
+/// How the lines of a table's files are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LineFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// CSV without newlines in values (DataFusion's default): a line is a record.
+    Csv {
+        /// The field delimiter.
+        delimiter: u8,
+        /// The quote character.
+        quote: u8,
+    },
+}
+
 #[derive(Debug)]
 struct Rule {
     root: String,
     prefix: ObjPath,
     mode: BadRows,
+    format: LineFormat,
 }
 
 #[derive(Debug)]
@@ -97,6 +111,8 @@ pub struct LineRules {
     /// continue it (DataFusion asks 16 KiB at a time until the newline) are answered from here
     /// instead of each re-reading the line from its start.
     long_lines: Mutex<BTreeMap<(String, String), LongLine>>,
+    /// Per CSV file, the number of fields of its first line (the header, or the first record).
+    csv_fields: Mutex<BTreeMap<(String, String), usize>>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,27 +140,42 @@ impl LineRules {
 impl LineRules {
     /// Sets the mode of the objects under `prefix` of the store at `root` (`file://`,
     /// `s3://bucket`), replacing an earlier rule for the same place.
-    pub fn set(&self, root: &str, prefix: ObjPath, mode: BadRows) {
+    pub fn set(&self, root: &str, prefix: ObjPath, mode: BadRows, format: LineFormat) {
         if let Ok(mut rules) = self.rules.write() {
             rules.retain(|r| !(r.root == root && r.prefix == prefix));
             rules.push(Rule {
                 root: root.to_string(),
                 prefix,
                 mode,
+                format,
             });
         }
     }
 
-    /// The mode of `path`: the rule with the longest matching prefix, else `fail`.
-    fn mode_for(&self, root: &str, path: &ObjPath) -> BadRows {
+    /// The rule for `path`: the one with the longest matching prefix, else `fail` for JSON.
+    fn rule_for(&self, root: &str, path: &ObjPath) -> (BadRows, LineFormat) {
         let Ok(rules) = self.rules.read() else {
-            return BadRows::Fail;
+            return (BadRows::Fail, LineFormat::Json);
         };
         rules
             .iter()
             .filter(|r| r.root == root && path.prefix_matches(&r.prefix))
             .max_by_key(|r| r.prefix.as_ref().len())
-            .map_or(BadRows::Fail, |r| r.mode)
+            .map_or((BadRows::Fail, LineFormat::Json), |r| (r.mode, r.format))
+    }
+
+    /// How an object is cleaned, if it is: every JSON-lines object (lone surrogates), and CSV
+    /// objects of a table that skips or nulls bad rows.
+    fn cleaning(&self, root: &str, path: &ObjPath) -> Option<(BadRows, LineFormat)> {
+        let (mode, format) = self.rule_for(root, path);
+        match (path.extension(), format) {
+            (Some("json" | "jsonl" | "ndjson"), LineFormat::Json) => Some((mode, format)),
+            (Some("json" | "jsonl" | "ndjson"), _) => Some((BadRows::Fail, LineFormat::Json)),
+            (Some("csv" | "tsv"), LineFormat::Csv { .. }) if mode != BadRows::Fail => {
+                Some((mode, format))
+            }
+            _ => None,
+        }
     }
 
     fn record(
@@ -270,10 +301,6 @@ impl fmt::Display for CleanLines {
     }
 }
 
-fn is_json_lines(path: &ObjPath) -> bool {
-    matches!(path.extension(), Some("json" | "jsonl" | "ndjson"))
-}
-
 /// Bytes asked for per read when widening a range to whole lines.
 const WINDOW: u64 = 64 * 1024;
 
@@ -291,10 +318,85 @@ impl CleanLines {
         Ok(0)
     }
 
+    /// A `fail`-mode JSON read: lone surrogates fixed and nothing else, so no widening to
+    /// whole lines (see `fix`).
+    async fn get_fixed(
+        &self,
+        location: &ObjPath,
+        mut options: GetOptions,
+        asked_start: u64,
+        asked_end: Option<u64>,
+    ) -> object_store::Result<GetResult> {
+        let start = asked_start.saturating_sub(fix::CONTEXT);
+        options.range = Some(match asked_end {
+            Some(end) => GetRange::Bounded(start..end.saturating_add(fix::CONTEXT)),
+            None => GetRange::Offset(start),
+        });
+        let result = self.inner.get_opts(location, options).await?;
+        let wanted = asked_start..asked_end.unwrap_or(u64::MAX).min(result.meta.size);
+        let from = result.range.start;
+        let (meta, attributes) = (result.meta.clone(), result.attributes.clone());
+        let chunks = fix::fixed(payload_stream(result), from, wanted.clone());
+        Ok(GetResult {
+            payload: GetResultPayload::Stream(chunks),
+            meta,
+            range: wanted,
+            attributes,
+        })
+    }
+
+    /// The number of fields of the first line of a CSV object (cached per object).
+    async fn csv_fields(
+        &self,
+        location: &ObjPath,
+        delimiter: u8,
+        quote: u8,
+    ) -> object_store::Result<usize> {
+        let key = (self.root.clone(), location.to_string());
+        if let Some(n) = self
+            .rules
+            .csv_fields
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied())
+        {
+            return Ok(n);
+        }
+        let mut first = Vec::new();
+        let mut at = 0;
+        loop {
+            let bytes = match self.inner.get_range(location, at..at + WINDOW).await {
+                Ok(b) => b,
+                // Past the end of a short object.
+                Err(_) if at > 0 => break,
+                Err(e) => return Err(e),
+            };
+            match memchr::memchr(b'\n', &bytes) {
+                Some(i) => {
+                    first.extend_from_slice(&bytes[..i]);
+                    break;
+                }
+                None if (bytes.len() as u64) < WINDOW => {
+                    first.extend_from_slice(&bytes);
+                    break;
+                }
+                None => first.extend_from_slice(&bytes),
+            }
+            at += WINDOW;
+        }
+        let n = clean::csv_field_count(&first, delimiter, quote);
+        if let Ok(mut m) = self.rules.csv_fields.lock() {
+            m.insert(key, n);
+        }
+        Ok(n)
+    }
+
     async fn get_cleaned(
         &self,
         location: &ObjPath,
         mut options: GetOptions,
+        mode: BadRows,
+        format: LineFormat,
     ) -> object_store::Result<GetResult> {
         let (asked_start, asked_end) = match &options.range {
             None => (0, None),
@@ -302,6 +404,11 @@ impl CleanLines {
             Some(GetRange::Offset(s)) => (*s, None),
             Some(GetRange::Suffix(_)) => return self.inner.get_opts(location, options).await,
         };
+        if mode == BadRows::Fail && format == LineFormat::Json {
+            return self
+                .get_fixed(location, options, asked_start, asked_end)
+                .await;
+        }
         if let Some(end) = asked_end
             && let Some(l) = self
                 .rules
@@ -327,7 +434,14 @@ impl CleanLines {
         let size = first.meta.size;
         let covered = first.range.end;
         let wanted = asked_start..asked_end.unwrap_or(size).min(size);
-        let mode = self.rules.mode_for(&self.root, location);
+        let kind = match format {
+            LineFormat::Json => Kind::Json,
+            LineFormat::Csv { delimiter, quote } => Kind::Csv {
+                delimiter,
+                quote,
+                fields: self.csv_fields(location, delimiter, quote).await?,
+            },
+        };
         let meta = first.meta.clone();
         let attributes = first.attributes.clone();
         let reader = LineReader {
@@ -337,7 +451,7 @@ impl CleanLines {
             covered,
             size,
             wanted: wanted.clone(),
-            cleaner: Cleaner::new(mode, start),
+            cleaner: Cleaner::new(mode, start, kind),
             meta: meta.clone(),
             rules: self.rules.clone(),
             root: self.root.clone(),
@@ -453,102 +567,11 @@ impl LineReader {
     }
 }
 
-#[async_trait::async_trait]
-impl ObjectStore for CleanLines {
-    async fn put_opts(
-        &self,
-        location: &ObjPath,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &ObjPath,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(
-        &self,
-        location: &ObjPath,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        if options.head || !is_json_lines(location) {
-            return self.inner.get_opts(location, options).await;
-        }
-        self.get_cleaned(location, options).await
-    }
-
-    async fn get_ranges(
-        &self,
-        location: &ObjPath,
-        ranges: &[Range<u64>],
-    ) -> object_store::Result<Vec<Bytes>> {
-        if !is_json_lines(location) {
-            return self.inner.get_ranges(location, ranges).await;
-        }
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            out.push(self.get_range(location, r.clone()).await?);
-        }
-        Ok(out)
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<ObjPath>>,
-    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(
-        &self,
-        prefix: Option<&ObjPath>,
-    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-
-    fn list_with_offset(
-        &self,
-        prefix: Option<&ObjPath>,
-        offset: &ObjPath,
-    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list_with_offset(prefix, offset)
-    }
-
-    async fn list_with_delimiter(
-        &self,
-        prefix: Option<&ObjPath>,
-    ) -> object_store::Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &ObjPath,
-        to: &ObjPath,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-
-    async fn rename_opts(
-        &self,
-        from: &ObjPath,
-        to: &ObjPath,
-        options: RenameOptions,
-    ) -> object_store::Result<()> {
-        self.inner.rename_opts(from, to, options).await
-    }
-}
-
 mod clean;
+mod fix;
 mod read;
-use clean::Cleaner;
+mod store;
+use clean::{Cleaner, Kind};
 use read::payload_stream;
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 use super::clean::*;
 use super::*;
 
+use object_store::PutPayload;
 use object_store::memory::InMemory;
 
 fn clean_all(mode: BadRows, text: &str) -> (String, Vec<u64>) {
-    let mut c = Cleaner::new(mode, 0);
+    let mut c = Cleaner::new(mode, 0, Kind::Json);
     let mut out = Vec::new();
     // Fed in small pieces, so that lines and escapes cross chunk boundaries.
     for piece in text.as_bytes().chunks(3) {
@@ -69,7 +70,12 @@ async fn every_split_of_a_file_reads_the_same_cleaned_bytes() {
     let bad = format!("{{\"t\":\"{}\n", "y".repeat(100_000));
     let text = format!("{good}{bad}{good}{{\"t\":\"\\ud800\"}}\n{good}");
     let (store, rules, path) = store_with(&text).await;
-    rules.set("memory://", ObjPath::from("data"), BadRows::Skip);
+    rules.set(
+        "memory://",
+        ObjPath::from("data"),
+        BadRows::Skip,
+        LineFormat::Json,
+    );
     let whole = store.get(&path).await.unwrap().bytes().await.unwrap();
     assert_eq!(whole.len(), text.len());
     let expected = whole.clone();
@@ -122,4 +128,72 @@ async fn other_objects_and_unruled_paths_pass_through() {
     let read = store.get(&j).await.unwrap().bytes().await.unwrap();
     assert_eq!(read, malformed.as_bytes(), "no rule: fail mode");
     assert!(rules.report().await.is_empty());
+}
+
+#[test]
+fn csv_lines_with_the_wrong_number_of_fields_are_skipped_or_nulled() {
+    let text = "a,b,c\n1,\"x, y\",3\n1,2\n4,5,6\r\n7,8,9,10\n\n";
+    let kind = Kind::Csv {
+        delimiter: b',',
+        quote: b'"',
+        fields: 3,
+    };
+    let run = |mode| {
+        let mut c = Cleaner::new(mode, 0, kind);
+        let mut out = c.push(text.as_bytes()).unwrap().1;
+        out.extend(c.finish().map(|(_, b)| b).unwrap_or_default());
+        (String::from_utf8(out).unwrap(), c.bad)
+    };
+    let (out, bad) = run(BadRows::Skip);
+    assert_eq!(
+        out,
+        "a,b,c\n1,\"x, y\",3\n\n\n\n\n4,5,6\r\n\n\n\n\n\n\n\n\n\n\n"
+    );
+    assert_eq!(bad, vec![17, 28]);
+    let (out, _) = run(BadRows::Null);
+    assert_eq!(
+        out,
+        "a,b,c\n1,\"x, y\",3\n,,\n\n4,5,6\r\n,,\n\n\n\n\n\n\n\n"
+    );
+    assert_eq!(out.len(), text.len());
+}
+
+#[tokio::test]
+async fn fail_mode_fixes_surrogates_across_chunks_and_ranges() {
+    let text =
+        "{\"a\":\"x\\ud800\"}\n{\"a\":\"\\ud83d\\ude00\\\\ud800\"}\n{\"a\":\"\\udc00 end\\\\\"}\n";
+    let expected =
+        "{\"a\":\"x\\ufffd\"}\n{\"a\":\"\\ud83d\\ude00\\\\ud800\"}\n{\"a\":\"\\ufffd end\\\\\"}\n";
+    // Chunks of every size, as the store may deliver them.
+    for size in 1..=13 {
+        let chunks: Vec<object_store::Result<Bytes>> = text
+            .as_bytes()
+            .chunks(size)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let s = super::fix::fixed(
+            futures::stream::iter(chunks).boxed(),
+            0,
+            0..text.len() as u64,
+        );
+        let out: Vec<Bytes> = s.map(|b| b.unwrap()).collect().await;
+        assert_eq!(out.concat(), expected.as_bytes(), "chunks of {size}");
+    }
+    // Every split of a ranged read agrees with the whole.
+    let (store, _, path) = store_with(text).await;
+    for cut in 0..text.len() as u64 {
+        let mut joined = store
+            .get_range(&path, 0..cut.max(1))
+            .await
+            .unwrap()
+            .to_vec();
+        joined.truncate(cut as usize);
+        joined.extend(
+            store
+                .get_range(&path, cut..text.len() as u64)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(joined, expected.as_bytes(), "split at {cut}");
+    }
 }
