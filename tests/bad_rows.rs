@@ -33,28 +33,14 @@ fn script(mode: &str) -> String {
     )
 }
 
-async fn run_mode(p: &Project, mode: &str) -> (i32, String, Value) {
+fn run_mode(p: &Project, mode: &str) -> (i32, String, Value) {
     p.write("q.sql", &script(mode));
-    let dir = p.dir.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .current_dir(&dir)
-            .env_remove("SLUICE_CONFIG")
-            .args(["run", "--metrics-json", "m.json", "q.sql"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (code, _, stderr) = p.run_args(&["run", "--metrics-json", "m.json", "q.sql"]);
     let metrics = std::fs::read_to_string(p.path("m.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-        metrics,
-    )
+    (code, stderr, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +49,7 @@ async fn fail_skip_and_null() {
     let p = Project::new(&s.base_url(), 8, false);
     corrupt(&p);
 
-    let (code, stderr, _) = run_mode(&p, "fail").await;
+    let (code, stderr, _) = run_mode(&p, "fail");
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("t.jsonl:5"),
@@ -72,7 +58,7 @@ async fn fail_skip_and_null() {
     assert!(!p.path("out/r.parquet").exists());
     assert_eq!(s.stats().requests, 0);
 
-    let (code, stderr, metrics) = run_mode(&p, "skip").await;
+    let (code, stderr, metrics) = run_mode(&p, "skip");
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("t.jsonl: 2 malformed lines skipped (lines 5, 12)"),
@@ -92,7 +78,7 @@ async fn fail_skip_and_null() {
     let texts = strings(&rows, "transcript");
     assert!(texts.contains(&Some("lone \u{fffd} low".into())));
 
-    let (code, stderr, metrics) = run_mode(&p, "null").await;
+    let (code, stderr, metrics) = run_mode(&p, "null");
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("2 malformed lines read as NULLs"),

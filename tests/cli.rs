@@ -6,7 +6,6 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use support::*;
@@ -264,34 +263,8 @@ SELECT no_such_column FROM t;\n\
 async fn the_shell_runs_statements_from_piped_input() {
     let s = mock(MockConfig::default()).await;
     let p = Project::new(&s.base_url(), 4, false);
-    let dir = p.dir.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .current_dir(&dir)
-            .env_remove("SLUICE_CONFIG")
-            .arg("sql")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(SESSION.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a failed statement: exit 1\n{stderr}"
-    );
+    let (code, stdout, stderr) = p.run_with_stdin(&["sql"], SESSION);
+    assert_eq!(code, 1, "a failed statement: exit 1\n{stderr}");
     // \d before any table: the LLM functions with their signatures.
     assert!(stdout.contains("No tables."), "{stdout}");
     assert!(
@@ -318,59 +291,29 @@ async fn the_shell_prompts_on_a_terminal() {
     let s = mock(MockConfig::default()).await;
     let p = Project::new(&s.base_url(), 4, false);
     let dir = p.dir.path().to_path_buf();
-    let (status, text) = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        use std::sync::{Arc, Mutex};
+    let (code, text) = tokio::task::spawn_blocking(move || {
         use std::time::{Duration, Instant};
-        let sluice = env!("CARGO_BIN_EXE_sluice");
-        let mut child = Command::new("script")
-            .current_dir(&dir)
-            .env_remove("SLUICE_CONFIG")
-            .args(["-qec", &format!("{sluice} sql"), "/dev/null"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("script(1) runs");
-        let seen = Arc::new(Mutex::new(String::new()));
-        let mut stdout = child.stdout.take().unwrap();
-        let reader = {
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stdout.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    seen.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+        on_a_terminal(&dir, "sql", |stdin, seen| {
+            // Type each line only once its prompt is drawn, as a person would (input typed
+            // ahead of the prompt is discarded when the line editor takes the terminal).
+            let lines = [
+                "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/t.jsonl';",
+                "SELECT count(*) AS n",
+                "FROM t;",
+                "\\q",
+            ];
+            for (i, line) in lines.iter().enumerate() {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while seen().matches("> ").count() <= i && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-            })
-        };
-        // Type each line only once its prompt is drawn, as a person would (input typed ahead
-        // of the prompt is discarded when the line editor takes the terminal).
-        let mut stdin = child.stdin.take().unwrap();
-        let lines = [
-            "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/t.jsonl';",
-            "SELECT count(*) AS n",
-            "FROM t;",
-            "\\q",
-        ];
-        for (i, line) in lines.iter().enumerate() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while seen.lock().unwrap().matches("> ").count() <= i && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+                stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
             }
-            stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
-        }
-        let status = child.wait().unwrap();
-        reader.join().unwrap();
-        let text = seen.lock().unwrap().clone();
-        (status, text)
+        })
     })
     .await
     .unwrap();
-    assert!(status.success(), "{text}");
+    assert_eq!(code, 0, "{text}");
     assert!(text.contains("sluice> "), "the prompt is drawn: {text}");
     assert!(text.contains("   ...> "), "continuation prompt: {text}");
     assert!(
@@ -402,25 +345,8 @@ async fn scripts_from_c_and_stdin_with_set_and_formats() {
         "-c",
         TWO_CALLS,
     ];
-    let (code, stdout, stderr) = tokio::task::spawn_blocking({
-        let p = p.dir.path().to_path_buf();
-        move || {
-            let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .current_dir(&p)
-                .env_remove("SLUICE_CONFIG")
-                .args(args)
-                .output()
-                .unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).to_string(),
-                String::from_utf8_lossy(&out.stderr).to_string(),
-            )
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = p.run_args(&args);
+    assert_eq!(code, 0, "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "header and 2 rows only:\n{stdout}");
     assert_eq!(lines[0], "head,a");
@@ -437,44 +363,21 @@ async fn scripts_from_c_and_stdin_with_set_and_formats() {
     assert_eq!(s.stats().prompts, 2, "ORDER BY ... LIMIT 2 makes 2 calls");
 
     // The same script from stdin, as JSON lines, with N given: 3 objects.
-    let out = tokio::task::spawn_blocking({
-        let dir = dir.clone();
-        move || {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .current_dir(&dir)
-                .env_remove("SLUICE_CONFIG")
-                .args([
-                    "run",
-                    "-q",
-                    "--format",
-                    "json",
-                    "--set",
-                    "CORPUS=data/t.jsonl",
-                ])
-                .args(["--set", "N=3", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(TWO_CALLS.as_bytes())
-                .unwrap();
-            child.wait_with_output().unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (code, stdout, stderr) = p.run_with_stdin(
+        &[
+            "run",
+            "-q",
+            "--format",
+            "json",
+            "--set",
+            "CORPUS=data/t.jsonl",
+            "--set",
+            "N=3",
+            "-",
+        ],
+        TWO_CALLS,
     );
+    assert_eq!(code, 0, "{stderr}");
     let rows: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

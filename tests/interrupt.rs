@@ -5,9 +5,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -15,44 +13,15 @@ use support::*;
 /// Runs `sluice run q.sql` on a terminal in `dir`; types Ctrl-C once `ready()` holds (if given).
 /// Returns (exit code, everything the terminal showed).
 fn run_on_a_terminal(dir: &std::path::Path, ready: Option<&dyn Fn() -> bool>) -> (i32, String) {
-    let sluice = env!("CARGO_BIN_EXE_sluice");
-    let mut child = Command::new("script")
-        .current_dir(dir)
-        .env_remove("SLUICE_CONFIG")
-        .args(["-qec", &format!("{sluice} run q.sql"), "/dev/null"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("script(1) runs");
-    let seen = Arc::new(Mutex::new(String::new()));
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                seen.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+    on_a_terminal(dir, "run q.sql", |stdin, _| {
+        if let Some(ready) = ready {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !ready() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
             }
-        })
-    };
-    let mut stdin = child.stdin.take().unwrap();
-    if let Some(ready) = ready {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ready() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+            stdin.write_all(b"\x03").unwrap();
         }
-        stdin.write_all(b"\x03").unwrap();
-    }
-    let status = child.wait().unwrap();
-    drop(stdin);
-    reader.join().unwrap();
-    let text = seen.lock().unwrap().clone();
-    (status.code().unwrap_or(-1), text)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

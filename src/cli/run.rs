@@ -79,22 +79,14 @@ async fn execute(
         format: flags.format,
     };
     let progress = (!flags.quiet).then(|| progress::Progress::start(engine.live_metrics()));
-    let result = match &progress {
-        Some(p) => {
-            let mut out = p.writer(std::io::stdout());
-            let work = engine.run_script(&script.sql, &script.origin, &opts, &mut out);
-            let r = run_until_interrupted(engine, interrupts, work).await;
-            out.flush().ok();
-            r
-        }
-        None => {
-            let mut out = std::io::stdout();
-            let work = engine.run_script(&script.sql, &script.origin, &opts, &mut out);
-            let r = run_until_interrupted(engine, interrupts, work).await;
-            out.flush().ok();
-            r
-        }
+    let mut out: Box<dyn Write> = match &progress {
+        Some(p) => Box::new(p.writer(std::io::stdout())),
+        None => Box::new(std::io::stdout()),
     };
+    let work = engine.run_script(&script.sql, &script.origin, &opts, &mut out);
+    let result = run_until_interrupted(engine, interrupts, work).await;
+    out.flush().ok();
+    drop(out);
     if let Some(p) = progress {
         p.finish().await;
     }

@@ -258,6 +258,31 @@ impl Project {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     }
+
+    /// Runs `sluice <args>` with `input` on its stdin; returns (exit code, stdout, stderr).
+    pub fn run_with_stdin(&self, args: &[&str], input: &str) -> (i32, String, String) {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sluice runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
 }
 
 /// The flagship SQL reading `data/` and writing `out_rel`, relative to a [`Project`].
@@ -266,4 +291,49 @@ pub fn project_flagship_sql(out_rel: &str) -> String {
         .expect("flagship query exists")
         .replace("'data/transcripts/'", "'data/'")
         .replace("'out/earnings_qa.parquet'", &format!("'{out_rel}'"))
+}
+
+/// Runs `sluice ARGS` in `dir` on a pseudo-terminal (script(1)), as a person at a terminal
+/// would; `typing` gets the terminal's input and a reader of what it has shown so far. Returns
+/// (exit code, everything the terminal showed).
+pub fn on_a_terminal(
+    dir: &Path,
+    args: &str,
+    typing: impl FnOnce(&mut std::process::ChildStdin, &dyn Fn() -> String),
+) -> (i32, String) {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    let sluice = env!("CARGO_BIN_EXE_sluice");
+    let mut child = Command::new("script")
+        .current_dir(dir)
+        .env_remove("SLUICE_CONFIG")
+        .args(["-qec", &format!("{sluice} {args}"), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("script(1) runs");
+    let seen = Arc::new(Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    typing(&mut stdin, &|| seen.lock().unwrap().clone());
+    let status = child.wait().unwrap();
+    drop(stdin);
+    reader.join().unwrap();
+    let text = seen.lock().unwrap().clone();
+    (status.code().unwrap_or(-1), text)
 }

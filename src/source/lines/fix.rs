@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 
 use super::clean::fix_from;
+use super::read::clip;
 
 /// Bytes read beyond each edge of a range (more than an escape pair).
 pub(super) const CONTEXT: u64 = 16;
@@ -68,7 +69,7 @@ impl Fixer {
         if clean {
             let start = self.at;
             self.at += chunk.len() as u64;
-            return self.clip(start, chunk);
+            return clip(chunk, start, &self.wanted);
         }
         self.carry.extend_from_slice(&chunk);
         if self.carry.len() <= HOLD {
@@ -81,7 +82,7 @@ impl Fixer {
         self.resume = next - limit;
         let start = self.at;
         self.at += done.len() as u64;
-        self.clip(start, done)
+        clip(done, start, &self.wanted)
     }
 
     fn finish(&mut self) -> Option<Bytes> {
@@ -90,14 +91,6 @@ impl Fixer {
         fix_from(&mut rest, self.resume, len);
         let start = self.at;
         self.at += len as u64;
-        self.clip(start, Bytes::from(rest))
-    }
-
-    /// The part of `bytes` (from offset `start`) inside `wanted`.
-    fn clip(&self, start: u64, bytes: Bytes) -> Option<Bytes> {
-        let end = start + bytes.len() as u64;
-        let lo = self.wanted.start.clamp(start, end) - start;
-        let hi = self.wanted.end.clamp(start, end) - start;
-        (lo < hi).then(|| bytes.slice(lo as usize..hi as usize))
+        clip(Bytes::from(rest), start, &self.wanted)
     }
 }

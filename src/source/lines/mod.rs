@@ -328,10 +328,7 @@ impl CleanLines {
         asked_end: Option<u64>,
     ) -> object_store::Result<GetResult> {
         let start = asked_start.saturating_sub(fix::CONTEXT);
-        options.range = Some(match asked_end {
-            Some(end) => GetRange::Bounded(start..end.saturating_add(fix::CONTEXT)),
-            None => GetRange::Offset(start),
-        });
+        options.range = Some(widened(start, asked_end, fix::CONTEXT));
         let result = self.inner.get_opts(location, options).await?;
         let wanted = asked_start..asked_end.unwrap_or(u64::MAX).min(result.meta.size);
         let from = result.range.start;
@@ -426,10 +423,7 @@ impl CleanLines {
             });
         }
         let start = self.line_start(location, asked_start).await?;
-        options.range = Some(match asked_end {
-            Some(end) => GetRange::Bounded(start..end.saturating_add(WINDOW)),
-            None => GetRange::Offset(start),
-        });
+        options.range = Some(widened(start, asked_end, WINDOW));
         let first = self.inner.get_opts(location, options).await?;
         let size = first.meta.size;
         let covered = first.range.end;
@@ -463,6 +457,14 @@ impl CleanLines {
             range: wanted,
             attributes,
         })
+    }
+}
+
+/// The range from `start` to `end` plus `after` (to the end of the object without an `end`).
+fn widened(start: u64, end: Option<u64>, after: u64) -> GetRange {
+    match end {
+        Some(end) => GetRange::Bounded(start..end.saturating_add(after)),
+        None => GetRange::Offset(start),
     }
 }
 
@@ -536,14 +538,11 @@ impl LineReader {
         let Some((start, bytes)) = cleaned else {
             return Ok(None);
         };
-        let end = start + bytes.len() as u64;
         let bytes = Bytes::from(bytes);
-        if self.wanted.end < end {
+        if self.wanted.end < start + bytes.len() as u64 {
             self.keep_straddling_line(start, &bytes);
         }
-        let lo = self.wanted.start.clamp(start, end) - start;
-        let hi = self.wanted.end.clamp(start, end) - start;
-        Ok((lo < hi).then(|| bytes.slice(lo as usize..hi as usize)))
+        Ok(clip(bytes, start, &self.wanted))
     }
 
     /// Keeps the line of `lines` (cleaned, from `start`) that the wanted range ends inside,
@@ -572,7 +571,7 @@ mod fix;
 mod read;
 mod store;
 use clean::{Cleaner, Kind};
-use read::payload_stream;
+use read::{clip, payload_stream};
 
 #[cfg(test)]
 mod tests;

@@ -58,3 +58,11 @@ fn generic(message: String) -> object_store::Error {
         source: message.into(),
     }
 }
+
+/// The part of `bytes` (the object's bytes from offset `start`) inside `wanted`.
+pub(super) fn clip(bytes: Bytes, start: u64, wanted: &Range<u64>) -> Option<Bytes> {
+    let end = start + bytes.len() as u64;
+    let lo = wanted.start.clamp(start, end) - start;
+    let hi = wanted.end.clamp(start, end) - start;
+    (lo < hi).then(|| bytes.slice(lo as usize..hi as usize))
+}
