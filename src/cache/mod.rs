@@ -15,8 +15,11 @@ use serde_json::Value;
 
 use crate::types::Usage;
 
+mod jobs;
 mod key;
 
+pub use jobs::StoredJob;
+pub(crate) use jobs::{key_from_hex, key_hex};
 #[cfg(test)]
 use key::request_key;
 pub(crate) use key::{KeyPrefix, RequestKey};

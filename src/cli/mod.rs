@@ -1,5 +1,6 @@
 //! The `sluice` command line.
 
+pub mod batches;
 pub(crate) mod interrupt;
 pub(crate) mod progress;
 pub(crate) mod repl;
@@ -64,12 +65,22 @@ pub enum Command {
         /// what those calls returned instead of from the output schemas.
         #[arg(long, value_name = "N")]
         sample: Option<usize>,
+        /// Estimate as `sluice run --batch` would run: every model with a batch API through
+        /// it, at its batch prices.
+        #[arg(long)]
+        batch: bool,
     },
     /// An interactive SQL shell with the LLM functions (`\d` lists tables and functions).
     Sql {
         /// Rows of each SELECT result to print.
         #[arg(long, default_value_t = 20)]
         max_rows: usize,
+    },
+    /// List the provider batch jobs that runs left open (`mode = "batch"`), or cancel them.
+    Batches {
+        /// `list` (default) or `cancel [ID...]`.
+        #[command(subcommand)]
+        action: Option<batches::BatchesAction>,
     },
     /// Inspect or empty the persistent response cache.
     Cache {
@@ -112,6 +123,9 @@ pub const EXIT_STATEMENT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code for a run stopped by `--budget-tokens` or `--budget-usd`.
 pub const EXIT_BUDGET: u8 = 3;
+/// Exit code for a run that left provider batch jobs running (`--wait false`): the same
+/// command collects them later (`EX_TEMPFAIL`).
+pub const EXIT_BATCHES_PENDING: u8 = 75;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -272,12 +286,19 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
     }
     match cli.command {
         Command::Cache { action } => cache_command(&config, action),
+        Command::Batches { action } => batches::batches_command(&config, action).await,
         Command::Explain {
             script,
             json,
             no_plan,
             sample,
-        } => explain_command(&config, &script.load()?, json, no_plan, sample).await,
+            batch,
+        } => {
+            if batch {
+                config.use_batch_mode();
+            }
+            explain_command(&config, &script.load()?, json, no_plan, sample).await
+        }
         Command::Sql { max_rows } => {
             let engine = Engine::new(&config).map_err(Failure::config)?;
             if repl::run(

@@ -11,6 +11,55 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::watch;
 
 use crate::llm::Metrics;
+use crate::llm::batch::JobView;
+
+/// The batch jobs of the run, by model, when asked.
+pub(crate) type JobsFn = Box<dyn Fn() -> Vec<(String, JobView)> + Send + Sync>;
+
+/// The line of one batch job.
+fn job_line(model: &str, j: &JobView) -> String {
+    let resumed = if j.resumed { " · resumed" } else { "" };
+    format!(
+        "model {model} · {} · {} requests{resumed}",
+        super::batches::status_text(&j.status),
+        j.lines
+    )
+}
+
+/// Batch jobs as bars on a terminal, else as a line on stderr whenever one changes.
+struct JobBars {
+    style: ProgressStyle,
+    bars: Vec<(String, ProgressBar, String)>,
+    terminal: bool,
+}
+
+impl JobBars {
+    fn update(&mut self, mp: &MultiProgress, jobs: &JobsFn) {
+        for (model, j) in jobs() {
+            let text = job_line(&model, &j);
+            let id = &j.status.id;
+            let i = match self.bars.iter().position(|b| &b.0 == id) {
+                Some(i) => i,
+                None => {
+                    let b = mp.add(ProgressBar::new_spinner());
+                    b.set_style(self.style.clone());
+                    b.set_prefix(id.clone());
+                    self.bars.push((id.clone(), b, String::new()));
+                    self.bars.len() - 1
+                }
+            };
+            let entry = &mut self.bars[i];
+            if entry.2 != text {
+                if !self.terminal {
+                    eprintln!("batch {id}: {text}");
+                }
+                entry.2 = text.clone();
+            }
+            entry.1.set_message(text);
+            entry.1.tick();
+        }
+    }
+}
 
 /// A running progress display; [`Progress::finish`] draws the last state and stops it.
 pub struct Progress {
@@ -71,14 +120,21 @@ fn line(m: &crate::llm::dispatch::FunctionMetrics, elapsed: Duration) -> String 
 }
 
 impl Progress {
-    /// Starts drawing `metrics` on stderr (nothing is drawn when stderr is not a terminal).
-    pub fn start(metrics: Arc<Metrics>) -> Progress {
+    /// Starts drawing `metrics` and the run's batch `jobs` on stderr (when stderr is not a
+    /// terminal, nothing is drawn and a batch job's changes are printed as lines).
+    pub fn start(metrics: Arc<Metrics>, jobs: JobsFn) -> Progress {
+        use std::io::IsTerminal;
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
         let (stop, mut stopped) = watch::channel(false);
         let mp = multi.clone();
         let task = tokio::spawn(async move {
             let style = ProgressStyle::with_template("{spinner} {prefix:.bold} {msg} [{elapsed}]")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner());
+            let mut job_bars = JobBars {
+                style: style.clone(),
+                bars: vec![],
+                terminal: std::io::stderr().is_terminal(),
+            };
             // Per function: its bar, when it appeared, and its last count and when that changed.
             let mut bars: Vec<(String, ProgressBar, Instant, u64, Instant)> = vec![];
             loop {
@@ -108,9 +164,14 @@ impl Progress {
                     entry.1.set_message(line(&fm, entry.4 - entry.2));
                     entry.1.tick();
                 }
+                job_bars.update(&mp, &jobs);
                 if *stopped.borrow() {
-                    for b in &bars {
-                        b.1.finish();
+                    for b in bars
+                        .iter()
+                        .map(|b| &b.1)
+                        .chain(job_bars.bars.iter().map(|b| &b.1))
+                    {
+                        b.finish();
                     }
                     return;
                 }

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 
 use super::interrupt::{EXIT_INTERRUPTED, Interrupts, run_until_interrupted};
 use super::script::Script;
-use super::{EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure, format_summary, progress};
+use super::{
+    EXIT_BATCHES_PENDING, EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure, format_summary,
+    progress,
+};
 use crate::config::Config;
 use crate::engine::{Engine, OutputFormat, RunOptions, StatementError};
 use crate::llm::MetricsSnapshot;
@@ -44,6 +47,15 @@ pub struct RunFlags {
     /// at the models' prices (`input_usd_per_mtok`, `output_usd_per_mtok` in sluice.toml).
     #[arg(long)]
     pub budget_usd: Option<f64>,
+    /// Send every model that has a batch API (OpenAI-compatible chat models) through it, as
+    /// `mode = "batch"` in sluice.toml does: half the price, results within the provider's
+    /// completion window.
+    #[arg(long)]
+    pub batch: bool,
+    /// With batch mode, wait for the jobs' results (default); `--wait false` submits them,
+    /// exits with code 75 and leaves them running: the same command collects them later.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub wait: bool,
 }
 
 /// Applies the flags that change the configuration.
@@ -62,6 +74,17 @@ fn apply(config: &mut Config, flags: &RunFlags) -> Result<(), Failure> {
     if flags.no_cache {
         config.cache.enabled = false;
     }
+    if flags.batch && config.models.values().all(|m| !m.supports_batch()) {
+        return Err(Failure::config(
+            "--batch: no model in sluice.toml has a batch API (models of kind = \"openai\" do)",
+        ));
+    }
+    if flags.batch {
+        config.use_batch_mode();
+    }
+    for m in config.models.values_mut() {
+        m.batch.wait = flags.wait;
+    }
     config.cache.refresh = flags.refresh;
     Ok(())
 }
@@ -73,17 +96,19 @@ async fn execute(
     script: &Script,
     flags: &RunFlags,
     interrupts: &mut Interrupts,
-) -> Option<Result<(), StatementError>> {
+) -> Option<Ended> {
     let opts = RunOptions {
         max_rows: flags.max_rows,
         format: flags.format,
     };
-    let progress = (!flags.quiet).then(|| progress::Progress::start(engine.live_metrics()));
+    let progress = (!flags.quiet)
+        .then(|| progress::Progress::start(engine.live_metrics(), Box::new(engine.batch_watch())));
     let mut out: Box<dyn Write> = match &progress {
         Some(p) => Box::new(p.writer(std::io::stdout())),
         None => Box::new(std::io::stdout()),
     };
     let work = engine.run_script(&script.sql, &script.origin, &opts, &mut out);
+    let work = until_only_parked_batches(engine, work);
     let result = run_until_interrupted(engine, interrupts, work).await;
     out.flush().ok();
     drop(out);
@@ -91,6 +116,58 @@ async fn execute(
         p.finish().await;
     }
     result
+}
+
+/// How a run that was not interrupted ended.
+enum Ended {
+    /// Every statement ran (or one failed).
+    Done(Result<(), StatementError>),
+    /// It only waited for batch jobs left running (`--wait false`).
+    Parked,
+}
+
+/// `work`, or [`Ended::Parked`] once the run has done all it can without waiting for a batch
+/// job (checked for a second, so that results just collected can start the next stage).
+async fn until_only_parked_batches(
+    engine: &Engine,
+    work: impl std::future::Future<Output = Result<(), StatementError>>,
+) -> Ended {
+    let parked = async {
+        let mut quiet = 0;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            quiet = if engine.only_parked_batches() {
+                quiet + 1
+            } else {
+                0
+            };
+            if quiet >= 10 {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = work => Ended::Done(r),
+        _ = parked => Ended::Parked,
+    }
+}
+
+/// `N batch job(s) with M requests ...`, for the jobs still open at the provider.
+fn open_jobs_line(engine: &Engine) -> Option<String> {
+    let open: Vec<_> = engine
+        .batch_jobs()
+        .into_iter()
+        .filter(|(_, j)| !j.status.is_final())
+        .collect();
+    if open.is_empty() {
+        return None;
+    }
+    let requests: u64 = open.iter().map(|(_, j)| j.lines).sum();
+    Some(format!(
+        "{} batch job(s) with {requests} requests keep running at the provider; the same \
+         command collects their results (sluice batches lists them)",
+        open.len()
+    ))
 }
 
 /// `data/t.jsonl: 2 malformed lines skipped (lines 3, 9)`.
@@ -201,9 +278,21 @@ pub(super) async fn run_command(
             eprintln!("error: cannot write {}: {e}", path.display());
         }
     }
-    let Some(result) = result else {
+    let Some(ended) = result else {
         eprintln!("{}", interrupt_stop(&metrics, config.cache.enabled));
+        if let Some(line) = open_jobs_line(&engine) {
+            eprintln!("{line}");
+        }
         return Err(Failure::new(EXIT_INTERRUPTED, ""));
+    };
+    let result = match ended {
+        Ended::Done(r) => r,
+        Ended::Parked => {
+            let line = open_jobs_line(&engine)
+                .unwrap_or_else(|| "batch jobs keep running at the provider".into());
+            eprintln!("left running (--wait false): {line}; no output written yet");
+            return Err(Failure::new(EXIT_BATCHES_PENDING, ""));
+        }
     };
     let Err(e) = result else {
         return Ok(ExitCode::SUCCESS);

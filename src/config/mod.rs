@@ -25,6 +25,7 @@
 //! tpm = 2000000                           # optional tokens-per-minute limit
 //! ```
 
+mod batch;
 mod model;
 mod raw;
 
@@ -32,6 +33,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use batch::{BatchConfig, BatchRetry, ModelMode};
 pub use model::{
     LocalConfig, ModelConfig, ModelPart, Prices, ProviderKind, Secret, ServerConfig,
     StructuredOutput,
@@ -275,6 +277,22 @@ impl Config {
             cfg.models.insert(name, model);
         }
         Ok(cfg)
+    }
+}
+
+impl Config {
+    /// `sluice run --batch`: every model that has a batch API uses it. Returns the names of the
+    /// models left live (they have none).
+    pub fn use_batch_mode(&mut self) -> Vec<String> {
+        let mut live = Vec::new();
+        for (name, m) in &mut self.models {
+            if m.supports_batch() {
+                m.mode = ModelMode::Batch;
+            } else {
+                live.push(name.clone());
+            }
+        }
+        live
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::batch::{BatchConfig, ModelMode, batch_from_raw};
 use super::raw::RawModel;
 
 /// A secret string (API key). Its `Debug` and `Display` never show the value, so it cannot leak
@@ -102,6 +103,10 @@ pub struct ModelConfig {
     pub adaptive_concurrency: bool,
     /// Prices for `sluice explain` and `--budget-usd` (a local model costs nothing).
     pub prices: Option<Prices>,
+    /// Live requests or the provider's batch API (`mode`).
+    pub mode: ModelMode,
+    /// The settings of batch mode (`[models.NAME.batch]`; defaults when absent).
+    pub batch: BatchConfig,
     /// The settings only a server or only the local model has.
     pub part: ModelPart,
 }
@@ -163,7 +168,22 @@ impl ModelConfig {
                 input: 0.0,
                 output: 0.0,
             }),
+            mode: ModelMode::Live,
+            batch: BatchConfig::default(),
             part: ModelPart::Local(LocalConfig { context_size: 2048 }),
+        }
+    }
+
+    /// Whether this model can run in batch mode (an OpenAI-compatible chat model).
+    pub fn supports_batch(&self) -> bool {
+        self.kind == ProviderKind::Openai
+    }
+
+    /// The prices its calls are charged at: the batch prices in batch mode.
+    pub fn effective_prices(&self) -> Option<Prices> {
+        match self.mode {
+            ModelMode::Live => self.prices,
+            ModelMode::Batch => self.batch.prices,
         }
     }
 
@@ -200,7 +220,23 @@ pub(super) fn model_from_raw(
     let rpm = positive(m.rpm, "rpm")?;
     let tpm = positive(m.tpm, "tpm")?;
     let prices = prices(name, m.input_usd_per_mtok, m.output_usd_per_mtok)?;
+    let batch_prices = prices_named(
+        name,
+        m.batch_input_usd_per_mtok,
+        m.batch_output_usd_per_mtok,
+        "batch_",
+    )?;
+    let mode = m.mode.unwrap_or_default();
+    if mode == ModelMode::Batch && m.kind != ProviderKind::Openai {
+        return Err(format!(
+            "models.{name}: mode = \"batch\" needs kind = \"openai\" (the OpenAI Files and \
+             Batches API of a chat completions server)"
+        ));
+    }
+    let batch = batch_from_raw(name, m.batch.as_ref(), prices, batch_prices)?;
     Ok(ModelConfig {
+        mode,
+        batch,
         name: name.to_string(),
         kind: m.kind,
         concurrency: m.concurrency.unwrap_or(default_concurrency),
@@ -225,6 +261,12 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
             ));
         }
         lm.part = ModelPart::Local(LocalConfig { context_size: c });
+    }
+    if m.mode == Some(ModelMode::Batch) || m.batch.is_some() {
+        return Err(format!(
+            "models.{name}: the local model has no batch API; mode = \"batch\" is for \
+             kind = \"openai\""
+        ));
     }
     let misplaced = m.server_keys();
     if ["base_url", "api_key_env", "batch_size", "tokenizer"]
@@ -301,25 +343,32 @@ fn server_from_raw(
 
 /// Both prices or neither; non-negative and finite.
 fn prices(name: &str, input: Option<f64>, output: Option<f64>) -> Result<Option<Prices>, String> {
+    prices_named(name, input, output, "")
+}
+
+/// [`prices`] of the keys `{pre}input_usd_per_mtok` and `{pre}output_usd_per_mtok`.
+fn prices_named(
+    name: &str,
+    input: Option<f64>,
+    output: Option<f64>,
+    pre: &str,
+) -> Result<Option<Prices>, String> {
     match (input, output) {
         (None, None) => Ok(None),
         (Some(input), Some(output)) => {
-            for (key, v) in [
-                ("input_usd_per_mtok", input),
-                ("output_usd_per_mtok", output),
-            ] {
+            for (key, v) in [("input", input), ("output", output)] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(format!(
-                        "models.{name}.{key} must be a price in USD per million tokens (>= 0), \
-                         got {v}"
+                        "models.{name}.{pre}{key}_usd_per_mtok must be a price in USD per \
+                         million tokens (>= 0), got {v}"
                     ));
                 }
             }
             Ok(Some(Prices { input, output }))
         }
         _ => Err(format!(
-            "models.{name}: give both input_usd_per_mtok and output_usd_per_mtok (USD per \
-             million prompt and completion tokens), or neither"
+            "models.{name}: give both {pre}input_usd_per_mtok and {pre}output_usd_per_mtok (USD \
+             per million prompt and completion tokens), or neither"
         )),
     }
 }

@@ -62,6 +62,10 @@ pub(super) struct RawModel {
     pub adaptive_concurrency: Option<bool>,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
+    pub mode: Option<super::batch::ModelMode>,
+    pub batch_input_usd_per_mtok: Option<f64>,
+    pub batch_output_usd_per_mtok: Option<f64>,
+    pub batch: Option<super::batch::RawBatch>,
     // Servers only.
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,

@@ -157,7 +157,7 @@ impl Engine {
         answers: Answers,
     ) -> Result<Engine, EngineError> {
         let dispatcher = dispatcher(config, answers)?;
-        let models = build_models(config, answers)?;
+        let models = build_models(config, answers, dispatcher.cache())?;
         let runtime = Arc::new(LlmRuntime {
             dispatcher,
             models: models.handles,
@@ -172,6 +172,7 @@ impl Engine {
             json_locations: Default::default(),
             lines,
             token_counters: models.token_counters,
+            batch_plans: models.batch_plans,
         })
     }
 }

@@ -39,8 +39,13 @@ pub struct FunctionEstimate {
     pub tokens_in: u64,
     /// Completion tokens of those requests (estimated from the output schema).
     pub tokens_out: u64,
-    /// Cost in USD at the model's prices, when they are configured.
+    /// Cost in USD at the model's prices, when they are configured (its batch prices in batch
+    /// mode).
     pub cost_usd: Option<f64>,
+    /// In batch mode: the batch files its requests make.
+    pub batch_files: Option<u64>,
+    /// In batch mode: what the same requests would cost live.
+    pub live_cost_usd: Option<f64>,
 }
 
 impl FunctionEstimate {
@@ -49,6 +54,7 @@ impl FunctionEstimate {
             "function": self.function, "model": self.model, "calls": self.calls,
             "cached": self.cached, "requests": self.requests, "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "cost_usd": self.cost_usd,
+            "batch_files": self.batch_files, "live_cost_usd": self.live_cost_usd,
         })
     }
 
@@ -58,9 +64,15 @@ impl FunctionEstimate {
         self.requests += o.requests;
         self.tokens_in += o.tokens_in;
         self.tokens_out += o.tokens_out;
-        self.cost_usd = match (self.cost_usd, o.cost_usd) {
+        let sum = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) => Some(a + b),
             _ => None,
+        };
+        self.cost_usd = sum(self.cost_usd, o.cost_usd);
+        self.live_cost_usd = sum(self.live_cost_usd, o.live_cost_usd);
+        self.batch_files = match (self.batch_files, o.batch_files) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
         };
     }
 }
@@ -150,16 +162,30 @@ impl Explanation {
             }
             for f in &st.functions {
                 s.push_str(&format!(
-                    "  {}: {} calls, {} cached, {} requests\n",
+                    "  {}: {} calls, {} cached, {} requests",
                     f.function,
                     thousands(f.calls),
                     thousands(f.cached),
                     thousands(f.requests)
                 ));
+                if let Some(n) = f.batch_files {
+                    s.push_str(&format!(" as a batch ({n} file(s) of model {})", f.model));
+                }
+                s.push('\n');
             }
         }
         s.push('\n');
         s.push_str(&table(&self.totals, &self.total()));
+        for f in self.totals.iter().filter(|f| f.batch_files.is_some()) {
+            let usd = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.4} USD"));
+            s.push_str(&format!(
+                "{} runs as batches on model {}: {} at batch prices, {} live\n",
+                f.function,
+                f.model,
+                usd(f.cost_usd),
+                usd(f.live_cost_usd)
+            ));
+        }
         for (model, how) in &self.tokenizers {
             s.push_str(&format!("tokens of model {model}: {how}\n"));
         }
@@ -331,7 +357,7 @@ impl Engine {
                 if prices.is_none() && !out.unpriced.contains(&model) {
                     out.unpriced.push(model.clone());
                 }
-                let f = FunctionEstimate {
+                let mut f = FunctionEstimate {
                     function: name.clone(),
                     model,
                     calls: d[0],
@@ -340,13 +366,16 @@ impl Engine {
                     tokens_in: d[3],
                     tokens_out: d[4],
                     cost_usd: prices.map(|p| p.cost(d[3], d[4])),
+                    ..Default::default()
                 };
+                self.add_batch_estimate(&mut f);
                 totals
                     .entry(name)
                     .or_insert_with(|| FunctionEstimate {
                         function: f.function.clone(),
                         model: f.model.clone(),
                         cost_usd: f.cost_usd.map(|_| 0.0),
+                        live_cost_usd: f.live_cost_usd.map(|_| 0.0),
                         ..Default::default()
                     })
                     .add(&f);
@@ -485,6 +514,7 @@ impl Engine {
                 f.tokens_out = (f.requests as f64 * mean).round() as u64;
                 let prices = self.runtime.models.get(&f.model).and_then(|m| m.prices);
                 f.cost_usd = prices.map(|p| p.cost(f.tokens_in, f.tokens_out));
+                self.add_batch_estimate(f);
             }
         };
         full.totals.iter_mut().for_each(rescale);

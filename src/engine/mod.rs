@@ -8,6 +8,7 @@
 //!   [`crate::sink`] so that it is all or nothing;
 //! - [`explain`](Engine::explain_script): the estimate of a script without calling a model.
 
+mod batches;
 mod build;
 mod copy;
 mod explain;
@@ -33,6 +34,7 @@ use crate::source::find_malformed_json_line;
 use crate::udf::def::{DefError, FunctionDef};
 use crate::udf::exec::LlmRuntime;
 
+pub use batches::{BatchListing, cancel_batches, list_batches};
 pub use explain::{Explanation, FunctionEstimate, StatementEstimate};
 use statements::summary;
 pub use statements::{ScriptStatement, split_statements};
@@ -115,6 +117,7 @@ pub struct Engine {
     /// The `bad_rows` mode of each JSON-lines location, and the lines skipped or nulled.
     lines: Arc<crate::source::lines::LineRules>,
     token_counters: BTreeMap<String, String>,
+    batch_plans: BTreeMap<String, models::BatchPlan>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -199,6 +202,47 @@ impl Engine {
     /// others wait until the statement is dropped.
     pub fn stop_sending(&self) {
         self.runtime.dispatcher.stop_sending();
+        for q in self.batch_queues() {
+            q.stop();
+        }
+    }
+
+    fn batch_queues(&self) -> impl Iterator<Item = &Arc<crate::llm::batch::BatchQueue>> {
+        self.runtime
+            .models
+            .values()
+            .filter_map(|h| h.batch.as_ref())
+    }
+
+    /// The provider batch jobs this run submitted or picked up, with their models.
+    pub fn batch_jobs(&self) -> Vec<(String, crate::llm::batch::JobView)> {
+        (self.batch_watch())()
+    }
+
+    /// [`Engine::batch_jobs`] as a function that outlives the borrow (for progress displays).
+    pub fn batch_watch(
+        &self,
+    ) -> impl Fn() -> Vec<(String, crate::llm::batch::JobView)> + Send + Sync + 'static {
+        let queues: Vec<(String, Arc<crate::llm::batch::BatchQueue>)> = self
+            .runtime
+            .models
+            .iter()
+            .filter_map(|(name, h)| h.batch.clone().map(|q| (name.clone(), q)))
+            .collect();
+        move || {
+            queues
+                .iter()
+                .flat_map(|(name, q)| q.jobs().into_iter().map(|j| (name.clone(), j)))
+                .collect()
+        }
+    }
+
+    /// Whether the run only waits for batch jobs left running (`--wait false`): nothing on the
+    /// wire, nothing being gathered, uploaded or polled, and some job parked.
+    pub fn only_parked_batches(&self) -> bool {
+        self.requests_in_flight() == 0
+            && self.batch_queues().any(|q| q.only_parked())
+            && self.batch_queues().all(|q| q.idle())
     }
 
     /// Requests on the wire now.

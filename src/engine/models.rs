@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::EngineError;
-use crate::config::{Config, ModelConfig, ModelPart, ProviderKind};
+use crate::cache::ResponseCache;
+use crate::config::{Config, ModelConfig, ModelMode, ModelPart, ProviderKind};
+use crate::llm::batch::{BatchApi, BatchQueue};
 use crate::llm::dispatch::ModelHandle;
 use crate::llm::estimate::{EstimateProvider, TokenCounter};
 use crate::llm::governor::{Governor, GovernorConfig};
@@ -29,6 +31,19 @@ pub(super) struct Models {
     pub handles: BTreeMap<String, ModelHandle>,
     /// `tiktoken o200k_base`, `GGUF vocabulary of ...` by model name (estimates only).
     pub token_counters: BTreeMap<String, String>,
+    /// The models in batch mode, by name.
+    pub batch_plans: BTreeMap<String, BatchPlan>,
+}
+
+/// What `sluice explain` needs of a batch-mode model.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BatchPlan {
+    /// Most requests per file.
+    pub max_requests: usize,
+    /// Largest file.
+    pub max_bytes: u64,
+    /// The live prices, for the comparison.
+    pub live_prices: Option<crate::config::Prices>,
 }
 
 /// The provider that talks to model `m`, with `pool` connections.
@@ -58,11 +73,40 @@ fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupErro
     })
 }
 
-/// Every model of `config`, answering as `answers` says.
-pub(super) fn build_models(config: &Config, answers: Answers) -> Result<Models, EngineError> {
+/// The batch queue of model `m` in batch mode (which only OpenAI chat models can be), with
+/// its chat provider; `cache` stores its jobs.
+fn batch_queue(
+    m: &ModelConfig,
+    pool: usize,
+    cache: Option<&Arc<ResponseCache>>,
+) -> Result<Option<(Arc<dyn Provider>, Arc<BatchQueue>)>, SetupError> {
+    let (ModelMode::Batch, ModelPart::Server(s)) = (m.mode, &m.part) else {
+        return Ok(None);
+    };
+    let chat = Arc::new(OpenAiProvider::new(&m.model, s, pool)?);
+    let api = BatchApi::new(chat.clone(), &m.name, &m.batch.completion_window);
+    let queue = BatchQueue::new(
+        &m.name,
+        chat.endpoint(),
+        api,
+        m.batch.clone(),
+        cache.cloned(),
+        m.batch.wait,
+    );
+    Ok(Some((chat, Arc::new(queue))))
+}
+
+/// Every model of `config`, answering as `answers` says; batch-mode models store their jobs
+/// in `cache`.
+pub(super) fn build_models(
+    config: &Config,
+    answers: Answers,
+    cache: Option<&Arc<ResponseCache>>,
+) -> Result<Models, EngineError> {
     let mut out = Models {
         handles: BTreeMap::new(),
         token_counters: BTreeMap::new(),
+        batch_plans: BTreeMap::new(),
     };
     for (name, m) in &config.models {
         let model_err = |source| EngineError::Model {
@@ -70,7 +114,22 @@ pub(super) fn build_models(config: &Config, answers: Answers) -> Result<Models, 
             source,
         };
         let pool = m.concurrency.min(config.dispatcher.concurrency);
-        let real = provider(m, pool).map_err(model_err)?;
+        if m.mode == ModelMode::Batch {
+            let plan = BatchPlan {
+                max_requests: m.batch.max_requests,
+                max_bytes: m.batch.max_bytes,
+                live_prices: m.prices,
+            };
+            out.batch_plans.insert(name.clone(), plan);
+        }
+        let batch = match answers {
+            Answers::Models => batch_queue(m, pool, cache).map_err(model_err)?,
+            Answers::Estimates => None,
+        };
+        let (real, batch) = match batch {
+            Some((chat, queue)) => (chat, Some(queue)),
+            None => (provider(m, pool).map_err(model_err)?, None),
+        };
         let (provider, governor): (Arc<dyn Provider>, _) = match answers {
             Answers::Estimates => {
                 // Nothing is sent: no pacing, the whole budget in flight.
@@ -99,7 +158,8 @@ pub(super) fn build_models(config: &Config, answers: Answers) -> Result<Models, 
             ModelHandle {
                 provider,
                 governor: Arc::new(Governor::new(governor)),
-                prices: m.prices,
+                prices: m.effective_prices(),
+                batch,
             },
         );
     }

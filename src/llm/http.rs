@@ -52,11 +52,35 @@ impl HttpEndpoint {
     pub async fn post_json(&self, body: &Value) -> Result<(Value, RateLimits), LlmError> {
         let body = serde_json::to_vec(body)
             .map_err(|e| LlmError::new(ErrorKind::BadRequest, e.to_string()))?;
-        let mut builder = self
+        let builder = self
             .client
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
+        let (buf, rate) = self.send(builder, &self.url, self.max_body).await?;
+        let json = serde_json::from_slice(&buf).map_err(|e| {
+            malformed(format!(
+                "response body is not valid JSON ({e}): {}",
+                preview(&String::from_utf8_lossy(&buf))
+            ))
+        })?;
+        Ok((json, rate))
+    }
+
+    /// A request to another path of the same server (`url`), for [`HttpEndpoint::send`].
+    pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, url)
+    }
+
+    /// Sends `builder` (to `url`, for messages) with the key, and returns the body of a 200
+    /// answer (at most `max_body` bytes) with the rate limits its headers advertise, or the
+    /// classified failure.
+    pub async fn send(
+        &self,
+        mut builder: reqwest::RequestBuilder,
+        url: &str,
+        max_body: usize,
+    ) -> Result<(Vec<u8>, RateLimits), LlmError> {
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose());
         }
@@ -68,17 +92,17 @@ impl HttpEndpoint {
             resp.content_length()
                 .map(|l| l as usize)
                 .unwrap_or(4096)
-                .min(self.max_body),
+                .min(max_body),
         );
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    if buf.len() + chunk.len() > self.max_body {
+                    if buf.len() + chunk.len() > max_body {
                         return Err(LlmError {
                             http_status: Some(status),
                             ..LlmError::new(
                                 ErrorKind::TooLarge,
-                                format!("response body exceeds {} bytes", self.max_body),
+                                format!("response body exceeds {max_body} bytes"),
                             )
                         });
                     }
@@ -95,19 +119,20 @@ impl HttpEndpoint {
         if status != 200 {
             return Err(LlmError {
                 rate: (!rate.is_empty()).then(|| Box::new(rate)),
-                ..self.status_error(status, &buf, wait)
+                ..self.status_error(url, status, &buf, wait)
             });
         }
-        let json = serde_json::from_slice(&buf).map_err(|e| {
-            malformed(format!(
-                "response body is not valid JSON ({e}): {}",
-                preview(&String::from_utf8_lossy(&buf))
-            ))
-        })?;
-        Ok((json, rate))
+        Ok((buf, rate))
     }
 
-    fn status_error(&self, status: u16, body: &[u8], wait: Option<Duration>) -> LlmError {
+    /// The failure a non-200 answer of `url` stands for.
+    pub fn status_error(
+        &self,
+        url: &str,
+        status: u16,
+        body: &[u8],
+        wait: Option<Duration>,
+    ) -> LlmError {
         let msg = provider_message(body);
         let (kind, message) = match status {
             429 => (ErrorKind::RateLimited, format!("rate limited: {msg}")),
@@ -123,10 +148,7 @@ impl HttpEndpoint {
             ),
             404 => (
                 ErrorKind::NotFound,
-                format!(
-                    "{} answered 404: {msg} (check base_url and model)",
-                    self.url
-                ),
+                format!("{url} answered 404: {msg} (check base_url and model)"),
             ),
             408 => (ErrorKind::Timeout, format!("request timeout: {msg}")),
             500..=599 => (ErrorKind::ServerError, format!("server error: {msg}")),

@@ -14,6 +14,7 @@ use crate::types::{LlmError, LlmRequest, LlmResponse, Usage};
 #[derive(Debug)]
 pub struct OpenAiProvider {
     http: HttpEndpoint,
+    base_url: String,
     model: String,
     structured: StructuredOutput,
 }
@@ -23,12 +24,37 @@ impl OpenAiProvider {
     pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, SetupError> {
         Ok(OpenAiProvider {
             http: HttpEndpoint::new(cfg, format!("{}/chat/completions", cfg.base_url), pool_size)?,
+            base_url: cfg.base_url.clone(),
             model: model.to_string(),
             structured: cfg.structured_output,
         })
     }
 
-    fn body(&self, req: &LlmRequest) -> Value {
+    /// The server's base URL (`.../v1`), for its other endpoints (the batch API).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The HTTP endpoint (client, key, body cap) requests go through.
+    pub fn http(&self) -> &HttpEndpoint {
+        &self.http
+    }
+
+    /// A chat completion answer as a response.
+    pub fn parse_chat(v: &Value, rate: crate::types::RateLimits) -> Result<LlmResponse, LlmError> {
+        let choice = v
+            .pointer("/choices/0")
+            .ok_or_else(|| malformed("response has no choices[0]".into()))?;
+        Ok(LlmResponse {
+            content: text_field(choice, "/message/content")?,
+            finish_reason: finish_reason_of(choice),
+            usage: usage_of(v),
+            rate,
+        })
+    }
+
+    /// The JSON body of `req` (a live request's, and a batch line's `body`).
+    pub fn body(&self, req: &LlmRequest) -> Value {
         let mut messages = Vec::with_capacity(2);
         if let Some(system) = &req.prompt.system {
             messages.push(json!({"role": "system", "content": system}));
@@ -106,15 +132,7 @@ impl Provider for OpenAiProvider {
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
         let (v, rate) = self.http.post_json(&self.body(req)).await?;
-        let choice = v
-            .pointer("/choices/0")
-            .ok_or_else(|| malformed("response has no choices[0]".into()))?;
-        Ok(LlmResponse {
-            content: text_field(choice, "/message/content")?,
-            finish_reason: finish_reason_of(choice),
-            usage: usage_of(&v),
-            rate,
-        })
+        Self::parse_chat(&v, rate)
     }
 }
 

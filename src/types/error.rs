@@ -40,6 +40,9 @@ pub enum ErrorKind {
     Template,
     /// The run's token budget would be exceeded: systemic, ends the statement.
     Budget,
+    /// The provider's batch API refused a file or job, or a job was cancelled before it ran
+    /// the request: systemic, fails the statement.
+    Batch,
 }
 
 impl ErrorKind {
@@ -62,6 +65,7 @@ impl ErrorKind {
             ErrorKind::NullInput => "null_input",
             ErrorKind::Template => "template",
             ErrorKind::Budget => "budget",
+            ErrorKind::Batch => "batch",
         }
     }
 
@@ -86,7 +90,11 @@ impl ErrorKind {
     pub fn is_systemic(self) -> bool {
         matches!(
             self,
-            ErrorKind::Connect | ErrorKind::Auth | ErrorKind::NotFound | ErrorKind::Budget
+            ErrorKind::Connect
+                | ErrorKind::Auth
+                | ErrorKind::NotFound
+                | ErrorKind::Budget
+                | ErrorKind::Batch
         )
     }
 }

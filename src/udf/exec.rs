@@ -208,12 +208,17 @@ impl ExecutionPlan for LlmExec {
             callers,
             schema: self.schema.clone(),
         };
-        Ok(Box::pin(LlmStream::new(
-            input,
-            ctx,
-            concurrency.clamp(16, 1024),
-            2 * concurrency + 16,
-        )))
+        // A batch-mode model answers a file at a time: keep a file's worth of rows waiting.
+        let batch = self
+            .calls
+            .iter()
+            .filter_map(|c| c.model.batch.as_ref().map(|q| q.max_requests()))
+            .max();
+        let (slice_rows, unfinished) = match batch {
+            Some(n) => (1024, n.max(1024)),
+            None => (concurrency.clamp(16, 1024), 2 * concurrency + 16),
+        };
+        Ok(Box::pin(LlmStream::new(input, ctx, slice_rows, unfinished)))
     }
 }
 

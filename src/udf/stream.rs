@@ -192,7 +192,8 @@ impl LlmStream {
             pending: VecDeque::new(),
             slice_rows,
             unfinished_limit,
-            buffered_limit: 64,
+            // Enough slices for every unfinished row, and at least 64.
+            buffered_limit: unfinished_limit.div_ceil(slice_rows.max(1)).max(64) + 1,
             leftover: None,
             ctx: Arc::new(ctx),
         }

@@ -30,6 +30,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::Provider;
+use super::batch::BatchQueue;
 use super::governor::{Governor, Outcome};
 use crate::cache::{CacheMode, KeyPrefix, RequestKey, ResponseCache};
 use crate::config::{DispatcherConfig, Prices};
@@ -50,8 +51,10 @@ pub(crate) struct ModelHandle {
     pub provider: Arc<dyn Provider>,
     /// Adaptive concurrency, RPM/TPM buckets and pauses for this model.
     pub governor: Arc<Governor>,
-    /// What its tokens cost (for `--budget-usd`), if known.
+    /// What its tokens cost (for `--budget-usd`), if known: the batch prices in batch mode.
     pub prices: Option<Prices>,
+    /// In batch mode, the queue its calls go to instead of the provider.
+    pub batch: Option<Arc<BatchQueue>>,
 }
 
 /// What every call of one function shares: its name, generation parameters and output schema.

@@ -11,6 +11,7 @@ use super::error_outcome;
 use super::metrics::OnTheWire;
 use super::{CallResult, FunctionMetrics, Inner, Metrics, ModelHandle};
 use crate::cache::{CachedResponse, RequestKey};
+use crate::llm::batch::BatchQueue;
 use crate::llm::governor::Outcome;
 use crate::llm::parse_response;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, RowError};
@@ -60,17 +61,36 @@ impl Inner {
         Duration::from_secs_f64(exp * (0.5 + fastrand::f64() * 0.5))
     }
 
-    /// One attempt: the response, counted and validated.
+    /// One attempt through the model's batch API: held by a budget reservation while it
+    /// waits (no governor or global permit: nothing is on the wire).
+    async fn send_to_batch(
+        &self,
+        model: &ModelHandle,
+        queue: &Arc<BatchQueue>,
+        req: &LlmRequest,
+        key: RequestKey,
+    ) -> Result<LlmResponse, LlmError> {
+        let _reservation = self.reserve_budget(model, req.estimated_usage())?;
+        if self.global.is_closed() {
+            // Stopped (Ctrl-C): nothing more is submitted, and nothing fails because of it.
+            return std::future::pending().await;
+        }
+        queue.call(key, req).await
+    }
+
+    /// One attempt (the `n`th of the call whose key is `key`): the response, counted and
+    /// validated.
     async fn attempt(
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
+        (key, n): (RequestKey, u32),
         fm: &Arc<FunctionMetrics>,
     ) -> Result<CachedResponse, LlmError> {
-        let result = if model.provider.max_batch() > 1 {
-            self.send_batched(model, req, fm).await
-        } else {
-            self.send_hedged(model, req, fm).await
+        let result = match &model.batch {
+            Some(q) if n == 1 || !q.retries_live() => self.send_to_batch(model, q, req, key).await,
+            _ if model.provider.max_batch() > 1 => self.send_batched(model, req, fm).await,
+            _ => self.send_hedged(model, req, fm).await,
         };
         let m = &self.metrics;
         let resp = result?;
@@ -110,7 +130,7 @@ impl Inner {
         let mut raised_max_tokens = false;
         loop {
             attempt += 1;
-            match self.attempt(model, &req, fm).await {
+            match self.attempt(model, &req, (key, attempt), fm).await {
                 Ok(resp) => {
                     m.succeeded.fetch_add(1, Ordering::Relaxed);
                     fm.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -126,8 +146,10 @@ impl Inner {
                         Some(d) => d.min(self.cfg.backoff_max),
                         None => self.backoff(attempt),
                     };
-                    // The row's total deadline: no retry that would start after it.
-                    let past_deadline = started.elapsed() + delay > self.cfg.row_deadline;
+                    // The row's total deadline: no retry that would start after it (a batch
+                    // waits for its provider's completion window instead).
+                    let past_deadline =
+                        model.batch.is_none() && started.elapsed() + delay > self.cfg.row_deadline;
                     if past_deadline && e.kind.is_retryable() && attempt < self.cfg.max_attempts {
                         e.message = format!(
                             "{} (row deadline of {:?} reached; deadline_ms in [dispatcher])",

@@ -1,0 +1,265 @@
+//! The OpenAI Files + Batches API of one chat model's server: upload a JSONL file of requests
+//! (`POST /files`, purpose `batch`), submit it (`POST /batches`), poll it
+//! (`GET /batches/{id}`), download its results (`GET /files/{id}/content`), cancel it
+//! (`POST /batches/{id}/cancel`). Every failure is a classified [`LlmError`]; a server without
+//! the API (404) or one that refuses a file is an [`ErrorKind::Batch`] error that names the
+//! setting to change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::llm::http::malformed;
+use crate::llm::openai::OpenAiProvider;
+use crate::llm::preview;
+use crate::types::{ErrorKind, LlmError};
+
+/// Uploads and downloads may take minutes where a completion takes seconds.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Largest result file read (results of one file of at most 200 MB of requests).
+const MAX_RESULT_BYTES: usize = 2 << 30;
+
+/// What the provider says of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JobStatus {
+    /// `batch_...`.
+    pub id: String,
+    /// `validating`, `in_progress`, `finalizing`, `completed`, `failed`, `expired`,
+    /// `cancelling`, `cancelled`.
+    pub status: String,
+    /// Requests in the job.
+    pub total: u64,
+    /// Requests answered.
+    pub completed: u64,
+    /// Requests failed.
+    pub failed: u64,
+    /// The file of answers, once there is one.
+    pub output_file_id: Option<String>,
+    /// The file of failed requests, once there is one.
+    pub error_file_id: Option<String>,
+    /// Why a job failed as a whole (`errors.data[*]`).
+    pub errors: Option<String>,
+}
+
+impl JobStatus {
+    /// Whether the job will change no more.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "completed" | "failed" | "expired" | "cancelled"
+        )
+    }
+
+    fn from_json(v: &Value) -> Result<JobStatus, LlmError> {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let count = |k: &str| {
+            v.pointer(&format!("/request_counts/{k}"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        let (Some(id), Some(status)) = (text("id"), text("status")) else {
+            return Err(malformed(format!(
+                "a batch object needs id and status: {}",
+                preview(&v.to_string())
+            )));
+        };
+        let errors = v
+            .pointer("/errors/data")
+            .and_then(Value::as_array)
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                d.iter()
+                    .map(|e| {
+                        let part = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("");
+                        format!("{}: {}", part("code"), part("message"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            });
+        Ok(JobStatus {
+            id,
+            status,
+            total: count("total"),
+            completed: count("completed"),
+            failed: count("failed"),
+            output_file_id: text("output_file_id"),
+            error_file_id: text("error_file_id"),
+            errors,
+        })
+    }
+}
+
+/// The batch API of one model's server.
+#[derive(Debug, Clone)]
+pub struct BatchApi {
+    chat: Arc<OpenAiProvider>,
+    model: String,
+    window: String,
+}
+
+impl BatchApi {
+    /// The API beside `chat`'s endpoint; `model` names it in messages, `window` is the jobs'
+    /// completion window.
+    pub fn new(chat: Arc<OpenAiProvider>, model: &str, window: &str) -> BatchApi {
+        BatchApi {
+            chat,
+            model: model.to_string(),
+            window: window.to_string(),
+        }
+    }
+
+    /// The chat provider whose requests the files carry.
+    pub fn chat(&self) -> &Arc<OpenAiProvider> {
+        &self.chat
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.chat.base_url())
+    }
+
+    /// Sends and reads a JSON answer; a 404 or a refusal of the batch API itself becomes an
+    /// [`ErrorKind::Batch`] error that says what to change.
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, LlmError> {
+        let url = self.url(path);
+        let mut b = self.chat.http().request(method.clone(), &url);
+        if let Some(body) = body {
+            b = b
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        let (bytes, _) = self
+            .chat
+            .http()
+            .send(b, &url, 16 << 20)
+            .await
+            .map_err(|e| self.refused(&method, path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            malformed(format!(
+                "{method} {path}: the answer is not JSON ({e}): {}",
+                preview(&String::from_utf8_lossy(&bytes))
+            ))
+        })
+    }
+
+    fn refused(&self, method: &Method, path: &str, mut e: LlmError) -> LlmError {
+        let name = &self.model;
+        match e.kind {
+            ErrorKind::NotFound => {
+                e.kind = ErrorKind::Batch;
+                e.message = format!(
+                    "{method} {}{path} answered 404: this server has no batch API (Files + \
+                     Batches); set mode = \"live\" for models.{name} or run without --batch",
+                    self.chat.base_url()
+                );
+            }
+            ErrorKind::BadRequest | ErrorKind::TooLarge => {
+                e.kind = ErrorKind::Batch;
+                e.message = format!(
+                    "{method} {path} refused: {} (models.{name}.batch.max_bytes and \
+                     max_requests set the file limits)",
+                    e.message
+                );
+            }
+            _ => e.message = format!("{method} {path}: {}", e.message),
+        }
+        e
+    }
+
+    /// Uploads `jsonl` as a batch input file named `name`; its file id.
+    pub async fn upload(&self, name: &str, jsonl: Vec<u8>) -> Result<String, LlmError> {
+        let boundary = format!("sluice-{:016x}", fastrand::u64(..));
+        let mut body = Vec::with_capacity(jsonl.len() + 512);
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+                 --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; \
+                 filename=\"{name}\"\r\nContent-Type: application/jsonl\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&jsonl);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let url = self.url("/files");
+        let b = self
+            .chat
+            .http()
+            .request(Method::POST, &url)
+            .timeout(TRANSFER_TIMEOUT)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body);
+        let (bytes, _) = self
+            .chat
+            .http()
+            .send(b, &url, 16 << 20)
+            .await
+            .map_err(|e| self.refused(&Method::POST, "/files", e))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| malformed(format!("POST /files: the answer is not JSON ({e})")))?;
+        v.get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                malformed(format!(
+                    "POST /files: no file id in {}",
+                    preview(&v.to_string())
+                ))
+            })
+    }
+
+    /// Submits the uploaded file `file_id` as a job of chat completions.
+    pub async fn create(&self, file_id: &str) -> Result<JobStatus, LlmError> {
+        let body = json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": self.window,
+            "metadata": {"created_by": "sluice"},
+        });
+        let v = self.json(Method::POST, "/batches", Some(body)).await?;
+        JobStatus::from_json(&v)
+    }
+
+    /// The job's state now.
+    pub async fn status(&self, id: &str) -> Result<JobStatus, LlmError> {
+        let v = self
+            .json(Method::GET, &format!("/batches/{id}"), None)
+            .await?;
+        JobStatus::from_json(&v)
+    }
+
+    /// Asks the provider to cancel the job.
+    pub async fn cancel(&self, id: &str) -> Result<JobStatus, LlmError> {
+        let v = self
+            .json(Method::POST, &format!("/batches/{id}/cancel"), None)
+            .await?;
+        JobStatus::from_json(&v)
+    }
+
+    /// The bytes of a result file.
+    pub async fn content(&self, file_id: &str) -> Result<Vec<u8>, LlmError> {
+        let path = format!("/files/{file_id}/content");
+        let url = self.url(&path);
+        let b = self
+            .chat
+            .http()
+            .request(Method::GET, &url)
+            .timeout(TRANSFER_TIMEOUT);
+        let (bytes, _) = self
+            .chat
+            .http()
+            .send(b, &url, MAX_RESULT_BYTES)
+            .await
+            .map_err(|e| self.refused(&Method::GET, &path, e))?;
+        Ok(bytes)
+    }
+}
