@@ -114,13 +114,20 @@ pub struct Explanation {
 
 impl Explanation {
     /// Sum over every function.
+    /// Sum over every function; with batch-mode functions, `live_cost_usd` is what the whole
+    /// script would cost live.
     pub fn total(&self) -> FunctionEstimate {
+        let batched = self.totals.iter().any(|f| f.batch_files.is_some());
         let mut t = FunctionEstimate {
             cost_usd: Some(0.0),
+            live_cost_usd: batched.then_some(0.0),
             ..Default::default()
         };
         for f in &self.totals {
-            t.add(f);
+            t.add(&FunctionEstimate {
+                live_cost_usd: f.live_cost_usd.or(f.cost_usd),
+                ..f.clone()
+            });
         }
         t
     }

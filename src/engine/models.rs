@@ -73,13 +73,16 @@ fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupErro
     })
 }
 
+/// A batch-mode model: its chat provider (for live retries) and its queue.
+type BatchModel = (Arc<dyn Provider>, Arc<BatchQueue>);
+
 /// The batch queue of model `m` in batch mode (which only OpenAI chat models can be), with
 /// its chat provider; `cache` stores its jobs.
 fn batch_queue(
     m: &ModelConfig,
     pool: usize,
     cache: Option<&Arc<ResponseCache>>,
-) -> Result<Option<(Arc<dyn Provider>, Arc<BatchQueue>)>, SetupError> {
+) -> Result<Option<BatchModel>, SetupError> {
     let (ModelMode::Batch, ModelPart::Server(s)) = (m.mode, &m.part) else {
         return Ok(None);
     };

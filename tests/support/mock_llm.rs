@@ -24,6 +24,10 @@ use tokio::task::JoinHandle;
 #[path = "limits.rs"]
 mod limits;
 
+#[path = "batch_api.rs"]
+mod batch_api;
+
+pub use batch_api::BatchConfig;
 pub use limits::Limits;
 use limits::{Buckets, Verdict};
 
@@ -133,6 +137,8 @@ pub struct MockConfig {
     pub tiktoken_usage: bool,
     /// A provider's limits: a concurrency cap, request and token buckets (none by default).
     pub limits: Limits,
+    /// The Files and Batches API (`/v1/files`, `/v1/batches`): timing, limits, job faults.
+    pub batch: BatchConfig,
 }
 
 impl Default for MockConfig {
@@ -149,6 +155,7 @@ impl Default for MockConfig {
             api_key: None,
             tiktoken_usage: false,
             limits: Limits::default(),
+            batch: BatchConfig::default(),
         }
     }
 }
@@ -170,6 +177,16 @@ pub struct StatsSnapshot {
     pub max_in_flight: u64,
     /// Tokens of the requests the limits let through, as the token bucket counts them.
     pub tokens_admitted: u64,
+    /// Successful `POST /v1/files`.
+    pub files_uploaded: u64,
+    /// Lines in those files.
+    pub batch_lines: u64,
+    /// Successful `POST /v1/batches`.
+    pub batches_created: u64,
+    /// `GET /v1/batches/{id}`.
+    pub batch_polls: u64,
+    /// `POST /v1/batches/{id}/cancel` of a known batch.
+    pub batch_cancels: u64,
 }
 
 impl StatsSnapshot {
@@ -178,7 +195,9 @@ impl StatsSnapshot {
         json!({
             "requests": self.requests, "prompts": self.prompts, "ok": self.ok, "faults": self.faults,
             "distinct_prompts": self.by_prompt.len(), "max_in_flight": self.max_in_flight,
-            "tokens_admitted": self.tokens_admitted,
+            "tokens_admitted": self.tokens_admitted, "files_uploaded": self.files_uploaded,
+            "batch_lines": self.batch_lines, "batches_created": self.batches_created,
+            "batch_polls": self.batch_polls, "batch_cancels": self.batch_cancels,
         })
     }
 }
@@ -191,6 +210,11 @@ struct Stats {
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
     tokens_admitted: AtomicU64,
+    files_uploaded: AtomicU64,
+    batch_lines: AtomicU64,
+    batches_created: AtomicU64,
+    batch_polls: AtomicU64,
+    batch_cancels: AtomicU64,
     faults: Mutex<HashMap<String, u64>>,
     by_prompt: Mutex<HashMap<String, u64>>,
 }
@@ -200,6 +224,7 @@ struct State {
     stats: Stats,
     ids: AtomicU64,
     buckets: Buckets,
+    batches: batch_api::Store,
 }
 
 /// A running server; dropping it stops accepting connections.
@@ -240,6 +265,7 @@ impl MockServer {
             stats: Stats::default(),
             ids: AtomicU64::new(0),
             buckets: Buckets::default(),
+            batches: batch_api::Store::default(),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -299,6 +325,11 @@ impl State {
             by_prompt: s.by_prompt.lock().map(|m| m.clone()).unwrap_or_default(),
             max_in_flight: s.max_in_flight.load(Ordering::Relaxed),
             tokens_admitted: s.tokens_admitted.load(Ordering::Relaxed),
+            files_uploaded: s.files_uploaded.load(Ordering::Relaxed),
+            batch_lines: s.batch_lines.load(Ordering::Relaxed),
+            batches_created: s.batches_created.load(Ordering::Relaxed),
+            batch_polls: s.batch_polls.load(Ordering::Relaxed),
+            batch_cancels: s.batch_cancels.load(Ordering::Relaxed),
         }
     }
 
@@ -309,6 +340,15 @@ impl State {
         s.ok.store(0, Ordering::Relaxed);
         s.max_in_flight.store(0, Ordering::Relaxed);
         s.tokens_admitted.store(0, Ordering::Relaxed);
+        for c in [
+            &s.files_uploaded,
+            &s.batch_lines,
+            &s.batches_created,
+            &s.batch_polls,
+            &s.batch_cancels,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
         if let Ok(mut m) = s.faults.lock() {
             m.clear();
         }
@@ -334,10 +374,14 @@ impl Request {
     }
 }
 
-/// Reads one request; Ok(None) at a clean end of the connection.
-async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<Request>> {
+/// Reads one request of at most `max_body` bytes of body; Ok(None) at a clean end of the
+/// connection.
+async fn read_request(
+    sock: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    max_body: usize,
+) -> std::io::Result<Option<Request>> {
     const MAX_HEAD: usize = 64 * 1024;
-    const MAX_BODY: usize = 64 * 1024 * 1024;
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i;
@@ -366,10 +410,11 @@ async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Resul
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
-    if len > MAX_BODY {
+    if len > max_body {
         return Err(std::io::Error::other("request body too large"));
     }
     let body_start = head_end + 4;
+    buf.reserve((body_start + len).saturating_sub(buf.len()));
     while buf.len() < body_start + len {
         let mut chunk = vec![0u8; (body_start + len - buf.len()).min(64 * 1024)];
         let n = sock.read(&mut chunk).await?;
@@ -427,7 +472,7 @@ enum After {
 async fn serve_connection(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     loop {
-        let Some(req) = read_request(&mut sock, &mut buf).await? else {
+        let Some(req) = read_request(&mut sock, &mut buf, st.cfg.batch.max_body()).await? else {
             return Ok(());
         };
         let close = req
@@ -483,6 +528,7 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             }
             result
         }
+        (_, path) if batch_api::routed(path) => batch_api::serve(sock, st, &req).await,
         _ => {
             sock.write_all(&response(
                 404,
@@ -600,6 +646,13 @@ async fn bad_request(sock: &mut TcpStream, message: &str) -> std::io::Result<Aft
     Ok(After::KeepAlive)
 }
 
+/// Whether the request carries the configured API key (always, when none is configured).
+fn authorized(cfg: &MockConfig, req: &Request) -> bool {
+    cfg.api_key
+        .as_ref()
+        .is_none_or(|key| req.header("authorization") == Some(format!("Bearer {key}").as_str()))
+}
+
 async fn serve_llm(
     sock: &mut TcpStream,
     st: &Arc<State>,
@@ -608,67 +661,18 @@ async fn serve_llm(
     released: &mut bool,
 ) -> std::io::Result<After> {
     let cfg = &st.cfg;
-    if let Some(key) = &cfg.api_key {
-        let expected = format!("Bearer {key}");
-        if req.header("authorization") != Some(expected.as_str()) {
-            let body = error_body("Incorrect API key provided", "invalid_request_error");
-            sock.write_all(&response(401, &[], &body)).await?;
-            return Ok(After::KeepAlive);
-        }
+    if !authorized(cfg, req) {
+        let body = error_body("Incorrect API key provided", "invalid_request_error");
+        sock.write_all(&response(401, &[], &body)).await?;
+        return Ok(After::KeepAlive);
     }
     let parsed: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => return bad_request(sock, &format!("invalid JSON body: {e}")).await,
     };
-    let text_prompts = |v: Option<&Value>| -> Option<(Vec<String>, bool)> {
-        match v? {
-            Value::String(s) => Some((vec![s.clone()], false)),
-            Value::Array(a) if !a.is_empty() => a
-                .iter()
-                .map(|p| p.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .map(|l| (l, true)),
-            _ => None,
-        }
-    };
-    let (prompts, listed): (Vec<Prompt>, bool) = match proto {
-        Proto::Chat => {
-            let messages = parsed
-                .get("messages")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let content_of =
-                |m: &Value| m.get("content").and_then(Value::as_str).map(str::to_string);
-            let system = messages
-                .iter()
-                .find(|m| m.get("role").and_then(Value::as_str) == Some("system"))
-                .and_then(content_of);
-            let Some(user) = messages
-                .iter()
-                .rev()
-                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-                .and_then(content_of)
-            else {
-                return bad_request(sock, "messages must contain a user message").await;
-            };
-            let hash = prompt_hash(system.as_deref(), &user);
-            (vec![Prompt { system, user, hash }], false)
-        }
-        Proto::Completions | Proto::Lamini => {
-            let Some((list, listed)) = text_prompts(parsed.get("prompt")) else {
-                return bad_request(sock, "prompt must be a string or a list of strings").await;
-            };
-            let prompts = list
-                .into_iter()
-                .map(|user| Prompt {
-                    hash: prompt_hash(None, &user),
-                    system: None,
-                    user,
-                })
-                .collect();
-            (prompts, listed)
-        }
+    let (prompts, listed) = match request_prompts(proto, &parsed) {
+        Ok(p) => p,
+        Err(message) => return bad_request(sock, message).await,
     };
     let s = &st.stats;
     s.prompts.fetch_add(prompts.len() as u64, Ordering::Relaxed);
@@ -679,33 +683,8 @@ async fn serve_llm(
             return Ok(After::KeepAlive);
         }
     };
-    // Faults and jitter are drawn for the request from its first prompt's history.
-    let attempt = {
-        let mut m = s.by_prompt.lock().unwrap_or_else(|p| p.into_inner());
-        let mut first = 0;
-        for (i, p) in prompts.iter().enumerate() {
-            let e = m.entry(p.hash.clone()).or_default();
-            *e += 1;
-            if i == 0 {
-                first = *e - 1;
-            }
-        }
-        first
-    };
-    let mut rng = seeded(cfg.seed, &prompts[0].hash, attempt);
-    let fault = cfg
-        .permanent
-        .iter()
-        .find(|(marker, _)| prompts.iter().any(|p| p.user.contains(marker.as_str())))
-        .map(|(_, f)| *f)
-        .or_else(|| {
-            let u = rng.f64();
-            let mut acc = 0.0;
-            cfg.faults.table().into_iter().find_map(|(p, f)| {
-                acc += p;
-                (u < acc).then_some(f)
-            })
-        });
+    let attempt = next_attempt(st, &prompts);
+    let (fault, mut rng) = draw_fault(cfg, &prompts, attempt);
     let jitter = if cfg.jitter.is_zero() {
         Duration::ZERO
     } else {
@@ -715,102 +694,11 @@ async fn serve_llm(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-
-    // The schema each prompt's answer follows, and whether the answer is a JSON object.
-    let (schema, json_object) = match proto {
-        Proto::Lamini => (
-            parsed
-                .get("output_type")
-                .and_then(Value::as_object)
-                .map(lamini_schema),
-            false,
-        ),
-        _ => (
-            parsed
-                .pointer("/response_format/json_schema/schema")
-                .cloned(),
-            parsed
-                .pointer("/response_format/type")
-                .and_then(Value::as_str)
-                == Some("json_object"),
-        ),
-    };
-    let values: Vec<Option<Value>> = prompts
-        .iter()
-        .map(|p| schema.as_ref().map(|s| generate(s, &p.hash, None, None)))
-        .collect();
-    let contents: Vec<String> = prompts
-        .iter()
-        .zip(&values)
-        .map(|(p, v)| match (v, json_object) {
-            (Some(v), _) => v.to_string(),
-            (None, true) => json!({"answer": format!("[{}]", p.hash)}).to_string(),
-            (None, false) => format!("Answer [{}]: the passage reports the figure.", p.hash),
-        })
-        .collect();
-    let model = parsed
-        .get("model")
-        .or_else(|| parsed.get("model_name"))
-        .and_then(Value::as_str)
-        .unwrap_or("mock")
-        .to_string();
-    let envelope = |contents: &[String], finish: &str| -> Vec<u8> {
-        let id = st.ids.fetch_add(1, Ordering::Relaxed);
-        let (pt, ct) = if cfg.tiktoken_usage {
-            billed_tokens(proto, &parsed, &prompts, contents)
-        } else {
-            let prompt_chars: usize = prompts
-                .iter()
-                .map(|p| {
-                    p.system.as_deref().map_or(0, |s| s.chars().count()) + p.user.chars().count()
-                })
-                .sum();
-            let pt = prompt_chars / 4 + 1;
-            (
-                pt,
-                contents.iter().map(|c| c.chars().count()).sum::<usize>() / 4 + 1,
-            )
-        };
-        let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct});
-        let v = match proto {
-            Proto::Chat => json!({
-                "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": contents[0]},
-                             "finish_reason": finish}],
-                "usage": usage,
-            }),
-            Proto::Completions => json!({
-                "id": format!("cmpl-mock-{id}"), "object": "text_completion", "created": 0,
-                "model": model,
-                "choices": contents.iter().enumerate().map(|(i, c)| json!({
-                    "index": i, "text": c, "finish_reason": finish, "logprobs": null,
-                })).collect::<Vec<_>>(),
-                "usage": usage,
-            }),
-            Proto::Lamini => {
-                // Lamini answers the parsed objects (or {"output": text}); a list for a list.
-                let items: Vec<Value> = contents
-                    .iter()
-                    .map(|c| match serde_json::from_str::<Value>(c) {
-                        Ok(v @ Value::Object(_)) if schema.is_some() => v,
-                        _ if schema.is_some() => json!({"broken": c}),
-                        _ => json!({"output": c}),
-                    })
-                    .collect();
-                if listed {
-                    Value::Array(items)
-                } else {
-                    items.into_iter().next().unwrap_or(Value::Null)
-                }
-            }
-        };
-        v.to_string().into_bytes()
-    };
-
+    let answer = Answer::new(proto, &parsed, &prompts, listed);
     let Some(fault) = fault else {
         s.ok.fetch_add(prompts.len() as u64, Ordering::Relaxed);
-        let answer = response(200, &rate_headers, &envelope(&contents, "stop"));
+        let body = answer.body(st, None).to_string();
+        let answer = response(200, &rate_headers, body.as_bytes());
         // The request stops counting against the concurrency cap once its answer is ready,
         // before it is sent, as a server frees a slot when generation ends.
         s.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -819,6 +707,17 @@ async fn serve_llm(
         return Ok(After::KeepAlive);
     };
     count_fault(st, fault);
+    serve_fault(sock, st, &answer, fault).await
+}
+
+/// Answers a request with an injected fault.
+async fn serve_fault(
+    sock: &mut TcpStream,
+    st: &State,
+    answer: &Answer<'_>,
+    fault: Fault,
+) -> std::io::Result<After> {
+    let cfg = &st.cfg;
     match fault {
         Fault::RateLimit => {
             let secs = cfg.retry_after_ms.div_ceil(1000);
@@ -844,7 +743,7 @@ async fn serve_llm(
             Ok(After::Close)
         }
         Fault::DroppedConnection => {
-            let body = envelope(&contents, "stop");
+            let body = answer.body(st, None).to_string().into_bytes();
             let full = response(200, &[], &body);
             let cut = full.len() - body.len() / 2;
             sock.write_all(&full[..cut]).await?;
@@ -857,34 +756,249 @@ async fn serve_llm(
             Ok(After::KeepAlive)
         }
         Fault::TruncatedBody => {
-            let body = envelope(&contents, "stop");
+            let body = answer.body(st, None).to_string().into_bytes();
             let cut = &body[..body.len() * 6 / 10];
             sock.write_all(&response(200, &[], cut)).await?;
             Ok(After::KeepAlive)
         }
-        Fault::InvalidSchema => {
-            let bad: Vec<String> = values
-                .iter()
-                .map(|v| match v {
-                    Some(Value::Object(_)) => json!(["wrong"]).to_string(),
-                    Some(Value::Array(_)) => json!("wrong").to_string(),
-                    Some(Value::String(_)) => json!(42).to_string(),
-                    Some(_) => json!("wrong").to_string(),
-                    None => String::new(),
-                })
-                .collect();
-            sock.write_all(&response(200, &[], &envelope(&bad, "stop")))
-                .await?;
+        Fault::InvalidSchema | Fault::FinishLength => {
+            let body = answer.body(st, Some(fault)).to_string();
+            sock.write_all(&response(200, &[], body.as_bytes())).await?;
             Ok(After::KeepAlive)
         }
-        Fault::FinishLength => {
-            let half: Vec<String> = contents
+    }
+}
+
+/// The prompts of a request and whether they came as a list, or the message of its 400.
+fn request_prompts(proto: Proto, parsed: &Value) -> Result<(Vec<Prompt>, bool), &'static str> {
+    match proto {
+        Proto::Chat => {
+            let messages = parsed
+                .get("messages")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let content_of =
+                |m: &Value| m.get("content").and_then(Value::as_str).map(str::to_string);
+            let system = messages
                 .iter()
-                .map(|c| c.chars().take(c.chars().count() / 2).collect())
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("system"))
+                .and_then(content_of);
+            let user = messages
+                .iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+                .and_then(content_of)
+                .ok_or("messages must contain a user message")?;
+            let hash = prompt_hash(system.as_deref(), &user);
+            Ok((vec![Prompt { system, user, hash }], false))
+        }
+        Proto::Completions | Proto::Lamini => {
+            let (list, listed) = match parsed.get("prompt") {
+                Some(Value::String(s)) => Some((vec![s.clone()], false)),
+                Some(Value::Array(a)) if !a.is_empty() => a
+                    .iter()
+                    .map(|p| p.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .map(|l| (l, true)),
+                _ => None,
+            }
+            .ok_or("prompt must be a string or a list of strings")?;
+            let prompts = list
+                .into_iter()
+                .map(|user| Prompt {
+                    hash: prompt_hash(None, &user),
+                    system: None,
+                    user,
+                })
                 .collect();
-            sock.write_all(&response(200, &[], &envelope(&half, "length")))
-                .await?;
-            Ok(After::KeepAlive)
+            Ok((prompts, listed))
+        }
+    }
+}
+
+/// Counts one more request of each prompt (live or batched alike); returns how many requests
+/// the first prompt had before: faults and jitter are drawn from that history.
+fn next_attempt(st: &State, prompts: &[Prompt]) -> u64 {
+    let mut m = st.stats.by_prompt.lock().unwrap_or_else(|p| p.into_inner());
+    let mut first = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let e = m.entry(p.hash.clone()).or_default();
+        *e += 1;
+        if i == 0 {
+            first = *e - 1;
+        }
+    }
+    first
+}
+
+/// The fault of a request's `attempt` (None: answer normally): a permanent marker in a prompt,
+/// else a seeded draw; with the generator, whose next value is the jitter's.
+fn draw_fault(
+    cfg: &MockConfig,
+    prompts: &[Prompt],
+    attempt: u64,
+) -> (Option<Fault>, fastrand::Rng) {
+    let mut rng = seeded(cfg.seed, &prompts[0].hash, attempt);
+    let fault = cfg
+        .permanent
+        .iter()
+        .find(|(marker, _)| prompts.iter().any(|p| p.user.contains(marker.as_str())))
+        .map(|(_, f)| *f)
+        .or_else(|| {
+            let u = rng.f64();
+            let mut acc = 0.0;
+            cfg.faults.table().into_iter().find_map(|(p, f)| {
+                acc += p;
+                (u < acc).then_some(f)
+            })
+        });
+    (fault, rng)
+}
+
+/// What the server answers to a request's prompts: the live endpoint and a batch line alike.
+struct Answer<'a> {
+    proto: Proto,
+    parsed: &'a Value,
+    prompts: &'a [Prompt],
+    listed: bool,
+    /// The schema each prompt's answer follows.
+    schema: Option<Value>,
+    /// The generated value of each prompt (with a schema).
+    values: Vec<Option<Value>>,
+    /// The answer text of each prompt.
+    contents: Vec<String>,
+}
+
+impl<'a> Answer<'a> {
+    fn new(proto: Proto, parsed: &'a Value, prompts: &'a [Prompt], listed: bool) -> Self {
+        // The schema each prompt's answer follows, and whether the answer is a JSON object.
+        let (schema, json_object) = match proto {
+            Proto::Lamini => (
+                parsed
+                    .get("output_type")
+                    .and_then(Value::as_object)
+                    .map(lamini_schema),
+                false,
+            ),
+            _ => (
+                parsed
+                    .pointer("/response_format/json_schema/schema")
+                    .cloned(),
+                parsed
+                    .pointer("/response_format/type")
+                    .and_then(Value::as_str)
+                    == Some("json_object"),
+            ),
+        };
+        let values: Vec<Option<Value>> = prompts
+            .iter()
+            .map(|p| schema.as_ref().map(|s| generate(s, &p.hash, None, None)))
+            .collect();
+        let contents: Vec<String> = prompts
+            .iter()
+            .zip(&values)
+            .map(|(p, v)| match (v, json_object) {
+                (Some(v), _) => v.to_string(),
+                (None, true) => json!({"answer": format!("[{}]", p.hash)}).to_string(),
+                (None, false) => format!("Answer [{}]: the passage reports the figure.", p.hash),
+            })
+            .collect();
+        Answer {
+            proto,
+            parsed,
+            prompts,
+            listed,
+            schema,
+            values,
+            contents,
+        }
+    }
+
+    /// The body of a 200 answer: the answers, or with `fault`'s content (`InvalidSchema`:
+    /// values of the wrong type; `FinishLength`: half of each, `finish_reason = length`).
+    fn body(&self, st: &State, fault: Option<Fault>) -> Value {
+        match fault {
+            Some(Fault::InvalidSchema) => {
+                let bad: Vec<String> = self
+                    .values
+                    .iter()
+                    .map(|v| match v {
+                        Some(Value::Object(_)) => json!(["wrong"]).to_string(),
+                        Some(Value::Array(_)) => json!("wrong").to_string(),
+                        Some(Value::String(_)) => json!(42).to_string(),
+                        Some(_) => json!("wrong").to_string(),
+                        None => String::new(),
+                    })
+                    .collect();
+                self.envelope(st, &bad, "stop")
+            }
+            Some(Fault::FinishLength) => {
+                let half: Vec<String> = (self.contents.iter())
+                    .map(|c| c.chars().take(c.chars().count() / 2).collect())
+                    .collect();
+                self.envelope(st, &half, "length")
+            }
+            _ => self.envelope(st, &self.contents, "stop"),
+        }
+    }
+
+    /// The protocol's answer carrying `contents`, with usage.
+    fn envelope(&self, st: &State, contents: &[String], finish: &str) -> Value {
+        let (proto, parsed, prompts) = (self.proto, self.parsed, self.prompts);
+        let model = (parsed.get("model"))
+            .or_else(|| parsed.get("model_name"))
+            .and_then(Value::as_str)
+            .unwrap_or("mock");
+        let id = st.ids.fetch_add(1, Ordering::Relaxed);
+        let (pt, ct) = if st.cfg.tiktoken_usage {
+            billed_tokens(proto, parsed, prompts, contents)
+        } else {
+            let prompt_chars: usize = prompts
+                .iter()
+                .map(|p| {
+                    p.system.as_deref().map_or(0, |s| s.chars().count()) + p.user.chars().count()
+                })
+                .sum();
+            let pt = prompt_chars / 4 + 1;
+            (
+                pt,
+                contents.iter().map(|c| c.chars().count()).sum::<usize>() / 4 + 1,
+            )
+        };
+        let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct});
+        match proto {
+            Proto::Chat => json!({
+                "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": contents[0]},
+                             "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Proto::Completions => json!({
+                "id": format!("cmpl-mock-{id}"), "object": "text_completion", "created": 0,
+                "model": model,
+                "choices": contents.iter().enumerate().map(|(i, c)| json!({
+                    "index": i, "text": c, "finish_reason": finish, "logprobs": null,
+                })).collect::<Vec<_>>(),
+                "usage": usage,
+            }),
+            Proto::Lamini => {
+                // Lamini answers the parsed objects (or {"output": text}); a list for a list.
+                let items: Vec<Value> = contents
+                    .iter()
+                    .map(|c| match serde_json::from_str::<Value>(c) {
+                        Ok(v @ Value::Object(_)) if self.schema.is_some() => v,
+                        _ if self.schema.is_some() => json!({"broken": c}),
+                        _ => json!({"output": c}),
+                    })
+                    .collect();
+                if self.listed {
+                    Value::Array(items)
+                } else {
+                    items.into_iter().next().unwrap_or(Value::Null)
+                }
+            }
         }
     }
 }

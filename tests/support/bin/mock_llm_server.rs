@@ -15,9 +15,13 @@ const USAGE: &str = "usage: sluice-mock-llm [--port N] [--latency-ms N] [--jitte
   [--malformed P] [--truncated P] [--invalid-schema P] [--finish-length P]
   [--retry-after-ms N] [--hang-ms N] [--api-key-env NAME] [--tiktoken-usage]
   [--max-in-flight N] [--rpm N] [--tpm N] [--burst-secs S] [--no-rate-headers]
+  [--batch-time-ms N] [--no-batch-api] [--batch-fail-jobs N] [--batch-expire-jobs N]
 P is a probability per request (0..1). --max-in-flight, --rpm and --tpm are limits that answer
 429 with Retry-After beyond them (retry-after-ms for the cap); buckets hold --burst-secs of
-refill (default 1); x-ratelimit-* headers go on every answer unless --no-rate-headers.";
+refill (default 1); x-ratelimit-* headers go on every answer unless --no-rate-headers.
+The Files and Batches API (/v1/files, /v1/batches) finishes a job --batch-time-ms after its
+creation (default 300); the first --batch-fail-jobs jobs fail, the next --batch-expire-jobs
+expire with half their lines done; --no-batch-api answers 404 there.";
 
 fn parse_args() -> Result<(MockConfig, u16), String> {
     let mut cfg = MockConfig::default();
@@ -30,6 +34,10 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
         }
         if flag == "--no-rate-headers" {
             cfg.limits.headers = false;
+            continue;
+        }
+        if flag == "--no-batch-api" {
+            cfg.batch.enabled = false;
             continue;
         }
         if flag == "--help" || flag == "-h" {
@@ -66,6 +74,9 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
             "--max-in-flight" => cfg.limits.max_in_flight = Some(num(&value)?),
             "--rpm" => cfg.limits.rpm = Some(num(&value)?),
             "--tpm" => cfg.limits.tpm = Some(num(&value)?),
+            "--batch-time-ms" => cfg.batch.completion_time = Duration::from_millis(num(&value)?),
+            "--batch-fail-jobs" => cfg.batch.fail_jobs = num(&value)?,
+            "--batch-expire-jobs" => cfg.batch.expire_jobs = num(&value)?,
             "--burst-secs" => {
                 cfg.limits.burst_secs = value
                     .parse::<f64>()
