@@ -236,6 +236,47 @@ fn budget_stop(e: &StatementError, metrics: &MetricsSnapshot, cache_enabled: boo
     )
 }
 
+/// The summary, malformed lines and batch jobs on stderr, and the metrics file: what the run
+/// did. Returns the metrics.
+async fn report(engine: &Engine, flags: &RunFlags) -> MetricsSnapshot {
+    let metrics = engine.metrics();
+    let bad_rows = engine.bad_rows().await;
+    if !flags.quiet && metrics.calls + metrics.deduplicated + metrics.cache_hits > 0 {
+        eprintln!("{}", format_summary(&metrics));
+    }
+    let jobs = engine.batch_jobs();
+    if !flags.quiet {
+        for b in &bad_rows {
+            eprintln!("{}", bad_rows_line(b));
+        }
+        if !jobs.is_empty() {
+            let each: Vec<String> = jobs
+                .iter()
+                .map(|(_, j)| format!("{} {} ({} requests)", j.status.id, j.status.status, j.lines))
+                .collect();
+            eprintln!("batch jobs: {}", each.join(", "));
+        }
+    }
+    if let Some(path) = &flags.metrics_json {
+        let mut json = metrics.to_json();
+        json["bad_rows"] = serde_json::Value::Array(bad_rows.iter().map(bad_rows_json).collect());
+        json["batch_jobs"] = jobs
+            .iter()
+            .map(|(model, j)| {
+                serde_json::json!({
+                    "id": j.status.id, "model": model, "status": j.status.status,
+                    "requests": j.lines, "completed": j.status.completed,
+                    "failed": j.status.failed, "resumed": j.resumed,
+                })
+            })
+            .collect();
+        if let Err(e) = std::fs::write(path, json.to_string()) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+        }
+    }
+    metrics
+}
+
 /// `sluice run`.
 pub(super) async fn run_command(
     mut config: Config,
@@ -261,23 +302,7 @@ pub(super) async fn run_command(
     if let Err(e) = engine.flush_cache().await {
         eprintln!("warning: {e}");
     }
-    let metrics = engine.metrics();
-    let bad_rows = engine.bad_rows().await;
-    if !flags.quiet && metrics.calls + metrics.deduplicated + metrics.cache_hits > 0 {
-        eprintln!("{}", format_summary(&metrics));
-    }
-    if !flags.quiet {
-        for b in &bad_rows {
-            eprintln!("{}", bad_rows_line(b));
-        }
-    }
-    if let Some(path) = &flags.metrics_json {
-        let mut json = metrics.to_json();
-        json["bad_rows"] = serde_json::Value::Array(bad_rows.iter().map(bad_rows_json).collect());
-        if let Err(e) = std::fs::write(path, json.to_string()) {
-            eprintln!("error: cannot write {}: {e}", path.display());
-        }
-    }
+    let metrics = report(&engine, &flags).await;
     let Some(ended) = result else {
         eprintln!("{}", interrupt_stop(&metrics, config.cache.enabled));
         if let Some(line) = open_jobs_line(&engine) {
