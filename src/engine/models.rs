@@ -86,6 +86,13 @@ fn batch_queue(
     let (ModelMode::Batch, ModelPart::Server(s)) = (m.mode, &m.part) else {
         return Ok(None);
     };
+    if cache.is_none() {
+        tracing::warn!(
+            "models.{}: batch mode without the response cache: a run stopped while it waits \
+             cannot resume its jobs",
+            m.name
+        );
+    }
     let chat = Arc::new(OpenAiProvider::new(&m.model, s, pool)?);
     let api = BatchApi::new(chat.clone(), &m.name, &m.batch.completion_window);
     let queue = BatchQueue::new(

@@ -415,6 +415,8 @@ impl BatchQueue {
                 Err(e) => unread = Some(e),
             }
         }
+        // A result file that could not be read keeps the job stored: a later run reads it.
+        let forget = unread.is_none();
         let missing = unread.unwrap_or_else(|| self.missing(id, status));
         let answers = keys
             .iter()
@@ -425,7 +427,7 @@ impl BatchQueue {
                 )
             })
             .collect();
-        if let Some(cache) = self.cache.clone() {
+        if let Some(cache) = self.cache.clone().filter(|_| forget) {
             let id = id.to_string();
             let removed = tokio::task::spawn_blocking(move || cache.remove_job(&id)).await;
             if let Ok(Err(e)) = removed {
