@@ -390,6 +390,42 @@ fn cache_rerun(passages: usize) -> Value {
     })
 }
 
+/// Batch mode (issue 19): the flagship over `passages` passages through the test server's
+/// Files + Batches API, each job taking `job_ms` there: wall time against what the provider's
+/// time bounds it to (two stages, each gathered for `collect_ms`, then `job_ms`, then at most
+/// one poll), CPU per call, peak RSS and the bytes uploaded.
+fn batch_api(passages: usize, job_ms: u64) -> Value {
+    let (collect_ms, poll_ms) = (500, 200);
+    let mock = Mock::start(&["--batch-time-ms", &job_ms.to_string()]);
+    let p = Project::with_model(
+        &mock.url,
+        64,
+        passages,
+        true,
+        "kind = \"openai\"\nmode = \"batch\"",
+    );
+    let cfg = std::fs::read_to_string(p.dir.path().join("sluice.toml")).unwrap();
+    std::fs::write(
+        p.dir.path().join("sluice.toml"),
+        format!("{cfg}\n[models.default.batch]\npoll_ms = {poll_ms}\ncollect_ms = {collect_ms}\n"),
+    )
+    .unwrap();
+    let m = p.run(&[]);
+    let stats = mock_stats(&mock);
+    let calls = num(&m.metrics, "calls");
+    let bound_s = 2.0 * (collect_ms + job_ms + poll_ms) as f64 / 1000.0;
+    let jobs = m.metrics["batch_jobs"].as_array().map_or(0, Vec::len);
+    json!({
+        "scenario": format!("batch-api-{passages}"), "passages": passages, "calls": calls,
+        "live_requests": num(&m.metrics, "requests"), "jobs": jobs,
+        "lines_uploaded": num(&stats, "batch_lines"), "files_uploaded": num(&stats, "files_uploaded"),
+        "job_ms": job_ms, "wall_s": round(m.wall_s, 2), "bound_s": round(bound_s, 2),
+        "ratio_to_bound": round(bound_s / m.wall_s, 3),
+        "cpu_ms_per_call": round(m.cpu_s * 1000.0 / calls.max(1) as f64, 4),
+        "max_rss_mb": round(m.max_rss_mb, 1), "failed": num(&m.metrics, "failed"),
+    })
+}
+
 /// GB scale (issue 9): `size` of generated transcripts → chunk → both LLM stages → Parquet,
 /// first live against the test server at 20 ms (which fills the cache), then the same run three
 /// times with every call answered from the cache: MB/s of input and peak RSS of each (for the
@@ -748,5 +784,8 @@ fn main() {
     }
     if want("local") {
         emit(local_model());
+    }
+    if want("batch-api") {
+        emit(batch_api(10_000, 2000));
     }
 }

@@ -41,9 +41,11 @@ pub struct JobView {
 
 #[derive(Default)]
 struct State {
-    /// Request lines gathered for the next file, in arrival order.
-    pending: Vec<(RequestKey, Vec<u8>)>,
-    pending_bytes: u64,
+    /// Request lines gathered for the next file, in arrival order: each key with the end of
+    /// its line in `buf`, which holds the lines one after another (the file's body as it
+    /// will be uploaded, so it is not copied again).
+    pending: Vec<(RequestKey, usize)>,
+    buf: Vec<u8>,
     last_added: Option<Instant>,
     /// A flusher task is running.
     flushing: bool,
@@ -195,8 +197,9 @@ impl BatchQueue {
                     ));
                 }
                 st.waiters.entry(key).or_default().push(tx);
-                st.pending_bytes += line.len() as u64;
-                st.pending.push((key, line));
+                st.buf.extend_from_slice(&line);
+                let end = st.buf.len();
+                st.pending.push((key, end));
                 st.last_added = Some(Instant::now());
                 if !st.flushing {
                     st.flushing = true;
@@ -241,7 +244,7 @@ impl BatchQueue {
                 let wait = {
                     let st = self.lock();
                     let full = st.pending.len() >= self.cfg.max_requests
-                        || st.pending_bytes >= self.cfg.max_bytes;
+                        || st.buf.len() as u64 >= self.cfg.max_bytes;
                     let quiet = st.last_added.map_or(Duration::ZERO, |t| t.elapsed());
                     if full {
                         Duration::ZERO
@@ -254,61 +257,67 @@ impl BatchQueue {
                 }
                 tokio::time::sleep(wait).await;
             }
-            let lines = {
+            let (keys, body) = {
                 let mut st = self.lock();
                 if self.stopped.load(Ordering::Relaxed) {
                     // Ctrl-C: nothing more goes out; the calls wait until the run ends.
                     st.flushing = false;
                     return;
                 }
-                let lines = self.take_file(&mut st);
-                if lines.is_empty() && st.pending.is_empty() {
+                let file = self.take_file(&mut st);
+                if file.0.is_empty() && st.pending.is_empty() {
                     st.flushing = false;
                     return;
                 }
-                lines
+                file
             };
-            if !lines.is_empty() {
-                self.send_file(lines).await;
+            if !keys.is_empty() {
+                self.send_file(keys, body).await;
             }
         }
     }
 
     /// The next file's lines: as many as the limits allow, skipping calls nobody waits for
     /// any more (their statement was dropped).
-    fn take_file(&self, st: &mut State) -> Vec<(RequestKey, Vec<u8>)> {
-        let mut taken = 0;
-        let mut bytes = 0u64;
-        let mut out = Vec::new();
-        for (key, line) in &st.pending {
-            if out.len() >= self.cfg.max_requests
-                || (bytes + line.len() as u64 > self.cfg.max_bytes && !out.is_empty())
-            {
+    fn take_file(&self, st: &mut State) -> (Vec<RequestKey>, Vec<u8>) {
+        let (mut taken, mut end) = (0, 0);
+        for (_, e) in &st.pending {
+            if taken >= self.cfg.max_requests || (*e as u64 > self.cfg.max_bytes && taken > 0) {
                 break;
             }
             taken += 1;
-            let live = st
-                .waiters
-                .get(key)
-                .is_some_and(|w| w.iter().any(|tx| !tx.is_closed()));
-            if live {
-                bytes += line.len() as u64;
-                out.push((*key, line.clone()));
-            }
+            end = *e;
         }
-        for (key, line) in st.pending.drain(..taken) {
-            st.pending_bytes -= line.len() as u64;
-            if !out.iter().any(|(k, _)| *k == key) {
+        let rest = st.buf.split_off(end);
+        let head = std::mem::replace(&mut st.buf, rest);
+        let lines: Vec<(RequestKey, usize)> = st.pending.drain(..taken).collect();
+        for (_, e) in &mut st.pending {
+            *e -= end;
+        }
+        let live = |st: &State, key: &RequestKey| {
+            st.waiters
+                .get(key)
+                .is_some_and(|w| w.iter().any(|tx| !tx.is_closed()))
+        };
+        if lines.iter().all(|(k, _)| live(st, k)) {
+            return (lines.into_iter().map(|(k, _)| k).collect(), head);
+        }
+        // Some statements were dropped while their lines waited: leave their lines out.
+        let (mut keys, mut body, mut start) = (Vec::new(), Vec::with_capacity(head.len()), 0);
+        for (key, e) in lines {
+            if live(st, &key) {
+                keys.push(key);
+                body.extend_from_slice(&head[start..e]);
+            } else {
                 st.waiters.remove(&key);
             }
+            start = e;
         }
-        out
+        (keys, body)
     }
 
     /// Uploads and submits one file, stores the job, and starts polling it.
-    async fn send_file(self: &Arc<Self>, lines: Vec<(RequestKey, Vec<u8>)>) {
-        let keys: Vec<RequestKey> = lines.iter().map(|(k, _)| *k).collect();
-        let body: Vec<u8> = lines.into_iter().flat_map(|(_, l)| l).collect();
+    async fn send_file(self: &Arc<Self>, keys: Vec<RequestKey>, body: Vec<u8>) {
         let n = self.files.fetch_add(1, Ordering::Relaxed);
         let name = format!("sluice-{}-{}-{n}.jsonl", self.name, unix_now());
         let submitted = async {

@@ -7,7 +7,7 @@
 //! reservation — and a later identical call starts afresh.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::FutureExt;
@@ -31,9 +31,20 @@ enum Entry {
 }
 
 /// The calls of the run by request key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Dedup {
     map: Mutex<HashMap<RequestKey, Entry>>,
+    /// The size at which finished calls are next forgotten.
+    sweep_at: AtomicUsize,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Dedup {
+            map: Mutex::default(),
+            sweep_at: AtomicUsize::new(CAPACITY),
+        }
+    }
 }
 
 /// What the map knows of a key.
@@ -60,16 +71,19 @@ impl Dedup {
         }
     }
 
-    fn insert(map: &mut HashMap<RequestKey, Entry>, key: RequestKey, call: &SharedCall) {
+    fn insert(&self, map: &mut HashMap<RequestKey, Entry>, key: RequestKey, call: &SharedCall) {
         let Some(weak) = call.downgrade() else {
             return;
         };
-        if map.len() >= CAPACITY {
+        if map.len() >= self.sweep_at.load(Ordering::Relaxed) {
             map.retain(|_, e| matches!(e, Entry::Running(w) if w.upgrade().is_some()));
+            // Running calls are never forgotten: with more than CAPACITY of them waiting at
+            // once (a batch job), the next sweep waits until the map has doubled, so inserts
+            // stay O(1) amortised instead of sweeping a map of running calls every time.
+            self.sweep_at
+                .store((2 * map.len()).max(CAPACITY), Ordering::Relaxed);
         }
-        if map.len() < CAPACITY {
-            map.insert(key, Entry::Running(weak));
-        }
+        map.insert(key, Entry::Running(weak));
     }
 
     /// Records the result of a call that ran to its end.
@@ -110,7 +124,7 @@ impl Inner {
                     }
                     .boxed()
                     .shared();
-                    Dedup::insert(&mut map, key, &call);
+                    self.dedup.insert(&mut map, key, &call);
                     call
                 }
             }

@@ -112,3 +112,19 @@ async fn the_dedup_map_forgets_completed_calls_when_full() {
         (dedup::CAPACITY + 101) as u64
     );
 }
+
+#[tokio::test]
+async fn more_running_calls_than_the_dedup_capacity_are_all_shared() {
+    // A batch job holds tens of thousands of calls waiting at once: none is forgotten while it
+    // runs (and inserting stays cheap), so an identical call beyond the capacity is shared.
+    let d = Dispatcher::new(DispatcherConfig::default());
+    let m = model(Arc::new(Slow), 1);
+    let n = dedup::CAPACITY + 10;
+    let calls = (0..n)
+        .chain([n - 5])
+        .map(|i| d.call(&m, request(i)))
+        .collect::<Vec<_>>();
+    let cut = tokio::time::timeout(Duration::from_millis(500), futures::future::join_all(calls));
+    assert!(cut.await.is_err(), "the calls are still running");
+    assert_eq!(d.metrics().deduplicated.load(Ordering::Relaxed), 1);
+}
