@@ -102,7 +102,6 @@ impl KeyPrefix {
     }
 
     /// The key of the request that sends `prompt` with this prefix's parameters.
-    #[cfg(test)]
     pub fn key(&self, prompt: &RenderedPrompt) -> RequestKey {
         self.keys([prompt])[0]
     }

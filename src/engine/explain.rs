@@ -46,6 +46,8 @@ pub struct FunctionEstimate {
     pub batch_files: Option<u64>,
     /// In batch mode: what the same requests would cost live.
     pub live_cost_usd: Option<f64>,
+    /// With `rows_per_prompt`: the most rows per request.
+    pub rows_per_prompt: Option<usize>,
 }
 
 impl FunctionEstimate {
@@ -55,6 +57,7 @@ impl FunctionEstimate {
             "cached": self.cached, "requests": self.requests, "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "cost_usd": self.cost_usd,
             "batch_files": self.batch_files, "live_cost_usd": self.live_cost_usd,
+            "rows_per_prompt": self.rows_per_prompt,
         })
     }
 
@@ -177,6 +180,12 @@ impl Explanation {
                 ));
                 if let Some(n) = f.batch_files {
                     s.push_str(&format!(" as a batch ({n} file(s) of model {})", f.model));
+                }
+                if let Some(rows) = f.rows_per_prompt.filter(|r| *r > 1) {
+                    let saved = (f.calls - f.cached).saturating_sub(f.requests);
+                    s.push_str(&format!(
+                        " ({rows} rows per prompt: {saved} requests saved)"
+                    ));
                 }
                 s.push('\n');
             }
@@ -373,6 +382,10 @@ impl Engine {
                     tokens_in: d[3],
                     tokens_out: d[4],
                     cost_usd: prices.map(|p| p.cost(d[3], d[4])),
+                    rows_per_prompt: self
+                        .function(&name)
+                        .and_then(|f| f.packing.as_ref())
+                        .map(|p| crate::llm::dispatch::Packer::rows(p.as_ref())),
                     ..Default::default()
                 };
                 self.add_batch_estimate(&mut f);
@@ -383,6 +396,7 @@ impl Engine {
                         model: f.model.clone(),
                         cost_usd: f.cost_usd.map(|_| 0.0),
                         live_cost_usd: f.live_cost_usd.map(|_| 0.0),
+                        rows_per_prompt: f.rows_per_prompt,
                         ..Default::default()
                     })
                     .add(&f);

@@ -68,6 +68,8 @@ struct RawDef {
     output: Option<toml::Value>,
     #[serde(default)]
     on_error: OnError,
+    rows_per_prompt: Option<usize>,
+    item: Option<String>,
 }
 
 /// A loaded, checked LLM function definition.
@@ -81,9 +83,9 @@ pub struct FunctionDef {
     pub args: Vec<String>,
     /// Model name from `sluice.toml`.
     pub model: String,
-    /// System template source.
+    /// System template source (with `rows_per_prompt`: none; the shared one is in `packing`).
     pub system: Option<String>,
-    /// Prompt template source.
+    /// Prompt template source (with `rows_per_prompt`: the per-row `item` template).
     pub prompt: String,
     /// Generation limit.
     pub max_tokens: Option<u32>,
@@ -95,6 +97,8 @@ pub struct FunctionDef {
     pub on_error: OnError,
     /// Where it was defined (for messages).
     pub source: PathBuf,
+    /// With `rows_per_prompt`: the shared prompt the rows' items are packed into.
+    pub packing: Option<std::sync::Arc<super::pack::Packing>>,
     env: Environment<'static>,
     /// The system and prompt templates pre-split, when both are plain.
     plain: Option<PlainTemplates>,
@@ -291,6 +295,7 @@ impl FunctionDef {
             output,
             on_error: OnError::Null,
             source,
+            packing: None,
             env,
             plain,
         })
@@ -320,15 +325,39 @@ impl FunctionDef {
         if raw.max_tokens == Some(0) {
             return Err(invalid("max_tokens must be at least 1".into()));
         }
+        let (system, prompt, packing) = match (raw.rows_per_prompt, raw.item) {
+            (None, None) => (raw.system, raw.prompt, None),
+            (Some(rows), Some(item)) => {
+                let packing =
+                    super::pack::Packing::new(rows, &raw.prompt, raw.system.as_deref(), &raw.args)
+                        .map_err(invalid)?;
+                (None, item, Some(std::sync::Arc::new(packing)))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "rows_per_prompt needs item, the text of one row (e.g. item = \"{{ passage \
+                     }}\"), and a prompt that lists the items ({% for item in items %}...)"
+                        .into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "item is the text of one row of a packed prompt: set rows_per_prompt too, or \
+                     leave item out"
+                        .into(),
+                ));
+            }
+        };
         let mut def = FunctionDef::new(
             &raw.name,
             raw.args,
             raw.model.as_deref().unwrap_or("default"),
-            raw.system,
-            raw.prompt,
+            system,
+            prompt,
             output,
             path.to_path_buf(),
         )?;
+        def.packing = packing;
         def.description = raw.description;
         def.max_tokens = raw.max_tokens;
         def.temperature = raw.temperature;

@@ -26,7 +26,7 @@ use super::plan::LlmNode;
 use super::slice::SliceContext;
 use super::stream::LlmStream;
 use crate::llm::Dispatcher;
-use crate::llm::dispatch::{CallSpec, ModelHandle};
+use crate::llm::dispatch::{CallSpec, ModelHandle, Packer};
 
 /// What LLM execution needs from the session: the dispatcher and the configured models.
 #[derive(Debug, Clone)]
@@ -218,6 +218,16 @@ impl ExecutionPlan for LlmExec {
             Some(n) => (1024, n.max(1024)),
             None => (concurrency.clamp(16, 1024), 2 * concurrency + 16),
         };
+        // A packed function (`rows_per_prompt = N`) packs the rows of one slice: slices of a
+        // multiple of N leave no request short of rows but the last.
+        let pack = self
+            .calls
+            .iter()
+            .filter_map(|c| c.def.packing.as_ref().map(|p| p.rows()))
+            .max()
+            .unwrap_or(1);
+        let slice_rows = slice_rows.max(pack).div_ceil(pack) * pack;
+        let unfinished = unfinished.max(2 * slice_rows);
         Ok(Box::pin(LlmStream::new(input, ctx, slice_rows, unfinished)))
     }
 }
@@ -230,6 +240,11 @@ impl PhysicalCall {
             max_tokens: self.def.max_tokens,
             temperature: self.def.temperature,
             schema: self.def.output.clone().map(Arc::new),
+            pack: self
+                .def
+                .packing
+                .clone()
+                .map(|p| p as Arc<dyn crate::llm::dispatch::Packer>),
         }
     }
 }

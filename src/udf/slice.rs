@@ -18,7 +18,7 @@ use super::def::{FunctionDef, OnError};
 use super::exec::PhysicalCall;
 use super::values::{StrColumn, to_template_values};
 use super::{ERROR_TYPE, value_type};
-use crate::llm::dispatch::{CallResult, FunctionCaller};
+use crate::llm::dispatch::{CallResult, FunctionCaller, Packer};
 use crate::types::{ErrorKind, RenderedPrompt, RowError};
 
 /// What every slice of one stream shares.
@@ -97,10 +97,22 @@ async fn run_call(
     let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
     let mut rows = Vec::with_capacity(n);
+    let mut items = Vec::new();
     for (row, r) in rendered.into_iter().enumerate() {
+        // A packed function's row renders its item; the row alone is the shared prompt
+        // with that one item (its key, whatever the packing).
+        let r = match (&call.def.packing, r) {
+            (Some(pack), Ok(item)) => pack
+                .render(&[&item.user])
+                .map(|alone| (alone, Some(item.user)))
+                .map_err(|e| no_call(ErrorKind::Template, e)),
+            (None, r) => r.map(|prompt| (prompt, None)),
+            (_, Err(e)) => Err(e),
+        };
         match r {
-            Ok(prompt) => {
+            Ok((prompt, item)) => {
                 prompts.push(prompt);
+                items.extend(item);
                 rows.push(row);
                 results.push(None);
             }
@@ -113,10 +125,12 @@ async fn run_call(
         .metrics()
         .rows_finished
         .fetch_add(skipped as u64, Ordering::Relaxed);
-    for (row, r) in rows
-        .into_iter()
-        .zip(caller.call_all(prompts, progress).await)
-    {
+    let answers = if call.def.packing.is_some() {
+        caller.call_all_packed(prompts, items, progress).await
+    } else {
+        caller.call_all(prompts, progress).await
+    };
+    for (row, r) in rows.into_iter().zip(answers) {
         results[row] = Some(r);
     }
     Ok(results

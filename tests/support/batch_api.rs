@@ -279,7 +279,7 @@ fn run_line(st: &State, line: &Line) -> (bool, String) {
                 count_fault(st, f);
             }
             match fault {
-                None | Some(Fault::InvalidSchema | Fault::FinishLength) => {
+                None | Some(Fault::InvalidSchema | Fault::FinishLength | Fault::WrongCount) => {
                     let answer = Answer::new(Proto::Chat, &line.body, &prompts, listed);
                     (200, answer.body(st, fault))
                 }

@@ -52,6 +52,8 @@ pub enum Fault {
     InvalidSchema,
     /// HTTP 200, half the content, `finish_reason = "length"`.
     FinishLength,
+    /// HTTP 200; a packed prompt's answer has one item too few (other prompts: no fault).
+    WrongCount,
 }
 
 impl Fault {
@@ -67,6 +69,7 @@ impl Fault {
             Fault::TruncatedBody => "truncated_body",
             Fault::InvalidSchema => "invalid_schema",
             Fault::FinishLength => "finish_length",
+            Fault::WrongCount => "wrong_count",
         }
     }
 }
@@ -92,10 +95,12 @@ pub struct FaultRates {
     pub invalid_schema: f64,
     /// `finish_reason = length`.
     pub finish_length: f64,
+    /// A packed prompt answered with one item too few.
+    pub wrong_count: f64,
 }
 
 impl FaultRates {
-    fn table(&self) -> [(f64, Fault); 9] {
+    fn table(&self) -> [(f64, Fault); 10] {
         [
             (self.rate_limit, Fault::RateLimit),
             (self.server_500, Fault::Server500),
@@ -106,6 +111,7 @@ impl FaultRates {
             (self.truncated_body, Fault::TruncatedBody),
             (self.invalid_schema, Fault::InvalidSchema),
             (self.finish_length, Fault::FinishLength),
+            (self.wrong_count, Fault::WrongCount),
         ]
     }
 }
@@ -761,7 +767,7 @@ async fn serve_fault(
             sock.write_all(&response(200, &[], cut)).await?;
             Ok(After::KeepAlive)
         }
-        Fault::InvalidSchema | Fault::FinishLength => {
+        Fault::InvalidSchema | Fault::FinishLength | Fault::WrongCount => {
             let body = answer.body(st, Some(fault)).to_string();
             sock.write_all(&response(200, &[], body.as_bytes())).await?;
             Ok(After::KeepAlive)
@@ -893,7 +899,10 @@ impl<'a> Answer<'a> {
         };
         let values: Vec<Option<Value>> = prompts
             .iter()
-            .map(|p| schema.as_ref().map(|s| generate(s, &p.hash, None, None)))
+            .map(|p| {
+                let s = schema.as_ref()?;
+                Some(packed_value(s, &p.user).unwrap_or_else(|| generate(s, &p.hash, None, None)))
+            })
             .collect();
         let contents: Vec<String> = prompts
             .iter()
@@ -932,6 +941,15 @@ impl<'a> Answer<'a> {
                     })
                     .collect();
                 self.envelope(st, &bad, "stop")
+            }
+            Some(Fault::WrongCount) => {
+                let short: Vec<String> = (self.values.iter().zip(&self.contents))
+                    .map(|(v, c)| match v.as_ref().and_then(one_item_less) {
+                        Some(v) => v.to_string(),
+                        None => c.clone(),
+                    })
+                    .collect();
+                self.envelope(st, &short, "stop")
             }
             Some(Fault::FinishLength) => {
                 let half: Vec<String> = (self.contents.iter())
@@ -1001,6 +1019,67 @@ impl<'a> Answer<'a> {
             }
         }
     }
+}
+
+/// The items of a packed prompt (`rows_per_prompt`), by the tests' convention: each under a
+/// `### Item k` line.
+pub fn packed_items(user: &str) -> Vec<String> {
+    let mut items: Vec<String> = Vec::new();
+    let mut current: Option<Vec<&str>> = None;
+    for line in user.lines() {
+        if line.starts_with("### Item ") {
+            items.extend(current.take().map(|l| l.join("\n").trim().to_string()));
+            current = Some(Vec::new());
+        } else if let Some(c) = current.as_mut() {
+            c.push(line);
+        }
+    }
+    items.extend(current.map(|l| l.join("\n").trim().to_string()));
+    items
+}
+
+/// The answer to a prompt with packed items: for an array of exactly that many (a packed
+/// request), one value per item tagged with the item's own hash `prompt_hash(None, item)`;
+/// for one item asked alone, that item's value. `None` for other prompts.
+fn packed_value(schema: &Value, user: &str) -> Option<Value> {
+    let items = packed_items(user);
+    let first = items.first()?;
+    let wrapped = schema.pointer("/properties/value").is_some();
+    let inner = schema.pointer("/properties/value").unwrap_or(schema);
+    let n = items.len() as u64;
+    let packed = inner.get("type").and_then(Value::as_str) == Some("array")
+        && inner.get("minItems").and_then(Value::as_u64) == Some(n)
+        && inner.get("maxItems").and_then(Value::as_u64) == Some(n);
+    if !packed {
+        return Some(generate(schema, &prompt_hash(None, first), None, None));
+    }
+    let item_schema = inner.get("items").cloned().unwrap_or(Value::Null);
+    // Scalars are what a row alone gets wrapped as `{"value": ...}`.
+    let name =
+        (item_schema.get("type").and_then(Value::as_str) != Some("object")).then_some("value");
+    let values: Vec<Value> = items
+        .iter()
+        .map(|item| generate(&item_schema, &prompt_hash(None, item), name, None))
+        .collect();
+    Some(if wrapped {
+        json!({ "value": values })
+    } else {
+        Value::Array(values)
+    })
+}
+
+/// A packed answer with its last item dropped (`Fault::WrongCount`).
+fn one_item_less(v: &Value) -> Option<Value> {
+    let mut v = v.clone();
+    let list = match v.get_mut("value") {
+        Some(Value::Array(a)) => a,
+        _ => v.as_array_mut()?,
+    };
+    if list.len() < 2 {
+        return None;
+    }
+    list.pop();
+    Some(v)
 }
 
 /// A deterministic value matching `schema`, with strings tagged `[h]`.

@@ -21,6 +21,7 @@ mod budget;
 mod dedup;
 mod hedge;
 pub mod metrics;
+mod pack;
 mod retry;
 
 use std::sync::Arc;
@@ -68,6 +69,17 @@ pub(crate) struct CallSpec {
     pub temperature: Option<f64>,
     /// Structured output, if declared.
     pub schema: Option<Arc<OutputSchema>>,
+    /// With `rows_per_prompt`: how the rows' items are packed into one prompt.
+    pub pack: Option<Arc<dyn Packer>>,
+}
+
+/// Renders the shared prompt of a packed request from its rows' items
+/// (`rows_per_prompt`; the SQL layer implements it from the function's templates).
+pub(crate) trait Packer: Send + Sync + std::fmt::Debug {
+    /// Most rows in one request.
+    fn rows(&self) -> usize;
+    /// The prompt carrying `items`, in order.
+    fn render(&self, items: &[&str]) -> Result<RenderedPrompt, String>;
 }
 
 impl CallSpec {
@@ -182,6 +194,7 @@ impl Dispatcher {
             max_tokens: req.max_tokens,
             temperature: req.temperature,
             schema: req.schema,
+            pack: None,
         };
         let progress = AtomicUsize::new(0);
         let caller = self.caller(model, spec);
@@ -251,6 +264,81 @@ impl FunctionCaller {
         });
         for (i, r) in futures::future::join_all(sent).await {
             results[i] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every prompt has its result"))
+            .collect()
+    }
+}
+
+impl FunctionCaller {
+    /// [`FunctionCaller::call_all`] for a packed function (`rows_per_prompt`): `prompts[i]` is
+    /// row i alone (its key) and `items[i]` its rendered item; the rows the cache does not
+    /// answer go out N at a time (identical rows once).
+    pub async fn call_all_packed(
+        &self,
+        prompts: Vec<RenderedPrompt>,
+        items: Vec<String>,
+        progress: &AtomicUsize,
+    ) -> Vec<CallResult> {
+        let Some(pack) = self.spec.pack.clone() else {
+            return self.call_all(prompts, progress).await;
+        };
+        let fm = &self.metrics;
+        let keys = self.prefix.keys(&prompts);
+        let cached = self.inner.lookup_cache(fm, &keys);
+        let mut results: Vec<Option<CallResult>> = vec![None; prompts.len()];
+        let mut first: std::collections::HashMap<RequestKey, usize> = Default::default();
+        let mut copies = Vec::new();
+        let mut rows = Vec::new();
+        let mut indices = Vec::new();
+        let entries = prompts.into_iter().zip(items).zip(keys).zip(cached);
+        for (i, (((prompt, item), key), hit)) in entries.enumerate() {
+            match (hit, first.get(&key)) {
+                (Some(value), _) => results[i] = Some(Ok(value)),
+                (None, Some(&j)) => copies.push((i, j)),
+                (None, None) => {
+                    first.insert(key, i);
+                    indices.push(i);
+                    rows.push(pack::PackRow { prompt, key, item });
+                }
+            }
+        }
+        let answered = results.iter().filter(|r| r.is_some()).count();
+        progress.fetch_add(answered, Ordering::Relaxed);
+        fm.rows_finished
+            .fetch_add(answered as u64, Ordering::Relaxed);
+        let per = pack.rows().max(1);
+        let mut chunks = Vec::new();
+        while !rows.is_empty() {
+            let rest = rows.split_off(per.min(rows.len()));
+            chunks.push(std::mem::replace(&mut rows, rest));
+        }
+        let sent = chunks.into_iter().map(|chunk| {
+            let n = chunk.len();
+            let call = self
+                .inner
+                .call_pack((&self.model, &self.spec, &pack), chunk, fm);
+            async move {
+                let r = call.await;
+                progress.fetch_add(n, Ordering::Relaxed);
+                fm.rows_finished.fetch_add(n as u64, Ordering::Relaxed);
+                r
+            }
+        });
+        let done: Vec<CallResult> = futures::future::join_all(sent)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        for (i, r) in indices.into_iter().zip(done) {
+            results[i] = Some(r);
+        }
+        for (i, j) in copies {
+            results[i] = results[j].clone();
+            progress.fetch_add(1, Ordering::Relaxed);
+            fm.rows_finished.fetch_add(1, Ordering::Relaxed);
         }
         results
             .into_iter()

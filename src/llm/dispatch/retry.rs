@@ -53,6 +53,15 @@ impl Inner {
         result
     }
 
+    /// How long to wait before attempt `attempt + 1` after `e`: the server's Retry-After
+    /// (capped at `backoff_max_ms`), else the backoff.
+    pub(super) fn retry_delay(&self, e: &LlmError, attempt: u32) -> Duration {
+        match e.retry_after {
+            Some(d) => d.min(self.cfg.backoff_max),
+            None => self.backoff(attempt),
+        }
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self.cfg.backoff_base.as_secs_f64();
         let cap = self.cfg.backoff_max.as_secs_f64();
@@ -80,7 +89,7 @@ impl Inner {
 
     /// One attempt (the `n`th of the call whose key is `key`): the response, counted and
     /// validated.
-    async fn attempt(
+    pub(super) async fn attempt(
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
@@ -142,10 +151,7 @@ impl Inner {
                     return Ok(Arc::new(resp.value));
                 }
                 Err(mut e) => {
-                    let delay = match e.retry_after {
-                        Some(d) => d.min(self.cfg.backoff_max),
-                        None => self.backoff(attempt),
-                    };
+                    let delay = self.retry_delay(&e, attempt);
                     // The row's total deadline: no retry that would start after it (a batch
                     // waits for its provider's completion window instead).
                     let past_deadline =

@@ -12,7 +12,7 @@ use mock_llm::{MockConfig, MockServer};
 
 const USAGE: &str = "usage: sluice-mock-llm [--port N] [--latency-ms N] [--jitter-ms N] [--seed N]
   [--rate-limit P] [--server-500 P] [--server-503 P] [--timeout P] [--dropped P]
-  [--malformed P] [--truncated P] [--invalid-schema P] [--finish-length P]
+  [--malformed P] [--truncated P] [--invalid-schema P] [--finish-length P] [--wrong-count P]
   [--retry-after-ms N] [--hang-ms N] [--api-key-env NAME] [--tiktoken-usage]
   [--max-in-flight N] [--rpm N] [--tpm N] [--burst-secs S] [--no-rate-headers]
   [--batch-time-ms N] [--no-batch-api] [--batch-fail-jobs N] [--batch-expire-jobs N]
@@ -69,6 +69,7 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
             "--truncated" => cfg.faults.truncated_body = prob(&value)?,
             "--invalid-schema" => cfg.faults.invalid_schema = prob(&value)?,
             "--finish-length" => cfg.faults.finish_length = prob(&value)?,
+            "--wrong-count" => cfg.faults.wrong_count = prob(&value)?,
             "--retry-after-ms" => cfg.retry_after_ms = num(&value)?,
             "--hang-ms" => cfg.hang = Duration::from_millis(num(&value)?),
             "--max-in-flight" => cfg.limits.max_in_flight = Some(num(&value)?),

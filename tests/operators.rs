@@ -1,0 +1,199 @@
+//! Semantic operators over real HTTP against the test server: many rows per prompt
+//! (`rows_per_prompt`).
+
+mod support;
+
+use std::path::Path;
+
+use sluice::Engine;
+use sluice::config::Config;
+use sluice::udf::def::FunctionDef;
+use support::*;
+
+/// Labels a passage; packs up to 10 rows per request (the test server finds the items by their
+/// `### Item k` lines and answers each with its own hash).
+const TOPIC_FN: &str = r#"
+name = "topic"
+args = ["passage"]
+rows_per_prompt = 10
+item = "{{ passage }}"
+system = "You label passages of earnings calls."
+prompt = """Give a one-line topic for each of these {{ n }} passages, in order.
+{% for item in items %}### Item {{ loop.index }}
+{{ item }}
+{% endfor %}"""
+output = { type = "string" }
+"#;
+
+/// An engine on `server` with `defs`, `attempts` attempts per row, and the cache in `cache`
+/// when given.
+fn engine(server: &MockServer, defs: &[&str], attempts: u32, cache: Option<&Path>) -> Engine {
+    let mut text = config_text(&server.base_url(), attempts, 16);
+    if let Some(dir) = cache {
+        text = text.replace(
+            "[cache]\nenabled = false",
+            &format!(
+                "[cache]\nenabled = true\ndir = {:?}",
+                dir.display().to_string()
+            ),
+        );
+    }
+    let cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+    let defs = defs
+        .iter()
+        .map(|t| FunctionDef::parse(t, Path::new("test.toml")).expect("definition parses"))
+        .collect();
+    Engine::with_functions(&cfg, defs).expect("engine starts")
+}
+
+/// `SELECT p, topic(p)` over `n` distinct passages.
+fn topics_sql(n: usize) -> String {
+    format!(
+        "SELECT arrow_cast(p, 'Utf8') AS p, topic(p) AS t, topic_error(p) AS e FROM \
+         (SELECT 'Passage ' || CAST(value AS VARCHAR) || ': revenue grew.' AS p \
+          FROM generate_series(1, {n})) ORDER BY p"
+    )
+}
+
+/// (passage, topic) rows; every topic must carry its own passage's hash or be NULL with a
+/// typed error.
+async fn topics(e: &Engine, n: usize) -> (usize, usize) {
+    let batches = e.query(&topics_sql(n)).await.unwrap();
+    let passages = strings(&batches, "p");
+    let values = strings(&batches, "t");
+    let errors = error_kinds(&batches, "e");
+    assert_eq!(passages.len(), n, "one row per passage");
+    let mut ok = 0;
+    for ((p, v), err) in passages.iter().zip(&values).zip(&errors) {
+        let p = p.as_deref().unwrap();
+        match v {
+            Some(v) => {
+                let tag = format!("[{}]", prompt_hash(None, p));
+                assert!(
+                    v.contains(&tag),
+                    "{p:?} got {v:?}, not its own answer {tag}"
+                );
+                ok += 1;
+            }
+            None => assert!(err.is_some(), "{p:?}: NULL without a typed error"),
+        }
+    }
+    (ok, n - ok)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_rows_per_prompt_make_a_tenth_of_the_requests() {
+    let s = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&s, &[TOPIC_FN], 2, Some(dir.path()));
+    let (ok, failed) = topics(&e, 100).await;
+    assert_eq!((ok, failed), (100, 0));
+    assert_eq!(s.stats().requests, 10, "100 rows, 10 per request");
+    assert_eq!(s.stats().prompts, 10);
+    e.flush_cache().await.unwrap();
+    drop(e);
+
+    // Each row is cached under its own key: 5 per request, or none packed, finds them all.
+    s.reset_stats();
+    let five = TOPIC_FN.replace("rows_per_prompt = 10", "rows_per_prompt = 5");
+    let e = engine(&s, &[&five], 2, Some(dir.path()));
+    assert_eq!(topics(&e, 100).await, (100, 0));
+    assert_eq!(
+        s.stats().requests,
+        0,
+        "a re-run with another N is all cache hits"
+    );
+    drop(e);
+    let one = TOPIC_FN.replace("rows_per_prompt = 10", "rows_per_prompt = 1");
+    let e = engine(&s, &[&one], 2, Some(dir.path()));
+    assert_eq!(topics(&e, 120).await, (120, 0));
+    assert_eq!(
+        s.stats().requests,
+        20,
+        "only the 20 new rows, one per request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_with_the_wrong_item_count_are_split_never_misaligned() {
+    let s = mock(MockConfig {
+        faults: FaultRates {
+            wrong_count: 0.1,
+            invalid_schema: 0.05,
+            server_500: 0.05,
+            ..FaultRates::default()
+        },
+        seed: 7,
+        ..MockConfig::default()
+    })
+    .await;
+    let e = engine(&s, &[TOPIC_FN], 6, None);
+    let (ok, failed) = topics(&e, 100).await;
+    assert_eq!(ok + failed, 100, "no row lost");
+    assert!(ok >= 95, "{ok} answered, {failed} typed errors");
+    let st = s.stats();
+    assert!(
+        st.faults.get("wrong_count").copied().unwrap_or(0) > 0,
+        "{:?}",
+        st.faults
+    );
+    assert!(
+        st.requests > 10,
+        "split requests were sent: {}",
+        st.requests
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_counts_the_packed_requests() {
+    let s = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("topic.toml"), TOPIC_FN).unwrap();
+    let mut cfg = Config::parse(
+        &config_text(&s.base_url(), 2, 16),
+        Path::new("sluice.toml"),
+        &|_| None,
+    )
+    .unwrap();
+    cfg.udf_dir = dir.path().to_path_buf();
+    let e = Engine::for_estimates(&cfg).unwrap();
+    let x = e.explain_script(&topics_sql(95), "q.sql").await.unwrap();
+    let t = &x.totals[0];
+    assert_eq!((t.calls, t.requests), (95, 10), "{t:?}");
+    assert!(
+        x.to_text(false)
+            .contains("10 rows per prompt: 85 requests saved"),
+        "{}",
+        x.to_text(false)
+    );
+    assert_eq!(s.stats().requests, 0);
+}
+
+#[test]
+fn functions_that_cannot_be_packed_are_refused_at_load_time() {
+    let load = |t: &str| {
+        FunctionDef::parse(t, Path::new("f.toml"))
+            .unwrap_err()
+            .to_string()
+    };
+    let uses_arg = TOPIC_FN.replace("Give a one-line topic", "About {{ passage }}: give a topic");
+    assert!(
+        load(&uses_arg).contains("cannot be packed"),
+        "{}",
+        load(&uses_arg)
+    );
+    let no_items = TOPIC_FN.replace("{% for item in items %}", "{% for item in [] %}");
+    assert!(load(&no_items).contains("must list"), "{}", load(&no_items));
+    let no_item = TOPIC_FN.replace("item = \"{{ passage }}\"\n", "");
+    assert!(
+        load(&no_item).contains("rows_per_prompt needs item"),
+        "{}",
+        load(&no_item)
+    );
+    let stray = TOPIC_FN.replace("rows_per_prompt = 10\n", "");
+    assert!(
+        load(&stray).contains("set rows_per_prompt"),
+        "{}",
+        load(&stray)
+    );
+}
