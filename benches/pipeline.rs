@@ -426,6 +426,54 @@ fn batch_api(passages: usize, job_ms: u64) -> Value {
     })
 }
 
+/// A topic label per passage, packing `rows` rows per request (issue 18).
+fn topic_fn(rows: usize) -> String {
+    let prompt = "Label each of these {{ n }} passages with its topic, in order.\n\
+                  {% for item in items %}### Item {{ loop.index }}\n{{ item }}\n{% endfor %}";
+    format!(
+        "name = \"topic\"\nargs = [\"passage\"]\nrows_per_prompt = {rows}\n\
+         item = \"{{{{ passage }}}}\"\n\
+         system = \"You label passages of earnings calls with the one topic they are mostly about.\"\n\
+         prompt = {prompt:?}\n\
+         output = {{ type = \"string\", enum = [\"guidance\", \"margins\", \"demand\", \"costs\", \"other\"] }}\n\
+         max_tokens = 8\n"
+    )
+}
+
+/// Row packing (issue 18): a topic per passage over `passages` generated passages, one row per
+/// request and `rows` per request, against the test server billing tokens as OpenAI does:
+/// requests and prompt tokens of each, and what packing saves.
+fn packing(passages: usize, rows: usize) -> Value {
+    let mock = Mock::start(&["--latency-ms", "20", "--tiktoken-usage"]);
+    let run = |n: usize| {
+        let p = Project::new(&mock.url, 64, passages, false);
+        std::fs::write(p.dir.path().join("udfs/topic.toml"), topic_fn(n)).unwrap();
+        let sql = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+                   COPY (SELECT ticker, topic(transcript) AS topic FROM t) \
+                   TO 'out/topics.parquet' STORED AS PARQUET;\n";
+        std::fs::write(p.dir.path().join("t.sql"), sql).unwrap();
+        let m = run_sluice(
+            p.dir.path(),
+            &["run", "t.sql", "--quiet", "--metrics-json", "metrics.json"],
+        );
+        assert_eq!(num(&m.metrics, "failed"), 0);
+        m
+    };
+    let one = run(1);
+    let packed = run(rows);
+    let (r1, rn) = (num(&one.metrics, "requests"), num(&packed.metrics, "requests"));
+    let (t1, tn) = (num(&one.metrics, "tokens_in"), num(&packed.metrics, "tokens_in"));
+    json!({
+        "scenario": format!("pack-{passages}x{rows}"), "rows": passages,
+        "requests_1": r1, "requests_packed": rn,
+        "requests_saved": round(1.0 - rn as f64 / r1.max(1) as f64, 3),
+        "prompt_tokens_1": t1, "prompt_tokens_packed": tn,
+        "prompt_tokens_saved": round(1.0 - tn as f64 / t1.max(1) as f64, 3),
+        "wall_s_1": round(one.wall_s, 2), "wall_s_packed": round(packed.wall_s, 2),
+        "max_rss_mb_packed": round(packed.max_rss_mb, 1),
+    })
+}
+
 /// GB scale (issue 9): `size` of generated transcripts → chunk → both LLM stages → Parquet,
 /// first live against the test server at 20 ms (which fills the cache), then the same run three
 /// times with every call answered from the cache: MB/s of input and peak RSS of each (for the
@@ -784,6 +832,9 @@ fn main() {
     }
     if want("local") {
         emit(local_model());
+    }
+    if want("pack") {
+        emit(packing(10_000, 10));
     }
     if want("batch-api") {
         emit(batch_api(10_000, 2000));
