@@ -461,8 +461,14 @@ fn packing(passages: usize, rows: usize) -> Value {
     };
     let one = run(1);
     let packed = run(rows);
-    let (r1, rn) = (num(&one.metrics, "requests"), num(&packed.metrics, "requests"));
-    let (t1, tn) = (num(&one.metrics, "tokens_in"), num(&packed.metrics, "tokens_in"));
+    let (r1, rn) = (
+        num(&one.metrics, "requests"),
+        num(&packed.metrics, "requests"),
+    );
+    let (t1, tn) = (
+        num(&one.metrics, "tokens_in"),
+        num(&packed.metrics, "tokens_in"),
+    );
     json!({
         "scenario": format!("pack-{passages}x{rows}"), "rows": passages,
         "requests_1": r1, "requests_packed": rn,

@@ -38,6 +38,7 @@ async fn flagship_under_every_fault_at_once_keeps_every_row() {
             truncated_body: 0.01,
             invalid_schema: 0.01,
             finish_length: 0.01,
+            wrong_count: 0.0,
             timeout: 0.005,
         },
         retry_after_ms: 20,

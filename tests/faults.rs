@@ -113,6 +113,7 @@ async fn transient_faults_of_every_kind_are_absorbed() {
             truncated_body: 0.03,
             invalid_schema: 0.03,
             finish_length: 0.03,
+            wrong_count: 0.0,
         },
         hang: std::time::Duration::from_millis(800),
         retry_after_ms: 1,

@@ -210,6 +210,25 @@ impl Splice {
     }
 }
 
+/// The function's and its arguments' names are identifiers, each argument listed once.
+fn check_names(name: &str, args: &[String]) -> Result<(), String> {
+    if !is_identifier(name) {
+        return Err(format!(
+            "name {name:?} is not a valid SQL function name (letters, digits, _)"
+        ));
+    }
+    let mut seen = HashSet::new();
+    for a in args {
+        if !is_identifier(a) {
+            return Err(format!("argument name {a:?} is not an identifier"));
+        }
+        if !seen.insert(a) {
+            return Err(format!("argument {a:?} is listed twice in args"));
+        }
+    }
+    Ok(())
+}
+
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -232,20 +251,7 @@ impl FunctionDef {
             path: source.clone(),
             message,
         };
-        if !is_identifier(name) {
-            return Err(invalid(format!(
-                "name {name:?} is not a valid SQL function name (letters, digits, _)"
-            )));
-        }
-        let mut seen = HashSet::new();
-        for a in &args {
-            if !is_identifier(a) {
-                return Err(invalid(format!("argument name {a:?} is not an identifier")));
-            }
-            if !seen.insert(a) {
-                return Err(invalid(format!("argument {a:?} is listed twice in args")));
-            }
-        }
+        check_names(name, &args).map_err(invalid)?;
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(false);
