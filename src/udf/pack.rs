@@ -131,7 +131,7 @@ mod tests {
         )
         .unwrap();
         let r = p.render(&["a", "b"]).unwrap();
-        assert_eq!(r.user, "2 passages:\n- a\n- b");
+        assert_eq!(r.user, "2 passages:\n- a\n- b\n");
         assert_eq!(r.system.as_deref(), Some("Label 2."));
         assert_eq!(p.rows(), 4);
     }
