@@ -22,6 +22,13 @@ if [ ! -x .venv-moto/bin/moto_server ]; then
   .venv-moto/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 export SLUICE_MOTO_SERVER="$PWD/.venv-moto/bin/moto_server"
+# DuckDB reads back the embeddings sluice writes (tests/operators.rs), in the same environment.
+DUCKDB_VERSION=1.5.6
+if ! .venv-moto/bin/python -c "import duckdb" 2>/dev/null; then
+  echo "installing duckdb==$DUCKDB_VERSION in .venv-moto" >&2
+  .venv-moto/bin/pip install --quiet --disable-pip-version-check "duckdb==$DUCKDB_VERSION"
+fi
+export SLUICE_DUCKDB_PYTHON="$PWD/.venv-moto/bin/python"
 
 # The embedded model's tests run the real GGUF.
 scripts/fetch-model.sh

@@ -8,6 +8,7 @@ use std::path::Path;
 use sluice::Engine;
 use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
+use support::mock_llm::{DEFAULT_DIM, embedding_of};
 use support::*;
 
 /// Labels a passage; packs up to 10 rows per request (the test server finds the items by their
@@ -196,4 +197,200 @@ fn functions_that_cannot_be_packed_are_refused_at_load_time() {
         "{}",
         load(&stray)
     );
+}
+
+/// An embedding of a passage, on the embeddings model.
+const EMBED_FN: &str = r#"
+name = "embed"
+kind = "embedding"
+args = ["text"]
+model = "embedder"
+dim = 16
+prompt = "{{ text }}"
+"#;
+
+/// An engine whose `embedder` model is `server`'s embeddings endpoint, 8 inputs per request.
+fn embedding_engine(server: &MockServer, defs: &[&str]) -> Result<Engine, String> {
+    let text = format!(
+        "{}\n[models.embedder]\nkind = \"openai_embeddings\"\nbase_url = \"{}\"\n\
+         model = \"emb\"\nbatch_size = 8\nconcurrency = 1\n",
+        config_text(&server.base_url(), 3, 16),
+        server.base_url()
+    );
+    let cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+    let defs = defs
+        .iter()
+        .map(|t| FunctionDef::parse(t, Path::new("embed.toml")).expect("definition parses"))
+        .collect();
+    Engine::with_functions(&cfg, defs).map_err(|e| e.to_string())
+}
+
+fn passages_sql(n: usize) -> String {
+    format!(
+        "SELECT arrow_cast('Passage ' || CAST(value AS VARCHAR) || ': margins rose.', 'Utf8') AS p \
+         FROM generate_series(1, {n})"
+    )
+}
+
+/// The Python with DuckDB that `scripts/test.sh` installs (`.venv-moto`), or
+/// `$SLUICE_DUCKDB_PYTHON`.
+fn duckdb_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_DUCKDB_PYTHON") {
+        return p.into();
+    }
+    let p = repo().join(".venv-moto/bin/python");
+    assert!(
+        p.exists(),
+        "{} not found: run scripts/test.sh (it installs duckdb there) or set SLUICE_DUCKDB_PYTHON",
+        p.display()
+    );
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_land_as_float32_vectors_that_duckdb_reads_back() {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{DataType, Float32Type};
+    let s = mock(MockConfig::default()).await;
+    let e = embedding_engine(&s, &[EMBED_FN]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("v.parquet");
+    let sql = format!(
+        "COPY (SELECT p, embed(p) AS v FROM ({})) TO '{}' STORED AS PARQUET",
+        passages_sql(40),
+        out.display()
+    );
+    run(&e, &sql).await.unwrap();
+    let st = s.stats();
+    assert_eq!(st.prompts, 40, "one input per row");
+    assert!(
+        st.requests <= 7,
+        "8 inputs per request: {} requests",
+        st.requests
+    );
+
+    let batches = read_parquet(&out).await;
+    let col = batches[0].column_by_name("v").unwrap();
+    assert!(
+        matches!(col.data_type(), DataType::FixedSizeList(f, 16) if f.data_type() == &DataType::Float32),
+        "{}",
+        col.data_type()
+    );
+    let passages = strings(&batches, "p");
+    let mut seen = 0;
+    for b in &batches {
+        let v = b.column_by_name("v").unwrap().as_fixed_size_list();
+        let p = b.column_by_name("p").unwrap();
+        let p = datafusion::arrow::compute::cast(p, &DataType::Utf8).unwrap();
+        for i in 0..b.num_rows() {
+            let got = v.value(i);
+            let got = got.as_primitive::<Float32Type>().values().to_vec();
+            assert_eq!(
+                got,
+                embedding_of(p.as_string::<i32>().value(i), DEFAULT_DIM)
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, passages.len());
+
+    // Ours against DuckDB's list_cosine_similarity and list_distance, over the Parquet file.
+    let ours_sql = format!(
+        "CREATE EXTERNAL TABLE v STORED AS PARQUET LOCATION '{}';",
+        out.display()
+    );
+    run(&e, &ours_sql).await.unwrap();
+    let ours = e
+        .query(
+            "SELECT arrow_cast(a.p, 'Utf8') AS p, cosine_similarity(a.v, b.v) AS c, \
+             l2_distance(a.v, b.v) AS d FROM v a, v b \
+             WHERE b.p = 'Passage 1: margins rose.' ORDER BY c DESC, p LIMIT 40",
+        )
+        .await
+        .unwrap();
+    let script = format!(
+        "import duckdb\n\
+         rows = duckdb.sql(\"SELECT a.p, list_cosine_similarity(a.v, b.v), list_distance(a.v, b.v) \
+         FROM '{0}' a, '{0}' b WHERE b.p = 'Passage 1: margins rose.'\").fetchall()\n\
+         for p, c, d in rows: print(p, repr(c), repr(d), sep='\\t')\n",
+        out.display()
+    );
+    let py = std::process::Command::new(duckdb_python())
+        .args(["-c", &script])
+        .output()
+        .expect("python runs");
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let duck: std::collections::HashMap<String, (f64, f64)> = String::from_utf8_lossy(&py.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (
+                f[0].to_string(),
+                (f[1].parse().unwrap(), f[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(duck.len(), 40);
+    let mut compared = 0;
+    for b in &ours {
+        let p = b.column_by_name("p").unwrap().as_string::<i32>();
+        let c = b
+            .column_by_name("c")
+            .unwrap()
+            .as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        let d = b
+            .column_by_name("d")
+            .unwrap()
+            .as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        for i in 0..b.num_rows() {
+            let (dc, dd) = duck[p.value(i)];
+            assert!(
+                (c.value(i) - dc).abs() < 1e-6,
+                "{}: cosine {} vs DuckDB {dc}",
+                p.value(i),
+                c.value(i)
+            );
+            assert!(
+                (d.value(i) - dd).abs() < 1e-6,
+                "{}: l2 {} vs DuckDB {dd}",
+                p.value(i),
+                d.value(i)
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedding_functions_need_an_embeddings_model() {
+    let s = mock(MockConfig::default()).await;
+    let on_chat = EMBED_FN.replace("model = \"embedder\"", "model = \"default\"");
+    let e = embedding_engine(&s, &[&on_chat]).unwrap_err();
+    assert!(
+        e.contains("has no embeddings endpoint") && e.contains("openai_embeddings"),
+        "{e}"
+    );
+    let chat_on_embedder = PROFILE_FN.replace("prompt =", "model = \"embedder\"\nprompt =");
+    let e = embedding_engine(&s, &[&chat_on_embedder]).unwrap_err();
+    assert!(e.contains("serves embeddings"), "{e}");
+    let load = |t: &str| {
+        FunctionDef::parse(t, Path::new("f.toml"))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(load(&EMBED_FN.replace("dim = 16\n", "")).contains("dim"));
+    let with_output = format!("{EMBED_FN}output = {{ type = \"string\" }}\n");
+    assert!(load(&with_output).contains("leave output out"));
+    let e = embedding_engine(&s, &[EMBED_FN]).unwrap();
+    let err = e
+        .query("SELECT cosine_similarity(embed('a'), 'not a vector')")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("takes two vectors"), "{err}");
 }

@@ -50,6 +50,9 @@ pub enum ProviderKind {
     OpenaiCompletions,
     /// Lamini's API: list prompts and `output_type`.
     Lamini,
+    /// An OpenAI-compatible embeddings endpoint (`POST {base_url}/embeddings`): `batch_size`
+    /// inputs per request (default 64), for functions of `kind = "embedding"`.
+    OpenaiEmbeddings,
     /// The embedded local model: a GGUF file run in-process with llama.cpp.
     Local,
 }
@@ -313,6 +316,7 @@ fn server_from_raw(
         }
         (ProviderKind::Openai, _) => 1,
         (_, Some(0)) => return Err(format!("models.{name}.batch_size must be at least 1")),
+        (ProviderKind::OpenaiEmbeddings, b) => b.unwrap_or(64),
         (_, b) => b.unwrap_or(8),
     };
     let api_key = match &m.api_key_env {

@@ -22,7 +22,7 @@ use crate::llm::Dispatcher;
 use crate::sink::store::ObjectStores;
 use crate::source::ChunkText;
 use crate::source::lines::{CleanLines, LineRules};
-use crate::udf::def::{DefError, FunctionDef};
+use crate::udf::def::{DefError, FunctionDef, FunctionKind};
 use crate::udf::exec::{LlmPlanner, LlmRuntime};
 use crate::udf::plan::LiftLlmCalls;
 use crate::udf::{LlmUdf, generic_llm_def};
@@ -185,10 +185,16 @@ fn register_functions(
     defs: Vec<FunctionDef>,
 ) -> Result<Vec<Arc<FunctionDef>>, EngineError> {
     ctx.register_udf(ChunkText::udf());
+    for f in crate::udf::vector::VectorFn::udfs() {
+        ctx.register_udf(f);
+    }
     let mut functions = Vec::with_capacity(defs.len() + 1);
     let builtin = generic_llm_def();
     for def in std::iter::once(builtin).chain(defs) {
         let def = Arc::new(def);
+        if let Some(handle) = runtime.models.get(&def.model) {
+            check_kind(&def, handle.provider.embeds())?;
+        }
         if let Some(handle) = runtime.models.get(&def.model)
             && let Err(message) = handle.provider.check_schema(def.output.as_ref())
         {
@@ -215,6 +221,27 @@ fn register_functions(
         functions.push(def);
     }
     Ok(functions)
+}
+
+/// An embedding function needs a model that embeds, and a completion one a model that does not.
+fn check_kind(def: &FunctionDef, embeds: bool) -> Result<(), EngineError> {
+    let message = match (def.kind, embeds) {
+        (FunctionKind::Embedding, false) => format!(
+            "function {} is kind = \"embedding\", but model {:?} has no embeddings endpoint; \
+             give it a model of kind = \"openai_embeddings\"",
+            def.name, def.model
+        ),
+        (FunctionKind::Completion, true) => format!(
+            "function {}: model {:?} serves embeddings (kind = \"openai_embeddings\"); make the \
+             function kind = \"embedding\" with its dim, or use a completion model",
+            def.name, def.model
+        ),
+        _ => return Ok(()),
+    };
+    Err(EngineError::Definition(DefError::Invalid {
+        path: def.source.clone(),
+        message,
+    }))
 }
 
 /// `scheme://host` of a store's URL (`file://` for local files), as [`LineRules`] names stores.

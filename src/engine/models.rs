@@ -55,6 +55,9 @@ fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupErro
             Arc::new(CompletionsProvider::new(id, s, pool)?)
         }
         (ModelPart::Server(s), ProviderKind::Lamini) => Arc::new(LaminiProvider::new(id, s, pool)?),
+        (ModelPart::Server(s), ProviderKind::OpenaiEmbeddings) => Arc::new(
+            crate::llm::embeddings::EmbeddingsProvider::new(id, s, pool)?,
+        ),
         #[cfg(feature = "local")]
         (ModelPart::Local(l), _) => {
             Arc::new(crate::llm::local::LocalProvider::new(id, m.concurrency, l))

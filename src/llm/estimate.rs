@@ -179,6 +179,10 @@ impl Provider for EstimateProvider {
         self.real.check_schema(schema)
     }
 
+    fn embeds(&self) -> bool {
+        self.real.embeds()
+    }
+
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
         let content = match &req.schema {
             Some(schema) => {
@@ -197,7 +201,12 @@ impl Provider for EstimateProvider {
         };
         let usage = Usage {
             prompt_tokens: self.counter.prompt(req),
-            completion_tokens: self.counter.text(&content),
+            // An embedding is not generated text: no completion tokens.
+            completion_tokens: if self.real.embeds() {
+                0
+            } else {
+                self.counter.text(&content)
+            },
         };
         Ok(LlmResponse {
             content,

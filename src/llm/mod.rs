@@ -7,6 +7,7 @@
 
 pub(crate) mod batch;
 pub mod dispatch;
+pub(crate) mod embeddings;
 pub(crate) mod estimate;
 pub(crate) mod governor;
 pub(crate) mod http;
@@ -68,6 +69,12 @@ pub trait Provider: Send + Sync + fmt::Debug {
             out.push(self.complete(r).await);
         }
         Ok(out)
+    }
+
+    /// Whether it returns embeddings (for functions of `kind = "embedding"`) rather than
+    /// completions.
+    fn embeds(&self) -> bool {
+        false
     }
 
     /// Whether this provider can return values of `schema`; checked when the engine starts.

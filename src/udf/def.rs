@@ -32,6 +32,18 @@ pub enum OnError {
     Fail,
 }
 
+/// What a function returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionKind {
+    /// A completion: text, or a value of the output schema (default).
+    #[default]
+    Completion,
+    /// An embedding of the rendered prompt: `FixedSizeList<Float32, dim>`, from a model of
+    /// `kind = "openai_embeddings"`.
+    Embedding,
+}
+
 /// Errors found while loading function definitions.
 #[derive(Debug, thiserror::Error)]
 pub enum DefError {
@@ -70,6 +82,9 @@ struct RawDef {
     on_error: OnError,
     rows_per_prompt: Option<usize>,
     item: Option<String>,
+    #[serde(default)]
+    kind: FunctionKind,
+    dim: Option<usize>,
 }
 
 /// A loaded, checked LLM function definition.
@@ -99,6 +114,8 @@ pub struct FunctionDef {
     pub source: PathBuf,
     /// With `rows_per_prompt`: the shared prompt the rows' items are packed into.
     pub packing: Option<std::sync::Arc<super::pack::Packing>>,
+    /// A completion or an embedding.
+    pub kind: FunctionKind,
     env: Environment<'static>,
     /// The system and prompt templates pre-split, when both are plain.
     plain: Option<PlainTemplates>,
@@ -210,6 +227,27 @@ impl Splice {
     }
 }
 
+/// An embedding's schema: exactly `dim` numbers, as `FixedSizeList<Float32, dim>` in Arrow.
+fn embedding_schema(dim: usize) -> Result<OutputSchema, String> {
+    if dim == 0 || dim > 65_536 {
+        return Err(format!("dim must be between 1 and 65536, got {dim}"));
+    }
+    let json = serde_json::json!({
+        "type": "array", "items": {"type": "number"}, "minItems": dim, "maxItems": dim,
+    });
+    let mut schema = OutputSchema::new(json).map_err(|e| e.to_string())?;
+    let item = datafusion::arrow::datatypes::Field::new(
+        "item",
+        datafusion::arrow::datatypes::DataType::Float32,
+        true,
+    );
+    schema.data_type = datafusion::arrow::datatypes::DataType::FixedSizeList(
+        std::sync::Arc::new(item),
+        dim as i32,
+    );
+    Ok(schema)
+}
+
 /// The function's and its arguments' names are identifiers, each argument listed once.
 fn check_names(name: &str, args: &[String]) -> Result<(), String> {
     if !is_identifier(name) {
@@ -302,6 +340,7 @@ impl FunctionDef {
             on_error: OnError::Null,
             source,
             packing: None,
+            kind: FunctionKind::Completion,
             env,
             plain,
         })
@@ -315,9 +354,32 @@ impl FunctionDef {
         };
         let raw: RawDef = toml::from_str(text)
             .map_err(|e| invalid(e.to_string().trim_end().replace('\n', " ")))?;
-        let output = match raw.output {
-            None => None,
-            Some(v) => {
+        let output = match (raw.kind, raw.output, raw.dim) {
+            (FunctionKind::Embedding, _, _) if raw.rows_per_prompt.is_some() => {
+                return Err(invalid(
+                    "an embedding function takes many inputs per request already (batch_size \
+                     of its model); leave rows_per_prompt out"
+                        .into(),
+                ));
+            }
+            (FunctionKind::Embedding, None, Some(dim)) => {
+                Some(embedding_schema(dim).map_err(invalid)?)
+            }
+            (FunctionKind::Embedding, Some(_), _) | (FunctionKind::Embedding, None, None) => {
+                return Err(invalid(
+                    "an embedding function returns its vector: give its length as dim (e.g. \
+                     dim = 1536) and leave output out"
+                        .into(),
+                ));
+            }
+            (FunctionKind::Completion, _, Some(_)) => {
+                return Err(invalid(
+                    "dim is the vector length of kind = \"embedding\"; set kind or leave dim out"
+                        .into(),
+                ));
+            }
+            (FunctionKind::Completion, None, None) => None,
+            (FunctionKind::Completion, Some(v), None) => {
                 let json = serde_json::to_value(v)
                     .map_err(|e| invalid(format!("output: cannot convert to JSON: {e}")))?;
                 Some(OutputSchema::new(json).map_err(|e| invalid(e.to_string()))?)
@@ -364,6 +426,7 @@ impl FunctionDef {
             path.to_path_buf(),
         )?;
         def.packing = packing;
+        def.kind = raw.kind;
         def.description = raw.description;
         def.max_tokens = raw.max_tokens;
         def.temperature = raw.temperature;

@@ -18,6 +18,7 @@ pub(crate) mod plan;
 mod slice;
 mod stream;
 pub(crate) mod values;
+pub(crate) mod vector;
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};

@@ -26,8 +26,12 @@ mod limits;
 
 #[path = "batch_api.rs"]
 mod batch_api;
+#[path = "embeddings_api.rs"]
+mod embeddings_api;
 
 pub use batch_api::BatchConfig;
+#[allow(unused_imports)]
+pub use embeddings_api::{DEFAULT_DIM, embedding_of};
 pub use limits::Limits;
 use limits::{Buckets, Verdict};
 
@@ -513,6 +517,7 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             sock.write_all(&response(200, &[], b"{}")).await?;
             Ok(After::KeepAlive)
         }
+        ("POST", "/v1/embeddings") => embeddings_api::serve_embeddings(sock, st, &req).await,
         ("POST", "/v1/chat/completions") | ("POST", "/v1/completions") => {
             let proto = if req.path == "/v1/chat/completions" {
                 Proto::Chat

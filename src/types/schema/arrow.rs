@@ -36,6 +36,9 @@ pub(super) fn values_to_array(
     if values.iter().all(Option::is_none) {
         return Ok(new_null_array(data_type, values.len()));
     }
+    if let DataType::FixedSizeList(_, len) = data_type {
+        return vectors(values, *len);
+    }
     let schema = Arc::new(Schema::new(vec![Field::new("v", data_type.clone(), true)]));
     let mut decoder = ReaderBuilder::new(schema)
         .with_batch_size(values.len().max(1))
@@ -48,6 +51,34 @@ pub(super) fn values_to_array(
         .map_err(|e| e.to_string())?
         .ok_or_else(|| "no rows decoded".to_string())?;
     Ok(batch.column(0).clone())
+}
+
+/// Validated vectors of `len` numbers (embeddings) as `FixedSizeList<Float32, len>`.
+fn vectors(values: &[Option<&Value>], len: i32) -> Result<ArrayRef, String> {
+    use datafusion::arrow::array::{FixedSizeListBuilder, Float32Builder};
+    let mut b = FixedSizeListBuilder::with_capacity(
+        Float32Builder::with_capacity(values.len() * len as usize),
+        len,
+        values.len(),
+    );
+    for v in values {
+        match v.and_then(|v| v.as_array()) {
+            Some(xs) if xs.len() == len as usize => {
+                for x in xs {
+                    b.values().append_option(x.as_f64().map(|f| f as f32));
+                }
+                b.append(true);
+            }
+            Some(xs) => return Err(format!("a vector of {} values, not {len}", xs.len())),
+            None => {
+                for _ in 0..len {
+                    b.values().append_null();
+                }
+                b.append(false);
+            }
+        }
+    }
+    Ok(Arc::new(b.finish()))
 }
 
 /// One value as the decoder's one-column row `{"v": value}`, serialised without copying it.
