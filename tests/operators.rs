@@ -394,3 +394,53 @@ async fn embedding_functions_need_an_embeddings_model() {
         .to_string();
     assert!(err.contains("takes two vectors"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_similar_passages_query_embeds_each_passage_and_question_once() {
+    let s = mock(MockConfig::default()).await;
+    let p = Project::new(&s.base_url(), 8, false);
+    std::fs::copy(repo().join("udfs/embed.toml"), p.path("udfs/embed.toml")).unwrap();
+    let embed = std::fs::read_to_string(p.path("udfs/embed.toml")).unwrap();
+    p.write("udfs/embed.toml", &embed.replace("dim = 1536", "dim = 16"));
+    let cfg = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    p.write(
+        "sluice.toml",
+        &format!(
+            "{cfg}\n[models.embedder]\nkind = \"openai_embeddings\"\nbase_url = \"{}\"\n\
+             model = \"emb\"\n",
+            s.base_url()
+        ),
+    );
+    let (code, _, err) = p.run_args(&[
+        "gen-corpus",
+        "--out",
+        "data/c.jsonl",
+        "--companies",
+        "3",
+        "--quarters",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_file(p.path("data/t.jsonl")).unwrap();
+    let sql = std::fs::read_to_string(repo().join("queries/similar_passages.sql"))
+        .unwrap()
+        .replace("'data/transcripts/'", "'data/'");
+    p.write("q.sql", &sql);
+    let (code, stdout, err) =
+        tokio::task::block_in_place(|| p.run_args(&["run", "q.sql", "--metrics-json", "m.json"]));
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.path("m.json")).unwrap()).unwrap();
+    let prompts = |f: &str| m["functions"][f]["prompts"].as_u64().unwrap();
+    // 6 transcripts of one passage each, 3 questions per passage.
+    assert_eq!(prompts("generate_questions"), 6);
+    assert_eq!(
+        prompts("embed"),
+        6 + 18,
+        "each passage and each question once"
+    );
+    assert!(
+        stdout.contains("COPY 90 rows"),
+        "five neighbours for each of 18 questions: {stdout}"
+    );
+}
