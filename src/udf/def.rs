@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use minijinja::{Environment, UndefinedBehavior, Value as JinjaValue};
 use serde::Deserialize;
 
+pub use super::kind::FunctionKind;
 use crate::types::{OutputSchema, RenderedPrompt};
 
 /// What happens to a row whose call fails after all retries.
@@ -30,18 +31,6 @@ pub enum OnError {
     Null,
     /// The whole statement fails.
     Fail,
-}
-
-/// What a function returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum FunctionKind {
-    /// A completion: text, or a value of the output schema (default).
-    #[default]
-    Completion,
-    /// An embedding of the rendered prompt: `FixedSizeList<Float32, dim>`, from a model of
-    /// `kind = "openai_embeddings"`.
-    Embedding,
 }
 
 /// Errors found while loading function definitions.
@@ -227,27 +216,6 @@ impl Splice {
     }
 }
 
-/// An embedding's schema: exactly `dim` numbers, as `FixedSizeList<Float32, dim>` in Arrow.
-fn embedding_schema(dim: usize) -> Result<OutputSchema, String> {
-    if dim == 0 || dim > 65_536 {
-        return Err(format!("dim must be between 1 and 65536, got {dim}"));
-    }
-    let json = serde_json::json!({
-        "type": "array", "items": {"type": "number"}, "minItems": dim, "maxItems": dim,
-    });
-    let mut schema = OutputSchema::new(json).map_err(|e| e.to_string())?;
-    let item = datafusion::arrow::datatypes::Field::new(
-        "item",
-        datafusion::arrow::datatypes::DataType::Float32,
-        true,
-    );
-    schema.data_type = datafusion::arrow::datatypes::DataType::FixedSizeList(
-        std::sync::Arc::new(item),
-        dim as i32,
-    );
-    Ok(schema)
-}
-
 /// The function's and its arguments' names are identifiers, each argument listed once.
 fn check_names(name: &str, args: &[String]) -> Result<(), String> {
     if !is_identifier(name) {
@@ -354,37 +322,13 @@ impl FunctionDef {
         };
         let raw: RawDef = toml::from_str(text)
             .map_err(|e| invalid(e.to_string().trim_end().replace('\n', " ")))?;
-        let output = match (raw.kind, raw.output, raw.dim) {
-            (FunctionKind::Embedding, _, _) if raw.rows_per_prompt.is_some() => {
-                return Err(invalid(
-                    "an embedding function takes many inputs per request already (batch_size \
-                     of its model); leave rows_per_prompt out"
-                        .into(),
-                ));
-            }
-            (FunctionKind::Embedding, None, Some(dim)) => {
-                Some(embedding_schema(dim).map_err(invalid)?)
-            }
-            (FunctionKind::Embedding, Some(_), _) | (FunctionKind::Embedding, None, None) => {
-                return Err(invalid(
-                    "an embedding function returns its vector: give its length as dim (e.g. \
-                     dim = 1536) and leave output out"
-                        .into(),
-                ));
-            }
-            (FunctionKind::Completion, _, Some(_)) => {
-                return Err(invalid(
-                    "dim is the vector length of kind = \"embedding\"; set kind or leave dim out"
-                        .into(),
-                ));
-            }
-            (FunctionKind::Completion, None, None) => None,
-            (FunctionKind::Completion, Some(v), None) => {
-                let json = serde_json::to_value(v)
-                    .map_err(|e| invalid(format!("output: cannot convert to JSON: {e}")))?;
-                Some(OutputSchema::new(json).map_err(|e| invalid(e.to_string()))?)
-            }
-        };
+        let output = super::kind::output_schema(
+            raw.kind,
+            raw.output,
+            raw.dim,
+            raw.rows_per_prompt.is_some(),
+        )
+        .map_err(invalid)?;
         if let Some(t) = raw.temperature
             && !(0.0..=2.0).contains(&t)
         {
@@ -393,29 +337,14 @@ impl FunctionDef {
         if raw.max_tokens == Some(0) {
             return Err(invalid("max_tokens must be at least 1".into()));
         }
-        let (system, prompt, packing) = match (raw.rows_per_prompt, raw.item) {
-            (None, None) => (raw.system, raw.prompt, None),
-            (Some(rows), Some(item)) => {
-                let packing =
-                    super::pack::Packing::new(rows, &raw.prompt, raw.system.as_deref(), &raw.args)
-                        .map_err(invalid)?;
-                (None, item, Some(std::sync::Arc::new(packing)))
-            }
-            (Some(_), None) => {
-                return Err(invalid(
-                    "rows_per_prompt needs item, the text of one row (e.g. item = \"{{ passage \
-                     }}\"), and a prompt that lists the items ({% for item in items %}...)"
-                        .into(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "item is the text of one row of a packed prompt: set rows_per_prompt too, or \
-                     leave item out"
-                        .into(),
-                ));
-            }
-        };
+        let (system, prompt, packing) = super::pack::templates(
+            raw.rows_per_prompt,
+            raw.item,
+            raw.prompt,
+            raw.system,
+            &raw.args,
+        )
+        .map_err(invalid)?;
         let mut def = FunctionDef::new(
             &raw.name,
             raw.args,

@@ -13,6 +13,7 @@
 
 pub mod def;
 pub(crate) mod exec;
+pub mod kind;
 pub mod pack;
 pub(crate) mod plan;
 mod slice;

@@ -19,11 +19,44 @@
 //! that miss the cache (`llm::dispatch::pack`); this is the template side.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use minijinja::{Environment, UndefinedBehavior, context};
 
 use crate::llm::dispatch::Packer;
 use crate::types::RenderedPrompt;
+
+/// A function's system, prompt (for a packed one: its `item`) and packing, from its TOML's
+/// `rows_per_prompt`, `item`, `prompt` and `system`.
+pub(super) type Templates = (Option<String>, String, Option<Arc<Packing>>);
+
+/// Splits a function's templates: a packed function (`rows_per_prompt`) renders its `item`
+/// per row and shares `prompt` and `system`; any other renders `prompt` and `system` per row.
+pub(super) fn templates(
+    rows: Option<usize>,
+    item: Option<String>,
+    prompt: String,
+    system: Option<String>,
+    args: &[String],
+) -> Result<Templates, String> {
+    match (rows, item) {
+        (None, None) => Ok((system, prompt, None)),
+        (Some(rows), Some(item)) => {
+            let packing = Packing::new(rows, &prompt, system.as_deref(), args)?;
+            Ok((None, item, Some(Arc::new(packing))))
+        }
+        (Some(_), None) => Err(
+            "rows_per_prompt needs item, the text of one row (e.g. item = \"{{ passage }}\"), \
+             and a prompt that lists the items ({% for item in items %}...)"
+                .into(),
+        ),
+        (None, Some(_)) => Err(
+            "item is the text of one row of a packed prompt: set rows_per_prompt too, or leave \
+             item out"
+                .into(),
+        ),
+    }
+}
 
 /// The variables a packed function's shared templates may use.
 const SHARED_VARS: [&str; 2] = ["items", "n"];
