@@ -125,3 +125,57 @@ async fn a_missing_model_file_fails_the_statement_with_the_fix() {
         "explain says the same: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeds_offline_with_the_local_model() {
+    let embed = r#"
+name = "embed_local"
+kind = "embedding"
+args = ["text"]
+dim = 576
+prompt = "{{ text }}"
+"#;
+    let def = sluice::udf::def::FunctionDef::parse(embed, Path::new("embed.toml")).unwrap();
+    let e = Engine::with_functions(&local_config(), vec![def]).unwrap();
+    let data = shared_data("earnings_transcript_excerpts.jsonl");
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         CREATE TABLE v AS SELECT date, substr(transcript, 1, 600) AS p, \
+           embed_local(substr(transcript, 1, 600)) AS v, \
+           embed_local_error(substr(transcript, 1, 600)) AS err FROM t ORDER BY date LIMIT 4;\n",
+        data.display()
+    );
+    run(&e, &sql).await.unwrap();
+    let b = e
+        .query(
+            "SELECT a.p = b.p AS same, cosine_similarity(a.v, b.v) AS c, a.err['message'] AS m \
+             FROM v a, v b",
+        )
+        .await
+        .unwrap();
+    let mut pairs = 0;
+    for batch in &b {
+        let same = batch.column(0).as_boolean();
+        let c = batch
+            .column(1)
+            .as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        for i in 0..batch.num_rows() {
+            assert!(
+                !c.is_null(i),
+                "every passage has its vector: {:?}",
+                batch.column(2)
+            );
+            if same.value(i) {
+                assert!(
+                    (c.value(i) - 1.0).abs() < 1e-5,
+                    "a vector is itself: {}",
+                    c.value(i)
+                );
+            } else {
+                assert!(c.value(i) < 0.9999, "different passages, different vectors");
+            }
+            pairs += 1;
+        }
+    }
+    assert_eq!(pairs, 16);
+}

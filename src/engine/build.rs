@@ -193,7 +193,7 @@ fn register_functions(
     for def in std::iter::once(builtin).chain(defs) {
         let def = Arc::new(def);
         if let Some(handle) = runtime.models.get(&def.model) {
-            check_kind(&def, handle.provider.embeds())?;
+            check_kind(&def, handle.embeds(), handle.provider.embeds())?;
         }
         if let Some(handle) = runtime.models.get(&def.model)
             && let Err(message) = handle.provider.check_schema(def.output.as_ref())
@@ -223,15 +223,16 @@ fn register_functions(
     Ok(functions)
 }
 
-/// An embedding function needs a model that embeds, and a completion one a model that does not.
-fn check_kind(def: &FunctionDef, embeds: bool) -> Result<(), EngineError> {
-    let message = match (def.kind, embeds) {
-        (FunctionKind::Embedding, false) => format!(
+/// An embedding function needs a model that embeds, and a completion one a model that
+/// completes (`only_embeds`: embeddings are all it does).
+fn check_kind(def: &FunctionDef, embeds: bool, only_embeds: bool) -> Result<(), EngineError> {
+    let message = match (def.kind, embeds, only_embeds) {
+        (FunctionKind::Embedding, false, _) => format!(
             "function {} is kind = \"embedding\", but model {:?} has no embeddings endpoint; \
              give it a model of kind = \"openai_embeddings\"",
             def.name, def.model
         ),
-        (FunctionKind::Completion, true) => format!(
+        (FunctionKind::Completion, _, true) => format!(
             "function {}: model {:?} serves embeddings (kind = \"openai_embeddings\"); make the \
              function kind = \"embedding\" with its dim, or use a completion model",
             def.name, def.model

@@ -76,6 +76,17 @@ fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupErro
     })
 }
 
+/// The embeddings of a model that also completes: the local model's (its own worker).
+fn embedder(m: &ModelConfig) -> Option<Arc<dyn Provider>> {
+    match &m.part {
+        #[cfg(feature = "local")]
+        ModelPart::Local(l) => Some(Arc::new(
+            crate::llm::local::LocalProvider::new(&m.model, m.concurrency, l).embedder(),
+        )),
+        _ => None,
+    }
+}
+
 /// A batch-mode model: its chat provider (for live retries) and its queue.
 type BatchModel = (Arc<dyn Provider>, Arc<BatchQueue>);
 
@@ -166,6 +177,13 @@ pub(super) fn build_models(
                 (real, governor)
             }
         };
+        let embedder = match (embedder(m), answers) {
+            (Some(e), Answers::Estimates) => {
+                let counter = TokenCounter::for_model(m).map_err(model_err)?;
+                Some(Arc::new(EstimateProvider::new(e, counter)) as Arc<dyn Provider>)
+            }
+            (e, _) => e,
+        };
         out.handles.insert(
             name.clone(),
             ModelHandle {
@@ -173,6 +191,7 @@ pub(super) fn build_models(
                 governor: Arc::new(Governor::new(governor)),
                 prices: m.effective_prices(),
                 batch,
+                embedder,
             },
         );
     }

@@ -90,7 +90,7 @@ impl ExtensionPlanner for LlmPlanner {
                 .collect::<Result<Vec<_>>>()?;
             calls.push(Arc::new(PhysicalCall {
                 def: def.clone(),
-                model: model.clone(),
+                model: model.for_kind(def.kind == super::kind::FunctionKind::Embedding),
                 args,
             }));
         }

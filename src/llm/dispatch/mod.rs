@@ -56,6 +56,28 @@ pub(crate) struct ModelHandle {
     pub prices: Option<Prices>,
     /// In batch mode, the queue its calls go to instead of the provider.
     pub batch: Option<Arc<BatchQueue>>,
+    /// For a model that completes and also embeds (the local model): the provider of its
+    /// embeddings.
+    pub embedder: Option<Arc<dyn Provider>>,
+}
+
+impl ModelHandle {
+    /// Whether functions of `kind = "embedding"` can use it.
+    pub fn embeds(&self) -> bool {
+        self.provider.embeds() || self.embedder.is_some()
+    }
+
+    /// The handle a function's calls go through: its embedder for an embedding function.
+    pub fn for_kind(&self, embedding: bool) -> ModelHandle {
+        match (&self.embedder, embedding) {
+            (Some(e), true) => ModelHandle {
+                provider: e.clone(),
+                embedder: None,
+                ..self.clone()
+            },
+            _ => self.clone(),
+        }
+    }
 }
 
 /// What every call of one function shares: its name, generation parameters and output schema.

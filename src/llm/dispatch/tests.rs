@@ -30,6 +30,7 @@ impl Provider for Echo {
 fn model(provider: Arc<dyn Provider>, concurrency: usize) -> ModelHandle {
     ModelHandle {
         batch: None,
+        embedder: None,
         provider,
         governor: Arc::new(Governor::new(GovernorConfig {
             max_concurrency: concurrency,

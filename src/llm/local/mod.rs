@@ -19,6 +19,9 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use tokio::sync::oneshot;
 
 mod decode;
+mod embed;
+
+pub use embed::LocalEmbedder;
 
 use decode::worker_main;
 
@@ -92,6 +95,15 @@ impl LocalProvider {
             settings,
             worker: Mutex::new(None),
         }
+    }
+
+    /// The embeddings of the same GGUF (its own worker and context).
+    pub fn embedder(&self) -> LocalEmbedder {
+        LocalEmbedder::new(
+            self.settings.path.clone(),
+            self.identity.clone(),
+            self.settings.threads,
+        )
     }
 
     fn worker(&self) -> Result<std::sync::mpsc::Sender<Job>, LlmError> {
