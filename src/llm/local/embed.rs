@@ -26,13 +26,16 @@ const MAX_TOKENS: usize = 2048;
 
 type Reply = oneshot::Sender<Result<Vec<(Vec<f32>, u64)>, LlmError>>;
 
+/// Where a request's inputs go: the worker's queue.
+type Jobs = std::sync::mpsc::Sender<(Vec<String>, Reply)>;
+
 /// The local model as an embeddings provider.
 #[derive(Debug)]
 pub struct LocalEmbedder {
     path: PathBuf,
     identity: String,
     threads: i32,
-    worker: Mutex<Option<std::sync::mpsc::Sender<(Vec<String>, Reply)>>>,
+    worker: Mutex<Option<Jobs>>,
 }
 
 impl LocalEmbedder {
@@ -46,7 +49,7 @@ impl LocalEmbedder {
         }
     }
 
-    fn worker(&self) -> Result<std::sync::mpsc::Sender<(Vec<String>, Reply)>, LlmError> {
+    fn worker(&self) -> Result<Jobs, LlmError> {
         let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = w.as_ref() {
             return Ok(tx.clone());
