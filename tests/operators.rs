@@ -444,3 +444,93 @@ async fn the_similar_passages_query_embeds_each_passage_and_question_once() {
         "five neighbours for each of 18 questions: {stdout}"
     );
 }
+
+/// A yes/no over two texts (the test server answers each pair by its prompt's hash).
+const SAME_FN: &str = r#"
+name = "same_topic"
+args = ["a", "b"]
+prompt = "Do these two passages discuss the same topic? A: {{ a }} B: {{ b }}"
+output = { type = "boolean" }
+"#;
+
+const JOIN_TABLES: &str = "CREATE TABLE a AS SELECT value AS k, \
+     arrow_cast('left ' || CAST(value AS VARCHAR), 'Utf8') AS x FROM generate_series(1, 6);\n\
+     CREATE TABLE b AS SELECT value % 3 AS k, \
+     arrow_cast('right ' || CAST(value AS VARCHAR), 'Utf8') AS y FROM generate_series(1, 9);\n";
+
+async fn pairs(e: &Engine, sql: &str) -> Vec<String> {
+    sorted_rows(&e.query(sql).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llm_join_condition_calls_once_per_pair_its_equality_keeps() {
+    let s = mock(MockConfig::default()).await;
+    let e = engine(&s, &[SAME_FN], 2, None);
+    run(&e, JOIN_TABLES).await.unwrap();
+    let joined = pairs(
+        &e,
+        "SELECT a.x, b.y FROM a JOIN b ON a.k = b.k AND same_topic(a.x, b.y)",
+    )
+    .await;
+    // a.k = b.k keeps 6 pairs (b.k is 1 and 2 three times each): one call each.
+    assert_eq!(s.stats().requests, 6);
+    s.reset_stats();
+    let explicit = pairs(
+        &e,
+        "SELECT x, y FROM (SELECT a.x, b.y, same_topic(a.x, b.y) AS same \
+         FROM a JOIN b ON a.k = b.k) WHERE same",
+    )
+    .await;
+    assert_eq!(
+        joined, explicit,
+        "the condition is the call over the kept pairs"
+    );
+    assert!(!joined.is_empty() && joined.len() < 6, "{joined:?}");
+
+    // A pure LLM condition: every pair, once; a WHERE over a cross join is the same join.
+    s.reset_stats();
+    let pure = pairs(&e, "SELECT a.x, b.y FROM a JOIN b ON same_topic(a.x, b.y)").await;
+    // 6 x 9 pairs, one call each; the 6 asked above are shared within the run.
+    assert_eq!(s.stats().requests, 54 - 6);
+    let cross = pairs(&e, "SELECT a.x, b.y FROM a, b WHERE same_topic(a.x, b.y)").await;
+    assert_eq!(pure, cross);
+    assert_eq!(
+        s.stats().requests,
+        54 - 6,
+        "the cross join shares the join's calls"
+    );
+
+    let err = e
+        .query("SELECT a.x FROM a LEFT JOIN b ON a.k = b.k AND same_topic(a.x, b.y)")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only INNER JOIN"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_over_max_join_calls_is_refused_before_any_call() {
+    let s = mock(MockConfig::default()).await;
+    let p = Project::new(&s.base_url(), 8, false);
+    p.write("udfs/same_topic.toml", SAME_FN);
+    let cfg = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    p.write(
+        "sluice.toml",
+        &format!("[execution]\nmax_join_calls = 20\n{cfg}"),
+    );
+    let sql = format!("{JOIN_TABLES}SELECT a.x, b.y FROM a JOIN b ON same_topic(a.x, b.y);");
+    let (code, _, err) = tokio::task::block_in_place(|| p.run_args(&["run", "-c", &sql]));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("54 LLM calls") && err.contains("max_join_calls = 20"),
+        "{err}"
+    );
+    assert_eq!(s.stats().requests, 0, "refused before any call");
+    // Within the limit it runs.
+    let kept = format!(
+        "{JOIN_TABLES}SELECT a.x, b.y FROM a JOIN b ON a.k = b.k AND same_topic(a.x, b.y);"
+    );
+    let (code, _, err) = tokio::task::block_in_place(|| p.run_args(&["run", "-c", &kept]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(s.stats().requests, 6);
+}

@@ -152,6 +152,9 @@ pub struct ExecutionConfig {
     /// Rows per Arrow batch between operators. Text pipelines carry kilobytes per row, so this
     /// is smaller than DataFusion's 8,192: less memory in flight, same speed.
     pub batch_rows: usize,
+    /// Most LLM calls a join condition may make (the pairs that survive its other parts); a
+    /// join over it is refused before any call.
+    pub max_join_calls: u64,
 }
 
 /// Row group size in bytes by default. The writer holds a row group, and about three copies of
@@ -168,6 +171,7 @@ impl Default for ExecutionConfig {
             memory_limit: None,
             parquet_row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
             batch_rows: DEFAULT_BATCH_ROWS,
+            max_join_calls: 10_000,
         }
     }
 }
@@ -319,6 +323,9 @@ fn execution(raw: &RawExecution) -> Result<ExecutionConfig, String> {
         Some(0) => return Err("execution.batch_rows must be at least 1".into()),
         Some(rows) => e.batch_rows = rows,
         None => {}
+    }
+    if let Some(n) = raw.max_join_calls {
+        e.max_join_calls = n;
     }
     Ok(e)
 }

@@ -29,6 +29,7 @@ pub(super) struct RawExecution {
     pub memory_limit: Option<String>,
     pub parquet_row_group_bytes: Option<String>,
     pub batch_rows: Option<usize>,
+    pub max_join_calls: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -161,6 +161,7 @@ impl Engine {
         let runtime = Arc::new(LlmRuntime {
             dispatcher,
             models: models.handles,
+            max_join_calls: config.execution.max_join_calls,
         });
         let lines = Arc::new(LineRules::default());
         let ctx = session(config, &runtime, lines.clone())?;

@@ -35,6 +35,8 @@ pub struct LlmRuntime {
     pub dispatcher: Dispatcher,
     /// Models by name (`[models.NAME]` in sluice.toml).
     pub models: BTreeMap<String, ModelHandle>,
+    /// Most calls over the rows of a join (`[execution] max_join_calls`).
+    pub max_join_calls: u64,
 }
 
 /// One call of an [`LlmExec`], resolved for execution.
@@ -95,12 +97,17 @@ impl ExtensionPlanner for LlmPlanner {
             }));
         }
         let schema: SchemaRef = Arc::new(node.schema().as_arrow().clone());
-        Ok(Some(Arc::new(LlmExec::new(
-            physical_inputs[0].clone(),
-            calls,
-            schema,
-            self.runtime.dispatcher.clone(),
-        ))))
+        let gate = node.join_condition.then_some(self.runtime.max_join_calls);
+        let mut input = physical_inputs[0].clone();
+        if gate.is_some() && input.output_partitioning().partition_count() > 1 {
+            // The pairs are counted in one stream, before any call.
+            input = Arc::new(
+                datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec::new(input),
+            );
+        }
+        Ok(Some(Arc::new(
+            LlmExec::new(input, calls, schema, self.runtime.dispatcher.clone()).gated(gate),
+        )))
     }
 }
 
@@ -112,6 +119,8 @@ pub struct LlmExec {
     schema: SchemaRef,
     dispatcher: Dispatcher,
     properties: Arc<PlanProperties>,
+    /// Over a join: the most rows it may call for (counted before any call).
+    gate: Option<u64>,
 }
 
 impl LlmExec {
@@ -139,14 +148,26 @@ impl LlmExec {
             schema,
             dispatcher,
             properties,
+            gate: None,
         }
+    }
+
+    /// Calls for at most `max` rows, counted over the whole input before any call (the rows of
+    /// a join).
+    pub fn gated(mut self, max: Option<u64>) -> Self {
+        self.gate = max;
+        self
     }
 }
 
 impl DisplayAs for LlmExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         let names: Vec<&str> = self.calls.iter().map(|c| c.def.name.as_str()).collect();
-        write!(f, "LlmExec: calls=[{}]", names.join(", "))
+        write!(f, "LlmExec: calls=[{}]", names.join(", "))?;
+        if let Some(max) = self.gate {
+            write!(f, ", join condition (at most {max} pairs)")?;
+        }
+        Ok(())
     }
 }
 
@@ -183,12 +204,15 @@ impl ExecutionPlan for LlmExec {
         self: Arc<Self>,
         mut children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(LlmExec::new(
-            children.swap_remove(0),
-            self.calls.clone(),
-            self.schema.clone(),
-            self.dispatcher.clone(),
-        )))
+        Ok(Arc::new(
+            LlmExec::new(
+                children.swap_remove(0),
+                self.calls.clone(),
+                self.schema.clone(),
+                self.dispatcher.clone(),
+            )
+            .gated(self.gate),
+        ))
     }
 
     fn execute(
@@ -196,7 +220,15 @@ impl ExecutionPlan for LlmExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let input = self.input.execute(partition, context)?;
+        let mut input = self.input.execute(partition, context)?;
+        if let Some(max) = self.gate {
+            let names: Vec<String> = self
+                .calls
+                .iter()
+                .map(|c| format!("{}()", c.def.name))
+                .collect();
+            input = super::join::count_pairs_first(input, max, names.join(", "));
+        }
         let concurrency = self.dispatcher.config().concurrency;
         let callers = self
             .calls

@@ -13,6 +13,7 @@
 
 pub mod def;
 pub(crate) mod exec;
+mod join;
 pub mod kind;
 pub mod pack;
 pub(crate) mod plan;

@@ -63,6 +63,9 @@ pub struct LlmNode {
     pub calls: Vec<LlmCall>,
     /// Definitions of the called functions, in `calls` order.
     pub defs: Vec<Arc<FunctionDef>>,
+    /// Its calls are a join's condition over the join's pairs: it counts them before any call
+    /// (`[execution] max_join_calls`).
+    pub join_condition: bool,
     schema: DFSchemaRef,
 }
 
@@ -119,6 +122,7 @@ impl LlmNode {
             input,
             calls,
             defs,
+            join_condition: false,
             schema,
         })
     }
@@ -157,6 +161,9 @@ impl UserDefinedLogicalNodeCore for LlmNode {
             let args: Vec<String> = c.args.iter().map(|a| a.to_string()).collect();
             write!(f, "{} := {}({})", c.value_name, c.function, args.join(", "))?;
         }
+        if self.join_condition {
+            write!(f, " (join condition)")?;
+        }
         Ok(())
     }
 
@@ -174,7 +181,11 @@ impl UserDefinedLogicalNodeCore for LlmNode {
                 ..c.clone()
             })
             .collect();
-        LlmNode::try_new(inputs.swap_remove(0), calls, self.defs.clone())
+        let node = LlmNode::try_new(inputs.swap_remove(0), calls, self.defs.clone())?;
+        Ok(LlmNode {
+            join_condition: self.join_condition,
+            ..node
+        })
     }
 
     fn necessary_children_exprs(&self, output_columns: &[usize]) -> Option<Vec<Vec<usize>>> {
@@ -211,7 +222,7 @@ fn as_llm_call(e: &Expr) -> Option<(&LlmUdf, &[Expr])> {
     }
 }
 
-fn contains_llm_call(e: &Expr) -> bool {
+pub(super) fn contains_llm_call(e: &Expr) -> bool {
     e.exists(|e| Ok(as_llm_call(e).is_some())).unwrap_or(false)
 }
 
@@ -361,6 +372,12 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
     }
     if let LogicalPlan::Limit(_) = &node {
         return Ok(limit_before_calls(node));
+    }
+    if let LogicalPlan::Join(join) = &node
+        && let Some(lifted) =
+            super::join::lift_join_condition(join, |filter| lift_node(filter, config))?
+    {
+        return Ok(Transformed::yes(lifted));
     }
     let exprs = node.expressions();
     if !exprs.iter().any(contains_llm_call) {
