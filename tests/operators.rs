@@ -534,3 +534,66 @@ async fn a_join_over_max_join_calls_is_refused_before_any_call() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(s.stats().requests, 6);
 }
+
+/// A summary of a call from all of its passages, in order.
+const SUMMARY_FN: &str = r#"
+name = "summarize_call"
+kind = "aggregate"
+args = ["passages"]
+prompt = """Summarise this call from its passages, in order.
+{% for p in passages %}[{{ loop.index }}] {{ p }}
+{% endfor %}"""
+"#;
+
+/// The prompt SUMMARY_FN renders for `passages`.
+fn summary_prompt(passages: &[String]) -> String {
+    let mut s = "Summarise this call from its passages, in order.\n".to_string();
+    for (i, p) in passages.iter().enumerate() {
+        s.push_str(&format!("[{}] {p}\n", i + 1));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_sees_every_value_of_its_group_in_order() {
+    let s = mock(MockConfig::default()).await;
+    let e = engine(&s, &[SUMMARY_FN], 2, None);
+    let data = shared_data("earnings_transcript_excerpts.jsonl");
+    run(
+        &e,
+        &format!(
+            "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+             CREATE VIEW p AS SELECT ticker, arrow_cast(substr(transcript, 1, 80), 'Utf8') AS passage, \
+             row_number() OVER (ORDER BY date, transcript) AS idx FROM t;\n\
+             CREATE VIEW summaries AS SELECT ticker, summarize_call(passage ORDER BY idx DESC) AS s, \
+             summarize_call_error(passage ORDER BY idx DESC) AS err, count(*) AS n \
+             FROM p GROUP BY ticker HAVING count(*) > 1;",
+            data.display()
+        ),
+    )
+    .await
+    .unwrap();
+    let got = e.query("SELECT ticker, s, n FROM summaries").await.unwrap();
+    let summaries = strings(&got, "s");
+    assert_eq!(summaries.len(), 1, "one row per group");
+    assert_eq!(
+        s.stats().requests,
+        1,
+        "one call per group (value and error share it)"
+    );
+    let passages = e
+        .query("SELECT passage FROM p ORDER BY idx DESC")
+        .await
+        .unwrap();
+    let passages: Vec<String> = strings(&passages, "passage")
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(passages.len(), 14);
+    let tag = format!("[{}]", prompt_hash(None, &summary_prompt(&passages)));
+    let summary = summaries[0].clone().unwrap();
+    assert!(
+        summary.contains(&tag),
+        "every passage in order: {summary} lacks {tag}"
+    );
+}

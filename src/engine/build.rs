@@ -207,6 +207,22 @@ fn register_functions(
                 ),
             }));
         }
+        if def.kind == FunctionKind::Aggregate {
+            for udaf in crate::udf::aggregate::LlmAggregate::pair(def.clone()) {
+                if ctx.udaf(udaf.name()).is_ok() {
+                    return Err(EngineError::Definition(DefError::Invalid {
+                        path: def.source.clone(),
+                        message: format!(
+                            "function name {:?} is already a SQL function; choose another name",
+                            udaf.name()
+                        ),
+                    }));
+                }
+                ctx.register_udaf(udaf);
+            }
+            functions.push(def);
+            continue;
+        }
         for udf in LlmUdf::pair(def.clone()) {
             if ctx.udf(udf.name()).is_ok() {
                 return Err(EngineError::Definition(DefError::Invalid {

@@ -74,6 +74,8 @@ struct RawDef {
     #[serde(default)]
     kind: FunctionKind,
     dim: Option<usize>,
+    reduce: Option<String>,
+    max_input_tokens: Option<u64>,
 }
 
 /// A loaded, checked LLM function definition.
@@ -103,9 +105,11 @@ pub struct FunctionDef {
     pub source: PathBuf,
     /// With `rows_per_prompt`: the shared prompt the rows' items are packed into.
     pub packing: Option<std::sync::Arc<super::pack::Packing>>,
-    /// A completion or an embedding.
+    /// A completion, an embedding or an aggregate.
     pub kind: FunctionKind,
-    env: Environment<'static>,
+    /// An aggregate's budget of prompt tokens per call, and its `reduce` template (in `env`).
+    pub reduce: Option<super::aggregate::Reduce>,
+    pub(super) env: Environment<'static>,
     /// The system and prompt templates pre-split, when both are plain.
     plain: Option<PlainTemplates>,
 }
@@ -309,6 +313,7 @@ impl FunctionDef {
             source,
             packing: None,
             kind: FunctionKind::Completion,
+            reduce: None,
             env,
             plain,
         })
@@ -356,6 +361,8 @@ impl FunctionDef {
         )?;
         def.packing = packing;
         def.kind = raw.kind;
+        def.reduce =
+            super::aggregate::check(&mut def, raw.reduce, raw.max_input_tokens).map_err(invalid)?;
         def.description = raw.description;
         def.max_tokens = raw.max_tokens;
         def.temperature = raw.temperature;

@@ -18,6 +18,9 @@ pub enum FunctionKind {
     /// An embedding of the rendered prompt: `FixedSizeList<Float32, dim>`, from a model of
     /// `kind = "openai_embeddings"`.
     Embedding,
+    /// An aggregate: the template sees the group's values of its first argument as a list
+    /// (`GROUP BY`), reduced hierarchically when they do not fit `max_input_tokens`.
+    Aggregate,
 }
 
 /// The output schema of a function of `kind` with the `output` and `dim` its TOML gives
@@ -40,11 +43,14 @@ pub(super) fn output_schema(
              1536) and leave output out"
                 .into(),
         ),
-        (FunctionKind::Completion, _, Some(_)) => Err(
+        (FunctionKind::Aggregate, _, _) if packed => {
+            Err("an aggregate function makes one call per group; leave rows_per_prompt out".into())
+        }
+        (_, _, Some(_)) => Err(
             "dim is the vector length of kind = \"embedding\"; set kind or leave dim out".into(),
         ),
-        (FunctionKind::Completion, None, None) => Ok(None),
-        (FunctionKind::Completion, Some(v), None) => {
+        (_, None, None) => Ok(None),
+        (_, Some(v), None) => {
             let json = serde_json::to_value(v)
                 .map_err(|e| format!("output: cannot convert to JSON: {e}"))?;
             OutputSchema::new(json).map(Some).map_err(|e| e.to_string())

@@ -11,6 +11,7 @@
 //! whatever position it appears in), and [`exec::LlmExec`] executes those nodes through the shared
 //! [`crate::llm::Dispatcher`].
 
+pub(crate) mod aggregate;
 pub mod def;
 pub(crate) mod exec;
 mod join;
@@ -122,17 +123,25 @@ impl LlmUdf {
             Signature::any(n, Volatility::Volatile)
         };
         [Face::Value, Face::Error].map(|face| {
-            let name = match face {
-                Face::Value => def.name.clone(),
-                Face::Error => format!("{}_error", def.name),
-            };
             ScalarUDF::new_from_impl(LlmUdf {
-                def: def.clone(),
-                face,
-                name,
                 signature: signature.clone(),
+                ..LlmUdf::face(def.clone(), face)
             })
         })
+    }
+
+    /// One face of `def` (any number of arguments).
+    pub fn face(def: Arc<FunctionDef>, face: Face) -> LlmUdf {
+        let name = match face {
+            Face::Value => def.name.clone(),
+            Face::Error => format!("{}_error", def.name),
+        };
+        LlmUdf {
+            signature: Signature::variadic_any(Volatility::Volatile),
+            def,
+            face,
+            name,
+        }
     }
 
     /// If `udf` is an LLM function face, returns it.

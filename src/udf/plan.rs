@@ -260,13 +260,17 @@ impl OptimizerRule for LiftLlmCalls {
         plan: LogicalPlan,
         config: &dyn OptimizerConfig,
     ) -> Result<Transformed<LogicalPlan>> {
-        let sorted_first = plan.transform_down_with_subqueries(sort_before_calls)?;
+        let collected =
+            plan.transform_up_with_subqueries(super::aggregate::rewrite_llm_aggregates)?;
+        let sorted_first = collected
+            .data
+            .transform_down_with_subqueries(sort_before_calls)?;
         let lifted = sorted_first
             .data
             .transform_up_with_subqueries(|node| lift_node(node, config))?;
         Ok(Transformed::new(
             lifted.data,
-            sorted_first.transformed || lifted.transformed,
+            collected.transformed || sorted_first.transformed || lifted.transformed,
             TreeNodeRecursion::Continue,
         ))
     }

@@ -1,0 +1,249 @@
+//! Aggregate LLM functions (`kind = "aggregate"`): `summarize_call(passage ORDER BY idx)` in a
+//! `GROUP BY` query. DataFusion has no async aggregates, so the call is planned as the group's
+//! values collected in order (`array_agg(... ORDER BY ...)`), then an ordinary lifted call over
+//! the collected list — which works with `HAVING`, in views and wherever a group's row goes.
+//!
+//! A group whose prompt would not fit `max_input_tokens` is reduced hierarchically: as many
+//! values as fit go in each call, then the partial results are folded with the `reduce`
+//! template (which sees them as `partials`) until one remains. Every partial call is cached
+//! and retried like any call; a group whose partial call fails gets NULL and its typed error.
+//! A single value that does not fit alone is an error, never a truncated prompt.
+
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::common::tree_node::Transformed;
+use datafusion::common::{Column, Result, exec_err};
+use datafusion::logical_expr::expr::{AggregateFunction, AggregateFunctionParams, ScalarFunction};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::utils::AggregateOrderSensitivity;
+use datafusion::logical_expr::{
+    Accumulator, Aggregate, AggregateUDF, AggregateUDFImpl, Expr, LogicalPlan, Projection,
+    ScalarUDF, Signature, Volatility,
+};
+
+use super::def::FunctionDef;
+use super::kind::FunctionKind;
+use super::{ERROR_TYPE, Face, LlmUdf, value_type};
+
+/// An aggregate's budget and reduce template (`max_input_tokens`, `reduce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reduce {
+    /// Most prompt tokens of one call (estimated as characters / 4).
+    pub max_input_tokens: u64,
+}
+
+/// Whether `src` has `{% for x in var %}`.
+fn loops_over(src: &str, var: &str) -> bool {
+    let pattern = format!(
+        r"\{{%-?\s*for\s+\w+(\s*,\s*\w+)?\s+in\s+{}\b",
+        regex::escape(var)
+    );
+    regex::Regex::new(&pattern).is_ok_and(|r| r.is_match(src))
+}
+
+/// Checks an aggregate's templates (and that only aggregates have `reduce` and
+/// `max_input_tokens`); adds the `reduce` template to `def`'s templates.
+pub(super) fn check(
+    def: &mut FunctionDef,
+    reduce: Option<String>,
+    max_input_tokens: Option<u64>,
+) -> Result<Option<Reduce>, String> {
+    if def.kind != FunctionKind::Aggregate {
+        if reduce.is_some() || max_input_tokens.is_some() {
+            return Err("reduce and max_input_tokens are for kind = \"aggregate\"".into());
+        }
+        return Ok(None);
+    }
+    let Some(list) = def.args.first().cloned() else {
+        return Err(
+            "an aggregate function needs an argument: the column whose values it sees".into(),
+        );
+    };
+    if !loops_over(&def.prompt, &list) {
+        return Err(format!(
+            "an aggregate's prompt sees the group's values of {list} as a list and must loop \
+             over them ({{% for v in {list} %}}...{{% endfor %}})"
+        ));
+    }
+    let Some(max) = max_input_tokens else {
+        return match reduce {
+            Some(_) => {
+                Err("reduce is used when a group does not fit max_input_tokens: set it".into())
+            }
+            None => Ok(None),
+        };
+    };
+    let Some(reduce) = reduce else {
+        return Err(format!(
+            "max_input_tokens = {max} needs a reduce template, which folds the partial results \
+             of a group that does not fit ({{% for p in partials %}}...)"
+        ));
+    };
+    if !loops_over(&reduce, "partials") {
+        return Err(
+            "the reduce template must loop over partials ({% for p in partials %}...)".into(),
+        );
+    }
+    def.env
+        .add_template_owned("reduce".to_string(), reduce)
+        .map_err(|e| format!("reduce template: {e}"))?;
+    let used: BTreeSet<String> = def
+        .env
+        .get_template("reduce")
+        .map(|t| t.undeclared_variables(false).into_iter().collect())
+        .unwrap_or_default();
+    if let Some(v) = used
+        .iter()
+        .find(|v| *v != "partials" && !def.args[1..].contains(v))
+    {
+        return Err(format!(
+            "reduce template uses undefined variable {v:?}; it sees partials and the constant \
+             arguments [{}]",
+            def.args[1..].join(", ")
+        ));
+    }
+    Ok(Some(Reduce {
+        max_input_tokens: max,
+    }))
+}
+
+/// The SQL aggregate of one face of an aggregate function; it is never run: the planner
+/// replaces it by the collected list and a lifted call.
+#[derive(Debug)]
+pub(crate) struct LlmAggregate {
+    def: Arc<FunctionDef>,
+    face: Face,
+    name: String,
+    signature: Signature,
+}
+
+impl PartialEq for LlmAggregate {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.def, &other.def)
+    }
+}
+impl Eq for LlmAggregate {}
+impl Hash for LlmAggregate {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl LlmAggregate {
+    /// `name(...)` and `name_error(...)` of an aggregate function.
+    pub fn pair(def: Arc<FunctionDef>) -> [AggregateUDF; 2] {
+        let signature = Signature::any(def.args.len(), Volatility::Volatile);
+        [Face::Value, Face::Error].map(|face| {
+            let name = match face {
+                Face::Value => def.name.clone(),
+                Face::Error => format!("{}_error", def.name),
+            };
+            AggregateUDF::new_from_impl(LlmAggregate {
+                def: def.clone(),
+                face,
+                name,
+                signature: signature.clone(),
+            })
+        })
+    }
+}
+
+impl AggregateUDFImpl for LlmAggregate {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(match self.face {
+            Face::Value => value_type(&self.def),
+            Face::Error => ERROR_TYPE.clone(),
+        })
+    }
+
+    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        exec_err!(
+            "{}() was not planned as an LLM aggregate (it works in GROUP BY queries)",
+            self.name
+        )
+    }
+
+    fn state_fields(&self, _args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(&self.name, DataType::Null, true))])
+    }
+
+    fn order_sensitivity(&self) -> AggregateOrderSensitivity {
+        AggregateOrderSensitivity::HardRequirement
+    }
+}
+
+/// `Aggregate` with LLM aggregates becomes `Projection(Aggregate)`: each becomes
+/// `array_agg(first argument ORDER BY ...)` in the aggregate, and the projection calls the
+/// function's scalar face over that list (with the constant arguments) under the same name.
+pub(super) fn rewrite_llm_aggregates(node: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
+    let LogicalPlan::Aggregate(agg) = &node else {
+        return Ok(Transformed::no(node));
+    };
+    let mut calls = Vec::new();
+    let mut aggr = Vec::with_capacity(agg.aggr_expr.len());
+    for e in &agg.aggr_expr {
+        let name = e.schema_name().to_string();
+        let (Expr::AggregateFunction(f), alias) = (e.clone().unalias_nested().data, name.clone())
+        else {
+            aggr.push(e.clone());
+            continue;
+        };
+        let inner: &dyn Any = f.func.inner().as_ref();
+        let Some(llm) = inner.downcast_ref::<LlmAggregate>() else {
+            aggr.push(e.clone());
+            continue;
+        };
+        let AggregateFunctionParams {
+            args,
+            distinct,
+            filter,
+            order_by,
+            null_treatment,
+        } = f.params.clone();
+        let list = Expr::AggregateFunction(AggregateFunction::new_udf(
+            datafusion::functions_aggregate::array_agg::array_agg_udaf(),
+            vec![args[0].clone()],
+            distinct,
+            filter,
+            order_by,
+            null_treatment,
+        ));
+        aggr.push(list.alias(&alias));
+        let face = ScalarUDF::new_from_impl(LlmUdf::face(llm.def.clone(), llm.face));
+        calls.push((alias, face, args[1..].to_vec()));
+    }
+    if calls.is_empty() {
+        return Ok(Transformed::no(node));
+    }
+    let collected = Aggregate::try_new(agg.input.clone(), agg.group_expr.clone(), aggr)?;
+    let schema = collected.schema.clone();
+    let exprs = schema
+        .iter()
+        .map(|(q, field)| {
+            let col = Expr::Column(Column::from((q, field)));
+            match calls.iter().find(|(name, _, _)| name == field.name()) {
+                Some((name, face, consts)) => {
+                    let mut args = vec![col];
+                    args.extend(consts.iter().cloned());
+                    Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(face.clone()), args))
+                        .alias(name)
+                }
+                None => col,
+            }
+        })
+        .collect();
+    let projection = Projection::try_new(exprs, Arc::new(LogicalPlan::Aggregate(collected)))?;
+    Ok(Transformed::yes(LogicalPlan::Projection(projection)))
+}
