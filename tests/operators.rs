@@ -597,3 +597,80 @@ async fn an_aggregate_sees_every_value_of_its_group_in_order() {
         "every passage in order: {summary} lacks {tag}"
     );
 }
+
+/// The number of calls SUMMARY_FN's reduction makes, by the same greedy rule (a chunk grows
+/// while its prompt's characters / 4 fit `budget`) over prompts of `header` plus one line per
+/// value.
+fn greedy_calls(lines: &[usize], header: usize, budget: u64) -> usize {
+    let fits = |chars: usize| (chars as u64).div_ceil(4) <= budget;
+    let mut calls = 1;
+    let mut chars = header;
+    for (i, l) in lines.iter().enumerate() {
+        if i > 0 && !fits(chars + l) {
+            calls += 1;
+            chars = header;
+        }
+        chars += l;
+    }
+    calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_over_the_input_budget_is_reduced_in_levels_and_cached() {
+    let toml = format!(
+        "{}max_input_tokens = 60\nreduce = \"\"\"Combine these partial summaries.\n{{% for p in partials %}}- {{{{ p }}}}\n{{% endfor %}}\"\"\"\n",
+        SUMMARY_FN
+    );
+    let s = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&s, &[&toml], 2, Some(dir.path()));
+    let data = shared_data("earnings_transcript_excerpts.jsonl");
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         CREATE VIEW p AS SELECT ticker, arrow_cast(substr(transcript, 1, 80), 'Utf8') AS passage, \
+         row_number() OVER (ORDER BY date, transcript) AS idx FROM t;\n",
+        data.display()
+    );
+    run(&e, &sql).await.unwrap();
+    let query = "SELECT ticker, summarize_call(passage ORDER BY idx) AS s, \
+                 summarize_call_error(passage ORDER BY idx) AS err FROM p GROUP BY ticker";
+    let got = e.query(query).await.unwrap();
+    assert_eq!(
+        error_kinds(&got, "err"),
+        vec![None],
+        "the group is summarised"
+    );
+    let passages = e.query("SELECT passage FROM p ORDER BY idx").await.unwrap();
+    let lines: Vec<usize> = strings(&passages, "passage")
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| format!("[{}] {}\n", i + 1, p.unwrap()).chars().count())
+        .collect();
+    let header = "Summarise this call from its passages, in order.\n".len();
+    let leaves = greedy_calls(&lines, header, 60);
+    // Each partial is the test server's answer to a prompt without a schema (fixed length).
+    let partial = "- Answer [0123456789ab]: the passage reports the figure.\n".len();
+    let reduce_header = "Combine these partial summaries.\n".len();
+    let (mut level, mut calls, mut levels) = (leaves, leaves, 1);
+    while level > 1 {
+        level = greedy_calls(&vec![partial; level], reduce_header, 60);
+        calls += level;
+        levels += 1;
+    }
+    assert!(levels >= 3, "the budget forces three levels: {levels}");
+    assert_eq!(
+        s.stats().requests as usize,
+        calls,
+        "{leaves} leaf calls, {calls} in all"
+    );
+    e.flush_cache().await.unwrap();
+    s.reset_stats();
+    let again = e.query(query).await.unwrap();
+    assert_eq!(strings(&again, "s"), strings(&got, "s"));
+    drop(e);
+    let e = engine(&s, &[&toml], 2, Some(dir.path()));
+    run(&e, &sql).await.unwrap();
+    let third = e.query(query).await.unwrap();
+    assert_eq!(strings(&third, "s"), strings(&got, "s"));
+    assert_eq!(s.stats().requests, 0, "a re-run is answered by the cache");
+}

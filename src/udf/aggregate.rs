@@ -247,3 +247,158 @@ pub(super) fn rewrite_llm_aggregates(node: LogicalPlan) -> Result<Transformed<Lo
     let projection = Projection::try_new(exprs, Arc::new(LogicalPlan::Aggregate(collected)))?;
     Ok(Transformed::yes(LogicalPlan::Projection(projection)))
 }
+
+/// Prompt tokens of `p`, as the budget counts them (characters / 4).
+fn tokens(p: &crate::types::RenderedPrompt) -> u64 {
+    let chars = p.system.as_ref().map_or(0, |s| s.chars().count()) + p.user.chars().count();
+    (chars as u64).div_ceil(4)
+}
+
+/// The rows of `rendered` whose prompt is over the budget get the result of their reduction
+/// tree (as their "no call" result, so the slice takes it as it is).
+pub(super) async fn reduce_oversized(
+    def: &FunctionDef,
+    budget: Reduce,
+    caller: &crate::llm::dispatch::FunctionCaller,
+    arrays: &[datafusion::arrow::array::ArrayRef],
+    rendered: &mut [std::result::Result<
+        crate::types::RenderedPrompt,
+        crate::llm::dispatch::CallResult,
+    >],
+    progress: &std::sync::atomic::AtomicUsize,
+) {
+    let over: Vec<usize> = (0..rendered.len())
+        .filter(|&i| matches!(&rendered[i], Ok(p) if tokens(p) > budget.max_input_tokens))
+        .collect();
+    if over.is_empty() {
+        return;
+    }
+    let columns: Vec<Vec<Option<minijinja::Value>>> = arrays
+        .iter()
+        .map(super::values::to_template_values)
+        .collect();
+    let trees = over.iter().map(|&row| {
+        let args: Vec<minijinja::Value> = columns
+            .iter()
+            .map(|c| c[row].clone().unwrap_or_default())
+            .collect();
+        reduce_row(def, budget, caller, args, progress)
+    });
+    for (row, result) in over.iter().zip(futures::future::join_all(trees).await) {
+        rendered[*row] = Err(result);
+    }
+}
+
+/// The values of a list in chunks whose prompts (by `render`) fit the budget, each with its
+/// prompt; a value that does not fit alone is an error.
+fn chunks(
+    values: Vec<minijinja::Value>,
+    budget: u64,
+    render: &dyn Fn(
+        Vec<minijinja::Value>,
+    ) -> std::result::Result<crate::types::RenderedPrompt, String>,
+) -> std::result::Result<Vec<crate::types::RenderedPrompt>, String> {
+    let mut out = Vec::new();
+    let mut current: Vec<minijinja::Value> = Vec::new();
+    let mut fitted: Option<crate::types::RenderedPrompt> = None;
+    for v in values {
+        current.push(v);
+        let p = render(current.clone())?;
+        if tokens(&p) <= budget {
+            fitted = Some(p);
+            continue;
+        }
+        let last = current.pop().unwrap_or_default();
+        match fitted.take() {
+            Some(done) => out.push(done),
+            None => {
+                return Err(format!(
+                    "one value of the group has {} prompt tokens alone, over max_input_tokens = \
+                     {budget}; no call was made",
+                    tokens(&p)
+                ));
+            }
+        }
+        current = vec![last];
+        let p = render(current.clone())?;
+        if tokens(&p) > budget {
+            return Err(format!(
+                "one value of the group has {} prompt tokens alone, over max_input_tokens = \
+                 {budget}; no call was made",
+                tokens(&p)
+            ));
+        }
+        fitted = Some(p);
+    }
+    out.extend(fitted);
+    Ok(out)
+}
+
+/// One group's value through its reduction tree: leaf calls over chunks of its values, then
+/// reduce calls over chunks of partial results until one remains.
+async fn reduce_row(
+    def: &FunctionDef,
+    budget: Reduce,
+    caller: &crate::llm::dispatch::FunctionCaller,
+    args: Vec<minijinja::Value>,
+    progress: &std::sync::atomic::AtomicUsize,
+) -> crate::llm::dispatch::CallResult {
+    use crate::types::{ErrorKind, RowError};
+    let fail = |m: String| Err(Arc::new(RowError::without_call(ErrorKind::Template, m)));
+    let consts = args[1..].to_vec();
+    let values: Vec<minijinja::Value> = match args[0].try_iter() {
+        Ok(it) => it.collect(),
+        Err(e) => return fail(format!("the aggregated values are not a list: {e}")),
+    };
+    let leaf = |chunk: Vec<minijinja::Value>| {
+        let mut a = vec![minijinja::Value::from(chunk)];
+        a.extend(consts.iter().cloned());
+        def.render(&a)
+    };
+    let system = leaf(Vec::new()).ok().and_then(|p| p.system);
+    let reduce = |chunk: Vec<minijinja::Value>| {
+        let mut ctx: std::collections::BTreeMap<String, minijinja::Value> = def.args[1..]
+            .iter()
+            .cloned()
+            .zip(consts.iter().cloned())
+            .collect();
+        ctx.insert("partials".into(), minijinja::Value::from(chunk));
+        let user = def
+            .env
+            .get_template("reduce")
+            .and_then(|t| t.render(minijinja::Value::from(ctx)))
+            .map_err(|e| format!("reduce template: {e}"))?;
+        Ok(crate::types::RenderedPrompt {
+            system: system.clone(),
+            user,
+        })
+    };
+    let mut prompts = match chunks(values, budget.max_input_tokens, &leaf) {
+        Ok(p) => p,
+        Err(m) => return fail(m),
+    };
+    loop {
+        let n = prompts.len();
+        let mut results = Vec::with_capacity(n);
+        for r in caller.call_all(prompts, progress).await {
+            results.push(r?);
+        }
+        if n == 1 {
+            return Ok(results.swap_remove(0));
+        }
+        let partials = results
+            .iter()
+            .map(|v| minijinja::Value::from_serialize(&**v))
+            .collect();
+        prompts = match chunks(partials, budget.max_input_tokens, &reduce) {
+            Ok(p) if p.len() < n => p,
+            Ok(_) => {
+                return fail(format!(
+                    "two partial results do not fit max_input_tokens = {} together; raise it",
+                    budget.max_input_tokens
+                ));
+            }
+            Err(m) => return fail(m),
+        };
+    }
+}

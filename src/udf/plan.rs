@@ -260,17 +260,13 @@ impl OptimizerRule for LiftLlmCalls {
         plan: LogicalPlan,
         config: &dyn OptimizerConfig,
     ) -> Result<Transformed<LogicalPlan>> {
-        let collected =
-            plan.transform_up_with_subqueries(super::aggregate::rewrite_llm_aggregates)?;
-        let sorted_first = collected
-            .data
-            .transform_down_with_subqueries(sort_before_calls)?;
-        let lifted = sorted_first
-            .data
-            .transform_up_with_subqueries(|node| lift_node(node, config))?;
+        let lifted = plan
+            .transform_up_with_subqueries(super::aggregate::rewrite_llm_aggregates)?
+            .transform_data(|p| p.transform_down_with_subqueries(sort_before_calls))?
+            .transform_data(|p| p.transform_up_with_subqueries(|n| lift_node(n, config)))?;
         Ok(Transformed::new(
             lifted.data,
-            collected.transformed || sorted_first.transformed || lifted.transformed,
+            lifted.transformed,
             TreeNodeRecursion::Continue,
         ))
     }

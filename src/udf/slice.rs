@@ -92,7 +92,19 @@ async fn run_call(
         .map(|e| e.evaluate(batch)?.into_array(n))
         .collect::<Result<_>>()?;
     // Rows that cannot be called get their error now; the rest go to the dispatcher.
-    let rendered = render_rows(&call.def, &arrays, n);
+    let mut rendered = render_rows(&call.def, &arrays, n);
+    if let Some(budget) = call.def.reduce {
+        // Groups over an aggregate's budget take their reduction tree instead.
+        super::aggregate::reduce_oversized(
+            &call.def,
+            budget,
+            caller,
+            &arrays,
+            &mut rendered,
+            progress,
+        )
+        .await;
+    }
     drop(arrays);
     let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
