@@ -480,6 +480,54 @@ fn packing(passages: usize, rows: usize) -> Value {
     })
 }
 
+/// An aggregate summary of each company's calls, with `budget` prompt tokens per call.
+fn summary_fn(budget: u64) -> String {
+    let prompt = "Summarise these earnings calls of one company, in order.\n\
+                  {% for p in passages %}### Call {{ loop.index }}\n{{ p }}\n{% endfor %}";
+    let reduce = "Combine these partial summaries of one company's calls.\n\
+                  {% for p in partials %}- {{ p }}\n{% endfor %}";
+    format!(
+        "name = \"summarize_company\"\nkind = \"aggregate\"\nargs = [\"passages\"]\n\
+         max_input_tokens = {budget}\nprompt = {prompt:?}\nreduce = {reduce:?}\nmax_tokens = 200\n"
+    )
+}
+
+/// Aggregates (issue 18): a summary per company over `companies` x `quarters` generated
+/// transcripts (the first 2,000 characters of each), at two input budgets: calls per group.
+fn aggregate(companies: usize, quarters: usize) -> Value {
+    let mock = Mock::start(&["--latency-ms", "20"]);
+    let run = |budget: u64| {
+        let p = Project::new(&mock.url, 64, 0, false);
+        p.gen_corpus(&[
+            "--companies",
+            &companies.to_string(),
+            "--quarters",
+            &quarters.to_string(),
+        ]);
+        std::fs::write(p.dir.path().join("udfs/summary.toml"), summary_fn(budget)).unwrap();
+        let sql = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+                   COPY (SELECT ticker, summarize_company(substr(transcript, 1, 2000) ORDER BY q) \
+                   AS summary FROM t GROUP BY ticker) TO 'out/s.parquet' STORED AS PARQUET;\n";
+        std::fs::write(p.dir.path().join("a.sql"), sql).unwrap();
+        let m = run_sluice(
+            p.dir.path(),
+            &["run", "a.sql", "--quiet", "--metrics-json", "metrics.json"],
+        );
+        assert_eq!(num(&m.metrics, "failed"), 0);
+        (num(&m.metrics, "requests"), m.wall_s)
+    };
+    let (small, small_s) = run(1500);
+    let (large, large_s) = run(6000);
+    let groups = companies as f64;
+    json!({
+        "scenario": format!("aggregate-{companies}x{quarters}"), "groups": companies,
+        "values_per_group": quarters,
+        "calls_per_group_budget_1500": round(small as f64 / groups, 2),
+        "calls_per_group_budget_6000": round(large as f64 / groups, 2),
+        "wall_s_1500": round(small_s, 2), "wall_s_6000": round(large_s, 2),
+    })
+}
+
 /// GB scale (issue 9): `size` of generated transcripts → chunk → both LLM stages → Parquet,
 /// first live against the test server at 20 ms (which fills the cache), then the same run three
 /// times with every call answered from the cache: MB/s of input and peak RSS of each (for the
@@ -838,6 +886,9 @@ fn main() {
     }
     if want("local") {
         emit(local_model());
+    }
+    if want("aggregate") {
+        emit(aggregate(50, 8));
     }
     if want("pack") {
         emit(packing(10_000, 10));

@@ -674,3 +674,26 @@ async fn a_group_over_the_input_budget_is_reduced_in_levels_and_cached() {
     assert_eq!(strings(&third, "s"), strings(&got, "s"));
     assert_eq!(s.stats().requests, 0, "a re-run is answered by the cache");
 }
+
+#[test]
+fn aggregates_that_cannot_be_planned_are_refused_at_load_time() {
+    let load = |t: &str| {
+        FunctionDef::parse(t, Path::new("f.toml"))
+            .unwrap_err()
+            .to_string()
+    };
+    let no_loop = SUMMARY_FN.replace("{% for p in passages %}", "{% for p in [] %}");
+    assert!(load(&no_loop).contains("must loop"), "{}", load(&no_loop));
+    let no_reduce = format!("{SUMMARY_FN}max_input_tokens = 100\n");
+    assert!(
+        load(&no_reduce).contains("needs a reduce template"),
+        "{}",
+        load(&no_reduce)
+    );
+    let stray = format!("{}reduce = \"x\"\n", PROFILE_FN);
+    assert!(
+        load(&stray).contains("for kind = \"aggregate\""),
+        "{}",
+        load(&stray)
+    );
+}
