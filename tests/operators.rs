@@ -598,21 +598,35 @@ async fn an_aggregate_sees_every_value_of_its_group_in_order() {
     );
 }
 
-/// The number of calls SUMMARY_FN's reduction makes, by the same greedy rule (a chunk grows
-/// while its prompt's characters / 4 fit `budget`) over prompts of `header` plus one line per
-/// value.
-fn greedy_calls(lines: &[usize], header: usize, budget: u64) -> usize {
-    let fits = |chars: usize| (chars as u64).div_ceil(4) <= budget;
-    let mut calls = 1;
-    let mut chars = header;
-    for (i, l) in lines.iter().enumerate() {
-        if i > 0 && !fits(chars + l) {
-            calls += 1;
-            chars = header;
+/// The user prompts of one level of SUMMARY_FN's reduction, by sluice's greedy rule: a chunk
+/// grows while its prompt fits `budget` tokens (o200k_base, chat framing: the model `mock`'s
+/// tokenizer). `line(j, v)` is value `v` as the `j`-th line of its chunk.
+fn level(
+    values: &[String],
+    header: &str,
+    line: &dyn Fn(usize, &str) -> String,
+    budget: u64,
+) -> Vec<String> {
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    let fits = |user: &str| bpe.encode_ordinary(user).len() as u64 + 7 <= budget;
+    let render = |chunk: &[String]| -> String {
+        let mut u = header.to_string();
+        for (j, v) in chunk.iter().enumerate() {
+            u.push_str(&line(j + 1, v));
         }
-        chars += l;
+        u
+    };
+    let (mut prompts, mut chunk): (Vec<String>, Vec<String>) = (vec![], vec![]);
+    for v in values {
+        chunk.push(v.clone());
+        if !fits(&render(&chunk)) && chunk.len() > 1 {
+            let last = chunk.pop().unwrap();
+            prompts.push(render(&chunk));
+            chunk = vec![last];
+        }
     }
-    calls
+    prompts.push(render(&chunk));
+    prompts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,20 +655,38 @@ async fn a_group_over_the_input_budget_is_reduced_in_levels_and_cached() {
         "the group is summarised"
     );
     let passages = e.query("SELECT passage FROM p ORDER BY idx").await.unwrap();
-    let lines: Vec<usize> = strings(&passages, "passage")
+    let values: Vec<String> = strings(&passages, "passage")
         .into_iter()
-        .enumerate()
-        .map(|(i, p)| format!("[{}] {}\n", i + 1, p.unwrap()).chars().count())
+        .flatten()
         .collect();
-    let header = "Summarise this call from its passages, in order.\n".len();
-    let leaves = greedy_calls(&lines, header, 60);
-    // Each partial is the test server's answer to a prompt without a schema (fixed length).
-    let partial = "- Answer [0123456789ab]: the passage reports the figure.\n".len();
-    let reduce_header = "Combine these partial summaries.\n".len();
-    let (mut level, mut calls, mut levels) = (leaves, leaves, 1);
-    while level > 1 {
-        level = greedy_calls(&vec![partial; level], reduce_header, 60);
-        calls += level;
+    let leaf_line = |j: usize, p: &str| format!("[{j}] {p}\n");
+    let reduce_line = |_: usize, p: &str| format!("- {p}\n");
+    let mut prompts = level(
+        &values,
+        "Summarise this call from its passages, in order.\n",
+        &leaf_line,
+        60,
+    );
+    let leaves = prompts.len();
+    let (mut calls, mut levels) = (leaves, 1);
+    while prompts.len() > 1 {
+        // Each partial is the test server's answer to its prompt (no schema).
+        let partials: Vec<String> = prompts
+            .iter()
+            .map(|u| {
+                format!(
+                    "Answer [{}]: the passage reports the figure.",
+                    prompt_hash(None, u)
+                )
+            })
+            .collect();
+        prompts = level(
+            &partials,
+            "Combine these partial summaries.\n",
+            &reduce_line,
+            60,
+        );
+        calls += prompts.len();
         levels += 1;
     }
     assert!(levels >= 3, "the budget forces three levels: {levels}");

@@ -192,6 +192,7 @@ pub(super) fn build_models(
                 prices: m.effective_prices(),
                 batch,
                 embedder,
+                tokens: Some(Arc::new(crate::llm::estimate::LazyCounter::new(m.clone()))),
             },
         );
     }

@@ -349,3 +349,30 @@ mod tests {
         assert_eq!(chat_prompt_tokens(words, None, "hi"), 8);
     }
 }
+
+/// A model's [`TokenCounter`], made on first use (loading a vocabulary costs time that runs
+/// which never count should not pay).
+#[derive(Debug)]
+pub struct LazyCounter {
+    model: crate::config::ModelConfig,
+    counter: std::sync::OnceLock<Option<TokenCounter>>,
+}
+
+impl LazyCounter {
+    /// The counter of `model`, not made yet.
+    pub fn new(model: crate::config::ModelConfig) -> Self {
+        LazyCounter {
+            model,
+            counter: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Prompt tokens of `req` as the model is sent it; `None` when the model's tokenizer
+    /// cannot be had.
+    pub fn prompt(&self, req: &LlmRequest) -> Option<u64> {
+        self.counter
+            .get_or_init(|| TokenCounter::for_model(&self.model).ok())
+            .as_ref()
+            .map(|c| c.prompt(req))
+    }
+}

@@ -32,7 +32,7 @@ use super::{ERROR_TYPE, Face, LlmUdf, value_type};
 /// An aggregate's budget and reduce template (`max_input_tokens`, `reduce`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reduce {
-    /// Most prompt tokens of one call (estimated as characters / 4).
+    /// Most prompt tokens of one call (counted with the model's tokenizer).
     pub max_input_tokens: u64,
 }
 
@@ -248,12 +248,6 @@ pub(super) fn rewrite_llm_aggregates(node: LogicalPlan) -> Result<Transformed<Lo
     Ok(Transformed::yes(LogicalPlan::Projection(projection)))
 }
 
-/// Prompt tokens of `p`, as the budget counts them (characters / 4).
-fn tokens(p: &crate::types::RenderedPrompt) -> u64 {
-    let chars = p.system.as_ref().map_or(0, |s| s.chars().count()) + p.user.chars().count();
-    (chars as u64).div_ceil(4)
-}
-
 /// The rows of `rendered` whose prompt is over the budget get the result of their reduction
 /// tree (as their "no call" result, so the slice takes it as it is).
 pub(super) async fn reduce_oversized(
@@ -268,7 +262,9 @@ pub(super) async fn reduce_oversized(
     progress: &std::sync::atomic::AtomicUsize,
 ) {
     let over: Vec<usize> = (0..rendered.len())
-        .filter(|&i| matches!(&rendered[i], Ok(p) if tokens(p) > budget.max_input_tokens))
+        .filter(
+            |&i| matches!(&rendered[i], Ok(p) if caller.prompt_tokens(p) > budget.max_input_tokens),
+        )
         .collect();
     if over.is_empty() {
         return;
@@ -293,7 +289,7 @@ pub(super) async fn reduce_oversized(
 /// prompt; a value that does not fit alone is an error.
 fn chunks(
     values: Vec<minijinja::Value>,
-    budget: u64,
+    (budget, caller): (u64, &crate::llm::dispatch::FunctionCaller),
     render: &dyn Fn(
         Vec<minijinja::Value>,
     ) -> std::result::Result<crate::types::RenderedPrompt, String>,
@@ -304,7 +300,7 @@ fn chunks(
     for v in values {
         current.push(v);
         let p = render(current.clone())?;
-        if tokens(&p) <= budget {
+        if caller.prompt_tokens(&p) <= budget {
             fitted = Some(p);
             continue;
         }
@@ -315,17 +311,17 @@ fn chunks(
                 return Err(format!(
                     "one value of the group has {} prompt tokens alone, over max_input_tokens = \
                      {budget}; no call was made",
-                    tokens(&p)
+                    caller.prompt_tokens(&p)
                 ));
             }
         }
         current = vec![last];
         let p = render(current.clone())?;
-        if tokens(&p) > budget {
+        if caller.prompt_tokens(&p) > budget {
             return Err(format!(
                 "one value of the group has {} prompt tokens alone, over max_input_tokens = \
                  {budget}; no call was made",
-                tokens(&p)
+                caller.prompt_tokens(&p)
             ));
         }
         fitted = Some(p);
@@ -373,7 +369,8 @@ async fn reduce_row(
             user,
         })
     };
-    let mut prompts = match chunks(values, budget.max_input_tokens, &leaf) {
+    let limit = (budget.max_input_tokens, caller);
+    let mut prompts = match chunks(values, limit, &leaf) {
         Ok(p) => p,
         Err(m) => return fail(m),
     };
@@ -390,7 +387,7 @@ async fn reduce_row(
             .iter()
             .map(|v| minijinja::Value::from_serialize(&**v))
             .collect();
-        prompts = match chunks(partials, budget.max_input_tokens, &reduce) {
+        prompts = match chunks(partials, limit, &reduce) {
             Ok(p) if p.len() < n => p,
             Ok(_) => {
                 return fail(format!(

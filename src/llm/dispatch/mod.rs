@@ -59,6 +59,8 @@ pub(crate) struct ModelHandle {
     /// For a model that completes and also embeds (the local model): the provider of its
     /// embeddings.
     pub embedder: Option<Arc<dyn Provider>>,
+    /// Its tokenizer, for budgets counted in its tokens (an aggregate's `max_input_tokens`).
+    pub tokens: Option<Arc<super::estimate::LazyCounter>>,
 }
 
 impl ModelHandle {
@@ -244,6 +246,21 @@ impl FunctionCaller {
     /// The function's counters.
     pub fn metrics(&self) -> &Arc<FunctionMetrics> {
         &self.metrics
+    }
+
+    /// Prompt tokens of `prompt` sent as this function's request, counted with the model's
+    /// tokenizer (characters / 4 where it has none).
+    pub fn prompt_tokens(&self, prompt: &RenderedPrompt) -> u64 {
+        let counted = self
+            .model
+            .tokens
+            .as_ref()
+            .and_then(|t| t.prompt(&self.spec.request(prompt.clone())));
+        counted.unwrap_or_else(|| {
+            let chars = prompt.system.as_ref().map_or(0, |s| s.chars().count())
+                + prompt.user.chars().count();
+            (chars as u64).div_ceil(4)
+        })
     }
 
     /// One result per prompt, in order: answered from the cache (one read for all), shared

@@ -31,6 +31,7 @@ fn model(provider: Arc<dyn Provider>, concurrency: usize) -> ModelHandle {
     ModelHandle {
         batch: None,
         embedder: None,
+        tokens: None,
         provider,
         governor: Arc::new(Governor::new(GovernorConfig {
             max_concurrency: concurrency,
