@@ -729,3 +729,35 @@ fn aggregates_that_cannot_be_planned_are_refused_at_load_time() {
         load(&stray)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_partial_call_fails_is_null_with_a_typed_error() {
+    let toml = format!(
+        "{}max_input_tokens = 50\nreduce = \"\"\"Combine.\n{{% for p in partials %}}- {{{{ p }}}}\n{{% endfor %}}\"\"\"\n",
+        SUMMARY_FN
+    );
+    let s = mock(MockConfig {
+        permanent: vec![("POISON".into(), Fault::Server500)],
+        ..MockConfig::default()
+    })
+    .await;
+    let e = engine(&s, &[&toml], 2, None);
+    let got = e
+        .query(
+            "SELECT g, summarize_call(v ORDER BY i) AS s, summarize_call_error(v ORDER BY i) AS err \
+             FROM (SELECT value % 2 AS g, value AS i, arrow_cast(CASE WHEN value = 3 THEN 'POISON value' \
+             ELSE 'value number ' || CAST(value AS VARCHAR) END, 'Utf8') AS v \
+             FROM generate_series(1, 12)) GROUP BY g ORDER BY g",
+        )
+        .await
+        .unwrap();
+    let values = strings(&got, "s");
+    let errors = error_kinds(&got, "err");
+    // g = 1 holds the poisoned value: its leaf call fails after its attempts.
+    assert!(
+        values[0].is_some() && errors[0].is_none(),
+        "{values:?} {errors:?}"
+    );
+    assert_eq!(values[1], None);
+    assert_eq!(errors[1].as_deref(), Some("server_error"), "{errors:?}");
+}
