@@ -50,6 +50,7 @@ async fn print_all() {
         "SELECT llm(llm(x)) AS y FROM v",
         "SELECT llm(x) AS k, count(*) FROM v GROUP BY llm(x)",
         "SELECT profile(x)['a'] AS a, profile_error(x) AS e FROM v",
+        "SELECT a.x FROM v a JOIN v b ON a.n = b.n AND llm(a.x || b.x) = 'yes'",
     ] {
         println!("=== {sql}\n{}\n", position(sql).await);
     }
@@ -252,4 +253,28 @@ Projection: questions.ticker AS company, questions.quarter, questions.date, ques
                     Projection: transcripts.ticker, transcripts.q AS quarter, transcripts.date, chunk_text(transcripts.transcript, Int64(4096)) AS __unnest_placeholder(chunk_text(transcripts.transcript,Int64(4096)))
                       TableScan: transcripts projection=[ticker, q, date, transcript]"#;
     assert_eq!(flagship_plan().await, expected.trim_start_matches('\n'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_condition_calls_over_the_pairs_its_equality_keeps() {
+    // The equality stays in the join; the LLM part is a lifted call over the pairs, marked as a
+    // join condition (it counts them before any call).
+    let expected = r#"
+Projection: a.x
+  Filter: __sluice_llm_1 = Utf8("yes")
+    Projection: a.x, __sluice_llm_1
+      LlmNode: __sluice_llm_1 := llm(a.x || b.x) (join condition)
+        Inner Join: a.n = b.n
+          SubqueryAlias: a
+            SubqueryAlias: v
+              Projection: t.column1 AS x, t.column2 AS n
+                TableScan: t projection=[column1, column2]
+          SubqueryAlias: b
+            SubqueryAlias: v
+              Projection: t.column1 AS x, t.column2 AS n
+                TableScan: t projection=[column1, column2]"#;
+    assert_eq!(
+        position("SELECT a.x FROM v a JOIN v b ON a.n = b.n AND llm(a.x || b.x) = 'yes'").await,
+        expected.trim_start_matches('\n')
+    );
 }
