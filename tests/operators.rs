@@ -761,3 +761,24 @@ async fn a_group_whose_partial_call_fails_is_null_with_a_typed_error() {
     assert_eq!(values[1], None);
     assert_eq!(errors[1].as_deref(), Some("server_error"), "{errors:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectors_of_the_wrong_length_are_typed_errors() {
+    // The test server answers 16 numbers; a function declaring 8 gets invalid_output, not a
+    // misshapen column.
+    let s = mock(MockConfig::default()).await;
+    let eight = EMBED_FN.replace("dim = 16", "dim = 8");
+    let e = embedding_engine(&s, &[&eight]).unwrap();
+    let got = e
+        .query(&format!(
+            "SELECT embed(p) AS v, embed_error(p)['kind'] AS kind FROM ({})",
+            passages_sql(3)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        strings(&got, "kind"),
+        vec![Some("invalid_output".to_string()); 3]
+    );
+    assert_eq!(got[0].column_by_name("v").unwrap().null_count(), 3);
+}
