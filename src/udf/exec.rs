@@ -260,7 +260,13 @@ impl ExecutionPlan for LlmExec {
             .unwrap_or(1);
         let slice_rows = slice_rows.max(pack).div_ceil(pack) * pack;
         let unfinished = unfinished.max(2 * slice_rows);
-        Ok(Box::pin(LlmStream::new(input, ctx, slice_rows, unfinished)))
+        Ok(Box::pin(LlmStream::new(
+            input,
+            ctx,
+            slice_rows,
+            unfinished,
+            pack > 1,
+        )))
     }
 }
 

@@ -38,6 +38,9 @@ pub(super) struct LlmStream {
     buffered_limit: usize,
     /// Rest of an input batch not yet submitted.
     leftover: Option<RecordBatch>,
+    /// Submit only whole slices while input remains (a packed function: a short slice would
+    /// make a short request).
+    whole_slices: bool,
     ctx: Arc<SliceContext>,
 }
 
@@ -141,6 +144,13 @@ impl Stream for LlmStream {
                 return Poll::Pending;
             }
             if let Some(batch) = this.leftover.take() {
+                if this.whole_slices && batch.num_rows() < this.slice_rows {
+                    match this.fill(batch, cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
                 let n = this.slice_rows.min(batch.num_rows());
                 if n < batch.num_rows() {
                     this.leftover = Some(batch.slice(n, batch.num_rows() - n));
@@ -169,6 +179,36 @@ impl Stream for LlmStream {
     }
 }
 
+impl LlmStream {
+    /// Tops up a short `rest` with the next input batch; at the end of the input it goes as
+    /// it is. Pending (holding `rest`) while the input is.
+    fn fill(&mut self, rest: RecordBatch, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let Some(input) = self.input.as_mut() else {
+            self.whole_slices = false;
+            self.leftover = Some(rest);
+            return Poll::Ready(Ok(()));
+        };
+        match input.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(next))) => {
+                let both =
+                    datafusion::arrow::compute::concat_batches(&rest.schema(), [&rest, &next])?;
+                self.leftover = Some(both);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e)),
+            Poll::Ready(None) => {
+                self.close_input();
+                self.leftover = Some(rest);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                self.leftover = Some(rest);
+                Poll::Pending
+            }
+        }
+    }
+}
+
 impl RecordBatchStream for LlmStream {
     fn schema(&self) -> SchemaRef {
         self.ctx.schema.clone()
@@ -183,6 +223,7 @@ impl LlmStream {
         ctx: SliceContext,
         slice_rows: usize,
         unfinished_limit: usize,
+        whole_slices: bool,
     ) -> Self {
         for c in &ctx.callers {
             c.metrics().open_inputs.fetch_add(1, Ordering::Relaxed);
@@ -195,6 +236,7 @@ impl LlmStream {
             // Enough slices for every unfinished row, and at least 64.
             buffered_limit: unfinished_limit.div_ceil(slice_rows.max(1)).max(64) + 1,
             leftover: None,
+            whole_slices,
             ctx: Arc::new(ctx),
         }
     }
