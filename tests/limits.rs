@@ -11,6 +11,11 @@ use std::time::Duration;
 use sluice::config::Config;
 use support::*;
 
+/// The tests here judge pacing by timing: they run one at a time, so that they do not slow
+/// each other down on a small machine (a test sharing two cores with another saw its round
+/// trips stretch and its limits probed higher than the ones it checks).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const TAG: &str = r#"
 name = "tag"
 args = ["x"]
@@ -67,6 +72,7 @@ fn limited(limits: Limits) -> MockConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrency_cap_is_learned_after_one_round_trip() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let server = mock(limited(Limits {
         max_in_flight: Some(4),
         headers: false,
@@ -90,6 +96,7 @@ async fn a_concurrency_cap_is_learned_after_one_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn advertised_limits_are_paced_to_before_any_refusal() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // 6,000 a minute with a burst of 20: the first 16 fit, the headers say the rest.
     let server = mock(limited(Limits {
         rpm: Some(6000),
@@ -105,6 +112,7 @@ async fn advertised_limits_are_paced_to_before_any_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unadvertised_rate_is_learned_and_no_row_is_lost() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let server = mock(limited(Limits {
         rpm: Some(6000),
         burst_secs: 0.2,
@@ -124,6 +132,7 @@ async fn an_unadvertised_rate_is_learned_and_no_row_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_retry_after_values_are_clamped_not_fatal() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     for raw in ["1e20", "-3", "NaN", "soon", "Fri, 01 Jan 2100 00:00:00 GMT"] {
         let server = mock(MockConfig {
             faults: FaultRates {
@@ -147,6 +156,7 @@ async fn odd_retry_after_values_are_clamped_not_fatal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_requests_are_hedged_and_answered_once() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let server = mock(MockConfig {
         latency: Duration::from_millis(5),
         faults: FaultRates {
