@@ -193,10 +193,11 @@ fn register_functions(
     let builtin = generic_llm_def();
     for def in std::iter::once(builtin).chain(defs) {
         let def = Arc::new(def);
-        if let Some(handle) = runtime.models.get(&def.model) {
+        let handle = runtime.models.get(&def.model);
+        if let Some(handle) = handle {
             check_kind(&def, handle.embeds(), handle.provider.embeds())?;
         }
-        if let Some(handle) = runtime.models.get(&def.model)
+        if let Some(handle) = handle
             && let Err(message) = handle.provider.check_schema(def.output.as_ref())
         {
             return Err(EngineError::Definition(DefError::Invalid {

@@ -138,10 +138,7 @@ impl LlmAggregate {
     pub fn pair(def: Arc<FunctionDef>) -> [AggregateUDF; 2] {
         let signature = Signature::any(def.args.len(), Volatility::Volatile);
         [Face::Value, Face::Error].map(|face| {
-            let name = match face {
-                Face::Value => def.name.clone(),
-                Face::Error => format!("{}_error", def.name),
-            };
+            let name = face.sql_name(&def);
             AggregateUDF::new_from_impl(LlmAggregate {
                 def: def.clone(),
                 face,
@@ -299,29 +296,19 @@ fn chunks(
     let mut fitted: Option<crate::types::RenderedPrompt> = None;
     for v in values {
         current.push(v);
-        let p = render(current.clone())?;
-        if caller.prompt_tokens(&p) <= budget {
-            fitted = Some(p);
-            continue;
+        let mut p = render(current.clone())?;
+        let mut tokens = caller.prompt_tokens(&p);
+        if tokens > budget && current.len() > 1 {
+            // The chunk so far is full: it goes, and the value starts the next one.
+            out.extend(fitted.take());
+            current.drain(..current.len() - 1);
+            p = render(current.clone())?;
+            tokens = caller.prompt_tokens(&p);
         }
-        let last = current.pop().unwrap_or_default();
-        match fitted.take() {
-            Some(done) => out.push(done),
-            None => {
-                return Err(format!(
-                    "one value of the group has {} prompt tokens alone, over max_input_tokens = \
-                     {budget}; no call was made",
-                    caller.prompt_tokens(&p)
-                ));
-            }
-        }
-        current = vec![last];
-        let p = render(current.clone())?;
-        if caller.prompt_tokens(&p) > budget {
+        if tokens > budget {
             return Err(format!(
-                "one value of the group has {} prompt tokens alone, over max_input_tokens = \
-                 {budget}; no call was made",
-                caller.prompt_tokens(&p)
+                "one value of the group has {tokens} prompt tokens alone, over max_input_tokens \
+                 = {budget}; no call was made"
             ));
         }
         fitted = Some(p);

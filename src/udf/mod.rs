@@ -86,6 +86,16 @@ pub(crate) enum Face {
 
 /// A placeholder UDF for one face of an LLM function. Calling it directly is an error: the
 /// optimizer rule replaces every call before execution.
+impl Face {
+    /// The SQL name of this face of `def`: `name` or `name_error`.
+    pub(crate) fn sql_name(self, def: &FunctionDef) -> String {
+        match self {
+            Face::Value => def.name.clone(),
+            Face::Error => format!("{}_error", def.name),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct LlmUdf {
     /// The definition.
@@ -132,10 +142,7 @@ impl LlmUdf {
 
     /// One face of `def` (any number of arguments).
     pub fn face(def: Arc<FunctionDef>, face: Face) -> LlmUdf {
-        let name = match face {
-            Face::Value => def.name.clone(),
-            Face::Error => format!("{}_error", def.name),
-        };
+        let name = face.sql_name(&def);
         LlmUdf {
             signature: Signature::variadic_any(Volatility::Volatile),
             def,

@@ -22,6 +22,16 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest result file read (results of one file of at most 200 MB of requests).
 const MAX_RESULT_BYTES: usize = 2 << 30;
 
+/// The JSON answer of `method path`.
+fn parse_json(method: &Method, path: &str, bytes: &[u8]) -> Result<Value, LlmError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        malformed(format!(
+            "{method} {path}: the answer is not JSON ({e}): {}",
+            preview(&String::from_utf8_lossy(bytes))
+        ))
+    })
+}
+
 /// What the provider says of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JobStatus {
@@ -120,33 +130,42 @@ impl BatchApi {
         format!("{}{path}", self.chat.base_url())
     }
 
-    /// Sends and reads a JSON answer; a 404 or a refusal of the batch API itself becomes an
-    /// [`ErrorKind::Batch`] error that says what to change.
+    /// Sends `method path` (with `setup` adding the rest of the request) and the key; the body
+    /// of a 200 answer of at most `cap` bytes. A 404 or a refusal of the batch API itself
+    /// becomes an [`ErrorKind::Batch`] error that says what to change.
+    async fn send(
+        &self,
+        (method, path): (Method, &str),
+        cap: usize,
+        setup: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<Vec<u8>, LlmError> {
+        let url = self.url(path);
+        let b = setup(self.chat.http().request(method.clone(), &url));
+        let (bytes, _) = self
+            .chat
+            .http()
+            .send(b, &url, cap)
+            .await
+            .map_err(|e| self.refused(&method, path, e))?;
+        Ok(bytes)
+    }
+
+    /// [`BatchApi::send`] with an optional JSON body, reading a JSON answer.
     async fn json(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, LlmError> {
-        let url = self.url(path);
-        let mut b = self.chat.http().request(method.clone(), &url);
-        if let Some(body) = body {
-            b = b
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_string());
-        }
-        let (bytes, _) = self
-            .chat
-            .http()
-            .send(b, &url, 16 << 20)
-            .await
-            .map_err(|e| self.refused(&method, path, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            malformed(format!(
-                "{method} {path}: the answer is not JSON ({e}): {}",
-                preview(&String::from_utf8_lossy(&bytes))
-            ))
-        })
+        let bytes = self
+            .send((method.clone(), path), 16 << 20, |b| match body {
+                Some(body) => b
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_string()),
+                None => b,
+            })
+            .await?;
+        parse_json(&method, path, &bytes)
     }
 
     fn refused(&self, method: &Method, path: &str, mut e: LlmError) -> LlmError {
@@ -177,37 +196,22 @@ impl BatchApi {
     /// `jsonl` with its part header put in front (one move of the bytes, no second copy).
     pub async fn upload(&self, name: &str, mut jsonl: Vec<u8>) -> Result<String, LlmError> {
         let boundary = format!("sluice-{:016x}", fastrand::u64(..));
-        let mut head = Vec::with_capacity(512);
-        head.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-                 --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; \
-                 filename=\"{name}\"\r\nContent-Type: application/jsonl\r\n\r\n"
-            )
-            .as_bytes(),
+        let head = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+             --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; \
+             filename=\"{name}\"\r\nContent-Type: application/jsonl\r\n\r\n"
         );
         jsonl.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-        jsonl.splice(0..0, head);
-        let body = jsonl;
-        let url = self.url("/files");
-        let b = self
-            .chat
-            .http()
-            .request(Method::POST, &url)
-            .timeout(TRANSFER_TIMEOUT)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .body(body);
-        let (bytes, _) = self
-            .chat
-            .http()
-            .send(b, &url, 16 << 20)
-            .await
-            .map_err(|e| self.refused(&Method::POST, "/files", e))?;
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| malformed(format!("POST /files: the answer is not JSON ({e})")))?;
+        jsonl.splice(0..0, head.into_bytes());
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        let bytes = self
+            .send((Method::POST, "/files"), 16 << 20, |b| {
+                b.timeout(TRANSFER_TIMEOUT)
+                    .header(reqwest::header::CONTENT_TYPE, content_type)
+                    .body(jsonl)
+            })
+            .await?;
+        let v = parse_json(&Method::POST, "/files", &bytes)?;
         v.get("id")
             .and_then(Value::as_str)
             .map(str::to_string)
@@ -250,18 +254,11 @@ impl BatchApi {
     /// The bytes of a result file.
     pub async fn content(&self, file_id: &str) -> Result<Vec<u8>, LlmError> {
         let path = format!("/files/{file_id}/content");
-        let url = self.url(&path);
-        let b = self
-            .chat
-            .http()
-            .request(Method::GET, &url)
-            .timeout(TRANSFER_TIMEOUT);
-        let (bytes, _) = self
-            .chat
-            .http()
-            .send(b, &url, MAX_RESULT_BYTES)
-            .await
-            .map_err(|e| self.refused(&Method::GET, &path, e))?;
+        let bytes = self
+            .send((Method::GET, &path), MAX_RESULT_BYTES, |b| {
+                b.timeout(TRANSFER_TIMEOUT)
+            })
+            .await?;
         Ok(bytes)
     }
 }

@@ -218,23 +218,34 @@ impl BatchQueue {
 
     fn resume(self: &Arc<Self>, st: &mut State, job: StoredJob) {
         let keys = job.request_keys();
-        st.jobs.insert(
-            job.id.clone(),
-            JobView {
-                status: JobStatus {
-                    id: job.id.clone(),
-                    status: "submitted".into(),
-                    total: keys.len() as u64,
-                    ..JobStatus::default()
-                },
-                lines: keys.len() as u64,
-                created_at: job.created_at,
-                resumed: true,
-                parked: false,
-            },
-        );
+        let status = JobStatus {
+            id: job.id.clone(),
+            status: "submitted".into(),
+            total: keys.len() as u64,
+            ..JobStatus::default()
+        };
+        self.watch(st, &job, keys, status, true);
+    }
+
+    /// Shows job `job` (holding `keys`, in state `status`) and polls it until its end.
+    fn watch(
+        self: &Arc<Self>,
+        st: &mut State,
+        job: &StoredJob,
+        keys: Vec<RequestKey>,
+        status: JobStatus,
+        resumed: bool,
+    ) {
+        let view = JobView {
+            status,
+            lines: keys.len() as u64,
+            created_at: job.created_at,
+            resumed,
+            parked: false,
+        };
+        st.jobs.insert(job.id.clone(), view);
         st.polling += 1;
-        tokio::spawn(self.clone().poll_loop(job.id, keys));
+        tokio::spawn(self.clone().poll_loop(job.id.clone(), keys));
     }
 
     /// Sends files while calls are gathered; ends when none are left.
@@ -352,18 +363,7 @@ impl BatchQueue {
             }
         }
         let mut st = self.lock();
-        st.jobs.insert(
-            job.id.clone(),
-            JobView {
-                status,
-                lines: keys.len() as u64,
-                created_at: job.created_at,
-                resumed: false,
-                parked: false,
-            },
-        );
-        st.polling += 1;
-        tokio::spawn(self.clone().poll_loop(job.id, keys));
+        self.watch(&mut st, &job, keys, status, false);
     }
 
     /// Polls job `id` until it is final, then collects it; without `wait`, polls once.

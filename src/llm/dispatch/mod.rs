@@ -42,6 +42,9 @@ pub use metrics::{
     ModelSnapshot,
 };
 
+/// A prompt the cache does not answer: its place among the prompts, itself, its key.
+type Miss = (usize, RenderedPrompt, RequestKey);
+
 /// The result of one row's call: the validated value or the final error.
 pub(crate) type CallResult = Result<Arc<Value>, Arc<RowError>>;
 
@@ -263,6 +266,34 @@ impl FunctionCaller {
         })
     }
 
+    /// The cache's answers to `prompts` (one read for all), counted as known in `progress`,
+    /// and the prompts it does not answer, with their places and keys.
+    fn answer_from_cache(
+        &self,
+        prompts: Vec<RenderedPrompt>,
+        progress: &AtomicUsize,
+    ) -> (Vec<Option<CallResult>>, Vec<Miss>) {
+        let fm = &self.metrics;
+        let keys = self.prefix.keys(&prompts);
+        let cached = self.inner.lookup_cache(fm, &keys);
+        let mut results: Vec<Option<CallResult>> = Vec::with_capacity(prompts.len());
+        let mut misses = Vec::new();
+        for (i, ((prompt, key), hit)) in prompts.into_iter().zip(keys).zip(cached).enumerate() {
+            match hit {
+                Some(value) => results.push(Some(Ok(value))),
+                None => {
+                    results.push(None);
+                    misses.push((i, prompt, key));
+                }
+            }
+        }
+        let answered = results.len() - misses.len();
+        progress.fetch_add(answered, Ordering::Relaxed);
+        fm.rows_finished
+            .fetch_add(answered as u64, Ordering::Relaxed);
+        (results, misses)
+    }
+
     /// One result per prompt, in order: answered from the cache (one read for all), shared
     /// with an identical call, or sent. `progress` counts the prompts whose result is known, as
     /// they become known.
@@ -272,23 +303,7 @@ impl FunctionCaller {
         progress: &AtomicUsize,
     ) -> Vec<CallResult> {
         let fm = &self.metrics;
-        let keys = self.prefix.keys(&prompts);
-        let cached = self.inner.lookup_cache(fm, &keys);
-        let mut results: Vec<Option<CallResult>> = Vec::with_capacity(prompts.len());
-        let mut sends = Vec::new();
-        for (i, ((prompt, key), hit)) in prompts.into_iter().zip(keys).zip(cached).enumerate() {
-            match hit {
-                Some(value) => results.push(Some(Ok(value))),
-                None => {
-                    results.push(None);
-                    sends.push((i, prompt, key));
-                }
-            }
-        }
-        let answered = results.len() - sends.len();
-        progress.fetch_add(answered, Ordering::Relaxed);
-        fm.rows_finished
-            .fetch_add(answered as u64, Ordering::Relaxed);
+        let (mut results, sends) = self.answer_from_cache(prompts, progress);
         let sent = sends.into_iter().map(|(i, prompt, key)| {
             let req = self.spec.request(prompt);
             async move {
@@ -325,29 +340,23 @@ impl FunctionCaller {
             return self.call_all(prompts, progress).await;
         };
         let fm = &self.metrics;
-        let keys = self.prefix.keys(&prompts);
-        let cached = self.inner.lookup_cache(fm, &keys);
-        let mut results: Vec<Option<CallResult>> = vec![None; prompts.len()];
+        let (mut results, misses) = self.answer_from_cache(prompts, progress);
+        let mut items: Vec<Option<String>> = items.into_iter().map(Some).collect();
         let mut first: std::collections::HashMap<RequestKey, usize> = Default::default();
         let mut copies = Vec::new();
         let mut rows = Vec::new();
         let mut indices = Vec::new();
-        let entries = prompts.into_iter().zip(items).zip(keys).zip(cached);
-        for (i, (((prompt, item), key), hit)) in entries.enumerate() {
-            match (hit, first.get(&key)) {
-                (Some(value), _) => results[i] = Some(Ok(value)),
-                (None, Some(&j)) => copies.push((i, j)),
-                (None, None) => {
+        for (i, prompt, key) in misses {
+            match first.get(&key) {
+                Some(&j) => copies.push((i, j)),
+                None => {
                     first.insert(key, i);
                     indices.push(i);
+                    let item = items[i].take().unwrap_or_default();
                     rows.push(pack::PackRow { prompt, key, item });
                 }
             }
         }
-        let answered = results.iter().filter(|r| r.is_some()).count();
-        progress.fetch_add(answered, Ordering::Relaxed);
-        fm.rows_finished
-            .fetch_add(answered as u64, Ordering::Relaxed);
         let per = pack.rows().max(1);
         let mut chunks = Vec::new();
         while !rows.is_empty() {
