@@ -6,6 +6,7 @@ pub(crate) mod progress;
 pub(crate) mod repl;
 pub mod run;
 pub mod script;
+mod worker;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,10 @@ pub struct Cli {
     /// Response cache directory (default: `[cache] dir` of sluice.toml, else .sluice/cache).
     #[arg(long, global = true)]
     pub cache_dir: Option<PathBuf>,
+    /// Run statements on these sluice workers (`host:port,...`; default: `[cluster] workers`
+    /// of sluice.toml, else in this process).
+    #[arg(long, global = true, value_name = "URL,...")]
+    pub workers: Option<String>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -81,6 +86,13 @@ pub enum Command {
         /// `list` (default) or `cancel [ID...]`.
         #[command(subcommand)]
         action: Option<batches::BatchesAction>,
+    },
+    /// Serve plan stages to a coordinator (`sluice run --workers`) until SIGTERM or Ctrl-C.
+    #[command(after_long_help = worker::WORKER_HELP)]
+    Worker {
+        /// Address to listen on, e.g. 0.0.0.0:50051 (port 0: any free port, printed on start).
+        #[arg(long)]
+        listen: String,
     },
     /// Inspect or empty the persistent response cache.
     Cache {
@@ -284,8 +296,13 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
     if let Some(dir) = cli.cache_dir {
         config.cache.dir = dir;
     }
+    if let Some(workers) = &cli.workers {
+        config.cluster.workers = crate::config::ClusterConfig::parse_workers(&[workers])
+            .map_err(|e| Failure::config(format!("--workers: {e}")))?;
+    }
     match cli.command {
         Command::Cache { action } => cache_command(&config, action),
+        Command::Worker { listen } => worker::worker_command(&config, &listen).await,
         Command::Batches { action } => batches::batches_command(&config, action).await,
         Command::Explain {
             script,

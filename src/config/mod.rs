@@ -26,6 +26,7 @@
 //! ```
 
 mod batch;
+mod cluster;
 mod model;
 mod raw;
 
@@ -34,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use batch::{BatchConfig, BatchRetry, ModelMode};
+pub use cluster::ClusterConfig;
 pub use model::{
     LocalConfig, ModelConfig, ModelPart, Prices, ProviderKind, Secret, ServerConfig,
     StructuredOutput,
@@ -192,6 +194,8 @@ pub struct Config {
     pub execution: ExecutionConfig,
     /// Models by name.
     pub models: BTreeMap<String, ModelConfig>,
+    /// The workers statements run on (`[cluster]`; none: in this process).
+    pub cluster: ClusterConfig,
     /// The file this came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -213,6 +217,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             execution: ExecutionConfig::default(),
             models,
+            cluster: ClusterConfig::default(),
             source: None,
         }
     }
@@ -267,6 +272,10 @@ impl Config {
             cache: cache(raw.cache, base_dir),
             execution: execution(&raw.execution)?,
             dispatcher: dispatcher(&raw.dispatcher)?,
+            cluster: ClusterConfig {
+                workers: ClusterConfig::parse_workers(&raw.cluster.workers)
+                    .map_err(|e| format!("cluster.workers: {e}"))?,
+            },
             ..Config::default()
         };
         // A file that names no `default` model keeps the embedded one, found beside the file.

@@ -157,6 +157,30 @@ pub struct LocalConfig {
 }
 
 impl ModelConfig {
+    /// The settings that decide what this model answers and how hard it may be driven, as one
+    /// line of text without secrets (no API key, no key variable): what a worker compares with
+    /// the coordinator's before it runs a task. The local model is named by its file name
+    /// (its directory may differ between machines).
+    pub fn fingerprint(&self) -> String {
+        let model = match self.part {
+            ModelPart::Local(_) => std::path::Path::new(&self.model)
+                .file_name()
+                .map_or_else(|| self.model.clone(), |n| n.to_string_lossy().into()),
+            ModelPart::Server(_) => self.model.clone(),
+        };
+        let part = match &self.part {
+            ModelPart::Server(s) => format!(
+                "server base_url={} structured_output={:?} max_response_bytes={} batch_size={:?}",
+                s.base_url, s.structured_output, s.max_response_bytes, s.batch_size
+            ),
+            ModelPart::Local(l) => format!("local context_size={}", l.context_size),
+        };
+        format!(
+            "kind={:?} model={model:?} concurrency={} rpm={:?} tpm={:?} adaptive={} mode={:?} {part}",
+            self.kind, self.concurrency, self.rpm, self.tpm, self.adaptive_concurrency, self.mode
+        )
+    }
+
     /// The embedded local model reading `path`, decoding `parallel` rows together.
     pub fn local(name: &str, path: PathBuf, parallel: usize) -> ModelConfig {
         ModelConfig {

@@ -21,6 +21,15 @@ pub(super) struct RawConfig {
     pub execution: RawExecution,
     #[serde(default)]
     pub models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    pub cluster: RawCluster,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    #[serde(default)]
+    pub workers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -113,16 +113,18 @@ fn session(
         ));
     }
     let runtime_env = runtime_env.build_arc()?;
-    let state = SessionStateBuilder::new()
+    let mut state = SessionStateBuilder::new()
         .with_config(session_config)
         .with_runtime_env(runtime_env)
         .with_default_features()
         .with_query_planner(Arc::new(SluiceQueryPlanner {
             runtime: runtime.clone(),
         }))
-        .with_optimizer_rule(Arc::new(LiftLlmCalls))
-        .build();
-    Ok(SessionContext::new_with_state(state))
+        .with_optimizer_rule(Arc::new(LiftLlmCalls));
+    if config.cluster.distributed() {
+        state = super::cluster::distribute(state, config);
+    }
+    Ok(SessionContext::new_with_state(state.build()))
 }
 
 impl Engine {
@@ -174,6 +176,7 @@ impl Engine {
             lines,
             token_counters: models.token_counters,
             batch_plans: models.batch_plans,
+            cluster: config.cluster.clone(),
         })
     }
 }

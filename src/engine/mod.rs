@@ -10,11 +10,13 @@
 
 mod batches;
 mod build;
+mod cluster;
 mod copy;
 mod explain;
 mod models;
 mod run;
 pub mod statements;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -118,6 +120,8 @@ pub struct Engine {
     lines: Arc<crate::source::lines::LineRules>,
     token_counters: BTreeMap<String, String>,
     batch_plans: BTreeMap<String, models::BatchPlan>,
+    /// The workers statements run on (none: here).
+    cluster: crate::config::ClusterConfig,
 }
 
 impl std::fmt::Debug for Engine {
@@ -319,7 +323,7 @@ impl Engine {
             line: stmt.line,
             index,
             summary: summary(&stmt.text),
-            message: self.explain_error(e),
+            message: cluster::name_failed_workers(&self.cluster, self.explain_error(e)),
         }
     }
 

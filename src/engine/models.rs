@@ -120,6 +120,46 @@ fn batch_queue(
     Ok(Some((chat, Arc::new(queue))))
 }
 
+/// The governor of model `m` with `1 / share` of its limits (rounded down, at least 1).
+fn live_governor(config: &Config, m: &ModelConfig, share: usize) -> GovernorConfig {
+    let share = share.max(1);
+    let pool = m.concurrency.min(config.dispatcher.concurrency);
+    GovernorConfig {
+        max_concurrency: (pool / share).max(1),
+        rpm: m.rpm.map(|r| (r / share as u64).max(1)),
+        tpm: m.tpm.map(|t| (t / share as u64).max(1)),
+        adaptive: m.adaptive_concurrency,
+    }
+}
+
+/// The models of one worker's share of a cluster run: the same providers (and batch queues)
+/// with governors of their own, each with `1 / workers` of the model's limits.
+pub(super) fn shared_models(
+    config: &Config,
+    handles: &BTreeMap<String, ModelHandle>,
+    workers: usize,
+) -> BTreeMap<String, ModelHandle> {
+    handles
+        .iter()
+        .map(|(name, h)| {
+            let governor = match config.models.get(name) {
+                Some(m) => Governor::new(live_governor(config, m, workers)),
+                None => Governor::new(GovernorConfig {
+                    max_concurrency: (config.dispatcher.concurrency / workers.max(1)).max(1),
+                    rpm: None,
+                    tpm: None,
+                    adaptive: false,
+                }),
+            };
+            let handle = ModelHandle {
+                governor: Arc::new(governor),
+                ..h.clone()
+            };
+            (name.clone(), handle)
+        })
+        .collect()
+}
+
 /// Every model of `config`, answering as `answers` says; batch-mode models store their jobs
 /// in `cache`.
 pub(super) fn build_models(
@@ -167,15 +207,7 @@ pub(super) fn build_models(
                 };
                 (Arc::new(EstimateProvider::new(real, counter)), governor)
             }
-            Answers::Models => {
-                let governor = GovernorConfig {
-                    max_concurrency: pool,
-                    rpm: m.rpm,
-                    tpm: m.tpm,
-                    adaptive: m.adaptive_concurrency,
-                };
-                (real, governor)
-            }
+            Answers::Models => (real, live_governor(config, m, 1)),
         };
         let embedder = match (embedder(m), answers) {
             (Some(e), Answers::Estimates) => {

@@ -46,6 +46,10 @@ pub struct PhysicalCall {
     pub def: Arc<FunctionDef>,
     /// The model it runs on.
     pub model: ModelHandle,
+    /// The model's name in sluice.toml.
+    pub model_name: String,
+    /// Whether it runs on the model's embeddings.
+    pub embedding: bool,
     /// Argument expressions over the input batch.
     pub args: Vec<Arc<dyn PhysicalExpr>>,
 }
@@ -90,9 +94,12 @@ impl ExtensionPlanner for LlmPlanner {
                 .iter()
                 .map(|a| planner.create_physical_expr(a, input_schema, session, planning_ctx))
                 .collect::<Result<Vec<_>>>()?;
+            let embedding = def.kind == super::kind::FunctionKind::Embedding;
             calls.push(Arc::new(PhysicalCall {
                 def: def.clone(),
-                model: model.for_kind(def.kind == super::kind::FunctionKind::Embedding),
+                model: model.for_kind(embedding),
+                model_name: model_name.to_string(),
+                embedding,
                 args,
             }));
         }
@@ -157,6 +164,16 @@ impl LlmExec {
     pub fn gated(mut self, max: Option<u64>) -> Self {
         self.gate = max;
         self
+    }
+
+    /// Its calls.
+    pub(crate) fn calls(&self) -> &[Arc<PhysicalCall>] {
+        &self.calls
+    }
+
+    /// The most rows it may call for, over a join.
+    pub(crate) fn gate(&self) -> Option<u64> {
+        self.gate
     }
 }
 

@@ -12,6 +12,7 @@
 //! [`crate::llm::Dispatcher`].
 
 pub(crate) mod aggregate;
+pub(crate) mod codec;
 pub mod def;
 pub(crate) mod exec;
 mod join;

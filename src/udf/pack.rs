@@ -122,6 +122,14 @@ impl Packing {
     }
 }
 
+impl Packing {
+    /// The shared templates' names and sources, and the rows per request (what identifies the
+    /// packing, for a worker comparing definitions).
+    pub(super) fn identity(&self) -> String {
+        format!("rows={} {}", self.rows, super::codec::sources(&self.env))
+    }
+}
+
 impl Packer for Packing {
     fn rows(&self) -> usize {
         self.rows

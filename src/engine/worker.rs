@@ -1,0 +1,216 @@
+//! A `sluice worker`: datafusion-distributed's gRPC worker service with sluice's functions,
+//! models and response cache.
+//!
+//! A worker loads the same `sluice.toml` and `udfs/` as the coordinator and builds its own
+//! engine from them: providers (the embedded model too), governors and its own cache. The
+//! plan stages it is sent hold LLM nodes that [`LlmCodec`] rebuilds with this worker's
+//! definitions, after checking they are the coordinator's.
+//!
+//! The tasks of one coordinator run ([`RunShare`]) share one dispatcher here, made at the
+//! run's first task with the run's share of every limit: `concurrency`, `rpm` and `tpm` of
+//! each model and of the dispatcher, and the run's budgets, divided by the number of workers
+//! (rounded down, at least 1). AIMD and the learned limits then work per worker on that share.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::execution::SessionState;
+use datafusion_distributed::{DistributedExt, Worker, WorkerQueryContext};
+use tokio::net::TcpListener;
+
+use super::{Engine, EngineError};
+use crate::cache::CacheMode;
+use crate::config::{Config, ModelPart};
+use crate::llm::{Dispatcher, Metrics};
+use crate::udf::codec::{LlmCodec, RunShare, WorkerSide};
+use crate::udf::def::FunctionDef;
+use crate::udf::exec::LlmRuntime;
+
+/// A run's dispatcher is forgotten after this long without a task.
+const RUN_IDLE: Duration = Duration::from_secs(30 * 60);
+
+/// One coordinator run on this worker.
+#[derive(Debug)]
+struct Run {
+    share: RunShare,
+    runtime: Arc<LlmRuntime>,
+    last_task: Instant,
+}
+
+/// What a worker serves with: its engine (cache, models, functions) and the runs it takes
+/// part in.
+#[derive(Debug)]
+pub struct WorkerHost {
+    name: String,
+    config: Config,
+    engine: Engine,
+    runs: Mutex<Vec<Run>>,
+    /// The counters of every run so far, for [`WorkerHost::requests`].
+    metrics: Mutex<Vec<Arc<Metrics>>>,
+}
+
+impl WorkerHost {
+    /// A worker with `config` (its `[cluster]` table is ignored: a worker runs what it is
+    /// sent), named `name` in the errors it returns (its listen address).
+    pub fn new(config: &Config, name: &str) -> Result<Arc<WorkerHost>, EngineError> {
+        let mut config = config.clone();
+        config.cluster = Default::default();
+        let engine = Engine::new(&config)?;
+        Ok(Arc::new(WorkerHost {
+            name: format!("worker {name}"),
+            config,
+            engine,
+            runs: Mutex::new(Vec::new()),
+            metrics: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Requests this worker has sent to models, over every run.
+    pub fn requests(&self) -> u64 {
+        self.all_metrics()
+            .iter()
+            .map(|m| m.snapshot().requests)
+            .sum()
+    }
+
+    /// Calls (rows) this worker has answered, over every run.
+    pub fn calls(&self) -> u64 {
+        self.all_metrics().iter().map(|m| m.snapshot().calls).sum()
+    }
+
+    fn all_metrics(&self) -> Vec<Arc<Metrics>> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until every answer received so far is stored in the cache.
+    pub async fn flush_cache(&self) -> Result<(), crate::cache::CacheError> {
+        self.engine.flush_cache().await
+    }
+
+    /// datafusion-distributed's worker service for this host.
+    pub fn service(self: &Arc<Self>) -> Worker {
+        let host = self.clone();
+        Worker::from_session_builder(move |ctx: WorkerQueryContext| {
+            let host = host.clone();
+            async move { Ok::<SessionState, datafusion::common::DataFusionError>(host.session(ctx)) }
+        })
+        .with_runtime_env(self.engine.context().runtime_env())
+    }
+
+    /// The session a task runs in: sluice's scalar functions and the LLM codec.
+    fn session(self: &Arc<Self>, ctx: WorkerQueryContext) -> SessionState {
+        let mut builder = ctx.builder;
+        let own = self.engine.context().state();
+        let functions = builder.scalar_functions().get_or_insert_with(Vec::new);
+        for name in own.scalar_functions().keys() {
+            if let Some(f) = own.scalar_functions().get(name)
+                && !functions.iter().any(|g| g.name() == f.name())
+            {
+                functions.push(f.clone());
+            }
+        }
+        let side: Arc<dyn WorkerSide> = self.clone();
+        builder
+            .with_distributed_user_codec(LlmCodec::worker(side))
+            .build()
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes the tasks on the wire.
+    pub async fn serve(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), String> {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tonic::transport::Server::builder()
+            .add_service(self.service().into_worker_server())
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        self.flush_cache()
+            .await
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// A new dispatcher and models for `share`: this worker's part of every limit.
+    fn share_runtime(&self, share: &RunShare) -> Arc<LlmRuntime> {
+        let n = share.workers.max(1) as usize;
+        let base = &self.engine.runtime;
+        let mut settings = self.config.dispatcher.clone();
+        settings.concurrency = (settings.concurrency / n).max(1);
+        settings.budget_tokens = share.budget_tokens.map(|t| t / n as u64);
+        settings.budget_usd = share.budget_micro_usd.map(|m| (m / n as u64) as f64 / 1e6);
+        let mode = if self.config.cache.refresh {
+            CacheMode::Refresh
+        } else {
+            CacheMode::ReadWrite
+        };
+        let dispatcher = Dispatcher::with_cache(settings, base.dispatcher.cache().cloned(), mode);
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dispatcher.metrics().clone());
+        let models = super::models::shared_models(&self.config, &base.models, n);
+        Arc::new(LlmRuntime {
+            dispatcher,
+            models,
+            max_join_calls: base.max_join_calls,
+        })
+    }
+}
+
+impl WorkerSide for WorkerHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn function(&self, function: &str) -> Option<Arc<FunctionDef>> {
+        self.engine.function(function).cloned()
+    }
+
+    fn model(&self, model: &str) -> Result<String, String> {
+        let Some(m) = self.config.models.get(model) else {
+            let known: Vec<&str> = self.config.models.keys().map(String::as_str).collect();
+            return Err(format!(
+                "not defined in this worker's sluice.toml (defined: [{}])",
+                known.join(", ")
+            ));
+        };
+        if let ModelPart::Local(_) = m.part
+            && !std::path::Path::new(&m.model).exists()
+        {
+            return Err(format!(
+                "model file {} not found on this worker; run scripts/fetch-model.sh there",
+                m.model
+            ));
+        }
+        Ok(m.fingerprint())
+    }
+
+    fn runtime(&self, share: &RunShare) -> Result<Arc<LlmRuntime>, String> {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        runs.retain(|r| now.duration_since(r.last_task) < RUN_IDLE);
+        if let Some(r) = runs.iter_mut().find(|r| &r.share == share) {
+            r.last_task = now;
+            return Ok(r.runtime.clone());
+        }
+        tracing::info!(
+            "{}: run {} ({} workers) starts here",
+            self.name,
+            share.run,
+            share.workers
+        );
+        let runtime = self.share_runtime(share);
+        runs.push(Run {
+            share: share.clone(),
+            runtime: runtime.clone(),
+            last_task: now,
+        });
+        Ok(runtime)
+    }
+}

@@ -1,0 +1,339 @@
+//! The wire form of an [`LlmExec`], for a plan stage that runs on a `sluice worker`
+//! (datafusion-distributed ships stages between processes as protobuf; a
+//! `PhysicalExtensionCodec` carries the nodes DataFusion does not know).
+//!
+//! An encoded node carries, per call: the function's name and its definition (templates,
+//! output schema, `on_error`, generation settings), the model's name and its settings without
+//! secrets ([`crate::config::ModelConfig::fingerprint`]), and the argument expressions; plus
+//! the node's output schema, its join gate and the coordinator's [`RunShare`]. It never carries
+//! an API key: a worker calls its models with the keys of its own environment.
+//!
+//! A worker rebuilds the node with its own definitions and models, and refuses a task whose
+//! function or model differs from the coordinator's (compared by hash), naming which.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion_proto::physical_plan::{
+    PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalProtoConverterExtension,
+};
+use datafusion_proto::protobuf::PhysicalExprNode;
+use minijinja::Environment;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use super::def::FunctionDef;
+use super::exec::{LlmExec, LlmRuntime, PhysicalCall};
+
+/// What a coordinator tells every worker about the run a task belongs to: the run (so the
+/// tasks of one run share one dispatcher on a worker), how many workers share the model
+/// limits, and the run's budgets (each worker gets its share).
+#[derive(Clone, PartialEq, Eq, Hash, Message)]
+pub struct RunShare {
+    /// The coordinator's run, unique per `sluice run`.
+    #[prost(string, tag = "1")]
+    pub run: String,
+    /// Workers the run spreads over: each gets `1 / workers` of every limit and budget.
+    #[prost(uint32, tag = "2")]
+    pub workers: u32,
+    /// `--budget-tokens` of the whole run.
+    #[prost(uint64, optional, tag = "3")]
+    pub budget_tokens: Option<u64>,
+    /// `--budget-usd` of the whole run, in micro-dollars.
+    #[prost(uint64, optional, tag = "4")]
+    pub budget_micro_usd: Option<u64>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct CallProto {
+    #[prost(string, tag = "1")]
+    function: String,
+    #[prost(string, tag = "2")]
+    definition: String,
+    #[prost(string, tag = "3")]
+    model: String,
+    #[prost(string, tag = "4")]
+    model_settings: String,
+    #[prost(bool, tag = "5")]
+    embedding: bool,
+    #[prost(message, repeated, tag = "6")]
+    args: Vec<PhysicalExprNode>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct LlmExecProto {
+    #[prost(message, repeated, tag = "1")]
+    calls: Vec<CallProto>,
+    #[prost(message, optional, tag = "2")]
+    schema: Option<datafusion_proto::protobuf::Schema>,
+    #[prost(uint64, optional, tag = "3")]
+    gate: Option<u64>,
+    #[prost(message, optional, tag = "4")]
+    run: Option<RunShare>,
+}
+
+/// The templates of a minijinja environment, sorted by name, as one line.
+pub(super) fn sources(env: &Environment<'_>) -> String {
+    let mut all: Vec<(&str, String)> = env
+        .templates()
+        .map(|(n, t)| (n, t.source().to_string()))
+        .collect();
+    all.sort_unstable();
+    all.iter()
+        .map(|(n, s)| format!("{n}={s:?}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A function's definition as one line: everything that decides its prompts, its output and
+/// its failures (not its description or file path).
+pub(crate) fn definition_text(def: &FunctionDef) -> String {
+    format!(
+        "name={} args={:?} model={} kind={:?} max_tokens={:?} temperature={:?} on_error={:?} \
+         output={} reduce={:?} packing={} templates: {}",
+        def.name,
+        def.args,
+        def.model,
+        def.kind,
+        def.max_tokens,
+        def.temperature,
+        def.on_error,
+        def.output
+            .as_ref()
+            .map_or_else(|| "text".to_string(), |o| o.json.to_string()),
+        def.reduce,
+        def.packing
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |p| p.identity()),
+        sources(&def.env)
+    )
+}
+
+/// The first 16 hex digits of the SHA-256 of `text`.
+pub(crate) fn short_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a worker offers the codec: its definitions and models, and a runtime per run.
+pub(crate) trait WorkerSide: Send + Sync + fmt::Debug {
+    /// How this worker names itself in errors (`worker 127.0.0.1:50051`).
+    fn name(&self) -> &str;
+    /// Its definition of `function`.
+    fn function(&self, function: &str) -> Option<Arc<FunctionDef>>;
+    /// Its settings of `model` ([`crate::config::ModelConfig::fingerprint`]), or why it cannot
+    /// run it (not defined, model file missing).
+    fn model(&self, model: &str) -> Result<String, String>;
+    /// The dispatcher and models the tasks of `run` share on this worker, with the run's share
+    /// of every limit.
+    fn runtime(&self, run: &RunShare) -> Result<Arc<LlmRuntime>, String>;
+}
+
+/// Which end of the wire a codec serves.
+#[derive(Debug, Clone)]
+enum Side {
+    /// Encodes nodes: the run's share, and the settings of each model by name.
+    Coordinator {
+        share: RunShare,
+        models: Arc<BTreeMap<String, String>>,
+    },
+    /// Decodes them.
+    Worker(Arc<dyn WorkerSide>),
+}
+
+/// The codec of [`LlmExec`] (registered on both ends).
+#[derive(Debug, Clone)]
+pub(crate) struct LlmCodec {
+    side: Side,
+}
+
+impl LlmCodec {
+    /// The coordinator's codec: `models` are the settings of each model by name.
+    pub(crate) fn coordinator(share: RunShare, models: BTreeMap<String, String>) -> LlmCodec {
+        LlmCodec {
+            side: Side::Coordinator {
+                share,
+                models: Arc::new(models),
+            },
+        }
+    }
+
+    /// A worker's codec.
+    pub(crate) fn worker(side: Arc<dyn WorkerSide>) -> LlmCodec {
+        LlmCodec {
+            side: Side::Worker(side),
+        }
+    }
+}
+
+fn codec_err(message: impl Into<String>) -> DataFusionError {
+    DataFusionError::Plan(message.into())
+}
+
+impl LlmCodec {
+    fn encode_exec(
+        &self,
+        exec: &LlmExec,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<LlmExecProto> {
+        let Side::Coordinator { share, models } = &self.side else {
+            return Err(codec_err("a sluice worker does not send LLM stages on"));
+        };
+        let mut calls = Vec::with_capacity(exec.calls().len());
+        for c in exec.calls() {
+            let settings = models
+                .get(&c.model_name)
+                .cloned()
+                .ok_or_else(|| codec_err(format!("model {:?} is not configured", c.model_name)))?;
+            let args = c
+                .args
+                .iter()
+                .map(|a| converter.physical_expr_to_proto(a, self))
+                .collect::<Result<Vec<_>>>()?;
+            calls.push(CallProto {
+                function: c.def.name.clone(),
+                definition: definition_text(&c.def),
+                model: c.model_name.clone(),
+                model_settings: settings,
+                embedding: c.embedding,
+                args,
+            });
+        }
+        let schema = datafusion_proto::protobuf::Schema::try_from(exec.schema().as_ref())
+            .map_err(|e| codec_err(format!("cannot encode an LLM node's schema: {e}")))?;
+        Ok(LlmExecProto {
+            calls,
+            schema: Some(schema),
+            gate: exec.gate(),
+            run: Some(share.clone()),
+        })
+    }
+
+    fn decode_exec(
+        &self,
+        node: LlmExecProto,
+        input: Arc<dyn ExecutionPlan>,
+        ctx: &TaskContext,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Side::Worker(worker) = &self.side else {
+            return Err(codec_err("only a sluice worker runs LLM stages it is sent"));
+        };
+        let who = worker.name();
+        let run = node
+            .run
+            .ok_or_else(|| codec_err(format!("{who}: an LLM stage came without its run")))?;
+        let schema: SchemaRef = match &node.schema {
+            Some(s) => Arc::new(Schema::try_from(s).map_err(|e| {
+                codec_err(format!("{who}: cannot decode an LLM node's schema: {e}"))
+            })?),
+            None => {
+                return Err(codec_err(format!(
+                    "{who}: an LLM node came without its schema"
+                )));
+            }
+        };
+        let runtime = worker.runtime(&run).map_err(codec_err)?;
+        let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
+        let input_schema = input.schema();
+        let mut calls = Vec::with_capacity(node.calls.len());
+        for c in node.calls {
+            let def = checked_function(worker.as_ref(), &c)?;
+            let settings = worker
+                .model(&c.model)
+                .map_err(|e| codec_err(format!("{who}: model {:?}: {e}", c.model)))?;
+            if settings != c.model_settings {
+                return Err(codec_err(format!(
+                    "{who}: model {:?} differs from the coordinator's (settings {} there, {} \
+                     here); give every machine the same sluice.toml",
+                    c.model,
+                    short_hash(&c.model_settings),
+                    short_hash(&settings)
+                )));
+            }
+            let model = runtime.models.get(&c.model).ok_or_else(|| {
+                codec_err(format!("{who}: model {:?} is not configured", c.model))
+            })?;
+            let args = c
+                .args
+                .iter()
+                .map(|a| converter.proto_to_physical_expr(a, &input_schema, &decode_ctx))
+                .collect::<Result<Vec<_>>>()?;
+            calls.push(Arc::new(PhysicalCall {
+                def,
+                model: model.for_kind(c.embedding),
+                model_name: c.model,
+                embedding: c.embedding,
+                args,
+            }));
+        }
+        Ok(Arc::new(
+            LlmExec::new(input, calls, schema, runtime.dispatcher.clone()).gated(node.gate),
+        ))
+    }
+}
+
+/// The worker's definition of the call's function, if it is the coordinator's.
+fn checked_function(worker: &dyn WorkerSide, c: &CallProto) -> Result<Arc<FunctionDef>> {
+    let who = worker.name();
+    let Some(def) = worker.function(&c.function) else {
+        return Err(codec_err(format!(
+            "{who}: function {}() is not defined here; give every machine the same udfs/",
+            c.function
+        )));
+    };
+    let mine = definition_text(&def);
+    if mine != c.definition {
+        return Err(codec_err(format!(
+            "{who}: function {}() differs from the coordinator's (definition {} there, {} in {}); \
+             give every machine the same udfs/",
+            c.function,
+            short_hash(&c.definition),
+            short_hash(&mine),
+            def.source.display()
+        )));
+    }
+    Ok(def)
+}
+
+impl PhysicalExtensionCodec for LlmCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let node = LlmExecProto::decode(buf)
+            .map_err(|e| codec_err(format!("cannot decode an LLM node: {e}")))?;
+        let [input] = inputs else {
+            return Err(codec_err(format!(
+                "an LLM node has one input, got {}",
+                inputs.len()
+            )));
+        };
+        self.decode_exec(node, input.clone(), ctx, converter)
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<()> {
+        let Some(exec) = node.downcast_ref::<LlmExec>() else {
+            return Err(codec_err(format!(
+                "sluice cannot send a {} node to a worker",
+                node.name()
+            )));
+        };
+        self.encode_exec(exec, converter)?
+            .encode(buf)
+            .map_err(|e| codec_err(format!("cannot encode an LLM node: {e}")))
+    }
+}
