@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use sluice::config::Config;
 use sluice::engine::worker::WorkerHost;
+use support::rows::{assert_provenance, rows};
 use support::*;
 use tokio::sync::oneshot;
 
@@ -46,10 +47,15 @@ fn worker_config(base_url: &str, cache_dir: &Path, concurrency: usize) -> Config
 }
 
 async fn start_worker(base_url: &str, concurrency: usize) -> InProcess {
+    start_worker_with(|cache| worker_config(base_url, cache, concurrency)).await
+}
+
+/// A worker with the configuration `config(cache_dir)` gives.
+async fn start_worker_with(config: impl FnOnce(&Path) -> Config) -> InProcess {
     let cache = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let host = WorkerHost::new(&worker_config(base_url, cache.path(), concurrency), &addr).unwrap();
+    let host = WorkerHost::new(&config(cache.path()), &addr).unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let h = host.clone();
     let done = tokio::spawn(async move {
@@ -69,12 +75,29 @@ async fn start_worker(base_url: &str, concurrency: usize) -> InProcess {
 
 /// A coordinator over `workers`, with the workers' configuration (its own cache, unused: the
 /// workers keep theirs).
-fn coordinator(base_url: &str, workers: &[&InProcess], concurrency: usize) -> sluice::Engine {
+fn coordinator(base_url: &str, workers: &[&str], concurrency: usize) -> sluice::Engine {
     let cache = tempfile::tempdir().unwrap().keep();
     let mut c = worker_config(base_url, &cache, concurrency);
-    let urls: Vec<String> = workers.iter().map(|w| w.url.clone()).collect();
-    c.cluster.workers = sluice::config::ClusterConfig::parse_workers(&urls).unwrap();
+    c.cluster.workers = sluice::config::ClusterConfig::parse_workers(workers).unwrap();
     sluice::Engine::new(&c).unwrap()
+}
+
+fn urls(workers: &[InProcess]) -> Vec<&str> {
+    workers.iter().map(|w| w.url.as_str()).collect()
+}
+
+async fn three_workers(base_url: &str, concurrency: usize) -> Vec<InProcess> {
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.push(start_worker(base_url, concurrency).await);
+    }
+    out
+}
+
+async fn stop_all(workers: Vec<InProcess>) {
+    for w in workers {
+        w.stop().await;
+    }
 }
 
 fn excerpts() -> std::path::PathBuf {
@@ -99,12 +122,8 @@ async fn flagship_on_three_workers_equals_one_process() {
     );
     server.reset_stats();
 
-    let workers = vec![
-        start_worker(&server.base_url(), 48).await,
-        start_worker(&server.base_url(), 48).await,
-        start_worker(&server.base_url(), 48).await,
-    ];
-    let engine = coordinator(&server.base_url(), &workers.iter().collect::<Vec<_>>(), 48);
+    let workers = three_workers(&server.base_url(), 48).await;
+    let engine = coordinator(&server.base_url(), &urls(&workers), 48);
     let out = dir.path().join("cluster.parquet");
     let printed = run(&engine, &flagship_sql(&excerpts(), &out))
         .await
@@ -136,8 +155,113 @@ async fn flagship_on_three_workers_equals_one_process() {
         0,
         "the coordinator calls no model itself"
     );
-
-    for w in workers {
-        w.stop().await;
+    let batches = read_parquet(&out).await;
+    for r in &rows(&batches) {
+        assert_provenance(&alone, r);
     }
+
+    // The same statement on the same cluster (a new run): every answer is in a worker's cache.
+    server.reset_stats();
+    let again = coordinator(&server.base_url(), &urls(&workers), 48);
+    let out2 = dir.path().join("again.parquet");
+    run(&again, &flagship_sql(&excerpts(), &out2))
+        .await
+        .unwrap();
+    assert_eq!(server.stats().requests, 0, "a re-run sends no request");
+    assert_eq!(sorted_rows(&read_parquet(&out2).await), single);
+    stop_all(workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_capped_at_n_in_flight_never_refuses_a_cluster_configured_with_n() {
+    let cap = 12;
+    let server = mock(MockConfig {
+        latency: std::time::Duration::from_millis(20),
+        limits: Limits {
+            max_in_flight: Some(cap),
+            ..Limits::default()
+        },
+        ..MockConfig::default()
+    })
+    .await;
+    let workers = three_workers(&server.base_url(), cap as usize).await;
+    let engine = coordinator(&server.base_url(), &urls(&workers), cap as usize);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    let printed = run(&engine, &flagship_sql(&excerpts(), &out))
+        .await
+        .unwrap();
+    assert!(printed.contains("COPY 42 rows"), "{printed}");
+    let stats = server.stats();
+    assert_eq!(
+        stats.faults.get("over_concurrency").copied().unwrap_or(0),
+        0,
+        "{stats:?}"
+    );
+    assert!(
+        stats.max_in_flight <= cap,
+        "{} in flight",
+        stats.max_in_flight
+    );
+    assert_eq!(stats.requests, 56);
+    stop_all(workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_with_another_definition_refuses_the_task_naming_it() {
+    let server = mock(MockConfig::default()).await;
+    let udfs = tempfile::tempdir().unwrap();
+    for f in ["generate_questions.toml", "answer_question.toml"] {
+        let mut text = std::fs::read_to_string(repo().join("udfs").join(f)).unwrap();
+        if f == "answer_question.toml" {
+            text = text.replacen("{{ question }}", "{{ question }} Be brief.", 1);
+        }
+        std::fs::write(udfs.path().join(f), text).unwrap();
+    }
+    let base = server.base_url();
+    let mut workers = three_workers(&base, 48).await;
+    let udf_dir = udfs.path().to_path_buf();
+    let odd = start_worker_with(|cache| {
+        let mut c = worker_config(&base, cache, 48);
+        c.udf_dir = udf_dir;
+        c
+    })
+    .await;
+    let odd_url = odd.url.clone();
+    let old = std::mem::replace(&mut workers[1], odd);
+    old.stop().await;
+    let engine = coordinator(&base, &urls(&workers), 48);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    let err = run(&engine, &flagship_sql(&excerpts(), &out))
+        .await
+        .unwrap_err();
+    assert!(!err.contains('\n'), "one line: {err}");
+    assert!(err.contains("answer_question()"), "{err}");
+    assert!(err.contains("differs from the coordinator's"), "{err}");
+    assert!(
+        err.contains(odd_url.trim_start_matches("http://")),
+        "names the worker: {err}"
+    );
+    assert!(!out.exists(), "no output file");
+    stop_all(workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_worker_is_a_one_line_error_naming_it() {
+    let server = mock(MockConfig::default()).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let engine = coordinator(&server.base_url(), &[closed.as_str()], 8);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    let err = run(&engine, &flagship_sql(&excerpts(), &out))
+        .await
+        .unwrap_err();
+    assert!(!err.contains('\n'), "one line: {err}");
+    assert!(err.contains(&format!("worker http://{closed}")), "{err}");
+    assert!(!out.exists(), "no output file");
+    assert_eq!(server.stats().requests, 0);
 }

@@ -34,8 +34,15 @@ use crate::udf::exec::LlmExec;
 struct Workers(Vec<Url>);
 
 impl WorkerResolver for Workers {
+    /// The workers; a lone worker is listed twice, so that a stage with an LLM node still
+    /// gets two tasks (both routed to it) rather than being folded into the coordinator's
+    /// head stage, which datafusion-distributed does with a one-task stage under a one-task
+    /// consumer.
     fn get_urls(&self) -> Result<Vec<Url>> {
-        Ok(self.0.clone())
+        Ok(match self.0.as_slice() {
+            [one] => vec![one.clone(), one.clone()],
+            all => all.to_vec(),
+        })
     }
 }
 
@@ -75,7 +82,7 @@ pub(super) fn distribute(builder: SessionStateBuilder, config: &Config) -> Sessi
         .with_distributed_desired_task_count_handler(
             move |ev: DesiredTaskCountEvent<'_>| -> Option<Result<DesiredTaskCountEventResponse>> {
                 ev.plan.downcast_ref::<LlmExec>()?;
-                Some(Ok(DesiredTaskCountEventResponse::desired(n)))
+                Some(Ok(DesiredTaskCountEventResponse::desired(n.max(2))))
             },
         )
         .with_distributed_route_tasks_handler(

@@ -167,6 +167,9 @@ pub(super) fn build_models(
     answers: Answers,
     cache: Option<&Arc<ResponseCache>>,
 ) -> Result<Models, EngineError> {
+    // On a cluster, the coordinator's own calls (an LLM node its head stage keeps) get one
+    // worker's share, as every worker does.
+    let share = config.cluster.workers.len().max(1);
     let mut out = Models {
         handles: BTreeMap::new(),
         token_counters: BTreeMap::new(),
@@ -207,7 +210,7 @@ pub(super) fn build_models(
                 };
                 (Arc::new(EstimateProvider::new(real, counter)), governor)
             }
-            Answers::Models => (real, live_governor(config, m, 1)),
+            Answers::Models => (real, live_governor(config, m, share)),
         };
         let embedder = match (embedder(m), answers) {
             (Some(e), Answers::Estimates) => {

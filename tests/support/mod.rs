@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock_llm;
+pub mod rows;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
