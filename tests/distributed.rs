@@ -265,3 +265,155 @@ async fn an_unreachable_worker_is_a_one_line_error_naming_it() {
     assert!(!out.exists(), "no output file");
     assert_eq!(server.stats().requests, 0);
 }
+
+/// A recognisable API key: the provider requires it, every machine has it in its own
+/// environment, and it must appear in no worker's log.
+const KEY: &str = "sk-cluster-test-7f3a9c1e5b";
+
+/// A real `sluice worker` process and what it has logged.
+struct WorkerProcess {
+    child: std::process::Child,
+    addr: String,
+    log: Arc<std::sync::Mutex<String>>,
+}
+
+impl WorkerProcess {
+    fn spawn(project: &Project, cache_rel: &str, listen: &str) -> WorkerProcess {
+        use std::io::BufRead;
+        let mut child = project
+            .command(&["-v", "worker", "--listen", listen, "--cache-dir", cache_rel])
+            .env("SLUICE_CLUSTER_KEY", KEY)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("sluice worker starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("sluice worker listening on ") {
+                    let _ = tx.send(rest.split(' ').next().unwrap_or_default().to_string());
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the worker says where it listens");
+        WorkerProcess { child, addr, log }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> (i32, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let log = self.log.lock().unwrap().clone();
+        (status.code().unwrap_or(-1), log)
+    }
+}
+
+/// The project's sluice.toml with the key read from `SLUICE_CLUSTER_KEY`.
+fn cluster_project(base_url: &str, concurrency: usize) -> Project {
+    let p = Project::new(base_url, concurrency, true);
+    let text = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    p.write(
+        "sluice.toml",
+        &text.replace(
+            "model = \"mock\"\n",
+            &format!(
+                "model = \"mock\"\napi_key_env = \"SLUICE_CLUSTER_KEY\"\nconcurrency = {concurrency}\n"
+            ),
+        ),
+    );
+    p.write("q.sql", &project_flagship_sql("out/qa.parquet"));
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes() {
+    let concurrency = 12;
+    let server = mock(MockConfig {
+        latency: std::time::Duration::from_millis(150),
+        api_key: Some(KEY.to_string()),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = cluster_project(&server.base_url(), concurrency);
+    let mut workers: Vec<WorkerProcess> = (1..=3)
+        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
+        .collect();
+    let list = |ws: &[WorkerProcess]| ws.iter().map(|w| w.url()).collect::<Vec<_>>().join(",");
+    let prompts = 56;
+
+    let mut coordinator = p
+        .command(&["run", "--workers", &list(&workers), "q.sql"])
+        .env("SLUICE_CLUSTER_KEY", KEY)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill the second worker once stage 2 has started.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while server.stats().ok < 20 {
+        assert!(std::time::Instant::now() < deadline, "the run did not progress");
+        assert!(coordinator.try_wait().unwrap().is_none(), "finished before the kill");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let victim = workers.remove(1);
+    let victim_addr = victim.addr.clone();
+    let mut victim_child = victim.child;
+    victim_child.kill().expect("SIGKILL");
+    victim_child.wait().unwrap();
+    let out = coordinator.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert!(
+        errors[0].contains(&format!("worker http://{victim_addr}")),
+        "names the dead worker: {}",
+        errors[0]
+    );
+    assert!(!p.path("out/qa.parquet").exists(), "no partial output");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let answered = server.stats().ok;
+
+    // Restart it where it was, with its cache, and run again.
+    workers.insert(1, WorkerProcess::spawn(&p, ".sluice/w2", &victim_addr));
+    server.reset_stats();
+    let rerun = p
+        .command(&["run", "--workers", &list(&workers), "q.sql"])
+        .env("SLUICE_CLUSTER_KEY", KEY)
+        .output()
+        .unwrap();
+    let rerun_err = String::from_utf8_lossy(&rerun.stderr).to_string();
+    assert_eq!(rerun.status.code(), Some(0), "{rerun_err}");
+    let resent = server.stats().requests;
+    eprintln!("killed after {answered} of {prompts} answered; the re-run sent {resent}");
+    let batches = read_parquet(&p.path("out/qa.parquet")).await;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 42);
+    // Lost at most: the requests on the wire at the kill plus one commit group per worker.
+    let window = 2 * concurrency as u64;
+    assert!(resent >= prompts - answered, "every unanswered prompt is sent");
+    assert!(
+        resent <= prompts - answered + window,
+        "re-run sent {resent}, but only {} were unanswered (+{window})",
+        prompts - answered
+    );
+
+    // Stopped by SIGTERM: each exits 0, and no log shows the key.
+    for w in workers {
+        let (code, log) = w.terminate();
+        assert_eq!(code, 0, "{log}");
+        assert!(log.contains("stopped"), "{log}");
+        assert!(!log.contains(KEY), "a worker logged the key: {log}");
+    }
+}
