@@ -291,7 +291,10 @@ impl WorkerProcess {
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let sink = log.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if let Some(rest) = line.strip_prefix("sluice worker listening on ") {
                     let _ = tx.send(rest.split(' ').next().unwrap_or_default().to_string());
                 }
@@ -363,8 +366,14 @@ async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes()
     // Kill the second worker once stage 2 has started.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while server.stats().ok < 20 {
-        assert!(std::time::Instant::now() < deadline, "the run did not progress");
-        assert!(coordinator.try_wait().unwrap().is_none(), "finished before the kill");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run did not progress"
+        );
+        assert!(
+            coordinator.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     let victim = workers.remove(1);
@@ -402,7 +411,10 @@ async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes()
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 42);
     // Lost at most: the requests on the wire at the kill plus one commit group per worker.
     let window = 2 * concurrency as u64;
-    assert!(resent >= prompts - answered, "every unanswered prompt is sent");
+    assert!(
+        resent >= prompts - answered,
+        "every unanswered prompt is sent"
+    );
     assert!(
         resent <= prompts - answered + window,
         "re-run sent {resent}, but only {} were unanswered (+{window})",

@@ -88,6 +88,7 @@ fn session(
     config: &Config,
     runtime: &Arc<LlmRuntime>,
     lines: Arc<LineRules>,
+    answers: Answers,
 ) -> Result<SessionContext, EngineError> {
     let mut session_config = SessionConfig::new()
         .with_information_schema(true)
@@ -127,7 +128,8 @@ fn session(
             runtime: runtime.clone(),
         }))
         .with_optimizer_rule(Arc::new(LiftLlmCalls));
-    if config.cluster.distributed() {
+    // Estimates run here (they must not reach a worker's models); explain shows the stages.
+    if config.cluster.distributed() && answers == Answers::Models {
         state = super::cluster::distribute(state, config);
     }
     Ok(SessionContext::new_with_state(state.build()))
@@ -172,7 +174,7 @@ impl Engine {
             max_join_calls: config.execution.max_join_calls,
         });
         let lines = Arc::new(LineRules::default());
-        let ctx = session(config, &runtime, lines.clone())?;
+        let ctx = session(config, &runtime, lines.clone(), answers)?;
         let functions = register_functions(&ctx, &runtime, defs)?;
         Ok(Engine {
             ctx,

@@ -19,12 +19,15 @@ use std::time::Duration;
 
 use datafusion::common::Result;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion_distributed::{
-    DesiredTaskCountEvent, DesiredTaskCountEventResponse, DistributedExt, RouteTasksEvent,
-    RouteTasksEventResponse, SessionStateBuilderExt, WorkerResolver,
+    DesiredTaskCountEvent, DesiredTaskCountEventResponse, DistributedExec, DistributedExt,
+    RouteTasksEvent, RouteTasksEventResponse, SessionStateBuilderExt, WorkerResolver,
+    display_plan_ascii,
 };
 use url::Url;
 
+use super::Engine;
 use crate::config::{ClusterConfig, Config};
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
@@ -65,20 +68,26 @@ fn run_share(config: &Config) -> RunShare {
 }
 
 /// Adds the distributed planner over `config.cluster.workers` to a session whose query
-/// planner is already sluice's.
+/// planner is already sluice's, with the codec of this run.
 pub(super) fn distribute(builder: SessionStateBuilder, config: &Config) -> SessionStateBuilder {
-    let workers = config.cluster.workers.clone();
-    let n = workers.len();
     let models: BTreeMap<String, String> = config
         .models
         .iter()
         .map(|(name, m)| (name.clone(), m.fingerprint()))
         .collect();
+    planned_on(builder, &config.cluster)
+        .with_distributed_user_codec(LlmCodec::coordinator(run_share(config), models))
+}
+
+/// The distributed planner over `cluster`: LLM stages get a task per worker, and tasks go to
+/// the workers in the listed order.
+fn planned_on(builder: SessionStateBuilder, cluster: &ClusterConfig) -> SessionStateBuilder {
+    let workers = cluster.workers.clone();
+    let n = workers.len();
     let in_order = workers.clone();
     builder
         .with_distributed_planner()
         .with_distributed_worker_resolver(Workers(workers))
-        .with_distributed_user_codec(LlmCodec::coordinator(run_share(config), models))
         .with_distributed_desired_task_count_handler(
             move |ev: DesiredTaskCountEvent<'_>| -> Option<Result<DesiredTaskCountEventResponse>> {
                 ev.plan.downcast_ref::<LlmExec>()?;
@@ -93,6 +102,41 @@ pub(super) fn distribute(builder: SessionStateBuilder, config: &Config) -> Sessi
                 Some(Ok(RouteTasksEventResponse::new(urls)))
             },
         )
+}
+
+impl Engine {
+    /// On a cluster, `plan` as the coordinator would distribute it: its stages, each stage's
+    /// tasks, and the workers they go to (for `sluice explain`; nothing is sent).
+    pub(super) async fn stages(&self, plan: &LogicalPlan) -> Result<Option<String>> {
+        if !self.cluster.distributed() {
+            return Ok(None);
+        }
+        let state = planned_on(
+            SessionStateBuilder::new_from_existing(self.ctx.state()),
+            &self.cluster,
+        )
+        .build();
+        let physical = state.create_physical_plan(plan).await?;
+        let mut text = display_plan_ascii(physical.as_ref(), false);
+        if !physical.is::<DistributedExec>() {
+            return Ok(Some(format!(
+                "runs on the coordinator alone (no stage to distribute)\n{text}"
+            )));
+        }
+        let order: Vec<String> = self
+            .cluster
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("t{i} {}", u.as_str().trim_end_matches('/')))
+            .collect();
+        text.push_str(&format!(
+            "tasks go to the workers in order (task i to worker i mod {}): {}\n",
+            order.len(),
+            order.join(", ")
+        ));
+        Ok(Some(text))
+    }
 }
 
 /// The workers of `cluster` that do not accept a connection now, each with the reason.
@@ -140,4 +184,134 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> S
          cached on the workers) — {message}",
         names.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use datafusion::physical_plan::{ExecutionPlan, displayable};
+    use datafusion_proto::bytes::{
+        physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_extension_codec,
+    };
+
+    use super::*;
+    use crate::engine::Engine;
+    use crate::engine::worker::WorkerHost;
+    use crate::udf::codec::WorkerSide;
+
+    const KEY: &str = "sk-coordinator-only-4d9e2b7a1c";
+
+    fn config(dir: &Path) -> Config {
+        let text = "[cache]\nenabled = false\n\n[models.default]\nkind = \"openai\"\n\
+                    base_url = \"http://127.0.0.1:9/v1\"\nmodel = \"mock\"\n\
+                    api_key_env = \"CODEC_TEST_KEY\"\n";
+        let mut c = Config::parse(text, &dir.join("sluice.toml"), &|k| {
+            (k == "CODEC_TEST_KEY").then(|| KEY.to_string())
+        })
+        .unwrap();
+        c.udf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("udfs");
+        c
+    }
+
+    /// The plan of a two-call statement over a JSON-lines table, planned in one process.
+    async fn plan(engine: &Engine, dir: &Path) -> Arc<dyn ExecutionPlan> {
+        let data = dir.join("t.jsonl");
+        std::fs::write(
+            &data,
+            "{\"p\": \"Revenue grew 5%.\"}\n{\"p\": \"Margins fell.\"}\n",
+        )
+        .unwrap();
+        let ctx = engine.context();
+        ctx.sql(&format!(
+            "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}'",
+            data.display()
+        ))
+        .await
+        .unwrap();
+        ctx.sql(
+            "SELECT p, answer_question('ACME', 'Q1', '2024-01-01', p, 'What grew?') AS a, \
+                    generate_questions('ACME', 'Q1', '2024-01-01', upper(p)) AS q \
+             FROM t",
+        )
+        .await
+        .unwrap()
+        .create_physical_plan()
+        .await
+        .unwrap()
+    }
+
+    fn find_llm(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+        if plan.downcast_ref::<LlmExec>().is_some() {
+            return Some(plan.clone());
+        }
+        plan.children().into_iter().find_map(find_llm)
+    }
+
+    #[tokio::test]
+    async fn an_llm_node_round_trips_and_carries_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let engine = Engine::new(&cfg).unwrap();
+        let node = find_llm(&plan(&engine, dir.path()).await).expect("an LLM node");
+
+        let models = cfg
+            .models
+            .iter()
+            .map(|(n, m)| (n.clone(), m.fingerprint()))
+            .collect();
+        let share = RunShare {
+            run: "r1".into(),
+            workers: 3,
+            budget_tokens: Some(9_000),
+            budget_micro_usd: None,
+        };
+        let coordinator = LlmCodec::coordinator(share, models);
+        let bytes =
+            physical_plan_to_bytes_with_extension_codec(node.clone(), &coordinator).unwrap();
+        let haystack = String::from_utf8_lossy(&bytes);
+        assert!(!haystack.contains(KEY), "the key is in the encoded node");
+        assert!(
+            haystack.contains("answer_question"),
+            "the definition travels"
+        );
+
+        let host = WorkerHost::new(&cfg, "127.0.0.1:1").unwrap();
+        let side: Arc<dyn WorkerSide> = host.clone();
+        let worker = LlmCodec::worker(side);
+        let task_ctx = engine.context().task_ctx();
+        let decoded =
+            physical_plan_from_bytes_with_extension_codec(&bytes, &task_ctx, &worker).unwrap();
+        let show = |p: &Arc<dyn ExecutionPlan>| displayable(p.as_ref()).indent(true).to_string();
+        assert_eq!(show(&decoded), show(&node));
+        assert_eq!(decoded.schema(), node.schema());
+        let exec = decoded.downcast_ref::<LlmExec>().unwrap();
+        let names: Vec<&str> = exec.calls().iter().map(|c| c.def.name.as_str()).collect();
+        assert_eq!(names, ["answer_question", "generate_questions"]);
+        // The worker's runtime for this run has a third of the limits.
+        let rt = host.runtime(&RunShare {
+            run: "r1".into(),
+            workers: 3,
+            budget_tokens: Some(9_000),
+            budget_micro_usd: None,
+        });
+        let rt = rt.unwrap();
+        assert_eq!(rt.dispatcher.config().concurrency, 64 / 3);
+        assert_eq!(rt.dispatcher.config().budget_tokens, Some(3_000));
+    }
+
+    #[test]
+    fn a_lone_worker_is_listed_twice_and_others_once() {
+        let a = Url::parse("http://a:1").unwrap();
+        let b = Url::parse("http://b:2").unwrap();
+        assert_eq!(
+            Workers(vec![a.clone()]).get_urls().unwrap(),
+            [a.clone(), a.clone()]
+        );
+        assert_eq!(
+            Workers(vec![a.clone(), b.clone()]).get_urls().unwrap(),
+            [a, b]
+        );
+    }
 }

@@ -92,6 +92,9 @@ pub struct StatementEstimate {
     /// The optimised logical plan (LLM calls lifted into their own nodes), for statements
     /// that read data.
     pub plan: Option<String>,
+    /// On a cluster (`--workers`): the distributed plan's stages, their tasks and the workers
+    /// those go to.
+    pub stages: Option<String>,
     /// Rows the statement's query produces (for COPY and INSERT: rows that would be written).
     pub rows: Option<u64>,
     /// LLM calls made while running it.
@@ -140,6 +143,7 @@ impl Explanation {
         json!({
             "statements": self.statements.iter().map(|s| json!({
                 "index": s.index, "line": s.line, "summary": s.summary, "plan": s.plan,
+                "stages": s.stages,
                 "rows": s.rows, "note": s.note,
                 "functions": s.functions.iter().map(FunctionEstimate::to_json).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
@@ -165,6 +169,11 @@ impl Explanation {
             if with_plans && let Some(plan) = &st.plan {
                 for line in plan.lines() {
                     s.push_str(&format!("  | {line}\n"));
+                }
+            }
+            if with_plans && let Some(stages) = &st.stages {
+                for line in stages.lines() {
+                    s.push_str(&format!("  : {line}\n"));
                 }
             }
             if let Some(rows) = st.rows {
@@ -493,6 +502,7 @@ impl Engine {
             return Ok(());
         };
         est.plan = optimized(if written { &plan } else { &source });
+        est.stages = self.stages(if written { &plan } else { &source }).await?;
         let mut stream = self
             .ctx
             .execute_logical_plan(source)
