@@ -429,3 +429,36 @@ async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes()
         assert!(!log.contains(KEY), "a worker logged the key: {log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_the_stages_and_where_llm_nodes_run_and_sends_nothing() {
+    let server = mock(MockConfig::default()).await;
+    let workers = three_workers(&server.base_url(), 48).await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut c = worker_config(&server.base_url(), cache.path(), 48);
+    c.cluster.workers = sluice::config::ClusterConfig::parse_workers(&urls(&workers)).unwrap();
+    let engine = sluice::Engine::for_estimates(&c).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let x = engine
+        .explain_script(
+            &flagship_sql(&excerpts(), &dir.path().join("qa.parquet")),
+            "q.sql",
+        )
+        .await
+        .unwrap();
+    let copy = &x.statements[3];
+    let stages = copy.stages.as_deref().expect("the COPY has stages");
+    assert!(stages.contains("Stage 1 ── tasks=3"), "{stages}");
+    assert!(stages.contains("LlmExec: calls=[answer_question]"), "{stages}");
+    assert!(stages.contains("LlmExec: calls=[generate_questions]"), "{stages}");
+    for w in &workers {
+        assert!(stages.contains(w.url.as_str()), "{stages}");
+    }
+    // The LLM nodes sit in the workers' stage, below the coordinator's network boundary.
+    let head_end = stages.find("Stage 1 ──").unwrap();
+    assert!(!stages[..head_end].contains("LlmExec"), "{stages}");
+    assert!(x.to_text(true).contains(": ┌───── DistributedExec"));
+    assert_eq!(server.stats().requests, 0, "explain calls no model");
+    assert!(workers.iter().all(|w| w.host.requests() == 0));
+    stop_all(workers).await;
+}
