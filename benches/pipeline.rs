@@ -8,7 +8,7 @@
 //! the counts it relies on, so the benchmark cannot rot unnoticed.
 //!
 //! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `limits`, `hedge`,
-//! `cache`, `s3`, `scale`,
+//! `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker` processes),
 //! `local` (the embedded model; needs the default `local` feature and `models/` fetched).
 
 use std::io::{BufRead, BufReader};
@@ -319,6 +319,73 @@ fn limited(name: &str, passages: usize, limit_args: &[&str], limit_prompts_per_s
         "failed": num(&m.metrics, "failed"), "max_in_flight_server": stats["max_in_flight"].clone(),
         "governor": m.metrics["models"]["default"].clone(),
         "max_rss_mb": round(m.max_rss_mb, 1),
+    })
+}
+
+/// A `sluice worker` process in a project directory, ended by PID on drop.
+struct WorkerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl WorkerProcess {
+    fn start(dir: &Path, cache: &str) -> WorkerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .current_dir(dir)
+            .args(["worker", "--listen", "127.0.0.1:0", "--cache-dir", cache])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sluice worker starts");
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().expect("stderr"))
+            .read_line(&mut line)
+            .expect("listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("sluice worker listening on ")
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("unexpected worker output {line:?}"))
+            .to_string();
+        WorkerProcess { child, addr }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the PID of a child this harness started and has not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The flagship on `workers` `sluice worker` processes (issue 17), each with `per_worker`
+/// requests in flight (the cluster's `concurrency` is their sum), against a server answering
+/// in `latency_ms`: prompts/s as a ratio to workers x concurrency / latency, and the
+/// coordinator's peak RSS.
+fn distributed(passages: usize, workers: usize, per_worker: usize, latency_ms: u64) -> Value {
+    let latency = latency_ms.to_string();
+    let mock = Mock::start(&["--latency-ms", &latency]);
+    let p = Project::new(&mock.url, per_worker * workers, passages, true);
+    let procs: Vec<WorkerProcess> = (0..workers)
+        .map(|i| WorkerProcess::start(p.dir.path(), &format!(".sluice/w{i}")))
+        .collect();
+    let list: Vec<&str> = procs.iter().map(|w| w.addr.as_str()).collect();
+    let list = list.join(",");
+    let m = p.run(&["--workers", &list]);
+    let stats = mock_stats(&mock);
+    let prompts = stats["requests"].as_u64().unwrap_or(0);
+    let rate = prompts as f64 / m.wall_s;
+    let limit = (workers * per_worker) as f64 / (latency_ms as f64 / 1000.0);
+    drop(procs);
+    json!({
+        "scenario": format!("distributed-{workers}w"), "passages": passages, "workers": workers,
+        "concurrency_per_worker": per_worker, "latency_ms": latency_ms, "prompts": prompts,
+        "wall_s": round(m.wall_s, 2), "prompts_per_s": round(rate, 1),
+        "limit_prompts_per_s": round(limit, 1), "ratio_to_limit": round(rate / limit, 3),
+        "max_in_flight_server": stats["max_in_flight"].clone(),
+        "coordinator_cpu_s": round(m.cpu_s, 2), "coordinator_max_rss_mb": round(m.max_rss_mb, 1),
     })
 }
 
@@ -780,6 +847,9 @@ fn smoke() {
     assert_eq!(line["prompts"], 48, "{line}");
     assert!(line["requests"].as_u64().unwrap() < 48, "{line}");
     println!("{line}");
+    let line = distributed(12, 2, 4, 5);
+    assert_eq!(line["prompts"], 48, "{line}");
+    println!("{line}");
 }
 
 fn main() {
@@ -895,5 +965,10 @@ fn main() {
     }
     if want("batch-api") {
         emit(batch_api(10_000, 2000));
+    }
+    if want("distributed") {
+        for workers in 1..=3 {
+            emit(distributed(600, workers, 16, 200));
+        }
     }
 }

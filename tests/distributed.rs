@@ -449,8 +449,14 @@ async fn explain_shows_the_stages_and_where_llm_nodes_run_and_sends_nothing() {
     let copy = &x.statements[3];
     let stages = copy.stages.as_deref().expect("the COPY has stages");
     assert!(stages.contains("Stage 1 ── tasks=3"), "{stages}");
-    assert!(stages.contains("LlmExec: calls=[answer_question]"), "{stages}");
-    assert!(stages.contains("LlmExec: calls=[generate_questions]"), "{stages}");
+    assert!(
+        stages.contains("LlmExec: calls=[answer_question]"),
+        "{stages}"
+    );
+    assert!(
+        stages.contains("LlmExec: calls=[generate_questions]"),
+        "{stages}"
+    );
     for w in &workers {
         assert!(stages.contains(w.url.as_str()), "{stages}");
     }
