@@ -279,10 +279,20 @@ struct WorkerProcess {
 
 impl WorkerProcess {
     fn spawn(project: &Project, cache_rel: &str, listen: &str) -> WorkerProcess {
+        Self::spawn_env(project, cache_rel, listen, &[])
+    }
+
+    fn spawn_env(
+        project: &Project,
+        cache_rel: &str,
+        listen: &str,
+        env: &[(&'static str, String)],
+    ) -> WorkerProcess {
         use std::io::BufRead;
         let mut child = project
             .command(&["-v", "worker", "--listen", listen, "--cache-dir", cache_rel])
             .env("SLUICE_CLUSTER_KEY", KEY)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("sluice worker starts");
@@ -467,4 +477,78 @@ async fn explain_shows_the_stages_and_where_llm_nodes_run_and_sends_nothing() {
     assert_eq!(server.stats().requests, 0, "explain calls no model");
     assert!(workers.iter().all(|w| w.host.requests() == 0));
     stop_all(workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_read_s3_themselves_and_one_that_cannot_is_named_with_the_location() {
+    use object_store::ObjectStoreExt;
+    let moto = support::s3::Moto::start();
+    moto.create_bucket("corpus").await;
+    let bytes = std::fs::read(excerpts()).unwrap();
+    moto.store("corpus")
+        .put(&"transcripts/excerpts.jsonl".into(), bytes.into())
+        .await
+        .unwrap();
+    // A server that refuses every key: what a worker without access to the bucket meets.
+    let strict = support::s3::Moto::start_with_auth();
+    let server = mock(MockConfig {
+        api_key: Some(KEY.to_string()),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = cluster_project(&server.base_url(), 12);
+    p.write(
+        "q.sql",
+        &project_flagship_sql("out/qa.parquet").replace("'data/'", "'s3://corpus/transcripts/'"),
+    );
+    let mut workers = vec![
+        WorkerProcess::spawn_env(&p, ".sluice/w1", "127.0.0.1:0", &moto.env()),
+        WorkerProcess::spawn_env(&p, ".sluice/w2", "127.0.0.1:0", &strict.env()),
+        WorkerProcess::spawn_env(&p, ".sluice/w3", "127.0.0.1:0", &moto.env()),
+    ];
+    let list = |ws: &[WorkerProcess]| ws.iter().map(|w| w.url()).collect::<Vec<_>>().join(",");
+    let coordinator = |ws: &[WorkerProcess]| {
+        p.command(&["run", "--workers", &list(ws), "q.sql"])
+            .env("SLUICE_CLUSTER_KEY", KEY)
+            .envs(moto.env().iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap()
+    };
+    let out = coordinator(&workers);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert!(
+        errors[0].contains(&format!("worker {}", workers[1].addr)),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[0].contains("transcripts/excerpts.jsonl"),
+        "{}",
+        errors[0]
+    );
+    assert!(!p.path("out/qa.parquet").exists());
+
+    // Given access, the same worker reads its ranges and the cluster writes the flagship.
+    let bad = workers.remove(1);
+    let addr = bad.addr.clone();
+    bad.terminate();
+    workers.insert(
+        1,
+        WorkerProcess::spawn_env(&p, ".sluice/w2", &addr, &moto.env()),
+    );
+    let out = coordinator(&workers);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let batches = read_parquet(&p.path("out/qa.parquet")).await;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 42);
+    for w in workers {
+        w.terminate();
+    }
 }

@@ -58,6 +58,13 @@ pub struct RunFlags {
     pub wait: bool,
 }
 
+/// Whether a statement on a cluster failed because a worker's share of a budget ran out (the
+/// dispatcher's refusal, as the worker sent it back).
+fn is_budget_stop(message: &str) -> bool {
+    (message.contains("token budget of ") || message.contains("cost budget of $"))
+        && message.contains(" reached (")
+}
+
 /// Applies the flags that change the configuration.
 fn apply(config: &mut Config, flags: &RunFlags) -> Result<(), Failure> {
     if flags.budget_tokens.is_some() {
@@ -244,6 +251,14 @@ async fn report(engine: &Engine, flags: &RunFlags) -> MetricsSnapshot {
     if !flags.quiet && metrics.calls + metrics.deduplicated + metrics.cache_hits > 0 {
         eprintln!("{}", format_summary(&metrics));
     }
+    if !flags.quiet
+        && let Some(n) = engine.workers()
+    {
+        eprintln!(
+            "LLM calls of distributed stages ran on the {n} worker(s): each counts them in its \
+             log (`sluice worker -v`) and prints its totals when it stops"
+        );
+    }
     let jobs = engine.batch_jobs();
     if !flags.quiet {
         for b in &bad_rows {
@@ -323,7 +338,7 @@ pub(super) async fn run_command(
         return Ok(ExitCode::SUCCESS);
     };
     eprintln!("error: {e}");
-    if engine.budget_exhausted() {
+    if engine.budget_exhausted() || engine.workers().is_some() && is_budget_stop(&e.message) {
         eprintln!("{}", budget_stop(&e, &metrics, config.cache.enabled));
         return Err(Failure::new(EXIT_BUDGET, ""));
     }

@@ -14,6 +14,7 @@ mod cluster;
 mod copy;
 mod explain;
 mod models;
+mod named;
 mod run;
 pub mod statements;
 pub mod worker;
@@ -185,6 +186,13 @@ impl Engine {
                     .is_some_and(|h| h.prices.is_none())
             })
             .cloned()
+    }
+
+    /// On a cluster, how many workers statements run on.
+    pub fn workers(&self) -> Option<usize> {
+        self.cluster
+            .distributed()
+            .then_some(self.cluster.workers.len())
     }
 
     /// Whether a request was refused because the token budget would be exceeded.

@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::execution::SessionState;
-use datafusion_distributed::{DistributedExt, Worker, WorkerQueryContext};
+use datafusion_distributed::{
+    DistributedExt, Worker, WorkerPlanRewriteEvent, WorkerPlanRewriteEventResponse,
+    WorkerQueryContext,
+};
 use tokio::net::TcpListener;
 
 use super::{Engine, EngineError};
@@ -114,8 +117,16 @@ impl WorkerHost {
             }
         }
         let side: Arc<dyn WorkerSide> = self.clone();
+        let who: Arc<str> = Arc::from(self.name.as_str());
         builder
             .with_distributed_user_codec(LlmCodec::worker(side))
+            .with_distributed_worker_plan_rewrite_handler(
+                move |ev: WorkerPlanRewriteEvent<'_>| -> datafusion::common::Result<_> {
+                    Ok(WorkerPlanRewriteEventResponse::new(
+                        super::named::name_leaves(ev.plan, &who)?,
+                    ))
+                },
+            )
             .build()
     }
 
