@@ -552,3 +552,40 @@ async fn workers_read_s3_themselves_and_one_that_cannot_is_named_with_the_locati
         w.terminate();
     }
 }
+
+#[cfg(feature = "local")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_model_file_refuses_naming_it() {
+    let models = tempfile::tempdir().unwrap();
+    let gguf = models.path().join("SmolLM2-135M-Instruct-Q8_0.gguf");
+    let local = move |cache: &Path| {
+        let text = format!(
+            "[cache]\nenabled = false\n\n[models.default]\nkind = \"local\"\nmodel = \"{}\"\n",
+            gguf.display()
+        );
+        let mut c = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+        c.udf_dir = repo().join("udfs");
+        c.cache.dir = cache.to_path_buf();
+        c
+    };
+    let make = local.clone();
+    let worker = start_worker_with(move |cache| make(cache)).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let mut c = local(scratch.path());
+    c.cluster.workers =
+        sluice::config::ClusterConfig::parse_workers(&[worker.url.as_str()]).unwrap();
+    let engine = sluice::Engine::new(&c).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    let err = run(&engine, &flagship_sql(&excerpts(), &out))
+        .await
+        .unwrap_err();
+    assert!(!err.contains('\n'), "one line: {err}");
+    assert!(err.contains("not found on this worker"), "{err}");
+    assert!(
+        err.contains(worker.url.trim_start_matches("http://")),
+        "{err}"
+    );
+    assert!(!out.exists(), "no output file");
+    worker.stop().await;
+}
