@@ -161,7 +161,8 @@ pub(super) fn unreachable_workers(cluster: &ClusterConfig) -> Vec<(Url, String)>
     out
 }
 
-/// A failed distributed statement's message, naming the workers that stopped answering.
+/// A failed distributed statement's message, naming the workers that stopped answering (their
+/// transport errors say nothing a person can act on, so they are replaced).
 pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> String {
     if !cluster.distributed() {
         return message;
@@ -172,16 +173,19 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> S
     }
     let names: Vec<String> = down
         .iter()
-        .map(|(url, why)| format!("{} ({why})", url.as_str().trim_end_matches('/')))
+        .map(|(url, why)| {
+            let why = why.split(" (os error").next().unwrap_or(why).to_lowercase();
+            format!("{} ({why})", url.as_str().trim_end_matches('/'))
+        })
         .collect();
-    let what = if names.len() == 1 {
-        "worker"
+    let (what, is, it) = if names.len() == 1 {
+        ("worker", "is", "it")
     } else {
-        "workers"
+        ("workers", "are", "them")
     };
     format!(
-        "{what} {} not reachable; restart it and run again (answers already received are \
-         cached on the workers) — {message}",
+        "{what} {} {is} not reachable: start {it} (`sluice worker --listen ...`) and run again; \
+         answers received before are in the workers' caches",
         names.join(", ")
     )
 }
