@@ -323,13 +323,28 @@ impl WorkerProcess {
         format!("http://{}", self.addr)
     }
 
+    /// Stops it at once (a test that fails leaves no worker behind).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then the exit status.
     fn terminate(mut self) -> (i32, String) {
+        // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
         let log = self.log.lock().unwrap().clone();
         (status.code().unwrap_or(-1), log)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
     }
 }
 
@@ -386,11 +401,9 @@ async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes()
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
-    let victim = workers.remove(1);
+    let mut victim = workers.remove(1);
     let victim_addr = victim.addr.clone();
-    let mut victim_child = victim.child;
-    victim_child.kill().expect("SIGKILL");
-    victim_child.wait().unwrap();
+    victim.kill();
     let out = coordinator.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_ne!(out.status.code(), Some(0), "{stderr}");
@@ -398,8 +411,7 @@ async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes()
     assert_eq!(errors.len(), 1, "one error line: {stderr}");
     assert!(
         errors[0].contains(&format!("worker http://{victim_addr}")),
-        "names the dead worker: {}",
-        errors[0]
+        "names the dead worker {victim_addr}: {stderr}"
     );
     assert!(!p.path("out/qa.parquet").exists(), "no partial output");
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;

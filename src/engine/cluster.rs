@@ -167,7 +167,24 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> S
     if !cluster.distributed() {
         return message;
     }
-    let down = unreachable_workers(cluster);
+    // A worker that died is seen dying: its connections break before its listener closes, so
+    // a transport failure is probed again for a moment before it is left unexplained.
+    let transport = [
+        "h2 protocol error",
+        "transport error",
+        "broken pipe",
+        "connection reset",
+    ]
+    .iter()
+    .any(|m| message.to_lowercase().contains(m));
+    let mut down = unreachable_workers(cluster);
+    for _ in 0..10 {
+        if !down.is_empty() || !transport {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        down = unreachable_workers(cluster);
+    }
     if down.is_empty() {
         return message;
     }
