@@ -104,6 +104,19 @@ fn excerpts() -> std::path::PathBuf {
     shared_data("earnings_transcript_excerpts.jsonl")
 }
 
+/// Runs the flagship on `engine` expecting it to fail: the error, checked to be one line and
+/// to leave no output file.
+async fn flagship_error(engine: &sluice::Engine) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    let err = run(engine, &flagship_sql(&excerpts(), &out))
+        .await
+        .unwrap_err();
+    assert!(!err.contains('\n'), "one line: {err}");
+    assert!(!out.exists(), "no output file: {err}");
+    err
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flagship_on_three_workers_equals_one_process() {
     let server = mock(MockConfig::default()).await;
@@ -231,19 +244,13 @@ async fn a_worker_with_another_definition_refuses_the_task_naming_it() {
     let old = std::mem::replace(&mut workers[1], odd);
     old.stop().await;
     let engine = coordinator(&base, &urls(&workers), 48);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("qa.parquet");
-    let err = run(&engine, &flagship_sql(&excerpts(), &out))
-        .await
-        .unwrap_err();
-    assert!(!err.contains('\n'), "one line: {err}");
+    let err = flagship_error(&engine).await;
     assert!(err.contains("answer_question()"), "{err}");
     assert!(err.contains("differs from the coordinator's"), "{err}");
     assert!(
         err.contains(odd_url.trim_start_matches("http://")),
         "names the worker: {err}"
     );
-    assert!(!out.exists(), "no output file");
     stop_all(workers).await;
 }
 
@@ -255,14 +262,8 @@ async fn an_unreachable_worker_is_a_one_line_error_naming_it() {
         l.local_addr().unwrap().to_string()
     };
     let engine = coordinator(&server.base_url(), &[closed.as_str()], 8);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("qa.parquet");
-    let err = run(&engine, &flagship_sql(&excerpts(), &out))
-        .await
-        .unwrap_err();
-    assert!(!err.contains('\n'), "one line: {err}");
+    let err = flagship_error(&engine).await;
     assert!(err.contains(&format!("worker http://{closed}")), "{err}");
-    assert!(!out.exists(), "no output file");
     assert_eq!(server.stats().requests, 0);
 }
 
@@ -587,17 +588,11 @@ async fn a_worker_without_the_model_file_refuses_naming_it() {
     c.cluster.workers =
         sluice::config::ClusterConfig::parse_workers(&[worker.url.as_str()]).unwrap();
     let engine = sluice::Engine::new(&c).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("qa.parquet");
-    let err = run(&engine, &flagship_sql(&excerpts(), &out))
-        .await
-        .unwrap_err();
-    assert!(!err.contains('\n'), "one line: {err}");
+    let err = flagship_error(&engine).await;
     assert!(err.contains("not found on this worker"), "{err}");
     assert!(
         err.contains(worker.url.trim_start_matches("http://")),
         "{err}"
     );
-    assert!(!out.exists(), "no output file");
     worker.stop().await;
 }
