@@ -596,3 +596,20 @@ async fn a_worker_without_the_model_file_refuses_naming_it() {
     );
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_budget_is_split_between_the_workers() {
+    let server = mock(MockConfig::default()).await;
+    let workers = three_workers(&server.base_url(), 48).await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut c = worker_config(&server.base_url(), cache.path(), 48);
+    c.cluster.workers = sluice::config::ClusterConfig::parse_workers(&urls(&workers)).unwrap();
+    // The flagship needs ~50,000 tokens; each worker may spend a third of 3,000.
+    c.dispatcher.budget_tokens = Some(3_000);
+    let engine = sluice::Engine::new(&c).unwrap();
+    let err = flagship_error(&engine).await;
+    assert!(err.contains("token budget of 1000 reached"), "{err}");
+    let sent: u64 = workers.iter().map(|w| w.host.requests()).sum();
+    assert!(sent < 56, "the budget stopped the run early: {sent} requests");
+    stop_all(workers).await;
+}

@@ -27,6 +27,9 @@ workers gets 1/N of each (rounded down, at least 1).
 A worker that dies mid-query fails the query with an error naming it; restart it and run again
 (only what was not answered is sent).
 
+A worker runs the plans of anyone who reaches its port (no TLS, no authentication) with its
+own API keys: listen on a private network only.
+
 SIGTERM or Ctrl-C: stop accepting tasks, finish the ones on the wire, store the cache, exit.";
 
 /// Runs a worker on `listen` until a signal.
