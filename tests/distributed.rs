@@ -610,6 +610,9 @@ async fn a_run_budget_is_split_between_the_workers() {
     let err = flagship_error(&engine).await;
     assert!(err.contains("token budget of 1000 reached"), "{err}");
     let sent: u64 = workers.iter().map(|w| w.host.requests()).sum();
-    assert!(sent < 56, "the budget stopped the run early: {sent} requests");
+    assert!(
+        sent < 56,
+        "the budget stopped the run early: {sent} requests"
+    );
     stop_all(workers).await;
 }
