@@ -616,3 +616,34 @@ async fn a_run_budget_is_split_between_the_workers() {
     );
     stop_all(workers).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tables_bad_rows_option_reaches_the_workers_that_read_it() {
+    let server = mock(MockConfig::default()).await;
+    let workers = three_workers(&server.base_url(), 48).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(excerpts()).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.insert(4, "{\"ticker\": \"CSTE\", \"q\": broken".into());
+    lines.insert(11, "[1, 2, 3]".into());
+    let data = dir.path().join("t.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("qa.parquet");
+    let sql = |mode: &str| {
+        flagship_sql(&data, &out).replace(
+            &format!("LOCATION '{}';", data.display()),
+            &format!(
+                "LOCATION '{}' OPTIONS ('bad_rows' '{mode}');",
+                data.display()
+            ),
+        )
+    };
+    assert!(sql("skip").contains("OPTIONS ('bad_rows' 'skip')"));
+
+    // With skip, every worker leaves the two lines out (in the default fail mode a worker
+    // would stop at the first): the flagship's 42 rows.
+    let engine = coordinator(&server.base_url(), &urls(&workers), 48);
+    let printed = run(&engine, &sql("skip")).await.unwrap();
+    assert!(printed.contains("COPY 42 rows"), "{printed}");
+    stop_all(workers).await;
+}

@@ -32,6 +32,19 @@ use crate::config::{ClusterConfig, Config};
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
 
+datafusion::common::extensions_options! {
+    /// What the workers must know of the coordinator's tables: the `bad_rows` rules of their
+    /// locations (sent with every task, as datafusion-distributed sends config extensions).
+    pub struct TableRules {
+        /// The rules ([`crate::source::lines::LineRules::to_text`]).
+        pub bad_rows: String, default = String::new()
+    }
+}
+
+impl datafusion::config::ConfigExtension for TableRules {
+    const PREFIX: &'static str = "sluice";
+}
+
 /// The configured workers, in order.
 #[derive(Debug, Clone)]
 struct Workers(Vec<Url>);
@@ -77,6 +90,7 @@ pub(super) fn distribute(builder: SessionStateBuilder, config: &Config) -> Sessi
         .collect();
     planned_on(builder, &config.cluster)
         .with_distributed_user_codec(LlmCodec::coordinator(run_share(config), models))
+        .with_distributed_option_extension(TableRules::default())
 }
 
 /// The distributed planner over `cluster`: LLM stages get a task per worker, and tasks go to
@@ -105,6 +119,24 @@ fn planned_on(builder: SessionStateBuilder, cluster: &ClusterConfig) -> SessionS
 }
 
 impl Engine {
+    /// On a cluster, sends the tables' `bad_rows` rules with every later task.
+    pub(super) fn share_table_rules(&self) {
+        if !self.cluster.distributed() {
+            return;
+        }
+        let text = self.lines.to_text();
+        let state = self.ctx.state_ref();
+        let mut state = state.write();
+        if let Some(rules) = state
+            .config_mut()
+            .options_mut()
+            .extensions
+            .get_mut::<TableRules>()
+        {
+            rules.bad_rows = text;
+        }
+    }
+
     /// On a cluster, `plan` as the coordinator would distribute it: its stages, each stage's
     /// tasks, and the workers they go to (for `sluice explain`; nothing is sent).
     pub(super) async fn stages(&self, plan: &LogicalPlan) -> Result<Option<String>> {

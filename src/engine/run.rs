@@ -175,6 +175,7 @@ impl Engine {
                 .map_err(|e| DataFusionError::Plan(format!("{location}: {e}")))?;
             self.lines.set(&root, url.prefix().clone(), mode, format);
         }
+        self.share_table_rules();
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use datafusion::common::Result;
 use datafusion::execution::SessionState;
 use datafusion_distributed::{
     DistributedExt, Worker, WorkerPlanRewriteEvent, WorkerPlanRewriteEventResponse,
@@ -22,6 +23,7 @@ use datafusion_distributed::{
 };
 use tokio::net::TcpListener;
 
+use super::cluster::TableRules;
 use super::{Engine, EngineError};
 use crate::cache::CacheMode;
 use crate::config::{Config, ModelPart};
@@ -99,14 +101,24 @@ impl WorkerHost {
         let host = self.clone();
         Worker::from_session_builder(move |ctx: WorkerQueryContext| {
             let host = host.clone();
-            async move { Ok::<SessionState, datafusion::common::DataFusionError>(host.session(ctx)) }
+            async move { host.session(ctx) }
         })
         .with_runtime_env(self.engine.context().runtime_env())
     }
 
-    /// The session a task runs in: sluice's scalar functions and the LLM codec.
-    fn session(self: &Arc<Self>, ctx: WorkerQueryContext) -> SessionState {
-        let mut builder = ctx.builder;
+    /// The session a task runs in: sluice's scalar functions and the LLM codec; the
+    /// coordinator's `bad_rows` rules join this worker's.
+    fn session(self: &Arc<Self>, ctx: WorkerQueryContext) -> Result<SessionState> {
+        let mut builder = ctx
+            .builder
+            .with_distributed_option_extension_from_headers::<TableRules>(&ctx.headers)?;
+        if let Some(rules) = builder
+            .config()
+            .as_ref()
+            .and_then(|c| c.options().extensions.get::<TableRules>())
+        {
+            self.engine.lines.add_from_text(&rules.bad_rows);
+        }
         let own = self.engine.context().state();
         let functions = builder.scalar_functions().get_or_insert_with(Vec::new);
         for name in own.scalar_functions().keys() {
@@ -118,16 +130,16 @@ impl WorkerHost {
         }
         let side: Arc<dyn WorkerSide> = self.clone();
         let who: Arc<str> = Arc::from(self.name.as_str());
-        builder
+        Ok(builder
             .with_distributed_user_codec(LlmCodec::worker(side))
             .with_distributed_worker_plan_rewrite_handler(
-                move |ev: WorkerPlanRewriteEvent<'_>| -> datafusion::common::Result<_> {
+                move |ev: WorkerPlanRewriteEvent<'_>| -> Result<_> {
                     Ok(WorkerPlanRewriteEventResponse::new(
                         super::named::name_leaves(ev.plan, &who)?,
                     ))
                 },
             )
-            .build()
+            .build())
     }
 
     /// Serves on `listener` until `shutdown` completes, then finishes the tasks on the wire.

@@ -570,6 +570,7 @@ mod clean;
 mod fix;
 mod read;
 mod store;
+mod wire;
 use clean::{Cleaner, Kind};
 use read::{clip, payload_stream};
 
