@@ -39,7 +39,7 @@ impl LineRules {
 }
 
 fn parse(text: &str) -> Option<Vec<Rule>> {
-    if text.is_empty() || text.len() % 2 != 0 {
+    if text.is_empty() || !text.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..text.len())
