@@ -344,3 +344,21 @@ pub(super) async fn run_command(
     }
     Err(Failure::new(EXIT_STATEMENT_FAILED, ""))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_budget_stop;
+
+    #[test]
+    fn a_workers_budget_refusal_is_told_from_other_failures() {
+        assert!(is_budget_stop(
+            "statement 4 (COPY …): token budget of 1000 reached (0 tokens used, 0 held by \
+             requests in flight); every response received is in the cache"
+        ));
+        assert!(is_budget_stop(
+            "cost budget of $0.5 reached ($0.4900 spent, $0.0100 held)"
+        ));
+        assert!(!is_budget_stop("worker 127.0.0.1:1 is not reachable"));
+        assert!(!is_budget_stop("function budget_of() reached the provider"));
+    }
+}
