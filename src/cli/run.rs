@@ -255,8 +255,8 @@ async fn report(engine: &Engine, flags: &RunFlags) -> MetricsSnapshot {
         && let Some(n) = engine.workers()
     {
         eprintln!(
-            "LLM calls of distributed stages ran on the {n} worker(s): each counts them in its \
-             log (`sluice worker -v`) and prints its totals when it stops"
+            "LLM calls of distributed stages ran on the {n} worker(s): each prints its totals \
+             (requests sent, answers from its cache) when it stops"
         );
     }
     let jobs = engine.batch_jobs();

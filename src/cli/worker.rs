@@ -55,9 +55,9 @@ pub(crate) async fn worker_command(config: &Config, listen: &str) -> Result<Exit
         .await
         .map_err(Failure::statement)?;
     eprintln!(
-        "sluice worker {addr} stopped: {} requests sent, {} calls answered",
+        "sluice worker {addr} stopped: {} requests sent, {} answers from the cache",
         host.requests(),
-        host.calls()
+        host.cache_hits()
     );
     Ok(ExitCode::SUCCESS)
 }

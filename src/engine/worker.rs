@@ -79,9 +79,12 @@ impl WorkerHost {
             .sum()
     }
 
-    /// Calls (rows) this worker has answered, over every run.
-    pub fn calls(&self) -> u64 {
-        self.all_metrics().iter().map(|m| m.snapshot().calls).sum()
+    /// Calls this worker answered from its response cache, over every run.
+    pub fn cache_hits(&self) -> u64 {
+        self.all_metrics()
+            .iter()
+            .map(|m| m.snapshot().cache_hits)
+            .sum()
     }
 
     fn all_metrics(&self) -> Vec<Arc<Metrics>> {
