@@ -77,9 +77,19 @@ async fn start_worker_with(config: impl FnOnce(&Path) -> Config) -> InProcess {
 /// workers keep theirs).
 fn coordinator(base_url: &str, workers: &[&str], concurrency: usize) -> sluice::Engine {
     let cache = tempfile::tempdir().unwrap().keep();
-    let mut c = worker_config(base_url, &cache, concurrency);
+    sluice::Engine::new(&coordinator_config(base_url, workers, concurrency, &cache)).unwrap()
+}
+
+/// The workers' configuration, its cache in `cache_dir`, with `workers` as the cluster.
+fn coordinator_config(
+    base_url: &str,
+    workers: &[&str],
+    concurrency: usize,
+    cache_dir: &Path,
+) -> Config {
+    let mut c = worker_config(base_url, cache_dir, concurrency);
     c.cluster.workers = sluice::config::ClusterConfig::parse_workers(workers).unwrap();
-    sluice::Engine::new(&c).unwrap()
+    c
 }
 
 fn urls(workers: &[InProcess]) -> Vec<&str> {
@@ -458,8 +468,7 @@ async fn explain_shows_the_stages_and_where_llm_nodes_run_and_sends_nothing() {
     let server = mock(MockConfig::default()).await;
     let workers = three_workers(&server.base_url(), 48).await;
     let cache = tempfile::tempdir().unwrap();
-    let mut c = worker_config(&server.base_url(), cache.path(), 48);
-    c.cluster.workers = sluice::config::ClusterConfig::parse_workers(&urls(&workers)).unwrap();
+    let c = coordinator_config(&server.base_url(), &urls(&workers), 48, cache.path());
     let engine = sluice::Engine::for_estimates(&c).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let x = engine
@@ -602,8 +611,7 @@ async fn a_run_budget_is_split_between_the_workers() {
     let server = mock(MockConfig::default()).await;
     let workers = three_workers(&server.base_url(), 48).await;
     let cache = tempfile::tempdir().unwrap();
-    let mut c = worker_config(&server.base_url(), cache.path(), 48);
-    c.cluster.workers = sluice::config::ClusterConfig::parse_workers(&urls(&workers)).unwrap();
+    let mut c = coordinator_config(&server.base_url(), &urls(&workers), 48, cache.path());
     // The flagship needs ~50,000 tokens; each worker may spend a third of 3,000.
     c.dispatcher.budget_tokens = Some(3_000);
     let engine = sluice::Engine::new(&c).unwrap();

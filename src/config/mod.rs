@@ -119,6 +119,20 @@ impl Default for DispatcherConfig {
     }
 }
 
+impl DispatcherConfig {
+    /// One of `workers` equal shares of the in-flight budget (rounded down, at least 1) and of
+    /// the run's budgets: what each machine of a cluster gets.
+    pub fn share(&self, workers: usize) -> DispatcherConfig {
+        let n = workers.max(1);
+        DispatcherConfig {
+            concurrency: (self.concurrency / n).max(1),
+            budget_tokens: self.budget_tokens.map(|t| t / n as u64),
+            budget_usd: self.budget_usd.map(|u| u / n as f64),
+            ..self.clone()
+        }
+    }
+}
+
 /// Where the persistent response cache lives and whether it is used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {

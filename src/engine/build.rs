@@ -67,13 +67,8 @@ fn dispatcher(config: &Config, answers: Answers) -> Result<Dispatcher, EngineErr
     } else {
         CacheMode::ReadWrite
     };
-    let mut settings = config.dispatcher.clone();
-    let share = config.cluster.workers.len().max(1);
-    if share > 1 {
-        settings.concurrency = (settings.concurrency / share).max(1);
-        settings.budget_tokens = settings.budget_tokens.map(|t| t / share as u64);
-        settings.budget_usd = settings.budget_usd.map(|u| u / share as f64);
-    }
+    // On a cluster, the coordinator's own calls get one worker's share.
+    let mut settings = config.dispatcher.share(config.cluster.workers.len());
     if estimating {
         settings.max_attempts = 1;
         settings.budget_tokens = None;

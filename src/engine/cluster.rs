@@ -14,7 +14,6 @@
 //!
 //! [`LiftLlmCalls`]: crate::udf::plan::LiftLlmCalls
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use datafusion::common::Result;
@@ -83,13 +82,8 @@ fn run_share(config: &Config) -> RunShare {
 /// Adds the distributed planner over `config.cluster.workers` to a session whose query
 /// planner is already sluice's, with the codec of this run.
 pub(super) fn distribute(builder: SessionStateBuilder, config: &Config) -> SessionStateBuilder {
-    let models: BTreeMap<String, String> = config
-        .models
-        .iter()
-        .map(|(name, m)| (name.clone(), m.fingerprint()))
-        .collect();
     planned_on(builder, &config.cluster)
-        .with_distributed_user_codec(LlmCodec::coordinator(run_share(config), models))
+        .with_distributed_user_codec(LlmCodec::coordinator(run_share(config), config))
         .with_distributed_option_extension(TableRules::default())
 }
 
@@ -201,6 +195,7 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> S
     }
     // A worker that died is seen dying: its connections break before its listener closes, so
     // a transport failure is probed again for a moment before it is left unexplained.
+    let lower = message.to_lowercase();
     let transport = [
         "h2 protocol error",
         "transport error",
@@ -208,7 +203,7 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> S
         "connection reset",
     ]
     .iter()
-    .any(|m| message.to_lowercase().contains(m));
+    .any(|m| lower.contains(m));
     let mut down = unreachable_workers(cluster);
     for _ in 0..10 {
         if !down.is_empty() || !transport {
@@ -309,18 +304,13 @@ mod tests {
         let engine = Engine::new(&cfg).unwrap();
         let node = find_llm(&plan(&engine, dir.path()).await).expect("an LLM node");
 
-        let models = cfg
-            .models
-            .iter()
-            .map(|(n, m)| (n.clone(), m.fingerprint()))
-            .collect();
         let share = RunShare {
             run: "r1".into(),
             workers: 3,
             budget_tokens: Some(9_000),
             budget_micro_usd: None,
         };
-        let coordinator = LlmCodec::coordinator(share, models);
+        let coordinator = LlmCodec::coordinator(share, &cfg);
         let bytes =
             physical_plan_to_bytes_with_extension_codec(node.clone(), &coordinator).unwrap();
         let haystack = String::from_utf8_lossy(&bytes);

@@ -139,23 +139,16 @@ pub(super) fn shared_models(
     handles: &BTreeMap<String, ModelHandle>,
     workers: usize,
 ) -> BTreeMap<String, ModelHandle> {
+    // Every handle was built from a configured model (`build_models`).
     handles
         .iter()
-        .map(|(name, h)| {
-            let governor = match config.models.get(name) {
-                Some(m) => Governor::new(live_governor(config, m, workers)),
-                None => Governor::new(GovernorConfig {
-                    max_concurrency: (config.dispatcher.concurrency / workers.max(1)).max(1),
-                    rpm: None,
-                    tpm: None,
-                    adaptive: false,
-                }),
-            };
+        .filter_map(|(name, h)| {
+            let m = config.models.get(name)?;
             let handle = ModelHandle {
-                governor: Arc::new(governor),
+                governor: Arc::new(Governor::new(live_governor(config, m, workers))),
                 ..h.clone()
             };
-            (name.clone(), handle)
+            Some((name.clone(), handle))
         })
         .collect()
 }

@@ -42,10 +42,9 @@ impl DisplayAs for Named {
     }
 }
 
-impl Named {
-    fn name(&self, e: DataFusionError) -> DataFusionError {
-        DataFusionError::Context(self.who.to_string(), Box::new(e))
-    }
+/// `e`, said by worker `who`.
+fn said_by(who: &str, e: DataFusionError) -> DataFusionError {
+    DataFusionError::Context(who.to_string(), Box::new(e))
 }
 
 impl ExecutionPlan for Named {
@@ -83,11 +82,10 @@ impl ExecutionPlan for Named {
         let stream = self
             .inner
             .execute(partition, context)
-            .map_err(|e| self.name(e))?;
+            .map_err(|e| said_by(&self.who, e))?;
         let schema = stream.schema();
         let who = self.who.clone();
-        let named = stream
-            .map(move |r| r.map_err(|e| DataFusionError::Context(who.to_string(), Box::new(e))));
+        let named = stream.map(move |r| r.map_err(|e| said_by(&who, e)));
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, named)))
     }
 }

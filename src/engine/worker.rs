@@ -124,10 +124,8 @@ impl WorkerHost {
         }
         let own = self.engine.context().state();
         let functions = builder.scalar_functions().get_or_insert_with(Vec::new);
-        for name in own.scalar_functions().keys() {
-            if let Some(f) = own.scalar_functions().get(name)
-                && !functions.iter().any(|g| g.name() == f.name())
-            {
+        for f in own.scalar_functions().values() {
+            if !functions.iter().any(|g| g.name() == f.name()) {
                 functions.push(f.clone());
             }
         }
@@ -166,10 +164,11 @@ impl WorkerHost {
     fn share_runtime(&self, share: &RunShare) -> Arc<LlmRuntime> {
         let n = share.workers.max(1) as usize;
         let base = &self.engine.runtime;
-        let mut settings = self.config.dispatcher.clone();
-        settings.concurrency = (settings.concurrency / n).max(1);
-        settings.budget_tokens = share.budget_tokens.map(|t| t / n as u64);
-        settings.budget_usd = share.budget_micro_usd.map(|m| (m / n as u64) as f64 / 1e6);
+        // The run's budgets are the coordinator's; the limits are this worker's config.
+        let mut run = self.config.dispatcher.clone();
+        run.budget_tokens = share.budget_tokens;
+        run.budget_usd = share.budget_micro_usd.map(|m| m as f64 / 1e6);
+        let settings = run.share(n);
         let mode = if self.config.cache.refresh {
             CacheMode::Refresh
         } else {

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 use super::def::FunctionDef;
 use super::exec::{LlmExec, LlmRuntime, PhysicalCall};
+use crate::config::Config;
 
 /// What a coordinator tells every worker about the run a task belongs to: the run (so the
 /// tasks of one run share one dispatcher on a worker), how many workers share the model
@@ -153,8 +154,13 @@ pub(crate) struct LlmCodec {
 }
 
 impl LlmCodec {
-    /// The coordinator's codec: `models` are the settings of each model by name.
-    pub(crate) fn coordinator(share: RunShare, models: BTreeMap<String, String>) -> LlmCodec {
+    /// The coordinator's codec, carrying the settings of each model of `config`.
+    pub(crate) fn coordinator(share: RunShare, config: &Config) -> LlmCodec {
+        let models = config
+            .models
+            .iter()
+            .map(|(name, m)| (name.clone(), m.fingerprint()))
+            .collect();
         LlmCodec {
             side: Side::Coordinator {
                 share,
