@@ -92,6 +92,8 @@ async fn a_concurrency_cap_is_learned_after_one_round_trip() {
         m.models
     );
     assert!(server.stats().max_in_flight <= 16);
+    // A cap is kept by the in-flight ceiling alone: no pace that would bind below it.
+    assert_eq!(m.models["default"].pace_rps, None, "{:?}", m.models);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,10 @@ impl Bucket {
     }
 
     fn refill(&mut self, now: Instant) {
+        if now <= self.at {
+            // Held (see [`Bucket::hold`]), or no time passed.
+            return;
+        }
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.level = (self.level + dt * self.rate).min(self.capacity);
         self.at = now;
@@ -55,6 +59,13 @@ impl Bucket {
             Duration::try_from_secs_f64((amount - self.level) / self.rate)
                 .unwrap_or(Duration::from_secs(60))
         }
+    }
+
+    /// Holds one unit until `until`, refilling only from then: what is sent after a pause
+    /// goes out at the rate, not as a burst saved during it.
+    pub fn hold(&mut self, until: Instant) {
+        self.level = self.level.min(1.0);
+        self.at = self.at.max(until);
     }
 
     /// Takes `amount` (capped at the capacity).

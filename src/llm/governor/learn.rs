@@ -1,20 +1,29 @@
 //! Learning a limit the provider enforces but does not advertise, from how it refuses.
 //!
-//! Responses are judged in windows of about one round trip. A window in which the provider
-//! refused more than a fifth (and at least [`MIN_REFUSED`]) is *saturated*; scattered 429s are
-//! not, and cost only their own requests a Retry-After. From a saturated window the governor
-//! learns the rate at which the provider serves — once it has been refusing for a while, what
-//! got through of the requests sent since (its refill); before that, the most requests it was
-//! seen serving at once divided by the round trip — and keeps
-//! - a **pace** of [`MARGIN`] of that rate, and
-//! - an **in-flight ceiling** of [`CEILING_SHARE`] of that rate times the round trip.
+//! Responses are judged in windows of about one round trip, or as soon as enough refusals
+//! arrived. A window in which the provider refused more than a fifth (and at least
+//! [`MIN_REFUSED`]) of the requests sent under the current limits is *saturated*; scattered
+//! 429s are not, and cost only their own requests a Retry-After. Refusals of requests sent
+//! before the limits last changed were answered for the old limits and teach nothing.
 //!
-//! One rule covers both kinds of limit: a cap of C requests in flight at latency L serves C / L
-//! a second and C at once; a rate of R a second keeps R × L in flight.
+//! A saturated window tells which **kind** of limit the provider enforces by the number of
+//! requests in flight at which it refused (each admission remembers it):
+//! - a **cap** refuses only requests sent while more were in flight than it was serving: the
+//!   in-flight ceiling becomes what it served (the lowest level refused, less one, raised
+//!   over the next [`CONFIRM_CAP`] to what it is seen serving at once). No pace: a ceiling C
+//!   at latency L sends C / L a second, whatever L becomes (Little's law);
+//! - a **rate** refuses at any level once its bucket is spent: the pace becomes [`MARGIN`]
+//!   of the rate it serves — what got through of the requests sent since the last burst
+//!   (its bucket was spent then, so only its refill did), or at the first burst the most
+//!   it served at once over the round trip, which a stored burst inflates and the next
+//!   burst, four round trips later, measures. After a burst the pace sends at its rate,
+//!   not as a burst saved during the pause.
 //!
-//! Learned limits are probed upward one step at a time (ceiling + 1, pace + 2%), only after a
-//! quiet period that doubles after every saturation (as TCP keeps its `ssthresh`), so a run
-//! settles under the limit instead of regrowing into it every round trip.
+//! A window under a learned limit that still saw a few refusals trims it (a cap by one, a
+//! pace by the refused share). Learned limits are probed upward one step at a time
+//! (ceiling + 1, pace + 2%), only after a quiet period that doubles after every burst or
+//! trim (as TCP keeps its `ssthresh`), so a run settles under the limit instead of
+//! regrowing into it every round trip.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -31,24 +40,36 @@ const WINDOW_MIN: usize = 16;
 const MARGIN: f64 = 0.95;
 /// Share of refusals in a window that trims a learned pace.
 const TRIM_AT: f64 = 0.02;
-/// Share of the most requests a provider served at once that the governor keeps in flight
-/// (at least one less).
-const CEILING_SHARE: f64 = 0.97;
 /// How far back successes count for the delivered rate.
 const HORIZON: Duration = Duration::from_secs(1);
+/// How long after a cap is learned it is raised to what the provider is seen serving.
+const CONFIRM_CAP: Duration = Duration::from_millis(250);
 /// Burst a pacing bucket allows.
 const PACE_BURST: Duration = Duration::from_millis(50);
 /// First quiet period before a probe; doubles after each saturation, up to [`PROBE_MAX`].
 const PROBE_FIRST: Duration = Duration::from_secs(2);
 const PROBE_MAX: Duration = Duration::from_secs(60);
 
+/// The kind of limit a burst of refusals showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Requests in flight: refused only when more were in flight than the provider served at
+    /// once. Kept by the in-flight ceiling alone (a ceiling C at latency L sends C / L a
+    /// second, whatever L becomes).
+    Cap,
+    /// Requests (or tokens) a second: refused at any level once its bucket is spent. Kept by
+    /// the pace.
+    Rate,
+}
+
 /// The responses of the current window.
 #[derive(Debug, Clone, Default)]
 struct Window {
     ok: usize,
     refused: usize,
-    /// Refusals of requests sent after the learned limits last changed.
-    refused_since_change: usize,
+    /// For each refusal of a request sent after the learned limits last changed, how many
+    /// requests were in flight when it was sent (itself included).
+    levels: Vec<usize>,
     longest_retry_after: Option<Duration>,
 }
 
@@ -66,6 +87,17 @@ pub(super) struct Learner {
     /// The learned rate, as a pacing bucket.
     pub pace: Option<Bucket>,
     last_change: Instant,
+    /// The last burst of refusals (the provider's bucket, if it has one, was spent then),
+    /// the requests sent since and how many of them were refused: what got through of them
+    /// is its refill since then.
+    last_burst: Option<Instant>,
+    sent_since_burst: usize,
+    refused_since_burst: usize,
+    /// The kind of limit the last burst showed.
+    kind: Option<Kind>,
+    /// Until when a learned cap is raised to what the provider is seen serving at once:
+    /// those it served when it refused have not all answered when the cap is learned.
+    confirm_cap: Option<Instant>,
     probe_every: Duration,
     /// Round-trip time of successes (moving average, seconds).
     rtt: f64,
@@ -83,10 +115,20 @@ impl Learner {
             ceiling: None,
             pace: None,
             last_change: now,
+            last_burst: None,
+            sent_since_burst: 0,
+            refused_since_burst: 0,
+            kind: None,
+            confirm_cap: None,
             probe_every: PROBE_FIRST,
             rtt: 0.0,
             saturations: 0,
         }
+    }
+
+    /// Records that a request was sent.
+    pub fn sent(&mut self) {
+        self.sent_since_burst += 1;
     }
 
     /// Records a success of a request admitted at `admitted`.
@@ -114,11 +156,21 @@ impl Learner {
         };
     }
 
-    /// Records a refusal (429) of a request admitted at `admitted`.
-    pub fn refused(&mut self, admitted: Instant, retry_after: Option<Duration>, now: Instant) {
+    /// Records a refusal (429) of a request admitted at `admitted` with `level` in flight
+    /// (itself included).
+    pub fn refused(
+        &mut self,
+        admitted: Instant,
+        level: usize,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) {
         self.window.refused += 1;
         if admitted >= self.last_change {
-            self.window.refused_since_change += 1;
+            self.window.levels.push(level);
+        }
+        if self.last_burst.is_some_and(|t| admitted >= t) {
+            self.refused_since_burst += 1;
         }
         self.window.longest_retry_after = self.window.longest_retry_after.max(retry_after);
         if self.refusing_since.is_none() {
@@ -160,17 +212,29 @@ impl Learner {
             .then(|| self.ok_since_refusing as f64 / span)
     }
 
-    /// Judges the window once it holds `size` responses (about one round trip). On
-    /// saturation, learns from it and returns how long to pause the model: two round trips,
-    /// no longer than the refusals' Retry-After.
+    /// Judges the window once it holds `size` responses (about one round trip), or as soon
+    /// as it holds enough refusals to be saturated whatever the rest brings. Only refusals of
+    /// requests sent under the current limits count: those sent before were answered for
+    /// the old ones. On saturation, learns from it and returns how long to pause the model.
     pub fn judge(&mut self, size: usize, now: Instant) -> Option<Duration> {
         let size = size.max(WINDOW_MIN);
-        if self.window.ok + self.window.refused < size {
+        let seen = self.window.ok + self.window.refused;
+        let fresh = self.window.levels.len();
+        let early = fresh >= MIN_REFUSED && fresh as f64 >= SATURATED * size as f64;
+        if seen < size && !early {
             return None;
         }
-        let seen = self.window.ok + self.window.refused;
         let w = std::mem::take(&mut self.window);
-        let saturated = w.refused >= MIN_REFUSED && w.refused as f64 > SATURATED * seen as f64;
+        if self.confirm_cap.is_some_and(|until| now < until) && w.ok > 0 {
+            let at_once = self.served_at_once(now);
+            if let Some(c) = self.ceiling.as_mut()
+                && at_once > *c
+            {
+                tracing::trace!(from = *c, to = at_once, "governor: cap confirmed higher");
+                *c = at_once;
+            }
+        }
+        let saturated = fresh >= MIN_REFUSED && fresh as f64 > SATURATED * seen as f64;
         if !saturated {
             if w.refused == 0 {
                 self.refusing_since = None;
@@ -179,78 +243,132 @@ impl Learner {
             return None;
         }
         self.saturations += 1;
-        self.last_change = now;
-        self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
-        self.learn(now);
+        let learned = self.learn(&w, now);
+        if learned.is_some() {
+            self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+        }
+        self.changed(now);
+        self.last_burst = Some(now);
+        self.sent_since_burst = 0;
+        self.refused_since_burst = 0;
         tracing::debug!(
-            ok = w.ok, refused = w.refused, rtt_ms = self.rtt * 1000.0,
+            ok = w.ok, refused = w.refused, rtt_ms = self.rtt * 1000.0, kind = ?learned,
             pace = ?self.pace.as_ref().map(|p| p.rate), ceiling = ?self.ceiling,
             "governor: the provider refused in a burst"
         );
 
-        // Two round trips; before any success has timed one, what the provider asked (at
-        // most 100 ms).
-        // One to two round trips (what is on the wire answers meanwhile); before any
-        // success has timed one, 20 to 100 ms.
+        // Before any success has timed a round trip, what the provider asked (20 to
+        // 100 ms). Over a cap, one to two round trips: what is on the wire answers
+        // meanwhile. Over a rate, four round trips: the refill that gets through after it
+        // measures the rate.
         let asked = w.longest_retry_after.unwrap_or(Duration::from_millis(100));
         let rtt = Duration::try_from_secs_f64(self.rtt).unwrap_or(Duration::ZERO);
         let pause = if rtt.is_zero() {
             asked.clamp(Duration::from_millis(20), Duration::from_millis(100))
+        } else if learned == Some(Kind::Rate) {
+            rtt * 4
         } else {
             asked.clamp(rtt, rtt * 2)
         };
+        if learned == Some(Kind::Rate)
+            && let Some(p) = self.pace.as_mut()
+        {
+            p.hold(now + pause);
+        }
         // The refill is measured again from after the pause, over time spent sending.
         self.refusing_since = Some(now + pause);
         self.ok_since_refusing = 0;
         Some(pause)
     }
 
-    /// Under a learned pace, a window that still saw refusals (more than [`TRIM_AT`]) means
-    /// the pace is that much too fast: it drops by the refused share. (Scattered refusals of
-    /// a provider that refuses at random never set a pace, so they never trim one.)
-    fn trim_pace(&mut self, w: &Window, now: Instant) {
-        let seen = (w.ok + w.refused) as f64;
-        let share = w.refused_since_change as f64 / seen.max(1.0);
-        if let Some(p) = self.pace.as_mut()
-            && w.refused_since_change >= 2
-            && share > TRIM_AT
-        {
-            let rate = p.rate * (1.0 - share) * 0.98;
-            p.set_pace(rate, now);
-            self.last_change = now;
-        }
+    /// The learned limits changed now: what is sent from now on is judged against them.
+    fn changed(&mut self, now: Instant) {
+        self.last_change = now;
     }
 
-    /// Learns from a saturated window: the rate at which the provider serves (its refill
-    /// once it has been refusing for a while, else the most requests it served at once over
-    /// the round trip) gives the pace, and the most it served at once, less a margin, the
-    /// in-flight ceiling. The two describe a concurrency cap and a rate alike: a cap of C at
-    /// latency L serves C / L a second and C at once; a rate R keeps about R × L in flight.
-    fn learn(&mut self, now: Instant) {
-        // Over the last second: one round trip may hold too few successes to tell.
-        let at_once = self.served_at_once(now);
-        let capacity = self.capacity(now);
-        let served = match capacity {
-            Some(c) => c,
-            None if self.rtt > 0.0 => at_once as f64 / self.rtt,
-            None => 0.0,
-        };
-        if served <= 0.0 || at_once == 0 {
-            // Nothing got through yet: the pause alone waits for the provider.
+    /// Under a learned limit, a window that still saw refusals (more than [`TRIM_AT`]) means
+    /// the limit is too high: a cap's ceiling drops by one, a pace by the refused share.
+    /// (Scattered refusals of a provider that refuses at random never set a limit, so they
+    /// never trim one.)
+    fn trim_pace(&mut self, w: &Window, now: Instant) {
+        let seen = (w.ok + w.refused) as f64;
+        let fresh = w.levels.len();
+        let share = fresh as f64 / seen.max(1.0);
+        if fresh < 2 || share <= TRIM_AT {
             return;
         }
-        let rate = match (capacity, &self.pace) {
-            (Some(_), _) | (None, None) => served * MARGIN,
-            // Still refusing at the pace set from an early estimate: halve it until the
-            // refill can be measured.
-            (None, Some(p)) => (served * MARGIN).min(p.rate * 0.5),
-        };
-        match self.pace.as_mut() {
-            Some(p) => p.set_pace(rate, now),
-            None => self.pace = Some(Bucket::pace(rate, PACE_BURST, now)),
+        match (self.kind, self.ceiling.as_mut(), self.pace.as_mut()) {
+            (Some(Kind::Cap), Some(c), _) => *c = c.saturating_sub(1).max(1),
+            (Some(Kind::Rate), _, Some(p)) => {
+                let rate = p.rate * (1.0 - share) * 0.98;
+                p.set_pace(rate, now);
+            }
+            _ => return,
         }
-        let margin = ((at_once as f64 * (1.0 - CEILING_SHARE)).ceil() as usize).max(1);
-        self.ceiling = Some(at_once.saturating_sub(margin).max(1));
+        self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+        self.changed(now);
+    }
+
+    /// Learns from a saturated window `w` which kind of limit the provider enforces, and
+    /// where it lies; returns the kind, or `None` when nothing got through yet to learn from.
+    ///
+    /// Refusals of requests sent while more were in flight than the provider was serving at
+    /// once show a **cap**: the in-flight ceiling becomes what it served at once, less a
+    /// margin. Refusals at or under that level show a **rate**: the pace becomes the rate it
+    /// serves at. That is what got through of the requests sent since the last burst (its
+    /// bucket was spent then, so only its refill got through since); at the first burst,
+    /// what it served at once over the round trip — which a rate's stored burst inflates,
+    /// so the next burst measures it.
+    fn learn(&mut self, w: &Window, now: Instant) -> Option<Kind> {
+        // Over the last second: one round trip may hold too few successes to tell.
+        let at_once = self.served_at_once(now);
+        let lowest = w.levels.iter().copied().min().unwrap_or(0);
+        let above = w.levels.iter().filter(|l| **l > at_once).count();
+        let kind = if 2 * above > w.levels.len() && lowest > 1 {
+            Kind::Cap
+        } else if at_once > 0 && self.rtt > 0.0 {
+            Kind::Rate
+        } else {
+            // Nothing got through yet: the pause alone waits for the provider.
+            return None;
+        };
+        match kind {
+            // It served `lowest - 1` when it refused the next one (what it was seen serving
+            // at once may not have answered yet); a refusal at that level trims it.
+            Kind::Cap => {
+                self.ceiling = Some(at_once.max(lowest - 1));
+                self.confirm_cap = Some(now + CONFIRM_CAP);
+            }
+            Kind::Rate => {
+                let refill = self.last_burst.and_then(|t| {
+                    let span = now.saturating_duration_since(t).as_secs_f64();
+                    (span > 0.0).then(|| {
+                        self.sent_since_burst
+                            .saturating_sub(self.refused_since_burst) as f64
+                            / span
+                    })
+                });
+                let rate = match (self.capacity(now), refill) {
+                    (Some(c), _) => c,
+                    (None, Some(r)) => r,
+                    (None, None) => at_once as f64 / self.rtt,
+                } * MARGIN;
+                tracing::trace!(
+                    at_once,
+                    ?refill,
+                    rate,
+                    sent = self.sent_since_burst,
+                    refused = self.refused_since_burst,
+                    "governor: a rate"
+                );
+                match self.pace.as_mut() {
+                    Some(p) => p.set_pace(rate, now),
+                    None => self.pace = Some(Bucket::pace(rate, PACE_BURST, now)),
+                }
+            }
+        }
+        self.kind = Some(kind);
+        Some(kind)
     }
 
     /// After a quiet period, raises the learned limits one step (a concurrency cap by one, a
@@ -259,13 +377,14 @@ impl Learner {
         if now.saturating_duration_since(self.last_change) < self.probe_every {
             return;
         }
-        self.last_change = now;
-        if let Some(c) = self.ceiling.as_mut() {
-            *c = (*c + 1).min(max);
-        }
-        if let Some(p) = self.pace.as_mut() {
-            let rate = p.rate * 1.02;
-            p.set_pace(rate, now);
+        self.changed(now);
+        match (self.kind, self.ceiling.as_mut(), self.pace.as_mut()) {
+            (Some(Kind::Cap), Some(c), _) => *c = (*c + 1).min(max),
+            (Some(Kind::Rate), _, Some(p)) => {
+                let rate = p.rate * 1.02;
+                p.set_pace(rate, now);
+            }
+            _ => {}
         }
     }
 

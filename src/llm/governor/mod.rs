@@ -73,6 +73,8 @@ pub struct Admission {
     governor: Arc<Governor>,
     estimated_tokens: f64,
     started: Instant,
+    /// Requests in flight when it was admitted, itself included.
+    level: usize,
     outcome: Option<Outcome>,
 }
 
@@ -187,6 +189,7 @@ impl Governor {
             return Err(w);
         }
         st.in_flight += 1;
+        st.learner.sent();
         for b in [st.rpm.as_mut(), st.learner.pace.as_mut()]
             .into_iter()
             .flatten()
@@ -204,6 +207,7 @@ impl Governor {
             governor: self.clone(),
             estimated_tokens: tokens,
             started: now,
+            level: st.in_flight,
             outcome: None,
         })
     }
@@ -251,7 +255,7 @@ impl Governor {
             }
             Outcome::RateLimited { retry_after, rate } => {
                 self.heed(st, &rate, now);
-                st.learner.refused(adm.started, retry_after, now);
+                st.learner.refused(adm.started, adm.level, retry_after, now);
             }
             Outcome::Failed => {}
         }

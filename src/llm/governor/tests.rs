@@ -83,20 +83,58 @@ async fn round_trip_against_a_cap(g: &Arc<Governor>, n: usize, cap: usize) {
 }
 
 #[tokio::test]
-async fn a_concurrency_cap_is_learned_and_settled_just_under() {
+async fn a_concurrency_cap_is_learned_and_kept_by_the_ceiling_alone() {
     let g = Arc::new(Governor::new(cfg(64)));
     round_trip_against_a_cap(&g, 64, 32).await;
+    // One burst: the refusals after the first ones were of requests sent before the cap
+    // was learned, and teach nothing more.
     assert_eq!(g.saturations(), 1);
-    // 32 served per 20 ms round trip: 1,600 a second, 32 at once; settled just under.
-    let limit = g.limit();
-    assert!((28..=31).contains(&limit), "limit {limit}");
-    let pace = g.pace().unwrap();
-    assert!((1300.0..=1600.0).contains(&pace), "pace {pace:.0}");
-    // Under the learned limit nothing is refused and nothing changes.
+    // Refused from the 33rd in flight on: a cap of 32, kept by the ceiling alone.
+    assert_eq!((g.limit(), g.pace()), (32, None));
+    // At the cap nothing is refused and nothing changes.
     for _ in 0..10 {
-        round_trip_against_a_cap(&g, limit, 32).await;
+        round_trip_against_a_cap(&g, 32, 32).await;
     }
-    assert_eq!((g.limit(), g.saturations()), (limit, 1));
+    assert_eq!((g.limit(), g.saturations()), (32, 1));
+}
+
+#[test]
+fn a_probe_past_a_cap_is_trimmed_back() {
+    use super::learn::Learner;
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut l = Learner::new(t0);
+    // 64 sent at once; the provider serves 32 and refuses the rest.
+    for _ in 0..64 {
+        l.sent();
+    }
+    for level in 33..=64 {
+        l.refused(t0, level, Some(Duration::from_secs(1)), ms(1));
+        if let Some(pause) = l.judge(l.limit(64), ms(1)) {
+            assert!(pause <= Duration::from_millis(100), "{pause:?}");
+        }
+    }
+    assert_eq!((l.limit(64), l.saturations), (32, 1));
+    for _ in 0..32 {
+        l.ok(t0, ms(20));
+        assert_eq!(l.judge(l.limit(64), ms(20)), None);
+    }
+    // After the quiet period, one more is tried; the provider refuses a few at 33.
+    l.probe(64, ms(30));
+    assert_eq!(l.limit(64), 32, "not probed before the quiet period");
+    let later = ms(10_000);
+    l.probe(64, later);
+    assert_eq!(l.limit(64), 33);
+    for i in 0..33 {
+        l.sent();
+        if i < 3 {
+            l.refused(later, 33, Some(Duration::from_secs(1)), later);
+        } else {
+            l.ok(later, later + Duration::from_millis(20));
+        }
+        assert_eq!(l.judge(l.limit(64), later), None, "a trim is no burst");
+    }
+    assert_eq!((l.limit(64), l.saturations), (32, 1));
 }
 
 #[tokio::test]
