@@ -916,6 +916,15 @@ fn main() {
             }
             emit(limited(name, 2000, &args, concurrency_limit));
         }
+        // What bounds the cap on this machine: the same run with 32 in flight and no limit.
+        let args = ["--latency-ms", "20"];
+        emit(flagship(
+            "limits-cap32-bound-c32-unlimited",
+            2000,
+            32,
+            &args,
+            20.0,
+        ));
         for (name, headers) in [
             ("limits-rpm12000", true),
             ("limits-rpm12000-no-headers", false),
