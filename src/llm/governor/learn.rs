@@ -323,6 +323,14 @@ impl Learner {
         // Over the last second: one round trip may hold too few successes to tell.
         let at_once = self.served_at_once(now);
         let lowest = w.levels.iter().copied().min().unwrap_or(0);
+        if let (Some(Kind::Cap), Some(c)) = (self.kind, self.ceiling.as_mut()) {
+            let top = w.levels.iter().filter(|l| **l >= *c).count();
+            if 2 * top > w.levels.len() {
+                // Refused at the ceiling (a probe past the cap): one less, still a cap.
+                *c = c.saturating_sub(1).max(1);
+                return Some(Kind::Cap);
+            }
+        }
         let above = w.levels.iter().filter(|l| **l > at_once).count();
         let kind = if 2 * above > w.levels.len() && lowest > 1 {
             Kind::Cap
@@ -337,7 +345,10 @@ impl Learner {
             // at once may not have answered yet); a refusal at that level trims it.
             Kind::Cap => {
                 self.ceiling = Some(at_once.max(lowest - 1));
-                self.confirm_cap = Some(now + CONFIRM_CAP);
+                if lowest - 1 > at_once {
+                    // Those it served when it refused have not all answered yet.
+                    self.confirm_cap = Some(now + CONFIRM_CAP);
+                }
             }
             Kind::Rate => {
                 let refill = self.last_burst.and_then(|t| {

@@ -135,6 +135,25 @@ fn a_probe_past_a_cap_is_trimmed_back() {
         assert_eq!(l.judge(l.limit(64), later), None, "a trim is no burst");
     }
     assert_eq!((l.limit(64), l.saturations), (32, 1));
+    // The next probe meets a burst at the top slot (each refusal's slot is taken again at
+    // once): one less, and still a cap, not a rate.
+    let again = later + Duration::from_secs(30);
+    l.probe(64, again);
+    assert_eq!(l.limit(64), 33);
+    // Served at once, as the client counts it (its intervals overlap by one more than the
+    // provider's).
+    for _ in 0..33 {
+        l.ok(later, again);
+    }
+    for _ in 0..16 {
+        l.sent();
+        l.refused(again, 33, Some(Duration::from_secs(1)), again);
+        if l.judge(l.limit(64), again).is_some() {
+            break;
+        }
+    }
+    assert_eq!((l.limit(64), l.saturations), (32, 2));
+    assert!(l.pace.is_none(), "a cap has no pace");
 }
 
 #[tokio::test]
