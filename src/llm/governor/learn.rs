@@ -217,6 +217,7 @@ impl Learner {
     /// requests sent under the current limits count: those sent before were answered for
     /// the old ones. On saturation, learns from it and returns how long to pause the model.
     pub fn judge(&mut self, size: usize, now: Instant) -> Option<Duration> {
+        let limit = size;
         let size = size.max(WINDOW_MIN);
         let seen = self.window.ok + self.window.refused;
         let fresh = self.window.levels.len();
@@ -243,7 +244,7 @@ impl Learner {
             return None;
         }
         self.saturations += 1;
-        let learned = self.learn(&w, now);
+        let learned = self.learn(&w, limit, now);
         if learned.is_some() {
             self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
         }
@@ -319,7 +320,7 @@ impl Learner {
     /// bucket was spent then, so only its refill got through since); at the first burst,
     /// what it served at once over the round trip — which a rate's stored burst inflates,
     /// so the next burst measures it.
-    fn learn(&mut self, w: &Window, now: Instant) -> Option<Kind> {
+    fn learn(&mut self, w: &Window, limit: usize, now: Instant) -> Option<Kind> {
         // Over the last second: one round trip may hold too few successes to tell.
         let at_once = self.served_at_once(now);
         let lowest = w.levels.iter().copied().min().unwrap_or(0);
@@ -332,10 +333,16 @@ impl Learner {
             }
         }
         let above = w.levels.iter().filter(|l| **l > at_once).count();
+        // A rate shows itself by refusing while the provider served all that was allowed in
+        // flight, or after a rate was learned. Refusals near what it served, under the limit
+        // in force, are a small cap whose count the refusals being answered blur.
+        let rate_shown = at_once >= limit || self.kind == Some(Kind::Rate);
         let kind = if 2 * above > w.levels.len() && lowest > 1 {
             Kind::Cap
-        } else if at_once > 0 && self.rtt > 0.0 {
+        } else if at_once > 0 && self.rtt > 0.0 && rate_shown {
             Kind::Rate
+        } else if at_once > 0 {
+            Kind::Cap
         } else {
             // Nothing got through yet: the pause alone waits for the provider.
             return None;
