@@ -38,7 +38,7 @@ const MIN_REFUSED: usize = 8;
 const WINDOW_MIN: usize = 16;
 /// Share of a learned rate that the governor paces at.
 const MARGIN: f64 = 0.95;
-/// Share of refusals in a window that trims a learned pace.
+/// Share of refusals in a window that trims a learned limit.
 const TRIM_AT: f64 = 0.02;
 /// How far back successes count for the delivered rate.
 const HORIZON: Duration = Duration::from_secs(1);
@@ -240,7 +240,7 @@ impl Learner {
             if w.refused == 0 {
                 self.refusing_since = None;
             }
-            self.trim_pace(&w, now);
+            self.trim(&w, now);
             return None;
         }
         self.saturations += 1;
@@ -248,7 +248,7 @@ impl Learner {
         if learned.is_some() {
             self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
         }
-        self.changed(now);
+        self.last_change = now;
         self.last_burst = Some(now);
         self.sent_since_burst = 0;
         self.refused_since_burst = 0;
@@ -282,16 +282,11 @@ impl Learner {
         Some(pause)
     }
 
-    /// The learned limits changed now: what is sent from now on is judged against them.
-    fn changed(&mut self, now: Instant) {
-        self.last_change = now;
-    }
-
     /// Under a learned limit, a window that still saw refusals (more than [`TRIM_AT`]) means
     /// the limit is too high: a cap's ceiling drops by one, a pace by the refused share.
     /// (Scattered refusals of a provider that refuses at random never set a limit, so they
     /// never trim one.)
-    fn trim_pace(&mut self, w: &Window, now: Instant) {
+    fn trim(&mut self, w: &Window, now: Instant) {
         let seen = (w.ok + w.refused) as f64;
         let fresh = w.levels.len();
         let share = fresh as f64 / seen.max(1.0);
@@ -307,19 +302,21 @@ impl Learner {
             _ => return,
         }
         self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
-        self.changed(now);
+        self.last_change = now;
     }
 
     /// Learns from a saturated window `w` which kind of limit the provider enforces, and
     /// where it lies; returns the kind, or `None` when nothing got through yet to learn from.
     ///
     /// Refusals of requests sent while more were in flight than the provider was serving at
-    /// once show a **cap**: the in-flight ceiling becomes what it served at once, less a
-    /// margin. Refusals at or under that level show a **rate**: the pace becomes the rate it
-    /// serves at. That is what got through of the requests sent since the last burst (its
-    /// bucket was spent then, so only its refill got through since); at the first burst,
-    /// what it served at once over the round trip — which a rate's stored burst inflates,
-    /// so the next burst measures it.
+    /// once show a **cap**: the in-flight ceiling becomes what it served at once (or the
+    /// lowest level refused, less one), with no pace. Refusals at or under that level, while
+    /// it served all that was allowed or once a rate was learned, show a **rate**: the pace
+    /// becomes the rate it serves at. That is what got through of the requests sent since
+    /// the last burst (its bucket was spent then, so only its refill got through since); at
+    /// the first burst, what it served at once over the round trip — which a rate's stored
+    /// burst inflates, so the next burst measures it. Anything else that got through is a
+    /// small cap.
     fn learn(&mut self, w: &Window, limit: usize, now: Instant) -> Option<Kind> {
         // Over the last second: one round trip may hold too few successes to tell.
         let at_once = self.served_at_once(now);
@@ -351,8 +348,9 @@ impl Learner {
             // It served `lowest - 1` when it refused the next one (what it was seen serving
             // at once may not have answered yet); a refusal at that level trims it.
             Kind::Cap => {
-                self.ceiling = Some(at_once.max(lowest - 1));
-                if lowest - 1 > at_once {
+                let below_refused = lowest.saturating_sub(1);
+                self.ceiling = Some(at_once.max(below_refused));
+                if below_refused > at_once {
                     // Those it served when it refused have not all answered yet.
                     self.confirm_cap = Some(now + CONFIRM_CAP);
                 }
@@ -395,7 +393,7 @@ impl Learner {
         if now.saturating_duration_since(self.last_change) < self.probe_every {
             return;
         }
-        self.changed(now);
+        self.last_change = now;
         match (self.kind, self.ceiling.as_mut(), self.pace.as_mut()) {
             (Some(Kind::Cap), Some(c), _) => *c = (*c + 1).min(max),
             (Some(Kind::Rate), _, Some(p)) => {
