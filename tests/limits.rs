@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sluice::config::Config;
+use sluice::llm::LimitKind;
 use support::*;
 
 /// The tests here judge pacing by timing: they run one at a time, so that they do not slow
@@ -94,6 +95,12 @@ async fn a_concurrency_cap_is_learned_after_one_round_trip() {
     assert!(server.stats().max_in_flight <= 16);
     // A cap is kept by the in-flight ceiling alone: no pace that would bind below it.
     assert_eq!(m.models["default"].pace_rps, None, "{:?}", m.models);
+    assert_eq!(
+        m.models["default"].kind,
+        Some(LimitKind::Cap),
+        "{:?}",
+        m.models
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +135,14 @@ async fn an_unadvertised_rate_is_learned_and_no_row_is_lost() {
         refused * 4 < requests,
         "{refused} refused of {requests}: the pace was not learned"
     );
-    let pace = e.metrics().models["default"].pace_rps.expect("a pace");
+    let m = e.metrics();
+    assert_eq!(
+        m.models["default"].kind,
+        Some(LimitKind::Rate),
+        "{:?}",
+        m.models
+    );
+    let pace = m.models["default"].pace_rps.expect("a pace");
     assert!((50.0..=150.0).contains(&pace), "pace {pace:.0}/s for 100/s");
 }
 

@@ -209,9 +209,13 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
     }
     for (name, g) in m.models.iter().filter(|(_, g)| g.saturations > 0) {
         s.push_str(&format!(
-            "\n  model {name}: the provider refused in bursts {} time(s); settled at {} in flight",
-            g.saturations, g.limit
+            "\n  model {name}: the provider refused in bursts {} time(s)",
+            g.saturations
         ));
+        if let Some(kind) = g.kind {
+            s.push_str(&format!(", a {kind} learned"));
+        }
+        s.push_str(&format!("; settled at {} in flight", g.limit));
         if let Some(p) = g.pace_rps {
             s.push_str(&format!(", {p:.1} requests/s"));
         }

@@ -277,6 +277,7 @@ impl Engine {
                 ModelSnapshot {
                     limit: g.limit(),
                     pace_rps: g.pace(),
+                    kind: g.limit_kind(),
                     saturations: g.saturations(),
                 },
             );

@@ -26,6 +26,7 @@ use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, OutputSchema};
 
 pub(crate) use dispatch::Dispatcher;
 pub use dispatch::{Metrics, MetricsSnapshot};
+pub use governor::LimitKind;
 
 /// Why a model cannot be set up, or cannot serve a function.
 #[derive(Debug, Clone, thiserror::Error)]

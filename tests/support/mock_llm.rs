@@ -13,7 +13,7 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+#[path = "clock.rs"]
+mod clock;
 #[path = "limits.rs"]
 mod limits;
 
@@ -671,6 +673,8 @@ async fn serve_llm(
     proto: Proto,
     released: &mut bool,
 ) -> std::io::Result<After> {
+    // The latency counts from when the request was read.
+    let received = Instant::now();
     let cfg = &st.cfg;
     if !authorized(cfg, req) {
         let body = error_body("Incorrect API key provided", "invalid_request_error");
@@ -703,7 +707,7 @@ async fn serve_llm(
     };
     let delay = cfg.latency + jitter;
     if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+        clock::sleep_until(received + delay).await;
     }
     let answer = Answer::new(proto, &parsed, &prompts, listed);
     let Some(fault) = fault else {

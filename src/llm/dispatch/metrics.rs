@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::llm::governor::LimitKind;
 use crate::types::ErrorKind;
 
 /// Latency histogram with logarithmic buckets (5% wide, from 50 µs), lock-free to record.
@@ -289,6 +290,9 @@ pub struct ModelSnapshot {
     pub limit: usize,
     /// The learned pace in requests per second, if the provider's refusals taught one.
     pub pace_rps: Option<f64>,
+    /// The kind of limit the refusals showed: a concurrency cap (kept by `limit`) or a rate
+    /// (kept by `pace_rps`).
+    pub kind: Option<LimitKind>,
     /// Round trips in which the provider refused in a burst.
     pub saturations: u64,
 }
@@ -305,6 +309,7 @@ impl MetricsSnapshot {
             "retries": self.retries, "errors": self.errors,
             "models": self.models.iter().map(|(k, m)| (k.clone(), serde_json::json!({
                 "limit": m.limit, "pace_rps": m.pace_rps, "saturations": m.saturations,
+                "learned": m.kind.map(|k| k.to_string()),
             }))).collect::<serde_json::Map<_, _>>(),
             "functions": self.functions.iter().map(|(k, f)| (k.clone(), f.to_json()))
                 .collect::<serde_json::Map<_, _>>(),

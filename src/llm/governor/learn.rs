@@ -52,7 +52,7 @@ const PROBE_MAX: Duration = Duration::from_secs(60);
 
 /// The kind of limit a burst of refusals showed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
+pub enum Kind {
     /// Requests in flight: refused only when more were in flight than the provider served at
     /// once. Kept by the in-flight ceiling alone (a ceiling C at latency L sends C / L a
     /// second, whatever L becomes).
@@ -60,6 +60,15 @@ pub(super) enum Kind {
     /// Requests (or tokens) a second: refused at any level once its bucket is spent. Kept by
     /// the pace.
     Rate,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Cap => "concurrency cap",
+            Kind::Rate => "rate",
+        })
+    }
 }
 
 /// The responses of the current window.
@@ -94,11 +103,14 @@ pub(super) struct Learner {
     sent_since_burst: usize,
     refused_since_burst: usize,
     /// The kind of limit the last burst showed.
-    kind: Option<Kind>,
+    pub kind: Option<Kind>,
     /// Until when a learned cap is raised to what the provider is seen serving at once:
     /// those it served when it refused have not all answered when the cap is learned.
     confirm_cap: Option<Instant>,
     probe_every: Duration,
+    /// Until when the last probe of a cap is on trial: a refusal at its new top slot
+    /// meanwhile undoes it at once, instead of a window of refusals at that slot.
+    probe_trial: Option<Instant>,
     /// Round-trip time of successes (moving average, seconds).
     rtt: f64,
     /// Saturated windows so far.
@@ -121,6 +133,7 @@ impl Learner {
             kind: None,
             confirm_cap: None,
             probe_every: PROBE_FIRST,
+            probe_trial: None,
             rtt: 0.0,
             saturations: 0,
         }
@@ -156,6 +169,11 @@ impl Learner {
         };
     }
 
+    /// Whether any request has been answered yet (then a round trip has been timed).
+    pub fn answered(&self) -> bool {
+        self.rtt > 0.0
+    }
+
     /// Records a refusal (429) of a request admitted at `admitted` with `level` in flight
     /// (itself included).
     pub fn refused(
@@ -166,7 +184,22 @@ impl Learner {
         now: Instant,
     ) {
         self.window.refused += 1;
-        if admitted >= self.last_change {
+        let fresh = admitted >= self.last_change;
+        tracing::trace!(level, fresh, ceiling = ?self.ceiling, "governor: refused");
+        if fresh
+            && self.probe_trial.is_some_and(|until| now < until)
+            && let Some(c) = self.ceiling.as_mut()
+            && level >= *c
+        {
+            // The probe's top slot was refused: the cap is where it was.
+            one_less(c);
+            self.probe_trial = None;
+            self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+            self.last_change = now;
+            tracing::trace!(ceiling = ?self.ceiling, "governor: probe undone");
+            return;
+        }
+        if fresh {
             self.window.levels.push(level);
         }
         if self.last_burst.is_some_and(|t| admitted >= t) {
@@ -258,18 +291,21 @@ impl Learner {
             "governor: the provider refused in a burst"
         );
 
-        // Before any success has timed a round trip, what the provider asked (20 to
-        // 100 ms). Over a cap, one to two round trips: what is on the wire answers
-        // meanwhile. Over a rate, four round trips: the refill that gets through after it
-        // measures the rate.
+        // Over a cap, none: the ceiling holds back what is over it, and the requests it
+        // served free their slots as they answer (a pause left them empty: 80 ms of the
+        // first round trip, traced). Over a rate, four round trips: the refill that gets
+        // through after it measures the rate. Otherwise, what the provider asked (20 to
+        // 100 ms before a success has timed a round trip, one to two round trips after).
         let asked = w.longest_retry_after.unwrap_or(Duration::from_millis(100));
         let rtt = Duration::try_from_secs_f64(self.rtt).unwrap_or(Duration::ZERO);
-        let pause = if rtt.is_zero() {
-            asked.clamp(Duration::from_millis(20), Duration::from_millis(100))
-        } else if learned == Some(Kind::Rate) {
-            rtt * 4
-        } else {
-            asked.clamp(rtt, rtt * 2)
+        let pause = match learned {
+            // The ceiling alone holds a cap: what it served answers, and frees its slots.
+            Some(Kind::Cap) => Duration::ZERO,
+            Some(Kind::Rate) if !rtt.is_zero() => rtt * 4,
+            _ if rtt.is_zero() => {
+                asked.clamp(Duration::from_millis(20), Duration::from_millis(100))
+            }
+            _ => asked.clamp(rtt, rtt * 2),
         };
         if learned == Some(Kind::Rate)
             && let Some(p) = self.pace.as_mut()
@@ -294,13 +330,15 @@ impl Learner {
             return;
         }
         match (self.kind, self.ceiling.as_mut(), self.pace.as_mut()) {
-            (Some(Kind::Cap), Some(c), _) => *c = c.saturating_sub(1).max(1),
+            (Some(Kind::Cap), Some(c), _) => one_less(c),
             (Some(Kind::Rate), _, Some(p)) => {
                 let rate = p.rate * (1.0 - share) * 0.98;
                 p.set_pace(rate, now);
             }
             _ => return,
         }
+        tracing::trace!(fresh, share, ceiling = ?self.ceiling,
+            pace = ?self.pace.as_ref().map(|p| p.rate), "governor: trimmed");
         self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
         self.last_change = now;
     }
@@ -325,7 +363,7 @@ impl Learner {
             let top = w.levels.iter().filter(|l| **l >= *c).count();
             if 2 * top > w.levels.len() {
                 // Refused at the ceiling (a probe past the cap): one less, still a cap.
-                *c = c.saturating_sub(1).max(1);
+                one_less(c);
                 return Some(Kind::Cap);
             }
         }
@@ -356,9 +394,11 @@ impl Learner {
                 }
             }
             Kind::Rate => {
+                // Over less than two round trips, what got through is mostly what was still
+                // on the wire (a burst that came right after one taken for a cap measured 0/s).
                 let refill = self.last_burst.and_then(|t| {
                     let span = now.saturating_duration_since(t).as_secs_f64();
-                    (span > 0.0).then(|| {
+                    (span >= 2.0 * self.rtt).then(|| {
                         self.sent_since_burst
                             .saturating_sub(self.refused_since_burst) as f64
                             / span
@@ -395,17 +435,29 @@ impl Learner {
         }
         self.last_change = now;
         match (self.kind, self.ceiling.as_mut(), self.pace.as_mut()) {
-            (Some(Kind::Cap), Some(c), _) => *c = (*c + 1).min(max),
+            (Some(Kind::Cap), Some(c), _) => {
+                *c = (*c + 1).min(max);
+                // Its top slot is tried within a round trip or two under load.
+                let rtt = Duration::try_from_secs_f64(self.rtt).unwrap_or(Duration::ZERO);
+                self.probe_trial = Some(now + (rtt * 4).max(Duration::from_millis(50)));
+            }
             (Some(Kind::Rate), _, Some(p)) => {
                 let rate = p.rate * 1.02;
                 p.set_pace(rate, now);
             }
-            _ => {}
+            _ => return,
         }
+        tracing::trace!(ceiling = ?self.ceiling, pace = ?self.pace.as_ref().map(|p| p.rate),
+            "governor: probed");
     }
 
     /// The in-flight limit the learned ceiling allows under `max`.
     pub fn limit(&self, max: usize) -> usize {
         self.ceiling.map_or(max, |c| c.min(max)).max(1)
     }
+}
+
+/// A ceiling one lower, never under one.
+fn one_less(ceiling: &mut usize) {
+    *ceiling = ceiling.saturating_sub(1).max(1);
 }

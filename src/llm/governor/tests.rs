@@ -119,23 +119,31 @@ fn a_probe_past_a_cap_is_trimmed_back() {
         l.ok(t0, ms(20));
         assert_eq!(l.judge(l.limit(64), ms(20)), None);
     }
-    // After the quiet period, one more is tried; the provider refuses a few at 33.
+    // After the quiet period, one more is tried; the provider refuses the first request sent
+    // at 33 in flight, which undoes the probe at once.
     l.probe(64, ms(30));
     assert_eq!(l.limit(64), 32, "not probed before the quiet period");
     let later = ms(10_000);
     l.probe(64, later);
     assert_eq!(l.limit(64), 33);
+    let answered = later + Duration::from_millis(1);
     for i in 0..33 {
         l.sent();
         if i < 3 {
-            l.refused(later, 33, Some(Duration::from_secs(1)), later);
+            l.refused(later, 33, Some(Duration::from_secs(1)), answered);
+            assert_eq!(l.limit(64), 32, "the probe is undone by its first refusal");
         } else {
             l.ok(later, later + Duration::from_millis(20));
         }
-        assert_eq!(l.judge(l.limit(64), later), None, "a trim is no burst");
+        assert_eq!(
+            l.judge(l.limit(64), answered),
+            None,
+            "an undone probe is no burst"
+        );
     }
+    // The two refused after it were sent before it was undone: they trim nothing.
     assert_eq!((l.limit(64), l.saturations), (32, 1));
-    // The next probe meets a burst at the top slot (each refusal's slot is taken again at
+    // A burst at the top slot after the probe's trial (each refusal's slot taken again at
     // once): one less, and still a cap, not a rate.
     let again = later + Duration::from_secs(30);
     l.probe(64, again);
@@ -145,15 +153,55 @@ fn a_probe_past_a_cap_is_trimmed_back() {
     for _ in 0..33 {
         l.ok(later, again);
     }
+    let after_trial = again + Duration::from_millis(200);
     for _ in 0..16 {
         l.sent();
-        l.refused(again, 33, Some(Duration::from_secs(1)), again);
-        if l.judge(l.limit(64), again).is_some() {
+        l.refused(after_trial, 33, Some(Duration::from_secs(1)), after_trial);
+        if l.judge(l.limit(64), after_trial).is_some() {
             break;
         }
     }
     assert_eq!((l.limit(64), l.saturations), (32, 2));
     assert!(l.pace.is_none(), "a cap has no pace");
+}
+
+#[tokio::test]
+async fn refused_slots_are_held_until_the_refusals_are_judged() {
+    let g = Arc::new(Governor::new(cfg(64)));
+    let mut adms = vec![];
+    for _ in 0..64 {
+        adms.push(g.admit(1).await);
+    }
+    // Nothing answered yet: each refused request keeps its slot from new requests, which a
+    // provider over its cap would refuse too.
+    for _ in 0..5 {
+        adms.pop()
+            .unwrap()
+            .finish(refused(Some(Duration::from_secs(1))));
+    }
+    assert_eq!(g.in_flight(), 64);
+    // Enough refusals to judge (a fifth of 64): a cap under the lowest level refused, and
+    // the held slots come back.
+    for _ in 0..8 {
+        adms.pop()
+            .unwrap()
+            .finish(refused(Some(Duration::from_secs(1))));
+    }
+    assert_eq!((g.saturations(), g.limit()), (1, 51));
+    assert_eq!(g.in_flight(), 51);
+    for a in adms {
+        a.finish(done());
+    }
+    assert_eq!(g.in_flight(), 0);
+    // A provider that refuses everything: the slots come back with the last refusal.
+    let g = Arc::new(Governor::new(cfg(4)));
+    let adms = [g.admit(1).await, g.admit(1).await, g.admit(1).await];
+    for a in adms {
+        a.finish(refused(None));
+    }
+    assert_eq!(g.in_flight(), 0);
+    let again = tokio::time::timeout(Duration::from_secs(1), g.admit(1)).await;
+    assert!(again.is_ok(), "the slots are free");
 }
 
 #[tokio::test]
