@@ -372,7 +372,11 @@ impl Learner {
         // flight, or after a rate was learned. Refusals near what it served, under the limit
         // in force, are a small cap whose count the refusals being answered blur.
         let rate_shown = at_once >= limit || self.kind == Some(Kind::Rate);
-        let kind = if 2 * above > w.levels.len() && lowest > 1 {
+        // Refused at one in flight is no cap once something got through; before anything
+        // did, it is a request that reached the provider after those it served (the first
+        // connections open in any order: one traced run refused its first request sent and
+        // then paused 100 ms and sent 64 into the cap again).
+        let kind = if 2 * above > w.levels.len() && (lowest > 1 || at_once == 0) {
             Kind::Cap
         } else if at_once > 0 && self.rtt > 0.0 && rate_shown {
             Kind::Rate
@@ -386,7 +390,7 @@ impl Learner {
             // It served `lowest - 1` when it refused the next one (what it was seen serving
             // at once may not have answered yet); a refusal at that level trims it.
             Kind::Cap => {
-                let below_refused = lowest.saturating_sub(1);
+                let below_refused = lowest.saturating_sub(1).max(1);
                 self.ceiling = Some(at_once.max(below_refused));
                 if below_refused > at_once {
                     // Those it served when it refused have not all answered yet.
