@@ -104,9 +104,10 @@ pub(super) struct Learner {
     refused_since_burst: usize,
     /// The kind of limit the last burst showed.
     pub kind: Option<Kind>,
-    /// Until when a learned cap is raised to what the provider is seen serving at once:
-    /// those it served when it refused have not all answered when the cap is learned.
-    confirm_cap: Option<Instant>,
+    /// When a cap was learned, and until when it is raised to the number of requests the
+    /// provider was then serving (sent before and answered after that instant): those it
+    /// served when it refused have not all answered when the cap is learned.
+    confirm_cap: Option<(Instant, Instant)>,
     probe_every: Duration,
     /// Until when the last probe of a cap is on trial: a refusal at its new top slot
     /// meanwhile undoes it at once, instead of a window of refusals at that slot.
@@ -259,13 +260,24 @@ impl Learner {
             return None;
         }
         let w = std::mem::take(&mut self.window);
-        if self.confirm_cap.is_some_and(|until| now < until) && w.ok > 0 {
-            let at_once = self.served_at_once(now);
+        if let Some((at, until)) = self.confirm_cap
+            && now < until
+            && w.ok > 0
+        {
+            // Served at that instant, not the most served at once over the last second: the
+            // client's intervals (its latency) overlap more than the provider's, and a
+            // confirmation from them once raised a cap of 32 to 39, and then a burst at 39
+            // was taken for a rate.
+            let serving = self
+                .delivered
+                .iter()
+                .filter(|(sent, done)| *sent <= at && *done >= at)
+                .count();
             if let Some(c) = self.ceiling.as_mut()
-                && at_once > *c
+                && serving > *c
             {
-                tracing::trace!(from = *c, to = at_once, "governor: cap confirmed higher");
-                *c = at_once;
+                tracing::trace!(from = *c, to = serving, "governor: cap confirmed higher");
+                *c = serving;
             }
         }
         let saturated = fresh >= MIN_REFUSED && fresh as f64 > SATURATED * seen as f64;
@@ -394,7 +406,7 @@ impl Learner {
                 self.ceiling = Some(at_once.max(below_refused));
                 if below_refused > at_once {
                     // Those it served when it refused have not all answered yet.
-                    self.confirm_cap = Some(now + CONFIRM_CAP);
+                    self.confirm_cap = Some((now, now + CONFIRM_CAP));
                 }
             }
             Kind::Rate => {
