@@ -8,10 +8,12 @@
 //!
 //! A saturated window tells which **kind** of limit the provider enforces by the number of
 //! requests in flight at which it refused (each admission remembers it):
-//! - a **cap** refuses only requests sent while more were in flight than it was serving: the
-//!   in-flight ceiling becomes what it served (the lowest level refused, less one, raised
-//!   over the next [`CONFIRM_CAP`] to what it is seen serving at once). No pace: a ceiling C
-//!   at latency L sends C / L a second, whatever L becomes (Little's law);
+//! - a **cap** refuses only requests sent while more were in flight than it was serving
+//!   (and, before anything was answered, any burst is one): the in-flight ceiling becomes
+//!   what it served (the lowest level refused, less one, raised over the next
+//!   [`CONFIRM_CAP`] to the requests it was serving at the instant it refused, as they
+//!   answer). No pace and no pause: a ceiling C at latency L sends C / L a second, whatever L
+//!   becomes (Little's law);
 //! - a **rate** refuses at any level once its bucket is spent: the pace becomes [`MARGIN`]
 //!   of the rate it serves — what got through of the requests sent since the last burst
 //!   (its bucket was spent then, so only its refill did), or at the first burst the most
@@ -23,7 +25,8 @@
 //! pace by the refused share). Learned limits are probed upward one step at a time
 //! (ceiling + 1, pace + 2%), only after a quiet period that doubles after every burst or
 //! trim (as TCP keeps its `ssthresh`), so a run settles under the limit instead of
-//! regrowing into it every round trip.
+//! regrowing into it every round trip. A probed ceiling is on trial for four round trips:
+//! the first refusal at its new top slot undoes it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
