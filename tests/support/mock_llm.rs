@@ -694,6 +694,10 @@ async fn serve_llm(
     let rate_headers = match admit(st, &parsed, &prompts) {
         Ok(headers) => headers,
         Err(refusal) => {
+            // A refused request holds no slot: it stops counting before its 429 is sent, or
+            // the request the client sends in its place could be refused for it.
+            s.in_flight.fetch_sub(1, Ordering::Relaxed);
+            *released = true;
             sock.write_all(&refusal).await?;
             return Ok(After::KeepAlive);
         }
