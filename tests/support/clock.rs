@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::OnceLock;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -82,9 +82,4 @@ pub(crate) async fn sleep_until(deadline: Instant) {
         return;
     }
     let _ = woken.await;
-}
-
-/// Waits `d`, to within tens of microseconds.
-pub(crate) async fn sleep(d: Duration) {
-    sleep_until(Instant::now() + d).await;
 }

@@ -178,6 +178,17 @@ impl Learner {
         self.rtt > 0.0
     }
 
+    /// The round-trip time of successes (zero before any).
+    fn rtt(&self) -> Duration {
+        Duration::try_from_secs_f64(self.rtt).unwrap_or(Duration::ZERO)
+    }
+
+    /// Doubles the quiet period before the next probe, after a burst, a trim or an undone
+    /// probe.
+    fn quieter_probes(&mut self) {
+        self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+    }
+
     /// Records a refusal (429) of a request admitted at `admitted` with `level` in flight
     /// (itself included).
     pub fn refused(
@@ -198,7 +209,7 @@ impl Learner {
             // The probe's top slot was refused: the cap is where it was.
             one_less(c);
             self.probe_trial = None;
-            self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+            self.quieter_probes();
             self.last_change = now;
             tracing::trace!(ceiling = ?self.ceiling, "governor: probe undone");
             return;
@@ -294,7 +305,7 @@ impl Learner {
         self.saturations += 1;
         let learned = self.learn(&w, limit, now);
         if learned.is_some() {
-            self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+            self.quieter_probes();
         }
         self.last_change = now;
         self.last_burst = Some(now);
@@ -312,11 +323,12 @@ impl Learner {
         // through after it measures the rate. Otherwise, what the provider asked (20 to
         // 100 ms before a success has timed a round trip, one to two round trips after).
         let asked = w.longest_retry_after.unwrap_or(Duration::from_millis(100));
-        let rtt = Duration::try_from_secs_f64(self.rtt).unwrap_or(Duration::ZERO);
+        let rtt = self.rtt();
         let pause = match learned {
             // The ceiling alone holds a cap: what it served answers, and frees its slots.
             Some(Kind::Cap) => Duration::ZERO,
-            Some(Kind::Rate) if !rtt.is_zero() => rtt * 4,
+            // (A rate is learned only once a round trip was timed.)
+            Some(Kind::Rate) => rtt * 4,
             _ if rtt.is_zero() => {
                 asked.clamp(Duration::from_millis(20), Duration::from_millis(100))
             }
@@ -354,7 +366,7 @@ impl Learner {
         }
         tracing::trace!(fresh, share, ceiling = ?self.ceiling,
             pace = ?self.pace.as_ref().map(|p| p.rate), "governor: trimmed");
-        self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+        self.quieter_probes();
         self.last_change = now;
     }
 
@@ -457,8 +469,7 @@ impl Learner {
             (Some(Kind::Cap), Some(c), _) => {
                 *c = (*c + 1).min(max);
                 // Its top slot is tried within a round trip or two under load.
-                let rtt = Duration::try_from_secs_f64(self.rtt).unwrap_or(Duration::ZERO);
-                self.probe_trial = Some(now + (rtt * 4).max(Duration::from_millis(50)));
+                self.probe_trial = Some(now + (self.rtt() * 4).max(Duration::from_millis(50)));
             }
             (Some(Kind::Rate), _, Some(p)) => {
                 let rate = p.rate * 1.02;

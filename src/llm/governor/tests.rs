@@ -66,13 +66,19 @@ async fn a_dropped_admission_gives_its_slot_back() {
     assert!(again.is_ok(), "the slot is free");
 }
 
-/// Admits `n` at once, then ends all but `cap` of them as refused at once (a server that
-/// takes `cap` requests at a time) and the rest as done 20 ms later.
-async fn round_trip_against_a_cap(g: &Arc<Governor>, n: usize, cap: usize) {
-    let mut adms = vec![];
+/// Admits `n` requests, one after another, without ending any.
+async fn admit_all(g: &Arc<Governor>, n: usize) -> Vec<Admission> {
+    let mut adms = Vec::with_capacity(n);
     for _ in 0..n {
         adms.push(g.admit(1).await);
     }
+    adms
+}
+
+/// Admits `n` at once, then ends all but `cap` of them as refused at once (a server that
+/// takes `cap` requests at a time) and the rest as done 20 ms later.
+async fn round_trip_against_a_cap(g: &Arc<Governor>, n: usize, cap: usize) {
+    let mut adms = admit_all(g, n).await;
     for a in adms.drain(cap.min(n)..) {
         a.finish(refused(Some(Duration::from_millis(1))));
     }
@@ -168,10 +174,7 @@ fn a_probe_past_a_cap_is_trimmed_back() {
 #[tokio::test]
 async fn refused_slots_are_held_until_the_refusals_are_judged() {
     let g = Arc::new(Governor::new(cfg(64)));
-    let mut adms = vec![];
-    for _ in 0..64 {
-        adms.push(g.admit(1).await);
-    }
+    let mut adms = admit_all(&g, 64).await;
     // Nothing answered yet: each refused request keeps its slot from new requests, which a
     // provider over its cap would refuse too.
     for _ in 0..5 {
@@ -227,19 +230,13 @@ async fn scattered_429s_pause_nobody_and_teach_nothing() {
 async fn a_burst_pauses_the_model_for_a_round_trip_not_for_retry_after() {
     let g = Arc::new(Governor::new(cfg(16)));
     // Successes that take ~20 ms teach the round trip.
-    let mut warm = vec![];
-    for _ in 0..16 {
-        warm.push(g.admit(1).await);
-    }
+    let warm = admit_all(&g, 16).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     for a in warm {
         a.finish(done());
     }
     // A whole round trip refused, each asking for 5 s.
-    let mut adms = vec![];
-    for _ in 0..16 {
-        adms.push(g.admit(1).await);
-    }
+    let adms = admit_all(&g, 16).await;
     for a in adms {
         a.finish(refused(Some(Duration::from_secs(5))));
     }
