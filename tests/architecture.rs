@@ -12,21 +12,37 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The layer of each top-level module, from the ```layers block of ARCHITECTURE.md.
-fn layers() -> BTreeMap<String, usize> {
+/// The ```layers blocks of ARCHITECTURE.md: the crate's (info string `layers`, key "") and one
+/// per module directory (`layers udf`, `layers llm/dispatch`): each name's line, bottom first;
+/// names on one line are peers.
+fn layer_blocks() -> BTreeMap<String, BTreeMap<String, usize>> {
     let doc = std::fs::read_to_string(repo().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
-    let block = doc
-        .split("```layers\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("a ```layers block in ARCHITECTURE.md");
     let mut out = BTreeMap::new();
-    for (i, line) in block.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-        for module in line.split_whitespace() {
-            out.insert(module.to_string(), i);
+    for part in doc.split("```layers").skip(1) {
+        let (info, rest) = part.split_once('\n').expect("a layers block");
+        let block = rest.split("```").next().expect("a closed layers block");
+        let mut layers = BTreeMap::new();
+        for (i, line) in block.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            for name in line.split_whitespace() {
+                assert!(
+                    layers.insert(name.to_string(), i).is_none(),
+                    "{name} is listed twice in the layers block of {info:?}"
+                );
+            }
         }
+        assert!(
+            out.insert(info.trim().to_string(), layers).is_none(),
+            "two layers blocks for {info:?}"
+        );
     }
     out
+}
+
+/// The layer of each top-level module, from the crate's ```layers block.
+fn layers() -> BTreeMap<String, usize> {
+    layer_blocks()
+        .remove("")
+        .expect("a ```layers block in ARCHITECTURE.md")
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -122,69 +138,435 @@ fn code_only(src: &str) -> String {
     out
 }
 
-/// The top-level modules that `code` names after `crate::` (also inside `crate::{...}`).
-fn crate_paths(code: &str) -> Vec<(usize, String)> {
-    let mut out = vec![];
-    for (n, line) in code.lines().enumerate() {
-        let mut rest = line;
-        while let Some(i) = rest.find("crate::") {
-            let before = rest[..i].chars().last();
-            rest = &rest[i + "crate::".len()..];
-            if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
-                continue;
-            }
-            if let Some(group) = rest.strip_prefix('{') {
-                // `crate::{a::X, b}`: the names at the group's top level.
-                let mut depth = 0;
-                let mut name = String::new();
-                let mut at_start = true;
-                for c in group.chars() {
-                    match c {
-                        '{' => depth += 1,
-                        '}' if depth == 0 => break,
-                        '}' => depth -= 1,
-                        ',' if depth == 0 => at_start = true,
-                        c if c.is_alphanumeric() || c == '_' => {
-                            if at_start && depth == 0 {
-                                name.push(c);
-                            }
-                        }
-                        _ => {
-                            if at_start && !name.is_empty() {
-                                out.push((n + 1, std::mem::take(&mut name)));
-                                at_start = false;
-                            }
-                        }
-                    }
+/// One path a file names: `crate::a::b`, `super::x::Y`, `self::x` (or, in a module root, a
+/// bare `child::...`), with `{...}` groups expanded, as written (not yet resolved).
+#[derive(Debug, Clone, PartialEq)]
+struct Written {
+    line: usize,
+    segments: Vec<String>,
+    /// Written in a `pub use`/`pub(crate) use` item: a re-export, not a use of the code.
+    reexport: bool,
+    /// Written in a `use` item: it names something for the module.
+    is_use: bool,
+    /// The name it is re-exported as (`as X`), when a re-export.
+    alias: Option<String>,
+}
+
+fn ident(s: &str) -> usize {
+    s.char_indices()
+        .find(|(_, c)| !(c.is_alphanumeric() || *c == '_'))
+        .map_or(s.len(), |(i, _)| i)
+}
+
+/// The paths of a use tree starting at `rest` (after a path's first segment and its `::`),
+/// each prefixed with `base`; returns how many bytes were read.
+fn use_tree(rest: &str, base: &[String], out: &mut Vec<(Vec<String>, Option<String>)>) -> usize {
+    let mut i = 0;
+    let mut segs = base.to_vec();
+    loop {
+        let r = &rest[i..];
+        let r_trim = r.trim_start();
+        i += r.len() - r_trim.len();
+        if let Some(group) = r_trim.strip_prefix('{') {
+            i += 1;
+            let mut j = 0;
+            loop {
+                let g = &group[j..];
+                let g_trim = g.trim_start();
+                j += g.len() - g_trim.len();
+                if g_trim.starts_with('}') {
+                    j += 1;
+                    break;
                 }
-                if !name.is_empty() {
-                    out.push((n + 1, name));
+                if g_trim.starts_with(',') {
+                    j += 1;
+                    continue;
                 }
-                continue;
+                if g_trim.is_empty() {
+                    break;
+                }
+                let read = use_tree(g_trim, &segs, out);
+                if read == 0 {
+                    j += g_trim.chars().next().map_or(1, char::len_utf8);
+                } else {
+                    j += read;
+                }
             }
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                out.push((n + 1, name));
+            return i + j;
+        }
+        let n = ident(r_trim);
+        if n == 0 {
+            if r_trim.starts_with('*') {
+                segs.push("*".to_string());
+                out.push((segs, None));
+                return i + 1;
+            }
+            if segs.len() > base.len() {
+                out.push((segs, None));
+            }
+            return i;
+        }
+        segs.push(r_trim[..n].to_string());
+        i += n;
+        let after = &rest[i..];
+        if let Some(more) = after.strip_prefix("::") {
+            if more.starts_with(|c: char| c.is_alphanumeric() || c == '_' || c == '{' || c == '*') {
+                i += 2;
+                continue;
             }
         }
+        let alias = after
+            .trim_start()
+            .strip_prefix("as ")
+            .map(|a| a.trim_start())
+            .map(|a| a[..ident(a)].to_string());
+        if let Some(a) = &alias {
+            let skip = after.find(a.as_str()).map_or(0, |k| k + a.len());
+            i += skip;
+        }
+        out.push((segs, alias));
+        return i;
+    }
+}
+
+/// The paths `code` names from `crate::`, `super::`, `self::` and, where `children` are given
+/// (a module root), a bare child module (`child::X` or `use child::X`).
+fn written_paths(code: &str, children: &[String]) -> Vec<Written> {
+    let mut out = vec![];
+    let mut i = 0;
+    while i < code.len() {
+        let rest = &code[i..];
+        let before = code[..i].chars().last();
+        let at_word = !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+        let n_id = ident(rest);
+        if !at_word || n_id == 0 {
+            i += rest.chars().next().map_or(1, char::len_utf8);
+            continue;
+        }
+        let first = &rest[..n_id];
+        let starts =
+            matches!(first, "crate" | "super" | "self") || children.iter().any(|c| c == first);
+        if !(starts && rest[n_id..].starts_with("::")) {
+            i += n_id;
+            continue;
+        }
+        let statement = statement_start(&code[..i]);
+        let reexport = ["pub use ", "pub(crate) use ", "pub(super) use "]
+            .iter()
+            .any(|p| statement.starts_with(p));
+        let line = code[..i].matches('\n').count() + 1;
+        let mut trees = vec![];
+        let read = use_tree(&rest[n_id + 2..], &[first.to_string()], &mut trees);
+        for (segments, alias) in trees {
+            out.push(Written {
+                line,
+                segments,
+                reexport,
+                is_use: reexport || statement.starts_with("use "),
+                alias,
+            });
+        }
+        i += n_id + 2 + read.max(1);
     }
     out
 }
 
-/// The top-level module a file of `src/` belongs to (`None` for the crate roots).
-fn module_of(src: &Path, file: &Path) -> Option<String> {
-    let rel = file.strip_prefix(src).ok()?;
-    let first = rel
-        .components()
-        .next()?
-        .as_os_str()
-        .to_string_lossy()
-        .to_string();
-    let name = first.trim_end_matches(".rs").to_string();
-    (name != "lib" && name != "main").then_some(name)
+/// The text of the statement that `before` ends inside of, from its start (after the last `;`,
+/// `{` or `}` outside a use group, attributes skipped), whitespace collapsed.
+fn statement_start(before: &str) -> String {
+    let mut depth = 0;
+    let mut start = 0;
+    for (k, c) in before.char_indices().rev() {
+        match c {
+            '}' => depth += 1,
+            '{' if depth > 0 => depth -= 1,
+            '{' | ';' => {
+                start = k + 1;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let mut text = before[start..].trim_start();
+    while let Some(attr) = text.strip_prefix("#[") {
+        text = attr.split_once(']').map_or("", |(_, r)| r).trim_start();
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ") + " "
+}
+
+/// The code of `src` without its `#[cfg(test)]` items (test code may use anything of its
+/// module; line breaks kept): a `use` or `mod x;` up to its `;`, anything else up to the end
+/// of its first block.
+fn without_test_modules(code: &str) -> String {
+    const MARK: &str = "#[cfg(test)]";
+    let mut out = String::with_capacity(code.len());
+    let mut rest = code;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        let semi = after.find(';').unwrap_or(after.len());
+        let open = after.find('{').unwrap_or(after.len());
+        let end = if semi < open {
+            semi + 1
+        } else {
+            let mut depth = 0;
+            let mut end = after.len();
+            for (k, c) in after[open..].char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = open + k + 1;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            end
+        };
+        out.extend(after[..end].chars().filter(|&c| c == '\n'));
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The identifiers of `code` outside its `use` items.
+fn words_outside_use_items(code: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while i < code.len() {
+        let rest = &code[i..];
+        let n = ident(rest);
+        if n == 0 {
+            i += rest.chars().next().map_or(1, char::len_utf8);
+            continue;
+        }
+        if &rest[..n] == "use" && statement_start(&code[..i]).trim().is_empty()
+            || &rest[..n] == "use" && statement_start(&code[..i]).trim().starts_with("pub")
+        {
+            i += rest.find(';').map_or(rest.len(), |k| k + 1);
+            continue;
+        }
+        out.insert(rest[..n].to_string());
+        i += n;
+    }
+    out
+}
+
+/// One file of `src/` as the checks see it.
+struct SourceFile {
+    /// Its path under `src/`, for messages.
+    rel: String,
+    /// The module it is (`["udf", "def"]`; `["udf"]` for `udf/mod.rs`; `[]` for the crate roots).
+    module: Vec<String>,
+    /// A module root (`mod.rs`, `lib.rs`, `main.rs`): its re-exports are its interface.
+    root: bool,
+    /// Compiled only for tests (`#[cfg(test)] mod tests;`): above its module, not checked.
+    test_only: bool,
+    /// The paths it names, outside its `#[cfg(test)]` modules.
+    paths: Vec<Written>,
+    /// Its words outside `use` items and test modules (what its own code names).
+    words: std::collections::BTreeSet<String>,
+}
+
+impl SourceFile {
+    /// Whether the file's own code uses the name `w` brings in (a root's re-export is its
+    /// interface; a re-exported name its code also uses is an import like any other).
+    fn uses_name(&self, w: &Written) -> bool {
+        let name = w.alias.as_ref().or(w.segments.last());
+        name.is_some_and(|n| self.words.contains(n))
+    }
+}
+
+/// The source tree: its files, its directory modules (with their child modules) and what each
+/// module imports or re-exports under a name of its own.
+struct Tree {
+    files: Vec<SourceFile>,
+    /// Each directory module (`["llm", "dispatch"]`) and its child modules.
+    dirs: BTreeMap<Vec<String>, Vec<String>>,
+    /// (module, name) → the absolute path the name stands for (`use` and `pub use` items).
+    names: BTreeMap<(Vec<String>, String), Vec<String>>,
+}
+
+impl Tree {
+    fn read() -> Tree {
+        let src = repo().join("src");
+        let mut paths = vec![];
+        rust_files(&src, &mut paths);
+        paths.sort();
+        let mut dirs: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
+        let mut raw = vec![];
+        for path in &paths {
+            let rel = path.strip_prefix(&src).unwrap();
+            let mut module: Vec<String> = rel
+                .components()
+                .map(|c| {
+                    c.as_os_str()
+                        .to_string_lossy()
+                        .trim_end_matches(".rs")
+                        .to_string()
+                })
+                .collect();
+            let stem = module.pop().unwrap();
+            let root = matches!(stem.as_str(), "mod" | "lib" | "main");
+            if !root {
+                module.push(stem);
+            }
+            if let Some((name, parent)) = module.split_last() {
+                dirs.entry(parent.to_vec()).or_default().push(name.clone());
+            }
+            let text = std::fs::read_to_string(path).unwrap();
+            raw.push((rel.display().to_string(), module, root, code_only(&text)));
+        }
+        for children in dirs.values_mut() {
+            children.sort();
+            children.dedup();
+        }
+        let mut test_only = std::collections::BTreeSet::new();
+        let mut files = vec![];
+        let mut names = BTreeMap::new();
+        for (rel, module, root, code) in &raw {
+            let children = if *root {
+                dirs.get(module).cloned().unwrap_or_default()
+            } else {
+                vec![]
+            };
+            let compact: String = code.split_whitespace().collect::<Vec<_>>().join(" ");
+            for child in &children {
+                if compact.contains(&format!("#[cfg(test)] mod {child};")) {
+                    let mut m = module.clone();
+                    m.push(child.clone());
+                    test_only.insert(m);
+                }
+            }
+            for w in written_paths(code, &children) {
+                let abs = absolute(module, *root, &w.segments);
+                if w.is_use
+                    && let Some(last) = abs.last()
+                {
+                    let name = w.alias.clone().unwrap_or_else(|| last.clone());
+                    if name != "*" && name != "self" {
+                        names.insert((module.clone(), name), abs);
+                    }
+                }
+            }
+            let own_code = without_test_modules(code);
+            let paths = written_paths(&own_code, &children);
+            files.push(SourceFile {
+                rel: rel.clone(),
+                module: module.clone(),
+                root: *root,
+                test_only: false,
+                paths,
+                words: words_outside_use_items(&own_code),
+            });
+        }
+        for f in &mut files {
+            f.test_only = test_only.iter().any(|t| f.module.starts_with(t));
+        }
+        Tree { files, dirs, names }
+    }
+
+    /// `path` with every name a module imports replaced by what it stands for, so that a path
+    /// through a re-export (`crate::Engine`, `super::FunctionDef`) names the file that defines
+    /// the item.
+    fn resolve(&self, mut path: Vec<String>) -> Vec<String> {
+        for _ in 0..16 {
+            let hop = (0..path.len()).find_map(|k| {
+                let key = (path[..k].to_vec(), path[k].clone());
+                let is_child = self
+                    .dirs
+                    .get(&path[..k])
+                    .is_some_and(|c| c.contains(&path[k]));
+                (!is_child)
+                    .then(|| self.names.get(&key))
+                    .flatten()
+                    .filter(|target| **target != path[..=k])
+                    .map(|target| (k, target.clone()))
+            });
+            let Some((k, target)) = hop else {
+                return path;
+            };
+            let mut next = target;
+            next.extend(path[k + 1..].iter().cloned());
+            path = next;
+        }
+        path
+    }
+}
+
+/// The absolute module path of `segments` written in `module` (a root: `module` is its
+/// directory; a file: `module` ends with the file's own name).
+fn absolute(module: &[String], root: bool, segments: &[String]) -> Vec<String> {
+    let mut here = module.to_vec();
+    let mut rest = segments;
+    match rest.first().map(String::as_str) {
+        Some("crate") => {
+            here.clear();
+            rest = &rest[1..];
+        }
+        Some("self") => rest = &rest[1..],
+        Some("super") => {
+            while rest.first().is_some_and(|s| s == "super") {
+                here.pop();
+                rest = &rest[1..];
+            }
+        }
+        _ if root => {} // a bare child of a module root
+        _ => {}
+    }
+    here.extend(rest.iter().cloned());
+    here
+}
+
+/// The unit of directory module `dir` that `path` lies in: a child module's name, or "mod"
+/// for an item of the directory's root file; `None` outside `dir`.
+fn unit_in(tree: &Tree, dir: &[String], path: &[String]) -> Option<String> {
+    if path.len() <= dir.len() || !path.starts_with(dir) {
+        return None;
+    }
+    let next = &path[dir.len()];
+    let is_child = tree.dirs.get(dir).is_some_and(|c| c.contains(next));
+    Some(if is_child {
+        next.clone()
+    } else {
+        "mod".to_string()
+    })
+}
+
+/// Every use of one unit of a directory module by another: (dir, from, to, file:line).
+fn file_edges(tree: &Tree) -> Vec<(Vec<String>, String, String, String)> {
+    let mut out = vec![];
+    for f in tree.files.iter().filter(|f| !f.test_only) {
+        for w in &f.paths {
+            if w.reexport && f.root && !f.uses_name(w) {
+                continue;
+            }
+            let target = tree.resolve(absolute(&f.module, f.root, &w.segments));
+            for dir in tree.dirs.keys().filter(|d| !d.is_empty()) {
+                let own = if f.root && f.module == *dir {
+                    Some("mod".to_string())
+                } else {
+                    unit_in(tree, dir, &f.module)
+                };
+                let (Some(own), Some(theirs)) = (own, unit_in(tree, dir, &target)) else {
+                    continue;
+                };
+                if own != theirs {
+                    out.push((
+                        dir.clone(),
+                        own,
+                        theirs,
+                        format!("src/{}:{}", f.rel, w.line),
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Each function of `code` with its first line and its length in lines.
@@ -242,37 +624,84 @@ fn fn_name(line: &str) -> Option<String> {
 #[test]
 fn every_import_points_down_the_module_map() {
     let layers = layers();
-    let src = repo().join("src");
-    let mut files = vec![];
-    rust_files(&src, &mut files);
-    files.sort();
+    let tree = Tree::read();
     let mut violations = vec![];
-    for file in &files {
-        let Some(module) = module_of(&src, file) else {
-            continue;
-        };
+    for f in tree.files.iter().filter(|f| !f.module.is_empty()) {
+        let module = &f.module[0];
         let own = *layers
-            .get(&module)
+            .get(module)
             .unwrap_or_else(|| panic!("module {module} is missing from ARCHITECTURE.md's layers"));
-        let code = code_only(&std::fs::read_to_string(file).unwrap());
-        for (line, target) in crate_paths(&code) {
-            if target == module {
+        for w in &f.paths {
+            let target = tree.resolve(absolute(&f.module, f.root, &w.segments));
+            let Some(theirs) = target.first().and_then(|t| layers.get(t)) else {
                 continue;
-            }
-            let Some(&theirs) = layers.get(&target) else {
-                continue; // a crate-root item (none today)
             };
-            if theirs >= own {
+            if target[0] != *module && *theirs >= own {
                 violations.push(format!(
-                    "{}:{line}: {module} (layer {}) uses crate::{target} (layer {})",
-                    file.strip_prefix(repo()).unwrap().display(),
+                    "src/{}:{}: {module} (layer {}) uses crate::{} (layer {})",
+                    f.rel,
+                    w.line,
                     own + 1,
+                    target.join("::"),
                     theirs + 1
                 ));
             }
         }
     }
     assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+#[test]
+fn inside_a_module_every_file_imports_only_files_below_it() {
+    let blocks = layer_blocks();
+    let tree = Tree::read();
+    let mut problems = vec![];
+    for (dir, children) in tree.dirs.iter().filter(|(d, _)| !d.is_empty()) {
+        let name = dir.join("/");
+        let Some(block) = blocks.get(&name) else {
+            problems.push(format!("ARCHITECTURE.md has no ```layers {name} block"));
+            continue;
+        };
+        let mut units: Vec<String> = children
+            .iter()
+            .filter(|c| {
+                let mut m = dir.clone();
+                m.push((*c).clone());
+                !tree.files.iter().any(|f| f.module == m && f.test_only)
+            })
+            .cloned()
+            .collect();
+        units.push("mod".to_string());
+        for u in &units {
+            if !block.contains_key(u) {
+                problems.push(format!("```layers {name} does not place {u}"));
+            }
+        }
+        for listed in block.keys().filter(|k| !units.contains(k)) {
+            problems.push(format!(
+                "```layers {name} lists {listed}, which is not a file of it"
+            ));
+        }
+    }
+    for (dir, from, to, at) in file_edges(&tree) {
+        let name = dir.join("/");
+        let Some(block) = blocks.get(&name) else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (block.get(&from), block.get(&to)) else {
+            continue;
+        };
+        if b >= a {
+            problems.push(format!(
+                "{at}: in {name}, {from} (line {}) uses {to} (line {}), which is not below it",
+                a + 1,
+                b + 1
+            ));
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 #[test]
@@ -304,14 +733,63 @@ fn files_and_functions_stay_short() {
 fn the_checks_see_what_they_check() {
     // Grouped, nested and plain paths are found; comments and strings are not code.
     let code = code_only(
-        "use crate::{cache::X, llm::{a, b}, types};\n// crate::cli\nlet s = \"crate::udf\";\n\
-         let c = '{'; crate::engine::run();\nfn f<'a>(x: &'a str) {\n}\n",
+        "use crate::{cache::X, llm::{a, b as c}, types};\n// crate::cli\nlet s = \"crate::udf\";\n\
+         let c = '{'; crate::engine::run();\nfn f<'a>(x: &'a str) {\n}\nsuper::def::D::new();\n\
+         pub use child::Y;\n",
     );
-    let names: Vec<String> = crate_paths(&code).into_iter().map(|(_, n)| n).collect();
-    assert_eq!(names, ["cache", "llm", "types", "engine"]);
+    let paths: Vec<(Vec<String>, Option<String>)> = written_paths(&code, &["child".to_string()])
+        .into_iter()
+        .map(|w| (w.segments, w.alias))
+        .collect();
+    let p = |s: &str| s.split("::").map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        paths,
+        [
+            (p("crate::cache::X"), None),
+            (p("crate::llm::a"), None),
+            (p("crate::llm::b"), Some("c".to_string())),
+            (p("crate::types"), None),
+            (p("crate::engine::run"), None),
+            (p("super::def::D::new"), None),
+            (p("child::Y"), None),
+        ]
+    );
+    assert!(
+        written_paths(&code, &[])
+            .iter()
+            .all(|w| w.segments[0] != "child")
+    );
     let fns = functions(&code);
     assert_eq!(fns, [("f".to_string(), 5, 2)]);
     let layers = layers();
     assert!(layers["types"] < layers["cache"] && layers["cache"] < layers["llm"]);
     assert_eq!(layers["source"], layers["sink"]);
+    // Test modules are left out; their line breaks stay.
+    let kept = without_test_modules("a\n#[cfg(test)]\nmod tests {\n use super::*;\n}\nb\n");
+    assert_eq!(kept, "a\n\n\n\n\nb\n");
+    // Paths resolve from where they are written, through re-exports.
+    assert_eq!(
+        absolute(&p("udf::def"), false, &p("super::kind::K")),
+        p("udf::kind::K")
+    );
+    assert_eq!(absolute(&p("udf"), true, &p("def::F")), p("udf::def::F"));
+    let tree = Tree::read();
+    assert_eq!(tree.resolve(p("Engine")), p("engine::Engine"));
+    assert!(
+        tree.files
+            .iter()
+            .any(|f| f.test_only && f.rel.ends_with("tests.rs"))
+    );
+}
+
+#[test]
+#[ignore]
+fn print_file_edges() {
+    let tree = Tree::read();
+    let mut e: Vec<_> = file_edges(&tree)
+        .into_iter()
+        .map(|(d, a, b, at)| format!("{} {a} -> {b}   {at}", d.join("/")))
+        .collect();
+    e.sort();
+    println!("{}", e.join("\n"));
 }

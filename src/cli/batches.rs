@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::{EXIT_STATEMENT_FAILED, Failure};
+use super::exit::{EXIT_STATEMENT_FAILED, Failure};
 use crate::config::Config;
 use crate::engine::{cancel_batches, list_batches};
 use crate::llm::batch::JobStatus;

@@ -1,12 +1,18 @@
 //! The `sluice` command line.
 
 pub mod batches;
+mod exit;
 pub(crate) mod interrupt;
 pub(crate) mod progress;
 pub(crate) mod repl;
 pub mod run;
 pub mod script;
+mod summary;
 mod worker;
+
+pub(crate) use exit::Failure;
+pub use exit::{EXIT_BATCHES_PENDING, EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED};
+pub use summary::format_summary;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,7 +23,6 @@ use clap::{Parser, Subcommand};
 use crate::cache::ResponseCache;
 use crate::config::{Config, parse_size};
 use crate::engine::{Engine, RunOptions};
-use crate::llm::MetricsSnapshot;
 
 /// sluice: SQL over your documents, with LLM calls as functions.
 #[derive(Debug, Parser)]
@@ -129,16 +134,6 @@ pub enum CacheAction {
     Clear,
 }
 
-/// Exit code for a failed statement.
-pub const EXIT_STATEMENT_FAILED: u8 = 1;
-/// Exit code for bad configuration, function definitions or usage.
-pub const EXIT_CONFIG: u8 = 2;
-/// Exit code for a run stopped by `--budget-tokens` or `--budget-usd`.
-pub const EXIT_BUDGET: u8 = 3;
-/// Exit code for a run that left provider batch jobs running (`--wait false`): the same
-/// command collects them later (`EX_TEMPFAIL`).
-pub const EXIT_BATCHES_PENDING: u8 = 75;
-
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -172,73 +167,6 @@ pub fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
     }
 }
 
-/// One line per fact of the run's LLM calls.
-pub fn format_summary(m: &MetricsSnapshot) -> String {
-    let join = |map: &std::collections::BTreeMap<String, u64>| {
-        map.iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let retries: u64 = m.retries.values().sum();
-    let mut s = format!(
-        "LLM: {} calls ({} succeeded, {} failed), {} requests, {} retries",
-        m.calls, m.succeeded, m.failed, m.requests, retries
-    );
-    if retries > 0 {
-        s.push_str(&format!(" ({})", join(&m.retries)));
-    }
-    if m.cache_hits + m.cache_misses > 0 {
-        s.push_str(&format!(
-            ", cache {} hits / {} misses",
-            m.cache_hits, m.cache_misses
-        ));
-    }
-    if m.deduplicated > 0 {
-        s.push_str(&format!(", {} shared by identical calls", m.deduplicated));
-    }
-    if m.failed > 0 {
-        s.push_str(&format!("; errors: {}", join(&m.errors)));
-    }
-    s.push_str(&format!(
-        "; tokens {} in / {} out; peak {} in flight",
-        m.tokens_in, m.tokens_out, m.max_in_flight
-    ));
-    if m.hedges > 0 {
-        s.push_str(&format!("; {} hedged", m.hedges));
-    }
-    for (name, g) in m.models.iter().filter(|(_, g)| g.saturations > 0) {
-        s.push_str(&format!(
-            "\n  model {name}: the provider refused in bursts {} time(s)",
-            g.saturations
-        ));
-        if let Some(kind) = g.kind {
-            s.push_str(&format!(", a {kind} learned"));
-        }
-        s.push_str(&format!("; settled at {} in flight", g.limit));
-        if let Some(p) = g.pace_rps {
-            s.push_str(&format!(", {p:.1} requests/s"));
-        }
-    }
-    for (name, f) in &m.functions {
-        s.push_str(&format!(
-            "\n  {name}: {} prompts, {} requests, {} cache hits, {} failed",
-            f.prompts, f.requests, f.cache_hits, f.failed
-        ));
-        let lat = &f.latency_ms;
-        if let (Some(p50), Some(p95), Some(p99)) = (lat.p50, lat.p95, lat.p99) {
-            s.push_str(&format!(
-                "; latency p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms"
-            ));
-        }
-        s.push_str(&format!(
-            "; tokens {} in / {} out; peak {} in flight",
-            f.tokens_in, f.tokens_out, f.max_in_flight
-        ));
-    }
-    s
-}
-
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -254,32 +182,6 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(cli))
-}
-
-/// A command that failed: the message printed after `error: ` and the exit code.
-#[derive(Debug)]
-pub(crate) struct Failure {
-    code: u8,
-    message: String,
-}
-
-impl Failure {
-    pub(crate) fn new(code: u8, message: impl Into<String>) -> Failure {
-        Failure {
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// Bad configuration, definitions or usage.
-    pub(crate) fn config(message: impl std::fmt::Display) -> Failure {
-        Failure::new(EXIT_CONFIG, message.to_string())
-    }
-
-    /// A statement (or the command's work) failed.
-    pub(crate) fn statement(message: impl std::fmt::Display) -> Failure {
-        Failure::new(EXIT_STATEMENT_FAILED, message.to_string())
-    }
 }
 
 async fn run(cli: Cli) -> ExitCode {

@@ -6,12 +6,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::exit::{EXIT_BATCHES_PENDING, EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure};
 use super::interrupt::{EXIT_INTERRUPTED, Interrupts, run_until_interrupted};
+use super::progress;
 use super::script::Script;
-use super::{
-    EXIT_BATCHES_PENDING, EXIT_BUDGET, EXIT_CONFIG, EXIT_STATEMENT_FAILED, Failure, format_summary,
-    progress,
-};
+use super::summary::format_summary;
 use crate::config::Config;
 use crate::engine::{Engine, OutputFormat, RunOptions, StatementError};
 use crate::llm::MetricsSnapshot;

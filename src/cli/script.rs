@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 
-use super::Failure;
+use super::exit::Failure;
 
 /// Where the SQL comes from, and the values substituted into it.
 #[derive(Debug, clap::Args)]

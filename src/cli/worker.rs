@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::Failure;
+use super::exit::Failure;
 use super::interrupt::Interrupts;
 use crate::config::Config;
 use crate::engine::worker::WorkerHost;

@@ -1,34 +1,11 @@
-//! How a model is called: live (one request per call, as it is answered) or through the
-//! provider's batch API (`mode = "batch"`: the calls that miss the cache are uploaded as files of
-//! requests, answered within the provider's completion window at its batch prices).
+//! The settings of a model's batch mode (`mode = "batch"`, `[models.NAME.batch]`): the calls
+//! that miss the cache are uploaded as files of requests to the provider's batch API, answered
+//! within its completion window at its batch prices.
 
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use super::model::Prices;
-
-/// How a model's calls are sent (`mode` of `[models.NAME]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelMode {
-    /// One request per call (default).
-    #[default]
-    Live,
-    /// Gathered into files for the provider's batch API (OpenAI Files + Batches).
-    Batch,
-}
-
-/// Where a call whose batch result failed is tried again (`retry` of `[models.NAME.batch]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum BatchRetry {
-    /// In a follow-up batch (default).
-    #[default]
-    Batch,
-    /// As a live request.
-    Live,
-}
+use super::raw::RawBatch;
+use super::values::{BatchRetry, Prices, parse_size};
 
 /// The settings of batch mode (`[models.NAME.batch]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -69,18 +46,6 @@ impl Default for BatchConfig {
     }
 }
 
-/// `[models.NAME.batch]` as written.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawBatch {
-    pub max_requests: Option<usize>,
-    pub max_bytes: Option<String>,
-    pub poll_ms: Option<u64>,
-    pub collect_ms: Option<u64>,
-    pub retry: Option<BatchRetry>,
-    pub completion_window: Option<String>,
-}
-
 /// Checks `[models.NAME.batch]`; `live` and `batch` are the model's prices.
 pub(super) fn batch_from_raw(
     name: &str,
@@ -106,7 +71,7 @@ pub(super) fn batch_from_raw(
     };
     let max_bytes = match &raw.max_bytes {
         None => d.max_bytes,
-        Some(s) => match super::parse_size(s) {
+        Some(s) => match parse_size(s) {
             Ok(b) if b >= 1024 => b,
             Ok(_) => {
                 return Err(format!(

@@ -29,18 +29,17 @@ mod batch;
 mod cluster;
 mod model;
 mod raw;
+mod values;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use batch::{BatchConfig, BatchRetry, ModelMode};
+pub use batch::BatchConfig;
 pub use cluster::ClusterConfig;
-pub use model::{
-    LocalConfig, ModelConfig, ModelPart, Prices, ProviderKind, Secret, ServerConfig,
-    StructuredOutput,
-};
+pub use model::{LocalConfig, ModelConfig, ModelPart, Secret, ServerConfig};
 use raw::{RawCache, RawConfig, RawDispatcher, RawExecution};
+pub use values::{BatchRetry, ModelMode, Prices, ProviderKind, StructuredOutput, parse_size};
 
 /// Errors raised while loading configuration.
 #[derive(Debug, thiserror::Error)]
@@ -380,25 +379,6 @@ fn dispatcher(raw: &RawDispatcher) -> Result<DispatcherConfig, String> {
     })
 }
 
-/// Parses sizes such as `1GB`, `100MB`, `512KB` or a byte count.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_uppercase();
-    let (num, mult) = [
-        ("GB", 1u64 << 30),
-        ("MB", 1 << 20),
-        ("KB", 1 << 10),
-        ("B", 1),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
-    .unwrap_or((t.clone(), 1));
-    num.parse::<f64>()
-        .ok()
-        .filter(|n| *n > 0.0)
-        .map(|n| (n * mult as f64) as u64)
-        .ok_or_else(|| format!("{s:?} is not a size such as 100MB or 1GB"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,7 +423,9 @@ mod tests {
 
     #[test]
     fn renamed_keys_name_their_new_names() {
-        let e = parse("[execution]\nbatch_rows = 256\n").unwrap_err().to_string();
+        let e = parse("[execution]\nbatch_rows = 256\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("execution.rows_per_record_batch"), "{e}");
         let e = parse(
             "[models.m]\nkind = \"openai_completions\"\nbase_url = \"http://x/v1\"\n\

@@ -6,10 +6,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use super::batch::{BatchConfig, ModelMode, batch_from_raw};
+use super::batch::{BatchConfig, batch_from_raw};
 use super::raw::RawModel;
+use super::values::{ModelMode, Prices, ProviderKind, StructuredOutput};
 
 /// A secret string (API key). Its `Debug` and `Display` never show the value, so it cannot leak
 /// through logs or error messages by accident.
@@ -36,53 +35,6 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
-    }
-}
-
-/// Provider kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, llama.cpp server).
-    Openai,
-    /// An OpenAI-compatible text completions server taking list prompts (vLLM, llama.cpp
-    /// server): `prompts_per_request` prompts per request.
-    OpenaiCompletions,
-    /// Lamini's API: list prompts and `output_type`.
-    Lamini,
-    /// An OpenAI-compatible embeddings endpoint (`POST {base_url}/embeddings`): `prompts_per_request`
-    /// inputs per request (default 64), for functions of `kind = "embedding"`.
-    OpenaiEmbeddings,
-    /// The embedded local model: a GGUF file run in-process with llama.cpp.
-    Local,
-}
-
-/// How structured output is requested from an OpenAI-compatible server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum StructuredOutput {
-    /// `response_format = {type: "json_schema", ...}` (OpenAI, vLLM, llama.cpp server, Ollama).
-    #[default]
-    JsonSchema,
-    /// `response_format = {type: "json_object"}`; the schema is still validated by sluice.
-    JsonObject,
-    /// No `response_format`; the schema is described in the prompt and validated by sluice.
-    None,
-}
-
-/// What a model's tokens cost, in US dollars per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Prices {
-    /// USD per million prompt tokens (`input_usd_per_mtok`).
-    pub input: f64,
-    /// USD per million completion tokens (`output_usd_per_mtok`).
-    pub output: f64,
-}
-
-impl Prices {
-    /// The cost of `prompt` + `completion` tokens in USD.
-    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
-        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
     }
 }
 
@@ -301,9 +253,14 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
         ));
     }
     let misplaced = m.server_keys();
-    if ["base_url", "api_key_env", "prompts_per_request", "tokenizer"]
-        .iter()
-        .any(|k| misplaced.contains(k))
+    if [
+        "base_url",
+        "api_key_env",
+        "prompts_per_request",
+        "tokenizer",
+    ]
+    .iter()
+    .any(|k| misplaced.contains(k))
     {
         return Err(format!(
             "models.{name}: a local model takes model (the GGUF path), concurrency (rows \
@@ -344,7 +301,11 @@ fn server_from_raw(
             ));
         }
         (ProviderKind::Openai, _) => 1,
-        (_, Some(0)) => return Err(format!("models.{name}.prompts_per_request must be at least 1")),
+        (_, Some(0)) => {
+            return Err(format!(
+                "models.{name}.prompts_per_request must be at least 1"
+            ));
+        }
         (ProviderKind::OpenaiEmbeddings, b) => b.unwrap_or(64),
         (_, b) => b.unwrap_or(8),
     };

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::model::{ProviderKind, StructuredOutput};
+use super::values::{BatchRetry, ModelMode, ProviderKind, StructuredOutput};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,10 +75,10 @@ pub(super) struct RawModel {
     pub adaptive_concurrency: Option<bool>,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
-    pub mode: Option<super::batch::ModelMode>,
+    pub mode: Option<ModelMode>,
     pub batch_input_usd_per_mtok: Option<f64>,
     pub batch_output_usd_per_mtok: Option<f64>,
-    pub batch: Option<super::batch::RawBatch>,
+    pub batch: Option<RawBatch>,
     // Servers only.
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
@@ -110,4 +110,16 @@ impl RawModel {
         ];
         set.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect()
     }
+}
+
+/// `[models.NAME.batch]` as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBatch {
+    pub max_requests: Option<usize>,
+    pub max_bytes: Option<String>,
+    pub poll_ms: Option<u64>,
+    pub collect_ms: Option<u64>,
+    pub retry: Option<BatchRetry>,
+    pub completion_window: Option<String>,
 }

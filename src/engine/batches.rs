@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use super::Engine;
 use super::explain::FunctionEstimate;
+use super::session::Engine;
 use crate::cache::{ResponseCache, StoredJob};
 use crate::config::{Config, ModelPart};
 use crate::llm::batch::{BatchApi, JobStatus};

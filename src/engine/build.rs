@@ -14,8 +14,9 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use super::error::EngineError;
 use super::models::{Answers, build_models};
-use super::{Engine, EngineError};
+use super::session::Engine;
 use crate::cache::{CacheError, CacheMode, ResponseCache};
 use crate::config::Config;
 use crate::llm::Dispatcher;

@@ -26,7 +26,7 @@ use datafusion_distributed::{
 };
 use url::Url;
 
-use super::Engine;
+use super::session::Engine;
 use crate::config::{ClusterConfig, Config};
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;

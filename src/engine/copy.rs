@@ -8,7 +8,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
 use datafusion::sql::parser::{CopyToStatement, Statement};
 
-use super::{Engine, RunOptions};
+use super::session::{Engine, RunOptions};
 use crate::sink::{SinkError, StagedOutput, check_writable, is_local};
 
 /// Output formats `COPY` may write.

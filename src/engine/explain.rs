@@ -19,8 +19,9 @@ use datafusion::sql::parser::Statement;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use super::error::StatementError;
+use super::session::{Engine, RunOptions};
 use super::statements::{parse_one, split_statements, summary};
-use super::{Engine, RunOptions, StatementError};
 
 /// One LLM function's share of a statement or script.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::EngineError;
+use super::error::EngineError;
 use crate::cache::ResponseCache;
 use crate::config::{Config, ModelConfig, ModelMode, ModelPart, ProviderKind};
 use crate::llm::batch::{BatchApi, BatchQueue};

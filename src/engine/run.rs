@@ -11,8 +11,8 @@ use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::sql::parser::{CreateExternalTable, Statement};
 use futures::StreamExt;
 
+use super::session::{Engine, OutputFormat, RunOptions};
 use super::statements::parse_one;
-use super::{Engine, OutputFormat, RunOptions};
 use crate::sink::is_local;
 use crate::source::lines::{BadRows, LineFormat};
 use datafusion::datasource::listing::ListingTableUrl;

@@ -24,7 +24,8 @@ use datafusion_distributed::{
 use tokio::net::TcpListener;
 
 use super::cluster::TableRules;
-use super::{Engine, EngineError};
+use super::error::EngineError;
+use super::session::Engine;
 use crate::cache::CacheMode;
 use crate::config::{Config, ModelPart};
 use crate::llm::{Dispatcher, Metrics};

@@ -8,7 +8,8 @@
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::http::{HttpEndpoint, malformed};
+use super::http::HttpEndpoint;
+use super::response::malformed;
 use super::{Provider, SetupError, preview};
 use crate::config::ServerConfig;
 use crate::types::{LlmError, LlmRequest, LlmResponse, OutputSchema, SchemaKind, Usage};

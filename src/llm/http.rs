@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::limits::{rate_limits, retry_after};
-use super::{SetupError, preview};
+use super::provider::SetupError;
+use super::response::{malformed, preview};
 use crate::config::{Secret, ServerConfig};
 use crate::types::{ErrorKind, LlmError, RateLimits};
 
@@ -159,14 +160,6 @@ impl HttpEndpoint {
             retry_after: wait,
             ..LlmError::new(kind, message)
         }
-    }
-}
-
-/// A 200 answer whose body is not what the protocol promises.
-pub fn malformed(message: String) -> LlmError {
-    LlmError {
-        http_status: Some(200),
-        ..LlmError::new(ErrorKind::MalformedResponse, message)
     }
 }
 

@@ -15,8 +15,9 @@
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
-use super::http::{HttpEndpoint, malformed};
+use super::http::HttpEndpoint;
 use super::openai::flat_prompt;
+use super::response::malformed;
 use super::{Provider, SetupError, preview};
 use crate::config::ServerConfig;
 use crate::types::{

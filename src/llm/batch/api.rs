@@ -11,9 +11,9 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::llm::http::malformed;
 use crate::llm::openai::OpenAiProvider;
 use crate::llm::preview;
+use crate::llm::response::malformed;
 use crate::types::{ErrorKind, LlmError};
 
 /// Uploads and downloads may take minutes where a completion takes seconds.

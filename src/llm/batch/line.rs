@@ -5,9 +5,9 @@
 use serde_json::{Value, json};
 
 use crate::cache::{RequestKey, key_from_hex, key_hex};
-use crate::llm::http::malformed;
 use crate::llm::openai::OpenAiProvider;
 use crate::llm::preview;
+use crate::llm::response::malformed;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse};
 
 /// The JSONL line (with its newline) asking for `req` under `key`.

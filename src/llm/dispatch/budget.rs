@@ -4,7 +4,9 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Inner, Metrics, ModelHandle};
+use super::call::ModelHandle;
+use super::inner::Inner;
+use super::metrics::Metrics;
 use crate::types::{ErrorKind, LlmError, Usage};
 
 impl ModelHandle {

@@ -7,15 +7,14 @@
 //! reservation — and a later identical call starts afresh.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, WeakShared};
 
-use super::{CallResult, FunctionMetrics, Inner, ModelHandle};
+use super::call::CallResult;
 use crate::cache::RequestKey;
-use crate::types::LlmRequest;
 
 type SharedCall = Shared<BoxFuture<'static, CallResult>>;
 
@@ -30,9 +29,13 @@ enum Entry {
     Done(CallResult),
 }
 
-/// The calls of the run by request key.
+/// The calls of the run by request key (cheap to clone: a running call holds one to record
+/// its result).
+#[derive(Debug, Clone)]
+pub(super) struct Dedup(Arc<Calls>);
+
 #[derive(Debug)]
-pub(super) struct Dedup {
+struct Calls {
     map: Mutex<HashMap<RequestKey, Entry>>,
     /// The size at which finished calls are next forgotten.
     sweep_at: AtomicUsize,
@@ -40,10 +43,10 @@ pub(super) struct Dedup {
 
 impl Default for Dedup {
     fn default() -> Self {
-        Dedup {
+        Dedup(Arc::new(Calls {
             map: Mutex::default(),
             sweep_at: AtomicUsize::new(CAPACITY),
-        }
+        }))
     }
 }
 
@@ -55,7 +58,43 @@ enum Found {
 
 impl Dedup {
     fn lock(&self) -> MutexGuard<'_, HashMap<RequestKey, Entry>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The result of the call whose key is `key`: shared with an identical call of the run
+    /// (counted in `shared`), or the one `run` makes, which later identical calls share.
+    pub(super) async fn share(
+        &self,
+        key: RequestKey,
+        shared: &AtomicU64,
+        run: impl FnOnce() -> BoxFuture<'static, CallResult>,
+    ) -> CallResult {
+        let call = {
+            let mut map = self.lock();
+            match Dedup::find(&map, &key) {
+                Some(found) => {
+                    shared.fetch_add(1, Ordering::Relaxed);
+                    match found {
+                        Found::Done(result) => return result,
+                        Found::Running(call) => call,
+                    }
+                }
+                None => {
+                    let calls = self.clone();
+                    let running = run();
+                    let call = async move {
+                        let result = running.await;
+                        calls.finish(key, &result);
+                        result
+                    }
+                    .boxed()
+                    .shared();
+                    self.insert(&mut map, key, &call);
+                    call
+                }
+            }
+        };
+        call.await
     }
 
     /// Calls remembered (running or finished).
@@ -75,12 +114,13 @@ impl Dedup {
         let Some(weak) = call.downgrade() else {
             return;
         };
-        if map.len() >= self.sweep_at.load(Ordering::Relaxed) {
+        if map.len() >= self.0.sweep_at.load(Ordering::Relaxed) {
             map.retain(|_, e| matches!(e, Entry::Running(w) if w.upgrade().is_some()));
             // Running calls are never forgotten: with more than CAPACITY of them waiting at
             // once (a batch job), the next sweep waits until the map has doubled, so inserts
             // stay O(1) amortised instead of sweeping a map of running calls every time.
-            self.sweep_at
+            self.0
+                .sweep_at
                 .store((2 * map.len()).max(CAPACITY), Ordering::Relaxed);
         }
         map.insert(key, Entry::Running(weak));
@@ -91,44 +131,5 @@ impl Dedup {
         if let Some(e) = self.lock().get_mut(&key) {
             *e = Entry::Done(result.clone());
         }
-    }
-}
-
-impl Inner {
-    /// Makes a call the persistent cache did not answer: shared with an identical call of the
-    /// run, or sent (with retries) and stored.
-    pub(super) async fn call_uncached(
-        self: &Arc<Self>,
-        model: &ModelHandle,
-        req: LlmRequest,
-        key: RequestKey,
-        fm: Arc<FunctionMetrics>,
-    ) -> CallResult {
-        let call = {
-            let mut map = self.dedup.lock();
-            match Dedup::find(&map, &key) {
-                Some(found) => {
-                    self.metrics.deduplicated.fetch_add(1, Ordering::Relaxed);
-                    match found {
-                        Found::Done(result) => return result,
-                        Found::Running(call) => call,
-                    }
-                }
-                None => {
-                    let inner = self.clone();
-                    let model = model.clone();
-                    let call = async move {
-                        let result = inner.run(&model, req, key, &fm).await;
-                        inner.dedup.finish(key, &result);
-                        result
-                    }
-                    .boxed()
-                    .shared();
-                    self.dedup.insert(&mut map, key, &call);
-                    call
-                }
-            }
-        };
-        call.await
     }
 }

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use futures::future::{Either, select};
 
+use super::call::ModelHandle;
+use super::inner::Inner;
+use super::metrics::FunctionMetrics;
 use super::metrics::HEDGE_REFRESH;
-use super::{FunctionMetrics, Inner, ModelHandle};
 use crate::config::Hedge;
 use crate::types::{LlmError, LlmRequest, LlmResponse};
 

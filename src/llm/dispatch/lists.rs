@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::error_outcome;
-use super::metrics::OnTheWire;
-use super::{FunctionMetrics, Inner, Metrics, ModelHandle};
+use super::call::{ModelHandle, error_outcome};
+use super::metrics::{FunctionMetrics, Metrics, OnTheWire};
 use crate::llm::governor::Outcome;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse};
 
@@ -19,10 +18,11 @@ use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse};
 type ListKey = (usize, String, Option<u32>);
 
 /// The queue of each list key's collector.
-pub(super) type ListCollectors = Mutex<HashMap<ListKey, mpsc::UnboundedSender<Pending>>>;
+#[derive(Debug, Default)]
+pub(super) struct ListCollectors(Mutex<HashMap<ListKey, mpsc::UnboundedSender<Pending>>>);
 
 /// A prompt waiting for a place in a list-prompt request.
-pub(super) struct Pending {
+struct Pending {
     req: LlmRequest,
     done: oneshot::Sender<Result<LlmResponse, LlmError>>,
 }
@@ -100,13 +100,14 @@ async fn collect_lists(
     }
 }
 
-impl Inner {
-    /// Queues the prompt for a list-prompt request of its model, function and limit.
-    pub(super) async fn send_listed(
+impl ListCollectors {
+    /// Queues the prompt for a list-prompt request of its model, function and limit (a
+    /// collector is started for a new key, sending under `global` and counting in `metrics`).
+    pub(super) async fn send(
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
-        fm: &Arc<FunctionMetrics>,
+        (global, metrics, fm): (&Arc<Semaphore>, &Arc<Metrics>, &Arc<FunctionMetrics>),
     ) -> Result<LlmResponse, LlmError> {
         let key: ListKey = (
             Arc::as_ptr(&model.governor) as usize,
@@ -114,14 +115,14 @@ impl Inner {
             req.max_tokens,
         );
         let tx = {
-            let mut b = self.list_collectors.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
             b.entry(key)
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::unbounded_channel();
                     tokio::spawn(collect_lists(
                         model.clone(),
-                        self.global.clone(),
-                        self.metrics.clone(),
+                        global.clone(),
+                        metrics.clone(),
                         fm.clone(),
                         rx,
                     ));
@@ -129,7 +130,6 @@ impl Inner {
                 })
                 .clone()
         };
-        let _reservation = self.reserve_budget(model, req.estimated_usage())?;
         let (done, answer) = oneshot::channel();
         let closed = || LlmError::new(ErrorKind::Connection, "dispatcher shut down");
         tx.send(Pending {

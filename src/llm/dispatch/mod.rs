@@ -16,26 +16,28 @@
 //!    lists, in a list-prompt request formed by [`lists`];
 //! 5. [`metrics`] counts what happened.
 
-mod lists;
 mod budget;
+mod call;
 mod dedup;
 mod hedge;
+mod inner;
+mod lists;
 pub mod metrics;
 mod pack;
 mod retry;
+mod send;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use super::Provider;
-use super::batch::BatchQueue;
-use super::governor::{Governor, Outcome};
 use crate::cache::{CacheMode, KeyPrefix, RequestKey, ResponseCache};
-use crate::config::{DispatcherConfig, Prices};
-use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError};
+use crate::config::DispatcherConfig;
+use crate::types::RenderedPrompt;
+
+pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer};
+use inner::Inner;
 
 pub use metrics::{
     FunctionMetrics, FunctionSnapshot, LatencyHistogram, LatencySnapshot, Metrics, MetricsSnapshot,
@@ -45,97 +47,10 @@ pub use metrics::{
 /// A prompt the cache does not answer: its place among the prompts, itself, its key.
 type Miss = (usize, RenderedPrompt, RequestKey);
 
-/// The result of one row's call: the validated value or the final error.
-pub(crate) type CallResult = Result<Arc<Value>, Arc<RowError>>;
-
-/// A model as the dispatcher sees it: a provider and the governor that paces it.
-#[derive(Debug, Clone)]
-pub(crate) struct ModelHandle {
-    /// The endpoint.
-    pub provider: Arc<dyn Provider>,
-    /// Adaptive concurrency, RPM/TPM buckets and pauses for this model.
-    pub governor: Arc<Governor>,
-    /// What its tokens cost (for `--budget-usd`), if known: the batch prices in batch mode.
-    pub prices: Option<Prices>,
-    /// In batch mode, the queue its calls go to instead of the provider.
-    pub batch: Option<Arc<BatchQueue>>,
-    /// For a model that completes and also embeds (the local model): the provider of its
-    /// embeddings.
-    pub embedder: Option<Arc<dyn Provider>>,
-    /// Its tokenizer, for budgets counted in its tokens (an aggregate's `max_input_tokens`).
-    pub tokens: Option<Arc<super::estimate::LazyCounter>>,
-}
-
-impl ModelHandle {
-    /// Whether functions of `kind = "embedding"` can use it.
-    pub fn embeds(&self) -> bool {
-        self.provider.embeds() || self.embedder.is_some()
-    }
-
-    /// The handle a function's calls go through: its embedder for an embedding function.
-    pub fn for_kind(&self, embedding: bool) -> ModelHandle {
-        match (&self.embedder, embedding) {
-            (Some(e), true) => ModelHandle {
-                provider: e.clone(),
-                embedder: None,
-                ..self.clone()
-            },
-            _ => self.clone(),
-        }
-    }
-}
-
-/// What every call of one function shares: its name, generation parameters and output schema.
-#[derive(Debug, Clone)]
-pub(crate) struct CallSpec {
-    /// The function's SQL name.
-    pub function: String,
-    /// Generation limit.
-    pub max_tokens: Option<u32>,
-    /// Sampling temperature.
-    pub temperature: Option<f64>,
-    /// Structured output, if declared.
-    pub schema: Option<Arc<OutputSchema>>,
-    /// With `rows_per_prompt`: how the rows' items are packed into one prompt.
-    pub pack: Option<Arc<dyn Packer>>,
-}
-
-/// Renders the shared prompt of a packed request from its rows' items
-/// (`rows_per_prompt`; the SQL layer implements it from the function's templates).
-pub(crate) trait Packer: Send + Sync + std::fmt::Debug {
-    /// Most rows in one request.
-    fn rows(&self) -> usize;
-    /// The prompt carrying `items`, in order.
-    fn render(&self, items: &[&str]) -> Result<RenderedPrompt, String>;
-}
-
-impl CallSpec {
-    fn request(&self, prompt: RenderedPrompt) -> LlmRequest {
-        LlmRequest {
-            function: self.function.clone(),
-            prompt,
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            schema: self.schema.clone(),
-        }
-    }
-}
-
 /// The shared scheduler. Cheap to clone (all state is behind `Arc`s).
 #[derive(Debug, Clone)]
 pub(crate) struct Dispatcher {
     inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    cfg: DispatcherConfig,
-    global: Arc<Semaphore>,
-    dedup: dedup::Dedup,
-    metrics: Arc<Metrics>,
-    cache: Option<Arc<ResponseCache>>,
-    cache_mode: CacheMode,
-    list_collectors: lists::ListCollectors,
 }
 
 impl Dispatcher {
@@ -156,11 +71,11 @@ impl Dispatcher {
             inner: Arc::new(Inner {
                 global: Arc::new(Semaphore::new(cfg.concurrency)),
                 cfg,
-                dedup: dedup::Dedup::default(),
+                dedup: Default::default(),
                 metrics: Arc::new(Metrics::default()),
                 cache,
                 cache_mode,
-                list_collectors: lists::ListCollectors::default(),
+                list_collectors: Default::default(),
             }),
         }
     }
@@ -391,49 +306,6 @@ impl FunctionCaller {
         results
             .into_iter()
             .map(|r| r.expect("every prompt has its result"))
-            .collect()
-    }
-}
-
-/// How a failed request ended, for its model's governor.
-fn error_outcome(e: &LlmError) -> Outcome {
-    match e.kind {
-        ErrorKind::RateLimited => Outcome::RateLimited {
-            retry_after: e.retry_after,
-            rate: e.rate.as_deref().copied().unwrap_or_default(),
-        },
-        _ => Outcome::Failed,
-    }
-}
-
-impl Inner {
-    /// Counts one prompt of `fm` per key and answers from the persistent cache what it can, in
-    /// one read: a value per key, or `None` where the call must be made.
-    fn lookup_cache(&self, fm: &FunctionMetrics, keys: &[RequestKey]) -> Vec<Option<Arc<Value>>> {
-        fm.prompts.fetch_add(keys.len() as u64, Ordering::Relaxed);
-        let Some(cache) = self
-            .cache
-            .as_ref()
-            .filter(|_| self.cache_mode.reads() && !keys.is_empty())
-        else {
-            return vec![None; keys.len()];
-        };
-        let found = match cache.get_many(keys) {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!("{e}");
-                return vec![None; keys.len()];
-            }
-        };
-        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
-        let m = &self.metrics;
-        m.cache_hits.fetch_add(hits, Ordering::Relaxed);
-        m.cache_misses
-            .fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
-        fm.cache_hits.fetch_add(hits, Ordering::Relaxed);
-        found
-            .into_iter()
-            .map(|f| f.map(|hit| Arc::new(hit.value)))
             .collect()
     }
 }

@@ -17,7 +17,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use super::{CallResult, CallSpec, FunctionMetrics, Inner, Metrics, ModelHandle, Packer};
+use super::call::{CallResult, CallSpec, ModelHandle, Packer};
+use super::inner::Inner;
+use super::metrics::{FunctionMetrics, Metrics};
 use crate::cache::{CachedResponse, KeyPrefix, RequestKey};
 use crate::types::{
     ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError, Usage,

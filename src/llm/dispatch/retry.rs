@@ -7,52 +7,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::error_outcome;
-use super::metrics::OnTheWire;
-use super::{CallResult, FunctionMetrics, Inner, Metrics, ModelHandle};
+use futures::FutureExt;
+
+use super::call::{CallResult, ModelHandle};
+use super::inner::Inner;
+use super::metrics::{FunctionMetrics, Metrics};
 use crate::cache::{CachedResponse, RequestKey};
 use crate::llm::batch::BatchQueue;
-use crate::llm::governor::Outcome;
 use crate::llm::parse_response;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, RowError};
 
 impl Inner {
-    /// One request for one prompt: budget, governor, global budget, provider. Each is held
-    /// while the request is on the wire and given back on drop. `sent` is set when the request
-    /// goes on the wire.
-    pub(super) async fn send_one(
-        &self,
-        model: &ModelHandle,
-        req: &LlmRequest,
-        fm: &FunctionMetrics,
-        sent: &std::sync::OnceLock<Instant>,
-    ) -> Result<LlmResponse, LlmError> {
-        let estimate = req.estimated_usage();
-        let _reservation = self.reserve_budget(model, estimate)?;
-        let estimate = estimate.prompt_tokens + estimate.completion_tokens;
-        // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
-        // so that a paused model never holds permits other models could use.
-        let admission = model.governor.admit(estimate).await;
-        let Ok(_global) = self.global.acquire().await else {
-            // Stopped (Ctrl-C): nothing more is sent, and nothing fails because of it.
-            return std::future::pending().await;
-        };
-        let _ = sent.set(Instant::now());
-        let result = {
-            let _wire = OnTheWire::start(&self.metrics, fm);
-            model.provider.complete(req).await
-        };
-        fm.latency.record(admission.started().elapsed());
-        admission.finish(match &result {
-            Ok(r) => Outcome::Done {
-                tokens: r.usage.map(|u| u.prompt_tokens + u.completion_tokens),
-                rate: r.rate,
-            },
-            Err(e) => error_outcome(e),
-        });
-        result
-    }
-
     /// How long to wait before attempt `attempt + 1` after `e`: the server's Retry-After
     /// (capped at `backoff_max_ms`), else the backoff.
     pub(super) fn retry_delay(&self, e: &LlmError, attempt: u32) -> Duration {
@@ -98,7 +63,11 @@ impl Inner {
     ) -> Result<CachedResponse, LlmError> {
         let result = match &model.batch {
             Some(q) if n == 1 || !q.retries_live() => self.send_to_batch(model, q, req, key).await,
-            _ if model.provider.max_prompts_per_request() > 1 => self.send_listed(model, req, fm).await,
+            _ if model.provider.max_prompts_per_request() > 1 => {
+                let _reservation = self.reserve_budget(model, req.estimated_usage())?;
+                let shared = (&self.global, &self.metrics, fm);
+                self.list_collectors.send(model, req, shared).await
+            }
             _ => self.send_hedged(model, req, fm).await,
         };
         let m = &self.metrics;
@@ -194,5 +163,22 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+impl Inner {
+    /// Makes a call the persistent cache did not answer: shared with an identical call of the
+    /// run, or sent (with retries) and stored.
+    pub(super) async fn call_uncached(
+        self: &Arc<Self>,
+        model: &ModelHandle,
+        req: LlmRequest,
+        key: RequestKey,
+        fm: Arc<FunctionMetrics>,
+    ) -> CallResult {
+        let inner = self.clone();
+        let model = model.clone();
+        let run = move || async move { inner.run(&model, req, key, &fm).await }.boxed();
+        self.dedup.share(key, &self.metrics.deduplicated, run).await
     }
 }

@@ -12,7 +12,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use super::{Job, LocalSettings, backend, render_chat};
+use super::load::{Job, LocalSettings, backend, render_chat};
 use crate::types::{ErrorKind, LlmError, LlmResponse, Usage};
 
 /// A sequence being decoded.

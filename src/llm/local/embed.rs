@@ -14,7 +14,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use tokio::sync::oneshot;
 
-use super::{backend, missing_model};
+use super::load::{backend, missing_model};
 use crate::llm::Provider;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, Usage};
 

@@ -10,60 +10,26 @@
 //! even from a 135M-parameter model.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use tokio::sync::oneshot;
 
 mod decode;
 mod embed;
+mod load;
 
 pub use embed::LocalEmbedder;
+pub use load::{LocalSettings, render_chat};
 
 use decode::worker_main;
+use load::{Job, backend, missing_model};
 
 use super::Provider;
 use crate::config::LocalConfig;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse};
-
-/// llama.cpp's backend may be initialised once per process.
-static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
-
-fn backend() -> Result<&'static LlamaBackend, String> {
-    BACKEND
-        .get_or_init(|| {
-            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
-            b.void_logs();
-            Ok(b)
-        })
-        .as_ref()
-        .map_err(Clone::clone)
-}
-
-/// Settings of the local model.
-#[derive(Debug, Clone)]
-pub struct LocalSettings {
-    /// The GGUF file.
-    pub path: PathBuf,
-    /// Sequences decoded together.
-    pub parallel: usize,
-    /// Context tokens per sequence (prompt + output).
-    pub context_per_sequence: u32,
-    /// CPU threads for decoding.
-    pub threads: i32,
-}
-
-struct Job {
-    system: Option<String>,
-    user: String,
-    schema: Option<String>,
-    max_tokens: u32,
-    temperature: f64,
-    reply: oneshot::Sender<Result<LlmResponse, LlmError>>,
-}
 
 /// The `local` provider.
 #[derive(Debug)]
@@ -149,43 +115,6 @@ impl Provider for LocalProvider {
         tx.send(job).map_err(|_| gone())?;
         answer.await.unwrap_or_else(|_| Err(gone()))
     }
-}
-
-/// Renders the GGUF's chat template (or a ChatML fallback) for one system + user exchange.
-pub fn render_chat(
-    template: Option<&str>,
-    system: Option<&str>,
-    user: &str,
-) -> Result<String, String> {
-    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
-                          {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
-    let mut env = minijinja::Environment::new();
-    env.add_template("chat", template.unwrap_or(CHATML))
-        .map_err(|e| format!("the model's chat template does not parse: {e}"))?;
-    let mut messages = vec![];
-    if let Some(s) = system {
-        messages.push(minijinja::context! { role => "system", content => s });
-    }
-    messages.push(minijinja::context! { role => "user", content => user });
-    env.get_template("chat")
-        .and_then(|t| {
-            t.render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => true,
-                bos_token => "",
-                eos_token => "",
-            })
-        })
-        .map_err(|e| format!("the model's chat template failed: {e}"))
-}
-
-/// The error for a GGUF path that does not exist, with the fix.
-fn missing_model(path: &std::path::Path) -> String {
-    format!(
-        "model file {} not found: run scripts/fetch-model.sh for the default model, or set \
-         model = \"path/to/model.gguf\" in sluice.toml",
-        path.display()
-    )
 }
 
 /// A GGUF's vocabulary and chat template, loaded without the weights: counts tokens exactly as

@@ -1,7 +1,38 @@
 //! Cleaning whole lines in place: lone surrogate escapes, and malformed lines blanked (skip)
 //! or emptied (null), every byte offset kept.
 
-use super::BadRows;
+/// What reading does with a malformed line of a JSON-lines table (`OPTIONS ('bad_rows' ...)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BadRows {
+    /// The statement fails, naming the file and line (the default).
+    #[default]
+    Fail,
+    /// The line is left out and counted.
+    Skip,
+    /// The line becomes a row of NULLs and is counted.
+    Null,
+}
+
+impl BadRows {
+    /// `fail`, `skip` or `null`.
+    pub fn parse(s: &str) -> Option<BadRows> {
+        match s.to_ascii_lowercase().as_str() {
+            "fail" => Some(BadRows::Fail),
+            "skip" => Some(BadRows::Skip),
+            "null" => Some(BadRows::Null),
+            _ => None,
+        }
+    }
+
+    /// The option's value as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BadRows::Fail => "fail",
+            BadRows::Skip => "skip",
+            BadRows::Null => "null",
+        }
+    }
+}
 
 /// What the lines are.
 #[derive(Debug, Clone, Copy)]

@@ -23,39 +23,6 @@ use object_store::{
     GetOptions, GetRange, GetResult, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt,
 };
 
-/// What reading does with a malformed line of a JSON-lines table (`OPTIONS ('bad_rows' ...)`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BadRows {
-    /// The statement fails, naming the file and line (the default).
-    #[default]
-    Fail,
-    /// The line is left out and counted.
-    Skip,
-    /// The line becomes a row of NULLs and is counted.
-    Null,
-}
-
-impl BadRows {
-    /// `fail`, `skip` or `null`.
-    pub fn parse(s: &str) -> Option<BadRows> {
-        match s.to_ascii_lowercase().as_str() {
-            "fail" => Some(BadRows::Fail),
-            "skip" => Some(BadRows::Skip),
-            "null" => Some(BadRows::Null),
-            _ => None,
-        }
-    }
-
-    /// The option's value as written.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BadRows::Fail => "fail",
-            BadRows::Skip => "skip",
-            BadRows::Null => "null",
-        }
-    }
-}
-
 /// The malformed lines of one file that were skipped or read as NULLs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadLines {
@@ -571,6 +538,7 @@ mod fix;
 mod read;
 mod store;
 mod wire;
+pub use clean::BadRows;
 use clean::{Cleaner, Kind};
 use read::{clip, payload_stream};
 

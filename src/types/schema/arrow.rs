@@ -7,7 +7,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema};
 use datafusion::arrow::json::ReaderBuilder;
 use serde_json::Value;
 
-use super::{SchemaKind, SchemaNode};
+use super::node::{SchemaKind, SchemaNode};
 
 /// The Arrow type of values of `s`.
 pub(super) fn data_type(s: &SchemaNode) -> DataType {

@@ -3,7 +3,8 @@
 
 use serde_json::{Map, Number, Value};
 
-use super::{NumberBounds, Pattern, SchemaError, SchemaKind, SchemaNode};
+use super::node::{NumberBounds, SchemaError, SchemaKind, SchemaNode};
+use super::pattern::Pattern;
 
 /// Keywords that only annotate and are accepted anywhere.
 const ANNOTATIONS: &[&str] = &["description", "title", "examples", "default", "$comment"];

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Number, Value};
 
-use super::{NumberBounds, SchemaKind, SchemaNode};
+use super::node::{NumberBounds, SchemaKind, SchemaNode};
 
 fn kind(v: &Value) -> &'static str {
     match v {

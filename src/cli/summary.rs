@@ -1,0 +1,71 @@
+//! The run's summary: one line per fact of its LLM calls, then one per model that refused in
+//! bursts and one per function.
+
+use crate::llm::MetricsSnapshot;
+
+/// One line per fact of the run's LLM calls.
+pub fn format_summary(m: &MetricsSnapshot) -> String {
+    let join = |map: &std::collections::BTreeMap<String, u64>| {
+        map.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let retries: u64 = m.retries.values().sum();
+    let mut s = format!(
+        "LLM: {} calls ({} succeeded, {} failed), {} requests, {} retries",
+        m.calls, m.succeeded, m.failed, m.requests, retries
+    );
+    if retries > 0 {
+        s.push_str(&format!(" ({})", join(&m.retries)));
+    }
+    if m.cache_hits + m.cache_misses > 0 {
+        s.push_str(&format!(
+            ", cache {} hits / {} misses",
+            m.cache_hits, m.cache_misses
+        ));
+    }
+    if m.deduplicated > 0 {
+        s.push_str(&format!(", {} shared by identical calls", m.deduplicated));
+    }
+    if m.failed > 0 {
+        s.push_str(&format!("; errors: {}", join(&m.errors)));
+    }
+    s.push_str(&format!(
+        "; tokens {} in / {} out; peak {} in flight",
+        m.tokens_in, m.tokens_out, m.max_in_flight
+    ));
+    if m.hedges > 0 {
+        s.push_str(&format!("; {} hedged", m.hedges));
+    }
+    for (name, g) in m.models.iter().filter(|(_, g)| g.saturations > 0) {
+        s.push_str(&format!(
+            "\n  model {name}: the provider refused in bursts {} time(s)",
+            g.saturations
+        ));
+        if let Some(kind) = g.kind {
+            s.push_str(&format!(", a {kind} learned"));
+        }
+        s.push_str(&format!("; settled at {} in flight", g.limit));
+        if let Some(p) = g.pace_rps {
+            s.push_str(&format!(", {p:.1} requests/s"));
+        }
+    }
+    for (name, f) in &m.functions {
+        s.push_str(&format!(
+            "\n  {name}: {} prompts, {} requests, {} cache hits, {} failed",
+            f.prompts, f.requests, f.cache_hits, f.failed
+        ));
+        let lat = &f.latency_ms;
+        if let (Some(p50), Some(p95), Some(p99)) = (lat.p50, lat.p95, lat.p99) {
+            s.push_str(&format!(
+                "; latency p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms"
+            ));
+        }
+        s.push_str(&format!(
+            "; tokens {} in / {} out; peak {} in flight",
+            f.tokens_in, f.tokens_out, f.max_in_flight
+        ));
+    }
+    s
+}

@@ -1,0 +1,93 @@
+//! The typed values a key of `sluice.toml` takes: the enums serde reads as they are (a
+//! provider's kind, structured output, a model's mode, where batch failures retry), prices and
+//! sizes. Both the serde layer ([`super::raw`]) and the checked configuration use them.
+
+use serde::Deserialize;
+
+/// Provider kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, llama.cpp server).
+    Openai,
+    /// An OpenAI-compatible text completions server taking list prompts (vLLM, llama.cpp
+    /// server): `prompts_per_request` prompts per request.
+    OpenaiCompletions,
+    /// Lamini's API: list prompts and `output_type`.
+    Lamini,
+    /// An OpenAI-compatible embeddings endpoint (`POST {base_url}/embeddings`): `prompts_per_request`
+    /// inputs per request (default 64), for functions of `kind = "embedding"`.
+    OpenaiEmbeddings,
+    /// The embedded local model: a GGUF file run in-process with llama.cpp.
+    Local,
+}
+
+/// How structured output is requested from an OpenAI-compatible server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// `response_format = {type: "json_schema", ...}` (OpenAI, vLLM, llama.cpp server, Ollama).
+    #[default]
+    JsonSchema,
+    /// `response_format = {type: "json_object"}`; the schema is still validated by sluice.
+    JsonObject,
+    /// No `response_format`; the schema is described in the prompt and validated by sluice.
+    None,
+}
+
+/// What a model's tokens cost, in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prices {
+    /// USD per million prompt tokens (`input_usd_per_mtok`).
+    pub input: f64,
+    /// USD per million completion tokens (`output_usd_per_mtok`).
+    pub output: f64,
+}
+
+impl Prices {
+    /// The cost of `prompt` + `completion` tokens in USD.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
+    }
+}
+
+/// How a model's calls are sent (`mode` of `[models.NAME]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelMode {
+    /// One request per call (default).
+    #[default]
+    Live,
+    /// Gathered into files for the provider's batch API (OpenAI Files + Batches).
+    Batch,
+}
+
+/// Where a call whose batch result failed is tried again (`retry` of `[models.NAME.batch]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchRetry {
+    /// In a follow-up batch (default).
+    #[default]
+    Batch,
+    /// As a live request.
+    Live,
+}
+
+/// Parses sizes such as `1GB`, `100MB`, `512KB` or a byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [
+        ("GB", 1u64 << 30),
+        ("MB", 1 << 20),
+        ("KB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1));
+    num.parse::<f64>()
+        .ok()
+        .filter(|n| *n > 0.0)
+        .map(|n| (n * mult as f64) as u64)
+        .ok_or_else(|| format!("{s:?} is not a size such as 100MB or 1GB"))
+}

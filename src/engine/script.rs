@@ -1,0 +1,107 @@
+//! A script run statement by statement, stopping at the first failure, whose error names the
+//! statement, its line and a readable cause.
+
+use std::io::Write;
+use std::path::Path;
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::DataFusionError;
+
+use super::cluster::name_failed_workers;
+use super::error::StatementError;
+use super::session::{Engine, RunOptions};
+use super::statements::{ScriptStatement, split_statements, summary};
+use crate::sink::tidy_store_message;
+use crate::source::find_malformed_json_line;
+
+impl Engine {
+    /// Runs a `.sql` file; output of SELECTs and progress lines go to `out`.
+    pub async fn run_file(
+        &self,
+        path: &Path,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), StatementError> {
+        let sql = std::fs::read_to_string(path).map_err(|e| StatementError {
+            origin: path.display().to_string(),
+            line: 0,
+            index: 0,
+            summary: "reading the file".into(),
+            message: e.to_string(),
+        })?;
+        self.run_script(&sql, &path.display().to_string(), opts, out)
+            .await
+    }
+
+    /// Runs every statement of `sql` in order; stops at the first failure.
+    pub async fn run_script(
+        &self,
+        sql: &str,
+        origin: &str,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), StatementError> {
+        for (i, stmt) in split_statements(sql).into_iter().enumerate() {
+            self.run_statement(&stmt.text, opts, out)
+                .await
+                .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
+        }
+        Ok(())
+    }
+
+    /// The failure of the `index`-th statement of a script, with its place and a readable cause.
+    pub(super) fn statement_error(
+        &self,
+        origin: &str,
+        index: usize,
+        stmt: &ScriptStatement,
+        e: DataFusionError,
+    ) -> StatementError {
+        StatementError {
+            origin: origin.to_string(),
+            line: stmt.line,
+            index,
+            summary: summary(&stmt.text),
+            message: name_failed_workers(&self.cluster, self.explain_error(e)),
+        }
+    }
+
+    /// Runs a statement and collects a query's result (for tests and embedding).
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, DataFusionError> {
+        self.ctx.sql(sql).await?.collect().await
+    }
+
+    /// A failed statement's cause on one line: object-store noise shortened, staged names shown
+    /// as the names the user wrote, and a JSON decoding error located in its file and line.
+    fn explain_error(&self, e: DataFusionError) -> String {
+        let mut msg = tidy_store_message(&e.to_string().replace('\n', " "));
+        if is_json_error(&e) {
+            let locations = self
+                .json_locations
+                .lock()
+                .map(|m| m.values().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            if let Some(found) = locations.iter().find_map(|l| find_malformed_json_line(l)) {
+                msg = format!("{found} — {msg}");
+            }
+        }
+        msg
+    }
+}
+
+/// Whether `e` is (or was caused by) Arrow's JSON reader refusing its input.
+fn is_json_error(e: &DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let arrow = match c.downcast_ref::<DataFusionError>() {
+            Some(DataFusionError::ArrowError(a, _)) => Some(a.as_ref()),
+            _ => c.downcast_ref::<ArrowError>(),
+        };
+        if matches!(arrow, Some(ArrowError::JsonError(_))) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}

@@ -1,0 +1,49 @@
+//! One request for one prompt on the wire: the budget reservation, the model's governor and the
+//! global concurrency budget are taken in that order, held while it is out, and given back on
+//! drop; the answer (or error) is told to the governor.
+
+use std::time::Instant;
+
+use super::call::{ModelHandle, error_outcome};
+use super::inner::Inner;
+use super::metrics::{FunctionMetrics, OnTheWire};
+use crate::llm::governor::Outcome;
+use crate::types::{LlmError, LlmRequest, LlmResponse};
+
+impl Inner {
+    /// One request for one prompt: budget, governor, global budget, provider. Each is held
+    /// while the request is on the wire and given back on drop. `sent` is set when the request
+    /// goes on the wire.
+    pub(super) async fn send_one(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+        fm: &FunctionMetrics,
+        sent: &std::sync::OnceLock<Instant>,
+    ) -> Result<LlmResponse, LlmError> {
+        let estimate = req.estimated_usage();
+        let _reservation = self.reserve_budget(model, estimate)?;
+        let estimate = estimate.prompt_tokens + estimate.completion_tokens;
+        // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
+        // so that a paused model never holds permits other models could use.
+        let admission = model.governor.admit(estimate).await;
+        let Ok(_global) = self.global.acquire().await else {
+            // Stopped (Ctrl-C): nothing more is sent, and nothing fails because of it.
+            return std::future::pending().await;
+        };
+        let _ = sent.set(Instant::now());
+        let result = {
+            let _wire = OnTheWire::start(&self.metrics, fm);
+            model.provider.complete(req).await
+        };
+        fm.latency.record(admission.started().elapsed());
+        admission.finish(match &result {
+            Ok(r) => Outcome::Done {
+                tokens: r.usage.map(|u| u.prompt_tokens + u.completion_tokens),
+                rate: r.rate,
+            },
+            Err(e) => error_outcome(e),
+        });
+        result
+    }
+}
