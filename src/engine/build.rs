@@ -23,10 +23,10 @@ use crate::llm::Dispatcher;
 use crate::sink::store::ObjectStores;
 use crate::source::ChunkText;
 use crate::source::lines::{CleanLines, LineRules};
+use crate::udf::LlmUdf;
 use crate::udf::def::{DefError, FunctionDef, FunctionKind};
 use crate::udf::exec::{LlmPlanner, LlmRuntime};
 use crate::udf::plan::LiftLlmCalls;
-use crate::udf::{LlmUdf, generic_llm_def};
 
 /// DataFusion's planner with sluice's extension planner for LLM nodes.
 #[derive(Debug)]
@@ -197,7 +197,7 @@ fn register_functions(
         ctx.register_udf(f);
     }
     let mut functions = Vec::with_capacity(defs.len() + 1);
-    let builtin = generic_llm_def();
+    let builtin = FunctionDef::generic();
     for def in std::iter::once(builtin).chain(defs) {
         let def = Arc::new(def);
         let handle = runtime.models.get(&def.model);
@@ -215,7 +215,7 @@ fn register_functions(
                 ),
             }));
         }
-        if def.kind == FunctionKind::Aggregate {
+        if def.kind.is_aggregate() {
             for udaf in crate::udf::aggregate::LlmAggregate::pair(def.clone()) {
                 if ctx.udaf(udaf.name()).is_ok() {
                     return Err(EngineError::Definition(DefError::Invalid {
@@ -251,13 +251,13 @@ fn register_functions(
 /// An embedding function needs a model that embeds, and a completion one a model that
 /// completes (`only_embeds`: embeddings are all it does).
 fn check_kind(def: &FunctionDef, embeds: bool, only_embeds: bool) -> Result<(), EngineError> {
-    let message = match (def.kind, embeds, only_embeds) {
-        (FunctionKind::Embedding, false, _) => format!(
+    let message = match (&def.kind, embeds, only_embeds) {
+        (FunctionKind::Embedding { .. }, false, _) => format!(
             "function {} is kind = \"embedding\", but model {:?} has no embeddings endpoint; \
              give it a model of kind = \"openai_embeddings\"",
             def.name, def.model
         ),
-        (FunctionKind::Completion, _, true) => format!(
+        (FunctionKind::Completion { .. } | FunctionKind::Aggregate { .. }, _, true) => format!(
             "function {}: model {:?} serves embeddings (kind = \"openai_embeddings\"); make the \
              function kind = \"embedding\" with its dim, or use a completion model",
             def.name, def.model

@@ -394,7 +394,7 @@ impl Engine {
                     cost_usd: prices.map(|p| p.cost(d[3], d[4])),
                     rows_per_prompt: self
                         .function(&name)
-                        .and_then(|f| f.packing.as_ref())
+                        .and_then(|f| f.kind.packing())
                         .map(|p| crate::llm::dispatch::Packer::rows(p.as_ref())),
                     ..Default::default()
                 };

@@ -10,7 +10,6 @@
 //! A single value that does not fit alone is an error, never a truncated prompt.
 
 use std::any::Any;
-use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -26,90 +25,9 @@ use datafusion::logical_expr::{
 };
 
 use super::def::FunctionDef;
-use super::kind::FunctionKind;
-use super::{ERROR_TYPE, Face, LlmUdf, value_type};
-
-/// An aggregate's budget and reduce template (`max_input_tokens`, `reduce`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reduce {
-    /// Most prompt tokens of one call (counted with the model's tokenizer).
-    pub max_input_tokens: u64,
-}
-
-/// Whether `src` has `{% for x in var %}`.
-fn loops_over(src: &str, var: &str) -> bool {
-    let pattern = format!(
-        r"\{{%-?\s*for\s+\w+(\s*,\s*\w+)?\s+in\s+{}\b",
-        regex::escape(var)
-    );
-    regex::Regex::new(&pattern).is_ok_and(|r| r.is_match(src))
-}
-
-/// Checks an aggregate's templates (and that only aggregates have `reduce` and
-/// `max_input_tokens`); adds the `reduce` template to `def`'s templates.
-pub(super) fn check(
-    def: &mut FunctionDef,
-    reduce: Option<String>,
-    max_input_tokens: Option<u64>,
-) -> Result<Option<Reduce>, String> {
-    if def.kind != FunctionKind::Aggregate {
-        if reduce.is_some() || max_input_tokens.is_some() {
-            return Err("reduce and max_input_tokens are for kind = \"aggregate\"".into());
-        }
-        return Ok(None);
-    }
-    let Some(list) = def.args.first().cloned() else {
-        return Err(
-            "an aggregate function needs an argument: the column whose values it sees".into(),
-        );
-    };
-    if !loops_over(&def.prompt, &list) {
-        return Err(format!(
-            "an aggregate's prompt sees the group's values of {list} as a list and must loop \
-             over them ({{% for v in {list} %}}...{{% endfor %}})"
-        ));
-    }
-    let Some(max) = max_input_tokens else {
-        return match reduce {
-            Some(_) => {
-                Err("reduce is used when a group does not fit max_input_tokens: set it".into())
-            }
-            None => Ok(None),
-        };
-    };
-    let Some(reduce) = reduce else {
-        return Err(format!(
-            "max_input_tokens = {max} needs a reduce template, which folds the partial results \
-             of a group that does not fit ({{% for p in partials %}}...)"
-        ));
-    };
-    if !loops_over(&reduce, "partials") {
-        return Err(
-            "the reduce template must loop over partials ({% for p in partials %}...)".into(),
-        );
-    }
-    def.env
-        .add_template_owned("reduce".to_string(), reduce)
-        .map_err(|e| format!("reduce template: {e}"))?;
-    let used: BTreeSet<String> = def
-        .env
-        .get_template("reduce")
-        .map(|t| t.undeclared_variables(false).into_iter().collect())
-        .unwrap_or_default();
-    if let Some(v) = used
-        .iter()
-        .find(|v| *v != "partials" && !def.args[1..].contains(v))
-    {
-        return Err(format!(
-            "reduce template uses undefined variable {v:?}; it sees partials and the constant \
-             arguments [{}]",
-            def.args[1..].join(", ")
-        ));
-    }
-    Ok(Some(Reduce {
-        max_input_tokens: max,
-    }))
-}
+use super::face::{ERROR_TYPE, Face, LlmUdf, value_type};
+use super::reduce::Reduce;
+use super::values::to_template_values;
 
 /// The SQL aggregate of one face of an aggregate function; it is never run: the planner
 /// replaces it by the collected list and a lifted call.
@@ -266,10 +184,8 @@ pub(super) async fn reduce_oversized(
     if over.is_empty() {
         return;
     }
-    let columns: Vec<Vec<Option<minijinja::Value>>> = arrays
-        .iter()
-        .map(super::values::to_template_values)
-        .collect();
+    let columns: Vec<Vec<Option<minijinja::Value>>> =
+        arrays.iter().map(to_template_values).collect();
     let trees = over.iter().map(|&row| {
         let args: Vec<minijinja::Value> = columns
             .iter()
@@ -340,17 +256,7 @@ async fn reduce_row(
     };
     let system = leaf(Vec::new()).ok().and_then(|p| p.system);
     let reduce = |chunk: Vec<minijinja::Value>| {
-        let mut ctx: std::collections::BTreeMap<String, minijinja::Value> = def.args[1..]
-            .iter()
-            .cloned()
-            .zip(consts.iter().cloned())
-            .collect();
-        ctx.insert("partials".into(), minijinja::Value::from(chunk));
-        let user = def
-            .env
-            .get_template("reduce")
-            .and_then(|t| t.render(minijinja::Value::from(ctx)))
-            .map_err(|e| format!("reduce template: {e}"))?;
+        let user = def.render_reduce(&consts, chunk)?;
         Ok(crate::types::RenderedPrompt {
             system: system.clone(),
             user,

@@ -23,12 +23,12 @@ use datafusion_proto::physical_plan::{
     PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalProtoConverterExtension,
 };
 use datafusion_proto::protobuf::PhysicalExprNode;
-use minijinja::Environment;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use super::call::{LlmRuntime, PhysicalCall};
 use super::def::FunctionDef;
-use super::exec::{LlmExec, LlmRuntime, PhysicalCall};
+use super::exec::LlmExec;
 use crate::config::Config;
 
 /// What a coordinator tells every worker about the run a task belongs to: the run (so the
@@ -78,40 +78,27 @@ struct LlmExecProto {
     run: Option<RunShare>,
 }
 
-/// The templates of a minijinja environment, sorted by name, as one line.
-pub(super) fn sources(env: &Environment<'_>) -> String {
-    let mut all: Vec<(&str, String)> = env
-        .templates()
-        .map(|(n, t)| (n, t.source().to_string()))
-        .collect();
-    all.sort_unstable();
-    all.iter()
-        .map(|(n, s)| format!("{n}={s:?}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// A function's definition as one line: everything that decides its prompts, its output and
 /// its failures (not its description or file path).
 pub(crate) fn definition_text(def: &FunctionDef) -> String {
     format!(
-        "name={} args={:?} model={} kind={:?} max_tokens={:?} temperature={:?} on_error={:?} \
+        "name={} args={:?} model={} kind={} max_tokens={:?} temperature={:?} on_error={:?} \
          output={} reduce={:?} packing={} templates: {}",
         def.name,
         def.args,
         def.model,
-        def.kind,
+        def.kind.name(),
         def.max_tokens,
         def.temperature,
         def.on_error,
         def.output
             .as_ref()
             .map_or_else(|| "text".to_string(), |o| o.json.to_string()),
-        def.reduce,
-        def.packing
-            .as_ref()
+        def.kind.reduce(),
+        def.kind
+            .packing()
             .map_or_else(|| "none".to_string(), |p| p.identity()),
-        sources(&def.env)
+        def.template_sources()
     )
 }
 

@@ -13,14 +13,19 @@
 //! on_error = "null"   # or "fail"
 //! ```
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use minijinja::{Environment, UndefinedBehavior, Value as JinjaValue};
+use minijinja::{Environment, Value as JinjaValue};
 use serde::Deserialize;
 
 pub use super::kind::FunctionKind;
+use super::kind::{KindName, declared_schema, embedding_schema};
+use super::template::{add, environment, jinja_message, sources};
 use crate::types::{OutputSchema, RenderedPrompt};
+
+/// Name of the generic function `llm(prompt [, model])`.
+pub(crate) const GENERIC_LLM: &str = "llm";
 
 /// What happens to a row whose call fails after all retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
@@ -54,7 +59,8 @@ pub enum DefError {
     },
 }
 
-#[derive(Debug, Deserialize)]
+/// A function's TOML as serde reads it.
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawDef {
     name: String,
@@ -72,7 +78,7 @@ struct RawDef {
     rows_per_prompt: Option<usize>,
     item: Option<String>,
     #[serde(default)]
-    kind: FunctionKind,
+    kind: KindName,
     dim: Option<usize>,
     reduce: Option<String>,
     max_input_tokens: Option<u64>,
@@ -103,13 +109,11 @@ pub struct FunctionDef {
     pub on_error: OnError,
     /// Where it was defined (for messages).
     pub source: PathBuf,
-    /// With `rows_per_prompt`: the shared prompt the rows' items are packed into.
-    pub packing: Option<std::sync::Arc<super::pack::Packing>>,
-    /// A completion, an embedding or an aggregate.
+    /// A completion (perhaps packed), an embedding or an aggregate, with what only its kind
+    /// has.
     pub kind: FunctionKind,
-    /// An aggregate's budget of prompt tokens per call, and its `reduce` template (in `env`).
-    pub reduce: Option<super::aggregate::Reduce>,
-    pub(super) env: Environment<'static>,
+    /// The compiled templates: `prompt`, `system`, and an aggregate's `reduce`.
+    env: Environment<'static>,
     /// The system and prompt templates pre-split, when both are plain.
     plain: Option<PlainTemplates>,
 }
@@ -124,6 +128,24 @@ pub struct PlainTemplates {
 }
 
 impl PlainTemplates {
+    /// The splices of a function's `system` and `prompt` (compiled in `env`), when both are
+    /// plain.
+    fn of(
+        env: &Environment,
+        system: Option<&str>,
+        prompt: &str,
+        args: &[String],
+    ) -> Option<PlainTemplates> {
+        let system = match system {
+            Some(src) => Some(Splice::of(env, "system", src, args)?),
+            None => None,
+        };
+        Some(PlainTemplates {
+            system,
+            prompt: Splice::of(env, "prompt", prompt, args)?,
+        })
+    }
+
     /// Renders one row; `values[i]` binds argument `i`.
     pub fn render(&self, values: &[&str]) -> RenderedPrompt {
         RenderedPrompt {
@@ -246,79 +268,6 @@ fn is_identifier(s: &str) -> bool {
 }
 
 impl FunctionDef {
-    /// Builds a definition from parts (used for the built-in `llm` function and by tests).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        name: &str,
-        args: Vec<String>,
-        model: &str,
-        system: Option<String>,
-        prompt: String,
-        output: Option<OutputSchema>,
-        source: PathBuf,
-    ) -> Result<FunctionDef, DefError> {
-        let invalid = |message: String| DefError::Invalid {
-            path: source.clone(),
-            message,
-        };
-        check_names(name, &args).map_err(invalid)?;
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_keep_trailing_newline(false);
-        let mut templates = vec![("prompt", prompt.clone())];
-        if let Some(s) = &system {
-            templates.push(("system", s.clone()));
-        }
-        for (tname, src) in templates {
-            env.add_template_owned(tname.to_string(), src)
-                .map_err(|e| invalid(format!("{tname} template: {}", jinja_message(&e))))?;
-            let t = env
-                .get_template(tname)
-                .map_err(|e| invalid(format!("{tname} template: {}", jinja_message(&e))))?;
-            let used: BTreeSet<String> = t.undeclared_variables(false).into_iter().collect();
-            let unknown: Vec<&String> = used.iter().filter(|v| !args.contains(v)).collect();
-            if !unknown.is_empty() {
-                return Err(invalid(format!(
-                    "{tname} template uses undefined variable(s) {}; declared args are [{}]",
-                    unknown
-                        .iter()
-                        .map(|s| format!("{s:?}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    args.join(", ")
-                )));
-            }
-        }
-        let plain = match &system {
-            Some(src) => Splice::of(&env, "system", src, &args).map(Some),
-            None => Some(None),
-        }
-        .and_then(|system| {
-            Some(PlainTemplates {
-                system,
-                prompt: Splice::of(&env, "prompt", &prompt, &args)?,
-            })
-        });
-        Ok(FunctionDef {
-            name: name.to_string(),
-            description: None,
-            args,
-            model: model.to_string(),
-            system,
-            prompt,
-            max_tokens: None,
-            temperature: None,
-            output,
-            on_error: OnError::Null,
-            source,
-            packing: None,
-            kind: FunctionKind::Completion,
-            reduce: None,
-            env,
-            plain,
-        })
-    }
-
     /// Parses one `udfs/*.toml` file's text.
     pub fn parse(text: &str, path: &Path) -> Result<FunctionDef, DefError> {
         let invalid = |message: String| DefError::Invalid {
@@ -327,47 +276,127 @@ impl FunctionDef {
         };
         let raw: RawDef = toml::from_str(text)
             .map_err(|e| invalid(e.to_string().trim_end().replace('\n', " ")))?;
-        let output = super::kind::output_schema(
-            raw.kind,
-            raw.output,
-            raw.dim,
-            raw.rows_per_prompt.is_some(),
-        )
-        .map_err(invalid)?;
+        FunctionDef::build(raw, path).map_err(invalid)
+    }
+
+    /// The built-in `llm(prompt [, model])`: the prompt is sent as it is, to the default model
+    /// (or the one named in SQL).
+    pub fn generic() -> FunctionDef {
+        let raw = RawDef {
+            name: GENERIC_LLM.into(),
+            description: Some("The prompt as it is, answered by the default model".into()),
+            args: vec!["prompt".into()],
+            prompt: "{{ prompt }}".into(),
+            ..RawDef::default()
+        };
+        FunctionDef::build(raw, Path::new("<built-in llm>"))
+            .expect("the built-in llm definition is valid")
+    }
+
+    /// Every definition is built here, once: the keys its kind takes are checked together,
+    /// its templates compiled and their variables checked against `args`.
+    fn build(raw: RawDef, path: &Path) -> Result<FunctionDef, String> {
+        check_names(&raw.name, &raw.args)?;
         if let Some(t) = raw.temperature
             && !(0.0..=2.0).contains(&t)
         {
-            return Err(invalid(format!("temperature {t} is outside 0.0..=2.0")));
+            return Err(format!("temperature {t} is outside 0.0..=2.0"));
         }
         if raw.max_tokens == Some(0) {
-            return Err(invalid("max_tokens must be at least 1".into()));
+            return Err("max_tokens must be at least 1".into());
         }
+        let packed = raw.rows_per_prompt.is_some();
+        let aggregate_keys = (raw.reduce, raw.max_input_tokens);
+        let kind_name = raw.kind;
+        match kind_name {
+            KindName::Embedding if packed => {
+                return Err(
+                    "an embedding function takes many inputs per request already \
+                            (prompts_per_request of its model); leave rows_per_prompt out"
+                        .into(),
+                );
+            }
+            KindName::Aggregate if packed => {
+                return Err(
+                    "an aggregate function makes one call per group; leave rows_per_prompt out"
+                        .into(),
+                );
+            }
+            KindName::Embedding => {}
+            _ if raw.dim.is_some() => {
+                return Err(
+                    "dim is the vector length of kind = \"embedding\"; set kind or leave \
+                            dim out"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if kind_name != KindName::Aggregate
+            && (aggregate_keys.0.is_some() || aggregate_keys.1.is_some())
+        {
+            return Err("reduce and max_input_tokens are for kind = \"aggregate\"".into());
+        }
+        let (output, dim) = match (kind_name, raw.output, raw.dim) {
+            (KindName::Embedding, None, Some(dim)) => (Some(embedding_schema(dim)?), dim),
+            (KindName::Embedding, _, _) => {
+                return Err(
+                    "an embedding function returns its vector: give its length as dim \
+                            (e.g. dim = 1536) and leave output out"
+                        .into(),
+                );
+            }
+            (_, output, _) => (declared_schema(output)?, 0),
+        };
         let (system, prompt, packing) = super::pack::templates(
             raw.rows_per_prompt,
             raw.item,
             raw.prompt,
             raw.system,
             &raw.args,
-        )
-        .map_err(invalid)?;
-        let mut def = FunctionDef::new(
-            &raw.name,
-            raw.args,
-            raw.model.as_deref().unwrap_or("default"),
+        )?;
+        let mut env = environment();
+        let mut templates = vec![("prompt", prompt.clone())];
+        templates.extend(system.clone().map(|s| ("system", s)));
+        for (name, source) in templates {
+            let used = add(&mut env, name, source)?;
+            let unknown: Vec<&String> = used.iter().filter(|v| !raw.args.contains(v)).collect();
+            if !unknown.is_empty() {
+                return Err(format!(
+                    "{name} template uses undefined variable(s) {}; declared args are [{}]",
+                    unknown
+                        .iter()
+                        .map(|s| format!("{s:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    raw.args.join(", ")
+                ));
+            }
+        }
+        let plain = PlainTemplates::of(&env, system.as_deref(), &prompt, &raw.args);
+        let kind = match kind_name {
+            KindName::Completion => FunctionKind::Completion { packing },
+            KindName::Embedding => FunctionKind::Embedding { dim },
+            KindName::Aggregate => FunctionKind::Aggregate {
+                reduce: super::reduce::check(&mut env, &raw.args, &prompt, aggregate_keys)?,
+            },
+        };
+        Ok(FunctionDef {
+            name: raw.name,
+            description: raw.description,
+            args: raw.args,
+            model: raw.model.unwrap_or_else(|| "default".into()),
             system,
             prompt,
+            max_tokens: raw.max_tokens,
+            temperature: raw.temperature,
             output,
-            path.to_path_buf(),
-        )?;
-        def.packing = packing;
-        def.kind = raw.kind;
-        def.reduce =
-            super::aggregate::check(&mut def, raw.reduce, raw.max_input_tokens).map_err(invalid)?;
-        def.description = raw.description;
-        def.max_tokens = raw.max_tokens;
-        def.temperature = raw.temperature;
-        def.on_error = raw.on_error;
-        Ok(def)
+            on_error: raw.on_error,
+            source: path.to_path_buf(),
+            kind,
+            env,
+            plain,
+        })
     }
 
     /// Loads every `*.toml` in `dir` (sorted by file name). A missing directory yields no functions.
@@ -422,7 +451,7 @@ impl FunctionDef {
             .iter()
             .cloned()
             .zip(values.iter().cloned())
-            .collect::<std::collections::BTreeMap<String, JinjaValue>>()
+            .collect::<BTreeMap<String, JinjaValue>>()
             .into();
         // The output is about the template plus its arguments: reserve that up front, so that a
         // prompt carrying a long passage is not grown (and copied) step by step.
@@ -447,16 +476,43 @@ impl FunctionDef {
             user: render("prompt")?,
         })
     }
+
+    /// Renders an aggregate's `reduce` template over `partials` (its constant arguments bound
+    /// to `consts`, the arguments after the first).
+    pub(super) fn render_reduce(
+        &self,
+        consts: &[JinjaValue],
+        partials: Vec<JinjaValue>,
+    ) -> Result<String, String> {
+        let mut ctx: BTreeMap<String, JinjaValue> = self.args[1..]
+            .iter()
+            .cloned()
+            .zip(consts.iter().cloned())
+            .collect();
+        ctx.insert("partials".into(), JinjaValue::from(partials));
+        self.env
+            .get_template("reduce")
+            .and_then(|t| t.render(JinjaValue::from(ctx)))
+            .map_err(|e| format!("reduce template: {e}"))
+    }
+
+    /// The compiled templates' names and sources, as one line.
+    pub(super) fn template_sources(&self) -> String {
+        sources(&self.env)
+    }
 }
 
-fn jinja_message(e: &minijinja::Error) -> String {
-    let mut msg = e.to_string();
-    if let Some(line) = e.line()
-        && !msg.contains("line")
-    {
-        msg.push_str(&format!(" (line {line})"));
+/// Two definitions are the same only if they are one (a session's functions are loaded once).
+impl PartialEq for FunctionDef {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
     }
-    msg
+}
+impl Eq for FunctionDef {}
+impl std::hash::Hash for FunctionDef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
 }
 
 #[cfg(test)]
@@ -523,16 +579,14 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
     fn plain_templates_render_by_concatenation_exactly_as_minijinja() {
         let args = vec!["a".to_string(), "b".to_string()];
         let def = |system: Option<&str>, prompt: &str| {
-            FunctionDef::new(
-                "f",
-                args.clone(),
-                "default",
-                system.map(str::to_string),
-                prompt.to_string(),
-                None,
-                PathBuf::from("f.toml"),
-            )
-            .unwrap()
+            let raw = RawDef {
+                name: "f".into(),
+                args: args.clone(),
+                system: system.map(str::to_string),
+                prompt: prompt.to_string(),
+                ..RawDef::default()
+            };
+            FunctionDef::build(raw, Path::new("f.toml")).unwrap()
         };
         let plain = [
             "{{ a }}",

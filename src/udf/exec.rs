@@ -2,7 +2,6 @@
 //! call's value and error columns to the rows of its input through the dispatcher (one
 //! [`LlmStream`] per partition).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -21,38 +20,12 @@ use datafusion::physical_plan::{
 };
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 
-use super::def::FunctionDef;
-use super::plan::LlmNode;
+pub use super::call::{LlmRuntime, PhysicalCall};
+use super::node::LlmNode;
 use super::slice::SliceContext;
 use super::stream::LlmStream;
 use crate::llm::Dispatcher;
-use crate::llm::dispatch::{CallSpec, ModelHandle, Packer};
-
-/// What LLM execution needs from the session: the dispatcher and the configured models.
-#[derive(Debug, Clone)]
-pub struct LlmRuntime {
-    /// The shared scheduler.
-    pub dispatcher: Dispatcher,
-    /// Models by name (`[models.NAME]` in sluice.toml).
-    pub models: BTreeMap<String, ModelHandle>,
-    /// Most calls over the rows of a join (`[execution] max_join_calls`).
-    pub max_join_calls: u64,
-}
-
-/// One call of an [`LlmExec`], resolved for execution.
-#[derive(Debug)]
-pub struct PhysicalCall {
-    /// The function.
-    pub def: Arc<FunctionDef>,
-    /// The model it runs on.
-    pub model: ModelHandle,
-    /// The model's name in sluice.toml.
-    pub model_name: String,
-    /// Whether it runs on the model's embeddings.
-    pub embedding: bool,
-    /// Argument expressions over the input batch.
-    pub args: Vec<Arc<dyn PhysicalExpr>>,
-}
+use crate::llm::dispatch::Packer;
 
 /// Plans [`LlmNode`]s into [`LlmExec`]s.
 #[derive(Debug)]
@@ -94,7 +67,7 @@ impl ExtensionPlanner for LlmPlanner {
                 .iter()
                 .map(|a| planner.create_physical_expr(a, input_schema, session, planning_ctx))
                 .collect::<Result<Vec<_>>>()?;
-            let embedding = def.kind == super::kind::FunctionKind::Embedding;
+            let embedding = def.kind.is_embedding();
             calls.push(Arc::new(PhysicalCall {
                 def: def.clone(),
                 model: model.for_kind(embedding),
@@ -272,7 +245,7 @@ impl ExecutionPlan for LlmExec {
         let pack = self
             .calls
             .iter()
-            .filter_map(|c| c.def.packing.as_ref().map(|p| p.rows()))
+            .filter_map(|c| c.def.kind.packing().map(|p| p.rows()))
             .max()
             .unwrap_or(1);
         let slice_rows = slice_rows.max(pack).div_ceil(pack) * pack;
@@ -284,22 +257,5 @@ impl ExecutionPlan for LlmExec {
             unfinished,
             pack > 1,
         )))
-    }
-}
-
-impl PhysicalCall {
-    /// What the dispatcher needs of the function for every call.
-    fn spec(&self) -> CallSpec {
-        CallSpec {
-            function: self.def.name.clone(),
-            max_tokens: self.def.max_tokens,
-            temperature: self.def.temperature,
-            schema: self.def.output.clone().map(Arc::new),
-            pack: self
-                .def
-                .packing
-                .clone()
-                .map(|p| p as Arc<dyn crate::llm::dispatch::Packer>),
-        }
     }
 }

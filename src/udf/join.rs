@@ -14,7 +14,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
 use datafusion::logical_expr::{Extension, Filter, Join, JoinType, LogicalPlan};
 
-use super::plan::{LlmNode, contains_llm_call};
+use super::node::{LlmNode, contains_llm_call};
 
 /// `join` with its LLM condition parts moved into a filter above it (then lifted by `lift`), or
 /// `None` when its condition calls no model.

@@ -18,11 +18,11 @@
 //! a run with another N (or N = 1) finds the same cache entries. The dispatcher packs the rows
 //! that miss the cache (`llm::dispatch::pack`); this is the template side.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use minijinja::{Environment, UndefinedBehavior, context};
+use minijinja::{Environment, context};
 
+use super::template::{add, environment, sources};
 use crate::llm::dispatch::Packer;
 use crate::types::RenderedPrompt;
 
@@ -81,18 +81,11 @@ impl Packing {
         if rows == 0 {
             return Err("rows_per_prompt must be at least 1".into());
         }
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_keep_trailing_newline(false);
+        let mut env = environment();
         let mut templates = vec![("prompt", prompt)];
         templates.extend(system.map(|s| ("system", s)));
         for (name, src) in templates {
-            env.add_template_owned(name.to_string(), src.to_string())
-                .map_err(|e| format!("{name} template: {e}"))?;
-            let t = env
-                .get_template(name)
-                .map_err(|e| format!("{name} template: {e}"))?;
-            let used: BTreeSet<String> = t.undeclared_variables(false).into_iter().collect();
+            let used = add(&mut env, name, src.to_string())?;
             if let Some(arg) = used.iter().find(|v| args.contains(v)) {
                 return Err(format!(
                     "this function cannot be packed: its {name} template uses {{{{ {arg} }}}}, but \
@@ -126,7 +119,7 @@ impl Packing {
     /// The shared templates' names and sources, and the rows per request (what identifies the
     /// packing, for a worker comparing definitions).
     pub(super) fn identity(&self) -> String {
-        format!("rows={} {}", self.rows, super::codec::sources(&self.env))
+        format!("rows={} {}", self.rows, sources(&self.env))
     }
 }
 

@@ -14,10 +14,10 @@ use datafusion::common::{DataFusionError, Result};
 use minijinja::Value as JinjaValue;
 use serde_json::Value;
 
+use super::call::PhysicalCall;
 use super::def::{FunctionDef, OnError};
-use super::exec::PhysicalCall;
+use super::face::{ERROR_TYPE, value_type};
 use super::values::{StrColumn, to_template_values};
-use super::{ERROR_TYPE, value_type};
 use crate::llm::dispatch::{CallResult, FunctionCaller, Packer};
 use crate::types::{ErrorKind, RenderedPrompt, RowError};
 
@@ -93,7 +93,7 @@ async fn run_call(
         .collect::<Result<_>>()?;
     // Rows that cannot be called get their error now; the rest go to the dispatcher.
     let mut rendered = render_rows(&call.def, &arrays, n);
-    if let Some(budget) = call.def.reduce {
+    if let Some(budget) = call.def.kind.reduce() {
         // Groups over an aggregate's budget take their reduction tree instead.
         super::aggregate::reduce_oversized(
             &call.def,
@@ -113,7 +113,7 @@ async fn run_call(
     for (row, r) in rendered.into_iter().enumerate() {
         // A packed function's row renders its item; the row alone is the shared prompt
         // with that one item (its key, whatever the packing).
-        let r = match (&call.def.packing, r) {
+        let r = match (call.def.kind.packing(), r) {
             (Some(pack), Ok(item)) => pack
                 .render(&[&item.user])
                 .map(|alone| (alone, Some(item.user)))
@@ -137,7 +137,7 @@ async fn run_call(
         .metrics()
         .rows_finished
         .fetch_add(skipped as u64, Ordering::Relaxed);
-    let answers = if call.def.packing.is_some() {
+    let answers = if call.def.kind.packing().is_some() {
         caller.call_all_packed(prompts, items, progress).await
     } else {
         caller.call_all(prompts, progress).await
