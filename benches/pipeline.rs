@@ -232,7 +232,7 @@ fn flagship_with(
 ) -> Value {
     let mock = Mock::start(mock_args);
     let model = if batch > 1 {
-        format!("kind = \"openai_completions\"\nbatch_size = {batch}")
+        format!("kind = \"openai_completions\"\nprompts_per_request = {batch}")
     } else {
         "kind = \"openai\"".to_string()
     };

@@ -213,7 +213,7 @@ prompt = "{{ text }}"
 fn embedding_engine(server: &MockServer, defs: &[&str]) -> Result<Engine, String> {
     let text = format!(
         "{}\n[models.embedder]\nkind = \"openai_embeddings\"\nbase_url = \"{}\"\n\
-         model = \"emb\"\nbatch_size = 8\nconcurrency = 1\n",
+         model = \"emb\"\nprompts_per_request = 8\nconcurrency = 1\n",
         config_text(&server.base_url(), 3, 16),
         server.base_url()
     );

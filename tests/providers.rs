@@ -15,7 +15,7 @@ fn engine(kind: &str, base_url: &str, batch: usize, concurrency: usize) -> Engin
     let text = format!(
         "[dispatcher]\nconcurrency = {concurrency}\nmax_attempts = 8\nbackoff_base_ms = 1\n\
          backoff_max_ms = 20\n[cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\n\
-         base_url = \"{base_url}\"\nmodel = \"m\"\nbatch_size = {batch}\ntimeout_ms = 3000\n"
+         base_url = \"{base_url}\"\nmodel = \"m\"\nprompts_per_request = {batch}\ntimeout_ms = 3000\n"
     );
     let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
     cfg.udf_dir = repo().join("udfs");
@@ -127,9 +127,9 @@ fn lamini_refuses_outputs_output_type_cannot_hold() {
 }
 
 #[test]
-fn chat_models_refuse_a_batch_size() {
+fn chat_models_refuse_prompts_per_request() {
     let text = "[models.default]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
-                model = \"m\"\nbatch_size = 8\n";
+                model = \"m\"\nprompts_per_request = 8\n";
     let err = Config::parse(text, Path::new("sluice.toml"), &|_| None)
         .unwrap_err()
         .to_string();

@@ -165,9 +165,9 @@ pub struct ExecutionConfig {
     /// it is complete, so this bounds the writer's memory whatever the row width or the
     /// compression.
     pub parquet_row_group_bytes: u64,
-    /// Rows per Arrow batch between operators. Text pipelines carry kilobytes per row, so this
+    /// Rows per Arrow record batch between operators. Text pipelines carry kilobytes per row, so this
     /// is smaller than DataFusion's 8,192: less memory in flight, same speed.
-    pub batch_rows: usize,
+    pub rows_per_record_batch: usize,
     /// Most LLM calls a join condition may make (the pairs that survive its other parts); a
     /// join over it is refused before any call.
     pub max_join_calls: u64,
@@ -179,14 +179,14 @@ pub struct ExecutionConfig {
 /// 16 MB. 4 MB of compressed pages is still tens of thousands of rows, large enough for scans.
 pub const DEFAULT_ROW_GROUP_BYTES: u64 = 4 << 20;
 /// Rows per batch by default.
-pub const DEFAULT_BATCH_ROWS: usize = 1024;
+pub const DEFAULT_ROWS_PER_RECORD_BATCH: usize = 1024;
 
 impl Default for ExecutionConfig {
     fn default() -> Self {
         ExecutionConfig {
             memory_limit: None,
             parquet_row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
-            batch_rows: DEFAULT_BATCH_ROWS,
+            rows_per_record_batch: DEFAULT_ROWS_PER_RECORD_BATCH,
             max_join_calls: 10_000,
         }
     }
@@ -334,6 +334,9 @@ fn cache(raw: RawCache, base_dir: &Path) -> CacheConfig {
 
 fn execution(raw: &RawExecution) -> Result<ExecutionConfig, String> {
     let mut e = ExecutionConfig::default();
+    if raw.renamed_batch_rows.is_some() {
+        return Err("execution.batch_rows is now called execution.rows_per_record_batch".into());
+    }
     if let Some(limit) = &raw.memory_limit {
         e.memory_limit =
             Some(parse_size(limit).map_err(|m| format!("execution.memory_limit: {m}"))?);
@@ -342,9 +345,9 @@ fn execution(raw: &RawExecution) -> Result<ExecutionConfig, String> {
         e.parquet_row_group_bytes =
             parse_size(size).map_err(|m| format!("execution.parquet_row_group_bytes: {m}"))?;
     }
-    match raw.batch_rows {
-        Some(0) => return Err("execution.batch_rows must be at least 1".into()),
-        Some(rows) => e.batch_rows = rows,
+    match raw.rows_per_record_batch {
+        Some(0) => return Err("execution.rows_per_record_batch must be at least 1".into()),
+        Some(rows) => e.rows_per_record_batch = rows,
         None => {}
     }
     if let Some(n) = raw.max_join_calls {
@@ -425,17 +428,30 @@ mod tests {
     fn execution_limits_parse_with_units() {
         let cfg = parse(
             "[execution]\nmemory_limit = \"2GB\"\nparquet_row_group_bytes = \"16MB\"\n\
-             batch_rows = 256\n",
+             rows_per_record_batch = 256\n",
         )
         .unwrap();
         assert_eq!(cfg.execution.memory_limit, Some(2 << 30));
         assert_eq!(cfg.execution.parquet_row_group_bytes, 16 << 20);
-        assert_eq!(cfg.execution.batch_rows, 256);
+        assert_eq!(cfg.execution.rows_per_record_batch, 256);
         let e = parse("[execution]\nmemory_limit = \"lots\"\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("execution.memory_limit"), "{e}");
         assert_eq!(parse("").unwrap().execution, ExecutionConfig::default());
+    }
+
+    #[test]
+    fn renamed_keys_name_their_new_names() {
+        let e = parse("[execution]\nbatch_rows = 256\n").unwrap_err().to_string();
+        assert!(e.contains("execution.rows_per_record_batch"), "{e}");
+        let e = parse(
+            "[models.m]\nkind = \"openai_completions\"\nbase_url = \"http://x/v1\"\n\
+             model = \"m\"\nbatch_size = 8\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("models.m.prompts_per_request"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! One model a function can name (`[models.NAME]`): what every model has, then the part only a
-//! server has (URL, key, timeouts, structured output, batching, tokenizer) or only the embedded
+//! server has (URL, key, timeouts, structured output, prompts per request, tokenizer) or only the embedded
 //! local model has (its context size).
 
 use std::fmt;
@@ -46,11 +46,11 @@ pub enum ProviderKind {
     /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, llama.cpp server).
     Openai,
     /// An OpenAI-compatible text completions server taking list prompts (vLLM, llama.cpp
-    /// server): `batch_size` prompts per request.
+    /// server): `prompts_per_request` prompts per request.
     OpenaiCompletions,
     /// Lamini's API: list prompts and `output_type`.
     Lamini,
-    /// An OpenAI-compatible embeddings endpoint (`POST {base_url}/embeddings`): `batch_size`
+    /// An OpenAI-compatible embeddings endpoint (`POST {base_url}/embeddings`): `prompts_per_request`
     /// inputs per request (default 64), for functions of `kind = "embedding"`.
     OpenaiEmbeddings,
     /// The embedded local model: a GGUF file run in-process with llama.cpp.
@@ -142,7 +142,7 @@ pub struct ServerConfig {
     pub max_response_bytes: usize,
     /// Prompts per request for providers that take several (`openai_completions`, `lamini`;
     /// default 8); always 1 for chat completions.
-    pub batch_size: usize,
+    pub prompts_per_request: usize,
     /// How `sluice explain` counts tokens: a tiktoken encoding (`o200k_base`, `cl100k_base`) or
     /// a GGUF file whose vocabulary to use; default: the encoding OpenAI uses for the model,
     /// else `o200k_base`.
@@ -170,8 +170,8 @@ impl ModelConfig {
         };
         let part = match &self.part {
             ModelPart::Server(s) => format!(
-                "server base_url={} structured_output={:?} max_response_bytes={} batch_size={:?}",
-                s.base_url, s.structured_output, s.max_response_bytes, s.batch_size
+                "server base_url={} structured_output={:?} max_response_bytes={} prompts_per_request={:?}",
+                s.base_url, s.structured_output, s.max_response_bytes, s.prompts_per_request
             ),
             ModelPart::Local(l) => format!("local context_size={}", l.context_size),
         };
@@ -235,6 +235,11 @@ pub(super) fn model_from_raw(
     if m.concurrency == Some(0) {
         return Err(format!("models.{name}.concurrency must be at least 1"));
     }
+    if m.renamed_batch_size.is_some() {
+        return Err(format!(
+            "models.{name}.batch_size is now called models.{name}.prompts_per_request"
+        ));
+    }
     if m.kind == ProviderKind::Local {
         return local_from_raw(name, m, base_dir);
     }
@@ -296,14 +301,14 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
         ));
     }
     let misplaced = m.server_keys();
-    if ["base_url", "api_key_env", "batch_size", "tokenizer"]
+    if ["base_url", "api_key_env", "prompts_per_request", "tokenizer"]
         .iter()
         .any(|k| misplaced.contains(k))
     {
         return Err(format!(
             "models.{name}: a local model takes model (the GGUF path), concurrency (rows \
              decoded together) and context_size, and counts tokens with its own vocabulary; \
-             base_url, api_key_env, batch_size and tokenizer belong to servers"
+             base_url, api_key_env, prompts_per_request and tokenizer belong to servers"
         ));
     }
     Ok(lm)
@@ -331,15 +336,15 @@ fn server_from_raw(
             "models.{name}.base_url must start with http:// or https://, got {base_url:?}"
         ));
     }
-    let batch_size = match (m.kind, m.batch_size) {
+    let prompts_per_request = match (m.kind, m.prompts_per_request) {
         (ProviderKind::Openai, Some(b)) if b != 1 => {
             return Err(format!(
-                "models.{name}.batch_size: chat completions take one prompt per request; \
+                "models.{name}.prompts_per_request: chat completions take one prompt per request; \
                  use kind = \"openai_completions\" for list prompts"
             ));
         }
         (ProviderKind::Openai, _) => 1,
-        (_, Some(0)) => return Err(format!("models.{name}.batch_size must be at least 1")),
+        (_, Some(0)) => return Err(format!("models.{name}.prompts_per_request must be at least 1")),
         (ProviderKind::OpenaiEmbeddings, b) => b.unwrap_or(64),
         (_, b) => b.unwrap_or(8),
     };
@@ -364,7 +369,7 @@ fn server_from_raw(
         connect_timeout: Duration::from_millis(m.connect_timeout_ms.unwrap_or(10_000)),
         structured_output: m.structured_output.unwrap_or_default(),
         max_response_bytes: m.max_response_bytes.unwrap_or(16 << 20),
-        batch_size,
+        prompts_per_request,
         tokenizer: m.tokenizer.clone(),
     })
 }

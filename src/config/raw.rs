@@ -37,8 +37,11 @@ pub(super) struct RawCluster {
 pub(super) struct RawExecution {
     pub memory_limit: Option<String>,
     pub parquet_row_group_bytes: Option<String>,
-    pub batch_rows: Option<usize>,
+    pub rows_per_record_batch: Option<usize>,
     pub max_join_calls: Option<u64>,
+    /// The former name of `rows_per_record_batch`, refused with a message naming the new one.
+    #[serde(rename = "batch_rows")]
+    pub renamed_batch_rows: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -83,7 +86,10 @@ pub(super) struct RawModel {
     pub connect_timeout_ms: Option<u64>,
     pub structured_output: Option<StructuredOutput>,
     pub max_response_bytes: Option<usize>,
-    pub batch_size: Option<usize>,
+    pub prompts_per_request: Option<usize>,
+    /// The former name of `prompts_per_request`, refused with a message naming the new one.
+    #[serde(rename = "batch_size")]
+    pub renamed_batch_size: Option<serde::de::IgnoredAny>,
     pub tokenizer: Option<String>,
     // The local model only.
     pub context_size: Option<u32>,
@@ -99,7 +105,7 @@ impl RawModel {
             ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
             ("structured_output", self.structured_output.is_some()),
             ("max_response_bytes", self.max_response_bytes.is_some()),
-            ("batch_size", self.batch_size.is_some()),
+            ("prompts_per_request", self.prompts_per_request.is_some()),
             ("tokenizer", self.tokenizer.is_some()),
         ];
         set.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect()

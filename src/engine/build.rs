@@ -88,7 +88,7 @@ fn session(
     let mut session_config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .with_batch_size(config.execution.batch_rows);
+        .with_batch_size(config.execution.rows_per_record_batch);
     {
         // Row groups bounded in bytes (honoured by the serial writer only): the writer's
         // memory stays flat in the output size. Column encoding in parallel buys little on

@@ -1,5 +1,5 @@
 //! OpenAI-compatible embeddings (`POST {base_url}/embeddings`, OpenAI, vLLM, Ollama, llama.cpp
-//! server): up to `batch_size` inputs per request, one vector per input, in order.
+//! server): up to `prompts_per_request` inputs per request, one vector per input, in order.
 //!
 //! A vector goes through the dispatcher like any answer: its content is the JSON array of
 //! numbers, validated against the function's schema (an array of exactly `dim` numbers) and
@@ -18,7 +18,7 @@ use crate::types::{LlmError, LlmRequest, LlmResponse, OutputSchema, SchemaKind, 
 pub struct EmbeddingsProvider {
     http: HttpEndpoint,
     model: String,
-    batch_size: usize,
+    prompts_per_request: usize,
 }
 
 impl EmbeddingsProvider {
@@ -27,7 +27,7 @@ impl EmbeddingsProvider {
         Ok(EmbeddingsProvider {
             http: HttpEndpoint::new(cfg, format!("{}/embeddings", cfg.base_url), pool_size)?,
             model: model.to_string(),
-            batch_size: cfg.batch_size,
+            prompts_per_request: cfg.prompts_per_request,
         })
     }
 }
@@ -46,8 +46,8 @@ impl Provider for EmbeddingsProvider {
         format!("openai-embeddings:{}#{}", self.http.url(), self.model)
     }
 
-    fn max_batch(&self) -> usize {
-        self.batch_size
+    fn max_prompts_per_request(&self) -> usize {
+        self.prompts_per_request
     }
 
     fn embeds(&self) -> bool {
@@ -67,10 +67,10 @@ impl Provider for EmbeddingsProvider {
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
-        super::complete_as_batch(self, req).await
+        super::complete_as_list(self, req).await
     }
 
-    async fn complete_batch(
+    async fn complete_list(
         &self,
         reqs: &[LlmRequest],
     ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {

@@ -31,7 +31,7 @@ const MAX_ITEMS: u64 = 32;
 pub struct LaminiProvider {
     http: HttpEndpoint,
     model: String,
-    batch_size: usize,
+    prompts_per_request: usize,
 }
 
 /// How a function's output travels through `output_type` and back.
@@ -148,7 +148,7 @@ impl LaminiProvider {
         Ok(LaminiProvider {
             http: HttpEndpoint::new(cfg, format!("{}/v1/completions", cfg.base_url), pool_size)?,
             model: model.to_string(),
-            batch_size: cfg.batch_size,
+            prompts_per_request: cfg.prompts_per_request,
         })
     }
 }
@@ -159,8 +159,8 @@ impl Provider for LaminiProvider {
         format!("lamini:{}#{}", self.http.url(), self.model)
     }
 
-    fn max_batch(&self) -> usize {
-        self.batch_size
+    fn max_prompts_per_request(&self) -> usize {
+        self.prompts_per_request
     }
 
     fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), SetupError> {
@@ -168,10 +168,10 @@ impl Provider for LaminiProvider {
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
-        super::complete_as_batch(self, req).await
+        super::complete_as_list(self, req).await
     }
 
-    async fn complete_batch(
+    async fn complete_list(
         &self,
         reqs: &[LlmRequest],
     ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {

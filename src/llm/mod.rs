@@ -55,13 +55,13 @@ pub trait Provider: Send + Sync + fmt::Debug {
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError>;
 
     /// Most prompts one request may carry (1: one prompt per request).
-    fn max_batch(&self) -> usize {
+    fn max_prompts_per_request(&self) -> usize {
         1
     }
 
     /// Sends several prompts (of the same function and parameters) in one request: one result
     /// per prompt, in order, or one error for the whole request.
-    async fn complete_batch(
+    async fn complete_list(
         &self,
         reqs: &[LlmRequest],
     ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {
@@ -85,11 +85,11 @@ pub trait Provider: Send + Sync + fmt::Debug {
 }
 
 /// One prompt sent as a list of one, for providers whose protocol takes lists.
-pub async fn complete_as_batch<P: Provider + ?Sized>(
+pub async fn complete_as_list<P: Provider + ?Sized>(
     provider: &P,
     req: &LlmRequest,
 ) -> Result<LlmResponse, LlmError> {
-    let mut out = provider.complete_batch(std::slice::from_ref(req)).await?;
+    let mut out = provider.complete_list(std::slice::from_ref(req)).await?;
     out.pop().unwrap_or_else(|| {
         Err(http::malformed(
             "the response has no answer for the prompt".into(),

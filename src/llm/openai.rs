@@ -137,7 +137,7 @@ impl Provider for OpenAiProvider {
 }
 
 /// A provider speaking the OpenAI text completions protocol with list prompts (vLLM, llama.cpp
-/// server, SGLang): up to `batch_size` prompts per request. There are no chat messages: the
+/// server, SGLang): up to `prompts_per_request` prompts per request. There are no chat messages: the
 /// prompt sent is the system text, a blank line, then the user text, so a model that needs its
 /// chat template should have it written into the function's template.
 #[derive(Debug)]
@@ -145,7 +145,7 @@ pub struct CompletionsProvider {
     http: HttpEndpoint,
     model: String,
     structured: StructuredOutput,
-    batch_size: usize,
+    prompts_per_request: usize,
 }
 
 impl CompletionsProvider {
@@ -155,7 +155,7 @@ impl CompletionsProvider {
             http: HttpEndpoint::new(cfg, format!("{}/completions", cfg.base_url), pool_size)?,
             model: model.to_string(),
             structured: cfg.structured_output,
-            batch_size: cfg.batch_size,
+            prompts_per_request: cfg.prompts_per_request,
         })
     }
 }
@@ -174,15 +174,15 @@ impl Provider for CompletionsProvider {
         format!("openai-completions:{}#{}", self.http.url(), self.model)
     }
 
-    fn max_batch(&self) -> usize {
-        self.batch_size
+    fn max_prompts_per_request(&self) -> usize {
+        self.prompts_per_request
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
-        super::complete_as_batch(self, req).await
+        super::complete_as_list(self, req).await
     }
 
-    async fn complete_batch(
+    async fn complete_list(
         &self,
         reqs: &[LlmRequest],
     ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {

@@ -33,7 +33,7 @@ pub(super) fn output_schema(
 ) -> Result<Option<OutputSchema>, String> {
     match (kind, output, dim) {
         (FunctionKind::Embedding, _, _) if packed => Err(
-            "an embedding function takes many inputs per request already (batch_size of its \
+            "an embedding function takes many inputs per request already (prompts_per_request of its \
              model); leave rows_per_prompt out"
                 .into(),
         ),

@@ -152,7 +152,7 @@ async fn run_call(
 }
 
 /// The slice with each call's value and error columns appended.
-pub(super) async fn process_batch(
+pub(super) async fn process_slice(
     ctx: &SliceContext,
     batch: RecordBatch,
     progress: &AtomicUsize,

@@ -1,5 +1,5 @@
-//! The sliding window of one partition: there is no batch barrier. Input batches are cut into
-//! slices, each slice's rows are submitted as soon as it is read, and the stream keeps reading
+//! The sliding window of one partition: there is no barrier between record batches. Input
+//! record batches are cut into slices, each slice's rows are submitted as soon as it is read, and the stream keeps reading
 //! ahead while earlier slices still have rows in flight (slow responses, retries in backoff),
 //! so the global budget stays full. Output order within a partition is the input order.
 //!
@@ -19,7 +19,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use futures::{FutureExt, Stream, StreamExt};
 
-use super::slice::{SliceContext, process_batch};
+use super::slice::{SliceContext, process_slice};
 
 struct Slot {
     rows: usize,
@@ -85,7 +85,7 @@ impl LlmStream {
         }
         let finished_calls = Arc::new(AtomicUsize::new(0));
         let progress = finished_calls.clone();
-        let task = SpawnedTask::spawn(async move { process_batch(&ctx, batch, &progress).await });
+        let task = SpawnedTask::spawn(async move { process_slice(&ctx, batch, &progress).await });
         self.pending.push_back(Slot {
             rows,
             finished_calls,

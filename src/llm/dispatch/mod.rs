@@ -13,10 +13,10 @@
 //!    [`Governor`](super::governor::Governor) (adaptive concurrency, RPM/TPM) and the global
 //!    concurrency budget — all three held as values that give themselves back on drop, so a
 //!    cancelled statement leaves nothing taken — and goes out alone or, for providers that take
-//!    lists, in a list-prompt request formed by [`batch`];
+//!    lists, in a list-prompt request formed by [`lists`];
 //! 5. [`metrics`] counts what happened.
 
-mod batch;
+mod lists;
 mod budget;
 mod dedup;
 mod hedge;
@@ -135,7 +135,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     cache: Option<Arc<ResponseCache>>,
     cache_mode: CacheMode,
-    batchers: batch::Batchers,
+    list_collectors: lists::ListCollectors,
 }
 
 impl Dispatcher {
@@ -160,7 +160,7 @@ impl Dispatcher {
                 metrics: Arc::new(Metrics::default()),
                 cache,
                 cache_mode,
-                batchers: batch::Batchers::default(),
+                list_collectors: lists::ListCollectors::default(),
             }),
         }
     }

@@ -98,7 +98,7 @@ impl Inner {
     ) -> Result<CachedResponse, LlmError> {
         let result = match &model.batch {
             Some(q) if n == 1 || !q.retries_live() => self.send_to_batch(model, q, req, key).await,
-            _ if model.provider.max_batch() > 1 => self.send_batched(model, req, fm).await,
+            _ if model.provider.max_prompts_per_request() > 1 => self.send_listed(model, req, fm).await,
             _ => self.send_hedged(model, req, fm).await,
         };
         let m = &self.metrics;

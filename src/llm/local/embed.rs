@@ -19,7 +19,7 @@ use crate::llm::Provider;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, Usage};
 
 /// Inputs embedded per request (one worker decodes them one after another).
-const BATCH: usize = 16;
+const PROMPTS_PER_REQUEST: usize = 16;
 
 /// Most tokens of one input (longer inputs are cut: the vector then stands for their start).
 const MAX_TOKENS: usize = 2048;
@@ -167,8 +167,8 @@ impl Provider for LocalEmbedder {
         self.identity.clone()
     }
 
-    fn max_batch(&self) -> usize {
-        BATCH
+    fn max_prompts_per_request(&self) -> usize {
+        PROMPTS_PER_REQUEST
     }
 
     fn embeds(&self) -> bool {
@@ -176,10 +176,10 @@ impl Provider for LocalEmbedder {
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
-        crate::llm::complete_as_batch(self, req).await
+        crate::llm::complete_as_list(self, req).await
     }
 
-    async fn complete_batch(
+    async fn complete_list(
         &self,
         reqs: &[LlmRequest],
     ) -> Result<Vec<Result<LlmResponse, LlmError>>, LlmError> {

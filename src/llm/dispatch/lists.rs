@@ -1,8 +1,8 @@
-//! List-prompt batching for providers whose protocol takes several prompts per request
-//! (`openai_completions`, Lamini): prompts of one model, function and completion limit queue
-//! for one collector, which forms a request only once the model's governor and the global
-//! budget admit one — so under load every request leaves full, and no prompt waits for a
-//! batch to fill.
+//! List-prompt requests for providers whose protocol takes several prompts per request
+//! (`openai_completions`, Lamini, embeddings): prompts of one model, function and completion
+//! limit queue for one collector, which forms a request only once the model's governor and
+//! the global budget admit one — so under load every request leaves full, and no prompt waits
+//! for a list to fill.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,11 +15,11 @@ use super::{FunctionMetrics, Inner, Metrics, ModelHandle};
 use crate::llm::governor::Outcome;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse};
 
-/// Prompts batched together share a model, a function and a completion limit.
-type BatchKey = (usize, String, Option<u32>);
+/// Prompts sent in one list share a model, a function and a completion limit.
+type ListKey = (usize, String, Option<u32>);
 
-/// The queue of each batch key's collector.
-pub(super) type Batchers = Mutex<HashMap<BatchKey, mpsc::UnboundedSender<Pending>>>;
+/// The queue of each list key's collector.
+pub(super) type ListCollectors = Mutex<HashMap<ListKey, mpsc::UnboundedSender<Pending>>>;
 
 /// A prompt waiting for a place in a list-prompt request.
 pub(super) struct Pending {
@@ -37,15 +37,15 @@ async fn next_wanted(rx: &mut mpsc::UnboundedReceiver<Pending>) -> Option<Pendin
     }
 }
 
-/// Forms and sends the list-prompt requests of one batch key.
-async fn collect_batches(
+/// Forms and sends the list-prompt requests of one list key.
+async fn collect_lists(
     model: ModelHandle,
     global: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     fm: Arc<FunctionMetrics>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
-    let max = model.provider.max_batch().max(1);
+    let max = model.provider.max_prompts_per_request().max(1);
     while let Some(first) = next_wanted(&mut rx).await {
         let estimate = first.req.estimated_tokens() * max as u64;
         let admission = model.governor.admit(estimate).await;
@@ -54,21 +54,21 @@ async fn collect_batches(
             let _held = (first, rx);
             return std::future::pending().await;
         };
-        let mut batch = vec![first];
-        while batch.len() < max {
+        let mut list = vec![first];
+        while list.len() < max {
             match rx.try_recv() {
                 Ok(p) if p.done.is_closed() => {}
-                Ok(p) => batch.push(p),
+                Ok(p) => list.push(p),
                 Err(_) => break,
             }
         }
         let (model, metrics, fm) = (model.clone(), metrics.clone(), fm.clone());
         tokio::spawn(async move {
             let (reqs, dones): (Vec<LlmRequest>, Vec<_>) =
-                batch.into_iter().map(|p| (p.req, p.done)).unzip();
+                list.into_iter().map(|p| (p.req, p.done)).unzip();
             let result = {
                 let _wire = OnTheWire::start(&metrics, &fm);
-                model.provider.complete_batch(&reqs).await
+                model.provider.complete_list(&reqs).await
             };
             drop(permit);
             fm.latency.record(admission.started().elapsed());
@@ -102,23 +102,23 @@ async fn collect_batches(
 
 impl Inner {
     /// Queues the prompt for a list-prompt request of its model, function and limit.
-    pub(super) async fn send_batched(
+    pub(super) async fn send_listed(
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
         fm: &Arc<FunctionMetrics>,
     ) -> Result<LlmResponse, LlmError> {
-        let key: BatchKey = (
+        let key: ListKey = (
             Arc::as_ptr(&model.governor) as usize,
             req.function.clone(),
             req.max_tokens,
         );
         let tx = {
-            let mut b = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = self.list_collectors.lock().unwrap_or_else(|p| p.into_inner());
             b.entry(key)
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(collect_batches(
+                    tokio::spawn(collect_lists(
                         model.clone(),
                         self.global.clone(),
                         self.metrics.clone(),
