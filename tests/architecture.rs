@@ -774,7 +774,7 @@ fn the_checks_see_what_they_check() {
     );
     assert_eq!(absolute(&p("udf"), true, &p("def::F")), p("udf::def::F"));
     let tree = Tree::read();
-    assert_eq!(tree.resolve(p("Engine")), p("engine::Engine"));
+    assert_eq!(tree.resolve(p("Engine")), p("engine::session::Engine"));
     assert!(
         tree.files
             .iter()

@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 pub use super::kind::FunctionKind;
 use super::kind::{KindName, declared_schema, embedding_schema};
+pub use super::plain::PlainTemplates;
 use super::template::{add, environment, jinja_message, sources};
 use crate::types::{OutputSchema, RenderedPrompt};
 
@@ -118,128 +119,50 @@ pub struct FunctionDef {
     plain: Option<PlainTemplates>,
 }
 
-/// A function's system and prompt templates when both are only literal text and `{{ arg }}`
-/// substitutions: a row whose arguments are strings renders by concatenation, with the same
-/// output as [`FunctionDef::render`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct PlainTemplates {
-    system: Option<Splice>,
-    prompt: Splice,
-}
-
-impl PlainTemplates {
-    /// The splices of a function's `system` and `prompt` (compiled in `env`), when both are
-    /// plain.
-    fn of(
-        env: &Environment,
-        system: Option<&str>,
-        prompt: &str,
-        args: &[String],
-    ) -> Option<PlainTemplates> {
-        let system = match system {
-            Some(src) => Some(Splice::of(env, "system", src, args)?),
-            None => None,
-        };
-        Some(PlainTemplates {
-            system,
-            prompt: Splice::of(env, "prompt", prompt, args)?,
-        })
+/// The keys only some kinds take, checked together: the output schema (an embedding's from its
+/// `dim`) and the vector length (0 unless an embedding).
+fn kind_keys(raw: &RawDef) -> Result<(Option<OutputSchema>, usize), String> {
+    let packed = raw.rows_per_prompt.is_some();
+    let kind_name = raw.kind;
+    match kind_name {
+        KindName::Embedding if packed => {
+            return Err(
+                "an embedding function takes many inputs per request already \
+                        (prompts_per_request of its model); leave rows_per_prompt out"
+                    .into(),
+            );
+        }
+        KindName::Aggregate if packed => {
+            return Err(
+                "an aggregate function makes one call per group; leave rows_per_prompt out".into(),
+            );
+        }
+        KindName::Embedding => {}
+        _ if raw.dim.is_some() => {
+            return Err(
+                "dim is the vector length of kind = \"embedding\"; set kind or leave \
+                        dim out"
+                    .into(),
+            );
+        }
+        _ => {}
     }
-
-    /// Renders one row; `values[i]` binds argument `i`.
-    pub fn render(&self, values: &[&str]) -> RenderedPrompt {
-        RenderedPrompt {
-            system: self.system.as_ref().map(|s| s.render(values)),
-            user: self.prompt.render(values),
-        }
+    if kind_name != KindName::Aggregate && (raw.reduce.is_some() || raw.max_input_tokens.is_some())
+    {
+        return Err("reduce and max_input_tokens are for kind = \"aggregate\"".into());
     }
-}
-
-/// A template that is only literal text and `{{ arg }}` substitutions, split at them once at
-/// load time, so that a row whose arguments are strings renders by concatenation: the same text
-/// minijinja outputs, without evaluating the template for every row.
-#[derive(Debug, Clone, PartialEq)]
-struct Splice(Vec<Piece>);
-
-#[derive(Debug, Clone, PartialEq)]
-enum Piece {
-    Text(String),
-    Arg(usize),
-}
-
-/// Marks argument `i` in a sentinel rendering (private-use characters a template cannot hold).
-const SENTINEL_OPEN: char = '\u{F8FF}';
-const SENTINEL_CLOSE: char = '\u{F8FE}';
-
-impl Splice {
-    /// The splice of template `name` (source `source`) in `env`, if the source has no
-    /// statements or comments and every `{{ ... }}` is a bare argument name. The literal text
-    /// comes from minijinja itself (rendering with a sentinel per argument), so whitespace
-    /// control and the dropped trailing newline are exactly minijinja's.
-    fn of(env: &Environment, name: &str, source: &str, args: &[String]) -> Option<Splice> {
-        if source.contains("{%")
-            || source.contains("{#")
-            || source.contains([SENTINEL_OPEN, SENTINEL_CLOSE])
-        {
-            return None;
+    let (output, dim) = match (kind_name, raw.output.clone(), raw.dim) {
+        (KindName::Embedding, None, Some(dim)) => (Some(embedding_schema(dim)?), dim),
+        (KindName::Embedding, _, _) => {
+            return Err(
+                "an embedding function returns its vector: give its length as dim \
+                        (e.g. dim = 1536) and leave output out"
+                    .into(),
+            );
         }
-        let mut substitutions = 0;
-        let mut rest = source;
-        while let Some(open) = rest.find("{{") {
-            let after = &rest[open + 2..];
-            let close = after.find("}}")?;
-            let inner = &after[..close];
-            let inner = inner.strip_prefix(['-', '+']).unwrap_or(inner);
-            let inner = inner.strip_suffix(['-', '+']).unwrap_or(inner).trim();
-            if !args.iter().any(|a| a == inner) {
-                return None;
-            }
-            substitutions += 1;
-            rest = &after[close + 2..];
-        }
-        let ctx: std::collections::BTreeMap<&str, String> = args
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.as_str(), format!("{SENTINEL_OPEN}{i}{SENTINEL_CLOSE}")))
-            .collect();
-        let rendered = env.get_template(name).ok()?.render(&ctx).ok()?;
-        let mut pieces = Vec::new();
-        let mut rest = rendered.as_str();
-        while let Some(open) = rest.find(SENTINEL_OPEN) {
-            if open > 0 {
-                pieces.push(Piece::Text(rest[..open].to_string()));
-            }
-            let after = &rest[open + SENTINEL_OPEN.len_utf8()..];
-            let close = after.find(SENTINEL_CLOSE)?;
-            let i: usize = after[..close].parse().ok()?;
-            pieces.push(Piece::Arg(i));
-            rest = &after[close + SENTINEL_CLOSE.len_utf8()..];
-        }
-        if !rest.is_empty() {
-            pieces.push(Piece::Text(rest.to_string()));
-        }
-        let args_placed = pieces.iter().filter(|p| matches!(p, Piece::Arg(_))).count();
-        (args_placed == substitutions).then_some(Splice(pieces))
-    }
-
-    fn render(&self, values: &[&str]) -> String {
-        let len = self
-            .0
-            .iter()
-            .map(|p| match p {
-                Piece::Text(t) => t.len(),
-                Piece::Arg(i) => values[*i].len(),
-            })
-            .sum();
-        let mut out = String::with_capacity(len);
-        for p in &self.0 {
-            match p {
-                Piece::Text(t) => out.push_str(t),
-                Piece::Arg(i) => out.push_str(values[*i]),
-            }
-        }
-        out
-    }
+        (_, output, _) => (declared_schema(output)?, 0),
+    };
+    Ok((output, dim))
 }
 
 /// The function's and its arguments' names are identifiers, each argument listed once.
@@ -305,49 +228,7 @@ impl FunctionDef {
         if raw.max_tokens == Some(0) {
             return Err("max_tokens must be at least 1".into());
         }
-        let packed = raw.rows_per_prompt.is_some();
-        let aggregate_keys = (raw.reduce, raw.max_input_tokens);
-        let kind_name = raw.kind;
-        match kind_name {
-            KindName::Embedding if packed => {
-                return Err(
-                    "an embedding function takes many inputs per request already \
-                            (prompts_per_request of its model); leave rows_per_prompt out"
-                        .into(),
-                );
-            }
-            KindName::Aggregate if packed => {
-                return Err(
-                    "an aggregate function makes one call per group; leave rows_per_prompt out"
-                        .into(),
-                );
-            }
-            KindName::Embedding => {}
-            _ if raw.dim.is_some() => {
-                return Err(
-                    "dim is the vector length of kind = \"embedding\"; set kind or leave \
-                            dim out"
-                        .into(),
-                );
-            }
-            _ => {}
-        }
-        if kind_name != KindName::Aggregate
-            && (aggregate_keys.0.is_some() || aggregate_keys.1.is_some())
-        {
-            return Err("reduce and max_input_tokens are for kind = \"aggregate\"".into());
-        }
-        let (output, dim) = match (kind_name, raw.output, raw.dim) {
-            (KindName::Embedding, None, Some(dim)) => (Some(embedding_schema(dim)?), dim),
-            (KindName::Embedding, _, _) => {
-                return Err(
-                    "an embedding function returns its vector: give its length as dim \
-                            (e.g. dim = 1536) and leave output out"
-                        .into(),
-                );
-            }
-            (_, output, _) => (declared_schema(output)?, 0),
-        };
+        let (output, dim) = kind_keys(&raw)?;
         let (system, prompt, packing) = super::pack::templates(
             raw.rows_per_prompt,
             raw.item,
@@ -374,7 +255,8 @@ impl FunctionDef {
             }
         }
         let plain = PlainTemplates::of(&env, system.as_deref(), &prompt, &raw.args);
-        let kind = match kind_name {
+        let aggregate_keys = (raw.reduce, raw.max_input_tokens);
+        let kind = match raw.kind {
             KindName::Completion => FunctionKind::Completion { packing },
             KindName::Embedding => FunctionKind::Embedding { dim },
             KindName::Aggregate => FunctionKind::Aggregate {

@@ -21,6 +21,7 @@ mod join;
 pub mod kind;
 mod node;
 pub mod pack;
+mod plain;
 pub(crate) mod plan;
 mod reduce;
 mod slice;
