@@ -209,11 +209,11 @@ fn use_tree(rest: &str, base: &[String], out: &mut Vec<(Vec<String>, Option<Stri
         segs.push(r_trim[..n].to_string());
         i += n;
         let after = &rest[i..];
-        if let Some(more) = after.strip_prefix("::") {
-            if more.starts_with(|c: char| c.is_alphanumeric() || c == '_' || c == '{' || c == '*') {
-                i += 2;
-                continue;
-            }
+        if let Some(more) = after.strip_prefix("::")
+            && more.starts_with(|c: char| c.is_alphanumeric() || c == '_' || c == '{' || c == '*')
+        {
+            i += 2;
+            continue;
         }
         let alias = after
             .trim_start()
@@ -344,9 +344,9 @@ fn words_outside_use_items(code: &str) -> std::collections::BTreeSet<String> {
             i += rest.chars().next().map_or(1, char::len_utf8);
             continue;
         }
-        if &rest[..n] == "use" && statement_start(&code[..i]).trim().is_empty()
-            || &rest[..n] == "use" && statement_start(&code[..i]).trim().starts_with("pub")
-        {
+        let statement = statement_start(&code[..i]);
+        let statement = statement.trim();
+        if &rest[..n] == "use" && (statement.is_empty() || statement.starts_with("pub")) {
             i += rest.find(';').map_or(rest.len(), |k| k + 1);
             continue;
         }

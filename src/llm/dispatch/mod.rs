@@ -35,6 +35,8 @@ use tokio::sync::Semaphore;
 use crate::cache::{CacheMode, KeyPrefix, RequestKey, ResponseCache};
 use crate::config::DispatcherConfig;
 use crate::types::RenderedPrompt;
+#[cfg(test)]
+use crate::types::{ErrorKind, LlmRequest, RowError};
 
 pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer};
 use inner::Inner;

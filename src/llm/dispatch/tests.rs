@@ -4,8 +4,9 @@ use super::*;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::llm::governor::GovernorConfig;
-use crate::types::LlmResponse;
+use crate::llm::Provider;
+use crate::llm::governor::{Governor, GovernorConfig};
+use crate::types::{LlmError, LlmResponse};
 
 /// Answers every prompt with its own text.
 #[derive(Debug)]
