@@ -707,6 +707,52 @@ async fn a_group_over_the_input_budget_is_reduced_in_levels_and_cached() {
     assert_eq!(s.stats().requests, 0, "a re-run is answered by the cache");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_counts_a_deep_reduction_as_the_run_makes_it() {
+    let toml = format!(
+        "{}max_input_tokens = 220\nreduce = \"\"\"Combine these partial summaries.\n{{% for p in partials %}}- {{{{ p }}}}\n{{% endfor %}}\"\"\"\n",
+        SUMMARY_FN
+    );
+    let s = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("summ.toml"), &toml).unwrap();
+    let mut cfg = Config::parse(
+        &config_text(&s.base_url(), 2, 16),
+        Path::new("sluice.toml"),
+        &|_| None,
+    )
+    .unwrap();
+    cfg.udf_dir = dir.path().to_path_buf();
+    // One group of 37 values of about 40 tokens: leaf calls of a few values each, then
+    // reduce calls of a few partial results each, over more than one level.
+    let sql = "SELECT g, summarize_call(v ORDER BY i) AS s FROM \
+               (SELECT 1 AS g, value AS i, 'Passage ' || CAST(value AS VARCHAR) || \
+               ': revenue grew by a few points as the company expanded its margins in every \
+               segment, and management raised its guidance for the rest of the fiscal year.' \
+               AS v FROM generate_series(1, 37)) GROUP BY g";
+    let x = Engine::for_estimates(&cfg)
+        .unwrap()
+        .explain_script(sql, "q.sql")
+        .await
+        .unwrap();
+    let t = &x.totals[0];
+    assert_eq!(s.stats().requests, 0, "explain sends nothing");
+    let e = Engine::new(&cfg).unwrap();
+    let got = e.query(sql).await.unwrap();
+    assert_eq!(strings(&got, "s").len(), 1, "one summary");
+    let m = e.metrics();
+    let f = &m.functions["summarize_call"];
+    // The run sends every call of the tree: its partial results differ, so no two of its
+    // reduce prompts are the same.
+    assert_eq!(s.stats().requests, f.prompts, "the run: one request per call");
+    assert!(t.calls > 10, "a reduction of more than one level: {t:?}");
+    assert_eq!(
+        t.requests, t.calls,
+        "explain counts a request per call, as the run makes them (its placeholder partials \
+         are not one prompt): {t:?}"
+    );
+}
+
 #[test]
 fn aggregates_that_cannot_be_planned_are_refused_at_load_time() {
     let load = |t: &str| {

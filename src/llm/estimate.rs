@@ -184,9 +184,13 @@ impl Provider for EstimateProvider {
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        // Distinct prompts get distinct answers, as a model's would: calls made from them (an
+        // aggregate's reduce prompts over partial results, `f(g(x))`) are merged only where the
+        // run would merge them too.
+        let variant = prompt_variant(req);
         let content = match &req.schema {
             Some(schema) => {
-                let value = placeholder(&schema.root);
+                let value = placeholder_variant(&schema.root, variant);
                 if schema.is_wrapped() {
                     json!({ "value": value }).to_string()
                 } else {
@@ -195,8 +199,7 @@ impl Provider for EstimateProvider {
             }
             None => {
                 let tokens = TYPICAL_TEXT_TOKENS.min(u64::from(req.max_tokens.unwrap_or(256)));
-                // One common word is one token in every vocabulary sluice counts with.
-                vec!["the"; tokens.max(1) as usize].join(" ")
+                text_placeholder(tokens.max(1) as usize, variant)
             }
         };
         let usage = Usage {
@@ -222,9 +225,41 @@ pub fn placeholder(schema: &SchemaNode) -> Value {
     placeholder_variant(schema, 0)
 }
 
+/// A number that tells `req`'s prompt from others (the same prompt, the same number).
+fn prompt_variant(req: &LlmRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    req.prompt.system.hash(&mut h);
+    req.prompt.user.hash(&mut h);
+    h.finish()
+}
+
+/// The variant of the `i`-th part of a value of variant `variant` (splitmix64's mix).
+fn part_variant(variant: u64, i: usize) -> u64 {
+    let mut z = variant.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Words that are one token each, after a space, in every vocabulary sluice counts with.
+const ONE_TOKEN_WORDS: [&str; 16] = [
+    "the", "of", "and", "to", "in", "is", "for", "on", "that", "with", "as", "at", "by", "it",
+    "be", "from",
+];
+
+/// A text answer of `tokens` tokens, its words drawn by `variant` (so that the answers of
+/// distinct prompts differ).
+fn text_placeholder(tokens: usize, variant: u64) -> String {
+    let mut rng = fastrand::Rng::with_seed(variant);
+    let mut words = vec!["the"];
+    words.extend((1..tokens).map(|_| ONE_TOKEN_WORDS[rng.usize(..ONE_TOKEN_WORDS.len())]));
+    words.join(" ")
+}
+
 /// The `variant`-th placeholder: items of an array differ from each other (as a model's would),
 /// so calls made downstream of them are not merged as identical.
-fn placeholder_variant(schema: &SchemaNode, variant: usize) -> Value {
+fn placeholder_variant(schema: &SchemaNode, variant: u64) -> Value {
     let as_usize = |v: Option<u64>| v.map(|v| v as usize);
     match &schema.kind {
         SchemaKind::Object { properties, .. } => Value::Object(
@@ -246,7 +281,7 @@ fn placeholder_variant(schema: &SchemaNode, variant: usize) -> Value {
             };
             Value::Array(
                 (0..n)
-                    .map(|i| placeholder_variant(items, variant * n + i))
+                    .map(|i| placeholder_variant(items, part_variant(variant, i)))
                     .collect(),
             )
         }
@@ -296,20 +331,23 @@ fn placeholder_variant(schema: &SchemaNode, variant: usize) -> Value {
 }
 
 /// English-like text of exactly `chars` characters (tokenizes like prose, ~4.5 chars a token),
-/// starting at a different word for each `variant`.
-fn prose(chars: usize, variant: usize) -> String {
-    const WORDS: &str = "What was the reported revenue growth for the quarter and how does the \
-                         company expect operating margin to develop over the next fiscal year ";
-    let starts: Vec<usize> = std::iter::once(0)
-        .chain(WORDS.match_indices(' ').map(|(i, _)| i + 1))
-        .filter(|i| *i < WORDS.len())
-        .collect();
-    let start = starts[variant % starts.len()];
-    WORDS[start..]
-        .chars()
-        .chain(WORDS.chars().cycle())
-        .take(chars)
-        .collect()
+/// its words drawn by `variant`.
+fn prose(chars: usize, variant: u64) -> String {
+    const WORDS: [&str; 24] = [
+        "what", "was", "the", "reported", "revenue", "growth", "for", "quarter", "and", "how",
+        "does", "company", "expect", "operating", "margin", "to", "develop", "over", "next",
+        "fiscal", "year", "guidance", "customers", "demand",
+    ];
+    let mut rng = fastrand::Rng::with_seed(variant);
+    let mut out = String::with_capacity(chars + 16);
+    while out.len() < chars {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(WORDS[rng.usize(..WORDS.len())]);
+    }
+    out.truncate(chars);
+    out
 }
 
 #[cfg(test)]
@@ -327,6 +365,11 @@ mod tests {
         assert_eq!(items.len(), 3);
         assert_eq!(items[0].as_str().unwrap().len(), 30);
         assert_ne!(items[0], items[1], "items differ");
+        assert_ne!(
+            placeholder_variant(&s, 1),
+            placeholder_variant(&s, 2),
+            "the answers of distinct prompts differ"
+        );
         let short = placeholder(&node(json!({"type": "string", "minLength": 200})));
         assert_eq!(short.as_str().unwrap().len(), 200);
         assert_eq!(
@@ -339,6 +382,18 @@ mod tests {
             )),
             json!(5)
         );
+    }
+
+    #[test]
+    fn a_text_answer_has_its_tokens_and_differs_by_prompt() {
+        let bpe = tiktoken_rs::o200k_base_singleton();
+        let answers: Vec<String> = (0..50).map(|v| text_placeholder(60, v)).collect();
+        for a in &answers {
+            assert_eq!(bpe.encode_ordinary(a).len(), 60, "{a}");
+        }
+        let distinct: std::collections::BTreeSet<&String> = answers.iter().collect();
+        assert_eq!(distinct.len(), answers.len());
+        assert_eq!(text_placeholder(1, 7), "the");
     }
 
     #[test]
