@@ -744,7 +744,11 @@ async fn explain_counts_a_deep_reduction_as_the_run_makes_it() {
     let f = &m.functions["summarize_call"];
     // The run sends every call of the tree: its partial results differ, so no two of its
     // reduce prompts are the same.
-    assert_eq!(s.stats().requests, f.prompts, "the run: one request per call");
+    assert_eq!(
+        s.stats().requests,
+        f.prompts,
+        "the run: one request per call"
+    );
     assert!(t.calls > 10, "a reduction of more than one level: {t:?}");
     assert_eq!(
         t.requests, t.calls,

@@ -23,10 +23,10 @@ use crate::llm::Dispatcher;
 use crate::sink::store::ObjectStores;
 use crate::source::ChunkText;
 use crate::source::lines::{CleanLines, LineRules};
-use crate::udf::LlmUdf;
 use crate::udf::def::{DefError, FunctionDef, FunctionKind};
 use crate::udf::exec::{LlmPlanner, LlmRuntime};
 use crate::udf::plan::LiftLlmCalls;
+use crate::udf::{LlmUdf, NullSafeFields, NullSafeGetField};
 
 /// DataFusion's planner with sluice's extension planner for LLM nodes.
 #[derive(Debug)]
@@ -123,6 +123,7 @@ fn session(
         .with_query_planner(Arc::new(SluiceQueryPlanner {
             runtime: runtime.clone(),
         }))
+        .with_analyzer_rule(Arc::new(NullSafeFields))
         .with_optimizer_rule(Arc::new(LiftLlmCalls));
     // Estimates run here (they must not reach a worker's models); explain shows the stages.
     if config.cluster.distributed() && answers == Answers::Models {
@@ -193,6 +194,7 @@ fn register_functions(
     defs: Vec<FunctionDef>,
 ) -> Result<Vec<Arc<FunctionDef>>, EngineError> {
     ctx.register_udf(ChunkText::udf());
+    ctx.register_udf(NullSafeGetField::udf());
     for f in crate::udf::vector::VectorFn::udfs() {
         ctx.register_udf(f);
     }

@@ -126,8 +126,10 @@ impl WorkerHost {
         let own = self.engine.context().state();
         let functions = builder.scalar_functions().get_or_insert_with(Vec::new);
         for f in own.scalar_functions().values() {
-            if !functions.iter().any(|g| g.name() == f.name()) {
-                functions.push(f.clone());
+            // The engine's own version of a function wins (`get_field` that keeps NULLs).
+            match functions.iter_mut().find(|g| g.name() == f.name()) {
+                Some(g) => *g = f.clone(),
+                None => functions.push(f.clone()),
             }
         }
         let side: Arc<dyn WorkerSide> = self.clone();

@@ -220,11 +220,6 @@ impl Provider for EstimateProvider {
     }
 }
 
-/// A value that satisfies `schema` with typical sizes: what the estimate assumes a model returns.
-pub fn placeholder(schema: &SchemaNode) -> Value {
-    placeholder_variant(schema, 0)
-}
-
 /// A number that tells `req`'s prompt from others (the same prompt, the same number).
 fn prompt_variant(req: &LlmRequest) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -257,8 +252,9 @@ fn text_placeholder(tokens: usize, variant: u64) -> String {
     words.join(" ")
 }
 
-/// The `variant`-th placeholder: items of an array differ from each other (as a model's would),
-/// so calls made downstream of them are not merged as identical.
+/// A value that satisfies `schema` with typical sizes (what the estimate assumes a model
+/// returns), drawn by `variant`: items of an array differ from each other, and the answers of
+/// distinct prompts differ, as a model's would.
 fn placeholder_variant(schema: &SchemaNode, variant: u64) -> Value {
     let as_usize = |v: Option<u64>| v.map(|v| v as usize);
     match &schema.kind {
@@ -334,9 +330,30 @@ fn placeholder_variant(schema: &SchemaNode, variant: u64) -> Value {
 /// its words drawn by `variant`.
 fn prose(chars: usize, variant: u64) -> String {
     const WORDS: [&str; 24] = [
-        "what", "was", "the", "reported", "revenue", "growth", "for", "quarter", "and", "how",
-        "does", "company", "expect", "operating", "margin", "to", "develop", "over", "next",
-        "fiscal", "year", "guidance", "customers", "demand",
+        "what",
+        "was",
+        "the",
+        "reported",
+        "revenue",
+        "growth",
+        "for",
+        "quarter",
+        "and",
+        "how",
+        "does",
+        "company",
+        "expect",
+        "operating",
+        "margin",
+        "to",
+        "develop",
+        "over",
+        "next",
+        "fiscal",
+        "year",
+        "guidance",
+        "customers",
+        "demand",
     ];
     let mut rng = fastrand::Rng::with_seed(variant);
     let mut out = String::with_capacity(chars + 16);
@@ -360,7 +377,7 @@ mod tests {
         let s = node(json!({"type": "object", "properties": {"value": {
             "type": "array", "minItems": 2, "maxItems": 4,
             "items": {"type": "string", "minLength": 10, "maxLength": 30}}}}));
-        let v = placeholder(&s);
+        let v = placeholder_variant(&s, 0);
         let items = v["value"].as_array().unwrap();
         assert_eq!(items.len(), 3);
         assert_eq!(items[0].as_str().unwrap().len(), 30);
@@ -370,16 +387,17 @@ mod tests {
             placeholder_variant(&s, 2),
             "the answers of distinct prompts differ"
         );
-        let short = placeholder(&node(json!({"type": "string", "minLength": 200})));
+        let short = placeholder_variant(&node(json!({"type": "string", "minLength": 200})), 0);
         assert_eq!(short.as_str().unwrap().len(), 200);
         assert_eq!(
-            placeholder(&node(json!({"type": "string", "enum": ["a", "b"]}))),
+            placeholder_variant(&node(json!({"type": "string", "enum": ["a", "b"]})), 0),
             json!("a")
         );
         assert_eq!(
-            placeholder(&node(
-                json!({"type": "integer", "minimum": 1, "maximum": 5})
-            )),
+            placeholder_variant(
+                &node(json!({"type": "integer", "minimum": 1, "maximum": 5})),
+                0
+            ),
             json!(5)
         );
     }

@@ -26,6 +26,7 @@ use datafusion::logical_expr::{
 
 use super::def::FunctionDef;
 use super::face::{ERROR_TYPE, Face, LlmUdf, value_type};
+use super::node::LLM_COLUMN_PREFIX;
 use super::reduce::Reduce;
 use super::values::to_template_values;
 
@@ -135,9 +136,12 @@ pub(super) fn rewrite_llm_aggregates(node: LogicalPlan) -> Result<Transformed<Lo
             order_by,
             null_treatment,
         ));
-        aggr.push(list.alias(&alias));
+        // The list goes under a name of its own: were it the call's, a rule that moves an
+        // expression over the call (`summ(x)['title']`) could take the list for the value.
+        let list_name = format!("{LLM_COLUMN_PREFIX}_values_{}", calls.len() + 1);
+        aggr.push(list.alias(&list_name));
         let face = ScalarUDF::new_from_impl(LlmUdf::face(llm.def.clone(), llm.face));
-        calls.push((alias, face, args[1..].to_vec()));
+        calls.push((list_name, alias, face, args[1..].to_vec()));
     }
     if calls.is_empty() {
         return Ok(Transformed::no(node));
@@ -148,8 +152,8 @@ pub(super) fn rewrite_llm_aggregates(node: LogicalPlan) -> Result<Transformed<Lo
         .iter()
         .map(|(q, field)| {
             let col = Expr::Column(Column::from((q, field)));
-            match calls.iter().find(|(name, _, _)| name == field.name()) {
-                Some((name, face, consts)) => {
+            match calls.iter().find(|(list, ..)| list == field.name()) {
+                Some((_, name, face, consts)) => {
                     let mut args = vec![col];
                     args.extend(consts.iter().cloned());
                     Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(face.clone()), args))

@@ -17,6 +17,7 @@ pub(crate) mod codec;
 pub mod def;
 pub(crate) mod exec;
 mod face;
+mod field;
 mod join;
 pub mod kind;
 mod node;
@@ -31,4 +32,5 @@ pub(crate) mod values;
 pub(crate) mod vector;
 
 pub(crate) use face::LlmUdf;
+pub(crate) use field::{NullSafeFields, NullSafeGetField};
 pub use reduce::Reduce;
