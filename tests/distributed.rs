@@ -117,14 +117,28 @@ fn excerpts() -> std::path::PathBuf {
 /// Runs the flagship on `engine` expecting it to fail: the error, checked to be one line and
 /// to leave no output file.
 async fn flagship_error(engine: &sluice::Engine) -> String {
+    flagship_failure(engine).await.1
+}
+
+/// What failed the flagship, and its one-line message.
+async fn flagship_failure(engine: &sluice::Engine) -> (sluice::engine::StatementErrorKind, String) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("qa.parquet");
-    let err = run(engine, &flagship_sql(&excerpts(), &out))
+    let sql = flagship_sql(&excerpts(), &out);
+    let mut printed = Vec::new();
+    let err = engine
+        .run_script(
+            &sql,
+            "test.sql",
+            &sluice::RunOptions::default(),
+            &mut printed,
+        )
         .await
         .unwrap_err();
-    assert!(!err.contains('\n'), "one line: {err}");
-    assert!(!out.exists(), "no output file: {err}");
-    err
+    let message = err.to_string();
+    assert!(!message.contains('\n'), "one line: {message}");
+    assert!(!out.exists(), "no output file: {message}");
+    (err.kind, message)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -272,8 +286,9 @@ async fn an_unreachable_worker_is_a_one_line_error_naming_it() {
         l.local_addr().unwrap().to_string()
     };
     let engine = coordinator(&server.base_url(), &[closed.as_str()], 8);
-    let err = flagship_error(&engine).await;
+    let (kind, err) = flagship_failure(&engine).await;
     assert!(err.contains(&format!("worker http://{closed}")), "{err}");
+    assert_eq!(kind, sluice::engine::StatementErrorKind::Workers, "{err}");
     assert_eq!(server.stats().requests, 0);
 }
 
@@ -615,8 +630,11 @@ async fn a_run_budget_is_split_between_the_workers() {
     // The flagship needs ~50,000 tokens; each worker may spend a third of 3,000.
     c.dispatcher.budget_tokens = Some(3_000);
     let engine = sluice::Engine::new(&c).unwrap();
-    let err = flagship_error(&engine).await;
+    let (kind, err) = flagship_failure(&engine).await;
     assert!(err.contains("token budget of 1000 reached"), "{err}");
+    assert!(!err.contains("sluice-stop"), "{err}");
+    // A worker's budget refusal reaches the coordinator as a budget stop (exit code 3).
+    assert_eq!(kind, sluice::engine::StatementErrorKind::Budget, "{err}");
     let sent: u64 = workers.iter().map(|w| w.host.requests()).sum();
     assert!(
         sent < 56,

@@ -12,7 +12,7 @@ use super::progress;
 use super::script::Script;
 use super::summary::format_summary;
 use crate::config::Config;
-use crate::engine::{Engine, OutputFormat, RunOptions, StatementError};
+use crate::engine::{Engine, OutputFormat, RunOptions, StatementError, StatementErrorKind};
 use crate::llm::MetricsSnapshot;
 use crate::source::lines::{BadLines, BadRows};
 
@@ -55,13 +55,6 @@ pub struct RunFlags {
     /// exits with code 75 and leaves them running: the same command collects them later.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub wait: bool,
-}
-
-/// Whether a statement on a cluster failed because a worker's share of a budget ran out (the
-/// dispatcher's refusal, as the worker sent it back).
-fn is_budget_stop(message: &str) -> bool {
-    (message.contains("token budget of ") || message.contains("cost budget of $"))
-        && message.contains(" reached (")
 }
 
 /// Applies the flags that change the configuration.
@@ -337,27 +330,9 @@ pub(super) async fn run_command(
         return Ok(ExitCode::SUCCESS);
     };
     eprintln!("error: {e}");
-    if engine.budget_exhausted() || engine.workers().is_some() && is_budget_stop(&e.message) {
+    if e.kind == StatementErrorKind::Budget {
         eprintln!("{}", budget_stop(&e, &metrics, config.cache.enabled));
         return Err(Failure::new(EXIT_BUDGET, ""));
     }
     Err(Failure::new(EXIT_STATEMENT_FAILED, ""))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_budget_stop;
-
-    #[test]
-    fn a_workers_budget_refusal_is_told_from_other_failures() {
-        assert!(is_budget_stop(
-            "statement 4 (COPY …): token budget of 1000 reached (0 tokens used, 0 held by \
-             requests in flight); every response received is in the cache"
-        ));
-        assert!(is_budget_stop(
-            "cost budget of $0.5 reached ($0.4900 spent, $0.0100 held)"
-        ));
-        assert!(!is_budget_stop("worker 127.0.0.1:1 is not reachable"));
-        assert!(!is_budget_stop("function budget_of() reached the provider"));
-    }
 }

@@ -187,23 +187,28 @@ pub(super) fn unreachable_workers(cluster: &ClusterConfig) -> Vec<(Url, String)>
     out
 }
 
-/// A failed distributed statement's message, naming the workers that stopped answering (their
-/// transport errors say nothing a person can act on, so they are replaced).
-pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> String {
-    if !cluster.distributed() {
-        return message;
+/// Whether `e` came from the transport between the coordinator and a worker (a gRPC status the
+/// worker did not send as an error of its own, or an I/O error), rather than from a worker.
+pub(super) fn is_transport_failure(e: &datafusion::common::DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<tonic::Status>() || c.is::<tonic::transport::Error>() || c.is::<std::io::Error>()
+        {
+            return true;
+        }
+        cause = c.source();
     }
-    // A worker that died is seen dying: its connections break before its listener closes, so
-    // a transport failure is probed again for a moment before it is left unexplained.
-    let lower = message.to_lowercase();
-    let transport = [
-        "h2 protocol error",
-        "transport error",
-        "broken pipe",
-        "connection reset",
-    ]
-    .iter()
-    .any(|m| lower.contains(m));
+    false
+}
+
+/// On a cluster, the message of a statement that failed because workers stopped answering,
+/// naming them (their transport errors say nothing a person can act on); `None` when every
+/// worker answers. After a `transport` failure, a worker that died is seen dying: its
+/// connections break before its listener closes, so it is probed again for a moment.
+pub(super) fn name_failed_workers(cluster: &ClusterConfig, transport: bool) -> Option<String> {
+    if !cluster.distributed() {
+        return None;
+    }
     let mut down = unreachable_workers(cluster);
     for _ in 0..10 {
         if !down.is_empty() || !transport {
@@ -213,7 +218,7 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> S
         down = unreachable_workers(cluster);
     }
     if down.is_empty() {
-        return message;
+        return None;
     }
     let names: Vec<String> = down
         .iter()
@@ -227,11 +232,11 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, message: String) -> S
     } else {
         ("workers", "are", "them")
     };
-    format!(
+    Some(format!(
         "{what} {} {is} not reachable: start {it} (`sluice worker --listen ...`) and run again; \
          answers received before are in the workers' caches",
         names.join(", ")
-    )
+    ))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub mod statements;
 pub mod worker;
 
 pub use batches::{BatchListing, cancel_batches, list_batches};
-pub use error::{EngineError, StatementError};
+pub use error::{EngineError, StatementError, StatementErrorKind};
 pub use explain::{Explanation, FunctionEstimate, StatementEstimate};
 pub use session::{Engine, OutputFormat, RunOptions};
 pub use statements::{ScriptStatement, split_statements};

@@ -8,12 +8,13 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
 
-use super::cluster::name_failed_workers;
-use super::error::StatementError;
+use super::cluster::{is_transport_failure, name_failed_workers};
+use super::error::{StatementError, StatementErrorKind};
 use super::session::{Engine, RunOptions};
 use super::statements::{ScriptStatement, split_statements, summary};
 use crate::sink::tidy_store_message;
 use crate::source::find_malformed_json_line;
+use crate::types::StatementStop;
 
 impl Engine {
     /// Runs a `.sql` file; output of SELECTs and progress lines go to `out`.
@@ -24,6 +25,7 @@ impl Engine {
         out: &mut dyn Write,
     ) -> Result<(), StatementError> {
         let sql = std::fs::read_to_string(path).map_err(|e| StatementError {
+            kind: StatementErrorKind::Other,
             origin: path.display().to_string(),
             line: 0,
             index: 0,
@@ -58,12 +60,23 @@ impl Engine {
         stmt: &ScriptStatement,
         e: DataFusionError,
     ) -> StatementError {
+        let stopped = StatementStop::of(&e);
+        let transport = is_transport_failure(&e);
+        let message = self.explain_error(StatementStop::strip(e));
+        let (kind, message) = match stopped {
+            Some(stop) => (stop.into(), message),
+            None => match name_failed_workers(&self.cluster, transport) {
+                Some(workers) => (StatementErrorKind::Workers, workers),
+                None => (StatementErrorKind::Other, message),
+            },
+        };
         StatementError {
+            kind,
             origin: origin.to_string(),
             line: stmt.line,
             index,
             summary: summary(&stmt.text),
-            message: name_failed_workers(&self.cluster, self.explain_error(e)),
+            message,
         }
     }
 

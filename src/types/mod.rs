@@ -10,8 +10,10 @@ mod error;
 mod rate;
 mod request;
 pub mod schema;
+mod stop;
 
 pub use error::{ErrorKind, LlmError, RowError};
 pub use rate::{RateLimits, RateWindow};
 pub use request::{LlmRequest, LlmResponse, RenderedPrompt, Usage, estimate_tokens};
 pub use schema::{NumberBounds, OutputSchema, SchemaError, SchemaKind, SchemaNode};
+pub use stop::StatementStop;

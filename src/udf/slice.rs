@@ -19,7 +19,7 @@ use super::def::{FunctionDef, OnError};
 use super::face::{ERROR_TYPE, value_type};
 use super::values::{StrColumn, to_template_values};
 use crate::llm::dispatch::{CallResult, FunctionCaller, Packer};
-use crate::types::{ErrorKind, RenderedPrompt, RowError};
+use crate::types::{ErrorKind, RenderedPrompt, RowError, StatementStop};
 
 /// What every slice of one stream shares.
 pub(super) struct SliceContext {
@@ -179,20 +179,24 @@ fn check_statement_errors(call: &PhysicalCall, results: &[CallResult]) -> Result
     let def = &call.def;
     let mut errors = results.iter().filter_map(|r| r.as_ref().err());
     if let Some(e) = errors.clone().find(|e| e.kind.is_systemic()) {
-        return Err(DataFusionError::Execution(format!(
+        let stop = match e.kind {
+            ErrorKind::Budget => StatementStop::Budget,
+            _ => StatementStop::Model,
+        };
+        return Err(stop.fail(DataFusionError::Execution(format!(
             "{}(): model {:?} failed: {e}",
             def.name,
             call.model.provider.endpoint()
-        )));
+        ))));
     }
     if def.on_error == OnError::Fail
         && let Some(e) = errors.find(|e| e.kind != ErrorKind::NullInput)
     {
-        return Err(DataFusionError::Execution(format!(
+        return Err(StatementStop::Row.fail(DataFusionError::Execution(format!(
             "{}() failed for a row (on_error = \"fail\" in {}): {e}",
             def.name,
             def.source.display()
-        )));
+        ))));
     }
     Ok(())
 }
