@@ -251,3 +251,42 @@ async fn the_adaptive_hedge_waits_for_samples_then_three_p99s_within_its_budget(
     assert!(over.await.is_err(), "over the budget, not hedged");
     assert_eq!(hedges(), 1);
 }
+
+/// Fails every request with a server error, at once.
+#[derive(Debug)]
+struct Fails;
+
+#[async_trait::async_trait]
+impl Provider for Fails {
+    fn endpoint(&self) -> String {
+        "fails".into()
+    }
+
+    async fn complete(&self, _req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        Err(LlmError::new(ErrorKind::ServerError, "500"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_row_stops_retrying_at_its_deadline() {
+    // Backoffs of 20 to 40 ms (full jitter under 40 ms) within a 300 ms deadline.
+    let d = Dispatcher::new(DispatcherConfig {
+        max_attempts: 50,
+        backoff_base: Duration::from_millis(40),
+        backoff_max: Duration::from_millis(40),
+        row_deadline: Duration::from_millis(300),
+        ..DispatcherConfig::default()
+    });
+    let m = model(Arc::new(Fails), 4);
+    let t = Instant::now();
+    let e = d.call(&m, asking("q")).await.unwrap_err();
+    let waited = t.elapsed();
+    assert!(e.message.contains("row deadline"), "{}", e.message);
+    // No retry starts after the deadline (give or take the millisecond tokio's timer rounds a
+    // wait up to), and the last one started less than a backoff before it.
+    assert!(
+        waited > Duration::from_millis(260) && waited <= Duration::from_millis(301),
+        "{waited:?}"
+    );
+    assert!((8..=16).contains(&e.attempts), "{} attempts", e.attempts);
+}
