@@ -247,7 +247,7 @@ async fn scattered_429s_pause_nobody_and_teach_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_burst_pauses_the_model_for_a_round_trip_not_for_retry_after() {
+async fn a_burst_pauses_the_model_for_round_trips_not_for_retry_after() {
     let g = Arc::new(Governor::new(cfg(16)));
     // Successes that take 20 ms teach the round trip.
     let warm = admit_all(&g, 16).await;
