@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::mock_llm::BatchConfig;
 use support::*;
@@ -104,13 +104,12 @@ async fn a_run_killed_while_its_job_runs_resumes_the_job_without_uploading_again
         .command(&["run", "q.sql", "--batch", "--quiet"])
         .spawn()
         .expect("sluice starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
     // The job is stored before it is first polled.
-    while s.stats().batch_polls == 0 {
-        assert!(Instant::now() < deadline, "no job was polled");
+    wait_until("the first poll of the job", || {
         assert!(child.try_wait().unwrap().is_none(), "finished too early");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        s.stats().batch_polls > 0
+    })
+    .await;
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
     assert_eq!(s.stats().files_uploaded, 1);
@@ -244,11 +243,7 @@ async fn a_job_cancelled_by_someone_else_fails_the_statement_and_the_rerun_submi
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("sluice starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.batches().is_empty() {
-        assert!(Instant::now() < deadline, "no job was created");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("a job", || !s.batches().is_empty()).await;
     let id = s.batches()[0].0.clone();
     assert!(s.cancel_batch(&id));
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
@@ -283,11 +278,11 @@ async fn wait_false_leaves_jobs_running_and_the_same_command_collects_them() {
         "{stdout}"
     );
     // The job completes meanwhile; the next run collects it and submits stage 2.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("stage 1's job to end", || s.batches_ended()).await;
     let (code, stderr) = run(&p, &["--wait", "false"]).await;
     assert_eq!(code, 75, "{stderr}");
     assert_eq!(s.stats().files_uploaded, 2);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("stage 2's job to end", || s.batches_ended()).await;
     let (code, stderr) = run(&p, &["--wait", "false"]).await;
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(rows(&p).await, live);

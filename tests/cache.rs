@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -116,19 +116,21 @@ async fn sigkill_mid_run_resumes_from_the_cache() {
     // Kill at a random point between a quarter and three quarters of the prompts.
     let kill_at = prompts / 4 + fastrand::u64(0..=prompts / 2);
     let mut child = p.command(&["run", "q.sql"]).spawn().expect("sluice starts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s.stats().ok < kill_at {
-        assert!(Instant::now() < deadline, "the run did not progress");
+    wait_until(&format!("{kill_at} answers"), || {
         assert!(
             child.try_wait().unwrap().is_none(),
             "finished before the kill"
         );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+        s.stats().ok >= kill_at
+    })
+    .await;
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
-    // Let requests the dead process left on the wire end.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The requests the dead process left on the wire end.
+    wait_until("the requests on the wire to end", || {
+        s.stats().in_flight == 0
+    })
+    .await;
     let answered = s.stats().ok;
     assert!(
         !p.path("out/qa.parquet").exists(),
@@ -167,11 +169,7 @@ async fn a_second_process_on_the_same_cache_gets_a_clear_error() {
     let p = Project::new(&s.base_url(), 2, true);
     p.write("q.sql", &project_flagship_sql("out/a.parquet"));
     let mut first = p.command(&["run", "q.sql"]).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.stats().requests == 0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the first run's first request", || s.stats().requests > 0).await;
     p.write("q2.sql", &project_flagship_sql("out/b.parquet"));
     let p = in_blocking(move || {
         let (code, _, err) = p.run_args(&["run", "q2.sql"]);

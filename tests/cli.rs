@@ -292,7 +292,6 @@ async fn the_shell_prompts_on_a_terminal() {
     let p = Project::new(&s.base_url(), 4, false);
     let dir = p.dir.path().to_path_buf();
     let (code, text) = tokio::task::spawn_blocking(move || {
-        use std::time::{Duration, Instant};
         on_a_terminal(&dir, "sql", |stdin, seen| {
             // Type each line only once its prompt is drawn, as a person would (input typed
             // ahead of the prompt is discarded when the line editor takes the terminal).
@@ -303,10 +302,9 @@ async fn the_shell_prompts_on_a_terminal() {
                 "\\q",
             ];
             for (i, line) in lines.iter().enumerate() {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while seen().matches("> ").count() <= i && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                wait_until_blocking(&format!("prompt {}", i + 1), || {
+                    seen().matches("> ").count() > i
+                });
                 stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
             }
         })

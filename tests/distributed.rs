@@ -301,6 +301,8 @@ struct WorkerProcess {
     child: std::process::Child,
     addr: String,
     log: Arc<std::sync::Mutex<String>>,
+    /// The thread copying its stderr into `log`: it ends when the process's stderr closes.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WorkerProcess {
@@ -326,7 +328,7 @@ impl WorkerProcess {
         let log = Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
@@ -342,7 +344,12 @@ impl WorkerProcess {
         let addr = rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .expect("the worker says where it listens");
-        WorkerProcess { child, addr, log }
+        WorkerProcess {
+            child,
+            addr,
+            log,
+            reader: Some(reader),
+        }
     }
 
     fn url(&self) -> String {
@@ -360,7 +367,10 @@ impl WorkerProcess {
         // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Everything it logged, to its last line.
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
         let log = self.log.lock().unwrap().clone();
         (status.code().unwrap_or(-1), log)
     }
@@ -415,18 +425,14 @@ async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes()
         .spawn()
         .unwrap();
     // Kill the second worker once stage 2 has started.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while server.stats().ok < 20 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run did not progress"
-        );
+    wait_until("20 answers", || {
         assert!(
             coordinator.try_wait().unwrap().is_none(),
             "finished before the kill"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
+        server.stats().ok >= 20
+    })
+    .await;
     let mut victim = workers.remove(1);
     let victim_addr = victim.addr.clone();
     victim.kill();
@@ -440,7 +446,11 @@ async fn worker_processes_killed_mid_query_fail_it_by_name_and_a_rerun_resumes()
         "names the dead worker {victim_addr}: {stderr}"
     );
     assert!(!p.path("out/qa.parquet").exists(), "no partial output");
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // The requests the failed run left on the wire end.
+    wait_until("the requests on the wire to end", || {
+        server.stats().in_flight == 0
+    })
+    .await;
     let answered = server.stats().ok;
 
     // Restart it where it was, with its cache, and run again.

@@ -6,7 +6,7 @@
 mod support;
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -15,10 +15,7 @@ use support::*;
 fn run_on_a_terminal(dir: &std::path::Path, ready: Option<&dyn Fn() -> bool>) -> (i32, String) {
     on_a_terminal(dir, "run q.sql", |stdin, _| {
         if let Some(ready) = ready {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !ready() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_until_blocking("the moment to interrupt", ready);
             stdin.write_all(b"\x03").unwrap();
         }
     })

@@ -12,11 +12,6 @@ use sluice::config::Config;
 use sluice::llm::LimitKind;
 use support::*;
 
-/// The tests here judge pacing by timing: they run one at a time, so that they do not slow
-/// each other down on a small machine (a test sharing two cores with another saw its round
-/// trips stretch and its limits probed higher than the ones it checks).
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 const TAG: &str = r#"
 name = "tag"
 args = ["x"]
@@ -73,7 +68,6 @@ fn limited(limits: Limits) -> MockConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrency_cap_is_learned_after_one_round_trip() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     let server = mock(limited(Limits {
         max_in_flight: Some(4),
         headers: false,
@@ -105,7 +99,6 @@ async fn a_concurrency_cap_is_learned_after_one_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn advertised_limits_are_paced_to_before_any_refusal() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     // 6,000 a minute with a burst of 20: the first 16 fit, the headers say the rest.
     let server = mock(limited(Limits {
         rpm: Some(6000),
@@ -121,7 +114,6 @@ async fn advertised_limits_are_paced_to_before_any_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unadvertised_rate_is_learned_and_no_row_is_lost() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     let server = mock(limited(Limits {
         rpm: Some(6000),
         burst_secs: 0.2,
@@ -148,7 +140,6 @@ async fn an_unadvertised_rate_is_learned_and_no_row_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_retry_after_values_are_clamped_not_fatal() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     for raw in ["1e20", "-3", "NaN", "soon", "Fri, 01 Jan 2100 00:00:00 GMT"] {
         let server = mock(MockConfig {
             faults: FaultRates {
@@ -172,7 +163,6 @@ async fn odd_retry_after_values_are_clamped_not_fatal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_requests_are_hedged_and_answered_once() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     let server = mock(MockConfig {
         latency: Duration::from_millis(5),
         faults: FaultRates {
@@ -184,8 +174,10 @@ async fn hung_requests_are_hedged_and_answered_once() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
+    // Hedged after a second: a loaded machine does not stretch a 5 ms answer that far, so the
+    // 2% budget is left for the hung requests.
     let text = format!(
-        "[dispatcher]\nconcurrency = 16\nhedge_after_ms = 200\n[cache]\nenabled = true\n\
+        "[dispatcher]\nconcurrency = 16\nhedge_after_ms = 1000\n[cache]\nenabled = true\n\
          dir = \"{}\"\n\n[models.default]\nkind = \"openai\"\nbase_url = \"{}\"\n\
          model = \"mock\"\ntimeout_ms = 30000\n",
         dir.path().display(),
@@ -194,20 +186,20 @@ async fn hung_requests_are_hedged_and_answered_once() {
     let cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
     let def = sluice::udf::def::FunctionDef::parse(TAG, Path::new("tag.toml")).unwrap();
     let e = sluice::Engine::with_functions(&cfg, vec![def]).unwrap();
-    let started = std::time::Instant::now();
     let (requests, _) = tag_rows(&server, &e, 500).await;
     let m = e.metrics();
     let hung = server.stats().faults.get("timeout").copied().unwrap_or(0);
     assert!(hung > 0, "the seed hangs some requests");
     // Each hung request was hedged (the hedge got an answer), within the 2% budget, and
-    // nothing waited for a 25 s hang.
+    // nothing waited for a 25 s hang: one that did would have ended with the connection
+    // closed and been sent again, one request more than the rows and their hedges.
     assert!(
         m.hedges >= hung && m.hedges <= 10,
         "{} hedges for {hung} hung",
         m.hedges
     );
-    assert_eq!(requests, 500 + m.hedges);
-    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(requests, 500 + m.hedges, "no request was retried");
+    assert_eq!(m.retries.values().sum::<u64>(), 0, "{:?}", m.retries);
     // One answer per call in the cache.
     e.flush_cache().await.unwrap();
     drop(e);

@@ -371,6 +371,28 @@ impl MockServer {
             .collect()
     }
 
+    /// The state of batch `id` now, as a poll would show it (without counting as one): its
+    /// status (`validating`, `in_progress`, `completed`...) and the lines completed.
+    pub fn batch_state(&self, id: &str) -> Option<(&'static str, u64)> {
+        let st = &self.state;
+        let mut inner = st.batches.lock();
+        let j = inner.jobs.iter().position(|j| j.id == id)?;
+        advance(st, &mut inner, j, Instant::now(), false);
+        let job = &inner.jobs[j];
+        let completed = job.done.iter().filter(|(ok, _)| *ok).count() as u64;
+        Some((job.status.name(), completed))
+    }
+
+    /// Whether every batch created has ended (completed, failed, expired or cancelled) by now.
+    pub fn batches_ended(&self) -> bool {
+        let ids: Vec<String> = self.batches().into_iter().map(|(id, _)| id).collect();
+        ids.iter().all(|id| {
+            self.batch_state(id).is_some_and(|(status, _)| {
+                !["validating", "in_progress", "cancelling"].contains(&status)
+            })
+        })
+    }
+
     /// Cancels a batch from the provider's side (as from its dashboard): it stops where its
     /// progress is, `cancelling` until the next poll. False if there is no such batch.
     pub fn cancel_batch(&self, id: &str) -> bool {

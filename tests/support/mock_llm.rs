@@ -187,6 +187,8 @@ pub struct StatsSnapshot {
     pub by_prompt: HashMap<String, u64>,
     /// Most requests being processed at once.
     pub max_in_flight: u64,
+    /// Requests being processed now (received, not yet answered; not zeroed by a reset).
+    pub in_flight: u64,
     /// Tokens of the requests the limits let through, as the token bucket counts them.
     pub tokens_admitted: u64,
     /// Successful `POST /v1/files`.
@@ -336,6 +338,7 @@ impl State {
             faults: s.faults.lock().map(|m| m.clone()).unwrap_or_default(),
             by_prompt: s.by_prompt.lock().map(|m| m.clone()).unwrap_or_default(),
             max_in_flight: s.max_in_flight.load(Ordering::Relaxed),
+            in_flight: s.in_flight.load(Ordering::Relaxed),
             tokens_admitted: s.tokens_admitted.load(Ordering::Relaxed),
             files_uploaded: s.files_uploaded.load(Ordering::Relaxed),
             batch_lines: s.batch_lines.load(Ordering::Relaxed),

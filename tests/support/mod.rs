@@ -7,6 +7,7 @@ pub mod rows;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -162,6 +163,35 @@ pub fn error_kinds(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
         }
     }
     out
+}
+
+/// How long a test waits for something to happen before it fails: far longer than anything
+/// takes, even on a loaded machine, so that only a real hang reaches it.
+pub const WAIT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `ready` every few milliseconds until it holds; panics naming `what` if it has not
+/// held after [`WAIT_DEADLINE`]. `ready` may itself panic (a process that ended too early).
+pub async fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_DEADLINE;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "waited {WAIT_DEADLINE:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// [`wait_until`] for a thread outside the runtime (a blocking task, a terminal's typist).
+pub fn wait_until_blocking(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_DEADLINE;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "waited {WAIT_DEADLINE:?} for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Starts a mock server with the given configuration.

@@ -7,12 +7,16 @@
 //! (at least [`FLOOR`]) once [`MIN_SAMPLES`] requests have answered. Hedges are at most
 //! [`BUDGET`] of the requests sent, so a provider that is slow for everyone is not sent
 //! everything twice. The call stays one call: one result, one cache entry.
+//!
+//! Time on the wire and the waits are tokio's clock (`tokio::time::Instant`, `sleep`), so
+//! tests pause it and see a hedge sent at its threshold exactly.
 
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::{Either, select};
+use tokio::time::Instant;
 
 use super::call::ModelHandle;
 use super::inner::Inner;

@@ -2,7 +2,7 @@
 //! global concurrency budget are taken in that order, held while it is out, and given back on
 //! drop; the answer (or error) is told to the governor.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::call::{ModelHandle, error_outcome};
 use super::inner::Inner;

@@ -1,9 +1,16 @@
-//! Tests of the dispatcher: dedup, and release of everything a dropped call held.
+//! Tests of the dispatcher: dedup, release of everything a dropped call held, and hedging.
+//!
+//! They run on tokio's paused clock (`start_paused`): a provider's latency is exact, a wait
+//! ends to the millisecond of tokio's timer, and a timeout fires only once every task waits.
 
 use super::*;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use crate::config::Hedge;
 use crate::llm::Provider;
 use crate::llm::governor::{Governor, GovernorConfig};
 use crate::types::{LlmError, LlmResponse};
@@ -60,7 +67,7 @@ impl Provider for Slow {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_call_dropped_on_the_wire_gives_everything_back() {
     let d = Dispatcher::new(DispatcherConfig::default());
     let m = model(Arc::new(Slow), 2);
@@ -94,7 +101,7 @@ fn request(i: usize) -> LlmRequest {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_dedup_map_forgets_completed_calls_when_full() {
     let d = Dispatcher::new(DispatcherConfig::default());
     let model = model(Arc::new(Echo), 8);
@@ -116,11 +123,16 @@ async fn the_dedup_map_forgets_completed_calls_when_full() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn more_running_calls_than_the_dedup_capacity_are_all_shared() {
     // A batch job holds tens of thousands of calls waiting at once: none is forgotten while it
     // runs (and inserting stays cheap), so an identical call beyond the capacity is shared.
-    let d = Dispatcher::new(DispatcherConfig::default());
+    // The timeout fires once every call waits (the clock is paused). Without hedging, which
+    // would have each waiting call look again every 50 ms: seconds of polling for 20,010.
+    let d = Dispatcher::new(DispatcherConfig {
+        hedge: Hedge::Off,
+        ..DispatcherConfig::default()
+    });
     let m = model(Arc::new(Slow), 1);
     let n = dedup::CAPACITY + 10;
     let calls = (0..n)
@@ -130,4 +142,152 @@ async fn more_running_calls_than_the_dedup_capacity_are_all_shared() {
     let cut = tokio::time::timeout(Duration::from_millis(500), futures::future::join_all(calls));
     assert!(cut.await.is_err(), "the calls are still running");
     assert_eq!(d.metrics().deduplicated.load(Ordering::Relaxed), 1);
+}
+
+/// Answers after `latency`, except the first attempt of a prompt starting with "hang", which
+/// hangs for an hour (a connection that never answers).
+#[derive(Debug)]
+struct HangsFirst {
+    latency: Duration,
+    attempts: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl HangsFirst {
+    fn new(latency: Duration) -> Arc<HangsFirst> {
+        Arc::new(HangsFirst {
+            latency,
+            attempts: Default::default(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for HangsFirst {
+    fn endpoint(&self) -> String {
+        "hangs-first".into()
+    }
+
+    async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap();
+            let n = attempts.entry(req.prompt.user.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        if attempt == 1 && req.prompt.user.starts_with("hang") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        tokio::time::sleep(self.latency).await;
+        Echo.complete(req).await
+    }
+}
+
+fn asking(user: &str) -> LlmRequest {
+    LlmRequest {
+        prompt: RenderedPrompt {
+            system: None,
+            user: user.into(),
+        },
+        ..request(0)
+    }
+}
+
+/// Asserts that `waited` is `expected`, to the millisecond tokio's timer rounds a deadline up to.
+#[track_caller]
+fn assert_waited(waited: Duration, expected: Duration) {
+    assert!(
+        waited >= expected && waited <= expected + Duration::from_millis(1),
+        "waited {waited:?}, expected {expected:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_request_is_hedged_after_hedge_after_ms_and_answered_once() {
+    let d = Dispatcher::new(DispatcherConfig {
+        hedge: Hedge::After(Duration::from_millis(200)),
+        ..DispatcherConfig::default()
+    });
+    let m = model(HangsFirst::new(Duration::from_millis(10)), 4);
+    let t = Instant::now();
+    let value = d.call(&m, asking("hang 1")).await.unwrap();
+    // Sent again at 200 ms, answered 10 ms later; the hung one is dropped with its slot.
+    assert_waited(t.elapsed(), Duration::from_millis(210));
+    assert_eq!(*value, serde_json::json!("hang 1"));
+    let metrics = d.metrics();
+    assert_eq!(metrics.hedges.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(m.governor.in_flight(), 0);
+    // A request that answers in time is not hedged.
+    let t = Instant::now();
+    d.call(&m, asking("fine")).await.unwrap();
+    assert_eq!(t.elapsed(), Duration::from_millis(10));
+    assert_eq!(metrics.hedges.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_adaptive_hedge_waits_for_samples_then_three_p99s_within_its_budget() {
+    let d = Dispatcher::new(DispatcherConfig::default());
+    let m = model(HangsFirst::new(Duration::from_millis(200)), 64);
+    let hedges = || d.metrics().hedges.load(Ordering::Relaxed);
+    // No threshold before 20 answers: a hung request is not hedged (in ten minutes).
+    let early = tokio::time::timeout(Duration::from_secs(600), d.call(&m, asking("hang 0")));
+    assert!(early.await.is_err(), "not hedged without samples");
+    assert_eq!(hedges(), 0);
+    // 20 answers of 200 ms: three times their p99 is 600 ms (the histogram's bucket edge,
+    // within 5%).
+    futures::future::join_all((0..20).map(|i| d.call(&m, request(i)))).await;
+    let p99 = d.inner.metrics.function("f").latency.quantile_ms(0.99);
+    let after = Duration::from_secs_f64(3.0 * p99.unwrap() / 1000.0);
+    assert!(
+        after >= Duration::from_millis(600) && after <= Duration::from_millis(630),
+        "{after:?}"
+    );
+    let t = Instant::now();
+    d.call(&m, asking("hang 1")).await.unwrap();
+    assert_waited(t.elapsed(), after + Duration::from_millis(200));
+    assert_eq!(hedges(), 1);
+    // One hedge is the whole budget under 50 requests (2% of them, at least one): the next
+    // hung request waits.
+    let over = tokio::time::timeout(Duration::from_secs(600), d.call(&m, asking("hang 2")));
+    assert!(over.await.is_err(), "over the budget, not hedged");
+    assert_eq!(hedges(), 1);
+}
+
+/// Fails every request with a server error, at once.
+#[derive(Debug)]
+struct Fails;
+
+#[async_trait::async_trait]
+impl Provider for Fails {
+    fn endpoint(&self) -> String {
+        "fails".into()
+    }
+
+    async fn complete(&self, _req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        Err(LlmError::new(ErrorKind::ServerError, "500"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_row_stops_retrying_at_its_deadline() {
+    // Backoffs of 20 to 40 ms (full jitter under 40 ms) within a 300 ms deadline.
+    let d = Dispatcher::new(DispatcherConfig {
+        max_attempts: 50,
+        backoff_base: Duration::from_millis(40),
+        backoff_max: Duration::from_millis(40),
+        row_deadline: Duration::from_millis(300),
+        ..DispatcherConfig::default()
+    });
+    let m = model(Arc::new(Fails), 4);
+    let t = Instant::now();
+    let e = d.call(&m, asking("q")).await.unwrap_err();
+    let waited = t.elapsed();
+    assert!(e.message.contains("row deadline"), "{}", e.message);
+    // No retry starts after the deadline (give or take the millisecond tokio's timer rounds a
+    // wait up to), and the last one started less than a backoff before it.
+    assert!(
+        waited > Duration::from_millis(260) && waited <= Duration::from_millis(301),
+        "{waited:?}"
+    );
+    assert!((8..=16).contains(&e.attempts), "{} attempts", e.attempts);
 }

@@ -1,6 +1,9 @@
-//! A token bucket: `capacity` units, refilled continuously at `rate` units per second.
+//! A token bucket: `capacity` units, refilled continuously at `rate` units per second, on
+//! tokio's clock (paused in tests).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// A token bucket.
 #[derive(Debug, Clone)]

@@ -29,7 +29,9 @@
 //! the first refusal at its new top slot undoes it.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::bucket::Bucket;
 

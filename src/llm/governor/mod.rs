@@ -15,14 +15,18 @@
 //!   ([`learn`]: a concurrency cap or a rate the provider enforces without saying so).
 //!
 //! Token estimates (prompt length and `max_tokens`) are corrected with the reported usage.
+//!
+//! Time is tokio's clock (`tokio::time::Instant`; waits are tokio timers): in a run it is the
+//! monotonic clock, and tests pause it (`start_paused`) to assert every wait exactly.
 
 mod bucket;
 mod learn;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::types::{RateLimits, RateWindow};
 use bucket::Bucket;

@@ -1,7 +1,14 @@
 //! Tests of the governor: slots, buckets, the pause rule, advertised limits, learned limits.
+//!
+//! They run on tokio's paused clock (`start_paused`): time moves only when every task waits,
+//! straight to the next timer, so each wait is asserted to the millisecond of tokio's timer
+//! (a computed wait of 40 ms may end on the 41st), however loaded the machine is, and the
+//! simulated providers answer in exactly their latency.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::*;
 
@@ -28,25 +35,34 @@ fn refused(retry_after: Option<Duration>) -> Outcome {
     }
 }
 
-#[tokio::test]
+/// Asserts that `waited` is `expected`, to the millisecond tokio's timer rounds a deadline up to.
+#[track_caller]
+fn assert_waited(waited: Duration, expected: Duration) {
+    assert!(
+        waited >= expected && waited <= expected + Duration::from_millis(1),
+        "waited {waited:?}, expected {expected:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn limits_in_flight_and_wakes_waiters() {
     let g = Arc::new(Governor::new(cfg(2)));
     let a = g.admit(1).await;
     let b = g.admit(1).await;
     let g2 = g.clone();
     let waiter = tokio::spawn(async move { g2.admit(1).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // An hour passes (at once, on the paused clock) while the waiter has run and waits.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
     assert!(!waiter.is_finished(), "a third request waits");
     a.finish(done());
-    let c = tokio::time::timeout(Duration::from_secs(1), waiter)
-        .await
-        .expect("woken")
-        .unwrap();
+    let t = Instant::now();
+    let c = waiter.await.unwrap();
+    assert_eq!(t.elapsed(), Duration::ZERO, "woken by the release, at once");
     b.finish(Outcome::Failed);
     c.finish(Outcome::Failed);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_dropped_admission_gives_its_slot_back() {
     let g = Arc::new(Governor::new(cfg(1)));
     let a = g.admit(1).await;
@@ -57,13 +73,15 @@ async fn a_dropped_admission_gives_its_slot_back() {
     let held = g.admit(1).await;
     let g2 = g.clone();
     let waiter = tokio::spawn(async move { g2.admit(1).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(!waiter.is_finished(), "it waits for the held slot");
     waiter.abort();
     let _ = waiter.await;
     held.finish(done());
     assert_eq!(g.in_flight(), 0);
-    let again = tokio::time::timeout(Duration::from_secs(1), g.admit(1)).await;
-    assert!(again.is_ok(), "the slot is free");
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    assert_eq!(t.elapsed(), Duration::ZERO, "the slot is free");
 }
 
 /// Admits `n` requests, one after another, without ending any.
@@ -75,20 +93,21 @@ async fn admit_all(g: &Arc<Governor>, n: usize) -> Vec<Admission> {
     adms
 }
 
-/// Admits `n` at once, then ends all but `cap` of them as refused at once (a server that
-/// takes `cap` requests at a time) and the rest as done 20 ms later.
+/// Admits `n` at once, then ends all but `cap` of them as refused 1 ms later (a server that
+/// takes `cap` requests at a time) and the rest as done 20 ms after they were sent.
 async fn round_trip_against_a_cap(g: &Arc<Governor>, n: usize, cap: usize) {
     let mut adms = admit_all(g, n).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
     for a in adms.drain(cap.min(n)..) {
         a.finish(refused(Some(Duration::from_millis(1))));
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(19)).await;
     for a in adms {
         a.finish(done());
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_concurrency_cap_is_learned_and_kept_by_the_ceiling_alone() {
     let g = Arc::new(Governor::new(cfg(64)));
     round_trip_against_a_cap(&g, 64, 32).await;
@@ -171,7 +190,7 @@ fn a_probe_past_a_cap_is_trimmed_back() {
     assert!(l.pace.is_none(), "a cap has no pace");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn refused_slots_are_held_until_the_refusals_are_judged() {
     let g = Arc::new(Governor::new(cfg(64)));
     let mut adms = admit_all(&g, 64).await;
@@ -203,11 +222,12 @@ async fn refused_slots_are_held_until_the_refusals_are_judged() {
         a.finish(refused(None));
     }
     assert_eq!(g.in_flight(), 0);
-    let again = tokio::time::timeout(Duration::from_secs(1), g.admit(1)).await;
-    assert!(again.is_ok(), "the slots are free");
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    assert_eq!(t.elapsed(), Duration::ZERO, "the slots are free");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn scattered_429s_pause_nobody_and_teach_nothing() {
     let g = Arc::new(Governor::new(cfg(64)));
     for i in 0..2000 {
@@ -223,31 +243,31 @@ async fn scattered_429s_pause_nobody_and_teach_nothing() {
     assert_eq!((g.limit(), g.pace()), (64, None));
     let t = Instant::now();
     g.admit(1).await.finish(done());
-    assert!(t.elapsed() < Duration::from_millis(50), "not paused");
+    assert_eq!(t.elapsed(), Duration::ZERO, "not paused");
 }
 
-#[tokio::test]
-async fn a_burst_pauses_the_model_for_a_round_trip_not_for_retry_after() {
+#[tokio::test(start_paused = true)]
+async fn a_burst_pauses_the_model_for_round_trips_not_for_retry_after() {
     let g = Arc::new(Governor::new(cfg(16)));
-    // Successes that take ~20 ms teach the round trip.
+    // Successes that take 20 ms teach the round trip.
     let warm = admit_all(&g, 16).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     for a in warm {
         a.finish(done());
     }
-    // A whole round trip refused, each asking for 5 s.
+    // A whole round trip refused 1 ms after it was sent, each asking for 5 s.
     let adms = admit_all(&g, 16).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
     for a in adms {
         a.finish(refused(Some(Duration::from_secs(5))));
     }
     assert_eq!(g.saturations(), 1);
+    // Refused at every level while the 16 allowed were all being served: a rate. The model
+    // pauses four round trips (after which what gets through measures the rate), not 5 s.
+    assert_eq!(g.limit_kind(), Some(LimitKind::Rate));
     let t = Instant::now();
     g.admit(1).await.finish(done());
-    let waited = t.elapsed();
-    assert!(
-        waited >= Duration::from_millis(20) && waited < Duration::from_millis(500),
-        "{waited:?}"
-    );
+    assert_waited(t.elapsed(), Duration::from_millis(80));
 }
 
 /// A provider that takes 200 requests a second (a bucket holding 20) and answers in 20 ms.
@@ -269,27 +289,28 @@ impl RateProvider {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_is_learned_from_what_gets_through_while_refusing() {
-    let g = Arc::new(Governor::new(cfg(64)));
+/// What 64 rows sent through `g` to a [`RateProvider`] for `run` met: when each request
+/// sent was answered and when each was refused.
+async fn send_to_a_rate(g: &Arc<Governor>, run: Duration) -> (Vec<Instant>, Vec<Instant>) {
     let provider = Arc::new(std::sync::Mutex::new(RateProvider {
         tokens: 20.0,
         at: Instant::now(),
     }));
-    let refusals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let seen = Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));
     let started = Instant::now();
     let workers: Vec<_> = (0..64)
         .map(|_| {
-            let (g, provider, refusals) = (g.clone(), provider.clone(), refusals.clone());
+            let (g, provider, seen) = (g.clone(), provider.clone(), seen.clone());
             tokio::spawn(async move {
-                while started.elapsed() < Duration::from_millis(2500) {
+                while started.elapsed() < run {
                     let a = g.admit(1).await;
                     let ok = provider.lock().unwrap().take();
                     if ok {
                         tokio::time::sleep(Duration::from_millis(20)).await;
+                        seen.lock().unwrap().0.push(Instant::now());
                         a.finish(done());
                     } else {
-                        refusals.lock().unwrap().push(Instant::now());
+                        seen.lock().unwrap().1.push(Instant::now());
                         a.finish(refused(Some(Duration::from_millis(5))));
                         // The dispatcher retries a refused row after its Retry-After.
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -301,42 +322,60 @@ async fn a_rate_is_learned_from_what_gets_through_while_refusing() {
     for w in workers {
         w.await.unwrap();
     }
-    // A pace under the provider's rate (its speed is measured in benches/; timing here is
-    // too loose to pin it), and the refusals stopped.
+    let seen = seen.lock().unwrap();
+    (seen.0.clone(), seen.1.clone())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_is_learned_from_what_gets_through_while_refusing() {
+    let g = Arc::new(Governor::new(cfg(64)));
+    let started = Instant::now();
+    let (answered, refused) = send_to_a_rate(&g, Duration::from_millis(2500)).await;
+    // The pace is under the provider's 200 a second, and within a tenth of it (the margin
+    // is 5%).
     let pace = g.pace().expect("a pace was learned");
     assert!(
-        (60.0..=240.0).contains(&pace),
-        "pace {pace:.0}/s for a 200/s provider"
+        (180.0..=200.0).contains(&pace),
+        "pace {pace:.1}/s for a 200/s provider"
     );
+    assert_eq!(g.limit_kind(), Some(LimitKind::Rate));
     // 200 a second at 20 ms is 4 at once: the ceiling leaves room for that.
     assert!(g.limit() >= 4, "limit {}", g.limit());
-    // Settled: the last second refused next to nothing.
-    let late = refusals
-        .lock()
-        .unwrap()
+    // Settled: over the last second (1.5 s to 2.5 s) the pace is what got through, and
+    // nothing was refused from then on.
+    let in_last_second = |t: &&Instant| {
+        let at = t.duration_since(started);
+        at > Duration::from_millis(1500) && at <= Duration::from_millis(2500)
+    };
+    let got_through = answered.iter().filter(in_last_second).count();
+    assert!(
+        (180..=200).contains(&got_through),
+        "{got_through} answered in the last second"
+    );
+    let late = refused
         .iter()
         .filter(|t| t.duration_since(started) > Duration::from_millis(1500))
         .count();
-    assert!(late <= 10, "{late} refusals in the last second");
+    assert_eq!(late, 0, "{late} refused after 1.5 s");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn rpm_and_tpm_buckets_pace_requests() {
     // 600 requests per minute = one per 100 ms once the bucket is empty.
     let g = Arc::new(Governor::new(GovernorConfig {
         rpm: Some(600),
         ..cfg(1000)
     }));
+    let t = Instant::now();
     for _ in 0..600 {
         g.admit(1).await.finish(done());
     }
-    let t = Instant::now();
-    g.admit(1).await.finish(done());
-    assert!(
-        t.elapsed() >= Duration::from_millis(80),
-        "{:?}",
-        t.elapsed()
-    );
+    assert_eq!(t.elapsed(), Duration::ZERO, "a full bucket sends at once");
+    for _ in 0..3 {
+        let t = Instant::now();
+        g.admit(1).await.finish(done());
+        assert_waited(t.elapsed(), Duration::from_millis(100));
+    }
 
     // 6,000 tokens per minute: reported usage smaller than the estimate gives the
     // difference back.
@@ -351,8 +390,12 @@ async fn rpm_and_tpm_buckets_pace_requests() {
     });
     let t = Instant::now();
     let a = g.admit(100).await;
-    assert!(t.elapsed() < Duration::from_millis(50), "refund made room");
+    assert_eq!(t.elapsed(), Duration::ZERO, "refund made room");
     a.finish(done());
+    // Nothing is left: the next 100 tokens wait for their refill (100 a second).
+    let t = Instant::now();
+    g.admit(100).await.finish(done());
+    assert_waited(t.elapsed(), Duration::from_secs(1));
 }
 
 fn advertised(limit: u64, remaining: u64, reset_ms: u64) -> RateLimits {
@@ -366,10 +409,10 @@ fn advertised(limit: u64, remaining: u64, reset_ms: u64) -> RateLimits {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn advertised_limits_pace_before_any_refusal() {
     let g = Arc::new(Governor::new(cfg(100)));
-    // The provider says 600 a minute and 3 left: three go now, the fourth waits ~100 ms.
+    // The provider says 600 a minute and 3 left: three go now, the fourth waits 100 ms.
     g.admit(1).await.finish(Outcome::Done {
         tokens: None,
         rate: advertised(600, 3, 500),
@@ -378,16 +421,12 @@ async fn advertised_limits_pace_before_any_refusal() {
     for _ in 0..3 {
         g.admit(1).await.finish(done());
     }
-    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    assert_eq!(t.elapsed(), Duration::ZERO);
     g.admit(1).await.finish(done());
-    assert!(
-        t.elapsed() >= Duration::from_millis(80),
-        "{:?}",
-        t.elapsed()
-    );
+    assert_waited(t.elapsed(), Duration::from_millis(100));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_spent_key_pauses_the_model_until_its_reset() {
     let g = Arc::new(Governor::new(cfg(100)));
     g.admit(1).await.finish(Outcome::RateLimited {
@@ -396,11 +435,7 @@ async fn a_spent_key_pauses_the_model_until_its_reset() {
     });
     let t = Instant::now();
     g.admit(1).await.finish(done());
-    assert!(
-        t.elapsed() >= Duration::from_millis(140),
-        "{:?}",
-        t.elapsed()
-    );
+    assert_waited(t.elapsed(), Duration::from_millis(150));
     // A huge advertised reset pauses at most MAX_PAUSE, and garbage is not a pause.
     let g = Arc::new(Governor::new(cfg(100)));
     g.admit(1).await.finish(Outcome::Done {
@@ -416,5 +451,13 @@ async fn a_spent_key_pauses_the_model_until_its_reset() {
     });
     let t = Instant::now();
     g.admit(1).await.finish(done());
-    assert!(t.elapsed() < Duration::from_millis(50));
+    assert_eq!(t.elapsed(), Duration::ZERO);
+    // A spent key with a huge reset: paused for MAX_PAUSE, no longer.
+    g.admit(1).await.finish(Outcome::RateLimited {
+        retry_after: None,
+        rate: advertised(60_000, 0, u64::MAX / 2),
+    });
+    let t = Instant::now();
+    g.admit(1).await.finish(done());
+    assert_waited(t.elapsed(), MAX_PAUSE);
 }
