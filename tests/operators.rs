@@ -47,6 +47,19 @@ fn engine(server: &MockServer, defs: &[&str], attempts: u32, cache: Option<&Path
     Engine::with_functions(&cfg, defs).expect("engine starts")
 }
 
+/// A configuration on `server` whose only function is `udf`, written into `dir`.
+fn config_with_function(server: &MockServer, dir: &Path, udf: &str) -> Config {
+    std::fs::write(dir.join("f.toml"), udf).unwrap();
+    let mut cfg = Config::parse(
+        &config_text(&server.base_url(), 2, 16),
+        Path::new("sluice.toml"),
+        &|_| None,
+    )
+    .unwrap();
+    cfg.udf_dir = dir.to_path_buf();
+    cfg
+}
+
 /// `SELECT p, topic(p)` over `n` distinct passages.
 fn topics_sql(n: usize) -> String {
     format!(
@@ -149,14 +162,7 @@ async fn answers_with_the_wrong_item_count_are_split_never_misaligned() {
 async fn explain_counts_the_packed_requests() {
     let s = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("topic.toml"), TOPIC_FN).unwrap();
-    let mut cfg = Config::parse(
-        &config_text(&s.base_url(), 2, 16),
-        Path::new("sluice.toml"),
-        &|_| None,
-    )
-    .unwrap();
-    cfg.udf_dir = dir.path().to_path_buf();
+    let cfg = config_with_function(&s, dir.path(), TOPIC_FN);
     let e = Engine::for_estimates(&cfg).unwrap();
     let x = e.explain_script(&topics_sql(95), "q.sql").await.unwrap();
     let t = &x.totals[0];
@@ -598,6 +604,14 @@ async fn an_aggregate_sees_every_value_of_its_group_in_order() {
     );
 }
 
+/// SUMMARY_FN with a budget of `tokens` prompt tokens per call, folding partial summaries.
+fn summary_within(tokens: u64) -> String {
+    format!(
+        "{SUMMARY_FN}max_input_tokens = {tokens}\nreduce = \"\"\"Combine these partial summaries.\n\
+         {{% for p in partials %}}- {{{{ p }}}}\n{{% endfor %}}\"\"\"\n"
+    )
+}
+
 /// The user prompts of one level of SUMMARY_FN's reduction, by sluice's greedy rule: a chunk
 /// grows while its prompt fits `budget` tokens (o200k_base, chat framing: the model `mock`'s
 /// tokenizer). `line(j, v)` is value `v` as the `j`-th line of its chunk.
@@ -631,10 +645,7 @@ fn level(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_over_the_input_budget_is_reduced_in_levels_and_cached() {
-    let toml = format!(
-        "{}max_input_tokens = 60\nreduce = \"\"\"Combine these partial summaries.\n{{% for p in partials %}}- {{{{ p }}}}\n{{% endfor %}}\"\"\"\n",
-        SUMMARY_FN
-    );
+    let toml = summary_within(60);
     let s = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let e = engine(&s, &[&toml], 2, Some(dir.path()));
@@ -709,20 +720,10 @@ async fn a_group_over_the_input_budget_is_reduced_in_levels_and_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_counts_a_deep_reduction_as_the_run_makes_it() {
-    let toml = format!(
-        "{}max_input_tokens = 220\nreduce = \"\"\"Combine these partial summaries.\n{{% for p in partials %}}- {{{{ p }}}}\n{{% endfor %}}\"\"\"\n",
-        SUMMARY_FN
-    );
+    let toml = summary_within(220);
     let s = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("summ.toml"), &toml).unwrap();
-    let mut cfg = Config::parse(
-        &config_text(&s.base_url(), 2, 16),
-        Path::new("sluice.toml"),
-        &|_| None,
-    )
-    .unwrap();
-    cfg.udf_dir = dir.path().to_path_buf();
+    let cfg = config_with_function(&s, dir.path(), &toml);
     // One group of 37 values of about 40 tokens: leaf calls of a few values each, then
     // reduce calls of a few partial results each, over more than one level.
     let sql = "SELECT g, summarize_call(v ORDER BY i) AS s FROM \

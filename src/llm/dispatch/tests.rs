@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::Hedge;
 use crate::llm::Provider;
+use crate::llm::governor::tests::assert_waited;
 use crate::llm::governor::{Governor, GovernorConfig};
 use crate::types::{LlmError, LlmResponse};
 
@@ -190,15 +191,6 @@ fn asking(user: &str) -> LlmRequest {
         },
         ..request(0)
     }
-}
-
-/// Asserts that `waited` is `expected`, to the millisecond tokio's timer rounds a deadline up to.
-#[track_caller]
-fn assert_waited(waited: Duration, expected: Duration) {
-    assert!(
-        waited >= expected && waited <= expected + Duration::from_millis(1),
-        "waited {waited:?}, expected {expected:?}"
-    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -350,4 +350,4 @@ fn heed_window(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -37,7 +37,7 @@ fn refused(retry_after: Option<Duration>) -> Outcome {
 
 /// Asserts that `waited` is `expected`, to the millisecond tokio's timer rounds a deadline up to.
 #[track_caller]
-fn assert_waited(waited: Duration, expected: Duration) {
+pub(crate) fn assert_waited(waited: Duration, expected: Duration) {
     assert!(
         waited >= expected && waited <= expected + Duration::from_millis(1),
         "waited {waited:?}, expected {expected:?}"
