@@ -473,7 +473,10 @@ mod tests {
         assert_eq!(r.usage, Some(Usage::new(12, 3, 0)));
         assert_eq!(r.value, serde_json::json!({"a": 1}));
         // Without cached tokens an entry is written as before; with them they come back.
-        assert_eq!(resp(serde_json::json!(1)).encode(), br#"{"f":"stop","u":[12,3],"v":1}"#);
+        assert_eq!(
+            resp(serde_json::json!(1)).encode(),
+            br#"{"v":1,"u":[12,3],"f":"stop"}"#
+        );
         let mut r = resp(serde_json::json!(1));
         r.usage = Some(Usage::new(12, 3, 8));
         assert_eq!(CachedResponse::decode(&r.encode()), Some(r));

@@ -107,7 +107,10 @@ mod tests {
 
     #[test]
     fn shows_cached_tokens_only_when_there_are_some() {
-        assert_eq!(tokens(12_000, 8_000, 900), "tokens 12,000 in (8,000 cached) / 900 out");
+        assert_eq!(
+            tokens(12_000, 8_000, 900),
+            "tokens 12,000 in (8,000 cached) / 900 out"
+        );
         assert_eq!(tokens(120, 0, 9), "tokens 120 in / 9 out");
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(thousands(0), "0");

@@ -461,7 +461,9 @@ mod tests {
     fn cached_input_is_priced_with_the_input_and_output_prices() {
         let base = "[models.m]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n";
         let priced = "input_usd_per_mtok = 2\noutput_usd_per_mtok = 8\n";
-        let p = parse(&format!("{base}{priced}")).unwrap().models["m"].prices.unwrap();
+        let p = parse(&format!("{base}{priced}")).unwrap().models["m"]
+            .prices
+            .unwrap();
         assert_eq!(p.cached_input, 2.0, "default: no discount");
         let cfg = parse(&format!("{base}{priced}cached_input_usd_per_mtok = 0.5\n")).unwrap();
         let p = cfg.models["m"].prices.unwrap();
@@ -475,15 +477,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("models.m.cached_input_usd_per_mtok"), "{e}");
-        assert!(e.contains("input_usd_per_mtok and output_usd_per_mtok"), "{e}");
+        assert!(
+            e.contains("input_usd_per_mtok and output_usd_per_mtok"),
+            "{e}"
+        );
         let e = parse(&format!("{base}{priced}cached_input_usd_per_mtok = -0.1\n"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cached_input_usd_per_mtok") && e.contains(">= 0"), "{e}");
+        assert!(
+            e.contains("cached_input_usd_per_mtok") && e.contains(">= 0"),
+            "{e}"
+        );
         let e = parse(&format!("{base}batch_cached_input_usd_per_mtok = 0.1\n"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("models.m.batch_cached_input_usd_per_mtok"), "{e}");
+        assert!(
+            e.contains("models.m.batch_cached_input_usd_per_mtok"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -202,7 +202,11 @@ pub(super) fn model_from_raw(
     let tpm = positive(m.tpm, "tpm")?;
     let prices = prices_named(
         name,
-        [m.input_usd_per_mtok, m.output_usd_per_mtok, m.cached_input_usd_per_mtok],
+        [
+            m.input_usd_per_mtok,
+            m.output_usd_per_mtok,
+            m.cached_input_usd_per_mtok,
+        ],
         "",
     )?;
     let batch_prices = prices_named(

@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(u.cached_prompt_tokens, 100);
         assert_eq!(u.uncached_prompt_tokens(), 0);
         let u = Usage::new(100, 10, 64).share(3);
-        assert_eq!((u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens), (33, 3, 21));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
+            (33, 3, 21)
+        );
         assert_eq!(Usage::new(7, 1, 3).share(0), Usage::new(7, 1, 3));
     }
 

@@ -21,9 +21,7 @@ use super::call::{CallResult, CallSpec, ModelHandle, Packer};
 use super::inner::Inner;
 use super::metrics::{FunctionMetrics, Metrics};
 use crate::cache::{CachedResponse, KeyPrefix, RequestKey};
-use crate::types::{
-    ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError,
-};
+use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError};
 
 /// One row of a packed request: its prompt alone (what its key is made of), its key, and its
 /// rendered item.
