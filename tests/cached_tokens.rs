@@ -165,3 +165,48 @@ async fn odd_cached_counts_are_clamped_and_fail_nothing() {
         assert!(m.tokens_in > 0);
     }
 }
+
+/// The test server's prefix cache as vLLM's: a prefix computed by a request in flight is not
+/// reused by a request arriving meanwhile, only by one arriving after it was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_reuses_a_prefix_only_once_its_request_was_answered() {
+    let server = mock(MockConfig {
+        latency: std::time::Duration::from_millis(400),
+        ..prefix_cached()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", server.base_url());
+    let shared = "The same long passage, told again. ".repeat(20);
+    let ask = |question: &str| {
+        let body = json!({"model": "mock", "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": format!("{shared}\nQuestion: {question}")},
+        ]});
+        let req = (http.post(&url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send();
+        async move {
+            let bytes = req.await.unwrap().bytes().await.unwrap();
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            let cached = v.pointer("/usage/prompt_tokens_details/cached_tokens");
+            let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+            (cached.and_then(Value::as_u64).unwrap(), prompt)
+        }
+    };
+    // Two at once: both compute the shared prefix.
+    let (a, b) = tokio::join!(ask("one?"), ask("two?"));
+    assert_eq!((a.0, b.0), (0, 0));
+    // Later: the prefix's full blocks are held (16 tokens of 4 characters each).
+    let prefix_chars = "Answer briefly.".len() + shared.len() + "\nQuestion: ".len();
+    let (cached, prompt) = ask("why?").await;
+    assert_eq!(cached, (prefix_chars / 64 * 16) as u64);
+    assert!(cached < prompt);
+    let stats = server.stats();
+    assert_eq!(stats.prefill_cached, cached);
+    assert_eq!(
+        stats.prefill_computed + stats.prefill_cached,
+        a.1 + b.1 + prompt
+    );
+}

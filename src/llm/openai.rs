@@ -253,6 +253,15 @@ mod tests {
     }
 
     #[test]
+    fn a_chat_answer_carries_its_cached_tokens() {
+        let v = json!({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 40, "completion_tokens": 2,
+                                 "prompt_tokens_details": {"cached_tokens": 32}}});
+        let r = OpenAiProvider::parse_chat(&v, Default::default()).unwrap();
+        assert_eq!(r.usage, Some(Usage::new(40, 2, 32)));
+    }
+
+    #[test]
     fn odd_cached_counts_are_clamped_or_zero() {
         let with = |cached: Value| {
             usage(json!({"prompt_tokens": 50, "completion_tokens": 5,
