@@ -71,6 +71,27 @@ async fn completions_list_prompts_carry_several_prompts_per_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_report_the_prompt_tokens_the_server_held() {
+    let s = mock(MockConfig {
+        prefix_cache: Some(support::mock_llm::PrefixCacheConfig::default()),
+        ..MockConfig::default()
+    })
+    .await;
+    // One request at a time: a later request finds the prefixes of the earlier ones.
+    let e = engine("openai_completions", &s.base_url(), 8, 1);
+    let st = flagship_batched(&e, &s).await;
+    let m = e.metrics();
+    assert!(m.tokens_cached > 0, "{st:?}");
+    // A request's usage is shared evenly by its prompts (rounded down).
+    assert!(m.tokens_cached <= st.prefill_cached, "{st:?}");
+    assert!(
+        st.prefill_cached - m.tokens_cached < 8 * st.requests,
+        "{st:?}"
+    );
+    assert!(m.tokens_cached < m.tokens_in);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lamini_output_type_round_trips_three_questions_per_passage() {
     let s = mock(MockConfig::default()).await;
     let root = s.base_url().trim_end_matches("/v1").to_string();

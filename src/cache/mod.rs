@@ -87,9 +87,12 @@ pub(crate) struct CachedResponse {
 
 impl CachedResponse {
     fn encode(&self) -> Vec<u8> {
-        let usage = self
-            .usage
-            .map(|u| serde_json::json!([u.prompt_tokens, u.completion_tokens]));
+        // [prompt, completion], and the cached prompt tokens third when there are any (an
+        // entry written before they were counted has two numbers, and reads as none cached).
+        let usage = self.usage.map(|u| match u.cached_prompt_tokens {
+            0 => serde_json::json!([u.prompt_tokens, u.completion_tokens]),
+            c => serde_json::json!([u.prompt_tokens, u.completion_tokens, c]),
+        });
         serde_json::to_vec(&serde_json::json!({
             "v": self.value, "u": usage, "f": self.finish_reason,
         }))
@@ -100,10 +103,11 @@ impl CachedResponse {
         let mut doc: serde_json::Map<String, Value> = serde_json::from_slice(bytes).ok()?;
         let value = doc.remove("v")?;
         let usage = match doc.remove("u") {
-            Some(Value::Array(a)) if a.len() == 2 => Some(Usage {
-                prompt_tokens: a[0].as_u64()?,
-                completion_tokens: a[1].as_u64()?,
-            }),
+            Some(Value::Array(a)) if a.len() == 2 || a.len() == 3 => Some(Usage::new(
+                a[0].as_u64()?,
+                a[1].as_u64()?,
+                a.get(2).and_then(Value::as_u64).unwrap_or(0),
+            )),
             _ => None,
         };
         let finish_reason = match doc.remove("f") {
@@ -417,10 +421,7 @@ mod tests {
     fn resp(v: Value) -> CachedResponse {
         CachedResponse {
             value: v,
-            usage: Some(Usage {
-                prompt_tokens: 12,
-                completion_tokens: 3,
-            }),
+            usage: Some(Usage::new(12, 3, 0)),
             finish_reason: Some("stop".into()),
         }
     }
@@ -462,6 +463,23 @@ mod tests {
         let e = ResponseCache::open(dir.path()).unwrap_err();
         assert!(matches!(e, CacheError::Busy(_)), "{e}");
         assert!(e.to_string().contains("in use by another sluice process"));
+    }
+
+    #[test]
+    fn entries_without_cached_tokens_still_read() {
+        // An entry written before cached prompt tokens were counted: two usage numbers.
+        let old = br#"{"v": {"a": 1}, "u": [12, 3], "f": "stop"}"#;
+        let r = CachedResponse::decode(old).expect("an old entry reads");
+        assert_eq!(r.usage, Some(Usage::new(12, 3, 0)));
+        assert_eq!(r.value, serde_json::json!({"a": 1}));
+        // Without cached tokens an entry is written as before; with them they come back.
+        assert_eq!(
+            resp(serde_json::json!(1)).encode(),
+            br#"{"v":1,"u":[12,3],"f":"stop"}"#
+        );
+        let mut r = resp(serde_json::json!(1));
+        r.usage = Some(Usage::new(12, 3, 8));
+        assert_eq!(CachedResponse::decode(&r.encode()), Some(r));
     }
 
     #[test]

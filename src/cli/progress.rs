@@ -110,6 +110,10 @@ fn line(m: &crate::llm::dispatch::FunctionMetrics, elapsed: Duration) -> String 
         compact(m.failed.load(Relaxed)),
         compact(tokens),
     );
+    let prompt_cached = m.tokens_cached.load(Relaxed);
+    if prompt_cached > 0 {
+        s.push_str(&format!(" ({} prompt-cached)", compact(prompt_cached)));
+    }
     if m.open_inputs.load(Relaxed) == 0 && done < total && rate > 0.0 {
         s.push_str(&format!(
             " · ETA {}",
@@ -246,6 +250,11 @@ mod tests {
         assert!(l.starts_with("9 / 10 prompts · 9/s"), "{l}");
         assert!(l.contains("2 cached") && l.contains("1 errors"), "{l}");
         assert!(!l.contains("ETA"), "no ETA while rows may still come: {l}");
+        assert!(!l.contains("prompt-cached"), "{l}");
+        f.tokens_in.store(12_000, Relaxed);
+        f.tokens_cached.store(8_000, Relaxed);
+        let l = line(&f, Duration::from_secs(1));
+        assert!(l.ends_with("· 12.0k tokens (8000 prompt-cached)"), "{l}");
         f.open_inputs.store(0, Relaxed);
         f.rows_finished.store(1, Relaxed);
         let l = line(&f, Duration::from_secs(2));

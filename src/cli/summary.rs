@@ -32,9 +32,13 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
         s.push_str(&format!("; errors: {}", join(&m.errors)));
     }
     s.push_str(&format!(
-        "; tokens {} in / {} out; peak {} in flight",
-        m.tokens_in, m.tokens_out, m.max_in_flight
+        "; {}; peak {} in flight",
+        tokens(m.tokens_in, m.tokens_cached, m.tokens_out),
+        m.max_in_flight
     ));
+    if m.cost_usd > 0.0 {
+        s.push_str(&format!("; cost ${:.4}", m.cost_usd));
+    }
     if m.hedges > 0 {
         s.push_str(&format!("; {} hedged", m.hedges));
     }
@@ -63,9 +67,52 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
             ));
         }
         s.push_str(&format!(
-            "; tokens {} in / {} out; peak {} in flight",
-            f.tokens_in, f.tokens_out, f.max_in_flight
+            "; {}; peak {} in flight",
+            tokens(f.tokens_in, f.tokens_cached, f.tokens_out),
+            f.max_in_flight
         ));
     }
     s
+}
+
+/// `tokens 12,000 in (8,000 cached) / 900 out`; the cached part only when there is one.
+fn tokens(input: u64, cached: u64, output: u64) -> String {
+    let cached = match cached {
+        0 => String::new(),
+        c => format!(" ({} cached)", thousands(c)),
+    };
+    format!(
+        "tokens {} in{cached} / {} out",
+        thousands(input),
+        thousands(output)
+    )
+}
+
+/// `12345678` as `12,345,678`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shows_cached_tokens_only_when_there_are_some() {
+        assert_eq!(
+            tokens(12_000, 8_000, 900),
+            "tokens 12,000 in (8,000 cached) / 900 out"
+        );
+        assert_eq!(tokens(120, 0, 9), "tokens 120 in / 9 out");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(0), "0");
+    }
 }

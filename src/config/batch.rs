@@ -23,8 +23,8 @@ pub struct BatchConfig {
     pub retry: BatchRetry,
     /// The job's completion window (`completion_window`, default "24h").
     pub completion_window: String,
-    /// Batch prices (`batch_input_usd_per_mtok`, `batch_output_usd_per_mtok` of the model);
-    /// default: half the live prices.
+    /// Batch prices (`batch_input_usd_per_mtok`, `batch_output_usd_per_mtok`,
+    /// `batch_cached_input_usd_per_mtok` of the model); default: half the live prices.
     pub prices: Option<Prices>,
     /// Wait for the jobs' results (default); `sluice run --wait false` submits them and
     /// leaves them running.
@@ -101,5 +101,6 @@ fn half(p: Prices) -> Prices {
     Prices {
         input: p.input / 2.0,
         output: p.output / 2.0,
+        cached_input: p.cached_input / 2.0,
     }
 }

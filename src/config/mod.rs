@@ -458,6 +458,46 @@ mod tests {
     }
 
     #[test]
+    fn cached_input_is_priced_with_the_input_and_output_prices() {
+        let base = "[models.m]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n";
+        let priced = "input_usd_per_mtok = 2\noutput_usd_per_mtok = 8\n";
+        let p = parse(&format!("{base}{priced}")).unwrap().models["m"]
+            .prices
+            .unwrap();
+        assert_eq!(p.cached_input, 2.0, "default: no discount");
+        let cfg = parse(&format!("{base}{priced}cached_input_usd_per_mtok = 0.5\n")).unwrap();
+        let p = cfg.models["m"].prices.unwrap();
+        // 1M prompt tokens of which 600k cached, 100k completion tokens.
+        let cost = p.cost_cached(1_000_000, 600_000, 100_000);
+        assert!((cost - (0.8 + 0.3 + 0.8)).abs() < 1e-9, "{cost}");
+        assert!((p.cost_cached(10, 99, 0) - p.cost_cached(10, 10, 0)).abs() < 1e-15);
+        // Batch mode defaults to half of each live price, the cached one too.
+        assert_eq!(cfg.models["m"].batch.prices.unwrap().cached_input, 0.25);
+        let e = parse(&format!("{base}cached_input_usd_per_mtok = 0.5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("models.m.cached_input_usd_per_mtok"), "{e}");
+        assert!(
+            e.contains("input_usd_per_mtok and output_usd_per_mtok"),
+            "{e}"
+        );
+        let e = parse(&format!("{base}{priced}cached_input_usd_per_mtok = -0.1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cached_input_usd_per_mtok") && e.contains(">= 0"),
+            "{e}"
+        );
+        let e = parse(&format!("{base}batch_cached_input_usd_per_mtok = 0.1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("models.m.batch_cached_input_usd_per_mtok"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn missing_key_variable_is_an_error_naming_it() {
         let e = parse(
             "[models.default]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n\

@@ -143,10 +143,7 @@ impl ModelConfig {
             rpm: None,
             tpm: None,
             adaptive_concurrency: false,
-            prices: Some(Prices {
-                input: 0.0,
-                output: 0.0,
-            }),
+            prices: Some(Prices::new(0.0, 0.0)),
             mode: ModelMode::Live,
             batch: BatchConfig::default(),
             part: ModelPart::Local(LocalConfig { context_size: 2048 }),
@@ -203,11 +200,22 @@ pub(super) fn model_from_raw(
     };
     let rpm = positive(m.rpm, "rpm")?;
     let tpm = positive(m.tpm, "tpm")?;
-    let prices = prices(name, m.input_usd_per_mtok, m.output_usd_per_mtok)?;
+    let prices = prices_named(
+        name,
+        [
+            m.input_usd_per_mtok,
+            m.output_usd_per_mtok,
+            m.cached_input_usd_per_mtok,
+        ],
+        "",
+    )?;
     let batch_prices = prices_named(
         name,
-        m.batch_input_usd_per_mtok,
-        m.batch_output_usd_per_mtok,
+        [
+            m.batch_input_usd_per_mtok,
+            m.batch_output_usd_per_mtok,
+            m.batch_cached_input_usd_per_mtok,
+        ],
         "batch_",
     )?;
     let mode = m.mode.unwrap_or_default();
@@ -335,22 +343,28 @@ fn server_from_raw(
     })
 }
 
-/// Both prices or neither; non-negative and finite.
-fn prices(name: &str, input: Option<f64>, output: Option<f64>) -> Result<Option<Prices>, String> {
-    prices_named(name, input, output, "")
-}
-
-/// [`prices`] of the keys `{pre}input_usd_per_mtok` and `{pre}output_usd_per_mtok`.
+/// The prices of the keys `{pre}input_usd_per_mtok`, `{pre}output_usd_per_mtok` and
+/// `{pre}cached_input_usd_per_mtok` (given as `[input, output, cached]`): input and output both
+/// or neither, cached input only with them (default: the input price); non-negative and finite.
 fn prices_named(
     name: &str,
-    input: Option<f64>,
-    output: Option<f64>,
+    [input, output, cached]: [Option<f64>; 3],
     pre: &str,
 ) -> Result<Option<Prices>, String> {
     match (input, output) {
+        (None, None) if cached.is_some() => Err(format!(
+            "models.{name}.{pre}cached_input_usd_per_mtok needs {pre}input_usd_per_mtok and \
+             {pre}output_usd_per_mtok (the price of the prompt tokens that are not cached, and \
+             of the completion tokens)"
+        )),
         (None, None) => Ok(None),
         (Some(input), Some(output)) => {
-            for (key, v) in [("input", input), ("output", output)] {
+            let cached_input = cached.unwrap_or(input);
+            for (key, v) in [
+                ("input", input),
+                ("output", output),
+                ("cached_input", cached_input),
+            ] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(format!(
                         "models.{name}.{pre}{key}_usd_per_mtok must be a price in USD per \
@@ -358,7 +372,11 @@ fn prices_named(
                     ));
                 }
             }
-            Ok(Some(Prices { input, output }))
+            Ok(Some(Prices {
+                input,
+                output,
+                cached_input,
+            }))
         }
         _ => Err(format!(
             "models.{name}: give both {pre}input_usd_per_mtok and {pre}output_usd_per_mtok (USD \

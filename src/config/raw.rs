@@ -75,9 +75,11 @@ pub(super) struct RawModel {
     pub adaptive_concurrency: Option<bool>,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
+    pub cached_input_usd_per_mtok: Option<f64>,
     pub mode: Option<ModelMode>,
     pub batch_input_usd_per_mtok: Option<f64>,
     pub batch_output_usd_per_mtok: Option<f64>,
+    pub batch_cached_input_usd_per_mtok: Option<f64>,
     pub batch: Option<RawBatch>,
     // Servers only.
     pub base_url: Option<String>,

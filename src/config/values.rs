@@ -42,12 +42,34 @@ pub struct Prices {
     pub input: f64,
     /// USD per million completion tokens (`output_usd_per_mtok`).
     pub output: f64,
+    /// USD per million prompt tokens the server took from its prompt cache
+    /// (`cached_input_usd_per_mtok`; default: the input price).
+    pub cached_input: f64,
 }
 
 impl Prices {
-    /// The cost of `prompt` + `completion` tokens in USD.
+    /// Input and output prices, cached input at the input price.
+    pub fn new(input: f64, output: f64) -> Prices {
+        Prices {
+            input,
+            output,
+            cached_input: input,
+        }
+    }
+
+    /// The cost of `prompt` + `completion` tokens in USD, none of them cached.
     pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
-        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
+        self.cost_cached(prompt, 0, completion)
+    }
+
+    /// The cost in USD of `prompt` tokens, `cached` of them (at most `prompt`) from the
+    /// server's prompt cache, and `completion` tokens.
+    pub fn cost_cached(&self, prompt: u64, cached: u64, completion: u64) -> f64 {
+        let cached = cached.min(prompt);
+        ((prompt - cached) as f64 * self.input
+            + cached as f64 * self.cached_input
+            + completion as f64 * self.output)
+            / 1e6
     }
 }
 

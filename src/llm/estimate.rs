@@ -210,6 +210,8 @@ impl Provider for EstimateProvider {
             } else {
                 self.counter.text(&content)
             },
+            // An estimate assumes no prompt cache.
+            cached_prompt_tokens: 0,
         };
         Ok(LlmResponse {
             content,

@@ -95,14 +95,21 @@ fn add_generation_params(body: &mut Value, req: &LlmRequest, structured: Structu
     }
 }
 
+/// The `usage` of an answer: prompt and completion tokens, and the prompt tokens the server
+/// took from its prompt cache (`prompt_tokens_details.cached_tokens`, as OpenAI, vLLM and
+/// llama.cpp server report them, or `cache_read_input_tokens`), clamped to the prompt tokens;
+/// a count that is missing or not a non-negative integer is 0.
 fn usage_of(v: &Value) -> Option<Usage> {
-    v.get("usage").map(|u| Usage {
-        prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
-        completion_tokens: u
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    })
+    let u = v.get("usage")?;
+    let count = |p: &str| u.pointer(p).and_then(Value::as_u64);
+    let cached = count("/prompt_tokens_details/cached_tokens")
+        .or_else(|| count("/cache_read_input_tokens"))
+        .unwrap_or(0);
+    Some(Usage::new(
+        count("/prompt_tokens").unwrap_or(0),
+        count("/completion_tokens").unwrap_or(0),
+        cached,
+    ))
 }
 
 fn finish_reason_of(choice: &Value) -> Option<String> {
@@ -212,10 +219,7 @@ impl Provider for CompletionsProvider {
                     content,
                     finish_reason: finish_reason_of(c),
                     // Usage is reported per request: share it evenly.
-                    usage: total.map(|u| Usage {
-                        prompt_tokens: u.prompt_tokens / n,
-                        completion_tokens: u.completion_tokens / n,
-                    }),
+                    usage: total.map(|u| u.share(n)),
                     rate,
                 }));
             }
@@ -224,5 +228,55 @@ impl Provider for CompletionsProvider {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(malformed("no choice for this prompt".into()))))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(u: Value) -> Usage {
+        usage_of(&json!({ "usage": u })).expect("usage")
+    }
+
+    #[test]
+    fn reads_cached_prompt_tokens_in_either_place() {
+        let details = json!({"prompt_tokens": 100, "completion_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 64}});
+        assert_eq!(usage(details), Usage::new(100, 7, 64));
+        let top = json!({"prompt_tokens": 100, "completion_tokens": 7,
+                         "cache_read_input_tokens": 32});
+        assert_eq!(usage(top).cached_prompt_tokens, 32);
+        let none = json!({"prompt_tokens": 100, "completion_tokens": 7});
+        assert_eq!(usage(none).cached_prompt_tokens, 0);
+        assert_eq!(usage_of(&json!({"choices": []})), None);
+    }
+
+    #[test]
+    fn a_chat_answer_carries_its_cached_tokens() {
+        let v = json!({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 40, "completion_tokens": 2,
+                                 "prompt_tokens_details": {"cached_tokens": 32}}});
+        let r = OpenAiProvider::parse_chat(&v, Default::default()).unwrap();
+        assert_eq!(r.usage, Some(Usage::new(40, 2, 32)));
+    }
+
+    #[test]
+    fn odd_cached_counts_are_clamped_or_zero() {
+        let with = |cached: Value| {
+            usage(json!({"prompt_tokens": 50, "completion_tokens": 5,
+                         "prompt_tokens_details": {"cached_tokens": cached}}))
+            .cached_prompt_tokens
+        };
+        assert_eq!(with(json!(80)), 50, "more than the prompt: clamped");
+        assert_eq!(with(json!(u64::MAX)), 50);
+        assert_eq!(with(json!(-3)), 0);
+        assert_eq!(with(json!("12")), 0);
+        assert_eq!(with(json!(12.5)), 0);
+        assert_eq!(with(json!(1e300)), 0);
+        assert_eq!(with(Value::Null), 0);
+        let odd_details = json!({"prompt_tokens": 50, "prompt_tokens_details": "cached"});
+        assert_eq!(usage(odd_details), Usage::new(50, 0, 0));
+        assert_eq!(usage(json!("usage")), Usage::default());
     }
 }

@@ -45,6 +45,7 @@ impl LlmRequest {
         Usage {
             prompt_tokens: total - completion,
             completion_tokens: completion,
+            cached_prompt_tokens: 0,
         }
     }
 }
@@ -62,6 +63,37 @@ pub struct Usage {
     pub prompt_tokens: u64,
     /// Generated tokens.
     pub completion_tokens: u64,
+    /// The part of `prompt_tokens` the server did not compute because it held their prefix
+    /// (its prompt cache); never more than `prompt_tokens`.
+    pub cached_prompt_tokens: u64,
+}
+
+impl Usage {
+    /// Usage of `prompt` tokens (of which `cached` came from the server's prompt cache, clamped
+    /// to `prompt`) and `completion` tokens.
+    pub fn new(prompt: u64, completion: u64, cached: u64) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_prompt_tokens: cached.min(prompt),
+        }
+    }
+
+    /// The prompt tokens the server computed (not taken from its prompt cache).
+    pub fn uncached_prompt_tokens(&self) -> u64 {
+        self.prompt_tokens - self.cached_prompt_tokens.min(self.prompt_tokens)
+    }
+
+    /// This usage split evenly over `n` requests (at least 1), the cached part kept within
+    /// each share's prompt tokens.
+    pub fn share(&self, n: u64) -> Usage {
+        let n = n.max(1);
+        Usage::new(
+            self.prompt_tokens / n,
+            self.completion_tokens / n,
+            self.cached_prompt_tokens / n,
+        )
+    }
 }
 
 /// A provider's answer before validation.
@@ -80,6 +112,19 @@ pub struct LlmResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_tokens_stay_within_prompt_tokens() {
+        let u = Usage::new(100, 10, 250);
+        assert_eq!(u.cached_prompt_tokens, 100);
+        assert_eq!(u.uncached_prompt_tokens(), 0);
+        let u = Usage::new(100, 10, 64).share(3);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
+            (33, 3, 21)
+        );
+        assert_eq!(Usage::new(7, 1, 3).share(0), Usage::new(7, 1, 3));
+    }
 
     #[test]
     fn estimates_tokens_from_prompt_and_limit() {

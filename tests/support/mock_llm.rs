@@ -30,12 +30,16 @@ mod limits;
 mod batch_api;
 #[path = "embeddings_api.rs"]
 mod embeddings_api;
+#[path = "prefix_cache.rs"]
+mod prefix_cache;
 
 pub use batch_api::BatchConfig;
 #[allow(unused_imports)]
 pub use embeddings_api::{DEFAULT_DIM, embedding_of};
 pub use limits::Limits;
 use limits::{Buckets, Verdict};
+use prefix_cache::PrefixCache;
+pub use prefix_cache::PrefixCacheConfig;
 
 /// A fault the server can inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -151,6 +155,13 @@ pub struct MockConfig {
     pub limits: Limits,
     /// The Files and Batches API (`/v1/files`, `/v1/batches`): timing, limits, job faults.
     pub batch: BatchConfig,
+    /// A prefix cache on the chat and completions endpoints (off by default): answers then
+    /// report `usage.prompt_tokens_details.cached_tokens`. Blocks are made of the tokens
+    /// `prompt_tokens` counts (tiktoken's with `tiktoken_usage`, else four characters each).
+    pub prefix_cache: Option<PrefixCacheConfig>,
+    /// If set, answers report this as `usage.prompt_tokens_details.cached_tokens` verbatim
+    /// (for servers that send odd values).
+    pub cached_tokens_raw: Option<Value>,
 }
 
 impl Default for MockConfig {
@@ -168,6 +179,8 @@ impl Default for MockConfig {
             tiktoken_usage: false,
             limits: Limits::default(),
             batch: BatchConfig::default(),
+            prefix_cache: None,
+            cached_tokens_raw: None,
         }
     }
 }
@@ -201,6 +214,11 @@ pub struct StatsSnapshot {
     pub batch_polls: u64,
     /// `POST /v1/batches/{id}/cancel` of a known batch.
     pub batch_cancels: u64,
+    /// Prompt tokens of the answered requests that the prefix cache did not hold (computed).
+    pub prefill_computed: u64,
+    /// Prompt tokens of the answered requests taken from the prefix cache (reported as
+    /// `cached_tokens`).
+    pub prefill_cached: u64,
 }
 
 impl StatsSnapshot {
@@ -212,6 +230,7 @@ impl StatsSnapshot {
             "tokens_admitted": self.tokens_admitted, "files_uploaded": self.files_uploaded,
             "batch_lines": self.batch_lines, "batches_created": self.batches_created,
             "batch_polls": self.batch_polls, "batch_cancels": self.batch_cancels,
+            "prefill_computed": self.prefill_computed, "prefill_cached": self.prefill_cached,
         })
     }
 }
@@ -229,6 +248,8 @@ struct Stats {
     batches_created: AtomicU64,
     batch_polls: AtomicU64,
     batch_cancels: AtomicU64,
+    prefill_computed: AtomicU64,
+    prefill_cached: AtomicU64,
     faults: Mutex<HashMap<String, u64>>,
     by_prompt: Mutex<HashMap<String, u64>>,
 }
@@ -239,6 +260,7 @@ struct State {
     ids: AtomicU64,
     buckets: Buckets,
     batches: batch_api::Store,
+    prefix: PrefixCache,
 }
 
 /// A running server; dropping it stops accepting connections.
@@ -280,6 +302,7 @@ impl MockServer {
             ids: AtomicU64::new(0),
             buckets: Buckets::default(),
             batches: batch_api::Store::default(),
+            prefix: PrefixCache::default(),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -345,6 +368,8 @@ impl State {
             batches_created: s.batches_created.load(Ordering::Relaxed),
             batch_polls: s.batch_polls.load(Ordering::Relaxed),
             batch_cancels: s.batch_cancels.load(Ordering::Relaxed),
+            prefill_computed: s.prefill_computed.load(Ordering::Relaxed),
+            prefill_cached: s.prefill_cached.load(Ordering::Relaxed),
         }
     }
 
@@ -361,6 +386,8 @@ impl State {
             &s.batches_created,
             &s.batch_polls,
             &s.batch_cancels,
+            &s.prefill_computed,
+            &s.prefill_cached,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -707,6 +734,8 @@ async fn serve_llm(
     };
     let attempt = next_attempt(st, &prompts);
     let (fault, mut rng) = draw_fault(cfg, &prompts, attempt);
+    // The prefix held when the request arrives; what it computes is held once it is answered.
+    let prefill = Prefill::lookup(st, proto, &prompts);
     let jitter = if cfg.jitter.is_zero() {
         Duration::ZERO
     } else {
@@ -716,10 +745,13 @@ async fn serve_llm(
     if !delay.is_zero() {
         clock::sleep_until(received + delay).await;
     }
-    let answer = Answer::new(proto, &parsed, &prompts, listed);
+    let mut answer = Answer::new(proto, &parsed, &prompts, listed);
+    answer.cached_tokens = prefill.as_ref().map(|p| p.cached);
     let Some(fault) = fault else {
         s.ok.fetch_add(prompts.len() as u64, Ordering::Relaxed);
-        let body = answer.body(st, None).to_string();
+        let body = answer.body(st, None);
+        Prefill::answered(st, prefill, &body);
+        let body = body.to_string();
         let answer = response(200, &rate_headers, body.as_bytes());
         // The request stops counting against the concurrency cap once its answer is ready,
         // before it is sent, as a server frees a slot when generation ends.
@@ -729,7 +761,79 @@ async fn serve_llm(
         return Ok(After::KeepAlive);
     };
     count_fault(st, fault);
+    if matches!(
+        fault,
+        Fault::InvalidSchema | Fault::FinishLength | Fault::WrongCount
+    ) {
+        // Answered in full, with usage: its prefix was computed.
+        Prefill::answered(st, prefill, &answer.body(st, Some(fault)));
+    }
     serve_fault(sock, st, &answer, fault).await
+}
+
+/// A request's use of the prefix cache: its prompts' blocks and the tokens the cache held.
+struct Prefill {
+    blocks: Vec<Vec<u64>>,
+    cached: u64,
+}
+
+impl Prefill {
+    /// Looks the prompts of a chat or completions request up in the prefix cache (None when
+    /// the server has none).
+    fn lookup(st: &State, proto: Proto, prompts: &[Prompt]) -> Option<Prefill> {
+        let cfg = st.cfg.prefix_cache.as_ref()?;
+        if proto == Proto::Lamini {
+            return None;
+        }
+        let blocks: Vec<Vec<u64>> = prompts
+            .iter()
+            .map(|p| prefix_cache::block_hashes(&cache_tokens(&st.cfg, p), cfg.block_tokens))
+            .collect();
+        let hits: usize = blocks.iter().map(|b| st.prefix.lookup(b)).sum();
+        Some(Prefill {
+            cached: (hits * cfg.block_tokens) as u64,
+            blocks,
+        })
+    }
+
+    /// Counts the prompt tokens of an answered request (`body`) as computed or cached, and
+    /// holds its blocks.
+    fn answered(st: &State, prefill: Option<Prefill>, body: &Value) {
+        let (Some(p), Some(cfg)) = (prefill, &st.cfg.prefix_cache) else {
+            return;
+        };
+        let prompt = body.pointer("/usage/prompt_tokens").and_then(Value::as_u64);
+        let prompt = prompt.unwrap_or(0);
+        let cached = p.cached.min(prompt);
+        let s = &st.stats;
+        s.prefill_cached.fetch_add(cached, Ordering::Relaxed);
+        s.prefill_computed
+            .fetch_add(prompt - cached, Ordering::Relaxed);
+        for b in &p.blocks {
+            st.prefix.insert(b, cfg.capacity_blocks);
+        }
+    }
+}
+
+/// The tokens of a prompt as the prefix cache blocks them: tiktoken's (with `tiktoken_usage`)
+/// or four characters each, of the system text then the user text.
+fn cache_tokens(cfg: &MockConfig, p: &Prompt) -> Vec<u64> {
+    let text = format!("{}{}", p.system.as_deref().unwrap_or(""), p.user);
+    if cfg.tiktoken_usage {
+        let bpe = tiktoken_rs::o200k_base_singleton();
+        return (bpe.encode_ordinary(&text).into_iter())
+            .map(u64::from)
+            .collect();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    chars
+        .chunks_exact(4)
+        .map(|c| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            c.hash(&mut h);
+            h.finish()
+        })
+        .collect()
 }
 
 /// Answers a request with an injected fault.
@@ -890,6 +994,8 @@ struct Answer<'a> {
     values: Vec<Option<Value>>,
     /// The answer text of each prompt.
     contents: Vec<String>,
+    /// The prompt tokens the prefix cache held (reported when set).
+    cached_tokens: Option<u64>,
 }
 
 impl<'a> Answer<'a> {
@@ -937,6 +1043,7 @@ impl<'a> Answer<'a> {
             schema,
             values,
             contents,
+            cached_tokens: None,
         }
     }
 
@@ -1000,7 +1107,13 @@ impl<'a> Answer<'a> {
                 contents.iter().map(|c| c.chars().count()).sum::<usize>() / 4 + 1,
             )
         };
-        let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct});
+        let mut usage =
+            json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct});
+        let cached = (st.cfg.cached_tokens_raw.clone())
+            .or_else(|| self.cached_tokens.map(|c| json!(c.min(pt as u64))));
+        if let Some(cached) = cached {
+            usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
+        }
         match proto {
             Proto::Chat => json!({
                 "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,

@@ -10,10 +10,12 @@ use super::metrics::Metrics;
 use crate::types::{ErrorKind, LlmError, Usage};
 
 impl ModelHandle {
-    /// Nano-dollars (1e-9 USD) that `usage` costs at this model's prices (0 without prices).
+    /// Nano-dollars (1e-9 USD) that `usage` costs at this model's prices (0 without prices):
+    /// its cached prompt tokens at the cached-input price.
     pub(super) fn nano_usd(&self, usage: Usage) -> u64 {
         self.prices.map_or(0, |p| {
-            (p.cost(usage.prompt_tokens, usage.completion_tokens) * 1e9).ceil() as u64
+            let (prompt, cached) = (usage.prompt_tokens, usage.cached_prompt_tokens);
+            (p.cost_cached(prompt, cached, usage.completion_tokens) * 1e9).ceil() as u64
         })
     }
 }

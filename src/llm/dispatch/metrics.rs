@@ -87,6 +87,8 @@ pub struct FunctionMetrics {
     pub tokens_in: AtomicU64,
     /// Completion tokens reported.
     pub tokens_out: AtomicU64,
+    /// The part of `tokens_in` the servers took from their prompt caches.
+    pub tokens_cached: AtomicU64,
     /// Highest number of this function's requests on the wire at once.
     pub max_in_flight: AtomicU64,
     /// Requests sent a second time because the first had not answered (hedges).
@@ -131,6 +133,7 @@ impl FunctionMetrics {
             failed: load(&self.failed),
             tokens_in: load(&self.tokens_in),
             tokens_out: load(&self.tokens_out),
+            tokens_cached: load(&self.tokens_cached),
             max_in_flight: load(&self.max_in_flight),
             hedges: load(&self.hedges),
             latency_ms: LatencySnapshot {
@@ -172,6 +175,8 @@ pub struct FunctionSnapshot {
     pub tokens_in: u64,
     /// Completion tokens reported.
     pub tokens_out: u64,
+    /// The part of `tokens_in` the servers took from their prompt caches.
+    pub tokens_cached: u64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: u64,
     /// Requests sent a second time because the first had not answered.
@@ -196,6 +201,7 @@ impl FunctionSnapshot {
             "failed": self.failed,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
+            "tokens_cached": self.tokens_cached,
             "max_in_flight": self.max_in_flight,
             "hedges": self.hedges,
             "latency_ms": {"p50": l.p50, "p95": l.p95, "p99": l.p99},
@@ -225,6 +231,8 @@ pub struct Metrics {
     pub tokens_in: AtomicU64,
     /// Completion tokens reported by providers.
     pub tokens_out: AtomicU64,
+    /// The part of `tokens_in` the providers took from their prompt caches.
+    pub tokens_cached: AtomicU64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: AtomicU64,
     /// Requests sent a second time because the first had not answered (hedges).
@@ -264,6 +272,10 @@ pub struct MetricsSnapshot {
     pub tokens_in: u64,
     /// Completion tokens.
     pub tokens_out: u64,
+    /// The part of `tokens_in` the providers took from their prompt caches.
+    pub tokens_cached: u64,
+    /// Cost of the responses received in USD, at the models' prices (0 without prices).
+    pub cost_usd: f64,
     /// Highest number of requests on the wire at once.
     pub max_in_flight: u64,
     /// Requests sent a second time because the first had not answered.
@@ -303,7 +315,8 @@ impl MetricsSnapshot {
         serde_json::json!({
             "calls": self.calls, "deduplicated": self.deduplicated, "requests": self.requests,
             "succeeded": self.succeeded, "failed": self.failed, "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out, "max_in_flight": self.max_in_flight,
+            "tokens_out": self.tokens_out, "tokens_cached": self.tokens_cached,
+            "cost_usd": self.cost_usd, "max_in_flight": self.max_in_flight,
             "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
             "hedges": self.hedges,
             "retries": self.retries, "errors": self.errors,
@@ -364,6 +377,8 @@ impl Metrics {
             failed: self.failed.load(Ordering::Relaxed),
             tokens_in: self.tokens_in.load(Ordering::Relaxed),
             tokens_out: self.tokens_out.load(Ordering::Relaxed),
+            tokens_cached: self.tokens_cached.load(Ordering::Relaxed),
+            cost_usd: self.spent_nano_usd.load(Ordering::Relaxed) as f64 / 1e9,
             max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
             hedges: self.hedges.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),

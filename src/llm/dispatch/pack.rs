@@ -21,9 +21,7 @@ use super::call::{CallResult, CallSpec, ModelHandle, Packer};
 use super::inner::Inner;
 use super::metrics::{FunctionMetrics, Metrics};
 use crate::cache::{CachedResponse, KeyPrefix, RequestKey};
-use crate::types::{
-    ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError, Usage,
-};
+use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError};
 
 /// One row of a packed request: its prompt alone (what its key is made of), its key, and its
 /// rendered item.
@@ -154,10 +152,7 @@ impl Inner {
             return vec![Err(Arc::new(e)); rows.len()];
         };
         // Usage is reported per request: each row carries its share.
-        let usage = resp.usage.map(|u| Usage {
-            prompt_tokens: u.prompt_tokens / n,
-            completion_tokens: u.completion_tokens / n,
-        });
+        let usage = resp.usage.map(|u| u.share(n));
         self.count_rows(fm, n, None);
         rows.into_iter()
             .zip(values)

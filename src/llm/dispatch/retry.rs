@@ -77,12 +77,16 @@ impl Inner {
         if let Some(u) = resp.usage {
             m.spent_nano_usd
                 .fetch_add(model.nano_usd(u), Ordering::Relaxed);
-            m.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
-            m.tokens_out
-                .fetch_add(u.completion_tokens, Ordering::Relaxed);
-            fm.tokens_in.fetch_add(u.prompt_tokens, Ordering::Relaxed);
-            fm.tokens_out
-                .fetch_add(u.completion_tokens, Ordering::Relaxed);
+            for (total, n) in [
+                (&m.tokens_in, u.prompt_tokens),
+                (&m.tokens_out, u.completion_tokens),
+                (&m.tokens_cached, u.cached_prompt_tokens),
+                (&fm.tokens_in, u.prompt_tokens),
+                (&fm.tokens_out, u.completion_tokens),
+                (&fm.tokens_cached, u.cached_prompt_tokens),
+            ] {
+                total.fetch_add(n, Ordering::Relaxed);
+            }
         }
         let value = parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
             e.http_status = Some(200);

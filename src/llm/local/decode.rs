@@ -259,6 +259,7 @@ fn sample_step(
             usage: Some(Usage {
                 prompt_tokens: a.prompt_len as u64,
                 completion_tokens: u64::from(a.generated),
+                cached_prompt_tokens: 0,
             }),
             rate: Default::default(),
         }));

@@ -198,6 +198,7 @@ impl Provider for LocalEmbedder {
                     usage: Some(Usage {
                         prompt_tokens: tokens,
                         completion_tokens: 0,
+                        cached_prompt_tokens: 0,
                     }),
                     rate: Default::default(),
                 })

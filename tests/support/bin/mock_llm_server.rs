@@ -16,12 +16,15 @@ const USAGE: &str = "usage: sluice-mock-llm [--port N] [--latency-ms N] [--jitte
   [--retry-after-ms N] [--hang-ms N] [--api-key-env NAME] [--tiktoken-usage]
   [--max-in-flight N] [--rpm N] [--tpm N] [--burst-secs S] [--no-rate-headers]
   [--batch-time-ms N] [--no-batch-api] [--batch-fail-jobs N] [--batch-expire-jobs N]
+  [--prefix-cache-blocks N]
 P is a probability per request (0..1). --max-in-flight, --rpm and --tpm are limits that answer
 429 with Retry-After beyond them (retry-after-ms for the cap); buckets hold --burst-secs of
 refill (default 1); x-ratelimit-* headers go on every answer unless --no-rate-headers.
 The Files and Batches API (/v1/files, /v1/batches) finishes a job --batch-time-ms after its
 creation (default 300); the first --batch-fail-jobs jobs fail, the next --batch-expire-jobs
-expire with half their lines done; --no-batch-api answers 404 there.";
+expire with half their lines done; --no-batch-api answers 404 there.
+--prefix-cache-blocks keeps a prefix cache of N blocks of 16 tokens (as vLLM's automatic prefix
+caching) and reports usage.prompt_tokens_details.cached_tokens.";
 
 fn parse_args() -> Result<(MockConfig, u16), String> {
     let mut cfg = MockConfig::default();
@@ -78,6 +81,12 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
             "--batch-time-ms" => cfg.batch.completion_time = Duration::from_millis(num(&value)?),
             "--batch-fail-jobs" => cfg.batch.fail_jobs = num(&value)?,
             "--batch-expire-jobs" => cfg.batch.expire_jobs = num(&value)?,
+            "--prefix-cache-blocks" => {
+                cfg.prefix_cache = Some(mock_llm::PrefixCacheConfig {
+                    capacity_blocks: num(&value)? as usize,
+                    ..Default::default()
+                })
+            }
             "--burst-secs" => {
                 cfg.limits.burst_secs = value
                     .parse::<f64>()
