@@ -14,6 +14,7 @@ use futures::FutureExt;
 use super::call::{CallResult, ModelHandle};
 use super::inner::Inner;
 use super::metrics::{FunctionMetrics, Metrics};
+use super::route::routed;
 use crate::cache::{CachedResponse, RequestKey};
 use crate::llm::batch::BatchQueue;
 use crate::llm::parse_response;
@@ -68,7 +69,10 @@ impl Inner {
             _ if model.provider.max_prompts_per_request() > 1 => {
                 let _reservation = self.reserve_budget(model, req.estimated_usage())?;
                 let shared = (&self.global, &self.metrics, fm);
-                self.list_collectors.send(model, req, shared).await
+                routed(model, req, |m| async move {
+                    self.list_collectors.send(&m, req, shared).await
+                })
+                .await
             }
             _ => self.send_hedged(model, req, fm).await,
         };
