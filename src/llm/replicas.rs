@@ -91,7 +91,7 @@ pub(crate) struct Replica {
 pub struct ReplicaSnapshot {
     /// Its base URL without credentials.
     pub url: String,
-    /// Attempts routed to it.
+    /// Attempts that ended on it (answered or failed; not those abandoned at its ejection).
     pub requests: u64,
     /// Of those, the ones its server failed (connection, timeout, 5xx).
     pub failures: u64,
@@ -250,6 +250,7 @@ impl Lease<'_> {
     pub fn report(&mut self, result: Result<(), &LlmError>) -> Verdict {
         self.reported = true;
         let r = self.replica;
+        r.requests.fetch_add(1, Ordering::Relaxed);
         let mut h = r.health();
         match result {
             Err(e) if replica_failure(e.kind) => {
@@ -336,7 +337,6 @@ impl ReplicaSet {
     fn lease(&self, index: usize, probe: bool) -> Lease<'_> {
         let replica = &self.replicas[index];
         replica.outstanding.fetch_add(1, Ordering::Relaxed);
-        replica.requests.fetch_add(1, Ordering::Relaxed);
         Lease {
             replica,
             index,

@@ -239,6 +239,8 @@ struct State {
     ids: AtomicU64,
     buckets: Buckets,
     batches: batch_api::Store,
+    /// Set by [`MockServer::stop`]: every connection closes.
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running server; dropping it stops accepting connections.
@@ -280,6 +282,7 @@ impl MockServer {
             ids: AtomicU64::new(0),
             buckets: Buckets::default(),
             batches: batch_api::Store::default(),
+            stopped: tokio::sync::watch::Sender::new(false),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -289,8 +292,12 @@ impl MockServer {
                 };
                 let _ = sock.set_nodelay(true);
                 let st = st.clone();
+                let mut stopped = st.stopped.subscribe();
                 tokio::spawn(async move {
-                    let _ = serve_connection(sock, st).await;
+                    tokio::select! {
+                        _ = serve_connection(sock, st) => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
@@ -320,6 +327,13 @@ impl MockServer {
     pub fn clone_stats_handle(&self) -> impl Fn() -> StatsSnapshot + Clone + Send + 'static {
         let state = self.state.clone();
         move || state.snapshot()
+    }
+
+    /// Stops the server as a crashed one: it accepts no more connections (they are refused)
+    /// and closes those it has, requests in flight unanswered.
+    pub fn stop(&self) {
+        self.accept.abort();
+        self.state.stopped.send_replace(true);
     }
 
     /// Zeroes the counters (per-prompt attempt counts too).
