@@ -121,18 +121,20 @@ fn batch_queue(
     Ok(Some((chat, Arc::new(queue))))
 }
 
-/// The replicas of model `m` when several servers serve it (live answers only): each with its
-/// own provider (its URL and key) and a governor of `1 / share` of the model's limits.
+/// The replicas of model `m` when several servers serve it and `answers` are the models':
+/// each with its own provider (its URL and key, `pool` connections) and a governor of
+/// `1 / share` of the model's limits. (`sluice explain` sends nothing: it counts with the
+/// first replica's provider, whose cache identity is the model's.)
 fn replica_set(
     config: &Config,
     m: &ModelConfig,
-    pool: usize,
-    share: usize,
+    answers: Answers,
+    (pool, share): (usize, usize),
 ) -> Result<Option<Arc<ReplicaSet>>, SetupError> {
     let ModelPart::Server(s) = &m.part else {
         return Ok(None);
     };
-    if !s.replicated() || m.mode == ModelMode::Batch {
+    if !s.replicated() || m.mode == ModelMode::Batch || answers == Answers::Estimates {
         return Ok(None);
     }
     let mut replicas = Vec::with_capacity(s.replicas.len());
@@ -222,10 +224,7 @@ pub(super) fn build_models(
             Some((chat, queue)) => (chat, Some(queue)),
             None => (provider(m, pool).map_err(model_err)?, None),
         };
-        let replicas = match answers {
-            Answers::Models => replica_set(config, m, pool, share).map_err(model_err)?,
-            Answers::Estimates => None,
-        };
+        let replicas = replica_set(config, m, answers, (pool, share)).map_err(model_err)?;
         let (provider, governor): (Arc<dyn Provider>, _) = match answers {
             Answers::Estimates => {
                 // Nothing is sent: no pacing, the whole budget in flight.
