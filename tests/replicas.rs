@@ -243,6 +243,62 @@ async fn the_cache_does_not_depend_on_which_replicas_serve() {
     assert!(other.iter().all(|s| s.stats().requests == 0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_replica_is_ejected_after_its_timeouts() {
+    let hangs = MockConfig {
+        faults: FaultRates {
+            timeout: 1.0,
+            ..FaultRates::default()
+        },
+        hang: Duration::from_secs(30),
+        ..latency(5)
+    };
+    let servers = [
+        mock(latency(5)).await,
+        mock(latency(5)).await,
+        mock(hangs).await,
+    ];
+    let refs: Vec<&MockServer> = servers.iter().collect();
+    // Hedging off: the hung requests end by the timeout alone.
+    let text = config_text(&url_list(&refs), 1, None)
+        .replace("timeout_ms = 5000", "timeout_ms = 300")
+        .replace("backoff_max_ms = 50", "backoff_max_ms = 50\nhedge_after_ms = 0");
+    let e = engine(&text, &|_| None);
+    let (printed, got) = flagship(&e).await;
+    assert!(printed.unwrap().contains("COPY 42 rows"));
+    assert_eq!(got.len(), 42);
+    let m = e.metrics();
+    assert_eq!((m.calls, m.failed), (56, 0), "{:?}", m.errors);
+    let r = &m.replicas["default"][2];
+    assert!(r.ejections >= 1 && r.failures >= 3, "{r:?}");
+    assert_eq!(servers[2].stats().ok, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_prompts_go_around_a_dead_replica() {
+    let servers = [
+        mock(latency(5)).await,
+        mock(latency(5)).await,
+        mock(latency(5)).await,
+    ];
+    servers[0].stop();
+    let refs: Vec<&MockServer> = servers.iter().collect();
+    let text = config_text(&url_list(&refs), 1, None).replace(
+        "kind = \"openai\"",
+        "kind = \"openai_completions\"\nprompts_per_request = 4",
+    );
+    let e = engine(&text, &|_| None);
+    let (printed, got) = flagship(&e).await;
+    assert!(printed.unwrap().contains("COPY 42 rows"));
+    assert_eq!(got.len(), 42);
+    let m = e.metrics();
+    assert_eq!((m.calls, m.failed), (56, 0), "{:?}", m.errors);
+    assert_eq!(m.replicas["default"][0].state, "ejected");
+    let prompts: u64 = servers[1..].iter().map(|s| s.stats().ok).sum();
+    assert_eq!(prompts, 56);
+    assert!(servers[1..].iter().all(|s| s.stats().requests < 56), "lists of several");
+}
+
 #[test]
 fn replica_forms_are_checked_in_one_place() {
     let parse = |servers: &str, extra: &str| {
