@@ -76,7 +76,10 @@ async fn flagship(engine: &Engine) -> (Result<String, String>, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flagship_over_three_replicas_matches_one_server_and_spreads_requests() {
     let single = mock(latency(5)).await;
-    let one = engine(&config_text(&format!("\"{}\"", single.base_url()), 4, None), &|_| None);
+    let one = engine(
+        &config_text(&format!("\"{}\"", single.base_url()), 4, None),
+        &|_| None,
+    );
     let (printed, want) = flagship(&one).await;
     assert!(printed.unwrap().contains("COPY 42 rows"));
 
@@ -128,7 +131,11 @@ async fn a_replica_killed_mid_run_is_ejected_and_loses_nothing() {
     assert_eq!(got.len(), 42);
     let m = e.metrics();
     assert_eq!((m.calls, m.failed), (56, 0), "{:?}", m.errors);
-    assert!(m.retries.is_empty(), "no row spent an attempt: {:?}", m.retries);
+    assert!(
+        m.retries.is_empty(),
+        "no row spent an attempt: {:?}",
+        m.retries
+    );
     let r = &m.replicas["default"][1];
     assert!(r.ejections >= 1 && r.failures >= 1, "{r:?}");
     assert_eq!(r.state, "ejected");
@@ -180,7 +187,10 @@ async fn every_replica_down_fails_the_statement_with_one_error_naming_them() {
     }
     let (printed, _) = flagship(&e).await;
     let err = printed.expect_err("the statement fails");
-    assert!(err.contains("every replica of model \"default\" is down"), "{err}");
+    assert!(
+        err.contains("every replica of model \"default\" is down"),
+        "{err}"
+    );
     for s in &servers {
         assert!(err.contains(&s.base_url()), "{err}");
     }
@@ -262,7 +272,10 @@ async fn a_hanging_replica_is_ejected_after_its_timeouts() {
     // Hedging off: the hung requests end by the timeout alone.
     let text = config_text(&url_list(&refs), 1, None)
         .replace("timeout_ms = 5000", "timeout_ms = 300")
-        .replace("backoff_max_ms = 50", "backoff_max_ms = 50\nhedge_after_ms = 0");
+        .replace(
+            "backoff_max_ms = 50",
+            "backoff_max_ms = 50\nhedge_after_ms = 0",
+        );
     let e = engine(&text, &|_| None);
     let (printed, got) = flagship(&e).await;
     assert!(printed.unwrap().contains("COPY 42 rows"));
@@ -296,7 +309,10 @@ async fn list_prompts_go_around_a_dead_replica() {
     assert_eq!(m.replicas["default"][0].state, "ejected");
     let prompts: u64 = servers[1..].iter().map(|s| s.stats().ok).sum();
     assert_eq!(prompts, 56);
-    assert!(servers[1..].iter().all(|s| s.stats().requests < 56), "lists of several");
+    assert!(
+        servers[1..].iter().all(|s| s.stats().requests < 56),
+        "lists of several"
+    );
 }
 
 #[test]
@@ -315,7 +331,10 @@ fn replica_forms_are_checked_in_one_place() {
     assert_eq!(s.endpoint_id, "replicas:default");
     // One URL, as a string or a list of one, keeps its own identity.
     let one = parse("[\"http://a:1/v1\"]", "").unwrap();
-    assert_eq!(one.models["default"].server().unwrap().endpoint_id, "http://a:1/v1");
+    assert_eq!(
+        one.models["default"].server().unwrap().endpoint_id,
+        "http://a:1/v1"
+    );
     // A replica's own key variable; the model's for those that name none.
     let c = parse(
         "replicas = [{ base_url = \"http://a:1/v1\", api_key_env = \"K\" }, \
@@ -332,7 +351,11 @@ fn replica_forms_are_checked_in_one_place() {
         ("[]", "", "empty"),
         ("[\"http://a:1/v1\", \"http://a:1/v1\"]", "", "listed twice"),
         ("[\"http://a:1/v1\", \"ftp://b/v1\"]", "", "http://"),
-        ("[\"http://a:1/v1\", \"http://b:2/v1\"]", "mode = \"batch\"\n", "batch"),
+        (
+            "[\"http://a:1/v1\", \"http://b:2/v1\"]",
+            "mode = \"batch\"\n",
+            "batch",
+        ),
         (
             "replicas = [{ base_url = \"http://a:1/v1\", api_key_env = \"MISSING\" }]",
             "",

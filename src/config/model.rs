@@ -167,8 +167,14 @@ impl ModelConfig {
         let part = match &self.part {
             ModelPart::Server(s) => format!(
                 "server base_url={} structured_output={:?} max_response_bytes={} prompts_per_request={:?}",
-                s.replicas.iter().map(|r| r.base_url.as_str()).collect::<Vec<_>>().join(","),
-                s.structured_output, s.max_response_bytes, s.prompts_per_request
+                s.replicas
+                    .iter()
+                    .map(|r| r.base_url.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                s.structured_output,
+                s.max_response_bytes,
+                s.prompts_per_request
             ),
             ModelPart::Local(l) => format!("local context_size={}", l.context_size),
         };
@@ -352,7 +358,10 @@ fn server_from_raw(
     let mut replicas = Vec::with_capacity(urls.len());
     for (url, var) in urls {
         let base_url = url.trim_end_matches('/').to_string();
-        if replicas.iter().any(|r: &ReplicaConfig| r.base_url == base_url) {
+        if replicas
+            .iter()
+            .any(|r: &ReplicaConfig| r.base_url == base_url)
+        {
             return Err(format!(
                 "models.{name}: the replica {base_url:?} is listed twice"
             ));

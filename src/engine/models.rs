@@ -172,7 +172,10 @@ pub(super) fn shared_models(
         .filter_map(|(name, h)| {
             let m = config.models.get(name)?;
             let governor = || Governor::new(live_governor(config, m, workers));
-            let replicas = h.replicas.as_ref().map(|r| Arc::new(r.with_governors(governor)));
+            let replicas = h
+                .replicas
+                .as_ref()
+                .map(|r| Arc::new(r.with_governors(governor)));
             let governor = match &replicas {
                 Some(r) => r.replicas()[0].governor.clone(),
                 None => Arc::new(governor()),
@@ -249,7 +252,10 @@ pub(super) fn build_models(
         };
         // A replicated model's own provider and governor are its first replica's.
         let (provider, governor) = match &replicas {
-            Some(r) => (r.replicas()[0].provider.clone(), r.replicas()[0].governor.clone()),
+            Some(r) => (
+                r.replicas()[0].provider.clone(),
+                r.replicas()[0].governor.clone(),
+            ),
             None => (provider, Arc::new(Governor::new(governor))),
         };
         out.handles.insert(

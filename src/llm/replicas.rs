@@ -481,8 +481,14 @@ mod tests {
         assert_eq!(s.replicas[0].snapshot().state, "up");
         fail(&s, 0);
         let snap = s.replicas[0].snapshot();
-        assert_eq!((snap.state, snap.ejections, snap.failures), ("ejected", 1, 3));
-        assert_eq!(snap.url, "http://host0/v1", "no credentials, query or default port");
+        assert_eq!(
+            (snap.state, snap.ejections, snap.failures),
+            ("ejected", 1, 3)
+        );
+        assert_eq!(
+            snap.url, "http://host0/v1",
+            "no credentials, query or default port"
+        );
         for _ in 0..10 {
             assert_eq!(route(&s, &r, &[]), Some(1));
         }
@@ -547,7 +553,11 @@ mod tests {
         let e = s.pick(&req("x"), &[]).expect_err("all down");
         assert_eq!(e.kind, ErrorKind::Connect);
         assert!(e.kind.is_systemic());
-        assert!(e.message.contains("http://host0/v1, http://host1/v1"), "{}", e.message);
+        assert!(
+            e.message.contains("http://host0/v1, http://host1/v1"),
+            "{}",
+            e.message
+        );
         assert!(!e.message.contains("pw") && !e.message.contains("token"));
     }
 }
