@@ -347,6 +347,11 @@ fn replica_forms_are_checked_in_one_place() {
     let b = s.replica(1).unwrap();
     assert!(b.api_key.is_none() && b.replicas.iter().all(|r| r.api_key.is_none()));
 
+    // `--batch` leaves a model with several servers live.
+    let mut c = parse("[\"http://a:1/v1\", \"http://b:2/v1\"]", "").unwrap();
+    assert!(!c.models["default"].supports_batch());
+    assert_eq!(c.use_batch_mode(), ["default"]);
+
     for (servers, extra, says) in [
         ("[]", "", "empty"),
         ("[\"http://a:1/v1\", \"http://a:1/v1\"]", "", "listed twice"),

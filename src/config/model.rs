@@ -204,9 +204,10 @@ impl ModelConfig {
         }
     }
 
-    /// Whether this model can run in batch mode (an OpenAI-compatible chat model).
+    /// Whether this model can run in batch mode (an OpenAI-compatible chat model with one
+    /// server: a model with several replicas stays live under `--batch`).
     pub fn supports_batch(&self) -> bool {
-        self.kind == ProviderKind::Openai
+        self.kind == ProviderKind::Openai && self.server().is_none_or(|s| !s.replicated())
     }
 
     /// The prices its calls are charged at: the batch prices in batch mode.
