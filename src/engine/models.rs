@@ -251,11 +251,8 @@ pub(super) fn build_models(
             (e, _) => e,
         };
         // A replicated model's own provider and governor are its first replica's.
-        let (provider, governor) = match &replicas {
-            Some(r) => (
-                r.replicas()[0].provider.clone(),
-                r.replicas()[0].governor.clone(),
-            ),
+        let (provider, governor) = match replicas.as_ref().map(|r| &r.replicas()[0]) {
+            Some(first) => (first.provider.clone(), first.governor.clone()),
             None => (provider, Arc::new(Governor::new(governor))),
         };
         out.handles.insert(
