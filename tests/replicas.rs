@@ -354,6 +354,7 @@ fn replica_forms_are_checked_in_one_place() {
 
     for (servers, extra, says) in [
         ("[]", "", "empty"),
+        ("5", "", "a URL, or a list"),
         ("[\"http://a:1/v1\", \"http://a:1/v1\"]", "", "listed twice"),
         ("[\"http://a:1/v1\", \"ftp://b/v1\"]", "", "http://"),
         (

@@ -116,7 +116,10 @@ impl RawModel {
 
 /// `base_url` as written: one URL, or the URLs of several replicas of the model.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a URL, or a list of the URLs of the model's replicas"
+)]
 pub(super) enum BaseUrls {
     One(String),
     Many(Vec<String>),
