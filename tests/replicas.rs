@@ -140,6 +140,16 @@ async fn a_replica_killed_mid_run_is_ejected_and_loses_nothing() {
     assert!(r.ejections >= 1 && r.failures >= 1, "{r:?}");
     assert_eq!(r.state, "ejected");
     assert_eq!(m.replicas["default"][0].state, "up");
+    // The summary names it.
+    let summary = sluice::cli::format_summary(&m);
+    let line = format!("model default replica 1 ({}):", victim.base_url());
+    let line = summary
+        .lines()
+        .find(|l| l.contains(&line))
+        .expect("a line per replica");
+    assert!(line.ends_with(", ejected"), "{line}");
+    let json = m.to_json();
+    assert_eq!(json["models"]["default"]["replicas"][1]["state"], "ejected");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
