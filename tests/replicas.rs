@@ -325,6 +325,35 @@ async fn list_prompts_go_around_a_dead_replica() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_replica_is_probed_back_once_it_answers() {
+    let a = mock(latency(5)).await;
+    let b = mock(latency(5)).await;
+    let port = b.addr().port();
+    let e = engine(&config_text(&url_list(&[&a, &b]), 1, None), &|_| None);
+    b.stop();
+    let (printed, _) = flagship(&e).await;
+    assert!(printed.unwrap().contains("COPY 42 rows"));
+    assert_eq!(e.metrics().replicas["default"][1].state, "ejected");
+    drop(b);
+    // The server comes back on its address; statements keep coming until one probes it.
+    let back = MockServer::start_on(latency(5), port)
+        .await
+        .expect("the port is free again");
+    let deadline = std::time::Instant::now() + WAIT_DEADLINE;
+    let mut i = 0;
+    while back.stats().ok == 0 {
+        assert!(std::time::Instant::now() < deadline, "never probed");
+        i += 1;
+        let sql = format!("SELECT llm('probe {i} ' || x) FROM (VALUES ('a'), ('b')) AS t(x)");
+        run(&e, &sql).await.expect("the statement runs");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = &e.metrics().replicas["default"][1];
+    assert_eq!(r.state, "up", "{r:?}");
+    assert_eq!(e.metrics().failed, 0);
+}
+
 #[test]
 fn replica_forms_are_checked_in_one_place() {
     let parse = |servers: &str, extra: &str| {
