@@ -206,6 +206,13 @@ async fn every_replica_down_fails_the_statement_with_one_error_naming_them() {
     }
     let m = e.metrics();
     assert!(m.replicas["default"].iter().all(|r| r.state == "ejected"));
+    // Each replica is ejected once: the calls fail as soon as every replica is out, not after
+    // their retries (which would reach the probes).
+    assert!(
+        m.replicas["default"].iter().all(|r| r.ejections == 1),
+        "{:?}",
+        m.replicas
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,7 +373,7 @@ impl ReplicaSet {
             }
         }
         if !any_up {
-            return Err(self.all_down());
+            return Err(self.down_error());
         }
         if up.is_empty() {
             return Ok(Pick::AllTried);
@@ -395,8 +395,19 @@ impl ReplicaSet {
         Ok(Pick::To(self.lease(i, false)))
     }
 
+    /// Whether every replica is ejected and none is due for a probe: the model is down, and
+    /// retrying a call now cannot reach it.
+    pub fn is_down(&self) -> bool {
+        let now = Instant::now();
+        self.replicas.iter().all(|r| match r.health().state {
+            State::Up => false,
+            State::Ejected { until } => until > now,
+            State::Probing => true,
+        })
+    }
+
     /// The error of a model whose replicas are all ejected: systemic, naming them.
-    fn all_down(&self) -> LlmError {
+    fn down_error(&self) -> LlmError {
         let urls: Vec<&str> = self.replicas.iter().map(|r| r.url.as_str()).collect();
         LlmError::new(
             ErrorKind::Connect,
@@ -550,6 +561,7 @@ mod tests {
                 fail(&s, i);
             }
         }
+        assert!(s.is_down());
         let e = s.pick(&req("x"), &[]).expect_err("all down");
         assert_eq!(e.kind, ErrorKind::Connect);
         assert!(e.kind.is_systemic());

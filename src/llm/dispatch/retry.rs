@@ -137,8 +137,12 @@ impl Inner {
                             e.message, self.cfg.row_deadline
                         );
                     }
-                    let last =
-                        attempt >= self.cfg.max_attempts || !e.kind.is_retryable() || past_deadline;
+                    // A model whose replicas are all ejected fails its calls at once.
+                    let down = model.replicas.as_ref().is_some_and(|r| r.is_down());
+                    let last = attempt >= self.cfg.max_attempts
+                        || !e.kind.is_retryable()
+                        || past_deadline
+                        || down;
                     tracing::debug!(
                         function = %req.function, attempt, kind = %e.kind,
                         status = ?e.http_status, "attempt failed: {}", e.message
