@@ -8,7 +8,8 @@
 //! the counts it relies on, so the benchmark cannot rot unnoticed.
 //!
 //! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `limits`, `hedge`,
-//! `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker` processes),
+//! `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker` processes), `replicas`
+//! (one model over 1 and 4 test servers),
 //! `local` (the embedded model; needs the default `local` feature and `models/` fetched).
 
 use std::io::{BufRead, BufReader};
@@ -208,6 +209,46 @@ impl Project {
 
 fn num(m: &Value, k: &str) -> u64 {
     m[k].as_u64().unwrap_or(0)
+}
+
+/// The flagship over `replicas` test servers of one model, each at `latency_ms` and paced at
+/// `per_replica` in flight (the run's budget is all of theirs): the JSON line of the scenario.
+fn replicas(passages: usize, replicas: usize, per_replica: usize, latency_ms: u64) -> Value {
+    let latency = latency_ms.to_string();
+    let mocks: Vec<Mock> = (0..replicas)
+        .map(|_| Mock::start(&["--latency-ms", &latency]))
+        .collect();
+    let urls: Vec<String> = mocks.iter().map(|m| format!("\"{}\"", m.url)).collect();
+    let model = format!("kind = \"openai\"\nconcurrency = {per_replica}");
+    let p = Project::with_model(
+        &mocks[0].url,
+        per_replica * replicas,
+        passages,
+        false,
+        &model,
+    );
+    let toml = p.dir.path().join("sluice.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replace(
+        &format!("base_url = \"{}\"", mocks[0].url),
+        &format!("base_url = [{}]", urls.join(", ")),
+    );
+    std::fs::write(&toml, text).unwrap();
+    let m = p.run(&[]);
+    let prompts = num(&m.metrics, "calls") + num(&m.metrics, "deduplicated");
+    let rate = prompts as f64 / m.wall_s;
+    let limit = (per_replica * replicas) as f64 / (latency_ms as f64 / 1000.0);
+    let served: Vec<u64> = mocks
+        .iter()
+        .map(|m| num(&mock_stats(m), "requests"))
+        .collect();
+    json!({
+        "scenario": format!("replicas-{replicas}"), "passages": passages, "prompts": prompts,
+        "replicas": replicas, "per_replica": per_replica, "latency_ms": latency_ms,
+        "wall_s": round(m.wall_s, 3), "prompts_per_s": round(rate, 1),
+        "limit_prompts_per_s": round(limit, 1), "ratio_to_limit": round(rate / limit, 3),
+        "requests_per_replica": served, "failed": num(&m.metrics, "failed"),
+        "max_in_flight": num(&m.metrics, "max_in_flight"),
+    })
 }
 
 /// One flagship run against a fresh server; returns the JSON line of the scenario.
@@ -974,6 +1015,11 @@ fn main() {
     }
     if want("batch-api") {
         emit(batch_api(10_000, 2000));
+    }
+    if want("replicas") {
+        for n in [1, 4] {
+            emit(replicas(1000, n, 16, 50));
+        }
     }
     if want("distributed") {
         for workers in 1..=3 {

@@ -55,6 +55,14 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
             s.push_str(&format!(", {p:.1} requests/s"));
         }
     }
+    for (name, rs) in &m.replicas {
+        for (i, r) in rs.iter().enumerate() {
+            s.push_str(&format!(
+                "\n  model {name} replica {i} ({}): {} requests, {} failed, ejected {} time(s), {}",
+                r.url, r.requests, r.failures, r.ejections, r.state
+            ));
+        }
+    }
     for (name, f) in &m.functions {
         s.push_str(&format!(
             "\n  {name}: {} prompts, {} requests, {} cache hits, {} failed",

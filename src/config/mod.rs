@@ -37,7 +37,7 @@ use std::time::Duration;
 
 pub use batch::BatchConfig;
 pub use cluster::ClusterConfig;
-pub use model::{LocalConfig, ModelConfig, ModelPart, Secret, ServerConfig};
+pub use model::{LocalConfig, ModelConfig, ModelPart, ReplicaConfig, Secret, ServerConfig};
 use raw::{RawCache, RawConfig, RawDispatcher, RawExecution};
 pub use values::{BatchRetry, ModelMode, Prices, ProviderKind, StructuredOutput, parse_size};
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::batch::{BatchConfig, batch_from_raw};
-use super::raw::RawModel;
+use super::raw::{BaseUrls, RawModel};
 use super::values::{ModelMode, Prices, ProviderKind, StructuredOutput};
 
 /// A secret string (API key). Its `Debug` and `Display` never show the value, so it cannot leak
@@ -75,15 +75,32 @@ pub enum ModelPart {
     Local(LocalConfig),
 }
 
+/// One server of a model: its base URL and its own key.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Base URL (no trailing `/`).
+    pub base_url: String,
+    /// Name of the environment variable that held its key (for messages).
+    pub api_key_env: Option<String>,
+    /// Its key, sent to this server only.
+    pub api_key: Option<Secret>,
+}
+
 /// What only a model behind an HTTP API has.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Base URL, e.g. `https://api.openai.com/v1` (no trailing `/`).
+    /// Base URL, e.g. `https://api.openai.com/v1` (no trailing `/`): the first replica's.
     pub base_url: String,
-    /// Name of the environment variable that held the key (for messages).
+    /// Name of the environment variable that held the key (for messages): the first replica's.
     pub api_key_env: Option<String>,
-    /// The key, read from `api_key_env` at load time.
+    /// The key, read from `api_key_env` at load time: the first replica's.
     pub api_key: Option<Secret>,
+    /// Every server of the model in the configured order (one for a single `base_url`).
+    pub replicas: Vec<ReplicaConfig>,
+    /// What the response cache knows the server as: the base URL of a single server, or
+    /// `replicas:NAME` for a model served by several (so a cached answer does not depend on
+    /// which replica gave it, and the cache survives replicas added, removed or moved).
+    pub endpoint_id: String,
     /// Whole-request timeout.
     pub timeout: Duration,
     /// TCP connect timeout.
@@ -108,6 +125,33 @@ pub struct LocalConfig {
     pub context_size: u32,
 }
 
+impl ServerConfig {
+    /// Whether several servers (replicas) serve the model.
+    pub fn replicated(&self) -> bool {
+        self.replicas.len() > 1
+    }
+
+    /// The settings of replica `i` alone: its URL and its key; the other replicas are kept
+    /// without their keys (so no key can reach a server it was not configured for).
+    pub fn replica(&self, i: usize) -> Option<ServerConfig> {
+        let r = self.replicas.get(i)?;
+        Some(ServerConfig {
+            base_url: r.base_url.clone(),
+            api_key_env: r.api_key_env.clone(),
+            api_key: r.api_key.clone(),
+            replicas: self
+                .replicas
+                .iter()
+                .map(|o| ReplicaConfig {
+                    api_key: None,
+                    ..o.clone()
+                })
+                .collect(),
+            ..self.clone()
+        })
+    }
+}
+
 impl ModelConfig {
     /// The settings that decide what this model answers and how hard it may be driven, as one
     /// line of text without secrets (no API key, no key variable): what a worker compares with
@@ -123,7 +167,14 @@ impl ModelConfig {
         let part = match &self.part {
             ModelPart::Server(s) => format!(
                 "server base_url={} structured_output={:?} max_response_bytes={} prompts_per_request={:?}",
-                s.base_url, s.structured_output, s.max_response_bytes, s.prompts_per_request
+                s.replicas
+                    .iter()
+                    .map(|r| r.base_url.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                s.structured_output,
+                s.max_response_bytes,
+                s.prompts_per_request
             ),
             ModelPart::Local(l) => format!("local context_size={}", l.context_size),
         };
@@ -150,9 +201,10 @@ impl ModelConfig {
         }
     }
 
-    /// Whether this model can run in batch mode (an OpenAI-compatible chat model).
+    /// Whether this model can run in batch mode (an OpenAI-compatible chat model with one
+    /// server: a model with several replicas stays live under `--batch`).
     pub fn supports_batch(&self) -> bool {
-        self.kind == ProviderKind::Openai
+        self.kind == ProviderKind::Openai && self.server().is_none_or(|s| !s.replicated())
     }
 
     /// The prices its calls are charged at: the batch prices in batch mode.
@@ -226,6 +278,13 @@ pub(super) fn model_from_raw(
         ));
     }
     let batch = batch_from_raw(name, m.batch.as_ref(), prices, batch_prices)?;
+    let server = server_from_raw(name, &m, env)?;
+    if mode == ModelMode::Batch && server.replicated() {
+        return Err(format!(
+            "models.{name}: mode = \"batch\" sends to one server; give one base_url (the \
+             batch API is not spread over replicas)"
+        ));
+    }
     Ok(ModelConfig {
         mode,
         batch,
@@ -236,7 +295,7 @@ pub(super) fn model_from_raw(
         tpm,
         adaptive_concurrency: m.adaptive_concurrency.unwrap_or(true),
         prices,
-        part: ModelPart::Server(server_from_raw(name, &m, env)?),
+        part: ModelPart::Server(server),
         model: m.model,
     })
 }
@@ -263,6 +322,7 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
     let misplaced = m.server_keys();
     if [
         "base_url",
+        "replicas",
         "api_key_env",
         "prompts_per_request",
         "tokenizer",
@@ -284,22 +344,9 @@ fn server_from_raw(
     m: &RawModel,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ServerConfig, String> {
-    let base_url = match (&m.base_url, m.kind) {
-        (Some(u), _) => u.clone(),
-        (None, ProviderKind::Lamini) => "https://api.lamini.ai".to_string(),
-        (None, _) => {
-            return Err(format!(
-                "models.{name}.base_url is missing (e.g. \"https://api.openai.com/v1\" \
-                 or \"http://127.0.0.1:8000/v1\")"
-            ));
-        }
-    };
-    let url = reqwest::Url::parse(&base_url)
-        .map_err(|e| format!("models.{name}.base_url = {base_url:?} is not a valid URL ({e})"))?;
-    if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(format!(
-            "models.{name}.base_url must start with http:// or https://, got {base_url:?}"
-        ));
+    let urls = replica_urls(name, m)?;
+    for (url, _) in &urls {
+        check_url(name, url)?;
     }
     let prompts_per_request = match (m.kind, m.prompts_per_request) {
         (ProviderKind::Openai, Some(b)) if b != 1 => {
@@ -317,23 +364,37 @@ fn server_from_raw(
         (ProviderKind::OpenaiEmbeddings, b) => b.unwrap_or(64),
         (_, b) => b.unwrap_or(8),
     };
-    let api_key = match &m.api_key_env {
-        None => None,
-        Some(var) => match env(var) {
-            Some(v) if !v.is_empty() => Some(Secret::new(v)),
-            _ => {
-                return Err(format!(
-                    "models.{name}: environment variable {var} (api_key_env) is not set; \
-                     export it with the API key, or remove api_key_env for servers without \
-                     authentication"
-                ));
-            }
-        },
+    let mut replicas = Vec::with_capacity(urls.len());
+    for (url, var) in urls {
+        let base_url = url.trim_end_matches('/').to_string();
+        if replicas
+            .iter()
+            .any(|r: &ReplicaConfig| r.base_url == base_url)
+        {
+            return Err(format!(
+                "models.{name}: the replica {base_url:?} is listed twice"
+            ));
+        }
+        let var = var.or_else(|| m.api_key_env.clone());
+        let api_key = api_key(name, var.as_deref(), env)?;
+        replicas.push(ReplicaConfig {
+            base_url,
+            api_key_env: var,
+            api_key,
+        });
+    }
+    let first = replicas[0].clone();
+    let endpoint_id = if replicas.len() > 1 {
+        format!("replicas:{name}")
+    } else {
+        first.base_url.clone()
     };
     Ok(ServerConfig {
-        base_url: base_url.trim_end_matches('/').to_string(),
-        api_key_env: m.api_key_env.clone(),
-        api_key,
+        base_url: first.base_url,
+        api_key_env: first.api_key_env,
+        api_key: first.api_key,
+        replicas,
+        endpoint_id,
         timeout: Duration::from_millis(m.timeout_ms.unwrap_or(120_000)),
         connect_timeout: Duration::from_millis(m.connect_timeout_ms.unwrap_or(10_000)),
         structured_output: m.structured_output.unwrap_or_default(),
@@ -341,6 +402,67 @@ fn server_from_raw(
         prompts_per_request,
         tokenizer: m.tokenizer.clone(),
     })
+}
+
+/// The servers of a model as written, each with its own key variable if it names one:
+/// `base_url` (one URL or a list) or `replicas` (tables), not both.
+fn replica_urls(name: &str, m: &RawModel) -> Result<Vec<(String, Option<String>)>, String> {
+    let urls: Vec<(String, Option<String>)> = match (&m.base_url, &m.replicas, m.kind) {
+        (Some(_), Some(_), _) => {
+            return Err(format!(
+                "models.{name}: give base_url or replicas, not both"
+            ));
+        }
+        (Some(BaseUrls::One(u)), None, _) => vec![(u.clone(), None)],
+        (Some(BaseUrls::Many(us)), None, _) => us.iter().map(|u| (u.clone(), None)).collect(),
+        (None, Some(rs), _) => rs
+            .iter()
+            .map(|r| (r.base_url.clone(), r.api_key_env.clone()))
+            .collect(),
+        (None, None, ProviderKind::Lamini) => vec![("https://api.lamini.ai".to_string(), None)],
+        (None, None, _) => {
+            return Err(format!(
+                "models.{name}.base_url is missing (e.g. \"https://api.openai.com/v1\" \
+                 or \"http://127.0.0.1:8000/v1\")"
+            ));
+        }
+    };
+    if urls.is_empty() {
+        return Err(format!(
+            "models.{name}: the list of servers is empty; give at least one base_url"
+        ));
+    }
+    Ok(urls)
+}
+
+/// An http(s) URL.
+fn check_url(name: &str, base_url: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(base_url)
+        .map_err(|e| format!("models.{name}.base_url = {base_url:?} is not a valid URL ({e})"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!(
+            "models.{name}.base_url must start with http:// or https://, got {base_url:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The key held by the variable `var`, if one is named.
+fn api_key(
+    name: &str,
+    var: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, String> {
+    let Some(var) = var else {
+        return Ok(None);
+    };
+    match env(var) {
+        Some(v) if !v.is_empty() => Ok(Some(Secret::new(v))),
+        _ => Err(format!(
+            "models.{name}: environment variable {var} (api_key_env) is not set; export it \
+             with the API key, or remove api_key_env for servers without authentication"
+        )),
+    }
 }
 
 /// The prices of the keys `{pre}input_usd_per_mtok`, `{pre}output_usd_per_mtok` and

@@ -82,7 +82,8 @@ pub(super) struct RawModel {
     pub batch_cached_input_usd_per_mtok: Option<f64>,
     pub batch: Option<RawBatch>,
     // Servers only.
-    pub base_url: Option<String>,
+    pub base_url: Option<BaseUrls>,
+    pub replicas: Option<Vec<RawReplica>>,
     pub api_key_env: Option<String>,
     pub timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
@@ -102,6 +103,7 @@ impl RawModel {
     pub fn server_keys(&self) -> Vec<&'static str> {
         let set = [
             ("base_url", self.base_url.is_some()),
+            ("replicas", self.replicas.is_some()),
             ("api_key_env", self.api_key_env.is_some()),
             ("timeout_ms", self.timeout_ms.is_some()),
             ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
@@ -112,6 +114,25 @@ impl RawModel {
         ];
         set.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect()
     }
+}
+
+/// `base_url` as written: one URL, or the URLs of several replicas of the model.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a URL, or a list of the URLs of the model's replicas"
+)]
+pub(super) enum BaseUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One entry of `replicas = [{ base_url = "...", api_key_env = "..." }]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReplica {
+    pub base_url: String,
+    pub api_key_env: Option<String>,
 }
 
 /// `[models.NAME.batch]` as written.

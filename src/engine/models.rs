@@ -14,6 +14,7 @@ use crate::llm::estimate::{EstimateProvider, TokenCounter};
 use crate::llm::governor::{Governor, GovernorConfig};
 use crate::llm::lamini::LaminiProvider;
 use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
+use crate::llm::replicas::{Replica, ReplicaSet};
 use crate::llm::{Provider, SetupError};
 
 /// Who answers an engine's LLM calls.
@@ -120,6 +121,32 @@ fn batch_queue(
     Ok(Some((chat, Arc::new(queue))))
 }
 
+/// The replicas of model `m` when several servers serve it and `answers` are the models':
+/// each with its own provider (its URL and key, `pool` connections) and a governor of
+/// `1 / share` of the model's limits. (`sluice explain` sends nothing: it counts with the
+/// first replica's provider, whose cache identity is the model's.)
+fn replica_set(
+    config: &Config,
+    m: &ModelConfig,
+    answers: Answers,
+    (pool, share): (usize, usize),
+) -> Result<Option<Arc<ReplicaSet>>, SetupError> {
+    let ModelPart::Server(s) = &m.part else {
+        return Ok(None);
+    };
+    if !s.replicated() || m.mode == ModelMode::Batch || answers == Answers::Estimates {
+        return Ok(None);
+    }
+    let mut replicas = Vec::with_capacity(s.replicas.len());
+    for (i, r) in s.replicas.iter().enumerate() {
+        let mut one = m.clone();
+        one.part = ModelPart::Server(s.replica(i).unwrap_or_else(|| s.clone()));
+        let governor = Arc::new(Governor::new(live_governor(config, m, share)));
+        replicas.push(Replica::new(&r.base_url, provider(&one, pool)?, governor));
+    }
+    Ok(Some(Arc::new(ReplicaSet::new(&m.name, replicas))))
+}
+
 /// The governor of model `m` with `1 / share` of its limits (rounded down, at least 1).
 fn live_governor(config: &Config, m: &ModelConfig, share: usize) -> GovernorConfig {
     let share = share.max(1);
@@ -144,8 +171,18 @@ pub(super) fn shared_models(
         .iter()
         .filter_map(|(name, h)| {
             let m = config.models.get(name)?;
+            let governor = || Governor::new(live_governor(config, m, workers));
+            let replicas = h
+                .replicas
+                .as_ref()
+                .map(|r| Arc::new(r.with_governors(governor)));
+            let governor = match &replicas {
+                Some(r) => r.replicas()[0].governor.clone(),
+                None => Arc::new(governor()),
+            };
             let handle = ModelHandle {
-                governor: Arc::new(Governor::new(live_governor(config, m, workers))),
+                governor,
+                replicas,
                 ..h.clone()
             };
             Some((name.clone(), handle))
@@ -190,6 +227,7 @@ pub(super) fn build_models(
             Some((chat, queue)) => (chat, Some(queue)),
             None => (provider(m, pool).map_err(model_err)?, None),
         };
+        let replicas = replica_set(config, m, answers, (pool, share)).map_err(model_err)?;
         let (provider, governor): (Arc<dyn Provider>, _) = match answers {
             Answers::Estimates => {
                 // Nothing is sent: no pacing, the whole budget in flight.
@@ -212,11 +250,17 @@ pub(super) fn build_models(
             }
             (e, _) => e,
         };
+        // A replicated model's own provider and governor are its first replica's.
+        let (provider, governor) = match replicas.as_ref().map(|r| &r.replicas()[0]) {
+            Some(first) => (first.provider.clone(), first.governor.clone()),
+            None => (provider, Arc::new(Governor::new(governor))),
+        };
         out.handles.insert(
             name.clone(),
             ModelHandle {
                 provider,
-                governor: Arc::new(Governor::new(governor)),
+                governor,
+                replicas,
                 prices: m.effective_prices(),
                 batch,
                 embedder,

@@ -191,6 +191,9 @@ impl Engine {
     pub fn metrics(&self) -> MetricsSnapshot {
         let mut m = self.runtime.dispatcher.metrics().snapshot();
         for (name, h) in &self.runtime.models {
+            if let Some(r) = &h.replicas {
+                m.replicas.insert(name.clone(), r.snapshot());
+            }
             let g = &h.governor;
             m.models.insert(
                 name.clone(),

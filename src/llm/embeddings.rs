@@ -44,7 +44,7 @@ pub fn is_vector_schema(schema: Option<&OutputSchema>) -> bool {
 #[async_trait]
 impl Provider for EmbeddingsProvider {
     fn endpoint(&self) -> String {
-        format!("openai-embeddings:{}#{}", self.http.url(), self.model)
+        format!("openai-embeddings:{}#{}", self.http.identity(), self.model)
     }
 
     fn max_prompts_per_request(&self) -> usize {

@@ -17,6 +17,7 @@ use crate::types::{ErrorKind, LlmError, RateLimits};
 pub struct HttpEndpoint {
     client: reqwest::Client,
     url: String,
+    identity: String,
     api_key: Option<Secret>,
     api_key_env: Option<String>,
     max_body: usize,
@@ -34,9 +35,15 @@ impl HttpEndpoint {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| SetupError::HttpClient(e.to_string()))?;
+        // A replica's URL stands for the model's servers as a whole (`endpoint_id`).
+        let identity = match url.strip_prefix(&cfg.base_url) {
+            Some(path) => format!("{}{path}", cfg.endpoint_id),
+            None => url.clone(),
+        };
         Ok(HttpEndpoint {
             client,
             url,
+            identity,
             api_key: cfg.api_key.clone(),
             api_key_env: cfg.api_key_env.clone(),
             max_body: cfg.max_response_bytes,
@@ -46,6 +53,12 @@ impl HttpEndpoint {
     /// The URL requests go to.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// What the response cache knows this endpoint as: its URL, or for a replica the URL of
+    /// the model's servers as a whole (`replicas:NAME/...`), the same for every replica.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// POSTs `body` and returns the parsed JSON of a 200 answer with the rate limits its

@@ -157,7 +157,7 @@ impl LaminiProvider {
 #[async_trait]
 impl Provider for LaminiProvider {
     fn endpoint(&self) -> String {
-        format!("lamini:{}#{}", self.http.url(), self.model)
+        format!("lamini:{}#{}", self.http.identity(), self.model)
     }
 
     fn max_prompts_per_request(&self) -> usize {

@@ -17,10 +17,12 @@ pub(crate) mod limits;
 pub(crate) mod local;
 pub(crate) mod openai;
 pub(crate) mod provider;
+pub(crate) mod replicas;
 pub(crate) mod response;
 
 pub(crate) use dispatch::Dispatcher;
 pub use dispatch::{Metrics, MetricsSnapshot};
 pub use governor::LimitKind;
 pub use provider::{Provider, SetupError, complete_as_list};
+pub use replicas::ReplicaSnapshot;
 pub use response::{parse_response, preview};

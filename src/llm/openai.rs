@@ -135,7 +135,7 @@ fn text_field(choice: &Value, pointer: &str) -> Result<String, LlmError> {
 #[async_trait]
 impl Provider for OpenAiProvider {
     fn endpoint(&self) -> String {
-        format!("openai:{}#{}", self.http.url(), self.model)
+        format!("openai:{}#{}", self.http.identity(), self.model)
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
@@ -179,7 +179,7 @@ pub fn flat_prompt(req: &LlmRequest) -> String {
 #[async_trait]
 impl Provider for CompletionsProvider {
     fn endpoint(&self) -> String {
-        format!("openai-completions:{}#{}", self.http.url(), self.model)
+        format!("openai-completions:{}#{}", self.http.identity(), self.model)
     }
 
     fn max_prompts_per_request(&self) -> usize {

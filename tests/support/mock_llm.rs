@@ -261,6 +261,8 @@ struct State {
     buckets: Buckets,
     batches: batch_api::Store,
     prefix: PrefixCache,
+    /// Set by [`MockServer::stop`]: every connection closes.
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running server; dropping it stops accepting connections.
@@ -303,6 +305,7 @@ impl MockServer {
             buckets: Buckets::default(),
             batches: batch_api::Store::default(),
             prefix: PrefixCache::default(),
+            stopped: tokio::sync::watch::Sender::new(false),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -312,8 +315,12 @@ impl MockServer {
                 };
                 let _ = sock.set_nodelay(true);
                 let st = st.clone();
+                let mut stopped = st.stopped.subscribe();
                 tokio::spawn(async move {
-                    let _ = serve_connection(sock, st).await;
+                    tokio::select! {
+                        _ = serve_connection(sock, st) => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
@@ -343,6 +350,13 @@ impl MockServer {
     pub fn clone_stats_handle(&self) -> impl Fn() -> StatsSnapshot + Clone + Send + 'static {
         let state = self.state.clone();
         move || state.snapshot()
+    }
+
+    /// Stops the server as a crashed one: it accepts no more connections (they are refused)
+    /// and closes those it has, requests in flight unanswered.
+    pub fn stop(&self) {
+        self.accept.abort();
+        self.state.stopped.send_replace(true);
     }
 
     /// Zeroes the counters (per-prompt attempt counts too).

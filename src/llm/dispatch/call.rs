@@ -10,12 +10,14 @@ use crate::llm::Provider;
 use crate::llm::batch::BatchQueue;
 use crate::llm::estimate::LazyCounter;
 use crate::llm::governor::{Governor, Outcome};
+use crate::llm::replicas::{Replica, ReplicaSet};
 use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError};
 
 /// The result of one row's call: the validated value or the final error.
 pub(crate) type CallResult = Result<Arc<Value>, Arc<RowError>>;
 
-/// A model as the dispatcher sees it: a provider and the governor that paces it.
+/// A model as the dispatcher sees it: a provider and the governor that paces it, or (a model
+/// served by several replicas) a provider and governor per replica.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelHandle {
     /// The endpoint.
@@ -31,12 +33,25 @@ pub(crate) struct ModelHandle {
     pub embedder: Option<Arc<dyn Provider>>,
     /// Its tokenizer, for budgets counted in its tokens (an aggregate's `max_input_tokens`).
     pub tokens: Option<Arc<LazyCounter>>,
+    /// For a model served by several replicas: each with its provider and governor, and the
+    /// routing between them (`provider` and `governor` are then the first replica's).
+    pub replicas: Option<Arc<ReplicaSet>>,
 }
 
 impl ModelHandle {
     /// Whether functions of `kind = "embedding"` can use it.
     pub fn embeds(&self) -> bool {
         self.provider.embeds() || self.embedder.is_some()
+    }
+
+    /// The handle of one replica's attempts: its provider and governor.
+    pub fn on_replica(&self, r: &Replica) -> ModelHandle {
+        ModelHandle {
+            provider: r.provider.clone(),
+            governor: r.governor.clone(),
+            replicas: None,
+            ..self.clone()
+        }
     }
 
     /// The handle a function's calls go through: its embedder for an embedding function.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::llm::governor::LimitKind;
+use crate::llm::replicas::ReplicaSnapshot;
 use crate::types::ErrorKind;
 
 /// Latency histogram with logarithmic buckets (5% wide, from 50 µs), lock-free to record.
@@ -293,6 +294,8 @@ pub struct MetricsSnapshot {
     pub functions: BTreeMap<String, FunctionSnapshot>,
     /// Per model: what its governor learned.
     pub models: BTreeMap<String, ModelSnapshot>,
+    /// Per model served by several replicas: each replica's requests, failures and state.
+    pub replicas: BTreeMap<String, Vec<ReplicaSnapshot>>,
 }
 
 /// What a model's governor learned of the provider's limits.
@@ -310,6 +313,19 @@ pub struct ModelSnapshot {
 }
 
 impl MetricsSnapshot {
+    /// Model `name`'s part of the JSON: what its governor learned, and its replicas if it
+    /// has several.
+    fn model_json(&self, name: &str, m: &ModelSnapshot) -> Value {
+        let mut v = serde_json::json!({
+            "limit": m.limit, "pace_rps": m.pace_rps, "saturations": m.saturations,
+            "learned": m.kind.map(|k| k.to_string()),
+        });
+        if let Some(rs) = self.replicas.get(name) {
+            v["replicas"] = rs.iter().map(ReplicaSnapshot::to_json).collect();
+        }
+        v
+    }
+
     /// The snapshot as JSON.
     pub fn to_json(&self) -> Value {
         serde_json::json!({
@@ -320,10 +336,8 @@ impl MetricsSnapshot {
             "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
             "hedges": self.hedges,
             "retries": self.retries, "errors": self.errors,
-            "models": self.models.iter().map(|(k, m)| (k.clone(), serde_json::json!({
-                "limit": m.limit, "pace_rps": m.pace_rps, "saturations": m.saturations,
-                "learned": m.kind.map(|k| k.to_string()),
-            }))).collect::<serde_json::Map<_, _>>(),
+            "models": self.models.iter().map(|(k, m)| (k.clone(), self.model_json(k, m)))
+                .collect::<serde_json::Map<_, _>>(),
             "functions": self.functions.iter().map(|(k, f)| (k.clone(), f.to_json()))
                 .collect::<serde_json::Map<_, _>>(),
         })
@@ -386,6 +400,7 @@ impl Metrics {
             retries: names(&self.retries),
             errors: names(&self.errors),
             models: BTreeMap::new(),
+            replicas: BTreeMap::new(),
         }
     }
 

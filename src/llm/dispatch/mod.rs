@@ -25,6 +25,7 @@ mod lists;
 pub mod metrics;
 mod pack;
 mod retry;
+mod route;
 mod send;
 
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use futures::FutureExt;
 use super::call::{CallResult, ModelHandle};
 use super::inner::Inner;
 use super::metrics::{FunctionMetrics, Metrics};
+use super::route::routed;
 use crate::cache::{CachedResponse, RequestKey};
 use crate::llm::batch::BatchQueue;
 use crate::llm::parse_response;
@@ -68,7 +69,10 @@ impl Inner {
             _ if model.provider.max_prompts_per_request() > 1 => {
                 let _reservation = self.reserve_budget(model, req.estimated_usage())?;
                 let shared = (&self.global, &self.metrics, fm);
-                self.list_collectors.send(model, req, shared).await
+                routed(model, req, |m| async move {
+                    self.list_collectors.send(&m, req, shared).await
+                })
+                .await
             }
             _ => self.send_hedged(model, req, fm).await,
         };
@@ -137,8 +141,12 @@ impl Inner {
                             e.message, self.cfg.row_deadline
                         );
                     }
-                    let last =
-                        attempt >= self.cfg.max_attempts || !e.kind.is_retryable() || past_deadline;
+                    // A model whose replicas are all ejected fails its calls at once.
+                    let down = model.replicas.as_ref().is_some_and(|r| r.is_down());
+                    let last = attempt >= self.cfg.max_attempts
+                        || !e.kind.is_retryable()
+                        || past_deadline
+                        || down;
                     tracing::debug!(
                         function = %req.function, attempt, kind = %e.kind,
                         status = ?e.http_status, "attempt failed: {}", e.message

@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use super::call::{ModelHandle, error_outcome};
 use super::inner::Inner;
 use super::metrics::{FunctionMetrics, OnTheWire};
+use super::route::routed;
 use crate::llm::governor::Outcome;
 use crate::types::{LlmError, LlmRequest, LlmResponse};
 
@@ -24,6 +25,22 @@ impl Inner {
         let estimate = req.estimated_usage();
         let _reservation = self.reserve_budget(model, estimate)?;
         let estimate = estimate.prompt_tokens + estimate.completion_tokens;
+        routed(model, req, |m| async move {
+            self.send_on(&m, req, estimate, fm, sent).await
+        })
+        .await
+    }
+
+    /// [`Inner::send_one`] on one server of the model: its governor, the global budget, its
+    /// provider.
+    async fn send_on(
+        &self,
+        model: &ModelHandle,
+        req: &LlmRequest,
+        estimate: u64,
+        fm: &FunctionMetrics,
+        sent: &std::sync::OnceLock<Instant>,
+    ) -> Result<LlmResponse, LlmError> {
         // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
         // so that a paused model never holds permits other models could use.
         let admission = model.governor.admit(estimate).await;

@@ -41,6 +41,7 @@ fn model(provider: Arc<dyn Provider>, concurrency: usize) -> ModelHandle {
         batch: None,
         embedder: None,
         tokens: None,
+        replicas: None,
         provider,
         governor: Arc::new(Governor::new(GovernorConfig {
             max_concurrency: concurrency,
