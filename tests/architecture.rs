@@ -436,7 +436,10 @@ impl Tree {
             };
             let compact: String = code.split_whitespace().collect::<Vec<_>>().join(" ");
             for child in &children {
-                if compact.contains(&format!("#[cfg(test)] mod {child};")) {
+                let declared = ["", "pub(crate) ", "pub(super) ", "pub "]
+                    .iter()
+                    .any(|vis| compact.contains(&format!("#[cfg(test)] {vis}mod {child};")));
+                if declared {
                     let mut m = module.clone();
                     m.push(child.clone());
                     test_only.insert(m);
