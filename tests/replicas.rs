@@ -73,6 +73,16 @@ async fn flagship(engine: &Engine) -> (Result<String, String>, Vec<String>) {
     (printed, rows)
 }
 
+/// Runs the flagship on `e` and checks that it lost nothing: 42 rows written, 56 calls and no
+/// failed one; the run's metrics.
+async fn flagship_loses_nothing(e: &Engine) -> sluice::llm::MetricsSnapshot {
+    let (printed, got) = flagship(e).await;
+    assert!(printed.unwrap().contains("COPY 42 rows"));
+    assert_eq!(got.len(), 42);
+    let m = e.metrics();
+    assert_eq!((m.calls, m.failed), (56, 0), "{:?}", m.errors);
+    m
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flagship_over_three_replicas_matches_one_server_and_spreads_requests() {
     let single = mock(latency(5)).await;
@@ -168,11 +178,7 @@ async fn a_replica_answering_503_to_everything_is_routed_around() {
     ];
     let refs: Vec<&MockServer> = servers.iter().collect();
     let e = engine(&config_text(&url_list(&refs), 1, None), &|_| None);
-    let (printed, got) = flagship(&e).await;
-    assert!(printed.unwrap().contains("COPY 42 rows"));
-    assert_eq!(got.len(), 42);
-    let m = e.metrics();
-    assert_eq!((m.calls, m.failed), (56, 0), "{:?}", m.errors);
+    let m = flagship_loses_nothing(&e).await;
     let r = &m.replicas["default"][1];
     assert!(r.ejections >= 1, "{r:?}");
     assert_eq!(r.requests, r.failures, "{r:?}");
@@ -294,11 +300,7 @@ async fn a_hanging_replica_is_ejected_after_its_timeouts() {
             "backoff_max_ms = 50\nhedge_after_ms = 0",
         );
     let e = engine(&text, &|_| None);
-    let (printed, got) = flagship(&e).await;
-    assert!(printed.unwrap().contains("COPY 42 rows"));
-    assert_eq!(got.len(), 42);
-    let m = e.metrics();
-    assert_eq!((m.calls, m.failed), (56, 0), "{:?}", m.errors);
+    let m = flagship_loses_nothing(&e).await;
     let r = &m.replicas["default"][2];
     assert!(r.ejections >= 1 && r.failures >= 3, "{r:?}");
     assert_eq!(servers[2].stats().ok, 0);
@@ -318,11 +320,7 @@ async fn list_prompts_go_around_a_dead_replica() {
         "kind = \"openai_completions\"\nprompts_per_request = 4",
     );
     let e = engine(&text, &|_| None);
-    let (printed, got) = flagship(&e).await;
-    assert!(printed.unwrap().contains("COPY 42 rows"));
-    assert_eq!(got.len(), 42);
-    let m = e.metrics();
-    assert_eq!((m.calls, m.failed), (56, 0), "{:?}", m.errors);
+    let m = flagship_loses_nothing(&e).await;
     assert_eq!(m.replicas["default"][0].state, "ejected");
     let prompts: u64 = servers[1..].iter().map(|s| s.stats().ok).sum();
     assert_eq!(prompts, 56);
