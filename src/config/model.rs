@@ -116,6 +116,9 @@ pub struct ServerConfig {
     /// a GGUF file whose vocabulary to use; default: the encoding OpenAI uses for the model,
     /// else `o200k_base`.
     pub tokenizer: Option<String>,
+    /// Whether a prompt that shares a long prefix with one on the wire waits for it to be
+    /// answered, so the server computes the prefix once (default true).
+    pub share_prefixes: bool,
 }
 
 /// What only the embedded local model has.
@@ -326,6 +329,7 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
         "api_key_env",
         "prompts_per_request",
         "tokenizer",
+        "share_prefixes",
     ]
     .iter()
     .any(|k| misplaced.contains(k))
@@ -333,7 +337,8 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
         return Err(format!(
             "models.{name}: a local model takes model (the GGUF path), concurrency (rows \
              decoded together) and context_size, and counts tokens with its own vocabulary; \
-             base_url, api_key_env, prompts_per_request and tokenizer belong to servers"
+             base_url, api_key_env, prompts_per_request, tokenizer and share_prefixes belong \
+             to servers"
         ));
     }
     Ok(lm)
@@ -401,6 +406,7 @@ fn server_from_raw(
         max_response_bytes: m.max_response_bytes.unwrap_or(16 << 20),
         prompts_per_request,
         tokenizer: m.tokenizer.clone(),
+        share_prefixes: m.share_prefixes.unwrap_or(true),
     })
 }
 

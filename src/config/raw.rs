@@ -94,6 +94,7 @@ pub(super) struct RawModel {
     #[serde(rename = "batch_size")]
     pub renamed_batch_size: Option<serde::de::IgnoredAny>,
     pub tokenizer: Option<String>,
+    pub share_prefixes: Option<bool>,
     // The local model only.
     pub context_size: Option<u32>,
 }
@@ -111,6 +112,7 @@ impl RawModel {
             ("max_response_bytes", self.max_response_bytes.is_some()),
             ("prompts_per_request", self.prompts_per_request.is_some()),
             ("tokenizer", self.tokenizer.is_some()),
+            ("share_prefixes", self.share_prefixes.is_some()),
         ];
         set.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect()
     }

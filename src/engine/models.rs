@@ -9,7 +9,7 @@ use super::error::EngineError;
 use crate::cache::ResponseCache;
 use crate::config::{Config, ModelConfig, ModelMode, ModelPart, ProviderKind};
 use crate::llm::batch::{BatchApi, BatchQueue};
-use crate::llm::dispatch::ModelHandle;
+use crate::llm::dispatch::{ModelHandle, PrefixOrder};
 use crate::llm::estimate::{EstimateProvider, TokenCounter};
 use crate::llm::governor::{Governor, GovernorConfig};
 use crate::llm::lamini::LaminiProvider;
@@ -250,6 +250,13 @@ pub(super) fn build_models(
             }
             (e, _) => e,
         };
+        // Live requests to a server feed its prompt cache in order (`share_prefixes`).
+        let prefixes = match (&m.part, answers, &batch) {
+            (ModelPart::Server(s), Answers::Models, None) if s.share_prefixes => {
+                Some(Arc::new(PrefixOrder::default()))
+            }
+            _ => None,
+        };
         // A replicated model's own provider and governor are its first replica's.
         let (provider, governor) = match replicas.as_ref().map(|r| &r.replicas()[0]) {
             Some(first) => (first.provider.clone(), first.governor.clone()),
@@ -261,6 +268,7 @@ pub(super) fn build_models(
                 provider,
                 governor,
                 replicas,
+                prefixes,
                 prices: m.effective_prices(),
                 batch,
                 embedder,

@@ -16,6 +16,7 @@ pub(crate) mod limits;
 #[cfg(feature = "local")]
 pub(crate) mod local;
 pub(crate) mod openai;
+pub(crate) mod prefix;
 pub(crate) mod provider;
 pub(crate) mod replicas;
 pub(crate) mod response;

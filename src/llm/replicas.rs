@@ -2,10 +2,14 @@
 //! each has its own learned limits, and the model's capacity is theirs together.
 //!
 //! **Routing.** Each attempt goes to one replica, chosen by [`ReplicaSet::pick`] from the
-//! request: the replica its prompt's opening prefers (a hash of the first
-//! [`AFFINITY_CHARS`] characters, so prompts that open alike meet the same server's prefix
-//! cache), unless that replica's load is over [`AFFINITY_SLACK`] times the mean; otherwise the
-//! least loaded. A replica's load is its outstanding attempts (routed to it and not yet done)
+//! request, with prefix affinity: the set remembers which replicas were sent which prompt
+//! prefixes (the blocks of [`crate::llm::prefix`], the most recent [`ROUTE_MEMORY`]), and an
+//! attempt goes to the least loaded of the replicas sent the longest prefix of its prompt —
+//! the ones whose prefix caches most likely hold it — unless that replica's load is over
+//! [`AFFINITY_SLACK`] times the mean; otherwise (or when no replica was sent any of it) to the
+//! least loaded. Prompts that share only what every replica was sent (a function's fixed
+//! instructions) are so spread by load, and siblings that share a passage meet where it was
+//! computed. A replica's load is its outstanding attempts (routed to it and not yet done)
 //! over its governor's in-flight limit.
 //!
 //! **Ejection.** A replica whose server refuses connections, resets them, times out or
@@ -15,7 +19,7 @@
 //! one attempt probes it; an answer puts it back. With every replica ejected the model is
 //! down: [`ReplicaSet::pick`] answers one systemic error naming them.
 
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::governor::Governor;
+use super::prefix::prefix_blocks;
 use super::provider::Provider;
 use crate::types::{ErrorKind, LlmError, LlmRequest};
 
@@ -33,8 +38,8 @@ pub(crate) const EJECT_AFTER: u32 = 3;
 pub(crate) const PROBE_FIRST: Duration = Duration::from_secs(1);
 /// The longest rest between probes.
 pub(crate) const PROBE_MAX: Duration = Duration::from_secs(60);
-/// Characters of the prompt's opening whose hash names the preferred replica.
-pub(crate) const AFFINITY_CHARS: usize = 256;
+/// Prefix blocks whose replicas the routing remembers.
+pub(crate) const ROUTE_MEMORY: usize = 1 << 18;
 /// The preferred replica is passed over when its load exceeds the mean load this many times.
 pub(crate) const AFFINITY_SLACK: f64 = 1.25;
 
@@ -198,6 +203,7 @@ pub(crate) struct ReplicaSet {
     /// The model's name (for messages).
     model: String,
     replicas: Vec<Replica>,
+    holders: Mutex<Holders>,
 }
 
 /// What [`ReplicaSet::pick`] found.
@@ -292,16 +298,44 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// Which of `n` replicas a prompt's opening prefers.
-fn preferred(req: &LlmRequest, n: usize) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    req.prompt.system.hash(&mut h);
-    req.prompt
-        .user
-        .chars()
-        .take(AFFINITY_CHARS)
-        .for_each(|c| c.hash(&mut h));
-    (h.finish() % n.max(1) as u64) as usize
+/// Which replicas were sent which prefix blocks: a block → a mask of replicas (bit `i % 64`
+/// for replica `i`), the oldest blocks forgotten beyond [`ROUTE_MEMORY`].
+#[derive(Debug, Default)]
+struct Holders {
+    masks: HashMap<u64, u64>,
+    order: VecDeque<u64>,
+}
+
+fn bit(i: usize) -> u64 {
+    1 << (i % 64)
+}
+
+impl Holders {
+    /// The replicas sent the longest prefix of `blocks` among those `eligible` (a mask).
+    fn deepest(&self, blocks: &[u64], eligible: u64) -> u64 {
+        blocks
+            .iter()
+            .rev()
+            .map(|b| self.masks.get(b).copied().unwrap_or(0) & eligible)
+            .find(|m| *m != 0)
+            .unwrap_or(0)
+    }
+
+    /// Remembers that replica `i` was sent `blocks`.
+    fn record(&mut self, blocks: &[u64], i: usize) {
+        for b in blocks {
+            let mask = self.masks.entry(*b).or_insert_with(|| {
+                self.order.push_back(*b);
+                0
+            });
+            *mask |= bit(i);
+        }
+        while self.order.len() > ROUTE_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.masks.remove(&old);
+            }
+        }
+    }
 }
 
 impl ReplicaSet {
@@ -310,6 +344,7 @@ impl ReplicaSet {
         ReplicaSet {
             model: model.to_string(),
             replicas,
+            holders: Mutex::default(),
         }
     }
 
@@ -347,9 +382,9 @@ impl ReplicaSet {
     }
 
     /// The replica for an attempt of `req` that has not been to those in `tried`: a replica
-    /// due for a probe, else the one the prompt prefers unless it is loaded over
-    /// [`AFFINITY_SLACK`] times the mean, else the least loaded. With every replica ejected,
-    /// the systemic error that names them.
+    /// due for a probe, else the least loaded of those sent the longest prefix of its prompt
+    /// unless it is loaded over [`AFFINITY_SLACK`] times the mean, else the least loaded. With
+    /// every replica ejected, the systemic error that names them.
     pub fn pick(&self, req: &LlmRequest, tried: &[usize]) -> Result<Pick<'_>, LlmError> {
         let now = Instant::now();
         let mut up = Vec::with_capacity(self.replicas.len());
@@ -379,19 +414,28 @@ impl ReplicaSet {
             return Ok(Pick::AllTried);
         }
         let mean = up.iter().map(|(_, l)| l).sum::<f64>() / up.len() as f64;
-        let want = preferred(req, self.replicas.len());
-        if let Some(&(i, load)) = up.iter().find(|(i, _)| *i == want)
-            && load <= mean * AFFINITY_SLACK
-        {
-            return Ok(Pick::To(self.lease(i, false)));
-        }
-        let least = up.iter().map(|(_, l)| *l).fold(f64::INFINITY, f64::min);
-        let ties: Vec<usize> = up
-            .iter()
-            .filter(|(_, l)| *l <= least)
-            .map(|(i, _)| *i)
-            .collect();
-        let i = ties[fastrand::usize(..ties.len())];
+        let blocks = prefix_blocks(req);
+        let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        let eligible = up.iter().fold(0, |m, (i, _)| m | bit(*i));
+        let held = holders.deepest(&blocks, eligible);
+        let least_of = |among: &mut dyn Iterator<Item = &(usize, f64)>| {
+            let among: Vec<(usize, f64)> = among.copied().collect();
+            let least = among.iter().map(|(_, l)| *l).fold(f64::INFINITY, f64::min);
+            let ties: Vec<usize> = among
+                .iter()
+                .filter(|(_, l)| *l <= least)
+                .map(|(i, _)| *i)
+                .collect();
+            (!ties.is_empty()).then(|| (ties[fastrand::usize(..ties.len())], least))
+        };
+        let preferred = least_of(&mut up.iter().filter(|(i, _)| held & bit(*i) != 0))
+            .filter(|(_, load)| *load <= mean * AFFINITY_SLACK);
+        let (i, _) = match preferred {
+            Some(p) => p,
+            None => least_of(&mut up.iter()).unwrap_or((up[0].0, 0.0)),
+        };
+        holders.record(&blocks, i);
+        drop(holders);
         Ok(Pick::To(self.lease(i, false)))
     }
 
@@ -539,10 +583,42 @@ mod tests {
         assert_eq!(s.lease(0, false).report(Err(&invalid)), Verdict::Stands);
     }
 
+    /// A prompt: `n`'s passage (1,000 bytes) after a fixed 300-byte instruction, then `q`.
+    fn ask(n: usize, q: &str) -> LlmRequest {
+        let passage = format!("passage {n} ").repeat(100);
+        req(&format!("{}{passage}{q}", "i".repeat(300)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn siblings_meet_where_their_passage_went_and_new_passages_spread_by_load() {
+        let s = set(4);
+        // Four passages in flight: one per replica (all were sent the instruction only).
+        let leases: Vec<Lease<'_>> = (0..4)
+            .map(|n| match s.pick(&ask(n, "Q1"), &[]).unwrap() {
+                Pick::To(l) => l,
+                Pick::AllTried => unreachable!(),
+            })
+            .collect();
+        let mut firsts: Vec<usize> = leases.iter().map(Lease::index).collect();
+        firsts.sort();
+        assert_eq!(firsts, [0, 1, 2, 3], "spread by load");
+        drop(leases);
+        for n in 0..4 {
+            let first = {
+                let holders = s.holders.lock().unwrap();
+                holders.deepest(&prefix_blocks(&ask(n, "Q1")), u64::MAX)
+            };
+            for q in ["Q2", "Q3"] {
+                let to = route(&s, &ask(n, q), &[]).unwrap();
+                assert_eq!(bit(to), first, "passage {n} {q} goes where passage {n} went");
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_preferred_replica_unless_loaded_over_the_mean() {
         let s = set(3);
-        let r = req("the same opening");
+        let r = ask(1, "the same opening");
         let want = route(&s, &r, &[]).unwrap();
         for _ in 0..5 {
             assert_eq!(route(&s, &r, &[]), Some(want), "idle: the preferred one");

@@ -748,8 +748,13 @@ async fn serve_llm(
     };
     let attempt = next_attempt(st, &prompts);
     let (fault, mut rng) = draw_fault(cfg, &prompts, attempt);
-    // The prefix held when the request arrives; what it computes is held once it is answered.
+    // The prefix held when the request arrives; what it computes is held once it is answered
+    // (or, with a compute-bound prefill, once computed).
     let prefill = Prefill::lookup(st, proto, &prompts);
+    let computed = match &prefill {
+        Some(p) => p.compute(st, fault).await,
+        None => None,
+    };
     let jitter = if cfg.jitter.is_zero() {
         Duration::ZERO
     } else {
@@ -757,7 +762,7 @@ async fn serve_llm(
     };
     let delay = cfg.latency + jitter;
     if !delay.is_zero() {
-        clock::sleep_until(received + delay).await;
+        clock::sleep_until(computed.unwrap_or(received) + delay).await;
     }
     let mut answer = Answer::new(proto, &parsed, &prompts, listed);
     answer.cached_tokens = prefill.as_ref().map(|p| p.cached);
@@ -789,6 +794,8 @@ async fn serve_llm(
 struct Prefill {
     blocks: Vec<Vec<u64>>,
     cached: u64,
+    /// Its prompts' tokens as the cache counts them.
+    tokens: u64,
 }
 
 impl Prefill {
@@ -803,11 +810,38 @@ impl Prefill {
             .iter()
             .map(|p| prefix_cache::block_hashes(&cache_tokens(&st.cfg, p), cfg.block_tokens))
             .collect();
+        let tokens = prompts
+            .iter()
+            .map(|p| cache_tokens(&st.cfg, p).len() as u64)
+            .sum();
         let hits: usize = blocks.iter().map(|b| st.prefix.lookup(b)).sum();
         Some(Prefill {
             cached: (hits * cfg.block_tokens) as u64,
             blocks,
+            tokens,
         })
+    }
+
+    /// With a compute-bound prefill: waits until the tokens the cache did not hold are
+    /// computed (after those of the requests that came before), holds the blocks of a request
+    /// that will be answered in full, and says when that was. None without one.
+    async fn compute(&self, st: &State, fault: Option<Fault>) -> Option<Instant> {
+        let cfg = st.cfg.prefix_cache.as_ref()?;
+        let rate = cfg.prefill_tokens_per_s?;
+        let done = st
+            .prefix
+            .schedule_prefill(self.tokens.saturating_sub(self.cached), rate);
+        clock::sleep_until(done).await;
+        let answered = matches!(
+            fault,
+            None | Some(Fault::InvalidSchema | Fault::FinishLength | Fault::WrongCount)
+        );
+        if answered {
+            for b in &self.blocks {
+                st.prefix.insert(b, cfg.capacity_blocks);
+            }
+        }
+        Some(done)
     }
 
     /// Counts the prompt tokens of an answered request (`body`) as computed or cached, and

@@ -17,6 +17,11 @@ pub struct PrefixCacheConfig {
     pub block_tokens: usize,
     /// Blocks the cache holds; beyond it the least recently used are evicted.
     pub capacity_blocks: usize,
+    /// A compute-bound prefill: the prompt tokens a request does not find in the cache are
+    /// computed at this rate, one request at a time in arrival order (the server's one
+    /// accelerator); its blocks are held once computed, and its answer follows after the
+    /// server's latency. None: prefill takes no time, blocks are held once answered.
+    pub prefill_tokens_per_s: Option<f64>,
 }
 
 impl Default for PrefixCacheConfig {
@@ -24,6 +29,7 @@ impl Default for PrefixCacheConfig {
         PrefixCacheConfig {
             block_tokens: 16,
             capacity_blocks: 4096,
+            prefill_tokens_per_s: None,
         }
     }
 }
@@ -32,6 +38,8 @@ impl Default for PrefixCacheConfig {
 #[derive(Debug, Default)]
 pub(super) struct PrefixCache {
     held: Mutex<Held>,
+    /// With a compute-bound prefill: when the accelerator is free again.
+    busy_until: Mutex<Option<std::time::Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +103,17 @@ impl PrefixCache {
             };
             held.last_use.remove(&oldest);
         }
+    }
+
+    /// When a request arriving now with `computed` tokens to compute at `rate` tokens/s has
+    /// them computed: after every request that arrived before it (one accelerator, in order).
+    pub(super) fn schedule_prefill(&self, computed: u64, rate: f64) -> std::time::Instant {
+        let mut busy = self.busy_until.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let start = busy.map_or(now, |b| b.max(now));
+        let done = start + std::time::Duration::from_secs_f64(computed as f64 / rate.max(1.0));
+        *busy = Some(done);
+        done
     }
 
     /// Blocks held now.

@@ -11,6 +11,8 @@ use crate::llm::batch::BatchQueue;
 use crate::llm::estimate::LazyCounter;
 use crate::llm::governor::{Governor, Outcome};
 use crate::llm::replicas::{Replica, ReplicaSet};
+
+use super::order::PrefixOrder;
 use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError};
 
 /// The result of one row's call: the validated value or the final error.
@@ -36,6 +38,9 @@ pub(crate) struct ModelHandle {
     /// For a model served by several replicas: each with its provider and governor, and the
     /// routing between them (`provider` and `governor` are then the first replica's).
     pub replicas: Option<Arc<ReplicaSet>>,
+    /// For a server whose prompt cache is fed in order (`share_prefixes`): which of its
+    /// prompts on the wire lead which prefixes.
+    pub prefixes: Option<Arc<PrefixOrder>>,
 }
 
 impl ModelHandle {

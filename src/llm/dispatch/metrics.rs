@@ -94,6 +94,9 @@ pub struct FunctionMetrics {
     pub max_in_flight: AtomicU64,
     /// Requests sent a second time because the first had not answered (hedges).
     pub hedges: AtomicU64,
+    /// Calls that waited for an earlier call sharing a long prefix of their prompt to be
+    /// answered, so that the server computes that prefix once.
+    pub prefix_waits: AtomicU64,
     /// The adaptive hedging threshold in µs (0: not known yet), and the requests count when
     /// it was computed (it is recomputed every [`HEDGE_REFRESH`] requests, not per request).
     pub(crate) hedge_after_us: AtomicU64,
@@ -137,6 +140,7 @@ impl FunctionMetrics {
             tokens_cached: load(&self.tokens_cached),
             max_in_flight: load(&self.max_in_flight),
             hedges: load(&self.hedges),
+            prefix_waits: load(&self.prefix_waits),
             latency_ms: LatencySnapshot {
                 p50: q(0.5),
                 p95: q(0.95),
@@ -182,6 +186,8 @@ pub struct FunctionSnapshot {
     pub max_in_flight: u64,
     /// Requests sent a second time because the first had not answered.
     pub hedges: u64,
+    /// Calls that waited for an earlier call sharing a long prefix of their prompt.
+    pub prefix_waits: u64,
     /// Latency of the requests on the wire.
     pub latency_ms: LatencySnapshot,
     /// Retries by the failure that caused them.
@@ -205,6 +211,7 @@ impl FunctionSnapshot {
             "tokens_cached": self.tokens_cached,
             "max_in_flight": self.max_in_flight,
             "hedges": self.hedges,
+            "prefix_waits": self.prefix_waits,
             "latency_ms": {"p50": l.p50, "p95": l.p95, "p99": l.p99},
             "retries": self.retries,
             "errors": self.errors,

@@ -23,6 +23,7 @@ mod hedge;
 mod inner;
 mod lists;
 pub mod metrics;
+mod order;
 mod pack;
 mod retry;
 mod route;
@@ -40,6 +41,7 @@ use crate::types::RenderedPrompt;
 use crate::types::{ErrorKind, LlmRequest, RowError};
 
 pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer};
+pub(crate) use order::PrefixOrder;
 use inner::Inner;
 
 pub use metrics::{

@@ -20,6 +20,21 @@ use crate::llm::batch::BatchQueue;
 use crate::llm::parse_response;
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse, RowError};
 
+/// The longest a prompt waits for the leader of its prefix: four times the function's median
+/// latency (within [`PREFIX_WAIT_MIN`], [`PREFIX_WAIT_MAX`]), [`PREFIX_WAIT_MAX`] before a
+/// latency is known.
+fn prefix_wait(fm: &FunctionMetrics) -> Duration {
+    fm.latency
+        .quantile_ms(0.5)
+        .and_then(|ms| Duration::try_from_secs_f64(ms * 4.0 / 1000.0).ok())
+        .map_or(PREFIX_WAIT_MAX, |d| d.clamp(PREFIX_WAIT_MIN, PREFIX_WAIT_MAX))
+}
+
+/// The shortest bound of a prompt's wait for the leader of its prefix.
+const PREFIX_WAIT_MIN: Duration = Duration::from_millis(250);
+/// The longest.
+const PREFIX_WAIT_MAX: Duration = Duration::from_secs(10);
+
 impl Inner {
     /// How long to wait before attempt `attempt + 1` after `e`: the server's Retry-After
     /// (capped at `backoff_max_ms`), else the backoff.
@@ -74,7 +89,20 @@ impl Inner {
                 })
                 .await
             }
-            _ => self.send_hedged(model, req, fm).await,
+            _ => {
+                // A prompt sharing a long prefix with one on the wire waits for it (`order`).
+                let _turn = match &model.prefixes {
+                    Some(order) => {
+                        let turn = order.turn(req, prefix_wait(fm)).await;
+                        if turn.followed() {
+                            fm.prefix_waits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(turn)
+                    }
+                    None => None,
+                };
+                self.send_hedged(model, req, fm).await
+            }
         };
         let m = &self.metrics;
         let resp = result?;

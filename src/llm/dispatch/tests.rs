@@ -42,6 +42,7 @@ fn model(provider: Arc<dyn Provider>, concurrency: usize) -> ModelHandle {
         embedder: None,
         tokens: None,
         replicas: None,
+        prefixes: None,
         provider,
         governor: Arc::new(Governor::new(GovernorConfig {
             max_concurrency: concurrency,

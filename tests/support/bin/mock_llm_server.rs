@@ -16,7 +16,7 @@ const USAGE: &str = "usage: sluice-mock-llm [--port N] [--latency-ms N] [--jitte
   [--retry-after-ms N] [--hang-ms N] [--api-key-env NAME] [--tiktoken-usage]
   [--max-in-flight N] [--rpm N] [--tpm N] [--burst-secs S] [--no-rate-headers]
   [--batch-time-ms N] [--no-batch-api] [--batch-fail-jobs N] [--batch-expire-jobs N]
-  [--prefix-cache-blocks N]
+  [--prefix-cache-blocks N] [--prefill-tokens-per-s N]
 P is a probability per request (0..1). --max-in-flight, --rpm and --tpm are limits that answer
 429 with Retry-After beyond them (retry-after-ms for the cap); buckets hold --burst-secs of
 refill (default 1); x-ratelimit-* headers go on every answer unless --no-rate-headers.
@@ -24,7 +24,9 @@ The Files and Batches API (/v1/files, /v1/batches) finishes a job --batch-time-m
 creation (default 300); the first --batch-fail-jobs jobs fail, the next --batch-expire-jobs
 expire with half their lines done; --no-batch-api answers 404 there.
 --prefix-cache-blocks keeps a prefix cache of N blocks of 16 tokens (as vLLM's automatic prefix
-caching) and reports usage.prompt_tokens_details.cached_tokens.";
+caching) and reports usage.prompt_tokens_details.cached_tokens; with --prefill-tokens-per-s the
+tokens a request does not find there are computed at that rate, one request at a time in
+arrival order, before its --latency-ms.";
 
 fn parse_args() -> Result<(MockConfig, u16), String> {
     let mut cfg = MockConfig::default();
@@ -82,10 +84,15 @@ fn parse_args() -> Result<(MockConfig, u16), String> {
             "--batch-fail-jobs" => cfg.batch.fail_jobs = num(&value)?,
             "--batch-expire-jobs" => cfg.batch.expire_jobs = num(&value)?,
             "--prefix-cache-blocks" => {
-                cfg.prefix_cache = Some(mock_llm::PrefixCacheConfig {
-                    capacity_blocks: num(&value)? as usize,
-                    ..Default::default()
-                })
+                cfg.prefix_cache
+                    .get_or_insert_with(Default::default)
+                    .capacity_blocks = num(&value)? as usize;
+            }
+            "--prefill-tokens-per-s" => {
+                let rate = num(&value)? as f64;
+                cfg.prefix_cache
+                    .get_or_insert_with(Default::default)
+                    .prefill_tokens_per_s = Some(rate);
             }
             "--burst-secs" => {
                 cfg.limits.burst_secs = value

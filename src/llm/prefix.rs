@@ -1,0 +1,68 @@
+//! The prefixes of a prompt, as the dispatcher and the replicas' routing see them: its text
+//! (the system text, a separator, the user text) cut into blocks of [`BLOCK_BYTES`] bytes, each
+//! named by a hash of its bytes and of the block before it, so a block's hash stands for the
+//! whole prefix up to its end (as an inference server's prefix cache names its blocks of
+//! tokens). Two prompts share their first `n` blocks exactly when their texts share the first
+//! `n × BLOCK_BYTES` bytes (up to a hash collision, which costs a misrouted request, never a
+//! wrong answer).
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use crate::types::LlmRequest;
+
+/// Bytes of prompt text per block.
+pub(crate) const BLOCK_BYTES: usize = 64;
+
+/// The hashes of the full blocks of `req`'s prompt, each chained to the one before it.
+pub(crate) fn prefix_blocks(req: &LlmRequest) -> Vec<u64> {
+    let system = req.prompt.system.as_deref().unwrap_or("");
+    let mut text = Vec::with_capacity(system.len() + 1 + req.prompt.user.len());
+    text.extend_from_slice(system.as_bytes());
+    // The system text and the user text are separate messages: "ab" + "c" is not "a" + "bc".
+    text.push(0x1f);
+    text.extend_from_slice(req.prompt.user.as_bytes());
+    let mut prev = 0u64;
+    text.chunks_exact(BLOCK_BYTES)
+        .map(|block| {
+            let mut h = DefaultHasher::new();
+            (prev, block).hash(&mut h);
+            prev = h.finish();
+            prev
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::RenderedPrompt;
+
+    fn req(system: Option<&str>, user: &str) -> LlmRequest {
+        LlmRequest {
+            function: "f".into(),
+            prompt: RenderedPrompt {
+                system: system.map(str::to_string),
+                user: user.into(),
+            },
+            max_tokens: None,
+            temperature: None,
+            schema: None,
+        }
+    }
+
+    #[test]
+    fn prompts_share_exactly_the_blocks_of_their_common_opening() {
+        let passage = "p".repeat(300);
+        let a = prefix_blocks(&req(Some("sys"), &format!("{passage} question one?")));
+        let b = prefix_blocks(&req(Some("sys"), &format!("{passage} another question?")));
+        // 4 + 301 bytes in common: 4 full blocks of 64.
+        let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        assert_eq!(common, (4 + 301) / BLOCK_BYTES);
+        assert_eq!(a.len(), (4 + 300 + 14) / BLOCK_BYTES, "only full blocks");
+        let other_system = prefix_blocks(&req(Some("sys2"), &format!("{passage} question one?")));
+        assert_ne!(a[0], other_system[0]);
+        let moved = prefix_blocks(&req(Some("sy"), &format!("s{passage} question one?")));
+        assert_ne!(a[0], moved[0], "the separator keeps system and user apart");
+        assert!(prefix_blocks(&req(None, "short")).is_empty());
+    }
+}
