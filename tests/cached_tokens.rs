@@ -1,7 +1,8 @@
 //! Cached prompt tokens end to end on real HTTP: the test server's prefix cache reports the
 //! prompt tokens it held (`usage.prompt_tokens_details.cached_tokens`), sluice counts them per
 //! run and per function, prices them at `cached_input_usd_per_mtok`, and shows them in the
-//! summary and `--metrics-json`; odd counts from a server are clamped or read as 0.
+//! summary and `--metrics-json`; odd counts from a server are clamped or read as 0. Prompts
+//! that share a passage are sent so that the server computes it once (`share_prefixes`).
 
 mod support;
 
@@ -97,6 +98,50 @@ async fn flagship_counts_and_prices_the_prompt_tokens_the_server_held() {
     let summary = sluice::cli::format_summary(&m);
     assert!(summary.contains(" cached) / "), "{summary}");
     assert!(summary.contains("; cost $"), "{summary}");
+}
+
+/// The flagship with 16 requests in flight against a server that looks its prefix cache up
+/// when a request arrives and answers in 20 ms: the answer stage's metrics and the server's.
+async fn answers_in_parallel(
+    share_prefixes: bool,
+) -> (sluice::llm::dispatch::FunctionSnapshot, u64) {
+    let server = mock(MockConfig {
+        latency: std::time::Duration::from_millis(20),
+        ..prefix_cached()
+    })
+    .await;
+    let text =
+        config_text(&server.base_url(), 2, 16) + &format!("share_prefixes = {share_prefixes}\n");
+    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).expect("parses");
+    cfg.udf_dir = repo().join("udfs");
+    let engine = Engine::new(&cfg).expect("engine starts");
+    run_flagship(&engine).await;
+    let m = engine.metrics();
+    assert_eq!((m.requests, m.failed), (56, 0));
+    assert_eq!(m.tokens_cached, server.stats().prefill_cached);
+    (
+        m.functions["answer_question"].clone(),
+        m.functions["generate_questions"].prefix_waits,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siblings_wait_for_the_first_answer_to_their_passage_and_find_it_cached() {
+    let (ordered, gq_waits) = answers_in_parallel(true).await;
+    let (at_once, _) = answers_in_parallel(false).await;
+    // 14 passages, 3 questions each: the first answer to each passage goes at once, the other
+    // two wait for it; question prompts share no passage and never wait.
+    assert_eq!(
+        (ordered.prefix_waits, gq_waits, at_once.prefix_waits),
+        (28, 0, 0)
+    );
+    // Sent at once, the siblings arrive before the passage is computed: the server holds
+    // only the shared instructions. In order, 28 of 42 answers find their passage.
+    let share =
+        |f: &sluice::llm::dispatch::FunctionSnapshot| f.tokens_cached as f64 / f.tokens_in as f64;
+    assert!(share(&at_once) < 0.1, "{at_once:?}");
+    assert!(share(&ordered) > 0.5, "{ordered:?}");
+    assert_eq!(ordered.tokens_in, at_once.tokens_in);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

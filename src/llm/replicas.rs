@@ -610,7 +610,11 @@ mod tests {
             };
             for q in ["Q2", "Q3"] {
                 let to = route(&s, &ask(n, q), &[]).unwrap();
-                assert_eq!(bit(to), first, "passage {n} {q} goes where passage {n} went");
+                assert_eq!(
+                    bit(to),
+                    first,
+                    "passage {n} {q} goes where passage {n} went"
+                );
             }
         }
     }

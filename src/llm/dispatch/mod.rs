@@ -41,8 +41,8 @@ use crate::types::RenderedPrompt;
 use crate::types::{ErrorKind, LlmRequest, RowError};
 
 pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer};
-pub(crate) use order::PrefixOrder;
 use inner::Inner;
+pub(crate) use order::PrefixOrder;
 
 pub use metrics::{
     FunctionMetrics, FunctionSnapshot, LatencyHistogram, LatencySnapshot, Metrics, MetricsSnapshot,

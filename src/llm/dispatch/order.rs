@@ -234,7 +234,10 @@ mod tests {
         let first = order.turn(&row(1), LONG).await;
         let r2 = row(2);
         let mut second = Box::pin(order.turn(&r2, LONG));
-        assert!(futures::poll!(&mut second).is_pending(), "the instruction is on the wire");
+        assert!(
+            futures::poll!(&mut second).is_pending(),
+            "the instruction is on the wire"
+        );
         drop(first);
         assert!(second.await.followed());
         // The instruction is computed; the second row's passage is its own: the third row

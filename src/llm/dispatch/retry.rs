@@ -27,7 +27,9 @@ fn prefix_wait(fm: &FunctionMetrics) -> Duration {
     fm.latency
         .quantile_ms(0.5)
         .and_then(|ms| Duration::try_from_secs_f64(ms * 4.0 / 1000.0).ok())
-        .map_or(PREFIX_WAIT_MAX, |d| d.clamp(PREFIX_WAIT_MIN, PREFIX_WAIT_MAX))
+        .map_or(PREFIX_WAIT_MAX, |d| {
+            d.clamp(PREFIX_WAIT_MIN, PREFIX_WAIT_MAX)
+        })
 }
 
 /// The shortest bound of a prompt's wait for the leader of its prefix.
