@@ -9,7 +9,8 @@
 //!
 //! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `limits`, `hedge`,
 //! `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker` processes), `replicas`
-//! (one model over 1 and 4 test servers),
+//! (one model over 1 and 4 test servers), `prefix` (shared prefixes over 1 and 4 compute-bound
+//! servers with prefix caches, against the distinct-prefix lower bound),
 //! `local` (the embedded model; needs the default `local` feature and `models/` fetched).
 
 use std::io::{BufRead, BufReader};
@@ -211,6 +212,22 @@ fn num(m: &Value, k: &str) -> u64 {
     m[k].as_u64().unwrap_or(0)
 }
 
+/// The flagship project over `mocks`, the replicas of its model, each paced at `per_replica`
+/// in flight (the run's budget is all of theirs); `extra` goes into the model's table.
+fn project_on(mocks: &[Mock], per_replica: usize, passages: usize, extra: &str) -> Project {
+    let urls: Vec<String> = mocks.iter().map(|m| format!("\"{}\"", m.url)).collect();
+    let model = format!("kind = \"openai\"\nconcurrency = {per_replica}\n{extra}");
+    let total = per_replica * mocks.len();
+    let p = Project::with_model(&mocks[0].url, total, passages, false, &model);
+    let toml = p.dir.path().join("sluice.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replace(
+        &format!("base_url = \"{}\"", mocks[0].url),
+        &format!("base_url = [{}]", urls.join(", ")),
+    );
+    std::fs::write(&toml, text).unwrap();
+    p
+}
+
 /// The flagship over `replicas` test servers of one model, each at `latency_ms` and paced at
 /// `per_replica` in flight (the run's budget is all of theirs): the JSON line of the scenario.
 fn replicas(passages: usize, replicas: usize, per_replica: usize, latency_ms: u64) -> Value {
@@ -218,21 +235,7 @@ fn replicas(passages: usize, replicas: usize, per_replica: usize, latency_ms: u6
     let mocks: Vec<Mock> = (0..replicas)
         .map(|_| Mock::start(&["--latency-ms", &latency]))
         .collect();
-    let urls: Vec<String> = mocks.iter().map(|m| format!("\"{}\"", m.url)).collect();
-    let model = format!("kind = \"openai\"\nconcurrency = {per_replica}");
-    let p = Project::with_model(
-        &mocks[0].url,
-        per_replica * replicas,
-        passages,
-        false,
-        &model,
-    );
-    let toml = p.dir.path().join("sluice.toml");
-    let text = std::fs::read_to_string(&toml).unwrap().replace(
-        &format!("base_url = \"{}\"", mocks[0].url),
-        &format!("base_url = [{}]", urls.join(", ")),
-    );
-    std::fs::write(&toml, text).unwrap();
+    let p = project_on(&mocks, per_replica, passages, "");
     let m = p.run(&[]);
     let prompts = num(&m.metrics, "calls") + num(&m.metrics, "deduplicated");
     let rate = prompts as f64 / m.wall_s;
@@ -249,6 +252,59 @@ fn replicas(passages: usize, replicas: usize, per_replica: usize, latency_ms: u6
         "requests_per_replica": served, "failed": num(&m.metrics, "failed"),
         "max_in_flight": num(&m.metrics, "max_in_flight"),
     })
+}
+
+/// Prefill tokens per second of each compute-bound test server in the `prefix` scenario.
+const PREFILL_RATE: u64 = 200_000;
+
+/// One run of the `prefix` scenario: the flagship over `replicas` compute-bound test servers
+/// (prefill at [`PREFILL_RATE`], one request at a time, then 10 ms of decoding; a prefix cache
+/// of 20,000 blocks of 16 tokens looked up when a request arrives), 32 in flight per replica.
+fn prefix_run(passages: usize, replicas: usize, share: bool, lower_bound: u64) -> Value {
+    let rate = PREFILL_RATE.to_string();
+    let args = [
+        "--prefix-cache-blocks",
+        "20000",
+        "--prefill-tokens-per-s",
+        &rate,
+        "--latency-ms",
+        "10",
+    ];
+    let mocks: Vec<Mock> = (0..replicas).map(|_| Mock::start(&args)).collect();
+    let p = project_on(&mocks, 32, passages, &format!("share_prefixes = {share}"));
+    let m = p.run(&[]);
+    let stats: Vec<Value> = mocks.iter().map(mock_stats).collect();
+    let computed: Vec<u64> = stats.iter().map(|s| num(s, "prefill_computed")).collect();
+    let total: u64 = computed.iter().sum();
+    // The busiest replica cannot finish before it has computed its prefill.
+    let busiest_s = *computed.iter().max().unwrap_or(&0) as f64 / PREFILL_RATE as f64;
+    let answers = &m.metrics["functions"]["answer_question"];
+    json!({
+        "scenario": format!("prefix-{replicas}-replicas{}", if share { "" } else { "-sent-at-once" }),
+        "passages": passages, "share_prefixes": share, "replicas": replicas,
+        "prefill_computed": total, "lower_bound": lower_bound,
+        "ratio_to_lower_bound": round(total as f64 / lower_bound.max(1) as f64, 3),
+        "computed_per_replica": computed,
+        "wall_s": round(m.wall_s, 3), "busiest_replica_compute_s": round(busiest_s, 3),
+        "wall_ratio_to_busiest_compute": round(m.wall_s / busiest_s.max(1e-9), 3),
+        "cached_share": round(num(&m.metrics, "tokens_cached") as f64
+            / num(&m.metrics, "tokens_in").max(1) as f64, 3),
+        "answer_cached_share": round(num(answers, "tokens_cached") as f64
+            / num(answers, "tokens_in").max(1) as f64, 3),
+        "answer_prefix_waits": num(answers, "prefix_waits"),
+        "failed": num(&m.metrics, "failed"), "max_rss_mb": round(m.max_rss_mb, 1),
+    })
+}
+
+/// Prefill tokens the flagship computes at least: every distinct prefix once. Measured with
+/// one request at a time against one server whose cache never evicts, so that each prompt
+/// finds every prefix an earlier prompt had.
+fn prefix_lower_bound(passages: usize) -> u64 {
+    let mock = Mock::start(&["--prefix-cache-blocks", "100000000"]);
+    let p = Project::new(&mock.url, 1, passages, false);
+    let m = p.run(&[]);
+    assert_eq!(num(&m.metrics, "failed"), 0);
+    num(&mock_stats(&mock), "prefill_computed")
 }
 
 /// One flagship run against a fresh server; returns the JSON line of the scenario.
@@ -1019,6 +1075,13 @@ fn main() {
     if want("replicas") {
         for n in [1, 4] {
             emit(replicas(1000, n, 16, 50));
+        }
+    }
+    if want("prefix") {
+        let passages = 2000;
+        let bound = prefix_lower_bound(passages);
+        for (replicas, share) in [(1, false), (1, true), (4, false), (4, true)] {
+            emit(prefix_run(passages, replicas, share, bound));
         }
     }
     if want("distributed") {

@@ -145,6 +145,36 @@ async fn siblings_wait_for_the_first_answer_to_their_passage_and_find_it_cached(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_estimates_the_shared_prefix_share_the_run_measures() {
+    let server = mock(prefix_cached()).await;
+    let text = config_text(&server.base_url(), 2, 16);
+    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).expect("parses");
+    cfg.udf_dir = repo().join("udfs");
+    let dir = tempfile::tempdir().unwrap();
+    let sql = flagship_sql(&excerpts(), &dir.path().join("qa.parquet"));
+    let x = Engine::for_estimates(&cfg)
+        .unwrap()
+        .explain_script(&sql, "q.sql")
+        .await
+        .unwrap();
+    assert_eq!(server.stats().requests, 0, "explain sends nothing");
+    let estimated = |f: &str| {
+        let e = x.totals.iter().find(|e| e.function == f).unwrap();
+        e.tokens_cached as f64 / e.tokens_in as f64
+    };
+    let (ordered, _) = answers_in_parallel(true).await;
+    let measured = ordered.tokens_cached as f64 / ordered.tokens_in as f64;
+    let estimate = estimated("answer_question");
+    assert!(
+        (estimate - measured).abs() <= 0.1 * measured,
+        "estimated {estimate:.3}, measured {measured:.3}"
+    );
+    assert!(estimated("generate_questions") < 0.1);
+    let text = x.to_text(false);
+    assert!(text.contains("shared prefix"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_cached_price_cached_tokens_cost_the_input_price() {
     let server = mock(prefix_cached()).await;
     let (input, _, output) = PRICES;

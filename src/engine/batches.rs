@@ -112,6 +112,8 @@ impl Engine {
             .div_ceil(plan.max_requests as u64)
             .max(bytes.div_ceil(plan.max_bytes.max(1)));
         f.batch_files = Some(files);
-        f.live_cost_usd = plan.live_prices.map(|p| p.cost(f.tokens_in, f.tokens_out));
+        f.live_cost_usd = plan
+            .live_prices
+            .map(|p| p.cost_cached(f.tokens_in, f.tokens_cached, f.tokens_out));
     }
 }

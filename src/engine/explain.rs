@@ -40,6 +40,9 @@ pub struct FunctionEstimate {
     pub tokens_in: u64,
     /// Completion tokens of those requests (estimated from the output schema).
     pub tokens_out: u64,
+    /// Of `tokens_in`, those a server's prefix cache would hold if every distinct prefix were
+    /// computed once (priced at the model's cached input price).
+    pub tokens_cached: u64,
     /// Cost in USD at the model's prices, when they are configured (its batch prices in batch
     /// mode).
     pub cost_usd: Option<f64>,
@@ -56,7 +59,8 @@ impl FunctionEstimate {
         json!({
             "function": self.function, "model": self.model, "calls": self.calls,
             "cached": self.cached, "requests": self.requests, "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out, "cost_usd": self.cost_usd,
+            "tokens_out": self.tokens_out, "tokens_cached": self.tokens_cached,
+            "cost_usd": self.cost_usd,
             "batch_files": self.batch_files, "live_cost_usd": self.live_cost_usd,
             "rows_per_prompt": self.rows_per_prompt,
         })
@@ -68,6 +72,7 @@ impl FunctionEstimate {
         self.requests += o.requests;
         self.tokens_in += o.tokens_in;
         self.tokens_out += o.tokens_out;
+        self.tokens_cached += o.tokens_cached;
         let sum = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) => Some(a + b),
             _ => None,
@@ -155,158 +160,11 @@ impl Explanation {
             "extrapolated": self.extrapolated,
         })
     }
-
-    /// The estimate as text: each statement with its plan and calls, then a table per function.
-    pub fn to_text(&self, with_plans: bool) -> String {
-        let mut s = String::new();
-        for st in &self.statements {
-            s.push_str(&format!(
-                "Statement {} (line {}): {}\n",
-                st.index, st.line, st.summary
-            ));
-            if let Some(note) = &st.note {
-                s.push_str(&format!("  note: {note}\n"));
-            }
-            if with_plans && let Some(plan) = &st.plan {
-                for line in plan.lines() {
-                    s.push_str(&format!("  | {line}\n"));
-                }
-            }
-            if with_plans && let Some(stages) = &st.stages {
-                for line in stages.lines() {
-                    s.push_str(&format!("  : {line}\n"));
-                }
-            }
-            if let Some(rows) = st.rows {
-                s.push_str(&format!("  rows: {}\n", thousands(rows)));
-            }
-            for f in &st.functions {
-                s.push_str(&format!(
-                    "  {}: {} calls, {} cached, {} requests",
-                    f.function,
-                    thousands(f.calls),
-                    thousands(f.cached),
-                    thousands(f.requests)
-                ));
-                if let Some(n) = f.batch_files {
-                    s.push_str(&format!(" as a batch ({n} file(s) of model {})", f.model));
-                }
-                if let Some(rows) = f.rows_per_prompt.filter(|r| *r > 1) {
-                    let saved = (f.calls - f.cached).saturating_sub(f.requests);
-                    s.push_str(&format!(
-                        " ({rows} rows per prompt: {saved} requests saved)"
-                    ));
-                }
-                s.push('\n');
-            }
-        }
-        s.push('\n');
-        s.push_str(&table(&self.totals, &self.total()));
-        for f in self.totals.iter().filter(|f| f.batch_files.is_some()) {
-            let usd = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.4} USD"));
-            s.push_str(&format!(
-                "{} runs as batches on model {}: {} at batch prices, {} live\n",
-                f.function,
-                f.model,
-                usd(f.cost_usd),
-                usd(f.live_cost_usd)
-            ));
-        }
-        for (model, how) in &self.tokenizers {
-            s.push_str(&format!("tokens of model {model}: {how}\n"));
-        }
-        match &self.extrapolated {
-            Some(how) => s.push_str(&format!(
-                "prompt tokens are counted exactly; completion tokens are extrapolated: {how}\n"
-            )),
-            None => s.push_str(
-                "prompt tokens are counted exactly; completion tokens are estimated from each \
-                 output schema (array lengths from minItems/maxItems, strings of about 80 \
-                 characters)\n",
-            ),
-        }
-        for model in &self.unpriced {
-            s.push_str(&format!(
-                "no prices for model {model}: set input_usd_per_mtok and output_usd_per_mtok in \
-                 [models.{model}] of sluice.toml to see its cost\n"
-            ));
-        }
-        s
-    }
 }
 
-fn table(rows: &[FunctionEstimate], total: &FunctionEstimate) -> String {
-    let header = [
-        "function",
-        "model",
-        "calls",
-        "cached",
-        "requests",
-        "tokens in",
-        "tokens out (est.)",
-        "cost USD",
-    ];
-    let cells = |f: &FunctionEstimate| {
-        vec![
-            f.function.clone(),
-            f.model.clone(),
-            thousands(f.calls),
-            thousands(f.cached),
-            thousands(f.requests),
-            thousands(f.tokens_in),
-            thousands(f.tokens_out),
-            f.cost_usd.map_or("-".into(), |c| format!("{c:.4}")),
-        ]
-    };
-    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
-    lines.extend(rows.iter().map(cells));
-    let mut t = cells(total);
-    t[0] = "total".into();
-    t[1] = String::new();
-    lines.push(t);
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            lines
-                .iter()
-                .map(|l| l[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for l in &lines {
-        let row: Vec<String> = l
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i < 2 {
-                    format!("{c:<w$}", w = widths[i])
-                } else {
-                    format!("{c:>w$}", w = widths[i])
-                }
-            })
-            .collect();
-        out.push_str(row.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// `1234567` → `1,234,567`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Counters of every function so far: (calls, cached, requests, tokens in, tokens out).
-type Counters = BTreeMap<String, [u64; 5]>;
+/// Counters of every function so far: (calls, cached, requests, tokens in, tokens out, tokens
+/// in cached).
+type Counters = BTreeMap<String, [u64; 6]>;
 
 impl Engine {
     fn function_counters(&self) -> Counters {
@@ -320,6 +178,7 @@ impl Engine {
                     f.requests.load(Ordering::Relaxed),
                     f.tokens_in.load(Ordering::Relaxed),
                     f.tokens_out.load(Ordering::Relaxed),
+                    f.tokens_cached.load(Ordering::Relaxed),
                 ];
                 (name, c)
             })
@@ -391,7 +250,8 @@ impl Engine {
                     requests: d[2],
                     tokens_in: d[3],
                     tokens_out: d[4],
-                    cost_usd: prices.map(|p| p.cost(d[3], d[4])),
+                    tokens_cached: d[5],
+                    cost_usd: prices.map(|p| p.cost_cached(d[3], d[5], d[4])),
                     rows_per_prompt: self
                         .function(&name)
                         .and_then(|f| f.kind.packing())
@@ -545,7 +405,8 @@ impl Engine {
             if let Some(mean) = per_request.get(f.function.as_str()) {
                 f.tokens_out = (f.requests as f64 * mean).round() as u64;
                 let prices = self.runtime.models.get(&f.model).and_then(|m| m.prices);
-                f.cost_usd = prices.map(|p| p.cost(f.tokens_in, f.tokens_out));
+                f.cost_usd =
+                    prices.map(|p| p.cost_cached(f.tokens_in, f.tokens_cached, f.tokens_out));
                 self.add_batch_estimate(f);
             }
         };

@@ -14,6 +14,7 @@ mod cluster;
 mod copy;
 mod error;
 mod explain;
+mod explain_text;
 mod models;
 mod named;
 mod run;

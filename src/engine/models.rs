@@ -190,6 +190,17 @@ pub(super) fn shared_models(
         .collect()
 }
 
+/// The order of a model's prompts that share prefixes: live requests to a server feed its
+/// prompt cache in order (`share_prefixes`).
+fn prefix_order(m: &ModelConfig, answers: Answers, batch: bool) -> Option<Arc<PrefixOrder>> {
+    match (&m.part, answers, batch) {
+        (ModelPart::Server(s), Answers::Models, false) if s.share_prefixes => {
+            Some(Arc::new(PrefixOrder::default()))
+        }
+        _ => None,
+    }
+}
+
 /// Every model of `config`, answering as `answers` says; batch-mode models store their jobs
 /// in `cache`.
 pub(super) fn build_models(
@@ -250,13 +261,7 @@ pub(super) fn build_models(
             }
             (e, _) => e,
         };
-        // Live requests to a server feed its prompt cache in order (`share_prefixes`).
-        let prefixes = match (&m.part, answers, &batch) {
-            (ModelPart::Server(s), Answers::Models, None) if s.share_prefixes => {
-                Some(Arc::new(PrefixOrder::default()))
-            }
-            _ => None,
-        };
+        let prefixes = prefix_order(m, answers, batch.is_some());
         // A replicated model's own provider and governor are its first replica's.
         let (provider, governor) = match replicas.as_ref().map(|r| &r.replicas()[0]) {
             Some(first) => (first.provider.clone(), first.governor.clone()),

@@ -9,11 +9,13 @@
 //! `maxItems`, strings of [`TYPICAL_STRING_CHARS`] within `minLength`/`maxLength`), so fan-out
 //! downstream (three questions per passage → three answers) is counted from the declaration.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
+use super::prefix::{BLOCK_BYTES, prefix_blocks};
 use super::{Provider, SetupError};
 use crate::config::{ModelConfig, ProviderKind, StructuredOutput};
 use crate::types::{
@@ -156,16 +158,45 @@ pub fn chat_prompt_tokens(count: impl Fn(&str) -> u64, system: Option<&str>, use
 /// A provider that sends nothing: each request is answered at once with a placeholder that
 /// follows the output schema, and its usage is counted with the model's tokenizer. It keeps the
 /// real provider's identity (so cache lookups match) and its schema checks.
+///
+/// Its usage reports as cached the prompt tokens a server's prefix cache would hold if every
+/// distinct prefix were computed once (what the dispatcher's ordering and routing aim at): the
+/// share of the prompt's text, in whole blocks of [`BLOCK_BYTES`], that an earlier prompt to
+/// the model began with.
 #[derive(Debug)]
 pub struct EstimateProvider {
     real: Arc<dyn Provider>,
     counter: TokenCounter,
+    /// The prefix blocks of the prompts answered so far (forgotten all at once beyond
+    /// [`PREFIX_MEMORY`]: prompts that share a prefix come close together).
+    seen: Mutex<HashSet<u64>>,
 }
+
+/// Prefix blocks an estimate remembers (64 MiB of prompt text).
+const PREFIX_MEMORY: usize = 1 << 20;
 
 impl EstimateProvider {
     /// Stands in for `real`, counting tokens with `counter`.
     pub fn new(real: Arc<dyn Provider>, counter: TokenCounter) -> Self {
-        EstimateProvider { real, counter }
+        EstimateProvider {
+            real,
+            counter,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// Of `prompt_tokens`, those an earlier prompt's prefix covers (in proportion to the text).
+    fn shared_prefix_tokens(&self, req: &LlmRequest, prompt_tokens: u64) -> u64 {
+        let blocks = prefix_blocks(req);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let held = blocks.iter().take_while(|b| seen.contains(b)).count();
+        if seen.len() + blocks.len() > PREFIX_MEMORY {
+            seen.clear();
+        }
+        seen.extend(blocks);
+        let text = req.prompt.system.as_ref().map_or(0, String::len) + 1 + req.prompt.user.len();
+        let share = (held * BLOCK_BYTES) as f64 / text.max(1) as f64;
+        ((prompt_tokens as f64 * share.min(1.0)).floor() as u64).min(prompt_tokens)
     }
 }
 
@@ -202,16 +233,22 @@ impl Provider for EstimateProvider {
                 text_placeholder(tokens.max(1) as usize, variant)
             }
         };
+        let prompt_tokens = self.counter.prompt(req);
+        let embeds = self.real.embeds();
         let usage = Usage {
-            prompt_tokens: self.counter.prompt(req),
+            prompt_tokens,
             // An embedding is not generated text: no completion tokens.
-            completion_tokens: if self.real.embeds() {
+            completion_tokens: if embeds {
                 0
             } else {
                 self.counter.text(&content)
             },
-            // An estimate assumes no prompt cache.
-            cached_prompt_tokens: 0,
+            // Servers reuse the prefixes of generation prompts, not of embedding inputs.
+            cached_prompt_tokens: if embeds {
+                0
+            } else {
+                self.shared_prefix_tokens(req, prompt_tokens)
+            },
         };
         Ok(LlmResponse {
             content,

@@ -4,14 +4,18 @@
 //! whole prefix up to its end (as an inference server's prefix cache names its blocks of
 //! tokens). Two prompts share their first `n` blocks exactly when their texts share the first
 //! `n × BLOCK_BYTES` bytes (up to a hash collision, which costs a misrouted request, never a
-//! wrong answer).
+//! wrong answer). The replicas' routing remembers which replicas were sent which blocks
+//! ([`PrefixHolders`]).
 
+use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::types::LlmRequest;
 
 /// Bytes of prompt text per block.
 pub(crate) const BLOCK_BYTES: usize = 64;
+/// Prefix blocks whose replicas the routing remembers.
+pub(crate) const ROUTE_MEMORY: usize = 1 << 18;
 
 /// The hashes of the full blocks of `req`'s prompt, each chained to the one before it.
 pub(crate) fn prefix_blocks(req: &LlmRequest) -> Vec<u64> {
@@ -30,6 +34,46 @@ pub(crate) fn prefix_blocks(req: &LlmRequest) -> Vec<u64> {
             prev
         })
         .collect()
+}
+
+/// Which replicas were sent which prefix blocks: a block → a mask of replicas (bit `i % 64`
+/// for replica `i`), the oldest blocks forgotten beyond [`ROUTE_MEMORY`].
+#[derive(Debug, Default)]
+pub(crate) struct PrefixHolders {
+    masks: HashMap<u64, u64>,
+    order: VecDeque<u64>,
+}
+
+pub(crate) fn bit(i: usize) -> u64 {
+    1 << (i % 64)
+}
+
+impl PrefixHolders {
+    /// The replicas sent the longest prefix of `blocks` among those `eligible` (a mask).
+    pub(crate) fn deepest(&self, blocks: &[u64], eligible: u64) -> u64 {
+        blocks
+            .iter()
+            .rev()
+            .map(|b| self.masks.get(b).copied().unwrap_or(0) & eligible)
+            .find(|m| *m != 0)
+            .unwrap_or(0)
+    }
+
+    /// Remembers that replica `i` was sent `blocks`.
+    pub(crate) fn record(&mut self, blocks: &[u64], i: usize) {
+        for b in blocks {
+            let mask = self.masks.entry(*b).or_insert_with(|| {
+                self.order.push_back(*b);
+                0
+            });
+            *mask |= bit(i);
+        }
+        while self.order.len() > ROUTE_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.masks.remove(&old);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
