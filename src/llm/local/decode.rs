@@ -186,7 +186,9 @@ fn start_sequences(
             let _ = ctx.clear_kv_cache_seq(Some(me as u32), None, None);
             held[me].tokens.clear();
         }
-        let a = slots[me].as_mut().expect("active");
+        let Some(a) = slots[me].as_mut() else {
+            continue;
+        };
         a.started = true;
         a.fed = taken;
         a.pos = taken as i32;
