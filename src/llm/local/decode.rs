@@ -101,17 +101,7 @@ pub(super) fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>
         start_sequences(&mut ctx, &mut slots, &mut held, &mut stats);
         let only_generation = fill_batch(&mut batch, &mut slots, &mut held, n_batch as usize);
         if batch.n_tokens() == 0 {
-            // Only sequences waiting for a prefix that nothing decodes: cannot happen (they
-            // wait on started sequences, which always have room), but never spin on an empty
-            // batch: they start from nothing.
-            for (seq, a) in slots.iter_mut().enumerate() {
-                if let Some(a) = a.as_mut().filter(|a| !a.started) {
-                    let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
-                    held[seq].tokens.clear();
-                    a.started = true;
-                    stats.prompt_sent += a.prompt.len() as u64;
-                }
-            }
+            start_from_nothing(&mut ctx, &mut slots, &mut held, &mut stats);
             continue;
         }
         let step = std::time::Instant::now();
@@ -138,6 +128,25 @@ pub(super) fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>
             continue;
         }
         sample_step(&model, &mut ctx, &mut slots, &mut held, per_seq, &stats);
+    }
+}
+
+/// Only sequences waiting for a prefix that nothing decodes: cannot happen (they wait on
+/// started sequences, which always have room), but the loop never spins on an empty batch: they
+/// start from nothing.
+fn start_from_nothing(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    slots: &mut [Option<Active>],
+    held: &mut [Held],
+    stats: &mut StepStats,
+) {
+    for (seq, a) in slots.iter_mut().enumerate() {
+        if let Some(a) = a.as_mut().filter(|a| !a.started) {
+            let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            held[seq].tokens.clear();
+            a.started = true;
+            stats.prompt_sent += a.prompt.len() as u64;
+        }
     }
 }
 
