@@ -179,3 +179,93 @@ prompt = "{{ text }}"
     }
     assert_eq!(pairs, 16);
 }
+
+/// The engine with the local model decoding `parallel` rows together in `context_size` tokens
+/// per row.
+fn engine_at(parallel: usize, context_size: u32) -> Engine {
+    let model = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = format!(
+        "[cache]\nenabled = false\n[models.default]\nkind = \"local\"\nmodel = \"{}\"\n\
+         concurrency = {parallel}\ncontext_size = {context_size}\n",
+        model.display()
+    );
+    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+    cfg.udf_dir = repo().join("udfs");
+    Engine::new(&cfg).unwrap()
+}
+
+/// Every answer of table `a` (columns `answer`, `err`) is there and matches the function's
+/// pattern; returns how many.
+async fn valid_answers(e: &Engine) -> usize {
+    let pattern = regex::Regex::new(r#"^([A-Z$][^\n"{}\\]{2,240}[.]|I don't know[.])$"#).unwrap();
+    let a = e
+        .query("SELECT answer, err['kind'], err['message'] FROM a")
+        .await
+        .unwrap();
+    let mut n = 0;
+    for b in &a {
+        let ans = b.column(0).as_string::<i32>();
+        let msg = b.column(2).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            assert!(b.column(1).is_null(i), "answer failed: {}", msg.value(i));
+            assert!(pattern.is_match(ans.value(i)), "{:?}", ans.value(i));
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_sharing_a_passage_decode_it_once() {
+    let e = engine_at(4, 2048);
+    let data = shared_data("earnings_transcript_excerpts.jsonl");
+    // Two passages, three questions each: the answer prompts of one passage share everything
+    // up to the question.
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         CREATE TABLE p AS SELECT ticker, q, date, substr(transcript, 1, 2000) AS passage \
+         FROM t ORDER BY date, q LIMIT 2;\n\
+         CREATE TABLE qs AS SELECT * FROM p CROSS JOIN (VALUES \
+           ('What was the revenue?'), ('How much did margins grow?'), \
+           ('What is the guidance for next quarter?')) AS v(question);\n\
+         CREATE TABLE a AS SELECT answer_question(ticker, q, date, passage, question) AS answer, \
+           answer_question_error(ticker, q, date, passage, question) AS err FROM qs;\n",
+        data.display()
+    );
+    run(&e, &sql).await.unwrap();
+    assert_eq!(valid_answers(&e).await, 6);
+    let m = e.metrics();
+    let f = &m.functions["answer_question"];
+    let decoded = f.tokens_in - f.tokens_cached;
+    eprintln!("{}", sluice::cli::format_summary(&m));
+    assert!(
+        f.tokens_cached > 0 && decoded * 2 < f.tokens_in,
+        "the passage is decoded once per passage, not per question: {} sent, {} taken from \
+         kept cells",
+        f.tokens_in,
+        f.tokens_cached
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_prefixes_never_take_the_room_of_a_running_row() {
+    // Three rows at once in a context of 1,024 tokens a row, each prompt most of it: kept
+    // cells of finished rows (and prompts sharing a passage among them) must never make a
+    // long distinct prompt fail or lose its cells.
+    let e = engine_at(3, 1024);
+    let data = shared_data("earnings_transcript_excerpts.jsonl");
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         CREATE TABLE p AS SELECT ticker, q, date, substr(transcript, 1, 2400) AS passage \
+         FROM t ORDER BY date, q LIMIT 5;\n\
+         CREATE TABLE qs AS SELECT * FROM p CROSS JOIN (VALUES \
+           ('What was the revenue?'), ('How much did margins grow?')) AS v(question);\n\
+         CREATE TABLE a AS SELECT answer_question(ticker, q, date, passage, question) AS answer, \
+           answer_question_error(ticker, q, date, passage, question) AS err FROM qs;\n",
+        data.display()
+    );
+    run(&e, &sql).await.unwrap();
+    assert_eq!(valid_answers(&e).await, 10);
+    let m = e.metrics();
+    assert_eq!((m.calls, m.failed), (10, 0));
+}

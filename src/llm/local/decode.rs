@@ -1,6 +1,9 @@
 //! The decode loop of the local model's worker thread: rows join free slots, every step
 //! decodes one batch holding a prompt chunk or the next token of each active sequence, and a
 //! sequence that stops (end of generation, its `max_tokens`, its context) answers its row.
+//! A sequence whose prompt starts with tokens another slot holds takes those cells instead of
+//! decoding them again (see `prefix`); a finished sequence's cells stay in its slot for that
+//! until a new row is placed there.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -13,6 +16,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use super::load::{Job, LocalSettings, backend, render_chat};
+use super::prefix::{Held, Plan, place, plan};
 use crate::types::{ErrorKind, LlmError, LlmResponse, Usage};
 
 /// A sequence being decoded.
@@ -25,9 +29,15 @@ struct Active {
     /// The last tokens generated, for the repetition penalty.
     recent: std::collections::VecDeque<LlamaToken>,
     greedy: bool,
-    /// Prompt tokens not yet decoded.
+    /// The prompt's tokens.
     prompt: Vec<LlamaToken>,
-    prompt_len: usize,
+    /// Prompt tokens in the cells or in the current batch (taken from another slot or decoded).
+    fed: usize,
+    /// Whether its cells were set up (a prefix taken or none): until then it may wait for a
+    /// sequence that is decoding a prefix it shares.
+    started: bool,
+    /// Prompt tokens taken from cells that another sequence decoded.
+    reused: usize,
     /// Position of the next token.
     pos: i32,
     /// The token to feed next (after the prompt).
@@ -77,17 +87,23 @@ pub(super) fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>
     };
     let mut grammars: HashMap<String, Result<String, String>> = HashMap::new();
     let mut slots: Vec<Option<Active>> = (0..s.parallel).map(|_| None).collect();
+    let mut held: Vec<Held> = (0..s.parallel).map(|_| Held::default()).collect();
     let mut batch = LlamaBatch::new(n_batch as usize, s.parallel as i32);
     let mut stats = StepStats::default();
     loop {
         let starting = |job| start(job, &model, template.as_deref(), &mut grammars, per_seq);
-        if !admit(rx, &mut slots, starting) {
+        if !admit(rx, &mut slots, &mut held, stats.steps, starting) {
             return;
         }
         if slots.iter().all(Option::is_none) {
             continue;
         }
-        let only_generation = fill_batch(&mut batch, &mut slots, n_batch as usize);
+        start_sequences(&mut ctx, &mut slots, &mut held, &mut stats);
+        let only_generation = fill_batch(&mut batch, &mut slots, &mut held, n_batch as usize);
+        if batch.n_tokens() == 0 {
+            start_from_nothing(&mut ctx, &mut slots, &mut held, &mut stats);
+            continue;
+        }
         let step = std::time::Instant::now();
         let decoded = ctx.decode(&mut batch);
         stats.count(
@@ -96,18 +112,105 @@ pub(super) fn worker_main(s: &LocalSettings, rx: &std::sync::mpsc::Receiver<Job>
         );
         if let Err(e) = decoded {
             let msg = format!("llama.cpp decode failed: {e}");
-            for (seq, slot) in slots.iter_mut().enumerate() {
+            for slot in slots.iter_mut() {
                 if let Some(a) = slot.take() {
-                    let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
                     let _ = a
                         .job
                         .reply
                         .send(Err(LlmError::new(ErrorKind::ServerError, msg.clone())));
                 }
             }
+            // No cells are trusted after a failed step: kept prefixes go too.
+            ctx.clear_kv_cache();
+            for h in held.iter_mut() {
+                h.tokens.clear();
+            }
             continue;
         }
-        sample_step(&model, &mut ctx, &mut slots, per_seq, &stats);
+        sample_step(&model, &mut ctx, &mut slots, &mut held, per_seq, &stats);
+    }
+}
+
+/// Only sequences waiting for a prefix that nothing decodes: cannot happen (they wait on
+/// started sequences, which always have room), but the loop never spins on an empty batch: they
+/// start from nothing.
+fn start_from_nothing(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    slots: &mut [Option<Active>],
+    held: &mut [Held],
+    stats: &mut StepStats,
+) {
+    for (seq, a) in slots.iter_mut().enumerate() {
+        if let Some(a) = a.as_mut().filter(|a| !a.started) {
+            let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            held[seq].tokens.clear();
+            a.started = true;
+            stats.prompt_sent += a.prompt.len() as u64;
+        }
+    }
+}
+
+/// Sets up the cells of the sequences that have not started: each takes the longest prefix of
+/// its prompt that a slot holds, waits for one that a started sequence is decoding, or starts
+/// from nothing. All plans are made against the cells as they were before this step's batch.
+fn start_sequences(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    slots: &mut [Option<Active>],
+    held: &mut [Held],
+    stats: &mut StepStats,
+) {
+    for me in 0..slots.len() {
+        let Some(a) = slots[me].as_ref().filter(|a| !a.started) else {
+            continue;
+        };
+        let holding: Vec<&[LlamaToken]> = held.iter().map(|h| &h.tokens[..]).collect();
+        let coming: Vec<Option<&[LlamaToken]>> = slots
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .filter(|b| b.started && b.fed < b.prompt.len())
+                    .map(|b| &b.prompt[..])
+            })
+            .collect();
+        let decided = plan(me, &a.prompt, &holding, &coming);
+        let seq = me as i32;
+        let taken = match decided {
+            Plan::Wait => continue,
+            Plan::Fresh => 0,
+            Plan::Take { from, len } => {
+                let copied = from == me
+                    || (ctx.clear_kv_cache_seq(Some(me as u32), None, None).is_ok()
+                        && ctx.copy_kv_cache_seq(from as i32, seq, None, None).is_ok());
+                // Positions from `len` on go: the rest of the source's prompt or output.
+                if copied && ctx.kv_cache_seq_rm(seq, Some(len as u32), None).is_ok() {
+                    let tokens = held[from].tokens[..len].to_vec();
+                    held[me].tokens = tokens;
+                    len
+                } else {
+                    0
+                }
+            }
+        };
+        if taken == 0 {
+            let _ = ctx.clear_kv_cache_seq(Some(me as u32), None, None);
+            held[me].tokens.clear();
+        }
+        let Some(a) = slots[me].as_mut() else {
+            continue;
+        };
+        a.started = true;
+        a.fed = taken;
+        a.pos = taken as i32;
+        a.reused = taken;
+        stats.prompt_sent += a.prompt.len() as u64;
+        stats.prompt_reused += taken as u64;
+        if taken > 0 {
+            tracing::debug!(
+                "local model: a row takes {taken} of its {} prompt tokens from kept cells ({:?})",
+                a.prompt.len(),
+                decided
+            );
+        }
     }
 }
 
@@ -122,6 +225,9 @@ struct StepStats {
     generation_steps: u64,
     generation_tokens: u64,
     generation_time: std::time::Duration,
+    /// Prompt tokens of the sequences started, and those of them taken from kept cells.
+    prompt_sent: u64,
+    prompt_reused: u64,
 }
 
 impl Default for StepStats {
@@ -133,6 +239,8 @@ impl Default for StepStats {
             generation_steps: 0,
             generation_tokens: 0,
             generation_time: std::time::Duration::ZERO,
+            prompt_sent: 0,
+            prompt_reused: 0,
         }
     }
 }
@@ -151,51 +259,78 @@ impl StepStats {
     }
 }
 
-/// Puts waiting rows into free slots, blocking only when nothing is running; false when the
-/// provider is gone.
+/// Puts waiting rows into free slots (the one holding the longest prefix of the prompt, else
+/// an empty one, else the one used longest ago), blocking only when nothing is running; false
+/// when the provider is gone.
 fn admit(
     rx: &std::sync::mpsc::Receiver<Job>,
     slots: &mut [Option<Active>],
+    held: &mut [Held],
+    now: u64,
     mut start: impl FnMut(Job) -> Option<Active>,
 ) -> bool {
+    let put = |a: Active, slots: &mut [Option<Active>], held: &mut [Held]| {
+        let free: Vec<usize> = (0..slots.len()).filter(|&s| slots[s].is_none()).collect();
+        if let Some(s) = place(&a.prompt, &free, held) {
+            held[s].used_at = now;
+            slots[s] = Some(a);
+        }
+    };
     if slots.iter().all(Option::is_none) {
         match rx.recv() {
-            Ok(job) => slots[0] = start(job),
+            Ok(job) => {
+                if let Some(a) = start(job) {
+                    put(a, slots, held);
+                }
+            }
             Err(_) => return false,
         }
     }
-    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+    while slots.iter().any(Option::is_none) {
         match rx.try_recv() {
-            Ok(job) => *slot = start(job),
+            Ok(job) => {
+                if let Some(a) = start(job) {
+                    put(a, slots, held);
+                }
+            }
             Err(_) => break,
         }
     }
     true
 }
 
-/// One batch: a prompt chunk or the next token of every active sequence. Returns whether it
+/// One batch: a prompt chunk or the next token of every started sequence. Returns whether it
 /// carries only generated tokens.
-fn fill_batch(batch: &mut LlamaBatch, slots: &mut [Option<Active>], n_batch: usize) -> bool {
+fn fill_batch(
+    batch: &mut LlamaBatch,
+    slots: &mut [Option<Active>],
+    held: &mut [Held],
+    n_batch: usize,
+) -> bool {
     batch.clear();
     let mut room = n_batch;
     for (seq, slot) in slots.iter_mut().enumerate() {
         let Some(a) = slot.as_mut() else { continue };
         a.logits_at = None;
-        if room == 0 {
+        if room == 0 || !a.started {
             continue;
         }
-        if !a.prompt.is_empty() {
-            let take = a.prompt.len().min(room);
-            let chunk: Vec<LlamaToken> = a.prompt.drain(..take).collect();
-            let last_of_prompt = a.prompt.is_empty();
-            for (i, t) in chunk.iter().enumerate() {
-                let logits = last_of_prompt && i + 1 == take;
-                if batch.add(*t, a.pos, &[seq as i32], logits).is_err() {
+        if a.fed < a.prompt.len() {
+            let take = (a.prompt.len() - a.fed).min(room);
+            let end = a.fed + take;
+            for i in a.fed..end {
+                let logits = i + 1 == a.prompt.len();
+                if batch
+                    .add(a.prompt[i], a.pos, &[seq as i32], logits)
+                    .is_err()
+                {
                     break;
                 }
                 if logits {
                     a.logits_at = Some(batch.n_tokens() - 1);
                 }
+                held[seq].tokens.push(a.prompt[i]);
+                a.fed += 1;
                 a.pos += 1;
             }
             room -= take;
@@ -203,6 +338,7 @@ fn fill_batch(batch: &mut LlamaBatch, slots: &mut [Option<Active>], n_batch: usi
             && batch.add(t, a.pos, &[seq as i32], true).is_ok()
         {
             a.logits_at = Some(batch.n_tokens() - 1);
+            held[seq].tokens.push(t);
             a.pos += 1;
             room -= 1;
         }
@@ -210,7 +346,7 @@ fn fill_batch(batch: &mut LlamaBatch, slots: &mut [Option<Active>], n_batch: usi
     slots
         .iter()
         .flatten()
-        .all(|a| a.prompt.is_empty() && a.pos as usize > a.prompt_len)
+        .all(|a| a.fed == a.prompt.len() && a.pos as usize > a.prompt.len())
 }
 
 /// After a decode: the next token of every sequence that had logits; a sequence that stopped
@@ -219,6 +355,7 @@ fn sample_step(
     model: &LlamaModel,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
     slots: &mut [Option<Active>],
+    held: &mut [Held],
     per_seq: u32,
     stats: &StepStats,
 ) {
@@ -240,10 +377,16 @@ fn sample_step(
         }
         let a = slot.take().expect("active");
         tracing::debug!(
-            "local model: row done, {} prompt + {} generated tokens; {} decode steps so far \
-             took {:?} in llama.cpp of {:?}; generation-only steps: {} steps, {} tokens, {:.3} s",
-            a.prompt_len,
+            "local model: row done, {} prompt ({} taken from kept cells, {} decoded) + {} \
+             generated tokens; prompt tokens so far: {} sent, {} taken from kept cells; {} \
+             decode steps so far took {:?} in llama.cpp of {:?}; generation-only steps: {} \
+             steps, {} tokens, {:.3} s",
+            a.prompt.len(),
+            a.reused,
+            a.prompt.len() - a.reused,
             a.generated,
+            stats.prompt_sent,
+            stats.prompt_reused,
             stats.steps,
             stats.time,
             stats.started.elapsed(),
@@ -251,15 +394,16 @@ fn sample_step(
             stats.generation_tokens,
             stats.generation_time.as_secs_f64()
         );
-        let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        // Its cells stay, for a later prompt that starts the same way.
+        held[seq].used_at = stats.steps;
         let finish = if stop { "stop" } else { "length" };
         let _ = a.job.reply.send(Ok(LlmResponse {
             content: String::from_utf8_lossy(&a.output).to_string(),
             finish_reason: Some(finish.to_string()),
             usage: Some(Usage {
-                prompt_tokens: a.prompt_len as u64,
+                prompt_tokens: a.prompt.len() as u64,
                 completion_tokens: u64::from(a.generated),
-                cached_prompt_tokens: 0,
+                cached_prompt_tokens: a.reused as u64,
             }),
             rate: Default::default(),
         }));
@@ -406,7 +550,6 @@ fn start(
             LlamaSampler::dist(fastrand::u32(..)),
         ])
     };
-    let prompt_len = prompt.len();
     Some(Active {
         job,
         grammar: grammar_sampler,
@@ -414,7 +557,9 @@ fn start(
         recent: std::collections::VecDeque::with_capacity(PENALTY_WINDOW),
         greedy,
         prompt,
-        prompt_len,
+        fed: 0,
+        started: false,
+        reused: 0,
         pos: 0,
         next: None,
         output: Vec::new(),

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 mod decode;
 mod embed;
 mod load;
+mod prefix;
 
 pub use embed::LocalEmbedder;
 pub use load::{LocalSettings, render_chat};
