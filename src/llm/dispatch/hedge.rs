@@ -116,7 +116,13 @@ impl Inner {
                 // The hedge failed while the first is overdue (that is why it was hedged; a
                 // hung connection, most likely): the failure stands and the row's retries
                 // take over, instead of waiting for the first until its `timeout_ms`.
-                Either::Right((Err(e), _)) => return Err(e),
+                Either::Right((Err(e), _)) => {
+                    tracing::debug!(
+                        function = %req.function, kind = %e.kind,
+                        "the hedge failed; its overdue first is dropped"
+                    );
+                    return Err(e);
+                }
                 // The first failed: the hedge is the request now, hedged in its turn if it
                 // becomes overdue.
                 Either::Left((Err(_), hedge)) => {
