@@ -8,9 +8,10 @@
 //! the counts it relies on, so the benchmark cannot rot unnoticed.
 //!
 //! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `limits`, `hedge`,
-//! `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker` processes), `replicas`
-//! (one model over 1 and 4 test servers), `prefix` (shared prefixes over 1 and 4 compute-bound
-//! servers with prefix caches, against the distinct-prefix lower bound),
+//! `all-faults`, `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker`
+//! processes), `replicas` (one model over 1 and 4 test servers), `replica-killed` (one of 4
+//! killed mid-run), `prefix` (shared prefixes over 1 and 4 compute-bound servers with prefix
+//! caches, against the distinct-prefix lower bound),
 //! `local` (the embedded model; needs the default `local` feature and `models/` fetched).
 
 use std::io::{BufRead, BufReader};
@@ -307,6 +308,60 @@ fn prefix_lower_bound(passages: usize) -> u64 {
     num(&mock_stats(&mock), "prefill_computed")
 }
 
+/// The flagship over 4 test servers at `latency_ms` and 16 in flight each: a clean run, then
+/// the same run (fresh servers) in which one server process is killed (SIGKILL) halfway
+/// through the clean run's wall time. The JSON line: both walls, their ratio, the failed calls,
+/// each replica's requests, failures and ejections as sluice counted them.
+fn replica_killed(passages: usize, latency_ms: u64) -> Value {
+    let latency = latency_ms.to_string();
+    let start = || -> Vec<Mock> {
+        (0..4)
+            .map(|_| Mock::start(&["--latency-ms", &latency]))
+            .collect()
+    };
+    let clean = {
+        let mocks = start();
+        let p = project_on(&mocks, 16, passages, "");
+        let m = p.run(&[]);
+        let (rows, _) = output_rows(p.dir.path());
+        (m, rows)
+    };
+    let mocks = start();
+    let p = project_on(&mocks, 16, passages, "");
+    let victim = mocks[1].child.id() as libc::pid_t;
+    let kill_after = Duration::from_secs_f64(clean.0.wall_s / 2.0);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(kill_after);
+        // SAFETY: kill(2) on the PID of a child this harness started and has not yet reaped
+        // (Mock's drop reaps it).
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+    });
+    let m = p.run(&[]);
+    killer.join().unwrap();
+    let (rows, _) = output_rows(p.dir.path());
+    let replicas = &m.metrics["models"]["default"]["replicas"];
+    let field = |k: &str| -> Vec<u64> {
+        replicas
+            .as_array()
+            .map(|rs| rs.iter().map(|r| r[k].as_u64().unwrap_or(0)).collect())
+            .unwrap_or_default()
+    };
+    json!({
+        "scenario": "replica-killed", "passages": passages, "replicas": 4, "per_replica": 16,
+        "latency_ms": latency_ms, "killed_after_s": round(kill_after.as_secs_f64(), 2),
+        "clean_wall_s": round(clean.0.wall_s, 3), "wall_s": round(m.wall_s, 3),
+        "ratio_to_clean": round(m.wall_s / clean.0.wall_s, 3),
+        "clean_rows": clean.1, "rows": rows, "rows_lost": clean.1.saturating_sub(rows),
+        "failed": num(&m.metrics, "failed"), "clean_failed": num(&clean.0.metrics, "failed"),
+        "retries": m.metrics["retries"].clone(),
+        "requests_per_replica": field("requests"), "failures_per_replica": field("failures"),
+        "ejections_per_replica": field("ejected"),
+        "clean_requests_per_replica": clean.0.metrics["models"]["default"]["replicas"]
+            .as_array()
+            .map(|rs| rs.iter().map(|r| r["requests"].clone()).collect::<Vec<_>>()),
+    })
+}
+
 /// One flagship run against a fresh server; returns the JSON line of the scenario.
 fn flagship(
     name: &str,
@@ -522,6 +577,100 @@ fn hedging(passages: usize) -> Value {
         "hung": stats["faults"]["timeout"].clone(), "failed": num(&m.metrics, "failed"),
         "clean_wall_s": round(clean.wall_s, 2), "wall_s": round(m.wall_s, 2),
         "ratio_to_clean": round(m.wall_s / clean.wall_s, 3), "cache": entries,
+    })
+}
+
+/// The flagship's output (`out/earnings_qa.parquet`): its rows, and those with an error
+/// (`question_error` or `answer_error` set). Only the two error columns are read, a batch at
+/// a time (a child's peak RSS starts at this process's, see `run_sluice_env`).
+fn output_rows(dir: &Path) -> (u64, u64) {
+    use datafusion::arrow::array::Array;
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let out = dir.join("out/earnings_qa.parquet");
+    let files: Vec<PathBuf> = if out.is_dir() {
+        std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    } else {
+        vec![out]
+    };
+    let (mut rows, mut errors) = (0, 0);
+    for f in files {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap())
+            .unwrap()
+            .with_batch_size(1024);
+        let fields = builder.schema().fields().clone();
+        let wanted: Vec<usize> = ["question_error", "answer_error"]
+            .iter()
+            .map(|n| {
+                fields
+                    .iter()
+                    .position(|f| f.name() == n)
+                    .expect("error column")
+            })
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
+        for batch in builder.with_projection(mask).build().unwrap() {
+            let batch = batch.unwrap();
+            rows += batch.num_rows() as u64;
+            let (q, a) = (batch.column(0), batch.column(1));
+            errors += (0..batch.num_rows())
+                .filter(|&i| !q.is_null(i) || !a.is_null(i))
+                .count() as u64;
+        }
+    }
+    (rows, errors)
+}
+
+/// Every fault at once: the flagship at 20 ms and 64 in flight against a server that injects
+/// 1% each of 503, dropped connections, malformed JSON, truncated bodies and schema-violating
+/// content, and hangs 0.5% of requests for 20 s; against the same run without faults. Rows
+/// lost: the clean run's rows not in the faulty run's output (a passage whose questions failed
+/// keeps one row where it had three).
+fn all_faults(passages: usize) -> Value {
+    let run = |mock_args: &[&str]| {
+        let mock = Mock::start(mock_args);
+        let p = Project::new(&mock.url, 64, passages, false);
+        let m = p.run(&[]);
+        let (rows, errors) = output_rows(p.dir.path());
+        (m, rows, errors, mock_stats(&mock))
+    };
+    let (clean, clean_rows, clean_errors, _) = run(&["--latency-ms", "20"]);
+    let (m, rows, errors, stats) = run(&[
+        "--latency-ms",
+        "20",
+        "--server-503",
+        "0.01",
+        "--dropped",
+        "0.01",
+        "--malformed",
+        "0.01",
+        "--truncated",
+        "0.01",
+        "--invalid-schema",
+        "0.01",
+        "--timeout",
+        "0.005",
+        "--hang-ms",
+        "20000",
+    ]);
+    let question_failed = m.metrics["functions"]["generate_questions"]["failed"]
+        .as_u64()
+        .unwrap_or(0);
+    json!({
+        "scenario": "all-faults", "passages": passages,
+        "clean_wall_s": round(clean.wall_s, 2), "wall_s": round(m.wall_s, 2),
+        "ratio_to_clean": round(m.wall_s / clean.wall_s, 3),
+        "clean_rows": clean_rows, "rows": rows,
+        "rows_lost": clean_rows.saturating_sub(rows + 2 * question_failed),
+        "clean_rows_in_error": clean_errors, "rows_in_error": errors,
+        "calls": num(&m.metrics, "calls"), "requests": num(&m.metrics, "requests"),
+        "failed": num(&m.metrics, "failed"), "errors": m.metrics["errors"].clone(),
+        "retries": m.metrics["retries"].clone(), "hedges": num(&m.metrics, "hedges"),
+        "injected": stats["faults"].clone(),
+        "clean_max_rss_mb": round(clean.max_rss_mb, 1), "max_rss_mb": round(m.max_rss_mb, 1),
     })
 }
 
@@ -1048,6 +1197,9 @@ fn main() {
     if want("hedge") {
         emit(hedging(2000));
     }
+    if want("all-faults") {
+        emit(all_faults(2000));
+    }
     if want("cache") {
         emit(cache_rerun(50_000));
     }
@@ -1083,6 +1235,9 @@ fn main() {
         for (replicas, share) in [(1, false), (1, true), (4, false), (4, true)] {
             emit(prefix_run(passages, replicas, share, bound));
         }
+    }
+    if want("replica-killed") {
+        emit(replica_killed(1000, 50));
     }
     if want("distributed") {
         for workers in 1..=3 {

@@ -162,6 +162,50 @@ async fn odd_retry_after_values_are_clamped_not_fatal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_request_whose_hedge_fails_is_retried_not_waited_for() {
+    // The row "stuck": its first request hangs (ten minutes), its hedge gets a 503.
+    let server = mock(MockConfig {
+        scripted: vec![(
+            "stuck".into(),
+            vec![Some(Fault::Timeout), Some(Fault::Server503)],
+        )],
+        hang: Duration::from_secs(600),
+        ..MockConfig::default()
+    })
+    .await;
+    let e = engine(&server, "hedge_after_ms = 1000");
+    run(
+        &e,
+        "CREATE TABLE r AS SELECT x, tag(x) AS y FROM (VALUES ('stuck'), ('a'), ('b')) AS t(x);",
+    )
+    .await
+    .expect("runs");
+    let rows = ordered_rows(&e.query("SELECT x, y FROM r").await.unwrap());
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let (x, y) = r.split_once(" | ").unwrap();
+        let h = prompt_hash(None, &format!("Tag {x}"));
+        assert_eq!(y, format!("Answer [{h}]: the passage reports the figure."));
+    }
+    let m = e.metrics();
+    // The 503 of the hedge was the attempt's failure, retried at once after its backoff: the
+    // hung request was dropped, not waited for until its 30 s timeout (a retry after a
+    // timeout would be counted as one).
+    assert_eq!((m.hedges, m.failed), (1, 0));
+    assert_eq!(
+        m.retries,
+        [("server_error".to_string(), 1)].into_iter().collect(),
+        "{:?}",
+        m.retries
+    );
+    assert_eq!(
+        server.stats().requests,
+        5,
+        "three for the stuck row, one each for the others"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_requests_are_hedged_and_answered_once() {
     let server = mock(MockConfig {
         latency: Duration::from_millis(5),

@@ -139,6 +139,9 @@ pub struct MockConfig {
     pub faults: FaultRates,
     /// If the user prompt contains the marker, always answer with that fault.
     pub permanent: Vec<(String, Fault)>,
+    /// If the user prompt contains the marker, its nth request gets the nth entry (`None`:
+    /// answered normally), and its requests past the list are answered normally.
+    pub scripted: Vec<(String, Vec<Option<Fault>>)>,
     /// Delay requested by 429 responses.
     pub retry_after_ms: u64,
     /// If set, injected 429s send this `Retry-After` verbatim (and no `retry-after-ms`): for
@@ -172,6 +175,7 @@ impl Default for MockConfig {
             seed: 42,
             faults: FaultRates::default(),
             permanent: vec![],
+            scripted: vec![],
             retry_after_ms: 20,
             retry_after_raw: None,
             hang: Duration::from_secs(10),
@@ -1014,6 +1018,13 @@ fn draw_fault(
     attempt: u64,
 ) -> (Option<Fault>, fastrand::Rng) {
     let mut rng = seeded(cfg.seed, &prompts[0].hash, attempt);
+    let marked = |marker: &str| prompts.iter().any(|p| p.user.contains(marker));
+    if let Some((_, faults)) = cfg.scripted.iter().find(|(marker, _)| marked(marker)) {
+        let fault = usize::try_from(attempt)
+            .ok()
+            .and_then(|i| faults.get(i).copied());
+        return (fault.flatten(), rng);
+    }
     let fault = cfg
         .permanent
         .iter()

@@ -1,7 +1,10 @@
 //! Hedging: a request still unanswered long after its function's requests usually answer is
 //! sent a second time, and the first valid answer wins; the other is dropped (and with it its
 //! connection, governor slot and permit). A hung server connection then costs one hedge, not a
-//! slot for the whole `timeout_ms`.
+//! slot for the whole `timeout_ms`. Should the hedge fail (a 5xx, a dropped connection), the
+//! attempt fails with it at once — the first is overdue, likely hung, and is dropped — and the
+//! row's retries take over; should the first fail, the hedge goes on alone and is hedged in
+//! its turn if it becomes overdue. No attempt waits on an overdue request alone.
 //!
 //! When: after `hedge_after_ms`, or by default after three times the function's p99 latency
 //! (at least [`FLOOR`]) once [`MIN_SAMPLES`] requests have answered. Hedges are at most
@@ -11,8 +14,8 @@
 //! Time on the wire and the waits are tokio's clock (`tokio::time::Instant`, `sleep`), so
 //! tests pause it and see a hedge sent at its threshold exactly.
 
-use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::future::{Either, select};
@@ -78,34 +81,55 @@ impl Inner {
         req: &LlmRequest,
         fm: &FunctionMetrics,
     ) -> Result<LlmResponse, LlmError> {
-        let (sent, second_sent) = (OnceLock::new(), OnceLock::new());
         if self.cfg.hedge == Hedge::Off {
-            return self.send_one(model, req, fm, &sent).await;
+            return self.send_one(model, req, fm, &OnceLock::new()).await;
         }
-        // Time on the wire, not waiting for admission.
-        let on_wire = || sent.get().map_or(Duration::ZERO, Instant::elapsed);
-        let mut first = Box::pin(self.send_one(model, req, fm, &sent));
+        // One request, with the instant it went on the wire (time on the wire, not waiting
+        // for admission, is what a threshold is compared with).
+        let send = |sent: Arc<OnceLock<Instant>>| {
+            Box::pin(async move { self.send_one(model, req, fm, &sent).await })
+        };
+        let mut sent = Arc::new(OnceLock::new());
+        let mut first = send(sent.clone());
         loop {
             // Until the first is due for a hedge (sent, threshold known and passed, budget
             // left), wait for it, looking again at the threshold or now and then.
-            let wait = match (self.hedge_after(fm), sent.get()) {
-                (Some(t), Some(_)) if on_wire() < t => t.saturating_sub(on_wire()),
-                (Some(_), Some(_)) if self.hedge_allowed() => break,
-                _ => RECHECK,
+            loop {
+                let on_wire = sent.get().map_or(Duration::ZERO, Instant::elapsed);
+                let wait = match (self.hedge_after(fm), sent.get()) {
+                    (Some(t), Some(_)) if on_wire < t => t.saturating_sub(on_wire),
+                    (Some(_), Some(_)) if self.hedge_allowed() => break,
+                    _ => RECHECK,
+                }
+                .max(Duration::from_millis(1));
+                match select(first, Box::pin(tokio::time::sleep(wait))).await {
+                    Either::Left((result, _)) => return result,
+                    Either::Right(((), pending)) => first = pending,
+                }
             }
-            .max(Duration::from_millis(1));
-            match select(first, Box::pin(tokio::time::sleep(wait))).await {
-                Either::Left((result, _)) => return result,
-                Either::Right(((), pending)) => first = pending,
+            self.metrics.hedges.fetch_add(1, Ordering::Relaxed);
+            fm.hedges.fetch_add(1, Ordering::Relaxed);
+            let hedge_sent = Arc::new(OnceLock::new());
+            let hedge = send(hedge_sent.clone());
+            match select(first, hedge).await {
+                Either::Left((Ok(r), _)) | Either::Right((Ok(r), _)) => return Ok(r),
+                // The hedge failed while the first is overdue (that is why it was hedged; a
+                // hung connection, most likely): the failure stands and the row's retries
+                // take over, instead of waiting for the first until its `timeout_ms`.
+                Either::Right((Err(e), _)) => {
+                    tracing::debug!(
+                        function = %req.function, kind = %e.kind,
+                        "the hedge failed; its overdue first is dropped"
+                    );
+                    return Err(e);
+                }
+                // The first failed: the hedge is the request now, hedged in its turn if it
+                // becomes overdue.
+                Either::Left((Err(_), hedge)) => {
+                    first = hedge;
+                    sent = hedge_sent;
+                }
             }
-        }
-        self.metrics.hedges.fetch_add(1, Ordering::Relaxed);
-        fm.hedges.fetch_add(1, Ordering::Relaxed);
-        let second = Box::pin(self.send_one(model, req, fm, &second_sent));
-        match select(first, second).await {
-            Either::Left((Ok(r), _)) | Either::Right((Ok(r), _)) => Ok(r),
-            // The first to fail leaves the answer to the other.
-            Either::Left((Err(_), other)) | Either::Right((Err(_), other)) => other.await,
         }
     }
 }

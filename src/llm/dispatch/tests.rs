@@ -285,3 +285,134 @@ async fn a_row_stops_retrying_at_its_deadline() {
     );
     assert!((8..=16).contains(&e.attempts), "{} attempts", e.attempts);
 }
+
+fn hangs_first(latency_ms: u64) -> HangsFirst {
+    HangsFirst {
+        latency: Duration::from_millis(latency_ms),
+        attempts: Default::default(),
+    }
+}
+
+/// Prompts starting with "hang": the first request hangs for an hour, the second (its hedge)
+/// fails at once with a 503, the later ones answer after `latency`. Others answer after
+/// `latency`.
+#[derive(Debug)]
+struct HangsThenFails(HangsFirst);
+
+#[async_trait::async_trait]
+impl Provider for HangsThenFails {
+    fn endpoint(&self) -> String {
+        "hangs-then-fails".into()
+    }
+
+    async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        let attempts = self
+            .0
+            .attempts
+            .lock()
+            .unwrap()
+            .get(&req.prompt.user)
+            .copied();
+        if attempts == Some(1) && req.prompt.user.starts_with("hang") {
+            self.0
+                .attempts
+                .lock()
+                .unwrap()
+                .insert(req.prompt.user.clone(), 2);
+            return Err(LlmError::new(ErrorKind::ServerError, "503"));
+        }
+        self.0.complete(req).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_hedge_of_a_hung_request_is_retried_without_waiting_for_the_hung_one() {
+    // Backoff of 50 to 100 ms (full jitter under 100 ms).
+    let d = Dispatcher::new(DispatcherConfig {
+        hedge: Hedge::After(Duration::from_millis(200)),
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(100),
+        ..DispatcherConfig::default()
+    });
+    let m = model(Arc::new(HangsThenFails(hangs_first(10))), 4);
+    let t = Instant::now();
+    let value = d.call(&m, asking("hang 1")).await.unwrap();
+    // Hedged at 200 ms, the hedge fails at once: the attempt fails with it (the hung request
+    // is dropped with its slot), and the retry after its backoff answers 10 ms later — not an
+    // hour later, when the hung one would have answered.
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(260) && waited <= Duration::from_millis(313),
+        "{waited:?}"
+    );
+    assert_eq!(*value, serde_json::json!("hang 1"));
+    let metrics = d.metrics();
+    assert_eq!(metrics.hedges.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.requests.load(Ordering::Relaxed), 3);
+    let retries = Metrics::names(&metrics.retries);
+    assert_eq!(retries.get("server_error"), Some(&1), "{retries:?}");
+    assert_eq!(m.governor.in_flight(), 0);
+    assert_eq!(metrics.in_flight.load(Ordering::Relaxed), 0);
+}
+
+/// Prompts starting with "fail": the first request answers a 503 after 300 ms, the second
+/// hangs for an hour, the later ones answer after `latency`. Others as [`HangsFirst`].
+#[derive(Debug)]
+struct FailsThenHangs(HangsFirst);
+
+#[async_trait::async_trait]
+impl Provider for FailsThenHangs {
+    fn endpoint(&self) -> String {
+        "fails-then-hangs".into()
+    }
+
+    async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
+        if !req.prompt.user.starts_with("fail") {
+            return self.0.complete(req).await;
+        }
+        let n = {
+            let mut attempts = self.0.attempts.lock().unwrap();
+            let n = attempts.entry(req.prompt.user.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        match n {
+            // Slow, then a 503: hedged before it fails.
+            1 => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Err(LlmError::new(ErrorKind::ServerError, "503"))
+            }
+            // The hedge hangs.
+            2 => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Echo.complete(req).await
+            }
+            _ => {
+                tokio::time::sleep(self.0.latency).await;
+                Echo.complete(req).await
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_left_alone_is_hedged_in_its_turn() {
+    let d = Dispatcher::new(DispatcherConfig {
+        hedge: Hedge::After(Duration::from_millis(200)),
+        ..DispatcherConfig::default()
+    });
+    let m = model(Arc::new(FailsThenHangs(hangs_first(10))), 4);
+    // A hundred answers first: the budget then allows two hedges.
+    futures::future::join_all((0..100).map(|i| d.call(&m, request(i)))).await;
+    let t = Instant::now();
+    let value = d.call(&m, asking("fail 1")).await.unwrap();
+    // The first is hedged at 200 ms and fails at 300 ms; the hedge, hung, is hedged at 400 ms
+    // (200 ms on the wire) and that third request answers 10 ms later, in the same attempt.
+    assert_waited(t.elapsed(), Duration::from_millis(410));
+    assert_eq!(*value, serde_json::json!("fail 1"));
+    let metrics = d.metrics();
+    assert_eq!(metrics.hedges.load(Ordering::Relaxed), 2);
+    assert_eq!(metrics.requests.load(Ordering::Relaxed), 103);
+    assert!(Metrics::names(&metrics.retries).is_empty());
+    assert_eq!(m.governor.in_flight(), 0);
+}
