@@ -49,12 +49,15 @@ pub(crate) fn bit(i: usize) -> u64 {
 }
 
 impl PrefixHolders {
-    /// The replicas sent the longest prefix of `blocks` among those `eligible` (a mask).
-    pub(crate) fn deepest(&self, blocks: &[u64], eligible: u64) -> u64 {
+    /// The replicas sent the longest prefix of `blocks` among those `eligible` (a mask), if
+    /// that prefix is at least `min_blocks` long.
+    pub(crate) fn deepest(&self, blocks: &[u64], eligible: u64, min_blocks: usize) -> u64 {
         blocks
             .iter()
+            .enumerate()
             .rev()
-            .map(|b| self.masks.get(b).copied().unwrap_or(0) & eligible)
+            .take_while(|(i, _)| i + 1 >= min_blocks)
+            .map(|(_, b)| self.masks.get(b).copied().unwrap_or(0) & eligible)
             .find(|m| *m != 0)
             .unwrap_or(0)
     }

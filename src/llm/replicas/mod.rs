@@ -4,7 +4,8 @@
 //! **Routing.** Each attempt goes to one replica, chosen by [`ReplicaSet::pick`] from the
 //! request, with prefix affinity: the set remembers which replicas were sent which prompt
 //! prefixes (the blocks of [`crate::llm::prefix`], the most recent [`ROUTE_MEMORY`](super::prefix::ROUTE_MEMORY)), and an
-//! attempt goes to the least loaded of the replicas sent the longest prefix of its prompt —
+//! attempt goes to the least loaded of the replicas sent the longest prefix of its prompt (of
+//! [`AFFINITY_MIN_BYTES`] at least) —
 //! the ones whose prefix caches most likely hold it — unless that replica's load is over
 //! [`AFFINITY_SLACK`] times the mean; otherwise (or when no replica was sent any of it) to the
 //! least loaded. Prompts that share only what every replica was sent (a function's fixed
@@ -27,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::governor::Governor;
-use super::prefix::{PrefixHolders, bit, prefix_blocks};
+use super::prefix::{BLOCK_BYTES, PrefixHolders, bit, prefix_blocks};
 use super::provider::Provider;
 use crate::types::{ErrorKind, LlmError, LlmRequest};
 
@@ -43,6 +44,10 @@ pub(crate) const PROBE_MAX: Duration = Duration::from_secs(60);
 /// distinct prefix computed once, 2.0 left 1.08 × (the busiest server then does 1.05 × the
 /// mean's work).
 pub(crate) const AFFINITY_SLACK: f64 = 2.0;
+/// The shortest prefix a replica must have been sent for a prompt to prefer it (shorter ones,
+/// a function's brief fixed opening, are cheap to compute anywhere and would pull every prompt
+/// to the first replica that was sent one).
+pub(crate) const AFFINITY_MIN_BYTES: usize = 512;
 
 /// Whether a failure is the server's rather than the request's: it counts toward ejection
 /// and the attempt is sent to another replica.
@@ -378,7 +383,8 @@ impl ReplicaSet {
         let blocks = prefix_blocks(req);
         let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
         let eligible = up.iter().fold(0, |m, (i, _)| m | bit(*i));
-        let held = holders.deepest(&blocks, eligible);
+        let min_blocks = AFFINITY_MIN_BYTES.div_ceil(BLOCK_BYTES);
+        let held = holders.deepest(&blocks, eligible, min_blocks);
         let least_of = |among: &mut dyn Iterator<Item = &(usize, f64)>| {
             let among: Vec<(usize, f64)> = among.copied().collect();
             let least = among.iter().map(|(_, l)| *l).fold(f64::INFINITY, f64::min);

@@ -139,7 +139,7 @@ async fn siblings_meet_where_their_passage_went_and_new_passages_spread_by_load(
     for n in 0..4 {
         let first = {
             let holders = s.holders.lock().unwrap();
-            holders.deepest(&prefix_blocks(&ask(n, "Q1")), u64::MAX)
+            holders.deepest(&prefix_blocks(&ask(n, "Q1")), u64::MAX, 1)
         };
         for q in ["Q2", "Q3"] {
             let to = route(&s, &ask(n, q), &[]).unwrap();
