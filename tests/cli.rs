@@ -220,7 +220,15 @@ async fn a_dollar_budget_stops_cleanly_and_needs_prices() {
     assert_eq!(s.stats().requests, 0);
 
     // The whole run costs about $0.009 at these prices: $0.003 stops it about a third through.
+    // No hedging: on a busy machine a hedge would be a request whose answer is the same call's
+    // (counted by the server, not a call the re-run could have been spared).
     let p = priced_project(&s.base_url());
+    let cfg = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    assert!(cfg.contains("[dispatcher]\n"), "{cfg}");
+    p.write(
+        "sluice.toml",
+        &cfg.replace("[dispatcher]\n", "[dispatcher]\nhedge_after_ms = 0\n"),
+    );
     let (code, _, err) = p.run_args(&["run", "q.sql", "--budget-usd", "0.003"]);
     assert_eq!(code, 3, "{err}");
     let line = err.lines().find(|l| l.starts_with("error:")).unwrap();
