@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use serde_json::{Value, json};
 use sluice::Engine;
 use sluice::config::Config;
+use sluice::llm::dispatch::FunctionSnapshot;
 use support::mock_llm::PrefixCacheConfig;
 use support::*;
 
@@ -29,13 +30,24 @@ fn prefix_cached() -> MockConfig {
 /// Prices per million tokens: input, cached input, output.
 const PRICES: (f64, f64, f64) = (2.0, 0.5, 8.0);
 
+/// The flagship's configuration against `server`, `concurrency` requests in flight, with
+/// `extra` keys in `[models.default]`.
+fn flagship_config(server: &MockServer, concurrency: usize, extra: &str) -> Config {
+    let text = config_text(&server.base_url(), 2, concurrency) + extra;
+    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).expect("parses");
+    cfg.udf_dir = repo().join("udfs");
+    cfg
+}
+
 /// The flagship's engine with `extra` keys in `[models.default]`, one request in flight (so
 /// the answers to a passage's second and third questions find the prefix the first computed).
 fn engine(server: &MockServer, extra: &str) -> Engine {
-    let text = config_text(&server.base_url(), 2, 1) + extra;
-    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).expect("parses");
-    cfg.udf_dir = repo().join("udfs");
-    Engine::new(&cfg).expect("engine starts")
+    Engine::new(&flagship_config(server, 1, extra)).expect("engine starts")
+}
+
+/// The share of a function's prompt tokens the server took from its prefix cache.
+fn cached_share(f: &FunctionSnapshot) -> f64 {
+    f.tokens_cached as f64 / f.tokens_in as f64
 }
 
 async fn run_flagship(engine: &Engine) {
@@ -102,19 +114,14 @@ async fn flagship_counts_and_prices_the_prompt_tokens_the_server_held() {
 
 /// The flagship with 16 requests in flight against a server that looks its prefix cache up
 /// when a request arrives and answers in 20 ms: the answer stage's metrics and the server's.
-async fn answers_in_parallel(
-    share_prefixes: bool,
-) -> (sluice::llm::dispatch::FunctionSnapshot, u64) {
+async fn answers_in_parallel(share_prefixes: bool) -> (FunctionSnapshot, u64) {
     let server = mock(MockConfig {
         latency: std::time::Duration::from_millis(20),
         ..prefix_cached()
     })
     .await;
-    let text =
-        config_text(&server.base_url(), 2, 16) + &format!("share_prefixes = {share_prefixes}\n");
-    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).expect("parses");
-    cfg.udf_dir = repo().join("udfs");
-    let engine = Engine::new(&cfg).expect("engine starts");
+    let extra = format!("share_prefixes = {share_prefixes}\n");
+    let engine = Engine::new(&flagship_config(&server, 16, &extra)).expect("engine starts");
     run_flagship(&engine).await;
     let m = engine.metrics();
     assert_eq!((m.requests, m.failed), (56, 0));
@@ -137,19 +144,18 @@ async fn siblings_wait_for_the_first_answer_to_their_passage_and_find_it_cached(
     );
     // Sent at once, the siblings mostly arrive before the passage is computed (how many do
     // depends on the machine's speed); in order, 28 of 42 answers find their passage.
-    let share =
-        |f: &sluice::llm::dispatch::FunctionSnapshot| f.tokens_cached as f64 / f.tokens_in as f64;
-    assert!(share(&ordered) > 0.5, "{ordered:?}");
-    assert!(share(&ordered) > share(&at_once), "{ordered:?} {at_once:?}");
+    assert!(cached_share(&ordered) > 0.5, "{ordered:?}");
+    assert!(
+        cached_share(&ordered) > cached_share(&at_once),
+        "{ordered:?} {at_once:?}"
+    );
     assert_eq!(ordered.tokens_in, at_once.tokens_in);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_estimates_the_shared_prefix_share_the_run_measures() {
     let server = mock(prefix_cached()).await;
-    let text = config_text(&server.base_url(), 2, 16);
-    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &|_| None).expect("parses");
-    cfg.udf_dir = repo().join("udfs");
+    let cfg = flagship_config(&server, 16, "");
     let dir = tempfile::tempdir().unwrap();
     let sql = flagship_sql(&excerpts(), &dir.path().join("qa.parquet"));
     let x = Engine::for_estimates(&cfg)
@@ -163,7 +169,7 @@ async fn explain_estimates_the_shared_prefix_share_the_run_measures() {
         e.tokens_cached as f64 / e.tokens_in as f64
     };
     let (ordered, _) = answers_in_parallel(true).await;
-    let measured = ordered.tokens_cached as f64 / ordered.tokens_in as f64;
+    let measured = cached_share(&ordered);
     let estimate = estimated("answer_question");
     assert!(
         (estimate - measured).abs() <= 0.1 * measured,

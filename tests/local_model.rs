@@ -215,24 +215,35 @@ async fn valid_answers(e: &Engine) -> usize {
     n
 }
 
+/// Asks `questions` about the first `chars` characters of the first `passages` real excerpts
+/// (by date): `answer_question` into table `a` (columns `answer`, `err`).
+async fn ask_about_passages(e: &Engine, chars: usize, passages: usize, questions: &[&str]) {
+    let data = shared_data("earnings_transcript_excerpts.jsonl");
+    let values: Vec<String> = questions.iter().map(|q| format!("('{q}')")).collect();
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         CREATE TABLE p AS SELECT ticker, q, date, substr(transcript, 1, {chars}) AS passage \
+         FROM t ORDER BY date, q LIMIT {passages};\n\
+         CREATE TABLE qs AS SELECT * FROM p CROSS JOIN (VALUES {}) AS v(question);\n\
+         CREATE TABLE a AS SELECT answer_question(ticker, q, date, passage, question) AS answer, \
+           answer_question_error(ticker, q, date, passage, question) AS err FROM qs;\n",
+        data.display(),
+        values.join(", ")
+    );
+    run(e, &sql).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompts_sharing_a_passage_decode_it_once() {
     let e = engine_at(4, 2048);
-    let data = shared_data("earnings_transcript_excerpts.jsonl");
     // Two passages, three questions each: the answer prompts of one passage share everything
     // up to the question.
-    let sql = format!(
-        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
-         CREATE TABLE p AS SELECT ticker, q, date, substr(transcript, 1, 2000) AS passage \
-         FROM t ORDER BY date, q LIMIT 2;\n\
-         CREATE TABLE qs AS SELECT * FROM p CROSS JOIN (VALUES \
-           ('What was the revenue?'), ('How much did margins grow?'), \
-           ('What is the guidance for next quarter?')) AS v(question);\n\
-         CREATE TABLE a AS SELECT answer_question(ticker, q, date, passage, question) AS answer, \
-           answer_question_error(ticker, q, date, passage, question) AS err FROM qs;\n",
-        data.display()
-    );
-    run(&e, &sql).await.unwrap();
+    let questions = [
+        "What was the revenue?",
+        "How much did margins grow?",
+        "What is the guidance for next quarter?",
+    ];
+    ask_about_passages(&e, 2000, 2, &questions).await;
     assert_eq!(valid_answers(&e).await, 6);
     let m = e.metrics();
     let f = &m.functions["answer_question"];
@@ -253,18 +264,8 @@ async fn kept_prefixes_never_take_the_room_of_a_running_row() {
     // cells of finished rows (and prompts sharing a passage among them) must never make a
     // long distinct prompt fail or lose its cells.
     let e = engine_at(3, 1024);
-    let data = shared_data("earnings_transcript_excerpts.jsonl");
-    let sql = format!(
-        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
-         CREATE TABLE p AS SELECT ticker, q, date, substr(transcript, 1, 2400) AS passage \
-         FROM t ORDER BY date, q LIMIT 5;\n\
-         CREATE TABLE qs AS SELECT * FROM p CROSS JOIN (VALUES \
-           ('What was the revenue?'), ('How much did margins grow?')) AS v(question);\n\
-         CREATE TABLE a AS SELECT answer_question(ticker, q, date, passage, question) AS answer, \
-           answer_question_error(ticker, q, date, passage, question) AS err FROM qs;\n",
-        data.display()
-    );
-    run(&e, &sql).await.unwrap();
+    let questions = ["What was the revenue?", "How much did margins grow?"];
+    ask_about_passages(&e, 2400, 5, &questions).await;
     assert_eq!(valid_answers(&e).await, 10);
     let m = e.metrics();
     assert_eq!((m.calls, m.failed), (10, 0));
