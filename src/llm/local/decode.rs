@@ -17,6 +17,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::load::{Job, LocalSettings, backend, render_chat};
 use super::prefix::{Held, Plan, place, plan};
+use super::sample::{PENALTY_WINDOW, best_penalised, penalised};
 use crate::types::{ErrorKind, LlmError, LlmResponse, Usage};
 
 /// A sequence being decoded.
@@ -410,19 +411,6 @@ fn sample_step(
     }
 }
 
-/// Repetition penalty on the last [`PENALTY_WINDOW`] tokens (llama.cpp's `repeat_penalty`):
-/// small models fall into loops such as `0.00,0.00,...` without it.
-const PENALTY: f32 = 1.15;
-const PENALTY_WINDOW: usize = 64;
-
-fn penalised(logit: f32) -> f32 {
-    if logit > 0.0 {
-        logit / PENALTY
-    } else {
-        logit * PENALTY
-    }
-}
-
 /// Picks the next token of a sequence from the logits at batch index `i`.
 ///
 /// Greedy decoding reads the logits in place: one pass for the best token with the repetition
@@ -433,26 +421,15 @@ fn penalised(logit: f32) -> f32 {
 fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Active) -> LlamaToken {
     use llama_cpp_2::token::data::LlamaTokenData;
     use llama_cpp_2::token::data_array::LlamaTokenDataArray;
-    let recent = |t: usize| a.recent.iter().any(|r| r.0 as usize == t);
+    // The recent tokens, sorted and without repeats: the penalty is applied by walking this
+    // list alongside the vocabulary (a scan of the window per vocabulary entry cost ~10% of a
+    // constrained run's time in a debug build).
+    let mut recent: Vec<usize> = a.recent.iter().map(|r| r.0 as usize).collect();
+    recent.sort_unstable();
+    recent.dedup();
     let mut chosen = None;
     if a.greedy {
-        let logits = ctx.get_logits_ith(i);
-        let mut best = (0usize, f32::NEG_INFINITY);
-        for (t, &l) in logits.iter().enumerate() {
-            if l > best.1 {
-                best = (t, l);
-            }
-        }
-        // The penalty only lowers logits: re-check the recent tokens and the winner.
-        if recent(best.0) {
-            best = (0, f32::NEG_INFINITY);
-            for (t, &l) in logits.iter().enumerate() {
-                let l = if recent(t) { penalised(l) } else { l };
-                if l > best.1 {
-                    best = (t, l);
-                }
-            }
-        }
+        let best = best_penalised(ctx.get_logits_ith(i), &recent);
         let token = LlamaToken(best.0 as i32);
         match a.grammar.as_mut() {
             None => chosen = Some(token),
@@ -471,7 +448,7 @@ fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Acti
         None => {
             let mut all = ctx.token_data_array_ith(i);
             for d in all.data.iter_mut() {
-                if recent(d.id().0 as usize) {
+                if recent.binary_search(&(d.id().0 as usize)).is_ok() {
                     d.set_logit(penalised(d.logit()));
                 }
             }

@@ -21,6 +21,7 @@ mod decode;
 mod embed;
 mod load;
 mod prefix;
+mod sample;
 
 pub use embed::LocalEmbedder;
 pub use load::{LocalSettings, render_chat};
