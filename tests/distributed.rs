@@ -10,6 +10,7 @@ use std::sync::Arc;
 use sluice::config::Config;
 use sluice::engine::worker::WorkerHost;
 use support::rows::{assert_provenance, rows};
+use support::workers::{KEY, WorkerProcess, cluster_project};
 use support::*;
 use tokio::sync::oneshot;
 
@@ -290,115 +291,6 @@ async fn an_unreachable_worker_is_a_one_line_error_naming_it() {
     assert!(err.contains(&format!("worker http://{closed}")), "{err}");
     assert_eq!(kind, sluice::engine::StatementErrorKind::Workers, "{err}");
     assert_eq!(server.stats().requests, 0);
-}
-
-/// A recognisable API key: the provider requires it, every machine has it in its own
-/// environment, and it must appear in no worker's log.
-const KEY: &str = "sk-cluster-test-7f3a9c1e5b";
-
-/// A real `sluice worker` process and what it has logged.
-struct WorkerProcess {
-    child: std::process::Child,
-    addr: String,
-    log: Arc<std::sync::Mutex<String>>,
-    /// The thread copying its stderr into `log`: it ends when the process's stderr closes.
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl WorkerProcess {
-    fn spawn(project: &Project, cache_rel: &str, listen: &str) -> WorkerProcess {
-        Self::spawn_env(project, cache_rel, listen, &[])
-    }
-
-    fn spawn_env(
-        project: &Project,
-        cache_rel: &str,
-        listen: &str,
-        env: &[(&'static str, String)],
-    ) -> WorkerProcess {
-        use std::io::BufRead;
-        let mut child = project
-            .command(&["-v", "worker", "--listen", listen, "--cache-dir", cache_rel])
-            .env("SLUICE_CLUSTER_KEY", KEY)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("sluice worker starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(std::sync::Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let sink = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(rest) = line.strip_prefix("sluice worker listening on ") {
-                    let _ = tx.send(rest.split(' ').next().unwrap_or_default().to_string());
-                }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let addr = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("the worker says where it listens");
-        WorkerProcess {
-            child,
-            addr,
-            log,
-            reader: Some(reader),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Stops it at once (a test that fails leaves no worker behind).
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> (i32, String) {
-        // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        // Everything it logged, to its last line.
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        let log = self.log.lock().unwrap().clone();
-        (status.code().unwrap_or(-1), log)
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.kill();
-        }
-    }
-}
-
-/// The project's sluice.toml with the key read from `SLUICE_CLUSTER_KEY`.
-fn cluster_project(base_url: &str, concurrency: usize) -> Project {
-    let p = Project::new(base_url, concurrency, true);
-    let text = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
-    p.write(
-        "sluice.toml",
-        &text.replace(
-            "model = \"mock\"\n",
-            &format!(
-                "model = \"mock\"\napi_key_env = \"SLUICE_CLUSTER_KEY\"\nconcurrency = {concurrency}\n"
-            ),
-        ),
-    );
-    p.write("q.sql", &project_flagship_sql("out/qa.parquet"));
-    p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

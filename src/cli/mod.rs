@@ -98,6 +98,10 @@ pub enum Command {
         /// Address to listen on, e.g. 0.0.0.0:50051 (port 0: any free port, printed on start).
         #[arg(long)]
         listen: String,
+        /// Serve without a cluster token on an address other than loopback: anyone who reaches
+        /// the port can run plans with this worker's API keys.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Inspect or empty the persistent response cache.
     Cache {
@@ -163,7 +167,10 @@ pub fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
         });
     match path {
         Some(p) => Config::load(&p).map_err(|e| e.to_string()),
-        None => Ok(Config::default()),
+        None => Ok(Config {
+            cluster: crate::config::ClusterConfig::from_env(&|k| std::env::var(k).ok())?,
+            ..Config::default()
+        }),
     }
 }
 
@@ -208,7 +215,9 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Failure> {
     }
     match cli.command {
         Command::Cache { action } => cache_command(&config, action),
-        Command::Worker { listen } => worker::worker_command(&config, &listen).await,
+        Command::Worker { listen, insecure } => {
+            worker::worker_command(&config, &listen, insecure).await
+        }
         Command::Batches { action } => batches::batches_command(&config, action).await,
         Command::Explain {
             script,

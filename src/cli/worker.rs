@@ -27,30 +27,54 @@ workers gets 1/N of each (rounded down, at least 1).
 A worker that dies mid-query fails the query with an error naming it; restart it and run again
 (only what was not answered is sent).
 
-A worker runs the plans of anyone who reaches its port (no TLS, no authentication) with its
-own API keys: listen on a private network only.
+Only its coordinator: with SLUICE_CLUSTER_TOKEN set (or the variable [cluster] token_env names)
+to the same long random value on every machine, a worker refuses any request without that
+token before reading it, and the coordinator sends it. Without a token a worker listens only on
+a loopback address, unless started with --insecure. [cluster] tls_cert and tls_key make a
+worker serve over TLS; tls_ca on the coordinator (the authority that signed the workers'
+certificates) makes it connect over TLS.
 
 SIGTERM or Ctrl-C: stop accepting tasks, finish the ones on the wire, store the cache, exit.";
 
 /// Runs a worker on `listen` until a signal.
-pub(crate) async fn worker_command(config: &Config, listen: &str) -> Result<ExitCode, Failure> {
+pub(crate) async fn worker_command(
+    config: &Config,
+    listen: &str,
+    insecure: bool,
+) -> Result<ExitCode, Failure> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure::config(format!("--listen {listen}: cannot listen there: {e}")))?;
-    let addr = listener
+    let local = listener
         .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| listen.to_string());
+        .map_err(|e| Failure::config(format!("--listen {listen}: {e}")))?;
+    if config.cluster.token.is_none() && !local.ip().is_loopback() && !insecure {
+        return Err(Failure::config(format!(
+            "--listen {listen}: a worker without a cluster token serves only on a loopback \
+             address; set {} (the same long random value on the coordinator and every worker), \
+             or pass --insecure to serve anyone who reaches the port",
+            config.cluster.token_env
+        )));
+    }
+    let addr = local.to_string();
     let host = WorkerHost::new(config, &addr).map_err(Failure::config)?;
+    // Listening for signals before saying where it listens: a SIGTERM sent on reading that
+    // line stops the worker in order.
+    let mut signals = Interrupts::listen();
+    let guard = match (&config.cluster.token, config.cluster.tls.cert.is_some()) {
+        (Some(_), true) => "cluster token and TLS",
+        (Some(_), false) => "cluster token, no TLS",
+        (None, true) => "TLS, no cluster token",
+        (None, false) => "no cluster token",
+    };
     eprintln!(
-        "sluice worker listening on {addr} (cache {}); stop with SIGTERM or Ctrl-C",
+        "sluice worker listening on {addr} ({guard}; cache {}); stop with SIGTERM or Ctrl-C",
         if config.cache.enabled {
             config.cache.dir.display().to_string()
         } else {
             "off".to_string()
         }
     );
-    let mut signals = Interrupts::listen();
     host.serve(listener, async move { signals.next().await })
         .await
         .map_err(Failure::statement)?;

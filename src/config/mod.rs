@@ -36,9 +36,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use batch::BatchConfig;
-pub use cluster::ClusterConfig;
-pub use model::{LocalConfig, ModelConfig, ModelPart, ReplicaConfig, Secret, ServerConfig};
+pub use cluster::{ClusterConfig, ClusterTls, DEFAULT_TOKEN_ENV};
+pub use model::{LocalConfig, ModelConfig, ModelPart, ReplicaConfig, ServerConfig};
 use raw::{RawCache, RawConfig, RawDispatcher, RawExecution};
+pub use values::Secret;
 pub use values::{BatchRetry, ModelMode, Prices, ProviderKind, StructuredOutput, parse_size};
 
 /// Errors raised while loading configuration.
@@ -285,10 +286,7 @@ impl Config {
             cache: cache(raw.cache, base_dir),
             execution: execution(&raw.execution)?,
             dispatcher: dispatcher(&raw.dispatcher)?,
-            cluster: ClusterConfig {
-                workers: ClusterConfig::parse_workers(&raw.cluster.workers)
-                    .map_err(|e| format!("cluster.workers: {e}"))?,
-            },
+            cluster: cluster::cluster(&raw.cluster, base_dir, env)?,
             ..Config::default()
         };
         // A file that names no `default` model keeps the embedded one, found beside the file.

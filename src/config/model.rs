@@ -2,41 +2,12 @@
 //! server has (URL, key, timeouts, structured output, prompts per request, tokenizer) or only the embedded
 //! local model has (its context size).
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::batch::{BatchConfig, batch_from_raw};
 use super::raw::{BaseUrls, RawModel};
-use super::values::{ModelMode, Prices, ProviderKind, StructuredOutput};
-
-/// A secret string (API key). Its `Debug` and `Display` never show the value, so it cannot leak
-/// through logs or error messages by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    /// The secret value; call only where it is sent to the provider.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+use super::values::{ModelMode, Prices, ProviderKind, Secret, StructuredOutput};
 
 /// One model a function can name.
 #[derive(Debug, Clone)]

@@ -30,6 +30,10 @@ pub(super) struct RawConfig {
 pub(super) struct RawCluster {
     #[serde(default)]
     pub workers: Vec<String>,
+    pub token_env: Option<String>,
+    pub tls_ca: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -2,6 +2,8 @@
 //! provider's kind, structured output, a model's mode, where batch failures retry), prices and
 //! sizes. Both the serde layer ([`super::raw`]) and the checked configuration use them.
 
+use std::fmt;
+
 use serde::Deserialize;
 
 /// Provider kinds.
@@ -112,4 +114,32 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .filter(|n| *n > 0.0)
         .map(|n| (n * mult as f64) as u64)
         .ok_or_else(|| format!("{s:?} is not a size such as 100MB or 1GB"))
+}
+
+/// A secret string (an API key, the cluster token). Its `Debug` and `Display` never show the value, so it cannot leak
+/// through logs or error messages by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret value; call only where it is sent to the provider.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
 }

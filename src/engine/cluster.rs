@@ -27,6 +27,7 @@ use datafusion_distributed::{
 use url::Url;
 
 use super::session::Engine;
+use super::transport::WorkerChannels;
 use crate::config::{ClusterConfig, Config};
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
@@ -95,6 +96,7 @@ fn planned_on(builder: SessionStateBuilder, cluster: &ClusterConfig) -> SessionS
     let in_order = workers.clone();
     builder
         .with_distributed_planner()
+        .with_distributed_channel_resolver(WorkerChannels::new(cluster))
         .with_distributed_worker_resolver(Workers(workers))
         .with_distributed_desired_task_count_handler(
             move |ev: DesiredTaskCountEvent<'_>| -> Option<Result<DesiredTaskCountEventResponse>> {

@@ -21,6 +21,7 @@ mod run;
 mod script;
 mod session;
 pub mod statements;
+mod transport;
 pub mod worker;
 
 pub use batches::{BatchListing, cancel_batches, list_batches};

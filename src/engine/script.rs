@@ -12,6 +12,7 @@ use super::cluster::{is_transport_failure, name_failed_workers};
 use super::error::{StatementError, StatementErrorKind};
 use super::session::{Engine, RunOptions};
 use super::statements::{ScriptStatement, split_statements, summary};
+use super::transport::is_refused_token;
 use crate::sink::tidy_store_message;
 use crate::source::find_malformed_json_line;
 use crate::types::StatementStop;
@@ -62,11 +63,28 @@ impl Engine {
     ) -> StatementError {
         let stopped = StatementStop::of(&e);
         let transport = is_transport_failure(&e);
+        let refused = is_refused_token(&e);
         let message = self.explain_error(StatementStop::strip(e));
         let (kind, message) = match stopped {
             Some(stop) => (stop.into(), message),
+            None if refused => (
+                StatementErrorKind::Workers,
+                format!(
+                    "a worker refused the coordinator's cluster token: set {} to the workers' \
+                     token (the same value on every machine)",
+                    self.cluster.token_env
+                ),
+            ),
             None => match name_failed_workers(&self.cluster, transport) {
                 Some(workers) => (StatementErrorKind::Workers, workers),
+                None if transport && self.cluster.distributed() => (
+                    StatementErrorKind::Workers,
+                    format!(
+                        "{message} (every worker accepts connections, but the exchange with \
+                         one failed: workers that serve TLS need [cluster] tls_ca on the \
+                         coordinator, workers that do not need it removed)"
+                    ),
+                ),
                 None => (StatementErrorKind::Other, message),
             },
         };

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use super::cluster::TableRules;
 use super::error::EngineError;
 use super::session::Engine;
+use super::transport::{TokenCheck, WorkerChannels, server_tls};
 use crate::cache::CacheMode;
 use crate::config::{Config, ModelPart};
 use crate::llm::{Dispatcher, Metrics};
@@ -57,11 +58,12 @@ pub struct WorkerHost {
 }
 
 impl WorkerHost {
-    /// A worker with `config` (its `[cluster]` table is ignored: a worker runs what it is
-    /// sent), named `name` in the errors it returns (its listen address).
+    /// A worker with `config` (of its `[cluster]` table only the token and the TLS files count:
+    /// a worker runs what it is sent), named `name` in the errors it returns (its listen
+    /// address).
     pub fn new(config: &Config, name: &str) -> Result<Arc<WorkerHost>, EngineError> {
         let mut config = config.clone();
-        config.cluster = Default::default();
+        config.cluster.workers.clear();
         let engine = Engine::new(&config)?;
         Ok(Arc::new(WorkerHost {
             name: format!("worker {name}"),
@@ -136,6 +138,8 @@ impl WorkerHost {
         let who: Arc<str> = Arc::from(self.name.as_str());
         Ok(builder
             .with_distributed_user_codec(LlmCodec::worker(side))
+            // Tasks that read other workers' output reach them as the coordinator does.
+            .with_distributed_channel_resolver(WorkerChannels::new(&self.config.cluster))
             .with_distributed_worker_plan_rewrite_handler(
                 move |ev: WorkerPlanRewriteEvent<'_>| -> Result<_> {
                     Ok(WorkerPlanRewriteEventResponse::new(
@@ -153,7 +157,16 @@ impl WorkerHost {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), String> {
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = server_tls(&self.config.cluster) {
+            server = server
+                .tls_config(tls)
+                .map_err(|e| format!("{}: TLS settings: {e}", self.name))?;
+        }
+        // The token is checked before a request's body (a plan) is read.
+        let check = TokenCheck::new(self.config.cluster.token.as_ref(), &self.name);
+        server
+            .layer(tonic::service::InterceptorLayer::new(check))
             .add_service(self.service().into_worker_server())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await

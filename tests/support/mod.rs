@@ -5,6 +5,7 @@
 pub mod mock_llm;
 pub mod rows;
 pub mod s3;
+pub mod workers;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -276,7 +277,8 @@ impl Project {
         cmd.current_dir(self.dir.path())
             .args(args)
             .env_remove("RUST_LOG")
-            .env_remove("SLUICE_CONFIG");
+            .env_remove("SLUICE_CONFIG")
+            .env_remove("SLUICE_CLUSTER_TOKEN");
         cmd
     }
 
