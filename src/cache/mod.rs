@@ -17,12 +17,14 @@ use crate::types::Usage;
 
 mod jobs;
 mod key;
+mod shared;
 
 pub use jobs::StoredJob;
 pub(crate) use jobs::{key_from_hex, key_hex};
 #[cfg(test)]
 use key::request_key;
 pub(crate) use key::{KeyPrefix, RequestKey};
+pub use shared::{CacheServer, SharedCache};
 
 /// How a run uses the persistent response cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -130,6 +130,18 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `presented` is `Bearer SECRET` (an `authorization` header's value), compared
+    /// in time that does not depend on where the two differ.
+    pub fn is_bearer(&self, presented: &[u8]) -> bool {
+        let expected = format!("Bearer {}", self.0);
+        let expected = expected.as_bytes();
+        let mut diff = u8::from(expected.len() != presented.len());
+        for (i, e) in expected.iter().enumerate() {
+            diff |= e ^ presented.get(i).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -85,6 +85,7 @@ fn session(
     runtime: &Arc<LlmRuntime>,
     lines: Arc<LineRules>,
     answers: Answers,
+    cache_url: Option<String>,
 ) -> Result<SessionContext, EngineError> {
     let mut session_config = SessionConfig::new()
         .with_information_schema(true)
@@ -127,7 +128,7 @@ fn session(
         .with_optimizer_rule(Arc::new(LiftLlmCalls));
     // Estimates run here (they must not reach a worker's models); explain shows the stages.
     if config.cluster.distributed() && answers == Answers::Models {
-        state = super::cluster::distribute(state, config);
+        state = super::cluster::distribute(state, config, cache_url);
     }
     Ok(SessionContext::new_with_state(state.build()))
 }
@@ -171,7 +172,12 @@ impl Engine {
             max_join_calls: config.execution.max_join_calls,
         });
         let lines = Arc::new(LineRules::default());
-        let ctx = session(config, &runtime, lines.clone(), answers)?;
+        let cache_server = match answers {
+            Answers::Models => super::cluster::serve_cache(config, runtime.dispatcher.cache()),
+            Answers::Estimates => None,
+        };
+        let cache_url = cache_server.as_ref().map(|s| s.url());
+        let ctx = session(config, &runtime, lines.clone(), answers, cache_url)?;
         let functions = register_functions(&ctx, &runtime, defs)?;
         Ok(Engine {
             ctx,
@@ -182,6 +188,7 @@ impl Engine {
             token_counters: models.token_counters,
             batch_plans: models.batch_plans,
             cluster: config.cluster.clone(),
+            _cache_server: cache_server,
         })
     }
 }

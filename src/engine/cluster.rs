@@ -14,6 +14,8 @@
 //!
 //! [`LiftLlmCalls`]: crate::udf::plan::LiftLlmCalls
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::common::Result;
@@ -28,6 +30,7 @@ use url::Url;
 
 use super::session::Engine;
 use super::transport::WorkerChannels;
+use crate::cache::{CacheServer, ResponseCache};
 use crate::config::{ClusterConfig, Config};
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
@@ -62,8 +65,9 @@ impl WorkerResolver for Workers {
     }
 }
 
-/// A run's share of the limits: one id per engine, the worker count and the budgets.
-fn run_share(config: &Config) -> RunShare {
+/// A run's share of the limits: one id per engine, the worker count and the budgets, and
+/// where the coordinator's cache is served.
+fn run_share(config: &Config, cache_url: Option<String>) -> RunShare {
     let run = format!(
         "{:016x}{:016x}",
         fastrand::u64(..),
@@ -77,14 +81,65 @@ fn run_share(config: &Config) -> RunShare {
             .dispatcher
             .budget_usd
             .map(|usd| (usd * 1e6).round().max(0.0) as u64),
+        cache_url,
+    }
+}
+
+/// The address of this machine on its route to `url` (no packet is sent).
+fn local_address_toward(url: &Url) -> Option<IpAddr> {
+    let target = *url.socket_addrs(|| None).ok()?.first()?;
+    let any: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// On a coordinator with a response cache, serves it to the workers (the shared tier of
+/// [`crate::cache::CacheServer`]) on this machine's address toward the first worker, a free
+/// port. Not served (each worker keeps only its own cache): with TLS between the machines
+/// (the tier speaks plain HTTP), or beyond loopback without a cluster token.
+pub(super) fn serve_cache(
+    config: &Config,
+    cache: Option<&Arc<ResponseCache>>,
+) -> Option<CacheServer> {
+    let cluster = &config.cluster;
+    let (cache, first) = (cache?, cluster.workers.first()?);
+    tokio::runtime::Handle::try_current().ok()?;
+    if cluster.tls.to_workers() {
+        tracing::info!("the shared cache tier is not served over TLS: each worker keeps its own");
+        return None;
+    }
+    let ip = local_address_toward(first)?;
+    if cluster.token.is_none() && !ip.is_loopback() {
+        tracing::warn!(
+            "workers keep their own caches: the coordinator serves its cache to them only with \
+             a cluster token ({}) or on loopback",
+            cluster.token_env
+        );
+        return None;
+    }
+    match CacheServer::start(cache.clone(), (ip, 0).into(), cluster.token.clone()) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!("the coordinator cannot serve its cache to the workers: {e}");
+            None
+        }
     }
 }
 
 /// Adds the distributed planner over `config.cluster.workers` to a session whose query
 /// planner is already sluice's, with the codec of this run.
-pub(super) fn distribute(builder: SessionStateBuilder, config: &Config) -> SessionStateBuilder {
+pub(super) fn distribute(
+    builder: SessionStateBuilder,
+    config: &Config,
+    cache_url: Option<String>,
+) -> SessionStateBuilder {
     planned_on(builder, &config.cluster)
-        .with_distributed_user_codec(LlmCodec::coordinator(run_share(config), config))
+        .with_distributed_user_codec(LlmCodec::coordinator(run_share(config, cache_url), config))
         .with_distributed_option_extension(TableRules::default())
 }
 
@@ -316,6 +371,7 @@ mod tests {
             workers: 3,
             budget_tokens: Some(9_000),
             budget_micro_usd: None,
+            cache_url: None,
         };
         let coordinator = LlmCodec::coordinator(share, &cfg);
         let bytes =
@@ -345,6 +401,7 @@ mod tests {
             workers: 3,
             budget_tokens: Some(9_000),
             budget_micro_usd: None,
+            cache_url: None,
         });
         let rt = rt.unwrap();
         assert_eq!(rt.dispatcher.config().concurrency, 64 / 3);

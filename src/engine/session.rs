@@ -59,6 +59,8 @@ pub struct Engine {
     pub(super) batch_plans: BTreeMap<String, BatchPlan>,
     /// The workers statements run on (none: here).
     pub(super) cluster: ClusterConfig,
+    /// On a cluster's coordinator, its response cache served to the workers (until dropped).
+    pub(super) _cache_server: Option<crate::cache::CacheServer>,
 }
 
 impl std::fmt::Debug for Engine {

@@ -133,7 +133,7 @@ impl ChannelResolver for WorkerChannels {
 /// A worker's check of the cluster token on each request (a tonic interceptor).
 #[derive(Clone)]
 pub(crate) struct TokenCheck {
-    expected: Option<Arc<[u8]>>,
+    expected: Option<Secret>,
     worker: Arc<str>,
 }
 
@@ -141,25 +141,18 @@ impl TokenCheck {
     /// The check for `worker` (its name in the log): with no token, every request passes.
     pub(crate) fn new(token: Option<&Secret>, worker: &str) -> TokenCheck {
         TokenCheck {
-            expected: token.map(|t| Arc::from(format!("Bearer {}", t.expose()).as_bytes())),
+            expected: token.cloned(),
             worker: Arc::from(worker),
         }
     }
 
-    /// Whether `presented` (an `authorization` value) is the token, in time that does not
-    /// depend on where the two differ.
+    /// Whether `presented` (an `authorization` value) carries the token.
     fn accepts(&self, presented: Option<&[u8]>) -> bool {
-        let Some(expected) = &self.expected else {
-            return true;
-        };
-        let Some(presented) = presented else {
-            return false;
-        };
-        let mut diff = (expected.len() ^ presented.len()) as u8;
-        for (i, e) in expected.iter().enumerate() {
-            diff |= e ^ presented.get(i).copied().unwrap_or(0);
+        match (&self.expected, presented) {
+            (None, _) => true,
+            (Some(token), Some(p)) => token.is_bearer(p),
+            (Some(_), None) => false,
         }
-        diff == 0
     }
 
     fn refuse(&self, peer: Option<SocketAddr>, had_token: bool) -> tonic::Status {

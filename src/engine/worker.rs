@@ -27,7 +27,7 @@ use super::cluster::TableRules;
 use super::error::EngineError;
 use super::session::Engine;
 use super::transport::{TokenCheck, WorkerChannels, server_tls};
-use crate::cache::CacheMode;
+use crate::cache::{CacheMode, SharedCache};
 use crate::config::{Config, ModelPart};
 use crate::llm::{Dispatcher, Metrics};
 use crate::udf::codec::{LlmCodec, RunShare, WorkerSide};
@@ -190,7 +190,12 @@ impl WorkerHost {
         } else {
             CacheMode::ReadWrite
         };
-        let dispatcher = Dispatcher::with_cache(settings, base.dispatcher.cache().cloned(), mode);
+        let shared = share
+            .cache_url
+            .as_deref()
+            .map(|url| Arc::new(SharedCache::new(url, self.config.cluster.token.clone())));
+        let dispatcher =
+            Dispatcher::with_shared_cache(settings, base.dispatcher.cache().cloned(), shared, mode);
         self.metrics
             .lock()
             .unwrap_or_else(|p| p.into_inner())

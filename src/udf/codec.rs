@@ -48,6 +48,9 @@ pub struct RunShare {
     /// `--budget-usd` of the whole run, in micro-dollars.
     #[prost(uint64, optional, tag = "4")]
     pub budget_micro_usd: Option<u64>,
+    /// The coordinator's shared cache tier (`http://host:port`), when it serves one.
+    #[prost(string, optional, tag = "5")]
+    pub cache_url: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]

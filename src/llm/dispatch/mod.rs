@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Semaphore;
 
-use crate::cache::{CacheMode, KeyPrefix, RequestKey, ResponseCache};
+use crate::cache::{CacheMode, KeyPrefix, RequestKey, ResponseCache, SharedCache};
 use crate::config::DispatcherConfig;
 use crate::types::RenderedPrompt;
 #[cfg(test)]
@@ -71,7 +71,19 @@ impl Dispatcher {
         cache: Option<Arc<ResponseCache>>,
         cache_mode: CacheMode,
     ) -> Self {
+        Self::with_shared_cache(cfg, cache, None, cache_mode)
+    }
+
+    /// A cluster worker's dispatcher: `cache` first, then the coordinator's `shared` tier,
+    /// as `mode` says.
+    pub fn with_shared_cache(
+        cfg: DispatcherConfig,
+        cache: Option<Arc<ResponseCache>>,
+        shared: Option<Arc<SharedCache>>,
+        cache_mode: CacheMode,
+    ) -> Self {
         let cache = cache.filter(|_| cache_mode != CacheMode::Off);
+        let shared = shared.filter(|_| cache_mode != CacheMode::Off);
         Dispatcher {
             inner: Arc::new(Inner {
                 global: Arc::new(Semaphore::new(cfg.concurrency)),
@@ -79,6 +91,7 @@ impl Dispatcher {
                 dedup: Default::default(),
                 metrics: Arc::new(Metrics::default()),
                 cache,
+                shared,
                 cache_mode,
                 list_collectors: Default::default(),
             }),
@@ -188,14 +201,14 @@ impl FunctionCaller {
 
     /// The cache's answers to `prompts` (one read for all), counted as known in `progress`,
     /// and the prompts it does not answer, with their places and keys.
-    fn answer_from_cache(
+    async fn answer_from_cache(
         &self,
         prompts: Vec<RenderedPrompt>,
         progress: &AtomicUsize,
     ) -> (Vec<Option<CallResult>>, Vec<Miss>) {
         let fm = &self.metrics;
         let keys = self.prefix.keys(&prompts);
-        let cached = self.inner.lookup_cache(fm, &keys);
+        let cached = self.inner.lookup_cache(fm, &keys).await;
         let mut results: Vec<Option<CallResult>> = Vec::with_capacity(prompts.len());
         let mut misses = Vec::new();
         for (i, ((prompt, key), hit)) in prompts.into_iter().zip(keys).zip(cached).enumerate() {
@@ -223,7 +236,7 @@ impl FunctionCaller {
         progress: &AtomicUsize,
     ) -> Vec<CallResult> {
         let fm = &self.metrics;
-        let (mut results, sends) = self.answer_from_cache(prompts, progress);
+        let (mut results, sends) = self.answer_from_cache(prompts, progress).await;
         let sent = sends.into_iter().map(|(i, prompt, key)| {
             let req = self.spec.request(prompt);
             async move {
@@ -260,7 +273,7 @@ impl FunctionCaller {
             return self.call_all(prompts, progress).await;
         };
         let fm = &self.metrics;
-        let (mut results, misses) = self.answer_from_cache(prompts, progress);
+        let (mut results, misses) = self.answer_from_cache(prompts, progress).await;
         let mut items: Vec<Option<String>> = items.into_iter().map(Some).collect();
         let mut first: std::collections::HashMap<RequestKey, usize> = Default::default();
         let mut copies = Vec::new();

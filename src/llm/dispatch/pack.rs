@@ -84,7 +84,7 @@ impl Inner {
                 schema: Some(Arc::new(schema)),
             };
             match self.attempt_packed(model, &req, fm).await {
-                Ok(resp) => self.unpack(rows, resp, fm),
+                Ok(resp) => self.unpack(rows, resp, fm).await,
                 Err((e, _)) if splits(e.kind) => {
                     tracing::debug!(function = %spec.function, rows = n, "packed answer split: {}", e.message);
                     let right = rows.split_off(n / 2);
@@ -139,7 +139,7 @@ impl Inner {
     }
 
     /// Each row's value from a validated packed answer, stored under the row's own key.
-    fn unpack(
+    async fn unpack(
         &self,
         rows: Vec<PackRow>,
         resp: CachedResponse,
@@ -154,22 +154,24 @@ impl Inner {
         // Usage is reported per request: each row carries its share.
         let usage = resp.usage.map(|u| u.share(n));
         self.count_rows(fm, n, None);
-        rows.into_iter()
+        let answers: Vec<(RequestKey, CachedResponse)> = rows
+            .into_iter()
             .zip(values)
             .map(|(row, value)| {
-                if let Some(cache) = &self.cache
-                    && self.cache_mode.writes()
-                {
-                    let one = CachedResponse {
-                        value: value.clone(),
-                        usage,
-                        finish_reason: resp.finish_reason.clone(),
-                    };
-                    cache.put(row.key, &one);
-                }
-                Ok(Arc::new(value))
+                let one = CachedResponse {
+                    value,
+                    usage,
+                    finish_reason: resp.finish_reason.clone(),
+                };
+                (row.key, one)
             })
-            .collect()
+            .collect();
+        let results = answers
+            .iter()
+            .map(|(_, a)| Ok(Arc::new(a.value.clone())))
+            .collect();
+        self.store(answers).await;
+        results
     }
 
     /// Counts `n` rows answered by one packed request (`failed`: how it ended otherwise).

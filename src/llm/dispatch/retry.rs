@@ -152,12 +152,9 @@ impl Inner {
                 Ok(resp) => {
                     m.succeeded.fetch_add(1, Ordering::Relaxed);
                     fm.succeeded.fetch_add(1, Ordering::Relaxed);
-                    if let Some(cache) = &self.cache
-                        && self.cache_mode.writes()
-                    {
-                        cache.put(key, &resp);
-                    }
-                    return Ok(Arc::new(resp.value));
+                    let value = Arc::new(resp.value.clone());
+                    self.store(vec![(key, resp)]).await;
+                    return Ok(value);
                 }
                 Err(mut e) => {
                     let delay = self.retry_delay(&e, attempt);

@@ -1,0 +1,95 @@
+//! Answers outlive workers and topology: real `sluice worker` processes whose coordinator
+//! serves them its response cache, so that a later run pays for nothing already answered,
+//! whatever the number or order of the workers.
+
+mod support;
+
+use support::rows::rows;
+use support::workers::{KEY, WorkerProcess, cluster_project};
+use support::*;
+
+/// The flagship's rows as sorted lines, for comparing outputs made in different orders.
+async fn sorted_rows(p: &Project, rel: &str) -> Vec<String> {
+    let batches = read_parquet(&p.path(rel)).await;
+    let mut out: Vec<String> = rows(&batches)
+        .into_iter()
+        .map(|r| {
+            format!(
+                "{}|{}|{}|{}|{:?}|{:?}",
+                r.company, r.quarter, r.date, r.passage, r.question, r.answer
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Runs `sluice run q.sql` with `args` before `q.sql`; returns stderr after checking exit 0.
+fn run_ok(p: &Project, args: &[&str]) -> String {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.push("q.sql");
+    let out = p
+        .command(&all)
+        .env("SLUICE_CLUSTER_KEY", KEY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_pays_nothing_whatever_the_order_or_number_of_workers() {
+    let server = mock(MockConfig {
+        api_key: Some(KEY.to_string()),
+        ..MockConfig::default()
+    })
+    .await;
+    let prompts = 56;
+
+    // What one process makes alone, without a cache.
+    let alone = cluster_project(&server.base_url(), 8);
+    run_ok(&alone, &["--no-cache"]);
+    let expected = sorted_rows(&alone, "out/qa.parquet").await;
+    assert_eq!(expected.len(), 42);
+    server.reset_stats();
+
+    let p = cluster_project(&server.base_url(), 8);
+    let workers: Vec<WorkerProcess> = (1..=4)
+        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
+        .collect();
+    let url = |i: usize| workers[i].url();
+    let runs: [(&str, Vec<String>); 4] = [
+        ("w1,w2,w3", vec![url(0), url(1), url(2)]),
+        ("w2,w3,w1", vec![url(1), url(2), url(0)]),
+        ("w3,w1 (one fewer)", vec![url(2), url(0)]),
+        (
+            "w4,w2,w3,w1 (one more, w4 new)",
+            vec![url(3), url(1), url(2), url(0)],
+        ),
+    ];
+    for (i, (name, list)) in runs.iter().enumerate() {
+        server.reset_stats();
+        let _ = std::fs::remove_file(p.path("out/qa.parquet"));
+        run_ok(&p, &["--workers", &list.join(",")]);
+        let sent = server.stats().requests;
+        if i == 0 {
+            assert_eq!(
+                sent, prompts,
+                "{name}: the first run sends each prompt once"
+            );
+        } else {
+            assert_eq!(sent, 0, "{name}: every answer is known to the cluster");
+        }
+        assert_eq!(
+            sorted_rows(&p, "out/qa.parquet").await,
+            expected,
+            "{name}: the single process's rows"
+        );
+    }
+    // The new worker answered its share from the coordinator's cache.
+    let (code, log) = workers.into_iter().last().unwrap().terminate();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("0 requests sent"), "{log}");
+}
