@@ -356,6 +356,7 @@ impl FunctionDef {
         Ok(RenderedPrompt {
             system,
             user: render("prompt")?,
+            cuts: Default::default(),
         })
     }
 
@@ -495,9 +496,10 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
                     .unwrap_or_else(|| panic!("{t:?} is plain"));
                 for v in values {
                     let jv: Vec<JinjaValue> = v.iter().map(|s| JinjaValue::from(*s)).collect();
+                    let (fast, slow) = (plain.render(&v), d.render(&jv).unwrap());
                     assert_eq!(
-                        plain.render(&v),
-                        d.render(&jv).unwrap(),
+                        (fast.system, fast.user),
+                        (slow.system, slow.user),
                         "template {t:?}, system {system:?}, values {v:?}"
                     );
                 }
