@@ -68,6 +68,8 @@ pub struct ModelConfig {
 }
 
 /// The settings of one kind of model.
+// One per configured model, built once: the size of the server variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ModelPart {
     /// A model behind an HTTP API.
@@ -511,9 +513,13 @@ fn prices_named(
 ) -> Result<Option<Prices>, String> {
     match (input, output) {
         (None, None) if cached.is_some() || write.is_some() => Err(format!(
-            "models.{name}: the cache prices need {pre}input_usd_per_mtok and \
-             {pre}output_usd_per_mtok (the price of the prompt tokens that are not cached, and \
-             of the completion tokens)"
+            "models.{name}.{} needs {pre}input_usd_per_mtok and {pre}output_usd_per_mtok (the \
+             price of the prompt tokens that are not cached, and of the completion tokens)",
+            if cached.is_some() {
+                format!("{pre}cached_input_usd_per_mtok")
+            } else {
+                "cache_write_usd_per_mtok".to_string()
+            }
         )),
         (None, None) => Ok(None),
         (Some(input), Some(output)) => {
