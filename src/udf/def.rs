@@ -524,4 +524,18 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
             );
         }
     }
+
+    #[test]
+    fn plain_templates_cut_before_the_first_and_the_last_argument() {
+        let d = FunctionDef::parse(
+            "name = \"f\"\nargs = [\"passage\", \"question\"]\nsystem = \"Be brief.\"\n\
+             prompt = \"Passage: {{ passage }}\\nQuestion: {{ question }}\\nAnswer.\"\n",
+            Path::new("f.toml"),
+        )
+        .unwrap();
+        let p = d.plain_templates().unwrap().render(&["the text", "why?"]);
+        assert_eq!(p.user, "Passage: the text\nQuestion: why?\nAnswer.");
+        assert_eq!(&p.user[..p.cuts.common], "Passage: ");
+        assert_eq!(&p.user[..p.cuts.row], "Passage: the text\nQuestion: ");
+    }
 }

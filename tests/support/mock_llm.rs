@@ -254,6 +254,12 @@ impl StatsSnapshot {
             "batch_polls": self.batch_polls, "batch_cancels": self.batch_cancels,
             "prefill_computed": self.prefill_computed, "prefill_cached": self.prefill_cached,
             "azure_requests": self.azure_requests,
+            "anthropic": {
+                "requests": self.anthropic.requests, "input_tokens": self.anthropic.input,
+                "cache_creation_input_tokens": self.anthropic.cache_write,
+                "cache_read_input_tokens": self.anthropic.cache_read,
+                "output_tokens": self.anthropic.output,
+            },
         })
     }
 }
