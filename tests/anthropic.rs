@@ -69,10 +69,17 @@ async fn the_flagship_on_anthropic_writes_the_rows_it_writes_on_openai() {
     let expected = flagship_rows(&openai).await;
 
     let s = mock(keyed(MockConfig::default())).await;
-    let engine = anthropic(&s, 4, "");
+    let cache = tempfile::tempdir().unwrap();
+    let root = format!("http://{}", s.addr());
+    let mut cfg = config("anthropic", &root, 4, "api_key_env = \"ANT_KEY\"\n");
+    cfg.cache.enabled = true;
+    cfg.cache.dir = cache.path().to_path_buf();
+    let engine = Engine::new(&cfg).unwrap();
     let rows = flagship_rows(&engine).await;
     assert_eq!(rows.len(), 42);
     assert_eq!(rows, expected, "the same rows as on openai");
+    assert!(!rows.iter().any(|r| r.contains(KEY)));
+    assert!(!any_file_holds(cache.path(), KEY), "no key in the cache");
     let (st, m) = (s.stats(), engine.metrics());
     assert_eq!((st.requests, st.ok), (56, 56), "{st:?}");
     assert_eq!((m.requests, m.calls, m.failed), (56, 56, 0));

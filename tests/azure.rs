@@ -138,6 +138,11 @@ async fn batch_mode_on_azure_writes_the_live_rows() {
     let m = engine.metrics();
     assert_eq!((m.calls, m.failed), (56, 0));
     assert!(m.tokens_in > 0);
+    drop(engine);
+    assert!(
+        !any_file_holds(dir.path(), KEY),
+        "the key is in no cache entry or batch job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
