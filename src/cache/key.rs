@@ -169,6 +169,7 @@ pub(super) mod tests {
             prompt: RenderedPrompt {
                 system: None,
                 user: user.into(),
+                cuts: Default::default(),
             },
             max_tokens: Some(10),
             temperature: temp,
@@ -183,6 +184,7 @@ pub(super) mod tests {
         let prompt = |system: Option<&str>, user: String| RenderedPrompt {
             system: system.map(str::to_string),
             user,
+            cuts: Default::default(),
         };
         let prompts = vec![
             prompt(None, format!("{long} question one")),

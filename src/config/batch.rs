@@ -102,5 +102,6 @@ fn half(p: Prices) -> Prices {
         input: p.input / 2.0,
         output: p.output / 2.0,
         cached_input: p.cached_input / 2.0,
+        cache_write: p.cache_write / 2.0,
     }
 }

@@ -27,6 +27,7 @@
 
 mod batch;
 mod cluster;
+mod kinds;
 mod model;
 mod raw;
 mod values;
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 pub use batch::BatchConfig;
 pub use cluster::{ClusterConfig, ClusterTls, DEFAULT_TOKEN_ENV};
+pub use kinds::{ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION};
 pub use model::{LocalConfig, ModelConfig, ModelPart, ReplicaConfig, ServerConfig};
 use raw::{RawCache, RawConfig, RawDispatcher, RawExecution};
 pub use values::Secret;

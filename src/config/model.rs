@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::batch::{BatchConfig, batch_from_raw};
+use super::kinds;
 use super::raw::{BaseUrls, RawModel};
 use super::values::{ModelMode, Prices, ProviderKind, Secret, StructuredOutput};
 
@@ -38,6 +39,8 @@ pub struct ModelConfig {
 }
 
 /// The settings of one kind of model.
+// One per configured model, built once: the size of the server variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ModelPart {
     /// A model behind an HTTP API.
@@ -90,6 +93,11 @@ pub struct ServerConfig {
     /// Whether a prompt that shares a long prefix with one on the wire waits for it to be
     /// answered, so the server computes the prefix once (default true).
     pub share_prefixes: bool,
+    /// Azure OpenAI's `api-version` (`azure_openai` only).
+    pub api_version: Option<String>,
+    /// The shortest prefix, in tokens, that Anthropic caches for this model: shorter shared
+    /// openings are not marked with `cache_control` (`anthropic` only; 0 for other kinds).
+    pub prompt_cache_min_tokens: u64,
 }
 
 /// What only the embedded local model has.
@@ -140,7 +148,7 @@ impl ModelConfig {
         };
         let part = match &self.part {
             ModelPart::Server(s) => format!(
-                "server base_url={} structured_output={:?} max_response_bytes={} prompts_per_request={:?}",
+                "server base_url={} structured_output={:?} max_response_bytes={} prompts_per_request={:?} api_version={:?} prompt_cache_min_tokens={}",
                 s.replicas
                     .iter()
                     .map(|r| r.base_url.as_str())
@@ -148,7 +156,9 @@ impl ModelConfig {
                     .join(","),
                 s.structured_output,
                 s.max_response_bytes,
-                s.prompts_per_request
+                s.prompts_per_request,
+                s.api_version,
+                s.prompt_cache_min_tokens
             ),
             ModelPart::Local(l) => format!("local context_size={}", l.context_size),
         };
@@ -175,10 +185,10 @@ impl ModelConfig {
         }
     }
 
-    /// Whether this model can run in batch mode (an OpenAI-compatible chat model with one
-    /// server: a model with several replicas stays live under `--batch`).
+    /// Whether this model can run in batch mode (an OpenAI or Azure OpenAI chat model with
+    /// one server: a model with several replicas stays live under `--batch`).
     pub fn supports_batch(&self) -> bool {
-        self.kind == ProviderKind::Openai && self.server().is_none_or(|s| !s.replicated())
+        kinds::has_batch_api(self.kind) && self.server().is_none_or(|s| !s.replicated())
     }
 
     /// The prices its calls are charged at: the batch prices in batch mode.
@@ -218,6 +228,7 @@ pub(super) fn model_from_raw(
     if m.kind == ProviderKind::Local {
         return local_from_raw(name, m, base_dir);
     }
+    kinds::check_kind_keys(name, &m)?;
     let positive = |v: Option<u64>, key: &str| match v {
         Some(0) => Err(format!(
             "models.{name}.{key} must be at least 1 (leave it out for no limit)"
@@ -226,14 +237,16 @@ pub(super) fn model_from_raw(
     };
     let rpm = positive(m.rpm, "rpm")?;
     let tpm = positive(m.tpm, "tpm")?;
+    let multiples = kinds::cache_price_multiples(m.kind);
     let prices = prices_named(
         name,
         [
             m.input_usd_per_mtok,
             m.output_usd_per_mtok,
             m.cached_input_usd_per_mtok,
+            m.cache_write_usd_per_mtok,
         ],
-        "",
+        ("", multiples),
     )?;
     let batch_prices = prices_named(
         name,
@@ -241,14 +254,15 @@ pub(super) fn model_from_raw(
             m.batch_input_usd_per_mtok,
             m.batch_output_usd_per_mtok,
             m.batch_cached_input_usd_per_mtok,
+            None,
         ],
-        "batch_",
+        ("batch_", multiples),
     )?;
     let mode = m.mode.unwrap_or_default();
-    if mode == ModelMode::Batch && m.kind != ProviderKind::Openai {
+    if mode == ModelMode::Batch && !kinds::has_batch_api(m.kind) {
         return Err(format!(
-            "models.{name}: mode = \"batch\" needs kind = \"openai\" (the OpenAI Files and \
-             Batches API of a chat completions server)"
+            "models.{name}: mode = \"batch\" needs kind = \"openai\" or \"azure_openai\" (the \
+             OpenAI Files and Batches API of a chat completions server)"
         ));
     }
     let batch = batch_from_raw(name, m.batch.as_ref(), prices, batch_prices)?;
@@ -301,6 +315,8 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
         "prompts_per_request",
         "tokenizer",
         "share_prefixes",
+        "api_version",
+        "prompt_cache_min_tokens",
     ]
     .iter()
     .any(|k| misplaced.contains(k))
@@ -325,13 +341,13 @@ fn server_from_raw(
         check_url(name, url)?;
     }
     let prompts_per_request = match (m.kind, m.prompts_per_request) {
-        (ProviderKind::Openai, Some(b)) if b != 1 => {
+        (kind, Some(b)) if kinds::is_chat(kind) && b != 1 => {
             return Err(format!(
                 "models.{name}.prompts_per_request: chat completions take one prompt per request; \
                  use kind = \"openai_completions\" for list prompts"
             ));
         }
-        (ProviderKind::Openai, _) => 1,
+        (kind, _) if kinds::is_chat(kind) => 1,
         (_, Some(0)) => {
             return Err(format!(
                 "models.{name}.prompts_per_request must be at least 1"
@@ -378,6 +394,8 @@ fn server_from_raw(
         prompts_per_request,
         tokenizer: m.tokenizer.clone(),
         share_prefixes: m.share_prefixes.unwrap_or(true),
+        api_version: kinds::api_version(name, m)?,
+        prompt_cache_min_tokens: kinds::prompt_cache_min_tokens(m),
     })
 }
 
@@ -396,7 +414,20 @@ fn replica_urls(name: &str, m: &RawModel) -> Result<Vec<(String, Option<String>)
             .iter()
             .map(|r| (r.base_url.clone(), r.api_key_env.clone()))
             .collect(),
-        (None, None, ProviderKind::Lamini) => vec![("https://api.lamini.ai".to_string(), None)],
+        (None, None, kind) if kinds::default_base_url(kind).is_some() => {
+            vec![(
+                kinds::default_base_url(kind)
+                    .unwrap_or_default()
+                    .to_string(),
+                None,
+            )]
+        }
+        (None, None, ProviderKind::AzureOpenai) => {
+            return Err(format!(
+                "models.{name}.base_url is missing: give the Azure OpenAI resource's endpoint \
+                 (e.g. \"https://NAME.openai.azure.com\"); model is the deployment's name"
+            ));
+        }
         (None, None, _) => {
             return Err(format!(
                 "models.{name}.base_url is missing (e.g. \"https://api.openai.com/v1\" \
@@ -442,27 +473,34 @@ fn api_key(
     }
 }
 
-/// The prices of the keys `{pre}input_usd_per_mtok`, `{pre}output_usd_per_mtok` and
-/// `{pre}cached_input_usd_per_mtok` (given as `[input, output, cached]`): input and output both
-/// or neither, cached input only with them (default: the input price); non-negative and finite.
+/// The prices of the keys `{pre}input_usd_per_mtok`, `{pre}output_usd_per_mtok`,
+/// `{pre}cached_input_usd_per_mtok` and `cache_write_usd_per_mtok` (given as `[input, output,
+/// cached, write]`): input and output both or neither, the cache prices only with them
+/// (default: the input price times the kind's `multiples`); non-negative and finite.
 fn prices_named(
     name: &str,
-    [input, output, cached]: [Option<f64>; 3],
-    pre: &str,
+    [input, output, cached, write]: [Option<f64>; 4],
+    (pre, (cached_times, write_times)): (&str, (f64, f64)),
 ) -> Result<Option<Prices>, String> {
     match (input, output) {
-        (None, None) if cached.is_some() => Err(format!(
-            "models.{name}.{pre}cached_input_usd_per_mtok needs {pre}input_usd_per_mtok and \
-             {pre}output_usd_per_mtok (the price of the prompt tokens that are not cached, and \
-             of the completion tokens)"
+        (None, None) if cached.is_some() || write.is_some() => Err(format!(
+            "models.{name}.{} needs {pre}input_usd_per_mtok and {pre}output_usd_per_mtok (the \
+             price of the prompt tokens that are not cached, and of the completion tokens)",
+            if cached.is_some() {
+                format!("{pre}cached_input_usd_per_mtok")
+            } else {
+                "cache_write_usd_per_mtok".to_string()
+            }
         )),
         (None, None) => Ok(None),
         (Some(input), Some(output)) => {
-            let cached_input = cached.unwrap_or(input);
+            let cached_input = cached.unwrap_or(input * cached_times);
+            let cache_write = write.unwrap_or(input * write_times);
             for (key, v) in [
                 ("input", input),
                 ("output", output),
                 ("cached_input", cached_input),
+                ("cache_write", cache_write),
             ] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(format!(
@@ -475,6 +513,7 @@ fn prices_named(
                 input,
                 output,
                 cached_input,
+                cache_write,
             }))
         }
         _ => Err(format!(

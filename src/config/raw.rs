@@ -80,6 +80,7 @@ pub(super) struct RawModel {
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,
+    pub cache_write_usd_per_mtok: Option<f64>,
     pub mode: Option<ModelMode>,
     pub batch_input_usd_per_mtok: Option<f64>,
     pub batch_output_usd_per_mtok: Option<f64>,
@@ -99,6 +100,10 @@ pub(super) struct RawModel {
     pub renamed_batch_size: Option<serde::de::IgnoredAny>,
     pub tokenizer: Option<String>,
     pub share_prefixes: Option<bool>,
+    /// `azure_openai` only.
+    pub api_version: Option<String>,
+    /// `anthropic` only.
+    pub prompt_cache_min_tokens: Option<u64>,
     // The local model only.
     pub context_size: Option<u32>,
 }
@@ -117,6 +122,11 @@ impl RawModel {
             ("prompts_per_request", self.prompts_per_request.is_some()),
             ("tokenizer", self.tokenizer.is_some()),
             ("share_prefixes", self.share_prefixes.is_some()),
+            ("api_version", self.api_version.is_some()),
+            (
+                "prompt_cache_min_tokens",
+                self.prompt_cache_min_tokens.is_some(),
+            ),
         ];
         set.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect()
     }

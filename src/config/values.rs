@@ -6,6 +6,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use crate::types::Usage;
+
 /// Provider kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,6 +24,12 @@ pub enum ProviderKind {
     OpenaiEmbeddings,
     /// The embedded local model: a GGUF file run in-process with llama.cpp.
     Local,
+    /// Azure OpenAI: chat completions of a deployment
+    /// (`{base_url}/openai/deployments/{model}/chat/completions?api-version=...`, `api-key`).
+    AzureOpenai,
+    /// Anthropic's Messages API (`POST {base_url}/v1/messages`, `x-api-key`), with prompt
+    /// caching.
+    Anthropic,
 }
 
 /// How structured output is requested from an OpenAI-compatible server.
@@ -45,8 +53,11 @@ pub struct Prices {
     /// USD per million completion tokens (`output_usd_per_mtok`).
     pub output: f64,
     /// USD per million prompt tokens the server took from its prompt cache
-    /// (`cached_input_usd_per_mtok`; default: the input price).
+    /// (`cached_input_usd_per_mtok`; default: the input price, Anthropic's 0.1 × it).
     pub cached_input: f64,
+    /// USD per million prompt tokens written to the server's prompt cache
+    /// (`cache_write_usd_per_mtok`; default: the input price, Anthropic's 1.25 × it).
+    pub cache_write: f64,
 }
 
 impl Prices {
@@ -56,6 +67,7 @@ impl Prices {
             input,
             output,
             cached_input: input,
+            cache_write: input,
         }
     }
 
@@ -67,10 +79,19 @@ impl Prices {
     /// The cost in USD of `prompt` tokens, `cached` of them (at most `prompt`) from the
     /// server's prompt cache, and `completion` tokens.
     pub fn cost_cached(&self, prompt: u64, cached: u64, completion: u64) -> f64 {
-        let cached = cached.min(prompt);
-        ((prompt - cached) as f64 * self.input
+        self.cost_of(&Usage::new(prompt, completion, cached))
+    }
+
+    /// The cost in USD of `usage`: its prompt tokens read from the server's prompt cache at
+    /// the cached price, those written to it at the cache write price, the rest at the input
+    /// price, and its completion tokens.
+    pub fn cost_of(&self, usage: &Usage) -> f64 {
+        let cached = usage.cached_prompt_tokens.min(usage.prompt_tokens);
+        let written = usage.cache_write_tokens.min(usage.prompt_tokens - cached);
+        ((usage.prompt_tokens - cached - written) as f64 * self.input
             + cached as f64 * self.cached_input
-            + completion as f64 * self.output)
+            + written as f64 * self.cache_write
+            + usage.completion_tokens as f64 * self.output)
             / 1e6
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::error::EngineError;
 use crate::cache::ResponseCache;
 use crate::config::{Config, ModelConfig, ModelMode, ModelPart, ProviderKind};
+use crate::llm::anthropic::AnthropicProvider;
 use crate::llm::batch::{BatchApi, BatchQueue};
 use crate::llm::dispatch::{ModelHandle, PrefixOrder};
 use crate::llm::estimate::{EstimateProvider, TokenCounter};
@@ -51,7 +52,12 @@ pub(super) struct BatchPlan {
 fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupError> {
     let id = &m.model;
     Ok(match (&m.part, m.kind) {
-        (ModelPart::Server(s), ProviderKind::Openai) => Arc::new(OpenAiProvider::new(id, s, pool)?),
+        (ModelPart::Server(s), ProviderKind::Openai | ProviderKind::AzureOpenai) => {
+            Arc::new(OpenAiProvider::new(id, s, pool)?)
+        }
+        (ModelPart::Server(s), ProviderKind::Anthropic) => {
+            Arc::new(AnthropicProvider::new(id, s, pool)?)
+        }
         (ModelPart::Server(s), ProviderKind::OpenaiCompletions) => {
             Arc::new(CompletionsProvider::new(id, s, pool)?)
         }
@@ -91,7 +97,8 @@ fn embedder(m: &ModelConfig) -> Option<Arc<dyn Provider>> {
 /// A batch-mode model: its chat provider (for live retries) and its queue.
 type BatchModel = (Arc<dyn Provider>, Arc<BatchQueue>);
 
-/// The batch queue of model `m` in batch mode (which only OpenAI chat models can be), with
+/// The batch queue of model `m` in batch mode (which only OpenAI and Azure OpenAI chat models
+/// can be), with
 /// its chat provider; `cache` stores its jobs.
 fn batch_queue(
     m: &ModelConfig,

@@ -88,6 +88,7 @@ impl Provider for EmbeddingsProvider {
             prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0) / n,
             completion_tokens: 0,
             cached_prompt_tokens: 0,
+            cache_write_tokens: 0,
         });
         let mut out: Vec<Option<Result<LlmResponse, LlmError>>> = vec![None; reqs.len()];
         for (pos, d) in data.iter().enumerate() {

@@ -58,7 +58,10 @@ impl TokenCounter {
     /// The counter for a configured model: `tokenizer` if set, else the GGUF of a local model,
     /// else the encoding OpenAI uses for the model id, else `o200k_base`.
     pub fn for_model(m: &ModelConfig) -> Result<TokenCounter, SetupError> {
-        let chat = m.kind == ProviderKind::Openai;
+        let chat = matches!(
+            m.kind,
+            ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::Anthropic
+        );
         let server = m.server();
         let schema_in_prompt =
             chat && server.is_some_and(|s| s.structured_output == StructuredOutput::JsonSchema);
@@ -249,6 +252,7 @@ impl Provider for EstimateProvider {
             } else {
                 self.shared_prefix_tokens(req, prompt_tokens)
             },
+            cache_write_tokens: 0,
         };
         Ok(LlmResponse {
             content,

@@ -1,5 +1,6 @@
-//! The HTTP plumbing every remote provider shares: one pooled client per model, bearer auth from
-//! a [`Secret`], a capped body, and the classification of transport failures and HTTP statuses
+//! The HTTP plumbing every remote provider shares: one pooled client per model, the key from a
+//! [`Secret`] (a bearer token, or a header of the provider's own: Azure's `api-key`,
+//! Anthropic's `x-api-key`) with the provider's fixed headers, a capped body, and the classification of transport failures and HTTP statuses
 //! into [`ErrorKind`]s (with Retry-After).
 
 use std::time::Duration;
@@ -12,6 +13,15 @@ use super::response::{malformed, preview};
 use crate::config::{Secret, ServerConfig};
 use crate::types::{ErrorKind, LlmError, RateLimits};
 
+/// How a request carries the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyHeader {
+    /// `Authorization: Bearer KEY` (OpenAI and compatible servers).
+    Bearer,
+    /// `NAME: KEY` (Azure's `api-key`, Anthropic's `x-api-key`).
+    Named(&'static str),
+}
+
 /// A JSON-over-HTTP endpoint of one model.
 #[derive(Debug)]
 pub struct HttpEndpoint {
@@ -21,6 +31,8 @@ pub struct HttpEndpoint {
     api_key: Option<Secret>,
     api_key_env: Option<String>,
     max_body: usize,
+    key_header: KeyHeader,
+    headers: Vec<(&'static str, &'static str)>,
 }
 
 impl HttpEndpoint {
@@ -47,7 +59,21 @@ impl HttpEndpoint {
             api_key: cfg.api_key.clone(),
             api_key_env: cfg.api_key_env.clone(),
             max_body: cfg.max_response_bytes,
+            key_header: KeyHeader::Bearer,
+            headers: Vec::new(),
         })
+    }
+
+    /// This endpoint sending the key as `key_header` says.
+    pub fn with_key_header(mut self, key_header: KeyHeader) -> Self {
+        self.key_header = key_header;
+        self
+    }
+
+    /// This endpoint sending `name: value` with every request.
+    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     /// The URL requests go to.
@@ -95,8 +121,22 @@ impl HttpEndpoint {
         url: &str,
         max_body: usize,
     ) -> Result<(Vec<u8>, RateLimits), LlmError> {
-        if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key.expose());
+        builder = match (&self.api_key, self.key_header) {
+            (Some(key), KeyHeader::Bearer) => builder.bearer_auth(key.expose()),
+            (Some(key), KeyHeader::Named(name)) => {
+                match reqwest::header::HeaderValue::from_str(key.expose()) {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        builder.header(name, value)
+                    }
+                    // reqwest refuses it when sending, with a message that does not show it.
+                    Err(_) => builder.header(name, key.expose()),
+                }
+            }
+            (None, _) => builder,
+        };
+        for (name, value) in &self.headers {
+            builder = builder.header(*name, *value);
         }
         let mut resp = builder.send().await.map_err(|e| classify_transport(&e))?;
         let status = resp.status().as_u16();

@@ -5,6 +5,7 @@
 //! output schema, in-run dedup) → a [`Provider`] (one HTTP request) → a validated JSON value or a
 //! [`RowError`] that SQL can select.
 
+pub(crate) mod anthropic;
 pub(crate) mod batch;
 pub mod dispatch;
 pub(crate) mod embeddings;

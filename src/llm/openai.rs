@@ -1,11 +1,14 @@
 //! OpenAI-compatible servers (OpenAI, vLLM, Ollama, llama.cpp server, the project's test server):
 //! chat completions (`POST {base_url}/chat/completions`, one prompt per request) and text
 //! completions (`POST {base_url}/completions` with a list prompt, several prompts per request).
+//! Azure OpenAI speaks the same chat protocol at a deployment's URL
+//! (`{base_url}/openai/deployments/{model}/chat/completions?api-version=...`, key in `api-key`);
+//! its Files and Batches API sits beside it under `/openai` with the same `api-version`.
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::http::HttpEndpoint;
+use super::http::{HttpEndpoint, KeyHeader};
 use super::response::malformed;
 use super::{Provider, SetupError, preview};
 use crate::config::{ServerConfig, StructuredOutput};
@@ -18,22 +21,49 @@ pub struct OpenAiProvider {
     base_url: String,
     model: String,
     structured: StructuredOutput,
+    /// Azure OpenAI's `api-version` (`None`: OpenAI's own URLs).
+    azure: Option<String>,
 }
 
 impl OpenAiProvider {
-    /// Builds a provider (and its connection pool) for `model` on one configured server.
+    /// Builds a provider (and its connection pool) for `model` on one configured server: an
+    /// Azure OpenAI deployment named `model` when the server has an `api_version`.
     pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, SetupError> {
+        let url = match &cfg.api_version {
+            Some(v) => format!(
+                "{}/openai/deployments/{model}/chat/completions?api-version={v}",
+                cfg.base_url
+            ),
+            None => format!("{}/chat/completions", cfg.base_url),
+        };
+        let http = HttpEndpoint::new(cfg, url, pool_size)?;
         Ok(OpenAiProvider {
-            http: HttpEndpoint::new(cfg, format!("{}/chat/completions", cfg.base_url), pool_size)?,
+            http: match cfg.api_version {
+                Some(_) => http.with_key_header(KeyHeader::Named("api-key")),
+                None => http,
+            },
             base_url: cfg.base_url.clone(),
             model: model.to_string(),
             structured: cfg.structured_output,
+            azure: cfg.api_version.clone(),
         })
     }
 
-    /// The server's base URL (`.../v1`), for its other endpoints (the batch API).
-    pub fn base_url(&self) -> &str {
-        &self.base_url
+    /// The URL of another endpoint of the server (`/files`, `/batches/ID`): beside the chat
+    /// endpoint, or on Azure under `/openai` with the `api-version`.
+    pub fn api_url(&self, path: &str) -> String {
+        match &self.azure {
+            Some(v) => format!("{}/openai{path}?api-version={v}", self.base_url),
+            None => format!("{}{path}", self.base_url),
+        }
+    }
+
+    /// The endpoint a batch job's lines are sent to, as the batch API names it.
+    pub fn batch_endpoint(&self) -> &'static str {
+        match self.azure {
+            Some(_) => "/chat/completions",
+            None => "/v1/chat/completions",
+        }
     }
 
     /// The HTTP endpoint (client, key, body cap) requests go through.
@@ -135,7 +165,11 @@ fn text_field(choice: &Value, pointer: &str) -> Result<String, LlmError> {
 #[async_trait]
 impl Provider for OpenAiProvider {
     fn endpoint(&self) -> String {
-        format!("openai:{}#{}", self.http.identity(), self.model)
+        let kind = match self.azure {
+            Some(_) => "azure_openai",
+            None => "openai",
+        };
+        format!("{kind}:{}#{}", self.http.identity(), self.model)
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {

@@ -90,6 +90,7 @@ mod tests {
             prompt: RenderedPrompt {
                 system: system.map(str::to_string),
                 user: user.into(),
+                cuts: Default::default(),
             },
             max_tokens: None,
             temperature: None,

@@ -6,12 +6,28 @@ use super::rate::RateLimits;
 use super::schema::OutputSchema;
 
 /// A rendered request: system and user message.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RenderedPrompt {
     /// System message, if any.
     pub system: Option<String>,
     /// User message.
     pub user: String,
+    /// Where the user message may be cut for a provider's prompt cache (none: zeros).
+    pub cuts: PromptCuts,
+}
+
+/// Byte offsets into a prompt's user message where what its calls share ends, for providers
+/// whose prompt cache is marked by the client (Anthropic's `cache_control`); 0 where unknown.
+/// Set for templates that are plain text and `{{ arg }}` substitutions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PromptCuts {
+    /// The end of the opening every call of the function shares: the template's text before
+    /// its first argument.
+    pub common: usize,
+    /// The start of the function's last argument (its first substitution): the opening a
+    /// row shares with the rows whose other arguments are the same — a passage asked several
+    /// questions, the question last.
+    pub row: usize,
 }
 
 /// One request to a model.
@@ -46,6 +62,7 @@ impl LlmRequest {
             prompt_tokens: total - completion,
             completion_tokens: completion,
             cached_prompt_tokens: 0,
+            cache_write_tokens: 0,
         }
     }
 }
@@ -66,6 +83,10 @@ pub struct Usage {
     /// The part of `prompt_tokens` the server did not compute because it held their prefix
     /// (its prompt cache); never more than `prompt_tokens`.
     pub cached_prompt_tokens: u64,
+    /// The part of `prompt_tokens` written to the server's prompt cache, billed at the cache
+    /// write price (Anthropic's `cache_creation_input_tokens`); never more than the uncached
+    /// prompt tokens.
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {
@@ -76,7 +97,15 @@ impl Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_prompt_tokens: cached.min(prompt),
+            cache_write_tokens: 0,
         }
+    }
+
+    /// This usage with `written` of its uncached prompt tokens written to the server's prompt
+    /// cache (clamped to them).
+    pub fn with_cache_writes(mut self, written: u64) -> Usage {
+        self.cache_write_tokens = written.min(self.uncached_prompt_tokens());
+        self
     }
 
     /// The prompt tokens the server computed (not taken from its prompt cache).
@@ -93,6 +122,7 @@ impl Usage {
             self.completion_tokens / n,
             self.cached_prompt_tokens / n,
         )
+        .with_cache_writes(self.cache_write_tokens / n)
     }
 }
 

@@ -264,6 +264,7 @@ async fn reduce_row(
         Ok(crate::types::RenderedPrompt {
             system: system.clone(),
             user,
+            cuts: Default::default(),
         })
     };
     let limit = (budget.max_input_tokens, caller);

@@ -356,6 +356,7 @@ impl FunctionDef {
         Ok(RenderedPrompt {
             system,
             user: render("prompt")?,
+            cuts: Default::default(),
         })
     }
 
@@ -495,9 +496,10 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
                     .unwrap_or_else(|| panic!("{t:?} is plain"));
                 for v in values {
                     let jv: Vec<JinjaValue> = v.iter().map(|s| JinjaValue::from(*s)).collect();
+                    let (fast, slow) = (plain.render(&v), d.render(&jv).unwrap());
                     assert_eq!(
-                        plain.render(&v),
-                        d.render(&jv).unwrap(),
+                        (fast.system, fast.user),
+                        (slow.system, slow.user),
                         "template {t:?}, system {system:?}, values {v:?}"
                     );
                 }
@@ -521,5 +523,19 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
                 "system {t:?}"
             );
         }
+    }
+
+    #[test]
+    fn plain_templates_cut_before_the_first_and_the_last_argument() {
+        let d = FunctionDef::parse(
+            "name = \"f\"\nargs = [\"passage\", \"question\"]\nsystem = \"Be brief.\"\n\
+             prompt = \"Passage: {{ passage }}\\nQuestion: {{ question }}\\nAnswer.\"\n",
+            Path::new("f.toml"),
+        )
+        .unwrap();
+        let p = d.plain_templates().unwrap().render(&["the text", "why?"]);
+        assert_eq!(p.user, "Passage: the text\nQuestion: why?\nAnswer.");
+        assert_eq!(&p.user[..p.cuts.common], "Passage: ");
+        assert_eq!(&p.user[..p.cuts.row], "Passage: the text\nQuestion: ");
     }
 }

@@ -143,6 +143,7 @@ impl Packer for Packing {
                 None
             },
             user: render("prompt")?,
+            cuts: Default::default(),
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use minijinja::Environment;
 
-use crate::types::RenderedPrompt;
+use crate::types::{PromptCuts, RenderedPrompt};
 
 /// A function's system and prompt templates when both are only literal text and `{{ arg }}`
 /// substitutions: a row whose arguments are strings renders by concatenation, with the same
@@ -33,11 +33,14 @@ impl PlainTemplates {
         })
     }
 
-    /// Renders one row; `values[i]` binds argument `i`.
+    /// Renders one row; `values[i]` binds argument `i`. The user text's cuts are where its
+    /// first argument and its last argument (`values`' last) begin.
     pub fn render(&self, values: &[&str]) -> RenderedPrompt {
+        let (user, cuts) = self.prompt.render_cut(values);
         RenderedPrompt {
             system: self.system.as_ref().map(|s| s.render(values)),
-            user: self.prompt.render(values),
+            user,
+            cuts,
         }
     }
 }
@@ -110,6 +113,15 @@ impl Splice {
     }
 
     fn render(&self, values: &[&str]) -> String {
+        self.render_cut(values).0
+    }
+
+    /// The text, and where its first argument and the first substitution of the last argument
+    /// begin (0 when the template has none).
+    fn render_cut(&self, values: &[&str]) -> (String, PromptCuts) {
+        let last = values.len().checked_sub(1);
+        let mut cuts = PromptCuts::default();
+        let mut first_seen = false;
         let len = self
             .0
             .iter()
@@ -122,9 +134,18 @@ impl Splice {
         for p in &self.0 {
             match p {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Arg(i) => out.push_str(values[*i]),
+                Piece::Arg(i) => {
+                    if !first_seen {
+                        first_seen = true;
+                        cuts.common = out.len();
+                    }
+                    if Some(*i) == last && cuts.row == 0 {
+                        cuts.row = out.len();
+                    }
+                    out.push_str(values[*i]);
+                }
             }
         }
-        out
+        (out, cuts)
     }
 }

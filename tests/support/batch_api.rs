@@ -473,7 +473,8 @@ fn create(st: &State, req: &Request) -> Reply {
     let field = |k: &str| v.get(k).and_then(Value::as_str);
     let input = field("input_file_id").ok_or_else(|| bad("'input_file_id' is required."))?;
     let endpoint = field("endpoint");
-    if endpoint != Some("/v1/chat/completions") {
+    // OpenAI names the endpoint with its version, Azure OpenAI without.
+    if !matches!(endpoint, Some("/v1/chat/completions" | "/chat/completions")) {
         return Err(bad(format!(
             "Invalid value for 'endpoint': {endpoint:?}; this server batches '/v1/chat/completions'."
         )));

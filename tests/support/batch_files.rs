@@ -107,7 +107,9 @@ fn parse_lines(data: &[u8], max_lines: usize) -> Result<Vec<Line>, String> {
         if v.get("method").and_then(Value::as_str) != Some("POST") {
             return Err(at("'method' must be 'POST'."));
         }
-        if v.get("url").and_then(Value::as_str) != Some("/v1/chat/completions") {
+        // OpenAI names the endpoint with its version, Azure OpenAI without.
+        let url = v.get("url").and_then(Value::as_str);
+        if !matches!(url, Some("/v1/chat/completions" | "/chat/completions")) {
             return Err(at("'url' must be '/v1/chat/completions'."));
         }
         let body = v.remove("body").filter(Value::is_object);

@@ -26,6 +26,10 @@ mod clock;
 #[path = "limits.rs"]
 mod limits;
 
+#[path = "anthropic_api.rs"]
+mod anthropic_api;
+#[path = "azure_api.rs"]
+mod azure_api;
 #[path = "batch_api.rs"]
 mod batch_api;
 #[path = "embeddings_api.rs"]
@@ -33,6 +37,8 @@ mod embeddings_api;
 #[path = "prefix_cache.rs"]
 mod prefix_cache;
 
+#[allow(unused_imports)]
+pub use anthropic_api::{AnthropicConfig, AnthropicPrices, Bill, Hostile};
 pub use batch_api::BatchConfig;
 #[allow(unused_imports)]
 pub use embeddings_api::{DEFAULT_DIM, embedding_of};
@@ -165,6 +171,10 @@ pub struct MockConfig {
     /// If set, answers report this as `usage.prompt_tokens_details.cached_tokens` verbatim
     /// (for servers that send odd values).
     pub cached_tokens_raw: Option<Value>,
+    /// Azure OpenAI's paths accept only this `api-version` (any when unset).
+    pub azure_api_version: Option<String>,
+    /// Anthropic's Messages API (`/v1/messages`): its prompt cache, 529s, hostile answers.
+    pub anthropic: AnthropicConfig,
 }
 
 impl Default for MockConfig {
@@ -185,6 +195,8 @@ impl Default for MockConfig {
             batch: BatchConfig::default(),
             prefix_cache: None,
             cached_tokens_raw: None,
+            azure_api_version: None,
+            anthropic: AnthropicConfig::default(),
         }
     }
 }
@@ -223,6 +235,12 @@ pub struct StatsSnapshot {
     /// Prompt tokens of the answered requests taken from the prefix cache (reported as
     /// `cached_tokens`).
     pub prefill_cached: u64,
+    /// Requests that came by an Azure OpenAI path and passed its checks.
+    pub azure_requests: u64,
+    /// The deployments Azure paths named.
+    pub azure_deployments: Vec<String>,
+    /// What the Messages API billed.
+    pub anthropic: Bill,
 }
 
 impl StatsSnapshot {
@@ -235,6 +253,13 @@ impl StatsSnapshot {
             "batch_lines": self.batch_lines, "batches_created": self.batches_created,
             "batch_polls": self.batch_polls, "batch_cancels": self.batch_cancels,
             "prefill_computed": self.prefill_computed, "prefill_cached": self.prefill_cached,
+            "azure_requests": self.azure_requests,
+            "anthropic": {
+                "requests": self.anthropic.requests, "input_tokens": self.anthropic.input,
+                "cache_creation_input_tokens": self.anthropic.cache_write,
+                "cache_read_input_tokens": self.anthropic.cache_read,
+                "output_tokens": self.anthropic.output,
+            },
         })
     }
 }
@@ -254,6 +279,8 @@ struct Stats {
     batch_cancels: AtomicU64,
     prefill_computed: AtomicU64,
     prefill_cached: AtomicU64,
+    azure_requests: AtomicU64,
+    azure_deployments: Mutex<Vec<String>>,
     faults: Mutex<HashMap<String, u64>>,
     by_prompt: Mutex<HashMap<String, u64>>,
 }
@@ -265,6 +292,7 @@ struct State {
     buckets: Buckets,
     batches: batch_api::Store,
     prefix: PrefixCache,
+    anthropic: anthropic_api::Store,
     /// Set by [`MockServer::stop`]: every connection closes.
     stopped: tokio::sync::watch::Sender<bool>,
 }
@@ -309,6 +337,7 @@ impl MockServer {
             buckets: Buckets::default(),
             batches: batch_api::Store::default(),
             prefix: PrefixCache::default(),
+            anthropic: anthropic_api::Store::default(),
             stopped: tokio::sync::watch::Sender::new(false),
         });
         let st = state.clone();
@@ -388,6 +417,11 @@ impl State {
             batch_cancels: s.batch_cancels.load(Ordering::Relaxed),
             prefill_computed: s.prefill_computed.load(Ordering::Relaxed),
             prefill_cached: s.prefill_cached.load(Ordering::Relaxed),
+            azure_requests: s.azure_requests.load(Ordering::Relaxed),
+            azure_deployments: (s.azure_deployments.lock())
+                .map(|d| d.clone())
+                .unwrap_or_default(),
+            anthropic: self.anthropic.bill(),
         }
     }
 
@@ -406,9 +440,11 @@ impl State {
             &s.batch_cancels,
             &s.prefill_computed,
             &s.prefill_cached,
+            &s.azure_requests,
         ] {
             c.store(0, Ordering::Relaxed);
         }
+        self.anthropic.reset();
         if let Ok(mut m) = s.faults.lock() {
             m.clear();
         }
@@ -550,6 +586,24 @@ async fn serve_connection(mut sock: TcpStream, st: Arc<State>) -> std::io::Resul
 }
 
 async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io::Result<After> {
+    let azure = req.path.starts_with("/openai/");
+    let req = match azure_api::front(&st.cfg, req) {
+        Ok((req, deployment)) => {
+            if azure {
+                st.stats.azure_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (Some(d), Ok(mut seen)) = (deployment, st.stats.azure_deployments.lock())
+                && !seen.contains(&d)
+            {
+                seen.push(d);
+            }
+            req
+        }
+        Err(refusal) => {
+            sock.write_all(&refusal).await?;
+            return Ok(After::KeepAlive);
+        }
+    };
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/v1/models") => {
             let body = json!({"object": "list", "data": [{"id": "mock", "object": "model"}]});
@@ -568,6 +622,15 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             Ok(After::KeepAlive)
         }
         ("POST", "/v1/embeddings") => embeddings_api::serve_embeddings(sock, st, &req).await,
+        ("POST", "/v1/messages") => {
+            let s = &st.stats;
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            s.max_in_flight.fetch_max(now, Ordering::Relaxed);
+            let result = anthropic_api::serve_messages(sock, st, &req).await;
+            s.in_flight.fetch_sub(1, Ordering::Relaxed);
+            result
+        }
         ("POST", "/v1/chat/completions") | ("POST", "/v1/completions") => {
             let proto = if req.path == "/v1/chat/completions" {
                 Proto::Chat

@@ -370,3 +370,21 @@ pub fn on_a_terminal(
     let text = seen.lock().unwrap().clone();
     (status.code().unwrap_or(-1), text)
 }
+
+/// Whether any file under `dir` holds `needle` (for keys that must be written nowhere).
+pub fn any_file_holds(dir: &Path, needle: &str) -> bool {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                return true;
+            }
+        }
+    }
+    false
+}

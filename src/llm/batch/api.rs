@@ -127,7 +127,7 @@ impl BatchApi {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.chat.base_url())
+        self.chat.api_url(path)
     }
 
     /// Sends `method path` (with `setup` adding the rest of the request) and the key; the body
@@ -174,9 +174,9 @@ impl BatchApi {
             ErrorKind::NotFound => {
                 e.kind = ErrorKind::Batch;
                 e.message = format!(
-                    "{method} {}{path} answered 404: this server has no batch API (Files + \
+                    "{method} {} answered 404: this server has no batch API (Files + \
                      Batches); set mode = \"live\" for models.{name} or run without --batch",
-                    self.chat.base_url()
+                    self.url(path)
                 );
             }
             ErrorKind::BadRequest | ErrorKind::TooLarge => {
@@ -227,7 +227,7 @@ impl BatchApi {
     pub async fn create(&self, file_id: &str) -> Result<JobStatus, LlmError> {
         let body = json!({
             "input_file_id": file_id,
-            "endpoint": "/v1/chat/completions",
+            "endpoint": self.chat.batch_endpoint(),
             "completion_window": self.window,
             "metadata": {"created_by": "sluice"},
         });

@@ -15,7 +15,7 @@ pub(super) fn request_line(chat: &OpenAiProvider, key: &RequestKey, req: &LlmReq
     let line = json!({
         "custom_id": key_hex(key),
         "method": "POST",
-        "url": "/v1/chat/completions",
+        "url": chat.batch_endpoint(),
         "body": chat.body(req),
     });
     let mut bytes = line.to_string().into_bytes();

@@ -11,12 +11,11 @@ use crate::types::{ErrorKind, LlmError, Usage};
 
 impl ModelHandle {
     /// Nano-dollars (1e-9 USD) that `usage` costs at this model's prices (0 without prices):
-    /// its cached prompt tokens at the cached-input price.
+    /// its cached prompt tokens at the cached-input price, those written to the server's
+    /// prompt cache at the cache write price.
     pub(super) fn nano_usd(&self, usage: Usage) -> u64 {
-        self.prices.map_or(0, |p| {
-            let (prompt, cached) = (usage.prompt_tokens, usage.cached_prompt_tokens);
-            (p.cost_cached(prompt, cached, usage.completion_tokens) * 1e9).ceil() as u64
-        })
+        self.prices
+            .map_or(0, |p| (p.cost_of(&usage) * 1e9).ceil() as u64)
     }
 }
 

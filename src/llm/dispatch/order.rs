@@ -169,6 +169,7 @@ mod tests {
             prompt: RenderedPrompt {
                 system: Some("system".into()),
                 user,
+                cuts: Default::default(),
             },
             max_tokens: None,
             temperature: None,

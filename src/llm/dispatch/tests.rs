@@ -97,6 +97,7 @@ fn request(i: usize) -> LlmRequest {
         prompt: RenderedPrompt {
             system: None,
             user: format!("prompt {i}"),
+            cuts: Default::default(),
         },
         max_tokens: None,
         temperature: None,
@@ -190,6 +191,7 @@ fn asking(user: &str) -> LlmRequest {
         prompt: RenderedPrompt {
             system: None,
             user: user.into(),
+            cuts: Default::default(),
         },
         ..request(0)
     }

@@ -405,6 +405,7 @@ fn sample_step(
                 prompt_tokens: a.prompt.len() as u64,
                 completion_tokens: u64::from(a.generated),
                 cached_prompt_tokens: a.reused as u64,
+                cache_write_tokens: 0,
             }),
             rate: Default::default(),
         }));

@@ -199,6 +199,7 @@ impl Provider for LocalEmbedder {
                         prompt_tokens: tokens,
                         completion_tokens: 0,
                         cached_prompt_tokens: 0,
+                        cache_write_tokens: 0,
                     }),
                     rate: Default::default(),
                 })

@@ -39,6 +39,7 @@ fn req(user: &str) -> LlmRequest {
         prompt: RenderedPrompt {
             system: None,
             user: user.into(),
+            cuts: Default::default(),
         },
         max_tokens: None,
         temperature: None,
