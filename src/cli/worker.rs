@@ -18,14 +18,15 @@ Shared by every machine: the inputs (s3:// or a path all of them see), sluice.to
 read by each worker from its own environment (the variables named in sluice.toml); the
 coordinator never sends one.
 
-Not shared: caches. Each worker keeps its own (--cache-dir); tasks go to the workers in the
-order they are listed, so re-running a statement on the same cluster finds every answer.
+Caches: each worker keeps its own (--cache-dir) and, when the coordinator serves its cache
+(with a cluster token, or on loopback; not with TLS), asks it for what it lacks and sends it
+every answer: a re-run pays for nothing already answered, whatever the workers' order or number.
 
 Limits: concurrency, rpm, tpm, --budget-tokens and --budget-usd are the cluster's: each of N
 workers gets 1/N of each (rounded down, at least 1).
 
-A worker that dies mid-query fails the query with an error naming it; restart it and run again
-(only what was not answered is sent).
+A worker that dies mid-query fails the query with an error naming it; run again, with or
+without it (only what was not answered is sent).
 
 Only its coordinator: with SLUICE_CLUSTER_TOKEN set (or the variable [cluster] token_env names)
 to the same long random value on every machine, a worker refuses any request without that

@@ -15,6 +15,7 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use super::error::EngineError;
+use super::live::LiveWorkers;
 use super::models::{Answers, build_models};
 use super::session::Engine;
 use crate::cache::{CacheError, CacheMode, ResponseCache};
@@ -85,7 +86,7 @@ fn session(
     runtime: &Arc<LlmRuntime>,
     lines: Arc<LineRules>,
     answers: Answers,
-    cache_url: Option<String>,
+    (cache_url, live): (Option<String>, &Arc<LiveWorkers>),
 ) -> Result<SessionContext, EngineError> {
     let mut session_config = SessionConfig::new()
         .with_information_schema(true)
@@ -128,7 +129,7 @@ fn session(
         .with_optimizer_rule(Arc::new(LiftLlmCalls));
     // Estimates run here (they must not reach a worker's models); explain shows the stages.
     if config.cluster.distributed() && answers == Answers::Models {
-        state = super::cluster::distribute(state, config, cache_url);
+        state = super::cluster::distribute(state, config, cache_url, live);
     }
     Ok(SessionContext::new_with_state(state.build()))
 }
@@ -177,7 +178,8 @@ impl Engine {
             Answers::Estimates => None,
         };
         let cache_url = cache_server.as_ref().map(|s| s.url());
-        let ctx = session(config, &runtime, lines.clone(), answers, cache_url)?;
+        let live = LiveWorkers::new(&config.cluster);
+        let ctx = session(config, &runtime, lines.clone(), answers, (cache_url, &live))?;
         let functions = register_functions(&ctx, &runtime, defs)?;
         Ok(Engine {
             ctx,
@@ -189,6 +191,7 @@ impl Engine {
             batch_plans: models.batch_plans,
             cluster: config.cluster.clone(),
             _cache_server: cache_server,
+            live,
         })
     }
 }

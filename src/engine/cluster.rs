@@ -5,8 +5,10 @@
 //! its exchanges and sends every stage but the head to workers. This file tells that planner
 //! what sluice knows:
 //! - where the workers are ([`Workers`]), and that the tasks of a stage go to them in the
-//!   listed order on every run (so a re-run finds each passage's answers in the cache of the
-//!   worker that made them);
+//!   listed order on every run;
+//! - how to reach them ([`WorkerChannels`]: the cluster token, TLS);
+//! - where the coordinator serves its response cache to them ([`serve_cache`]), so that an
+//!   answer any worker received is found by any worker of a later run;
 //! - that a stage holding an LLM node wants one task per worker, however small its input
 //!   (the 16 MiB-per-task default would leave a small corpus on one worker);
 //! - how an LLM node crosses the wire ([`LlmCodec`]), with the run's [`RunShare`] of the
@@ -28,6 +30,7 @@ use datafusion_distributed::{
 };
 use url::Url;
 
+use super::live::LiveWorkers;
 use super::session::Engine;
 use super::transport::WorkerChannels;
 use crate::cache::{CacheServer, ResponseCache};
@@ -48,7 +51,8 @@ impl datafusion::config::ConfigExtension for TableRules {
     const PREFIX: &'static str = "sluice";
 }
 
-/// The configured workers, in order.
+/// The configured workers, in order (a task count per worker that does not change when one is
+/// passed over, so that every task reads the same rows as before).
 #[derive(Debug, Clone)]
 struct Workers(Vec<Url>);
 
@@ -137,18 +141,22 @@ pub(super) fn distribute(
     builder: SessionStateBuilder,
     config: &Config,
     cache_url: Option<String>,
+    live: &Arc<LiveWorkers>,
 ) -> SessionStateBuilder {
-    planned_on(builder, &config.cluster)
+    planned_on(builder, &config.cluster, live.clone())
         .with_distributed_user_codec(LlmCodec::coordinator(run_share(config, cache_url), config))
         .with_distributed_option_extension(TableRules::default())
 }
 
 /// The distributed planner over `cluster`: LLM stages get a task per worker, and tasks go to
-/// the workers in the listed order.
-fn planned_on(builder: SessionStateBuilder, cluster: &ClusterConfig) -> SessionStateBuilder {
+/// the workers in the listed order (passing over those `live` says are gone).
+fn planned_on(
+    builder: SessionStateBuilder,
+    cluster: &ClusterConfig,
+    live: Arc<LiveWorkers>,
+) -> SessionStateBuilder {
     let workers = cluster.workers.clone();
     let n = workers.len();
-    let in_order = workers.clone();
     builder
         .with_distributed_planner()
         .with_distributed_channel_resolver(WorkerChannels::new(cluster))
@@ -161,10 +169,7 @@ fn planned_on(builder: SessionStateBuilder, cluster: &ClusterConfig) -> SessionS
         )
         .with_distributed_route_tasks_handler(
             move |ev: RouteTasksEvent<'_>| -> Option<Result<RouteTasksEventResponse>> {
-                let urls = (0..ev.task_count)
-                    .map(|i| in_order[i % in_order.len()].clone())
-                    .collect();
-                Some(Ok(RouteTasksEventResponse::new(urls)))
+                Some(live.route(ev.task_count).map(RouteTasksEventResponse::new))
             },
         )
 }
@@ -197,6 +202,7 @@ impl Engine {
         let state = planned_on(
             SessionStateBuilder::new_from_existing(self.ctx.state()),
             &self.cluster,
+            LiveWorkers::new(&self.cluster),
         )
         .build();
         let physical = state.create_physical_plan(plan).await?;
@@ -244,6 +250,29 @@ pub(super) fn unreachable_workers(cluster: &ClusterConfig) -> Vec<(Url, String)>
     out
 }
 
+/// The workers that do not accept a connection now; after a `transport` failure, probed again
+/// for up to a second (a dying worker's connections break before its listener closes).
+/// Blocking: call it off the async runtime's threads.
+fn unreachable_within_a_second(cluster: &ClusterConfig, transport: bool) -> Vec<(Url, String)> {
+    let mut down = unreachable_workers(cluster);
+    for _ in 0..10 {
+        if !down.is_empty() || !transport {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        down = unreachable_workers(cluster);
+    }
+    down
+}
+
+/// The workers found dead after a failed statement (see [`unreachable_within_a_second`]).
+pub(super) fn dead_workers(cluster: &ClusterConfig, transport: bool) -> Vec<Url> {
+    unreachable_within_a_second(cluster, transport)
+        .into_iter()
+        .map(|(url, _)| url)
+        .collect()
+}
+
 /// Whether `e` came from the transport between the coordinator and a worker (a gRPC status the
 /// worker did not send as an error of its own, or an I/O error), rather than from a worker.
 pub(super) fn is_transport_failure(e: &datafusion::common::DataFusionError) -> bool {
@@ -266,14 +295,7 @@ pub(super) fn name_failed_workers(cluster: &ClusterConfig, transport: bool) -> O
     if !cluster.distributed() {
         return None;
     }
-    let mut down = unreachable_workers(cluster);
-    for _ in 0..10 {
-        if !down.is_empty() || !transport {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        down = unreachable_workers(cluster);
-    }
+    let down = unreachable_within_a_second(cluster, transport);
     if down.is_empty() {
         return None;
     }

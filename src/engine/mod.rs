@@ -15,6 +15,7 @@ mod copy;
 mod error;
 mod explain;
 mod explain_text;
+mod live;
 mod models;
 mod named;
 mod run;

@@ -8,7 +8,7 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
 
-use super::cluster::{is_transport_failure, name_failed_workers};
+use super::cluster::{dead_workers, is_transport_failure, name_failed_workers};
 use super::error::{StatementError, StatementErrorKind};
 use super::session::{Engine, RunOptions};
 use super::statements::{ScriptStatement, split_statements, summary};
@@ -46,11 +46,55 @@ impl Engine {
         out: &mut dyn Write,
     ) -> Result<(), StatementError> {
         for (i, stmt) in split_statements(sql).into_iter().enumerate() {
-            self.run_statement(&stmt.text, opts, out)
+            self.run_on_live_workers(&stmt.text, opts, out)
                 .await
                 .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
         }
         Ok(())
+    }
+
+    /// Runs a statement; on a cluster, when it fails because workers died before it wrote
+    /// anything, runs it again on the workers left (the answers the dead ones received are in
+    /// the coordinator's cache, so only the calls they had on the wire are made again). Every
+    /// worker is tried again from the next statement.
+    async fn run_on_live_workers(
+        &self,
+        text: &str,
+        opts: &RunOptions,
+        out: &mut dyn Write,
+    ) -> Result<(), DataFusionError> {
+        self.live.revive_all();
+        let mut left = self.cluster.workers.len();
+        loop {
+            let mut counted = Counted { out, written: 0 };
+            let result = self.run_statement(text, opts, &mut counted).await;
+            let written = counted.written;
+            let e = match result {
+                Err(e) if written == 0 && self.cluster.distributed() => e,
+                other => return other,
+            };
+            if StatementStop::of(&e).is_some() {
+                return Err(e);
+            }
+            let cluster = self.cluster.clone();
+            let transport = is_transport_failure(&e);
+            let down = tokio::task::spawn_blocking(move || dead_workers(&cluster, transport))
+                .await
+                .unwrap_or_default();
+            let now_left = self.live.pass_over(&down);
+            if down.is_empty() || now_left == 0 || now_left >= left {
+                return Err(e);
+            }
+            left = now_left;
+            let names: Vec<&str> = down
+                .iter()
+                .map(|u| u.as_str().trim_end_matches('/'))
+                .collect();
+            tracing::warn!(
+                "worker {} stopped answering; running the statement again on the {left} left",
+                names.join(", ")
+            );
+        }
     }
 
     /// The failure of the `index`-th statement of a script, with its place and a readable cause.
@@ -135,4 +179,22 @@ fn is_json_error(e: &DataFusionError) -> bool {
         cause = c.source();
     }
     false
+}
+
+/// `out`, counting what is written to it (a statement that wrote nothing may run again).
+struct Counted<'a> {
+    out: &'a mut dyn Write,
+    written: usize,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }

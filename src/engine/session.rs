@@ -61,6 +61,8 @@ pub struct Engine {
     pub(super) cluster: ClusterConfig,
     /// On a cluster's coordinator, its response cache served to the workers (until dropped).
     pub(super) _cache_server: Option<crate::cache::CacheServer>,
+    /// Which workers the next statement uses (a statement run again passes over dead ones).
+    pub(super) live: std::sync::Arc<super::live::LiveWorkers>,
 }
 
 impl std::fmt::Debug for Engine {
