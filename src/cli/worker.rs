@@ -25,8 +25,8 @@ every answer: a re-run pays for nothing already answered, whatever the workers' 
 Limits: concurrency, rpm, tpm, --budget-tokens and --budget-usd are the cluster's: each of N
 workers gets 1/N of each (rounded down, at least 1).
 
-A worker that dies mid-query fails the query with an error naming it; run again, with or
-without it (only what was not answered is sent).
+A worker that dies mid-statement is run around: the coordinator runs the statement again on
+the workers left. A worker that comes back is used from the next statement.
 
 Only its coordinator: with SLUICE_CLUSTER_TOKEN set (or the variable [cluster] token_env names)
 to the same long random value on every machine, a worker refuses any request without that
