@@ -93,3 +93,60 @@ async fn a_rerun_pays_nothing_whatever_the_order_or_number_of_workers() {
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("0 requests sent"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_counts_every_call_of_every_worker() {
+    let server = mock(MockConfig {
+        api_key: Some(KEY.to_string()),
+        faults: FaultRates {
+            rate_limit: 0.1,
+            ..FaultRates::default()
+        },
+        ..MockConfig::default()
+    })
+    .await;
+    let metrics = |p: &Project| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.path("m.json")).unwrap()).unwrap()
+    };
+    // Tokens are the prompts' and answers', whoever sends them: the single process's figures.
+    let alone = cluster_project(&server.base_url(), 8);
+    run_ok(&alone, &["--no-cache", "--metrics-json", "m.json"]);
+    let single = metrics(&alone);
+    server.reset_stats();
+
+    let p = cluster_project(&server.base_url(), 8);
+    let workers: Vec<WorkerProcess> = (1..=3)
+        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
+        .collect();
+    let list = workers
+        .iter()
+        .map(|w| w.url())
+        .collect::<Vec<_>>()
+        .join(",");
+    let stderr = run_ok(&p, &["--workers", &list, "--metrics-json", "m.json"]);
+    let m = metrics(&p);
+    let s = server.stats();
+    let refused = s.faults.get("rate_limit").copied().unwrap_or(0);
+    assert!(refused > 0, "the server refused some requests");
+    assert_eq!(m["requests"], s.requests, "{m}");
+    assert_eq!(m["succeeded"], 56, "{m}");
+    assert_eq!(m["failed"], 0, "{m}");
+    assert_eq!(m["retries"]["rate_limited"], refused, "{m}");
+    for key in ["tokens_in", "tokens_out"] {
+        assert_eq!(m[key], single[key], "{key}: {m}");
+    }
+    let answers = &m["functions"]["answer_question"];
+    assert_eq!(answers["prompts"], 42, "{m}");
+    assert!(answers["latency_ms"]["p50"].as_f64().is_some(), "{m}");
+    assert!(
+        stderr.contains(&format!("{} requests", s.requests)),
+        "the summary counts the workers' requests: {stderr}"
+    );
+    // A re-run: every call answered from the cache, counted as such.
+    server.reset_stats();
+    run_ok(&p, &["--workers", &list, "--metrics-json", "m.json"]);
+    let m = metrics(&p);
+    assert_eq!(server.stats().requests, 0);
+    assert_eq!(m["requests"], 0, "{m}");
+    assert_eq!(m["cache_hits"], 56, "{m}");
+}

@@ -134,7 +134,8 @@ fn role(info: &str) -> Result<Role, String> {
 
 /// API keys for `api_key_env`: any variable is set.
 fn any_key(_: &str) -> Option<String> {
-    Some("sk-docs-test".to_string())
+    // Long enough to pass for a cluster token too.
+    Some("sk-docs-test-0123456789".to_string())
 }
 
 /// A `toml config-part` block as a complete `sluice.toml`: a model table without `kind` is an

@@ -24,7 +24,7 @@ pub(crate) use jobs::{key_from_hex, key_hex};
 #[cfg(test)]
 use key::request_key;
 pub(crate) use key::{KeyPrefix, RequestKey};
-pub use shared::{CacheServer, SharedCache};
+pub use shared::{CacheServer, Counters, SharedCache};
 
 /// How a run uses the persistent response cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

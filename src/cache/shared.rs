@@ -8,13 +8,20 @@
 //! ([`SharedCache::put_many`]). The tier is best effort: a coordinator that does not answer makes
 //! lookups misses (the calls are made) and is logged once.
 //!
+//! The same server takes the workers' counters: each worker reports the change of its run's
+//! counters after each batch of calls (`POST /v1/counters`), and the coordinator adds them to
+//! its own, so that its summary, progress and `--metrics-json` count every worker's calls. A
+//! coordinator without a cache serves only the counters (lookups are misses, answers dropped).
+//!
 //! Wire format (JSON; keys as 64 hex digits, entries as the cache stores them):
 //! - `POST /v1/get` `{"keys": [..]}` → `{"entries": [entry or null, ..]}` in the keys' order;
-//! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204.
+//! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204;
+//! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204.
 //!
 //! With a cluster token, every request must carry `authorization: Bearer TOKEN`; a request
 //! without it is refused with 401 before its body is read.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,18 +70,23 @@ pub struct CacheServer {
 }
 
 impl CacheServer {
-    /// Serves `cache` on `bind` (port 0: a free one), requiring `token` when given. Needs a
-    /// tokio runtime.
+    /// Serves `cache` on `bind` (port 0: a free one), requiring `token` when given, and hands
+    /// the counters workers report to `counters`. Needs a tokio runtime.
     pub fn start(
-        cache: Arc<ResponseCache>,
+        cache: Option<Arc<ResponseCache>>,
         bind: SocketAddr,
         token: Option<Secret>,
+        counters: Counters,
     ) -> std::io::Result<CacheServer> {
         let listener = std::net::TcpListener::bind(bind)?;
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(Served { cache, token });
+        let state = Arc::new(Served {
+            cache,
+            token,
+            counters,
+        });
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -113,10 +125,14 @@ impl Drop for CacheServer {
     }
 }
 
+/// What the coordinator does with a worker's reported counters.
+pub type Counters = Arc<dyn Fn(&BTreeMap<String, u64>) + Send + Sync>;
+
 /// What the server's connections share.
 struct Served {
-    cache: Arc<ResponseCache>,
+    cache: Option<Arc<ResponseCache>>,
     token: Option<Secret>,
+    counters: Counters,
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -157,6 +173,7 @@ impl Served {
         match path.as_str() {
             "/v1/get" => self.get(&doc).await,
             "/v1/put" => self.put(&doc),
+            "/v1/counters" => self.counters(&doc),
             _ => refusal(StatusCode::NOT_FOUND, "unknown path"),
         }
     }
@@ -172,7 +189,12 @@ impl Served {
         else {
             return refusal(StatusCode::BAD_REQUEST, "keys: 64 hex digits each");
         };
-        let cache = self.cache.clone();
+        let Some(cache) = self.cache.clone() else {
+            return reply(
+                StatusCode::OK,
+                json!({ "entries": vec![Value::Null; keys.len()] }),
+            );
+        };
         let found = tokio::task::spawn_blocking(move || cache.get_many(&keys)).await;
         match found {
             Ok(Ok(found)) => {
@@ -199,14 +221,34 @@ impl Served {
                 _ => return refusal(StatusCode::BAD_REQUEST, "entries: [key, entry] each"),
             }
         }
-        for (key, resp) in parsed {
-            self.cache.put(key, &resp);
+        if let Some(cache) = &self.cache {
+            for (key, resp) in parsed {
+                cache.put(key, &resp);
+            }
         }
-        Response::builder()
-            .status(StatusCode::NO_CONTENT)
-            .body(Full::new(Bytes::new()))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        no_content()
     }
+
+    fn counters(&self, doc: &Value) -> Response<Full<Bytes>> {
+        let Some(map) = doc["counters"].as_object() else {
+            return refusal(StatusCode::BAD_REQUEST, "counters: expected an object");
+        };
+        let Some(delta) = map
+            .iter()
+            .map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
+            .collect::<Option<BTreeMap<String, u64>>>()
+        else {
+            return refusal(StatusCode::BAD_REQUEST, "counters: whole numbers");
+        };
+        (self.counters)(&delta);
+        no_content()
+    }
+}
+
+fn no_content() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
 }
 
 /// A worker's side: the coordinator's cache, reached over HTTP.
@@ -309,6 +351,13 @@ impl SharedCache {
         }
     }
 
+    /// Reports the change of this worker's counters to the coordinator.
+    pub(crate) async fn report(&self, delta: &BTreeMap<String, u64>) {
+        let _ = self
+            .post("/v1/counters", json!({ "counters": delta }))
+            .await;
+    }
+
     /// Sends answers to the coordinator's cache; returns when it has them (or failed).
     pub(crate) async fn put_many(&self, answers: &[(RequestKey, CachedResponse)]) {
         let entries: Vec<Value> = answers
@@ -387,6 +436,12 @@ mod tests {
             assert_eq!(r.status().as_u16(), status, "{path} {body}");
         }
         assert_eq!(worker.get_many(&[a]).await, vec![Some(answer("A"))]);
+
+        // Counters reach the coordinator; a stranger's do not.
+        let delta = BTreeMap::from([("requests".to_string(), 3u64)]);
+        worker.report(&delta).await;
+        SharedCache::new(&server.url(), None).report(&delta).await;
+        assert_eq!(seen.lock().unwrap().get("requests"), Some(&3));
     }
 
     #[tokio::test]

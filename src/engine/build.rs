@@ -174,7 +174,11 @@ impl Engine {
         });
         let lines = Arc::new(LineRules::default());
         let cache_server = match answers {
-            Answers::Models => super::cluster::serve_cache(config, runtime.dispatcher.cache()),
+            Answers::Models => super::cluster::serve_cache(
+                config,
+                runtime.dispatcher.cache(),
+                runtime.dispatcher.metrics(),
+            ),
             Answers::Estimates => None,
         };
         let cache_url = cache_server.as_ref().map(|s| s.url());

@@ -33,8 +33,9 @@ use url::Url;
 use super::live::LiveWorkers;
 use super::session::Engine;
 use super::transport::WorkerChannels;
-use crate::cache::{CacheServer, ResponseCache};
+use crate::cache::{CacheServer, Counters, ResponseCache};
 use crate::config::{ClusterConfig, Config};
+use crate::llm::Metrics;
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
 
@@ -102,31 +103,40 @@ fn local_address_toward(url: &Url) -> Option<IpAddr> {
     Some(socket.local_addr().ok()?.ip())
 }
 
-/// On a coordinator with a response cache, serves it to the workers (the shared tier of
-/// [`crate::cache::CacheServer`]) on this machine's address toward the first worker, a free
-/// port. Not served (each worker keeps only its own cache): with TLS between the machines
-/// (the tier speaks plain HTTP), or beyond loopback without a cluster token.
+/// On a cluster's coordinator, serves its response cache (when it has one) to the workers and
+/// takes their counters into `metrics` ([`crate::cache::CacheServer`]), on this machine's
+/// address toward the first worker, a free port. Not served (each worker keeps only its own
+/// cache and counts only its own calls): with TLS between the machines (the server speaks plain
+/// HTTP), or beyond loopback without a cluster token.
 pub(super) fn serve_cache(
     config: &Config,
     cache: Option<&Arc<ResponseCache>>,
+    metrics: &Arc<Metrics>,
 ) -> Option<CacheServer> {
     let cluster = &config.cluster;
-    let (cache, first) = (cache?, cluster.workers.first()?);
+    let first = cluster.workers.first()?;
     tokio::runtime::Handle::try_current().ok()?;
     if cluster.tls.to_workers() {
-        tracing::info!("the shared cache tier is not served over TLS: each worker keeps its own");
+        tracing::info!("the coordinator's cache and counters are not served over TLS");
         return None;
     }
     let ip = local_address_toward(first)?;
     if cluster.token.is_none() && !ip.is_loopback() {
         tracing::warn!(
-            "workers keep their own caches: the coordinator serves its cache to them only with \
-             a cluster token ({}) or on loopback",
+            "workers keep their own caches and counts: the coordinator serves its cache to them \
+             only with a cluster token ({}) or on loopback",
             cluster.token_env
         );
         return None;
     }
-    match CacheServer::start(cache.clone(), (ip, 0).into(), cluster.token.clone()) {
+    let metrics = metrics.clone();
+    let counters: Counters = Arc::new(move |delta| metrics.absorb(delta));
+    match CacheServer::start(
+        cache.cloned(),
+        (ip, 0).into(),
+        cluster.token.clone(),
+        counters,
+    ) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::warn!("the coordinator cannot serve its cache to the workers: {e}");

@@ -46,6 +46,32 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 17] = [
+        ErrorKind::RateLimited,
+        ErrorKind::ServerError,
+        ErrorKind::Timeout,
+        ErrorKind::Connection,
+        ErrorKind::Connect,
+        ErrorKind::MalformedResponse,
+        ErrorKind::InvalidOutput,
+        ErrorKind::Truncated,
+        ErrorKind::Empty,
+        ErrorKind::Auth,
+        ErrorKind::NotFound,
+        ErrorKind::BadRequest,
+        ErrorKind::TooLarge,
+        ErrorKind::NullInput,
+        ErrorKind::Template,
+        ErrorKind::Budget,
+        ErrorKind::Batch,
+    ];
+
+    /// The kind named `name` ([`ErrorKind::as_str`]).
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     /// Stable snake_case name, as stored in the error column.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -26,6 +26,8 @@ pub(super) struct Inner {
     pub(super) shared: Option<Arc<SharedCache>>,
     pub(super) cache_mode: CacheMode,
     pub(super) list_collectors: ListCollectors,
+    /// The counters last reported to the coordinator (on a cluster's worker).
+    pub(super) reported: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Inner {
@@ -69,6 +71,31 @@ impl Inner {
             .into_iter()
             .map(|f| f.map(|hit| Arc::new(hit.value)))
             .collect()
+    }
+
+    /// On a cluster's worker, reports the change of the run's counters since the last report
+    /// to the coordinator (after each batch of calls, so that the last batch's counts reach it
+    /// before its rows do).
+    pub(super) async fn report(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let delta: std::collections::BTreeMap<String, u64> = {
+            let now = self.metrics.counters();
+            let mut last = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            let delta = now
+                .iter()
+                .filter_map(|(k, &v)| {
+                    let d = v.saturating_sub(last.get(k).copied().unwrap_or(0));
+                    (d > 0).then(|| (k.clone(), d))
+                })
+                .collect();
+            *last = now;
+            delta
+        };
+        if !delta.is_empty() {
+            shared.report(&delta).await;
+        }
     }
 
     /// Stores answers in the persistent cache and, on a worker, sends them to the shared tier

@@ -116,6 +116,25 @@ pub struct FunctionMetrics {
 }
 
 impl FunctionMetrics {
+    /// The additive counters by name (see [`Metrics::counters`]).
+    fn counters(&self) -> [(&'static str, &AtomicU64); 13] {
+        [
+            ("prompts", &self.prompts),
+            ("requests", &self.requests),
+            ("cache_hits", &self.cache_hits),
+            ("succeeded", &self.succeeded),
+            ("failed", &self.failed),
+            ("tokens_in", &self.tokens_in),
+            ("tokens_out", &self.tokens_out),
+            ("tokens_cached", &self.tokens_cached),
+            ("max_in_flight", &self.max_in_flight),
+            ("hedges", &self.hedges),
+            ("prefix_waits", &self.prefix_waits),
+            ("rows_queued", &self.rows_queued),
+            ("rows_finished", &self.rows_finished),
+        ]
+    }
+
     /// Retries of every cause.
     pub fn retries_total(&self) -> u64 {
         self.retries.lock().map(|m| m.values().sum()).unwrap_or(0)
@@ -409,6 +428,112 @@ impl Metrics {
             models: BTreeMap::new(),
             replicas: BTreeMap::new(),
         }
+    }
+
+    /// Every counter that adds up across machines, by name: the run's (`calls`,
+    /// `retry:KIND`, ...) and each function's (`f:NAME:requests`, `f:NAME:lat:BUCKET`, ...).
+    /// A cluster's worker ships the change of these to its coordinator, which
+    /// [`Metrics::absorb`]s it, so that its summary, progress and `--metrics-json` count every
+    /// worker's calls. `max_in_flight` ships as the change of the worker's peak: the
+    /// coordinator's is the sum of the workers' peaks.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (name, a) in self.run_counters() {
+            out.insert(name.to_string(), a.load(Ordering::Relaxed));
+        }
+        for (kind, n) in Self::names(&self.retries) {
+            out.insert(format!("retry:{kind}"), n);
+        }
+        for (kind, n) in Self::names(&self.errors) {
+            out.insert(format!("error:{kind}"), n);
+        }
+        for (f, fm) in self.functions() {
+            for (name, a) in fm.counters() {
+                out.insert(format!("f:{f}:{name}"), a.load(Ordering::Relaxed));
+            }
+            for (kind, n) in Self::names(&fm.retries) {
+                out.insert(format!("f:{f}:retry:{kind}"), n);
+            }
+            for (kind, n) in Self::names(&fm.errors) {
+                out.insert(format!("f:{f}:error:{kind}"), n);
+            }
+            for (i, b) in fm.latency.buckets.iter().enumerate() {
+                let n = b.load(Ordering::Relaxed);
+                if n > 0 {
+                    out.insert(format!("f:{f}:lat:{i}"), n);
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds counters named as [`Metrics::counters`] names them (a worker's change since its
+    /// last report); names it does not know are ignored.
+    pub fn absorb(&self, delta: &BTreeMap<String, u64>) {
+        let add = |a: &AtomicU64, n: u64| {
+            a.fetch_add(n, Ordering::Relaxed);
+        };
+        let bump_by = |map: &Mutex<BTreeMap<ErrorKind, u64>>, kind: &str, n: u64| {
+            if let (Some(kind), Ok(mut m)) = (ErrorKind::from_name(kind), map.lock()) {
+                *m.entry(kind).or_default() += n;
+            }
+        };
+        let run = self.run_counters();
+        for (name, &n) in delta {
+            let mut parts = name.splitn(3, ':');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("retry"), Some(kind), None) => bump_by(&self.retries, kind, n),
+                (Some("error"), Some(kind), None) => bump_by(&self.errors, kind, n),
+                (Some("f"), Some(f), Some(rest)) => {
+                    let fm = self.function(f);
+                    match rest.split_once(':') {
+                        Some(("retry", kind)) => bump_by(&fm.retries, kind, n),
+                        Some(("error", kind)) => bump_by(&fm.errors, kind, n),
+                        Some(("lat", i)) => {
+                            if let Some(b) = i
+                                .parse::<usize>()
+                                .ok()
+                                .and_then(|i| fm.latency.buckets.get(i))
+                            {
+                                add(b, n);
+                            }
+                        }
+                        _ => {
+                            if let Some((_, a)) =
+                                fm.counters().into_iter().find(|(k, _)| *k == rest)
+                            {
+                                add(a, n);
+                            }
+                        }
+                    }
+                }
+                (Some(counter), None, None) => {
+                    if let Some((_, a)) = run.iter().find(|(k, _)| *k == counter) {
+                        add(a, n);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The run's additive counters by name.
+    fn run_counters(&self) -> [(&'static str, &AtomicU64); 13] {
+        [
+            ("calls", &self.calls),
+            ("deduplicated", &self.deduplicated),
+            ("requests", &self.requests),
+            ("succeeded", &self.succeeded),
+            ("failed", &self.failed),
+            ("tokens_in", &self.tokens_in),
+            ("tokens_out", &self.tokens_out),
+            ("tokens_cached", &self.tokens_cached),
+            ("max_in_flight", &self.max_in_flight),
+            ("hedges", &self.hedges),
+            ("spent_nano_usd", &self.spent_nano_usd),
+            ("cache_hits", &self.cache_hits),
+            ("cache_misses", &self.cache_misses),
+        ]
     }
 
     pub(crate) fn bump(map: &Mutex<BTreeMap<ErrorKind, u64>>, kind: ErrorKind) {

@@ -94,6 +94,7 @@ impl Dispatcher {
                 shared,
                 cache_mode,
                 list_collectors: Default::default(),
+                reported: Default::default(),
             }),
         }
     }
@@ -252,6 +253,7 @@ impl FunctionCaller {
         for (i, r) in futures::future::join_all(sent).await {
             results[i] = Some(r);
         }
+        self.inner.report().await;
         results
             .into_iter()
             .map(|r| r.expect("every prompt has its result"))
@@ -321,6 +323,7 @@ impl FunctionCaller {
             progress.fetch_add(1, Ordering::Relaxed);
             fm.rows_finished.fetch_add(1, Ordering::Relaxed);
         }
+        self.inner.report().await;
         results
             .into_iter()
             .map(|r| r.expect("every prompt has its result"))
