@@ -385,10 +385,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ResponseCache::open(dir.path()).unwrap());
         let token = Secret::new("shared-tier-token-0123456789");
+        let seen = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
+        let sink = seen.clone();
+        let counters: Counters = Arc::new(move |d: &BTreeMap<String, u64>| {
+            let mut s = sink.lock().unwrap();
+            for (k, v) in d {
+                *s.entry(k.clone()).or_default() += v;
+            }
+        });
         let server = CacheServer::start(
-            cache.clone(),
+            Some(cache.clone()),
             ([127, 0, 0, 1], 0).into(),
             Some(token.clone()),
+            counters,
         )
         .unwrap();
         let worker = SharedCache::new(&server.url(), Some(token));
