@@ -418,3 +418,29 @@ async fn a_hedge_left_alone_is_hedged_in_its_turn() {
     assert!(Metrics::names(&metrics.retries).is_empty());
     assert_eq!(m.governor.in_flight(), 0);
 }
+
+#[test]
+fn counters_shipped_and_absorbed_make_the_same_snapshot() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let worker = Metrics::default();
+    worker.requests.fetch_add(7, Relaxed);
+    worker.spent_nano_usd.fetch_add(1_234, Relaxed);
+    Metrics::bump(&worker.retries, ErrorKind::RateLimited);
+    let f = worker.function("answer_question");
+    f.prompts.fetch_add(5, Relaxed);
+    f.tokens_in.fetch_add(900, Relaxed);
+    f.latency.record(Duration::from_millis(40));
+    f.latency.record(Duration::from_millis(90));
+    Metrics::bump(&f.errors, ErrorKind::Truncated);
+
+    let coordinator = Metrics::default();
+    coordinator.absorb(&worker.counters());
+    assert_eq!(coordinator.snapshot(), worker.snapshot());
+    // A second report carries only what changed; names nobody knows are ignored.
+    worker.requests.fetch_add(2, Relaxed);
+    let mut delta = std::collections::BTreeMap::from([("requests".to_string(), 2u64)]);
+    delta.insert("no_such_counter".into(), 9);
+    delta.insert("retry:no_such_kind".into(), 9);
+    coordinator.absorb(&delta);
+    assert_eq!(coordinator.snapshot(), worker.snapshot());
+}
