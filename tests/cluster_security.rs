@@ -165,6 +165,20 @@ async fn workers_serve_over_tls_with_the_given_certificates() {
     let batches = read_parquet(&p.path("out/qa.parquet")).await;
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 42);
     assert_eq!(server.stats().requests, 56);
+    // The coordinator's cache and counters are served over TLS too: the summary counts the
+    // workers' requests, and the workers listed the other way round pay for nothing.
+    assert!(stderr.contains("56 requests"), "{stderr}");
+    std::fs::remove_file(p.path("out/qa.parquet")).unwrap();
+    server.reset_stats();
+    let reversed = workers
+        .iter()
+        .rev()
+        .map(|w| w.url())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (code, stderr) = run_with_token(&p, &reversed, Some(TOKEN));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(server.stats().requests, 0, "{stderr}");
     std::fs::remove_file(p.path("out/qa.parquet")).unwrap();
 
     // A coordinator that does not speak TLS to them fails in one line and sends nothing.

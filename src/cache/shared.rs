@@ -19,7 +19,8 @@
 //! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204.
 //!
 //! With a cluster token, every request must carry `authorization: Bearer TOKEN`; a request
-//! without it is refused with 401 before its body is read.
+//! without it is refused with 401 before its body is read. With the cluster's certificate
+//! files it is served over TLS (HTTPS), and workers trust only the cluster's authority.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -66,18 +67,25 @@ fn entry_from(value: &Value) -> Option<CachedResponse> {
 #[derive(Debug)]
 pub struct CacheServer {
     addr: SocketAddr,
+    scheme: &'static str,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl CacheServer {
-    /// Serves `cache` on `bind` (port 0: a free one), requiring `token` when given, and hands
-    /// the counters workers report to `counters`. Needs a tokio runtime.
+    /// Serves `cache` on `bind` (port 0: a free one), requiring `token` when given, over TLS
+    /// with `tls` (a certificate chain and its key, PEM), and hands the counters workers report
+    /// to `counters`. Needs a tokio runtime.
     pub fn start(
         cache: Option<Arc<ResponseCache>>,
         bind: SocketAddr,
-        token: Option<Secret>,
+        (token, tls): (Option<Secret>, Option<(&str, &Secret)>),
         counters: Counters,
     ) -> std::io::Result<CacheServer> {
+        let acceptor = match tls {
+            Some((cert, key)) => Some(tls_acceptor(cert, key).map_err(std::io::Error::other)?),
+            None => None,
+        };
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
         let listener = std::net::TcpListener::bind(bind)?;
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -93,19 +101,30 @@ impl CacheServer {
                     continue;
                 };
                 let state = state.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, std::convert::Infallible>(state.answer(req, peer).await) }
                     });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            // A peer that does not complete the handshake is dropped.
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let io = hyper_util::rt::TokioIo::new(stream);
+                                let _ = http.serve_connection(io, service).await;
+                            }
+                        }
+                        None => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http.serve_connection(io, service).await;
+                        }
+                    }
                 });
             }
         });
-        Ok(CacheServer { addr, task })
+        Ok(CacheServer { addr, scheme, task })
     }
 
     /// Where it listens.
@@ -115,7 +134,7 @@ impl CacheServer {
 
     /// The URL workers reach it at.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 }
 
@@ -123,6 +142,26 @@ impl Drop for CacheServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A TLS acceptor for `cert` (a PEM chain) and `key` (its PEM private key).
+fn tls_acceptor(cert: &str, key: &Secret) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls_cert: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
+        .map_err(|_| "tls_key: not a PEM private key".to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("tls_cert / tls_key: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// What the coordinator does with a worker's reported counters.
@@ -264,12 +303,16 @@ pub struct SharedCache {
 }
 
 impl SharedCache {
-    /// The tier at `base` (`http://host:port`), sending `token` with every request.
-    pub fn new(base: &str, token: Option<Secret>) -> SharedCache {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default();
+    /// The tier at `base` (`http://host:port`, or `https://` trusting only the authority `ca`),
+    /// sending `token` with every request.
+    pub fn new(base: &str, token: Option<Secret>, ca: Option<&str>) -> SharedCache {
+        let mut client = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = ca.and_then(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).ok()) {
+            client = client
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let client = client.build().unwrap_or_default();
         SharedCache {
             client,
             base: base.trim_end_matches('/').to_string(),
@@ -396,11 +439,11 @@ mod tests {
         let server = CacheServer::start(
             Some(cache.clone()),
             ([127, 0, 0, 1], 0).into(),
-            Some(token.clone()),
+            (Some(token.clone()), None),
             counters,
         )
         .unwrap();
-        let worker = SharedCache::new(&server.url(), Some(token));
+        let worker = SharedCache::new(&server.url(), Some(token), None);
         let (a, b): (RequestKey, RequestKey) = ([1; 32], [2; 32]);
         assert_eq!(worker.get_many(&[a, b]).await, vec![None, None]);
         worker.put_many(&[(a, answer("A"))]).await;
@@ -419,7 +462,7 @@ mod tests {
 
         // Without the token, or with another: refused, nothing read or stored.
         for other in [None, Some(Secret::new("another-token-0123456789"))] {
-            let stranger = SharedCache::new(&server.url(), other);
+            let stranger = SharedCache::new(&server.url(), other, None);
             assert_eq!(stranger.get_many(&[a]).await, vec![None]);
             stranger.put_many(&[(b, answer("poison"))]).await;
             assert_eq!(stranger.failures(), 2);
@@ -449,7 +492,9 @@ mod tests {
         // Counters reach the coordinator; a stranger's do not.
         let delta = BTreeMap::from([("requests".to_string(), 3u64)]);
         worker.report(&delta).await;
-        SharedCache::new(&server.url(), None).report(&delta).await;
+        SharedCache::new(&server.url(), None, None)
+            .report(&delta)
+            .await;
         assert_eq!(seen.lock().unwrap().get("requests"), Some(&3));
     }
 
@@ -458,7 +503,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
-        let worker = SharedCache::new(&url, None);
+        let worker = SharedCache::new(&url, None, None);
         assert_eq!(worker.get_many(&[[7; 32]]).await, vec![None]);
         worker.put_many(&[([7; 32], answer("x"))]).await;
         assert_eq!(worker.failures(), 2);

@@ -19,7 +19,7 @@ read by each worker from its own environment (the variables named in sluice.toml
 coordinator never sends one.
 
 Caches: each worker keeps its own (--cache-dir) and, when the coordinator serves its cache
-(with a cluster token, or on loopback; not with TLS), asks it for what it lacks and sends it
+(with a cluster token, or on loopback; over TLS with a TLS cluster), asks it for what it lacks and sends it
 every answer: a re-run pays for nothing already answered, whatever the workers' order or number.
 
 Limits: concurrency, rpm, tpm, --budget-tokens and --budget-usd are the cluster's: each of N

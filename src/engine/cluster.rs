@@ -105,9 +105,9 @@ fn local_address_toward(url: &Url) -> Option<IpAddr> {
 
 /// On a cluster's coordinator, serves its response cache (when it has one) to the workers and
 /// takes their counters into `metrics` ([`crate::cache::CacheServer`]), on this machine's
-/// address toward the first worker, a free port. Not served (each worker keeps only its own
-/// cache and counts only its own calls): with TLS between the machines (the server speaks plain
-/// HTTP), or beyond loopback without a cluster token.
+/// address toward the first worker, a free port; over TLS when the cluster uses TLS. Not served
+/// (each worker keeps only its own cache and counts only its own calls): beyond loopback
+/// without a cluster token, or with TLS but no certificate of the coordinator's own.
 pub(super) fn serve_cache(
     config: &Config,
     cache: Option<&Arc<ResponseCache>>,
@@ -116,10 +116,19 @@ pub(super) fn serve_cache(
     let cluster = &config.cluster;
     let first = cluster.workers.first()?;
     tokio::runtime::Handle::try_current().ok()?;
-    if cluster.tls.to_workers() {
-        tracing::info!("the coordinator's cache and counters are not served over TLS");
+    // With TLS between the machines, served over TLS with this machine's certificate.
+    let tls = match (&cluster.tls.cert, &cluster.tls.key) {
+        (Some(cert), Some(key)) => Some((cert.as_str(), key)),
+        _ => None,
+    };
+    if cluster.tls.to_workers() && tls.is_none() {
+        tracing::warn!(
+            "workers keep their own caches and counts: with [cluster] tls_ca, the coordinator \
+             serves its cache only over TLS, with tls_cert and tls_key of its own"
+        );
         return None;
     }
+    let tls = tls.filter(|_| cluster.tls.to_workers());
     let ip = local_address_toward(first)?;
     if cluster.token.is_none() && !ip.is_loopback() {
         tracing::warn!(
@@ -131,12 +140,8 @@ pub(super) fn serve_cache(
     }
     let metrics = metrics.clone();
     let counters: Counters = Arc::new(move |delta| metrics.absorb(delta));
-    match CacheServer::start(
-        cache.cloned(),
-        (ip, 0).into(),
-        cluster.token.clone(),
-        counters,
-    ) {
+    let guard = (cluster.token.clone(), tls);
+    match CacheServer::start(cache.cloned(), (ip, 0).into(), guard, counters) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::warn!("the coordinator cannot serve its cache to the workers: {e}");

@@ -190,10 +190,11 @@ impl WorkerHost {
         } else {
             CacheMode::ReadWrite
         };
-        let shared = share
-            .cache_url
-            .as_deref()
-            .map(|url| Arc::new(SharedCache::new(url, self.config.cluster.token.clone())));
+        let shared = share.cache_url.as_deref().map(|url| {
+            let cluster = &self.config.cluster;
+            let ca = cluster.tls.ca.as_deref();
+            Arc::new(SharedCache::new(url, cluster.token.clone(), ca))
+        });
         let dispatcher =
             Dispatcher::with_shared_cache(settings, base.dispatcher.cache().cloned(), shared, mode);
         self.metrics
