@@ -19,8 +19,9 @@ read by each worker from its own environment (the variables named in sluice.toml
 coordinator never sends one.
 
 Caches: each worker keeps its own (--cache-dir) and, when the coordinator serves its cache
-(with a cluster token, or on loopback; over TLS with a TLS cluster), asks it for what it lacks and sends it
-every answer: a re-run pays for nothing already answered, whatever the workers' order or number.
+(with a cluster token, or on loopback; over TLS in a TLS cluster), asks it for what it lacks
+and sends it every answer: a re-run pays for nothing already answered, whatever the workers'
+order or number. Each worker also reports its counters there, for the coordinator's summary.
 
 Limits: concurrency, rpm, tpm, --budget-tokens and --budget-usd are the cluster's: each of N
 workers gets 1/N of each (rounded down, at least 1).
