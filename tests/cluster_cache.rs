@@ -150,3 +150,47 @@ async fn the_coordinator_counts_every_call_of_every_worker() {
     assert_eq!(m["requests"], 0, "{m}");
     assert_eq!(m["cache_hits"], 56, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_calls_of_two_workers_in_one_run_are_sent_once() {
+    let server = mock(MockConfig {
+        api_key: Some(KEY.to_string()),
+        latency: std::time::Duration::from_millis(300),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = cluster_project(&server.base_url(), 8);
+    // Every passage twice: the second half of the file (the other worker's byte range) asks
+    // what the first half asks, at the same time.
+    let once = std::fs::read_to_string(p.path("data/t.jsonl")).unwrap();
+    p.write("data/t.jsonl", &format!("{once}{once}"));
+    let workers: Vec<WorkerProcess> = (1..=2)
+        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
+        .collect();
+    let list = workers
+        .iter()
+        .map(|w| w.url())
+        .collect::<Vec<_>>()
+        .join(",");
+    run_ok(&p, &["--workers", &list, "--metrics-json", "m.json"]);
+    let rows = sorted_rows(&p, "out/qa.parquet").await;
+    assert_eq!(rows.len(), 84, "every row of both copies");
+    assert_eq!(
+        server.stats().requests,
+        56,
+        "each distinct prompt sent once, whichever worker asked"
+    );
+    let mut sent = Vec::new();
+    for w in workers {
+        let (code, log) = w.terminate();
+        assert_eq!(code, 0, "{log}");
+        let n: u64 = log
+            .lines()
+            .find_map(|l| l.split(" stopped: ").nth(1))
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("the worker's totals");
+        sent.push(n);
+    }
+    assert_eq!(sent.iter().sum::<u64>(), 56, "{sent:?}");
+}

@@ -15,16 +15,21 @@ use serde_json::Value;
 
 use crate::types::Usage;
 
+mod claims;
 mod jobs;
 mod key;
+mod remote;
 mod shared;
+mod wire;
 
 pub use jobs::StoredJob;
 pub(crate) use jobs::{key_from_hex, key_hex};
 #[cfg(test)]
 use key::request_key;
 pub(crate) use key::{KeyPrefix, RequestKey};
-pub use shared::{CacheServer, Counters, SharedCache};
+pub(crate) use remote::Lookup;
+pub use remote::SharedCache;
+pub use shared::{CacheServer, Counters};
 
 /// How a run uses the persistent response cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

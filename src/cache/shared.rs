@@ -3,9 +3,9 @@
 //! whatever their number or order.
 //!
 //! A worker looks a record batch's keys up in its own cache first, then asks the coordinator
-//! for the rest in one request ([`SharedCache::get_many`]); each answer it receives is stored in
+//! for the rest in one request ([`super::SharedCache::get_many`]); each answer it receives is stored in
 //! its own cache and sent to the coordinator before the row is returned
-//! ([`SharedCache::put_many`]). The tier is best effort: a coordinator that does not answer makes
+//! ([`super::SharedCache::put_many`]). The tier is best effort: a coordinator that does not answer makes
 //! lookups misses (the calls are made) and is logged once.
 //!
 //! The same server takes the workers' counters: each worker reports the change of its run's
@@ -13,8 +13,17 @@
 //! its own, so that its summary, progress and `--metrics-json` count every worker's calls. A
 //! coordinator without a cache serves only the counters (lookups are misses, answers dropped).
 //!
+//! Identical calls made by two workers in one run are sent once: a lookup claims the keys it
+//! misses ([`super::claims`]); a worker that misses a key another worker has claimed waits for
+//! that answer (`/v1/wait`) instead of sending the request, and a worker whose call failed
+//! releases its claim.
+//!
 //! Wire format (JSON; keys as 64 hex digits, entries as the cache stores them):
-//! - `POST /v1/get` `{"keys": [..]}` → `{"entries": [entry or null, ..]}` in the keys' order;
+//! - `POST /v1/get` `{"keys": [..], "claim": true}` → `{"entries": [entry or null, ..],
+//!   "pending": [index, ..]}`: the keys' entries in order, and which of the missing keys
+//!   another worker is answering now (the others are now claimed by the asker);
+//! - `POST /v1/wait` `{"key": key}` → `{"entry": entry or null}`, once it is answered;
+//! - `POST /v1/release` `{"keys": [..]}` → 204;
 //! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204;
 //! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204.
 //!
@@ -25,8 +34,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -34,35 +41,13 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::{CachedResponse, RequestKey, ResponseCache};
+use super::ResponseCache;
+use super::claims::Claims;
+use super::wire::{entry_from, entry_value, keys_of, unhex};
 use crate::config::Secret;
 
 /// The largest request body the coordinator reads (a batch of keys or answers).
 const MAX_BODY_BYTES: usize = 64 << 20;
-
-fn hex(key: &RequestKey) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<RequestKey> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(key)
-}
-
-fn entry_value(resp: &CachedResponse) -> Value {
-    serde_json::from_slice(&resp.encode()).unwrap_or(Value::Null)
-}
-
-fn entry_from(value: &Value) -> Option<CachedResponse> {
-    CachedResponse::decode(&serde_json::to_vec(value).ok()?)
-}
-
 /// The coordinator's side: serves `cache` until dropped.
 #[derive(Debug)]
 pub struct CacheServer {
@@ -94,6 +79,7 @@ impl CacheServer {
             cache,
             token,
             counters,
+            claims: Claims::default(),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -172,6 +158,7 @@ struct Served {
     cache: Option<Arc<ResponseCache>>,
     token: Option<Secret>,
     counters: Counters,
+    claims: Claims,
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -212,40 +199,81 @@ impl Served {
         match path.as_str() {
             "/v1/get" => self.get(&doc).await,
             "/v1/put" => self.put(&doc),
+            "/v1/wait" => self.wait(&doc).await,
+            "/v1/release" => self.release(&doc),
             "/v1/counters" => self.counters(&doc),
             _ => refusal(StatusCode::NOT_FOUND, "unknown path"),
         }
     }
 
     async fn get(&self, doc: &Value) -> Response<Full<Bytes>> {
-        let Some(keys) = doc["keys"].as_array() else {
-            return refusal(StatusCode::BAD_REQUEST, "keys: expected a list");
-        };
-        let Some(keys) = keys
-            .iter()
-            .map(|k| k.as_str().and_then(unhex))
-            .collect::<Option<Vec<RequestKey>>>()
-        else {
-            return refusal(StatusCode::BAD_REQUEST, "keys: 64 hex digits each");
-        };
-        let Some(cache) = self.cache.clone() else {
-            return reply(
-                StatusCode::OK,
-                json!({ "entries": vec![Value::Null; keys.len()] }),
+        let Some(keys) = keys_of(&doc["keys"]) else {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "keys: a list of 64 hex digits each",
             );
         };
-        let found = tokio::task::spawn_blocking(move || cache.get_many(&keys)).await;
-        match found {
-            Ok(Ok(found)) => {
-                let entries: Vec<Value> = found
-                    .iter()
-                    .map(|f| f.as_ref().map_or(Value::Null, entry_value))
-                    .collect();
-                reply(StatusCode::OK, json!({ "entries": entries }))
+        let mut found = match self.cache.clone() {
+            None => vec![None; keys.len()],
+            Some(cache) => {
+                let asked = keys.clone();
+                match tokio::task::spawn_blocking(move || cache.get_many(&asked)).await {
+                    Ok(Ok(found)) => found,
+                    Ok(Err(e)) => {
+                        return refusal(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+                    }
+                    Err(_) => {
+                        return refusal(StatusCode::INTERNAL_SERVER_ERROR, "the lookup failed");
+                    }
+                }
             }
-            Ok(Err(e)) => refusal(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-            Err(_) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "the lookup failed"),
+        };
+        let claim = doc["claim"].as_bool() == Some(true);
+        let mut pending = Vec::new();
+        for (i, (key, f)) in keys.iter().zip(found.iter_mut()).enumerate() {
+            if f.is_none() {
+                *f = self.claims.recent(key);
+            }
+            if f.is_none() && claim && !self.claims.claim(*key) {
+                pending.push(i);
+            }
         }
+        let entries: Vec<Value> = found
+            .iter()
+            .map(|f| f.as_ref().map_or(Value::Null, entry_value))
+            .collect();
+        reply(
+            StatusCode::OK,
+            json!({ "entries": entries, "pending": pending }),
+        )
+    }
+
+    async fn wait(&self, doc: &Value) -> Response<Full<Bytes>> {
+        let Some(key) = doc["key"].as_str().and_then(unhex) else {
+            return refusal(StatusCode::BAD_REQUEST, "key: 64 hex digits");
+        };
+        // An answer put before this wait began is among the recent ones.
+        let entry = match self.claims.wait(key).await {
+            Some(entry) => Some(entry),
+            None => self.claims.recent(&key),
+        };
+        reply(
+            StatusCode::OK,
+            json!({ "entry": entry.as_ref().map_or(Value::Null, entry_value) }),
+        )
+    }
+
+    fn release(&self, doc: &Value) -> Response<Full<Bytes>> {
+        let Some(keys) = keys_of(&doc["keys"]) else {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "keys: a list of 64 hex digits each",
+            );
+        };
+        for key in keys {
+            self.claims.end(key, None);
+        }
+        no_content()
     }
 
     fn put(&self, doc: &Value) -> Response<Full<Bytes>> {
@@ -260,8 +288,9 @@ impl Served {
                 _ => return refusal(StatusCode::BAD_REQUEST, "entries: [key, entry] each"),
             }
         }
-        if let Some(cache) = &self.cache {
-            for (key, resp) in parsed {
+        for (key, resp) in parsed {
+            self.claims.end(key, Some(&resp));
+            if let Some(cache) = &self.cache {
                 cache.put(key, &resp);
             }
         }
@@ -290,130 +319,12 @@ fn no_content() -> Response<Full<Bytes>> {
     r
 }
 
-/// A worker's side: the coordinator's cache, reached over HTTP.
-#[derive(Debug)]
-pub struct SharedCache {
-    client: reqwest::Client,
-    base: String,
-    token: Option<Secret>,
-    /// Whether a failure was logged already (one warning per run, not one per batch).
-    warned: AtomicBool,
-    /// Requests that failed.
-    failures: AtomicU64,
-}
-
-impl SharedCache {
-    /// The tier at `base` (`http://host:port`, or `https://` trusting only the authority `ca`),
-    /// sending `token` with every request.
-    pub fn new(base: &str, token: Option<Secret>, ca: Option<&str>) -> SharedCache {
-        let mut client = reqwest::Client::builder().timeout(Duration::from_secs(30));
-        if let Some(ca) = ca.and_then(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).ok()) {
-            client = client
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(ca);
-        }
-        let client = client.build().unwrap_or_default();
-        SharedCache {
-            client,
-            base: base.trim_end_matches('/').to_string(),
-            token,
-            warned: AtomicBool::new(false),
-            failures: AtomicU64::new(0),
-        }
-    }
-
-    /// Requests to the coordinator that failed so far.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Option<reqwest::Response> {
-        let mut req = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body.to_string());
-        if let Some(t) = &self.token {
-            req = req.header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", t.expose()),
-            );
-        }
-        let failed = |why: String| {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            if !self.warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "the coordinator's shared cache at {} failed ({why}); calls it would have \
-                     answered are made",
-                    self.base
-                );
-            }
-        };
-        match req.send().await {
-            Ok(r) if r.status().is_success() => Some(r),
-            Ok(r) => {
-                failed(format!("HTTP {}", r.status().as_u16()));
-                None
-            }
-            Err(e) if e.is_timeout() => {
-                failed("no answer in 30 s".to_string());
-                None
-            }
-            Err(e) if e.is_connect() => {
-                failed("cannot connect".to_string());
-                None
-            }
-            Err(_) => {
-                failed("the connection failed".to_string());
-                None
-            }
-        }
-    }
-
-    /// The coordinator's entries for `keys`, in their order (a failure reads as misses).
-    pub(crate) async fn get_many(&self, keys: &[RequestKey]) -> Vec<Option<CachedResponse>> {
-        let misses = || vec![None; keys.len()];
-        if keys.is_empty() {
-            return Vec::new();
-        }
-        let body = json!({ "keys": keys.iter().map(hex).collect::<Vec<_>>() });
-        let Some(resp) = self.post("/v1/get", body).await else {
-            return misses();
-        };
-        let Ok(bytes) = resp.bytes().await else {
-            return misses();
-        };
-        let Ok(doc) = serde_json::from_slice::<Value>(&bytes) else {
-            return misses();
-        };
-        match doc["entries"].as_array() {
-            Some(entries) if entries.len() == keys.len() => {
-                entries.iter().map(entry_from).collect()
-            }
-            _ => misses(),
-        }
-    }
-
-    /// Reports the change of this worker's counters to the coordinator.
-    pub(crate) async fn report(&self, delta: &BTreeMap<String, u64>) {
-        let _ = self
-            .post("/v1/counters", json!({ "counters": delta }))
-            .await;
-    }
-
-    /// Sends answers to the coordinator's cache; returns when it has them (or failed).
-    pub(crate) async fn put_many(&self, answers: &[(RequestKey, CachedResponse)]) {
-        let entries: Vec<Value> = answers
-            .iter()
-            .map(|(key, resp)| json!([hex(key), entry_value(resp)]))
-            .collect();
-        let _ = self.post("/v1/put", json!({ "entries": entries })).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::remote::{Lookup, SharedCache};
+    use crate::cache::wire::hex;
+    use crate::cache::{CachedResponse, RequestKey};
 
     fn answer(text: &str) -> CachedResponse {
         CachedResponse {
@@ -421,6 +332,53 @@ mod tests {
             usage: Some(crate::types::Usage::new(10, 2, 4)),
             finish_reason: Some("stop".into()),
         }
+    }
+
+    /// A coordinator's server over a fresh cache with `token`, and the cache.
+    fn serve(token: &Secret) -> (CacheServer, Arc<ResponseCache>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ResponseCache::open(dir.path()).unwrap());
+        let counters: Counters = Arc::new(|_: &BTreeMap<String, u64>| {});
+        let guard = (Some(token.clone()), None);
+        let server = CacheServer::start(
+            Some(cache.clone()),
+            ([127, 0, 0, 1], 0).into(),
+            guard,
+            counters,
+        )
+        .unwrap();
+        (server, cache, dir)
+    }
+
+    #[tokio::test]
+    async fn identical_calls_of_two_workers_are_made_once() {
+        let token = Secret::new("shared-tier-token-0123456789");
+        let (server, _cache, _dir) = serve(&token);
+        let worker = SharedCache::new(&server.url(), Some(token.clone()), None);
+        // Two workers miss the same key: the first claims it, the second waits for its answer,
+        // which it gets before the coordinator's cache has committed it.
+        let other = SharedCache::new(&server.url(), Some(token.clone()), None);
+        let c: RequestKey = [3; 32];
+        assert_eq!(worker.get_many(&[c], true).await, vec![Lookup::Miss]);
+        assert_eq!(other.get_many(&[c], true).await, vec![Lookup::Pending]);
+        let (got, ()) = tokio::join!(other.wait(c), async {
+            tokio::task::yield_now().await;
+            worker.put_many(&[(c, answer("C"))]).await;
+        });
+        assert_eq!(got, Some(answer("C")));
+        assert_eq!(
+            other.get_many(&[c], true).await,
+            vec![Lookup::Hit(answer("C"))]
+        );
+        // A released claim lets the waiter make the call.
+        let d: RequestKey = [4; 32];
+        assert_eq!(worker.get_many(&[d], true).await, vec![Lookup::Miss]);
+        assert_eq!(other.get_many(&[d], true).await, vec![Lookup::Pending]);
+        let (got, ()) = tokio::join!(other.wait(d), async {
+            tokio::task::yield_now().await;
+            worker.release(&[d]).await;
+        });
+        assert_eq!(got, None);
     }
 
     #[tokio::test]
@@ -443,9 +401,12 @@ mod tests {
             counters,
         )
         .unwrap();
-        let worker = SharedCache::new(&server.url(), Some(token), None);
+        let worker = SharedCache::new(&server.url(), Some(token.clone()), None);
         let (a, b): (RequestKey, RequestKey) = ([1; 32], [2; 32]);
-        assert_eq!(worker.get_many(&[a, b]).await, vec![None, None]);
+        assert_eq!(
+            worker.get_many(&[a, b], false).await,
+            vec![Lookup::Miss, Lookup::Miss]
+        );
         worker.put_many(&[(a, answer("A"))]).await;
         // Stored as the coordinator's own answers are: readable after the writer's commit.
         cache.flush().await.unwrap();
@@ -455,19 +416,19 @@ mod tests {
             "kept by the coordinator"
         );
         assert_eq!(
-            worker.get_many(&[b, a]).await,
-            vec![None, Some(answer("A"))]
+            worker.get_many(&[b, a], false).await,
+            vec![Lookup::Miss, Lookup::Hit(answer("A"))]
         );
         assert_eq!(worker.failures(), 0);
 
         // Without the token, or with another: refused, nothing read or stored.
         for other in [None, Some(Secret::new("another-token-0123456789"))] {
             let stranger = SharedCache::new(&server.url(), other, None);
-            assert_eq!(stranger.get_many(&[a]).await, vec![None]);
+            assert_eq!(stranger.get_many(&[a], false).await, vec![Lookup::Miss]);
             stranger.put_many(&[(b, answer("poison"))]).await;
             assert_eq!(stranger.failures(), 2);
         }
-        assert_eq!(worker.get_many(&[b]).await, vec![None]);
+        assert_eq!(worker.get_many(&[b], false).await, vec![Lookup::Miss]);
 
         // Bad bodies are refused with a status, and the server goes on.
         let client = reqwest::Client::new();
@@ -487,7 +448,10 @@ mod tests {
                 .unwrap();
             assert_eq!(r.status().as_u16(), status, "{path} {body}");
         }
-        assert_eq!(worker.get_many(&[a]).await, vec![Some(answer("A"))]);
+        assert_eq!(
+            worker.get_many(&[a], false).await,
+            vec![Lookup::Hit(answer("A"))]
+        );
 
         // Counters reach the coordinator; a stranger's do not.
         let delta = BTreeMap::from([("requests".to_string(), 3u64)]);
@@ -504,7 +468,7 @@ mod tests {
         let url = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
         let worker = SharedCache::new(&url, None, None);
-        assert_eq!(worker.get_many(&[[7; 32]]).await, vec![None]);
+        assert_eq!(worker.get_many(&[[7; 32]], true).await, vec![Lookup::Miss]);
         worker.put_many(&[([7; 32], answer("x"))]).await;
         assert_eq!(worker.failures(), 2);
     }

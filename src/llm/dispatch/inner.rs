@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use super::dedup::Dedup;
 use super::lists::ListCollectors;
 use super::metrics::{FunctionMetrics, Metrics};
-use crate::cache::{CacheMode, CachedResponse, RequestKey, ResponseCache, SharedCache};
+use crate::cache::{CacheMode, CachedResponse, Lookup, RequestKey, ResponseCache, SharedCache};
 use crate::config::DispatcherConfig;
 
 /// What the dispatcher's clones share.
@@ -32,18 +32,21 @@ pub(super) struct Inner {
 
 impl Inner {
     /// Counts one prompt of `fm` per key and answers from the persistent cache what it can, in
-    /// one read (then one request to the shared tier for the rest, on a worker): a value per
-    /// key, or `None` where the call must be made.
+    /// one read (then one request to the shared tier for the rest, on a worker; with `claim`,
+    /// the keys it misses are claimed for this worker there): per key, a value, or `None`
+    /// where the call must be made — [`Miss::Wait`] where another worker is making it now.
     pub(super) async fn lookup_cache(
         &self,
         fm: &FunctionMetrics,
         keys: &[RequestKey],
-    ) -> Vec<Option<Arc<Value>>> {
+        claim: bool,
+    ) -> Vec<Result<Arc<Value>, Miss>> {
         fm.prompts.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let unknown = Miss::Call { claimed: false };
         if !self.cache_mode.reads() || keys.is_empty() {
-            return vec![None; keys.len()];
+            return vec![Err(unknown); keys.len()];
         }
-        let mut found = match self.cache.as_ref().map(|c| c.get_many(keys)) {
+        let local = match self.cache.as_ref().map(|c| c.get_many(keys)) {
             Some(Ok(found)) => found,
             Some(Err(e)) => {
                 tracing::warn!("{e}");
@@ -51,17 +54,28 @@ impl Inner {
             }
             None => vec![None; keys.len()],
         };
+        let mut found: Vec<Result<CachedResponse, Miss>> =
+            local.into_iter().map(|f| f.ok_or(unknown)).collect();
         if let Some(shared) = &self.shared {
-            let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+            let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_err()).collect();
             let asked: Vec<RequestKey> = missing.iter().map(|&i| keys[i]).collect();
-            for (i, got) in missing.into_iter().zip(shared.get_many(&asked).await) {
-                if let (Some(resp), Some(cache)) = (&got, &self.cache) {
-                    cache.put(keys[i], resp);
-                }
-                found[i] = got;
+            for (i, got) in missing
+                .into_iter()
+                .zip(shared.get_many(&asked, claim).await)
+            {
+                found[i] = match got {
+                    Lookup::Hit(resp) => {
+                        if let Some(cache) = &self.cache {
+                            cache.put(keys[i], &resp);
+                        }
+                        Ok(resp)
+                    }
+                    Lookup::Miss => Err(Miss::Call { claimed: claim }),
+                    Lookup::Pending => Err(Miss::Wait),
+                };
             }
         }
-        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        let hits = found.iter().filter(|f| f.is_ok()).count() as u64;
         let m = &self.metrics;
         m.cache_hits.fetch_add(hits, Ordering::Relaxed);
         m.cache_misses
@@ -71,6 +85,27 @@ impl Inner {
             .into_iter()
             .map(|f| f.map(|hit| Arc::new(hit.value)))
             .collect()
+    }
+
+    /// Another worker's answer to `key`, which it claimed (counted as a call shared with an
+    /// identical one); `None` when that call failed or took too long: make it here.
+    pub(super) async fn answer_of_other_worker(&self, key: RequestKey) -> Option<Arc<Value>> {
+        let resp = self.shared.as_ref()?.wait(key).await?;
+        if let Some(cache) = &self.cache {
+            cache.put(key, &resp);
+        }
+        self.metrics.deduplicated.fetch_add(1, Ordering::Relaxed);
+        Some(Arc::new(resp.value))
+    }
+
+    /// A claim on `key` in the shared tier, given up unless [`Claim::answered`] (a call that
+    /// failed or was cancelled lets the waiting workers make it).
+    pub(super) fn claim(&self, key: RequestKey, claimed: bool) -> Claim {
+        Claim {
+            shared: self.shared.clone().filter(|_| claimed),
+            key,
+            puts: self.cache_mode.writes(),
+        }
     }
 
     /// On a cluster's worker, reports the change of the run's counters since the last report
@@ -112,6 +147,42 @@ impl Inner {
         }
         if let Some(shared) = &self.shared {
             shared.put_many(&answers).await;
+        }
+    }
+}
+
+/// Why the cache did not answer a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Miss {
+    /// Make the call (`claimed`: this worker holds the key's claim in the shared tier).
+    Call { claimed: bool },
+    /// Another worker is making it: wait for its answer.
+    Wait,
+}
+
+/// This worker's claim on a key in the shared tier (see [`Inner::claim`]).
+pub(super) struct Claim {
+    shared: Option<Arc<SharedCache>>,
+    key: RequestKey,
+    /// Whether answers are put in the tier (which ends the claim).
+    puts: bool,
+}
+
+impl Claim {
+    /// The call was answered (its answer, put in the tier, ended the claim).
+    pub(super) fn answered(mut self) {
+        if self.puts {
+            self.shared = None;
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let (Some(shared), Ok(rt)) = (self.shared.take(), tokio::runtime::Handle::try_current())
+        {
+            let key = self.key;
+            rt.spawn(async move { shared.release(&[key]).await });
         }
     }
 }

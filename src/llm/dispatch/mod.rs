@@ -41,7 +41,7 @@ use crate::types::RenderedPrompt;
 use crate::types::{ErrorKind, LlmRequest, RowError};
 
 pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer};
-use inner::Inner;
+use inner::{Inner, Miss as MissWhy};
 pub(crate) use order::PrefixOrder;
 
 pub use metrics::{
@@ -49,8 +49,8 @@ pub use metrics::{
     ModelSnapshot,
 };
 
-/// A prompt the cache does not answer: its place among the prompts, itself, its key.
-type Miss = (usize, RenderedPrompt, RequestKey);
+/// A prompt the cache does not answer: its place among the prompts, itself, its key, and why.
+type Miss = (usize, RenderedPrompt, RequestKey, MissWhy);
 
 /// The shared scheduler. Cheap to clone (all state is behind `Arc`s).
 #[derive(Debug, Clone)]
@@ -201,23 +201,25 @@ impl FunctionCaller {
     }
 
     /// The cache's answers to `prompts` (one read for all), counted as known in `progress`,
-    /// and the prompts it does not answer, with their places and keys.
+    /// and the prompts it does not answer, with their places, keys and why (`claim`: claim
+    /// them in the cluster's shared tier).
     async fn answer_from_cache(
         &self,
         prompts: Vec<RenderedPrompt>,
         progress: &AtomicUsize,
+        claim: bool,
     ) -> (Vec<Option<CallResult>>, Vec<Miss>) {
         let fm = &self.metrics;
         let keys = self.prefix.keys(&prompts);
-        let cached = self.inner.lookup_cache(fm, &keys).await;
+        let cached = self.inner.lookup_cache(fm, &keys, claim).await;
         let mut results: Vec<Option<CallResult>> = Vec::with_capacity(prompts.len());
         let mut misses = Vec::new();
         for (i, ((prompt, key), hit)) in prompts.into_iter().zip(keys).zip(cached).enumerate() {
             match hit {
-                Some(value) => results.push(Some(Ok(value))),
-                None => {
+                Ok(value) => results.push(Some(Ok(value))),
+                Err(why) => {
                     results.push(None);
-                    misses.push((i, prompt, key));
+                    misses.push((i, prompt, key, why));
                 }
             }
         }
@@ -229,22 +231,37 @@ impl FunctionCaller {
     }
 
     /// One result per prompt, in order: answered from the cache (one read for all), shared
-    /// with an identical call, or sent. `progress` counts the prompts whose result is known, as
-    /// they become known.
+    /// with an identical call (of this process, or of another worker of the cluster), or sent.
+    /// `progress` counts the prompts whose result is known, as they become known.
     pub async fn call_all(
         &self,
         prompts: Vec<RenderedPrompt>,
         progress: &AtomicUsize,
     ) -> Vec<CallResult> {
         let fm = &self.metrics;
-        let (mut results, sends) = self.answer_from_cache(prompts, progress).await;
-        let sent = sends.into_iter().map(|(i, prompt, key)| {
+        let (mut results, sends) = self.answer_from_cache(prompts, progress, true).await;
+        let sent = sends.into_iter().map(|(i, prompt, key, why)| {
             let req = self.spec.request(prompt);
             async move {
-                let r = self
-                    .inner
-                    .call_uncached(&self.model, req, key, fm.clone())
-                    .await;
+                let shared = match why {
+                    MissWhy::Wait => self.inner.answer_of_other_worker(key).await,
+                    MissWhy::Call { .. } => None,
+                };
+                let r = match shared {
+                    Some(value) => Ok(value),
+                    None => {
+                        let claimed = matches!(why, MissWhy::Call { claimed: true });
+                        let claim = self.inner.claim(key, claimed);
+                        let r = self
+                            .inner
+                            .call_uncached(&self.model, req, key, fm.clone())
+                            .await;
+                        if r.is_ok() {
+                            claim.answered();
+                        }
+                        r
+                    }
+                };
                 progress.fetch_add(1, Ordering::Relaxed);
                 fm.rows_finished.fetch_add(1, Ordering::Relaxed);
                 (i, r)
@@ -275,13 +292,13 @@ impl FunctionCaller {
             return self.call_all(prompts, progress).await;
         };
         let fm = &self.metrics;
-        let (mut results, misses) = self.answer_from_cache(prompts, progress).await;
+        let (mut results, misses) = self.answer_from_cache(prompts, progress, false).await;
         let mut items: Vec<Option<String>> = items.into_iter().map(Some).collect();
         let mut first: std::collections::HashMap<RequestKey, usize> = Default::default();
         let mut copies = Vec::new();
         let mut rows = Vec::new();
         let mut indices = Vec::new();
-        for (i, prompt, key) in misses {
+        for (i, prompt, key, _) in misses {
             match first.get(&key) {
                 Some(&j) => copies.push((i, j)),
                 None => {

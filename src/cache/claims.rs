@@ -1,0 +1,149 @@
+//! The calls a cluster's workers are making now, as the coordinator's shared tier knows them:
+//! the first worker that misses a key claims it and makes the call; a worker that misses a key
+//! another has claimed waits for that worker's answer instead of sending the same request.
+//!
+//! A claim ends when its answer is put (the waiters get it), when its worker releases it (the
+//! call failed or was cancelled: the waiters make the call themselves), or when a waiter has
+//! waited [`MAX_WAIT`] (its worker may be gone): the claim is dropped and the waiter calls.
+//!
+//! The last answers put are kept here too ([`RECENT`] of them): the cache stores an answer at
+//! its writer's next commit, and a lookup in between must find it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::{CachedResponse, RequestKey};
+
+/// The longest a worker waits for another's answer before making the call itself.
+pub(super) const MAX_WAIT: Duration = Duration::from_secs(20);
+
+/// How many of the last answers put are kept in memory.
+const RECENT: usize = 16_384;
+
+/// Keys claimed by a worker, each with the waiters for its answer.
+#[derive(Debug, Default)]
+pub(super) struct Claims {
+    open: Mutex<HashMap<RequestKey, Vec<oneshot::Sender<Option<CachedResponse>>>>>,
+    recent: Mutex<(HashMap<RequestKey, CachedResponse>, VecDeque<RequestKey>)>,
+}
+
+impl Claims {
+    /// Claims `key` for the asker: `true` when it is claimed now (the asker makes the call),
+    /// `false` when another claimed it first.
+    pub(super) fn claim(&self, key: RequestKey) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.contains_key(&key) {
+            return false;
+        }
+        open.insert(key, Vec::new());
+        true
+    }
+
+    /// Waits for the answer to a claimed `key` (at most [`MAX_WAIT`]); `None` when it is not
+    /// claimed, was released or the wait ran out (the claim is then dropped).
+    pub(super) async fn wait(&self, key: RequestKey) -> Option<CachedResponse> {
+        let rx = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let waiters = open.get_mut(&key)?;
+            let (tx, rx) = oneshot::channel();
+            waiters.push(tx);
+            rx
+        };
+        match tokio::time::timeout(MAX_WAIT, rx).await {
+            Ok(answer) => answer.ok().flatten(),
+            Err(_) => {
+                self.end(key, None);
+                None
+            }
+        }
+    }
+
+    /// One of the last answers put, if `key` is among them.
+    pub(super) fn recent(&self, key: &RequestKey) -> Option<CachedResponse> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.0.get(key).cloned()
+    }
+
+    /// Ends the claim on `key`, handing its waiters `answer` (`None`: released), and keeps
+    /// the answer among the recent ones.
+    pub(super) fn end(&self, key: RequestKey, answer: Option<&CachedResponse>) {
+        if let Some(answer) = answer {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let (map, order) = &mut *recent;
+            if map.insert(key, answer.clone()).is_none() {
+                order.push_back(key);
+            }
+            while order.len() > RECENT {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+        let waiters = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(answer.cloned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer() -> CachedResponse {
+        CachedResponse {
+            value: serde_json::json!("A"),
+            usage: None,
+            finish_reason: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_claims_and_the_others_wait_for_its_answer() {
+        let claims = std::sync::Arc::new(Claims::default());
+        let key = [3; 32];
+        assert!(claims.claim(key));
+        assert!(!claims.claim(key), "claimed already");
+        let waiter = tokio::spawn({
+            let claims = claims.clone();
+            async move { claims.wait(key).await }
+        });
+        tokio::task::yield_now().await;
+        claims.end(key, Some(&answer()));
+        assert_eq!(waiter.await.unwrap(), Some(answer()));
+        assert_eq!(
+            claims.recent(&key),
+            Some(answer()),
+            "kept until the cache has it"
+        );
+        assert!(claims.claim(key), "the claim ended with its answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_or_abandoned_claim_lets_the_waiter_call() {
+        let claims = std::sync::Arc::new(Claims::default());
+        let key = [4; 32];
+        assert_eq!(claims.wait(key).await, None, "not claimed: no wait");
+        assert!(claims.claim(key));
+        let waiter = tokio::spawn({
+            let claims = claims.clone();
+            async move { claims.wait(key).await }
+        });
+        tokio::task::yield_now().await;
+        claims.end(key, None);
+        assert_eq!(waiter.await.unwrap(), None);
+        // A claimant that never answers: the wait runs out and the claim is dropped.
+        assert!(claims.claim(key));
+        let start = tokio::time::Instant::now();
+        assert_eq!(claims.wait(key).await, None);
+        assert_eq!(start.elapsed(), MAX_WAIT);
+        assert!(claims.claim(key));
+    }
+}

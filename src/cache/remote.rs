@@ -1,0 +1,166 @@
+//! A worker's side of the cluster's shared tier (see [`super::shared`]): the coordinator's
+//! cache and its claims, reached over HTTP(S), and where the worker reports its counters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde_json::{Value, json};
+
+use super::wire::{entry_from, entry_value, hex};
+use super::{CachedResponse, RequestKey};
+use crate::config::Secret;
+
+/// What the coordinator's cache says of one key.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Lookup {
+    /// Its answer.
+    Hit(CachedResponse),
+    /// Not known: make the call (claimed for this worker when asked to claim).
+    Miss,
+    /// Another worker is answering it now: [`SharedCache::wait`] for its answer.
+    Pending,
+}
+
+/// A worker's side: the coordinator's cache, reached over HTTP.
+#[derive(Debug)]
+pub struct SharedCache {
+    client: reqwest::Client,
+    base: String,
+    token: Option<Secret>,
+    /// Whether a failure was logged already (one warning per run, not one per batch).
+    warned: AtomicBool,
+    /// Requests that failed.
+    failures: AtomicU64,
+}
+
+impl SharedCache {
+    /// The tier at `base` (`http://host:port`, or `https://` trusting only the authority `ca`),
+    /// sending `token` with every request.
+    pub fn new(base: &str, token: Option<Secret>, ca: Option<&str>) -> SharedCache {
+        // Longer than a wait for another worker's answer can last.
+        let mut client = reqwest::Client::builder().timeout(super::claims::MAX_WAIT * 3 / 2);
+        if let Some(ca) = ca.and_then(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).ok()) {
+            client = client
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let client = client.build().unwrap_or_default();
+        SharedCache {
+            client,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            warned: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests to the coordinator that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Option<reqwest::Response> {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(t) = &self.token {
+            req = req.header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", t.expose()),
+            );
+        }
+        let failed = |why: String| {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the coordinator's shared cache at {} failed ({why}); calls it would have \
+                     answered are made",
+                    self.base
+                );
+            }
+        };
+        match req.send().await {
+            Ok(r) if r.status().is_success() => Some(r),
+            Ok(r) => {
+                failed(format!("HTTP {}", r.status().as_u16()));
+                None
+            }
+            Err(e) if e.is_timeout() => {
+                failed("no answer in 30 s".to_string());
+                None
+            }
+            Err(e) if e.is_connect() => {
+                failed("cannot connect".to_string());
+                None
+            }
+            Err(_) => {
+                failed("the connection failed".to_string());
+                None
+            }
+        }
+    }
+
+    /// The coordinator's entries for `keys`, in their order (a failure reads as misses). With
+    /// `claim`, the missing keys are claimed for this worker, except those another worker is
+    /// answering now, which come back as [`Lookup::Pending`].
+    pub(crate) async fn get_many(&self, keys: &[RequestKey], claim: bool) -> Vec<Lookup> {
+        let misses = || vec![Lookup::Miss; keys.len()];
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let body = json!({ "keys": keys.iter().map(hex).collect::<Vec<_>>(), "claim": claim });
+        let Some(doc) = self.post_json("/v1/get", body).await else {
+            return misses();
+        };
+        let Some(entries) = doc["entries"].as_array().filter(|e| e.len() == keys.len()) else {
+            return misses();
+        };
+        let mut out: Vec<Lookup> = entries
+            .iter()
+            .map(|e| entry_from(e).map_or(Lookup::Miss, Lookup::Hit))
+            .collect();
+        for i in doc["pending"].as_array().into_iter().flatten() {
+            if let Some(slot) = i.as_u64().and_then(|i| out.get_mut(i as usize)) {
+                *slot = Lookup::Pending;
+            }
+        }
+        out
+    }
+
+    /// Waits for another worker's answer to `key` (`None`: it failed, or took too long).
+    pub(crate) async fn wait(&self, key: RequestKey) -> Option<CachedResponse> {
+        let doc = self
+            .post_json("/v1/wait", json!({ "key": hex(&key) }))
+            .await?;
+        entry_from(&doc["entry"])
+    }
+
+    /// Gives up this worker's claims on `keys` (its calls failed or were cancelled).
+    pub(crate) async fn release(&self, keys: &[RequestKey]) {
+        let keys: Vec<String> = keys.iter().map(hex).collect();
+        let _ = self.post("/v1/release", json!({ "keys": keys })).await;
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> Option<Value> {
+        let bytes = self.post(path, body).await?.bytes().await.ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Reports the change of this worker's counters to the coordinator.
+    pub(crate) async fn report(&self, delta: &BTreeMap<String, u64>) {
+        let _ = self
+            .post("/v1/counters", json!({ "counters": delta }))
+            .await;
+    }
+
+    /// Sends answers to the coordinator's cache; returns when it has them (or failed).
+    pub(crate) async fn put_many(&self, answers: &[(RequestKey, CachedResponse)]) {
+        let entries: Vec<Value> = answers
+            .iter()
+            .map(|(key, resp)| json!([hex(key), entry_value(resp)]))
+            .collect();
+        let _ = self.post("/v1/put", json!({ "entries": entries })).await;
+    }
+}
