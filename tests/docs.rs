@@ -134,7 +134,8 @@ fn role(info: &str) -> Result<Role, String> {
 
 /// API keys for `api_key_env`: any variable is set.
 fn any_key(_: &str) -> Option<String> {
-    Some("sk-docs-test".to_string())
+    // Long enough for a cluster token too (at least 16 characters).
+    Some("sk-docs-test-0123456789abcdef".to_string())
 }
 
 /// A `toml config-part` block as a complete `sluice.toml`: a model table without `kind` is an
