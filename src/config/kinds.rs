@@ -1,7 +1,8 @@
 //! What only some provider kinds have: Azure OpenAI's `api_version`, Anthropic's prompt cache
-//! threshold and cache prices, and which keys each kind refuses.
+//! threshold and cache prices, Gemini's model ids and cache price, and which keys each kind
+//! refuses.
 
-use super::raw::RawModel;
+use super::raw::{BaseUrls, RawModel};
 use super::values::{ProviderKind, StructuredOutput};
 
 /// The Azure OpenAI API version sent when `api_version` is not given: the latest generally
@@ -15,7 +16,10 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 pub(super) fn is_chat(kind: ProviderKind) -> bool {
     matches!(
         kind,
-        ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::Anthropic
+        ProviderKind::Openai
+            | ProviderKind::AzureOpenai
+            | ProviderKind::Anthropic
+            | ProviderKind::Gemini
     )
 }
 
@@ -43,6 +47,34 @@ pub(super) fn check_kind_keys(name: &str, m: &RawModel) -> Result<(), String> {
         return Err(format!(
             "models.{name}.structured_output: Anthropic has no json_object mode; use \
              \"json_schema\" (a forced tool whose input schema is the function's) or \"none\""
+        ));
+    }
+    if m.kind == ProviderKind::Gemini {
+        check_gemini(name, m)?;
+    }
+    Ok(())
+}
+
+/// A Gemini model id goes into the URL's path (`models/{id}:generateContent`): letters,
+/// digits, `.`, `_` and `-` (after an optional `models/`); the key never goes into a URL.
+fn check_gemini(name: &str, m: &RawModel) -> Result<(), String> {
+    let id = m.model.strip_prefix("models/").unwrap_or(&m.model);
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if id.is_empty() || !id.chars().all(plain) {
+        return Err(format!(
+            "models.{name}.model = {:?} is not a Gemini model id such as \"gemini-2.5-flash\"",
+            m.model
+        ));
+    }
+    let urls: Vec<&str> = match &m.base_url {
+        Some(BaseUrls::One(u)) => vec![u.as_str()],
+        Some(BaseUrls::Many(us)) => us.iter().map(String::as_str).collect(),
+        None => vec![],
+    };
+    if urls.iter().any(|u| u.contains('?')) {
+        return Err(format!(
+            "models.{name}.base_url must not carry a query (such as ?key=...): give the key's \
+             variable in api_key_env; sluice sends it in the x-goog-api-key header"
         ));
     }
     Ok(())
@@ -93,19 +125,23 @@ pub(super) fn prompt_cache_min_tokens(m: &RawModel) -> u64 {
 
 /// The cached-input and cache-write prices of a kind as multiples of its input price, when
 /// not given: Anthropic reads its cache at 0.1 × and writes it (five-minute entries) at
-/// 1.25 ×; other providers do not price their caches apart unless told.
+/// 1.25 ×; Gemini bills implicit cache hits of its 2.5 and later models at 0.1 × the input
+/// price and has no write charge; other providers do not price their caches apart unless
+/// told.
 pub(super) fn cache_price_multiples(kind: ProviderKind) -> (f64, f64) {
     match kind {
         ProviderKind::Anthropic => (0.1, 1.25),
+        ProviderKind::Gemini => (0.1, 1.0),
         _ => (1.0, 1.0),
     }
 }
 
-/// The base URL of a kind that has a public one (Lamini's, Anthropic's).
+/// The base URL of a kind that has a public one (Lamini's, Anthropic's, Google's).
 pub(super) fn default_base_url(kind: ProviderKind) -> Option<&'static str> {
     match kind {
         ProviderKind::Lamini => Some("https://api.lamini.ai"),
         ProviderKind::Anthropic => Some("https://api.anthropic.com"),
+        ProviderKind::Gemini => Some("https://generativelanguage.googleapis.com"),
         _ => None,
     }
 }

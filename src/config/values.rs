@@ -30,6 +30,9 @@ pub enum ProviderKind {
     /// Anthropic's Messages API (`POST {base_url}/v1/messages`, `x-api-key`), with prompt
     /// caching.
     Anthropic,
+    /// Google's Gemini API (`POST {base_url}/v1beta/models/{model}:generateContent`,
+    /// `x-goog-api-key`), with embeddings (`:batchEmbedContents`) for embedding functions.
+    Gemini,
 }
 
 /// How structured output is requested from an OpenAI-compatible server.

@@ -12,6 +12,8 @@ use crate::llm::anthropic::AnthropicProvider;
 use crate::llm::batch::{BatchApi, BatchQueue};
 use crate::llm::dispatch::{ModelHandle, PrefixOrder};
 use crate::llm::estimate::{EstimateProvider, TokenCounter};
+use crate::llm::gemini::GeminiProvider;
+use crate::llm::gemini_embed::GeminiEmbedder;
 use crate::llm::governor::{Governor, GovernorConfig};
 use crate::llm::lamini::LaminiProvider;
 use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
@@ -58,6 +60,7 @@ fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupErro
         (ModelPart::Server(s), ProviderKind::Anthropic) => {
             Arc::new(AnthropicProvider::new(id, s, pool)?)
         }
+        (ModelPart::Server(s), ProviderKind::Gemini) => Arc::new(GeminiProvider::new(id, s, pool)?),
         (ModelPart::Server(s), ProviderKind::OpenaiCompletions) => {
             Arc::new(CompletionsProvider::new(id, s, pool)?)
         }
@@ -83,15 +86,19 @@ fn provider(m: &ModelConfig, pool: usize) -> Result<Arc<dyn Provider>, SetupErro
     })
 }
 
-/// The embeddings of a model that also completes: the local model's (its own worker).
-fn embedder(m: &ModelConfig) -> Option<Arc<dyn Provider>> {
-    match &m.part {
+/// The embeddings of a model that also completes: the local model's (its own worker), a
+/// Gemini model's (`batchEmbedContents`), with `pool` connections.
+fn embedder(m: &ModelConfig, pool: usize) -> Result<Option<Arc<dyn Provider>>, SetupError> {
+    Ok(match (&m.part, m.kind) {
         #[cfg(feature = "local")]
-        ModelPart::Local(l) => Some(Arc::new(
+        (ModelPart::Local(l), _) => Some(Arc::new(
             crate::llm::local::LocalProvider::new(&m.model, m.concurrency, l).embedder(),
         )),
+        (ModelPart::Server(s), ProviderKind::Gemini) => {
+            Some(Arc::new(GeminiEmbedder::new(&m.model, s, pool)?))
+        }
         _ => None,
-    }
+    })
 }
 
 /// A batch-mode model: its chat provider (for live retries) and its queue.
@@ -261,7 +268,7 @@ pub(super) fn build_models(
             }
             Answers::Models => (real, live_governor(config, m, share)),
         };
-        let embedder = match (embedder(m), answers) {
+        let embedder = match (embedder(m, pool).map_err(model_err)?, answers) {
             (Some(e), Answers::Estimates) => {
                 let counter = TokenCounter::for_model(m).map_err(model_err)?;
                 Some(Arc::new(EstimateProvider::new(e, counter)) as Arc<dyn Provider>)

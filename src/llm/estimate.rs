@@ -60,7 +60,10 @@ impl TokenCounter {
     pub fn for_model(m: &ModelConfig) -> Result<TokenCounter, SetupError> {
         let chat = matches!(
             m.kind,
-            ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::Anthropic
+            ProviderKind::Openai
+                | ProviderKind::AzureOpenai
+                | ProviderKind::Anthropic
+                | ProviderKind::Gemini
         );
         let server = m.server();
         let schema_in_prompt =

@@ -1,13 +1,14 @@
 //! The HTTP plumbing every remote provider shares: one pooled client per model, the key from a
 //! [`Secret`] (a bearer token, or a header of the provider's own: Azure's `api-key`,
-//! Anthropic's `x-api-key`) with the provider's fixed headers, a capped body, and the classification of transport failures and HTTP statuses
-//! into [`ErrorKind`]s (with Retry-After).
+//! Anthropic's `x-api-key`, Google's `x-goog-api-key`) with the provider's fixed headers, a
+//! capped body, and the classification of transport failures and HTTP statuses into
+//! [`ErrorKind`]s (with Retry-After, or the `retryDelay` of Google's error details).
 
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::limits::{rate_limits, retry_after};
+use super::limits::{rate_limits, retry_after, retry_info};
 use super::provider::SetupError;
 use super::response::{malformed, preview};
 use crate::config::{Secret, ServerConfig};
@@ -18,8 +19,19 @@ use crate::types::{ErrorKind, LlmError, RateLimits};
 pub enum KeyHeader {
     /// `Authorization: Bearer KEY` (OpenAI and compatible servers).
     Bearer,
-    /// `NAME: KEY` (Azure's `api-key`, Anthropic's `x-api-key`).
+    /// `NAME: KEY` (Azure's `api-key`, Anthropic's `x-api-key`, Google's `x-goog-api-key`).
     Named(&'static str),
+}
+
+/// How a server's error bodies read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorBodies {
+    /// `{"error": {"message"}}` or `{"detail"}`; waits only in headers.
+    Plain,
+    /// Google's `{"error": {"code", "message", "status", "details"}}`: a `google.rpc.RetryInfo`
+    /// detail's `retryDelay` is the wait when no header gives one, and a 400 whose
+    /// `google.rpc.ErrorInfo` reason is `API_KEY_INVALID` is an authentication failure.
+    Google,
 }
 
 /// A JSON-over-HTTP endpoint of one model.
@@ -33,6 +45,7 @@ pub struct HttpEndpoint {
     max_body: usize,
     key_header: KeyHeader,
     headers: Vec<(&'static str, &'static str)>,
+    bodies: ErrorBodies,
 }
 
 impl HttpEndpoint {
@@ -61,12 +74,19 @@ impl HttpEndpoint {
             max_body: cfg.max_response_bytes,
             key_header: KeyHeader::Bearer,
             headers: Vec::new(),
+            bodies: ErrorBodies::Plain,
         })
     }
 
     /// This endpoint sending the key as `key_header` says.
     pub fn with_key_header(mut self, key_header: KeyHeader) -> Self {
         self.key_header = key_header;
+        self
+    }
+
+    /// This endpoint reading error bodies as `bodies` says.
+    pub fn with_error_bodies(mut self, bodies: ErrorBodies) -> Self {
+        self.bodies = bodies;
         self
     }
 
@@ -188,9 +208,12 @@ impl HttpEndpoint {
         wait: Option<Duration>,
     ) -> LlmError {
         let msg = provider_message(body);
+        let google = self.bodies == ErrorBodies::Google;
+        let wait = wait.or_else(|| retry_info(body).filter(|_| google));
+        let bad_key = google && status == 400 && google_reason(body) == Some("API_KEY_INVALID");
         let (kind, message) = match status {
             429 => (ErrorKind::RateLimited, format!("rate limited: {msg}")),
-            401 | 403 => (
+            401 | 403 | 400 if status != 400 || bad_key => (
                 ErrorKind::Auth,
                 match &self.api_key_env {
                     Some(var) => format!("authentication failed: {msg} (check the key in ${var})"),
@@ -235,6 +258,22 @@ fn classify_transport(e: &reqwest::Error) -> LlmError {
     LlmError::new(kind, msg)
 }
 
+/// The `reason` of the `google.rpc.ErrorInfo` detail of a Google error body.
+fn google_reason(body: &[u8]) -> Option<&'static str> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let details = v.pointer("/error/details")?.as_array()?;
+    let reason = details
+        .iter()
+        .filter(|d| {
+            d.get("@type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.ends_with("google.rpc.ErrorInfo"))
+        })
+        .find_map(|d| d.get("reason").and_then(Value::as_str))?;
+    // The reasons a decision is made on, as static names.
+    ["API_KEY_INVALID"].into_iter().find(|r| *r == reason)
+}
+
 fn provider_message(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     serde_json::from_str::<Value>(&text)
@@ -260,5 +299,19 @@ mod tests {
         );
         assert_eq!(provider_message(br#"{"detail": "bad key"}"#), "bad key");
         assert_eq!(provider_message(b"  plain  "), "plain");
+    }
+
+    #[test]
+    fn google_error_details_name_the_reason() {
+        let body = br#"{"error": {"code": 400, "message": "API key not valid.",
+            "status": "INVALID_ARGUMENT", "details": [{"@type":
+            "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}}"#;
+        assert_eq!(google_reason(body), Some("API_KEY_INVALID"));
+        assert_eq!(provider_message(body), "API key not valid.");
+        assert_eq!(
+            google_reason(br#"{"error": {"details": [{"reason": "X"}]}}"#),
+            None
+        );
+        assert_eq!(google_reason(b"nope"), None);
     }
 }

@@ -70,6 +70,22 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(until(httpdate_to_unix(v)?))
 }
 
+/// How long the `google.rpc.RetryInfo` detail of a Google error body asks to wait
+/// (`{"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+/// "retryDelay": "17s"}]}}`; a protobuf duration: seconds with a fraction, then `s`).
+pub(crate) fn retry_info(body: &[u8]) -> Option<Duration> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.pointer("/error/details")?
+        .as_array()?
+        .iter()
+        .filter(|d| {
+            d.get("@type")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|t| t.ends_with("google.rpc.RetryInfo"))
+        })
+        .find_map(|d| d.get("retryDelay")?.as_str().and_then(parse_duration))
+}
+
 /// The time from now until `unix` seconds (zero if past).
 fn until(unix: u64) -> Duration {
     let now = SystemTime::now()
@@ -174,6 +190,29 @@ pub(crate) fn rate_limits(headers: &HeaderMap) -> RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn google_retry_info_gives_the_wait() {
+        let body = |delay: &str| {
+            format!(
+                r#"{{"error": {{"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+                {{"@type": "type.googleapis.com/google.rpc.QuotaFailure"}},
+                {{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "{delay}"}}]}}}}"#
+            )
+        };
+        assert_eq!(
+            retry_info(body("17s").as_bytes()),
+            Some(Duration::from_secs(17))
+        );
+        assert_eq!(
+            retry_info(body("0.250s").as_bytes()),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(retry_info(body("-3s").as_bytes()), None);
+        assert_eq!(retry_info(body("soon").as_bytes()), None);
+        assert_eq!(retry_info(br#"{"error": {"details": []}}"#), None);
+        assert_eq!(retry_info(b"not json"), None);
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -10,6 +10,8 @@ pub(crate) mod batch;
 pub mod dispatch;
 pub(crate) mod embeddings;
 pub(crate) mod estimate;
+pub(crate) mod gemini;
+pub(crate) mod gemini_embed;
 pub(crate) mod governor;
 pub(crate) mod http;
 pub(crate) mod lamini;

@@ -34,6 +34,8 @@ mod azure_api;
 mod batch_api;
 #[path = "embeddings_api.rs"]
 mod embeddings_api;
+#[path = "gemini_api.rs"]
+mod gemini_api;
 #[path = "prefix_cache.rs"]
 mod prefix_cache;
 
@@ -42,6 +44,8 @@ pub use anthropic_api::{AnthropicConfig, AnthropicPrices, Bill, Hostile};
 pub use batch_api::BatchConfig;
 #[allow(unused_imports)]
 pub use embeddings_api::{DEFAULT_DIM, embedding_of};
+#[allow(unused_imports)]
+pub use gemini_api::{GeminiBill, GeminiConfig, GeminiHostile};
 pub use limits::Limits;
 use limits::{Buckets, Verdict};
 use prefix_cache::PrefixCache;
@@ -175,6 +179,9 @@ pub struct MockConfig {
     pub azure_api_version: Option<String>,
     /// Anthropic's Messages API (`/v1/messages`): its prompt cache, 529s, hostile answers.
     pub anthropic: AnthropicConfig,
+    /// Google's Gemini API (`/v1beta/models/...`): thinking tokens, implicit caching,
+    /// `retryDelay`, hostile answers.
+    pub gemini: GeminiConfig,
 }
 
 impl Default for MockConfig {
@@ -197,6 +204,7 @@ impl Default for MockConfig {
             cached_tokens_raw: None,
             azure_api_version: None,
             anthropic: AnthropicConfig::default(),
+            gemini: GeminiConfig::default(),
         }
     }
 }
@@ -241,6 +249,8 @@ pub struct StatsSnapshot {
     pub azure_deployments: Vec<String>,
     /// What the Messages API billed.
     pub anthropic: Bill,
+    /// What the Gemini API billed, and its early retries.
+    pub gemini: GeminiBill,
 }
 
 impl StatsSnapshot {
@@ -259,6 +269,14 @@ impl StatsSnapshot {
                 "cache_creation_input_tokens": self.anthropic.cache_write,
                 "cache_read_input_tokens": self.anthropic.cache_read,
                 "output_tokens": self.anthropic.output,
+            },
+            "gemini": {
+                "requests": self.gemini.requests, "prompt_token_count": self.gemini.prompt,
+                "cached_content_token_count": self.gemini.cached,
+                "candidates_token_count": self.gemini.candidates,
+                "thoughts_token_count": self.gemini.thoughts, "embedded": self.gemini.embedded,
+                "rate_limited": self.gemini.rate_limited,
+                "early_retries": self.gemini.early_retries,
             },
         })
     }
@@ -293,6 +311,7 @@ struct State {
     batches: batch_api::Store,
     prefix: PrefixCache,
     anthropic: anthropic_api::Store,
+    gemini: gemini_api::Store,
     /// Set by [`MockServer::stop`]: every connection closes.
     stopped: tokio::sync::watch::Sender<bool>,
 }
@@ -338,6 +357,7 @@ impl MockServer {
             batches: batch_api::Store::default(),
             prefix: PrefixCache::default(),
             anthropic: anthropic_api::Store::default(),
+            gemini: gemini_api::Store::default(),
             stopped: tokio::sync::watch::Sender::new(false),
         });
         let st = state.clone();
@@ -422,6 +442,7 @@ impl State {
                 .map(|d| d.clone())
                 .unwrap_or_default(),
             anthropic: self.anthropic.bill(),
+            gemini: self.gemini.bill(),
         }
     }
 
@@ -445,6 +466,7 @@ impl State {
             c.store(0, Ordering::Relaxed);
         }
         self.anthropic.reset();
+        self.gemini.reset();
         if let Ok(mut m) = s.faults.lock() {
             m.clear();
         }
@@ -628,6 +650,15 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             s.max_in_flight.fetch_max(now, Ordering::Relaxed);
             let result = anthropic_api::serve_messages(sock, st, &req).await;
+            s.in_flight.fetch_sub(1, Ordering::Relaxed);
+            result
+        }
+        ("POST", path) if path.starts_with("/v1beta/models/") => {
+            let s = &st.stats;
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            s.max_in_flight.fetch_max(now, Ordering::Relaxed);
+            let result = gemini_api::serve(sock, st, &req).await;
             s.in_flight.fetch_sub(1, Ordering::Relaxed);
             result
         }
