@@ -541,6 +541,37 @@ fn distributed(passages: usize, workers: usize, per_worker: usize, latency_ms: u
     })
 }
 
+/// Answers outlive the cluster's topology (issue 28): the flagship over `passages` on workers
+/// w1,w2,w3, then again with the list reordered, with one fewer and with one more (a new
+/// worker with an empty cache): the requests each run pays, and what the coordinator counted.
+fn topology(passages: usize) -> Value {
+    let mock = Mock::start(&["--latency-ms", "50"]);
+    let p = Project::new(&mock.url, 48, passages, true);
+    let procs: Vec<WorkerProcess> = (0..4)
+        .map(|i| WorkerProcess::start(p.dir.path(), &format!(".sluice/w{}", i + 1)))
+        .collect();
+    let runs: [(&str, &[usize]); 4] = [
+        ("w1,w2,w3", &[0, 1, 2]),
+        ("w2,w3,w1 (reordered)", &[1, 2, 0]),
+        ("w1,w2 (one fewer)", &[0, 1]),
+        ("w4,w1,w2,w3 (one more, w4 new)", &[3, 0, 1, 2]),
+    ];
+    let mut out = Vec::new();
+    let mut before = 0;
+    for (name, which) in runs {
+        let list: Vec<&str> = which.iter().map(|&i| procs[i].addr.as_str()).collect();
+        let m = p.run(&["--workers", &list.join(",")]);
+        let total = num(&mock_stats(&mock), "requests");
+        out.push(json!({
+            "run": name, "requests_paid": total - before, "wall_s": round(m.wall_s, 2),
+            "coordinator_counted_requests": num(&m.metrics, "requests"),
+            "coordinator_counted_cache_hits": num(&m.metrics, "cache_hits"),
+        }));
+        before = total;
+    }
+    json!({ "scenario": "topology", "passages": passages, "prompts": passages * 4, "runs": out })
+}
+
 /// Hedging (issue 15): the flagship with 0.5% of requests hanging for 20 s, against the same
 /// run without hangs.
 fn hedging(passages: usize) -> Value {
@@ -1247,5 +1278,8 @@ fn main() {
         for workers in 1..=3 {
             emit(distributed(600, workers, 16, 200));
         }
+    }
+    if want("topology") {
+        emit(topology(300));
     }
 }
