@@ -61,6 +61,15 @@ impl Claims {
         }
     }
 
+    /// Ends every claim (their waiters make the calls themselves): after a statement failed
+    /// because workers died, whose claims would otherwise hold the others for [`MAX_WAIT`].
+    pub(super) fn end_all(&self) {
+        let open = std::mem::take(&mut *self.open.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in open.into_values().flatten() {
+            let _ = w.send(None);
+        }
+    }
+
     /// One of the last answers put, if `key` is among them.
     pub(super) fn recent(&self, key: &RequestKey) -> Option<CachedResponse> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());

@@ -53,6 +53,7 @@ const MAX_BODY_BYTES: usize = 64 << 20;
 pub struct CacheServer {
     addr: SocketAddr,
     scheme: &'static str,
+    state: Arc<Served>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -81,6 +82,7 @@ impl CacheServer {
             counters,
             claims: Claims::default(),
         });
+        let served = state.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -110,7 +112,18 @@ impl CacheServer {
                 });
             }
         });
-        Ok(CacheServer { addr, scheme, task })
+        Ok(CacheServer {
+            addr,
+            scheme,
+            state: served,
+            task,
+        })
+    }
+
+    /// Ends every claim workers hold: their calls were on the wire of a statement that failed
+    /// (a dead worker never releases its own), and the statement runs again.
+    pub fn release_claims(&self) {
+        self.state.claims.end_all();
     }
 
     /// Where it listens.
@@ -159,6 +172,15 @@ struct Served {
     token: Option<Secret>,
     counters: Counters,
     claims: Claims,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("cache", &self.cache)
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {

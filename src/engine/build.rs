@@ -194,7 +194,7 @@ impl Engine {
             token_counters: models.token_counters,
             batch_plans: models.batch_plans,
             cluster: config.cluster.clone(),
-            _cache_server: cache_server,
+            cache_server,
             live,
         })
     }

@@ -86,6 +86,10 @@ impl Engine {
                 return Err(e);
             }
             left = now_left;
+            // The dead workers' claims on the calls they had on the wire would hold the others.
+            if let Some(server) = &self.cache_server {
+                server.release_claims();
+            }
             let names: Vec<&str> = down
                 .iter()
                 .map(|u| u.as_str().trim_end_matches('/'))

@@ -60,7 +60,7 @@ pub struct Engine {
     /// The workers statements run on (none: here).
     pub(super) cluster: ClusterConfig,
     /// On a cluster's coordinator, its response cache served to the workers (until dropped).
-    pub(super) _cache_server: Option<crate::cache::CacheServer>,
+    pub(super) cache_server: Option<crate::cache::CacheServer>,
     /// Which workers the next statement uses (a statement run again passes over dead ones).
     pub(super) live: std::sync::Arc<super::live::LiveWorkers>,
 }
