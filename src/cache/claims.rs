@@ -155,4 +155,20 @@ mod tests {
         assert_eq!(start.elapsed(), MAX_WAIT);
         assert!(claims.claim(key));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn ending_every_claim_frees_the_waiters_at_once() {
+        let claims = std::sync::Arc::new(Claims::default());
+        assert!(claims.claim([5; 32]));
+        let waiter = tokio::spawn({
+            let claims = claims.clone();
+            async move { claims.wait([5; 32]).await }
+        });
+        tokio::task::yield_now().await;
+        let start = tokio::time::Instant::now();
+        claims.end_all();
+        assert_eq!(waiter.await.unwrap(), None);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert!(claims.claim([5; 32]));
+    }
 }
