@@ -4,24 +4,13 @@
 
 mod support;
 
-use support::rows::rows;
-use support::workers::{KEY, WorkerProcess, cluster_project};
+use support::rows::{rows, sorted_lines};
+use support::workers::{KEY, WorkerProcess, cluster_project, worker_list};
 use support::*;
 
-/// The flagship's rows as sorted lines, for comparing outputs made in different orders.
+/// The flagship's rows of `rel` as sorted lines.
 async fn sorted_rows(p: &Project, rel: &str) -> Vec<String> {
-    let batches = read_parquet(&p.path(rel)).await;
-    let mut out: Vec<String> = rows(&batches)
-        .into_iter()
-        .map(|r| {
-            format!(
-                "{}|{}|{}|{}|{:?}|{:?}",
-                r.company, r.quarter, r.date, r.passage, r.question, r.answer
-            )
-        })
-        .collect();
-    out.sort();
-    out
+    sorted_lines(rows(&read_parquet(&p.path(rel)).await))
 }
 
 /// Runs `sluice run q.sql` with `args` before `q.sql`; returns stderr after checking exit 0.
@@ -118,11 +107,7 @@ async fn the_coordinator_counts_every_call_of_every_worker() {
     let workers: Vec<WorkerProcess> = (1..=3)
         .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
         .collect();
-    let list = workers
-        .iter()
-        .map(|w| w.url())
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = worker_list(&workers);
     let stderr = run_ok(&p, &["--workers", &list, "--metrics-json", "m.json"]);
     let m = metrics(&p);
     let s = server.stats();
@@ -167,11 +152,7 @@ async fn identical_calls_of_two_workers_in_one_run_are_sent_once() {
     let workers: Vec<WorkerProcess> = (1..=2)
         .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
         .collect();
-    let list = workers
-        .iter()
-        .map(|w| w.url())
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = worker_list(&workers);
     run_ok(&p, &["--workers", &list, "--metrics-json", "m.json"]);
     let rows = sorted_rows(&p, "out/qa.parquet").await;
     assert_eq!(rows.len(), 84, "every row of both copies");

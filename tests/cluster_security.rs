@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::workers::{KEY, WorkerProcess, cluster_project};
+use support::workers::{KEY, WorkerProcess, cluster_project, worker_list};
 use support::*;
 
 /// The cluster token of these tests: recognisable, so that a log or an error showing it fails.
@@ -155,11 +155,7 @@ async fn workers_serve_over_tls_with_the_given_certificates() {
             WorkerProcess::spawn_env(&p, &format!(".sluice/w{i}"), "127.0.0.1:0", &token_env())
         })
         .collect();
-    let list = workers
-        .iter()
-        .map(|w| w.url())
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = worker_list(&workers);
     let (code, stderr) = run_with_token(&p, &list, Some(TOKEN));
     assert_eq!(code, 0, "{stderr}");
     let batches = read_parquet(&p.path("out/qa.parquet")).await;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use sluice::config::Config;
 use sluice::engine::worker::WorkerHost;
-use support::rows::{assert_provenance, rows};
-use support::workers::{KEY, WorkerProcess, cluster_project};
+use support::rows::{assert_provenance, rows, sorted_lines};
+use support::workers::{KEY, WorkerProcess, cluster_project, worker_list};
 use support::*;
 use tokio::sync::oneshot;
 
@@ -109,21 +109,6 @@ async fn stop_all(workers: Vec<InProcess>) {
     for w in workers {
         w.stop().await;
     }
-}
-
-/// Rows as sorted lines, to compare outputs made in different orders.
-fn sorted(rows: Vec<support::rows::Row>) -> Vec<String> {
-    let mut out: Vec<String> = rows
-        .into_iter()
-        .map(|r| {
-            format!(
-                "{}|{}|{}|{}|{:?}|{:?}",
-                r.company, r.quarter, r.date, r.passage, r.question, r.answer
-            )
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 fn excerpts() -> std::path::PathBuf {
@@ -331,16 +316,15 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let expected = sorted(rows(&read_parquet(&alone.path("out/qa.parquet")).await));
+    let expected = sorted_lines(rows(&read_parquet(&alone.path("out/qa.parquet")).await));
     server.reset_stats();
 
     let p = cluster_project(&server.base_url(), concurrency);
     let mut workers: Vec<WorkerProcess> = (1..=3)
         .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
         .collect();
-    let list = |ws: &[WorkerProcess]| ws.iter().map(|w| w.url()).collect::<Vec<_>>().join(",");
     let prompts = 56;
-    let all = list(&workers);
+    let all = worker_list(&workers);
 
     let coordinator = p
         .command(&["run", "--workers", &all, "q.sql"])
@@ -372,7 +356,7 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
         stderr.contains(&format!("worker http://{victim_addr} stopped answering")),
         "says which worker it ran around: {stderr}"
     );
-    let got = sorted(rows(&read_parquet(&p.path("out/qa.parquet")).await));
+    let got = sorted_lines(rows(&read_parquet(&p.path("out/qa.parquet")).await));
     assert_eq!(got, expected, "the single process's rows");
     // Paid twice at most: what was on the wire at the kill (the answers the dead worker had
     // received are in the coordinator's cache), plus those sent between the reading and the kill.
@@ -389,7 +373,7 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
     server.reset_stats();
     std::fs::remove_file(p.path("out/qa.parquet")).unwrap();
     let rerun = p
-        .command(&["-v", "run", "--workers", &list(&workers), "q.sql"])
+        .command(&["-v", "run", "--workers", &worker_list(&workers), "q.sql"])
         .env("SLUICE_CLUSTER_KEY", KEY)
         .output()
         .unwrap();
@@ -517,9 +501,8 @@ async fn workers_read_s3_themselves_and_one_that_cannot_is_named_with_the_locati
         WorkerProcess::spawn_env(&p, ".sluice/w2", "127.0.0.1:0", &strict.env()),
         WorkerProcess::spawn_env(&p, ".sluice/w3", "127.0.0.1:0", &moto.env()),
     ];
-    let list = |ws: &[WorkerProcess]| ws.iter().map(|w| w.url()).collect::<Vec<_>>().join(",");
     let coordinator = |ws: &[WorkerProcess]| {
-        p.command(&["run", "--workers", &list(ws), "q.sql"])
+        p.command(&["run", "--workers", &worker_list(ws), "q.sql"])
             .env("SLUICE_CLUSTER_KEY", KEY)
             .envs(moto.env().iter().map(|(k, v)| (*k, v.as_str())))
             .output()

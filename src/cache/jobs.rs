@@ -6,7 +6,7 @@
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{CacheError, RequestKey, ResponseCache};
+use super::{CacheError, RequestKey, ResponseCache, key_from_hex};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("batch_jobs_v1");
 
@@ -32,23 +32,6 @@ impl StoredJob {
     pub(crate) fn request_keys(&self) -> Vec<RequestKey> {
         self.keys.iter().filter_map(|k| key_from_hex(k)).collect()
     }
-}
-
-/// `key` as 64 hex digits (a batch line's `custom_id`).
-pub(crate) fn key_hex(key: &RequestKey) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The key written by [`key_hex`], if `s` is one.
-pub(crate) fn key_from_hex(s: &str) -> Option<RequestKey> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(key)
 }
 
 impl ResponseCache {
@@ -104,6 +87,7 @@ impl ResponseCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::key_hex;
 
     #[test]
     fn jobs_are_stored_listed_and_removed() {

@@ -3,6 +3,23 @@
 
 use sha2::{Digest, Sha256};
 
+/// `key` as 64 hex digits (a batch line's `custom_id`, the shared tier's wire).
+pub(crate) fn key_hex(key: &RequestKey) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key written by [`key_hex`], if `s` is one.
+pub(crate) fn key_from_hex(s: &str) -> Option<RequestKey> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(key)
+}
+
 #[cfg(test)]
 use crate::types::LlmRequest;
 use crate::types::{OutputSchema, RenderedPrompt};

@@ -23,10 +23,9 @@ mod shared;
 mod wire;
 
 pub use jobs::StoredJob;
-pub(crate) use jobs::{key_from_hex, key_hex};
 #[cfg(test)]
 use key::request_key;
-pub(crate) use key::{KeyPrefix, RequestKey};
+pub(crate) use key::{KeyPrefix, RequestKey, key_from_hex, key_hex};
 pub(crate) use remote::Lookup;
 pub use remote::SharedCache;
 pub use shared::{CacheServer, Counters};

@@ -3,21 +3,7 @@
 use serde_json::Value;
 
 use super::{CachedResponse, RequestKey};
-
-pub(super) fn hex(key: &RequestKey) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(super) fn unhex(text: &str) -> Option<RequestKey> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(key)
-}
+pub(super) use super::{key_from_hex as unhex, key_hex as hex};
 
 pub(super) fn keys_of(list: &Value) -> Option<Vec<RequestKey>> {
     list.as_array()?

@@ -36,6 +36,21 @@ pub fn rows(batches: &[RecordBatch]) -> Vec<Row> {
         .collect()
 }
 
+/// Rows as sorted lines, for comparing outputs made in different orders.
+pub fn sorted_lines(rows: Vec<Row>) -> Vec<String> {
+    let mut out: Vec<String> = rows
+        .into_iter()
+        .map(|r| {
+            format!(
+                "{}|{}|{}|{}|{:?}|{:?}",
+                r.company, r.quarter, r.date, r.passage, r.question, r.answer
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// The mock tags every answer with the hash of its prompt; recompute the prompts from each row
 /// with the shipped templates and check both stages belong to this row.
 pub fn assert_provenance(engine: &sluice::Engine, r: &Row) {

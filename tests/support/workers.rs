@@ -127,3 +127,12 @@ pub fn cluster_project(base_url: &str, concurrency: usize) -> Project {
     p.write("q.sql", &project_flagship_sql("out/qa.parquet"));
     p
 }
+
+/// The workers' addresses as `--workers` takes them.
+pub fn worker_list(workers: &[WorkerProcess]) -> String {
+    workers
+        .iter()
+        .map(|w| w.url())
+        .collect::<Vec<_>>()
+        .join(",")
+}
