@@ -54,6 +54,25 @@ fn job_status(v: &Value) -> Result<JobStatus, LlmError> {
     })
 }
 
+/// `{"requests": [...]}` of the JSON lines `lines` (each one object; their string escapes hold
+/// no raw line break).
+fn requests_body(lines: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(lines.len() + 16);
+    body.extend_from_slice(b"{\"requests\":[");
+    for (i, line) in lines
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(line);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
 /// The Message Batches API of one Anthropic model.
 #[derive(Debug, Clone)]
 pub struct AnthropicBatches {
@@ -99,18 +118,7 @@ impl AnthropicBatches {
 
     /// Creates a job of the gathered request lines `lines`.
     pub async fn create(&self, lines: Vec<u8>) -> Result<JobStatus, LlmError> {
-        let mut body = Vec::with_capacity(lines.len() + 16);
-        body.extend_from_slice(b"{\"requests\":[");
-        // Each line is one JSON object (its string escapes hold no raw line break).
-        let mut first = true;
-        for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            if !first {
-                body.push(b',');
-            }
-            first = false;
-            body.extend_from_slice(line);
-        }
-        body.extend_from_slice(b"]}");
+        let body = requests_body(&lines);
         job_status(&self.json(Method::POST, BATCHES, Some(body)).await?)
     }
 
@@ -216,5 +224,105 @@ impl AnthropicBatches {
         }
         err.message = format!("batch result: {}", err.message);
         err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> AnthropicBatches {
+        let text = "[models.c]\nkind = \"anthropic\"\nmodel = \"claude-x\"\n\
+                    base_url = \"http://127.0.0.1:9\"\nmode = \"batch\"\n";
+        let cfg =
+            crate::config::Config::parse(text, std::path::Path::new("s.toml"), &|_| None).unwrap();
+        let server = cfg.models["c"].server().unwrap().clone();
+        AnthropicBatches::new(
+            Arc::new(AnthropicProvider::new("claude-x", &server, 1).unwrap()),
+            "c",
+        )
+    }
+
+    #[test]
+    fn batch_objects_read_as_job_phases() {
+        let batch = |status: &str, cancel: Value| {
+            json!({"id": "msgbatch_1", "type": "message_batch", "processing_status": status,
+                   "request_counts": {"processing": 1, "succeeded": 2, "errored": 3,
+                                      "canceled": 4, "expired": 5},
+                   "cancel_initiated_at": cancel, "results_url": "http://x/r"})
+        };
+        let s = job_status(&batch("in_progress", Value::Null)).unwrap();
+        assert_eq!(
+            (s.phase, s.total, s.completed, s.failed),
+            (JobPhase::Open, 15, 2, 12)
+        );
+        assert_eq!(
+            job_status(&batch("canceling", json!("t"))).unwrap().phase,
+            JobPhase::Open
+        );
+        let s = job_status(&batch("ended", Value::Null)).unwrap();
+        assert_eq!(
+            (s.phase, s.results),
+            (JobPhase::Completed, vec!["http://x/r".to_string()])
+        );
+        assert_eq!(
+            job_status(&batch("ended", json!("t"))).unwrap().phase,
+            JobPhase::Cancelled
+        );
+        assert!(job_status(&json!({"id": "x"})).is_err());
+    }
+
+    #[test]
+    fn results_are_answers_or_typed_errors() {
+        let api = api();
+        let key = [3u8; 32];
+        let line = |result: Value| {
+            json!({"custom_id": key_hex(&key), "result": result})
+                .to_string()
+                .into_bytes()
+        };
+        let message = json!({"type": "message", "stop_reason": "tool_use",
+            "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"value": 1}}],
+            "usage": {"input_tokens": 5, "cache_read_input_tokens": 10, "output_tokens": 2}});
+        let (k, r) = api
+            .result_line(&line(json!({"type": "succeeded", "message": message})))
+            .unwrap();
+        assert_eq!(k, key);
+        let r = r.unwrap();
+        assert_eq!(r.content, r#"{"value":1}"#);
+        assert_eq!(r.usage.unwrap().cached_prompt_tokens, 10);
+        let kind = |result: Value| api.result_line(&line(result)).unwrap().1.unwrap_err().kind;
+        let error = |t: &str| {
+            json!({"type": "errored", "error": {"type": "error",
+                                     "error": {"type": t, "message": "m"}}})
+        };
+        assert_eq!(kind(error("invalid_request_error")), ErrorKind::BadRequest);
+        assert_eq!(kind(error("overloaded_error")), ErrorKind::ServerError);
+        assert_eq!(
+            kind(error("authentication_error")),
+            ErrorKind::BadRequest,
+            "never systemic"
+        );
+        assert_eq!(kind(json!({"type": "expired"})), ErrorKind::Timeout);
+        assert_eq!(kind(json!({"type": "canceled"})), ErrorKind::Batch);
+        assert_eq!(
+            kind(json!({"type": "mystery"})),
+            ErrorKind::MalformedResponse
+        );
+        assert!(api.result_line(b"{\"custom_id\": \"nope\"}").is_none());
+    }
+
+    #[test]
+    fn the_requests_go_inline_and_results_only_from_the_models_server() {
+        let body = requests_body(b"{\"a\":1}\n{\"b\":\"x\\ny\"}\n");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v, json!({"requests": [{"a": 1}, {"b": "x\ny"}]}));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let e = rt
+            .block_on(api().content("http://elsewhere.example/v1/messages/batches/b/results"))
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Batch);
     }
 }
