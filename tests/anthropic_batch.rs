@@ -152,6 +152,7 @@ async fn a_run_killed_while_its_batch_runs_resumes_the_same_batch() {
     let (code, _, stderr) = sluice(&p, &["run", "q.sql", "--quiet"]);
     assert_eq!(code, 0, "{stderr}");
     let live = sorted_rows(&read_parquet(&p.path("out/qa.parquet")).await);
+    let calls = s.stats().requests;
 
     let slow = BatchConfig {
         completion_time: Duration::from_secs(3),
@@ -191,6 +192,11 @@ async fn a_run_killed_while_its_batch_runs_resumes_the_same_batch() {
         "only stage 2 is submitted after the kill, not stage 1 again"
     );
     assert_eq!(st.requests, 0, "nothing is sent live");
+    assert_eq!(st.batch_lines, calls, "no request submitted twice");
+    assert_eq!(
+        st.batch_results_fetched, 2,
+        "the first batch's results read once, by the rerun"
+    );
     let rows = sorted_rows(&read_parquet(&p.path("out/qa.parquet")).await);
     assert_eq!(rows, live, "the resumed run writes the live run's rows");
     assert!(!stderr.contains(KEY));
