@@ -340,7 +340,6 @@ fn configuration_errors_are_one_line() {
             "structured_output = \"json_object\"\n",
             "no json_object mode",
         ),
-        ("mode = \"batch\"\n", "mode = \"batch\""),
         ("prompts_per_request = 4\n", "one prompt per request"),
         (
             "api_version = \"2024-10-21\"\n",

@@ -13,7 +13,7 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("batch_jobs_v1")
 /// One submitted batch job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredJob {
-    /// The provider's job id (`batch_...`).
+    /// The provider's job id (`batch_...`, `msgbatch_...`).
     pub id: String,
     /// The model's name in `sluice.toml`.
     pub model: String,
@@ -21,7 +21,8 @@ pub struct StoredJob {
     pub endpoint: String,
     /// When it was submitted (Unix seconds).
     pub created_at: u64,
-    /// The uploaded request file.
+    /// The uploaded request file (empty where the requests went inline: Anthropic).
+    #[serde(default)]
     pub input_file_id: String,
     /// The request keys it answers (hex), one per line.
     pub keys: Vec<String>,

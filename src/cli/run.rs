@@ -75,7 +75,7 @@ fn apply(config: &mut Config, flags: &RunFlags) -> Result<(), Failure> {
     }
     if flags.batch && config.models.values().all(|m| !m.supports_batch()) {
         return Err(Failure::config(
-            "--batch: no model in sluice.toml has a batch API (models of kind = \"openai\" do)",
+            "--batch: no model in sluice.toml has a batch API (models of kind = \"openai\", \"azure_openai\" or \"anthropic\" do)",
         ));
     }
     if flags.batch {

@@ -25,7 +25,10 @@ pub(super) fn is_chat(kind: ProviderKind) -> bool {
 
 /// Whether a kind has a batch API sluice can use (`mode = "batch"`).
 pub(super) fn has_batch_api(kind: ProviderKind) -> bool {
-    matches!(kind, ProviderKind::Openai | ProviderKind::AzureOpenai)
+    matches!(
+        kind,
+        ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::Anthropic
+    )
 }
 
 /// Refuses keys a kind does not take; `Ok` for the rest.

@@ -185,8 +185,8 @@ impl ModelConfig {
         }
     }
 
-    /// Whether this model can run in batch mode (an OpenAI or Azure OpenAI chat model with
-    /// one server: a model with several replicas stays live under `--batch`).
+    /// Whether this model can run in batch mode (an OpenAI, Azure OpenAI or Anthropic chat
+    /// model with one server: a model with several replicas stays live under `--batch`).
     pub fn supports_batch(&self) -> bool {
         kinds::has_batch_api(self.kind) && self.server().is_none_or(|s| !s.replicated())
     }
@@ -261,8 +261,9 @@ pub(super) fn model_from_raw(
     let mode = m.mode.unwrap_or_default();
     if mode == ModelMode::Batch && !kinds::has_batch_api(m.kind) {
         return Err(format!(
-            "models.{name}: mode = \"batch\" needs kind = \"openai\" or \"azure_openai\" (the \
-             OpenAI Files and Batches API of a chat completions server)"
+            "models.{name}: mode = \"batch\" needs kind = \"openai\", \"azure_openai\" (the \
+             OpenAI Files and Batches API of a chat completions server) or \"anthropic\" \
+             (Message Batches)"
         ));
     }
     let batch = batch_from_raw(name, m.batch.as_ref(), prices, batch_prices)?;

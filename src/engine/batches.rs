@@ -1,14 +1,11 @@
 //! `sluice batches`: the provider batch jobs stored in the response cache (submitted by runs
 //! that have not collected them yet), as their providers see them now, and cancelling them.
 
-use std::sync::Arc;
-
 use super::explain::FunctionEstimate;
 use super::session::Engine;
 use crate::cache::{ResponseCache, StoredJob};
 use crate::config::{Config, ModelPart};
 use crate::llm::batch::{BatchApi, JobStatus};
-use crate::llm::openai::OpenAiProvider;
 
 /// A stored job and what its provider says of it (or why it could not be asked).
 #[derive(Debug, Clone)]
@@ -30,12 +27,9 @@ fn api_for(config: &Config, job: &StoredJob) -> Result<BatchApi, String> {
     let ModelPart::Server(s) = &m.part else {
         return Err(format!("model {} has no server", job.model));
     };
-    let chat = OpenAiProvider::new(&m.model, s, 1).map_err(|e| e.to_string())?;
-    Ok(BatchApi::new(
-        Arc::new(chat),
-        &m.name,
-        &m.batch.completion_window,
-    ))
+    BatchApi::of_model(m, s, 1)
+        .map(|(_, api)| api)
+        .map_err(|e| e.to_string())
 }
 
 fn open_cache(config: &Config) -> Result<Option<ResponseCache>, String> {

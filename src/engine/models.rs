@@ -104,9 +104,8 @@ fn embedder(m: &ModelConfig, pool: usize) -> Result<Option<Arc<dyn Provider>>, S
 /// A batch-mode model: its chat provider (for live retries) and its queue.
 type BatchModel = (Arc<dyn Provider>, Arc<BatchQueue>);
 
-/// The batch queue of model `m` in batch mode (which only OpenAI and Azure OpenAI chat models
-/// can be), with
-/// its chat provider; `cache` stores its jobs.
+/// The batch queue of model `m` in batch mode (which only OpenAI, Azure OpenAI and Anthropic
+/// chat models can be), with its chat provider; `cache` stores its jobs.
 fn batch_queue(
     m: &ModelConfig,
     pool: usize,
@@ -122,8 +121,7 @@ fn batch_queue(
             m.name
         );
     }
-    let chat = Arc::new(OpenAiProvider::new(&m.model, s, pool)?);
-    let api = BatchApi::new(chat.clone(), &m.name, &m.batch.completion_window);
+    let (chat, api) = BatchApi::of_model(m, s, pool)?;
     let queue = BatchQueue::new(
         &m.name,
         chat.endpoint(),

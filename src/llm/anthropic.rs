@@ -49,6 +49,7 @@ const COMPLETE: [&str; 3] = ["end_turn", "tool_use", "stop_sequence"];
 #[derive(Debug)]
 pub struct AnthropicProvider {
     http: HttpEndpoint,
+    base_url: String,
     model: String,
     structured: StructuredOutput,
     cache_min_tokens: u64,
@@ -62,10 +63,21 @@ impl AnthropicProvider {
             .with_header("anthropic-version", ANTHROPIC_VERSION);
         Ok(AnthropicProvider {
             http,
+            base_url: cfg.base_url.clone(),
             model: model.to_string(),
             structured: cfg.structured_output,
             cache_min_tokens: cfg.prompt_cache_min_tokens,
         })
+    }
+
+    /// The HTTP endpoint (client, key, `anthropic-version`) requests go through.
+    pub(crate) fn http(&self) -> &HttpEndpoint {
+        &self.http
+    }
+
+    /// The URL of another endpoint of the server (`/v1/messages/batches`).
+    pub(crate) fn api_url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
     }
 
     /// The forced tool of a structured request (none without a schema or with

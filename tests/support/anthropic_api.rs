@@ -154,8 +154,11 @@ impl Store {
 }
 
 fn error(status: u16, kind: &str, message: &str, headers: &[(&str, String)]) -> Vec<u8> {
-    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
-    response(status, headers, body.to_string().as_bytes())
+    response(
+        status,
+        headers,
+        error_json(kind, message).to_string().as_bytes(),
+    )
 }
 
 fn tokens(text: &str) -> u64 {
@@ -200,7 +203,7 @@ fn blocks(v: Option<&Value>, what: &str) -> Result<Vec<Segment>, String> {
 
 /// A parsed request: the prompt's segments, the forced tool's name and input schema, and
 /// `max_tokens`.
-struct Parsed {
+pub(super) struct Parsed {
     system: Option<String>,
     user: String,
     segments: Vec<Segment>,
@@ -367,7 +370,7 @@ fn go_duration(s: &str) -> Option<std::time::Duration> {
 }
 
 /// The RFC 3339 UTC time `d` from now (whole seconds, rounded up).
-fn rfc3339_in(d: std::time::Duration) -> Option<String> {
+pub(super) fn rfc3339_in(d: std::time::Duration) -> Option<String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?;
@@ -391,109 +394,71 @@ fn rfc3339_in(d: std::time::Duration) -> Option<String> {
     ))
 }
 
-/// Answers one `POST /v1/messages`.
-pub(super) async fn serve_messages(
-    sock: &mut TcpStream,
-    st: &State,
-    req: &Request,
-) -> std::io::Result<After> {
-    let cfg = &st.cfg;
-    if cfg
-        .api_key
-        .as_ref()
-        .is_some_and(|key| req.header("x-api-key") != Some(key.as_str()))
-    {
-        let e = error(401, "authentication_error", "invalid x-api-key", &[]);
-        sock.write_all(&e).await?;
-        return Ok(After::KeepAlive);
+/// Why a request is not answered: its status, error type and message.
+pub(super) type Refusal = (u16, &'static str, String);
+
+/// The error response of a refusal (as a body, and as a batch result's `error`).
+pub(super) fn error_json(kind: &str, message: &str) -> Value {
+    json!({"type": "error", "error": {"type": kind, "message": message}})
+}
+
+/// Whether a request carries the right `x-api-key` and an `anthropic-version`; the refusal
+/// otherwise.
+pub(super) fn check_headers(st: &State, req: &Request) -> Result<(), Refusal> {
+    if (st.cfg.api_key.as_ref()).is_some_and(|key| req.header("x-api-key") != Some(key.as_str())) {
+        return Err((401, "authentication_error", "invalid x-api-key".into()));
     }
     if req.header("anthropic-version").is_none() {
-        let e = error(
-            400,
-            "invalid_request_error",
-            "anthropic-version: header is required",
-            &[],
-        );
-        sock.write_all(&e).await?;
-        return Ok(After::KeepAlive);
+        let m = "anthropic-version: header is required";
+        return Err((400, "invalid_request_error", m.into()));
     }
-    let parsed = serde_json::from_slice::<Value>(&req.body)
-        .map_err(|e| format!("invalid JSON body: {e}"))
-        .and_then(|v| parse(&v).map(|p| (v, p)));
-    let (body, parsed) = match parsed {
-        Ok(p) => p,
-        Err(message) => {
-            sock.write_all(&error(400, "invalid_request_error", &message, &[]))
-                .await?;
-            return Ok(After::KeepAlive);
-        }
-    };
-    let hash = prompt_hash(parsed.system.as_deref(), &parsed.user);
-    let prompts = [Prompt {
+    Ok(())
+}
+
+/// A Messages request's body, checked: its JSON and what it asks.
+pub(super) fn parse_body(body: &Value) -> Result<Parsed, Refusal> {
+    parse(body).map_err(|m| (400, "invalid_request_error", m))
+}
+
+/// The prompt of a parsed request.
+pub(super) fn prompt_of(parsed: &Parsed) -> Prompt {
+    Prompt {
         system: parsed.system.clone(),
         user: parsed.user.clone(),
-        hash: hash.clone(),
-    }];
-    st.stats.prompts.fetch_add(1, Ordering::Relaxed);
-    let rate_headers = match super::admit(st, &body, &prompts) {
-        Ok(h) => anthropic_headers(h),
-        Err(_) => {
-            // Refused by the limits: Anthropic's 429 (its own retry-after).
-            let wait = ("retry-after", cfg.retry_after_ms.div_ceil(1000).to_string());
-            let e = error(
-                429,
-                "rate_limit_error",
-                "Number of requests has exceeded your rate limit",
-                &[wait],
-            );
-            sock.write_all(&e).await?;
-            return Ok(After::KeepAlive);
-        }
-    };
+        hash: prompt_hash(parsed.system.as_deref(), &parsed.user),
+    }
+}
+
+/// Answers a request that passed the headers and the limits (live, or a batch's request):
+/// the fault draw, the prompt cache, the answer and its billing; the message, or the refusal.
+pub(super) fn answer(st: &State, body: &Value, parsed: &Parsed) -> Result<Value, Refusal> {
+    let cfg = &st.cfg;
+    let prompts = [prompt_of(parsed)];
+    let hash = prompts[0].hash.clone();
     let attempt = next_attempt(st, &prompts);
     let (fault, mut rng) = draw_fault(cfg, &prompts, attempt);
     let overloaded = fault.is_none() && rng.f64() < cfg.anthropic.overloaded;
-    // Whole seconds, as Anthropic sends them.
-    let retry_after = || ("retry-after", cfg.retry_after_ms.div_ceil(1000).to_string());
     match fault {
         _ if overloaded => {
             if let Ok(mut m) = st.stats.faults.lock() {
                 *m.entry("overloaded".into()).or_default() += 1;
             }
-            sock.write_all(&error(
-                529,
-                "overloaded_error",
-                "Overloaded",
-                &[retry_after()],
-            ))
-            .await?;
-            return Ok(After::KeepAlive);
+            return Err((529, "overloaded_error", "Overloaded".into()));
         }
         Some(f @ Fault::RateLimit) => {
             count_fault(st, f);
-            let e = error(
-                429,
-                "rate_limit_error",
-                "Number of request tokens has exceeded your rate limit",
-                &[retry_after()],
-            );
-            sock.write_all(&e).await?;
-            return Ok(After::KeepAlive);
+            let m = "Number of request tokens has exceeded your rate limit";
+            return Err((429, "rate_limit_error", m.into()));
         }
         Some(f @ (Fault::Server500 | Fault::Server503)) => {
             count_fault(st, f);
-            sock.write_all(&error(500, "api_error", "Internal server error", &[]))
-                .await?;
-            return Ok(After::KeepAlive);
+            return Err((500, "api_error", "Internal server error".into()));
         }
         Some(f) => count_fault(st, f),
         None => {}
     }
-    if !cfg.latency.is_zero() {
-        tokio::time::sleep(cfg.latency).await;
-    }
     let ((read, written, input), hold) = cache_use(st, &parsed.segments);
-    let (content, stop) = content(st, &parsed, &hash, fault);
+    let (content, stop) = content(st, parsed, &hash, fault);
     let output = tokens(&content.to_string());
     let id = st.ids.fetch_add(1, Ordering::Relaxed);
     let answer = json!({
@@ -519,9 +484,68 @@ pub(super) async fn serve_messages(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .extend(hold);
-    let mut headers = rate_headers;
-    headers.push(("request-id", format!("req_mock_{id}")));
-    sock.write_all(&response(200, &headers, answer.to_string().as_bytes()))
-        .await?;
+    Ok(answer)
+}
+
+/// Answers one `POST /v1/messages`.
+pub(super) async fn serve_messages(
+    sock: &mut TcpStream,
+    st: &State,
+    req: &Request,
+) -> std::io::Result<After> {
+    let cfg = &st.cfg;
+    // Whole seconds, as Anthropic sends them.
+    let retry_after = || ("retry-after", cfg.retry_after_ms.div_ceil(1000).to_string());
+    let refused = |(status, kind, message): Refusal| {
+        let wait: Vec<_> = matches!(status, 429 | 529)
+            .then(retry_after)
+            .into_iter()
+            .collect();
+        error(status, kind, &message, &wait)
+    };
+    let parsed = check_headers(st, req).and_then(|()| {
+        let body = serde_json::from_slice::<Value>(&req.body).map_err(|e| {
+            (
+                400,
+                "invalid_request_error",
+                format!("invalid JSON body: {e}"),
+            )
+        })?;
+        parse_body(&body).map(|p| (body, p))
+    });
+    let (body, parsed) = match parsed {
+        Ok(p) => p,
+        Err(r) => {
+            sock.write_all(&refused(r)).await?;
+            return Ok(After::KeepAlive);
+        }
+    };
+    st.stats.prompts.fetch_add(1, Ordering::Relaxed);
+    let rate_headers = match super::admit(st, &body, &[prompt_of(&parsed)]) {
+        Ok(h) => anthropic_headers(h),
+        Err(_) => {
+            // Refused by the limits: Anthropic's 429 (its own retry-after).
+            let m = "Number of requests has exceeded your rate limit";
+            sock.write_all(&refused((429, "rate_limit_error", m.into())))
+                .await?;
+            return Ok(After::KeepAlive);
+        }
+    };
+    if !cfg.latency.is_zero() {
+        tokio::time::sleep(cfg.latency).await;
+    }
+    match answer(st, &body, &parsed) {
+        Ok(answer) => {
+            let mut headers = rate_headers;
+            let id = answer["id"]
+                .as_str()
+                .unwrap_or_default()
+                .replace("msg_", "req_");
+            headers.push(("request-id", id));
+            sock.write_all(&response(200, &headers, answer.to_string().as_bytes()))
+                .await?;
+        }
+        Err(r) => sock.write_all(&refused(r)).await?,
+    }
     Ok(After::KeepAlive)
 }

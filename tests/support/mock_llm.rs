@@ -28,6 +28,8 @@ mod limits;
 
 #[path = "anthropic_api.rs"]
 mod anthropic_api;
+#[path = "anthropic_batches.rs"]
+mod anthropic_batches;
 #[path = "azure_api.rs"]
 mod azure_api;
 #[path = "batch_api.rs"]
@@ -230,14 +232,16 @@ pub struct StatsSnapshot {
     pub tokens_admitted: u64,
     /// Successful `POST /v1/files`.
     pub files_uploaded: u64,
-    /// Lines in those files.
+    /// Lines in those files, and requests in Message Batches created.
     pub batch_lines: u64,
-    /// Successful `POST /v1/batches`.
+    /// Successful `POST /v1/batches` and `POST /v1/messages/batches`.
     pub batches_created: u64,
-    /// `GET /v1/batches/{id}`.
+    /// `GET /v1/batches/{id}` and `GET /v1/messages/batches/{id}`.
     pub batch_polls: u64,
     /// `POST /v1/batches/{id}/cancel` of a known batch.
     pub batch_cancels: u64,
+    /// Results of ended Message Batches read (`GET /v1/messages/batches/{id}/results`).
+    pub batch_results_fetched: u64,
     /// Prompt tokens of the answered requests that the prefix cache did not hold (computed).
     pub prefill_computed: u64,
     /// Prompt tokens of the answered requests taken from the prefix cache (reported as
@@ -295,6 +299,7 @@ struct Stats {
     batches_created: AtomicU64,
     batch_polls: AtomicU64,
     batch_cancels: AtomicU64,
+    batch_results_fetched: AtomicU64,
     prefill_computed: AtomicU64,
     prefill_cached: AtomicU64,
     azure_requests: AtomicU64,
@@ -311,6 +316,7 @@ struct State {
     batches: batch_api::Store,
     prefix: PrefixCache,
     anthropic: anthropic_api::Store,
+    anthropic_batches: anthropic_batches::Store,
     gemini: gemini_api::Store,
     /// Set by [`MockServer::stop`]: every connection closes.
     stopped: tokio::sync::watch::Sender<bool>,
@@ -357,6 +363,7 @@ impl MockServer {
             batches: batch_api::Store::default(),
             prefix: PrefixCache::default(),
             anthropic: anthropic_api::Store::default(),
+            anthropic_batches: anthropic_batches::Store::default(),
             gemini: gemini_api::Store::default(),
             stopped: tokio::sync::watch::Sender::new(false),
         });
@@ -435,6 +442,7 @@ impl State {
             batches_created: s.batches_created.load(Ordering::Relaxed),
             batch_polls: s.batch_polls.load(Ordering::Relaxed),
             batch_cancels: s.batch_cancels.load(Ordering::Relaxed),
+            batch_results_fetched: s.batch_results_fetched.load(Ordering::Relaxed),
             prefill_computed: s.prefill_computed.load(Ordering::Relaxed),
             prefill_cached: s.prefill_cached.load(Ordering::Relaxed),
             azure_requests: s.azure_requests.load(Ordering::Relaxed),
@@ -459,6 +467,7 @@ impl State {
             &s.batches_created,
             &s.batch_polls,
             &s.batch_cancels,
+            &s.batch_results_fetched,
             &s.prefill_computed,
             &s.prefill_cached,
             &s.azure_requests,
@@ -644,6 +653,9 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             Ok(After::KeepAlive)
         }
         ("POST", "/v1/embeddings") => embeddings_api::serve_embeddings(sock, st, &req).await,
+        (_, path) if anthropic_batches::routed(path) => {
+            anthropic_batches::serve(sock, st, &req).await
+        }
         ("POST", "/v1/messages") => {
             let s = &st.stats;
             s.requests.fetch_add(1, Ordering::Relaxed);

@@ -5,13 +5,20 @@
 //!
 //! The dispatcher hands each attempt of a batch-mode model to its [`BatchQueue`] instead of the
 //! provider, and validates, caches and retries what comes back exactly as for a live answer.
-//! [`api`] speaks the OpenAI Files + Batches API, [`line`] the JSONL lines each way, [`queue`]
-//! gathers files, stores jobs durably before waiting (in the response cache's database), polls
-//! them and hands results back.
+//! [`protocol`] is the provider's batch API: [`api`] speaks the OpenAI Files + Batches API
+//! (OpenAI, Azure OpenAI) with [`line`] its JSONL lines each way, [`anthropic`] Anthropic's
+//! Message Batches; [`wire`] is their shared HTTP and [`job`] what they say of a job in common
+//! words. [`queue`] gathers requests, submits them, stores jobs durably before waiting (in the
+//! response cache's database), polls them and hands results back.
 
-pub(crate) mod api;
+mod anthropic;
+mod api;
+mod job;
 mod line;
+mod protocol;
 mod queue;
+mod wire;
 
-pub use api::{BatchApi, JobStatus};
+pub use job::JobStatus;
+pub use protocol::BatchApi;
 pub use queue::{BatchQueue, JobView};

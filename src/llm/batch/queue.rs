@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::api::{BatchApi, JobStatus};
-use super::line::{request_line, result_line};
+use super::job::{JobPhase, JobStatus};
+use super::protocol::BatchApi;
 use crate::cache::{RequestKey, ResponseCache, StoredJob, key_hex};
 use crate::config::{BatchConfig, BatchRetry};
 use crate::types::{ErrorKind, LlmError, LlmRequest, LlmResponse};
@@ -185,7 +185,7 @@ impl BatchQueue {
             } else if waiting {
                 st.waiters.entry(key).or_default().push(tx);
             } else {
-                let line = request_line(self.api.chat(), &key, req);
+                let line = self.api.request_line(&key, req);
                 if line.len() as u64 > self.cfg.max_bytes {
                     return Err(LlmError::new(
                         ErrorKind::TooLarge,
@@ -332,13 +332,7 @@ impl BatchQueue {
     async fn send_file(self: &Arc<Self>, keys: Vec<RequestKey>, body: Vec<u8>) {
         let n = self.files.fetch_add(1, Ordering::Relaxed);
         let name = format!("sluice-{}-{}-{n}.jsonl", self.name, unix_now());
-        let submitted = async {
-            let file = self.api.upload(&name, body).await?;
-            let job = self.api.create(&file).await?;
-            Ok::<_, LlmError>((file, job))
-        }
-        .await;
-        let (file, status) = match submitted {
+        let (file, status) = match self.api.submit(&name, body).await {
             Ok(s) => s,
             Err(e) => {
                 self.deliver(keys.into_iter().map(|k| (k, Err(e.clone()))).collect());
@@ -410,14 +404,11 @@ impl BatchQueue {
     async fn collect(&self, id: &str, keys: &[RequestKey], status: &JobStatus) {
         let mut results: HashMap<RequestKey, Answer> = HashMap::with_capacity(keys.len());
         let mut unread = None;
-        for file in [&status.output_file_id, &status.error_file_id]
-            .into_iter()
-            .flatten()
-        {
-            match self.download(file).await {
+        for at in &status.results {
+            match self.download(at).await {
                 Ok(bytes) => {
                     for line in bytes.split(|b| *b == b'\n') {
-                        if let Some((k, r)) = result_line(self.api.chat(), line) {
+                        if let Some((k, r)) = self.api.result_line(line) {
                             results.insert(k, r);
                         }
                     }
@@ -447,11 +438,11 @@ impl BatchQueue {
         self.deliver(answers);
     }
 
-    /// A result file, with a few tries.
-    async fn download(&self, file: &str) -> Result<Vec<u8>, LlmError> {
+    /// A job's results at `at` (a file, a URL), with a few tries.
+    async fn download(&self, at: &str) -> Result<Vec<u8>, LlmError> {
         let mut tries = 0;
         loop {
-            match self.api.content(file).await {
+            match self.api.content(at).await {
                 Ok(b) => return Ok(b),
                 Err(e) if tries >= 3 || e.kind.is_systemic() => return Err(e),
                 Err(_) => tries += 1,
@@ -462,15 +453,15 @@ impl BatchQueue {
 
     /// The error of a request its final job has no result for.
     fn missing(&self, id: &str, status: &JobStatus) -> LlmError {
-        match status.status.as_str() {
-            "expired" => LlmError::new(
+        match status.phase {
+            JobPhase::Expired => LlmError::new(
                 ErrorKind::Timeout,
                 format!(
                     "batch job {id} expired before it ran this request (completion window {})",
                     self.cfg.completion_window
                 ),
             ),
-            "cancelled" => LlmError::new(
+            JobPhase::Cancelled => LlmError::new(
                 ErrorKind::Batch,
                 format!(
                     "batch job {id} of model {} was cancelled before it ran this request; the \
@@ -478,14 +469,14 @@ impl BatchQueue {
                     self.name
                 ),
             ),
-            "failed" => LlmError::new(
+            JobPhase::Failed => LlmError::new(
                 ErrorKind::ServerError,
                 format!(
                     "batch job {id} failed: {}",
                     status.errors.as_deref().unwrap_or("no reason given")
                 ),
             ),
-            _ => LlmError::new(
+            JobPhase::Completed | JobPhase::Open => LlmError::new(
                 ErrorKind::MalformedResponse,
                 format!("batch job {id} ended without a result for this request"),
             ),
