@@ -8,23 +8,19 @@ mod support;
 
 use std::path::Path;
 
-use datafusion::arrow::array::{Array, AsArray};
 use sluice::Engine;
 use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
-use support::mock_llm::{AnthropicConfig, AnthropicPrices, Hostile};
+use support::mock_llm::{AnthropicConfig, AnthropicPrices, Hostile, SONNET_4_5};
+use support::providers::{
+    self, check_typed_row_errors, flagship_error, flagship_rows, parse_with_key, root,
+};
 use support::*;
 
 const KEY: &str = "sk-ant-secret-0123456789";
 
-/// Prices in USD per million tokens: Claude Sonnet 4.5's (cache reads at 0.1 × and writes at
-/// 1.25 × the input price, sluice's defaults for Anthropic).
-const PRICES: AnthropicPrices = AnthropicPrices {
-    input: 3.0,
-    cache_write: 3.75,
-    cache_read: 0.3,
-    output: 15.0,
-};
+/// Prices in USD per million tokens: Claude Sonnet 4.5's.
+const PRICES: AnthropicPrices = SONNET_4_5;
 
 /// The flagship's configuration with `[models.default]` of `kind` at `base_url`, the key in
 /// `$ANT_KEY`, `concurrency` requests in flight, `extra` keys appended.
@@ -34,32 +30,16 @@ fn config(kind: &str, base_url: &str, concurrency: usize, extra: &str) -> Config
          backoff_max_ms = 20\n[cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\n\
          base_url = \"{base_url}\"\nmodel = \"claude-sonnet-4-5\"\ntimeout_ms = 5000\n{extra}"
     );
-    let env = |k: &str| (k == "ANT_KEY").then(|| KEY.to_string());
-    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &env).expect("parses");
-    cfg.udf_dir = repo().join("udfs");
-    cfg
+    parse_with_key(&text, "ANT_KEY", KEY)
 }
 
 fn anthropic(server: &MockServer, concurrency: usize, extra: &str) -> Engine {
-    let root = format!("http://{}", server.addr());
     let extra = format!("api_key_env = \"ANT_KEY\"\n{extra}");
-    Engine::new(&config("anthropic", &root, concurrency, &extra)).expect("engine starts")
+    Engine::new(&config("anthropic", &root(server), concurrency, &extra)).expect("engine starts")
 }
 
 fn keyed(cfg: MockConfig) -> MockConfig {
-    MockConfig {
-        api_key: Some(KEY.into()),
-        ..cfg
-    }
-}
-
-/// Runs the flagship; its sorted rows.
-async fn flagship_rows(engine: &Engine) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("qa.parquet");
-    let sql = flagship_sql(&shared_data("earnings_transcript_excerpts.jsonl"), &out);
-    run(engine, &sql).await.expect("the flagship runs");
-    sorted_rows(&read_parquet(&out).await)
+    providers::keyed(KEY, cfg)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,8 +50,7 @@ async fn the_flagship_on_anthropic_writes_the_rows_it_writes_on_openai() {
 
     let s = mock(keyed(MockConfig::default())).await;
     let cache = tempfile::tempdir().unwrap();
-    let root = format!("http://{}", s.addr());
-    let mut cfg = config("anthropic", &root, 4, "api_key_env = \"ANT_KEY\"\n");
+    let mut cfg = config("anthropic", &root(&s), 4, "api_key_env = \"ANT_KEY\"\n");
     cfg.cache.enabled = true;
     cfg.cache.dir = cache.path().to_path_buf();
     let engine = Engine::new(&cfg).unwrap();
@@ -145,8 +124,7 @@ async fn hostile_answers_are_typed_row_errors() {
     ];
     let s = mock(keyed(MockConfig {
         anthropic: AnthropicConfig {
-            hostile: hostile
-                .iter()
+            hostile: (hostile.iter())
                 .map(|(m, h, _)| (m.to_string(), *h))
                 .collect(),
             huge_bytes: 200_000,
@@ -155,51 +133,11 @@ async fn hostile_answers_are_typed_row_errors() {
         ..MockConfig::default()
     }))
     .await;
-    let root = format!("http://{}", s.addr());
-    let cfg = config(
-        "anthropic",
-        &root,
-        4,
-        "api_key_env = \"ANT_KEY\"\nmax_response_bytes = 65536\n",
-    );
-    let mut cfg = cfg;
+    let extra = "api_key_env = \"ANT_KEY\"\nmax_response_bytes = 65536\n";
+    let mut cfg = config("anthropic", &root(&s), 4, extra);
     cfg.dispatcher.max_attempts = 2;
-    let def = FunctionDef::parse(PROFILE, Path::new("profile.toml")).unwrap();
-    let engine = Engine::with_functions(&cfg, vec![def]).unwrap();
-    let values: Vec<String> = hostile
-        .iter()
-        .map(|(m, _, _)| format!("('{m}')"))
-        .chain(["('fine')".to_string()])
-        .collect();
-    let sql = format!(
-        "CREATE TABLE t AS VALUES {};\nCREATE TABLE r AS SELECT column1 AS x, profile(column1) \
-         AS v, profile_error(column1) AS e FROM t;",
-        values.join(", ")
-    );
-    run(&engine, &sql).await.unwrap();
-    let batches = engine
-        .query("SELECT x, e['kind'] AS kind, e['message'] AS message, v['b'] AS b FROM r")
-        .await
-        .unwrap();
-    let mut seen = 0;
-    for b in &batches {
-        let (x, kind, message) = (
-            b.column(0).as_string::<i32>(),
-            b.column(1).as_string::<i32>(),
-            b.column(2).as_string::<i32>(),
-        );
-        for i in 0..b.num_rows() {
-            seen += 1;
-            match hostile.iter().find(|(m, _, _)| *m == x.value(i)) {
-                Some((_, h, expected)) => {
-                    assert_eq!(kind.value(i), *expected, "{h:?}: {}", message.value(i));
-                    assert!(!message.value(i).contains(KEY));
-                }
-                None => assert!(kind.is_null(i) && b.column(3).is_valid(i), "the clean row"),
-            }
-        }
-    }
-    assert_eq!(seen, 5, "no row lost");
+    let cases: Vec<(&str, &str)> = hostile.iter().map(|(m, _, k)| (*m, *k)).collect();
+    let engine = check_typed_row_errors(&cfg, PROFILE, &cases, KEY).await;
     let st = s.stats();
     // Every hostile answer is tried twice but the oversized one (not worth a retry).
     assert_eq!(st.requests, 2 * 3 + 1 + 1, "{st:?}");
@@ -269,8 +207,7 @@ async fn anthropic_rate_limit_headers_pace_the_model_before_any_refusal() {
         ..MockConfig::default()
     }))
     .await;
-    let root = format!("http://{}", s.addr());
-    let cfg = config("anthropic", &root, 16, "api_key_env = \"ANT_KEY\"\n");
+    let cfg = config("anthropic", &root(&s), 16, "api_key_env = \"ANT_KEY\"\n");
     let def = FunctionDef::parse(TAG, Path::new("tag.toml")).unwrap();
     let engine = Engine::with_functions(&cfg, vec![def]).unwrap();
     let sql = "CREATE TABLE t AS SELECT CAST(value AS VARCHAR) AS x FROM range(200);\n\
@@ -297,13 +234,7 @@ async fn a_wrong_key_fails_the_run_without_showing_the_key() {
         ..MockConfig::default()
     })
     .await;
-    let engine = anthropic(&s, 2, "");
-    let dir = tempfile::tempdir().unwrap();
-    let sql = flagship_sql(
-        &shared_data("earnings_transcript_excerpts.jsonl"),
-        &dir.path().join("qa.parquet"),
-    );
-    let err = run(&engine, &sql).await.unwrap_err();
+    let err = flagship_error(&anthropic(&s, 2, "")).await;
     assert!(
         err.contains("authentication failed") && err.contains("$ANT_KEY"),
         "{err}"

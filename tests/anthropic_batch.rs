@@ -13,19 +13,15 @@ use datafusion::arrow::array::{Array, AsArray};
 use sluice::Engine;
 use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
-use support::mock_llm::{AnthropicPrices, BatchConfig, Fault};
+use support::mock_llm::{AnthropicPrices, BatchConfig, Fault, SONNET_4_5};
+use support::providers::{flagship_rows, parse_with_key};
 use support::*;
 
 const KEY: &str = "sk-ant-secret-0123456789";
 
 /// Live prices in USD per million tokens (Claude Sonnet 4.5's); batches are billed at half of
 /// each, cache reads and writes included.
-const PRICES: AnthropicPrices = AnthropicPrices {
-    input: 3.0,
-    cache_write: 3.75,
-    cache_read: 0.3,
-    output: 15.0,
-};
+const PRICES: AnthropicPrices = SONNET_4_5;
 
 /// `[models.default]` on Anthropic at `server`, the key in `$ANT_KEY`, with `extra` keys and a
 /// `[models.default.batch]` polling every 20 ms.
@@ -55,19 +51,7 @@ fn engine_config(server: &MockServer, attempts: u32, extra: &str, cache: &Path) 
         cache.display(),
         model_text(server, extra)
     );
-    let env = |k: &str| (k == "ANT_KEY").then(|| KEY.to_string());
-    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &env).expect("parses");
-    cfg.udf_dir = repo().join("udfs");
-    cfg
-}
-
-/// Runs the flagship; its sorted rows.
-async fn flagship_rows(engine: &Engine) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("qa.parquet");
-    let sql = flagship_sql(&shared_data("earnings_transcript_excerpts.jsonl"), &out);
-    run(engine, &sql).await.expect("the flagship runs");
-    sorted_rows(&read_parquet(&out).await)
+    parse_with_key(&text, "ANT_KEY", KEY)
 }
 
 /// The flagship's rows and its number of requests, live on Anthropic.

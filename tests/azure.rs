@@ -10,6 +10,7 @@ use std::path::Path;
 use sluice::Engine;
 use sluice::config::Config;
 use support::mock_llm::{BatchConfig, PrefixCacheConfig};
+use support::providers::{flagship_error, flagship_rows, parse_with_key, root};
 use support::*;
 
 const KEY: &str = "azure-secret-key-0123456789";
@@ -22,23 +23,23 @@ fn config(kind: &str, base_url: &str, extra: &str) -> Config {
          [cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\n\
          model = \"gpt-4o-mini\"\ntimeout_ms = 5000\n{extra}"
     );
-    let env = |k: &str| (k == "AZ_KEY").then(|| KEY.to_string());
-    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &env).expect("parses");
-    cfg.udf_dir = repo().join("udfs");
-    cfg
+    parse_with_key(&text, "AZ_KEY", KEY)
 }
 
-fn root(server: &MockServer) -> String {
-    format!("http://{}", server.addr())
+/// A server of Azure's `2024-10-21` API requiring `key`.
+async fn azure_server(key: &str) -> MockServer {
+    mock(MockConfig {
+        api_key: Some(key.into()),
+        azure_api_version: Some("2024-10-21".into()),
+        ..MockConfig::default()
+    })
+    .await
 }
 
-/// Runs the flagship; its sorted rows.
-async fn flagship_rows(engine: &Engine) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("qa.parquet");
-    let sql = flagship_sql(&shared_data("earnings_transcript_excerpts.jsonl"), &out);
-    run(engine, &sql).await.expect("the flagship runs");
-    sorted_rows(&read_parquet(&out).await)
+/// The flagship's engine on Azure at `server`, the key in `$AZ_KEY`.
+fn azure(server: &MockServer) -> Engine {
+    let cfg = config("azure_openai", &root(server), "api_key_env = \"AZ_KEY\"\n");
+    Engine::new(&cfg).expect("engine starts")
 }
 
 /// The flagship on kind `openai` against a fresh fault-free server.
@@ -51,18 +52,8 @@ async fn openai_rows() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_flagship_on_azure_writes_the_rows_it_writes_on_openai() {
     let expected = openai_rows().await;
-    let s = mock(MockConfig {
-        api_key: Some(KEY.into()),
-        azure_api_version: Some("2024-10-21".into()),
-        ..MockConfig::default()
-    })
-    .await;
-    let engine = Engine::new(&config(
-        "azure_openai",
-        &root(&s),
-        "api_key_env = \"AZ_KEY\"\n",
-    ))
-    .unwrap();
+    let s = azure_server(KEY).await;
+    let engine = azure(&s);
     let rows = flagship_rows(&engine).await;
     assert_eq!(rows, expected);
     assert_eq!(rows.len(), 42);
@@ -147,24 +138,8 @@ async fn batch_mode_on_azure_writes_the_live_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_or_api_version_fails_the_run_without_showing_the_key() {
-    let s = mock(MockConfig {
-        api_key: Some("the-right-key".into()),
-        azure_api_version: Some("2024-10-21".into()),
-        ..MockConfig::default()
-    })
-    .await;
-    let engine = Engine::new(&config(
-        "azure_openai",
-        &root(&s),
-        "api_key_env = \"AZ_KEY\"\n",
-    ))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let sql = flagship_sql(
-        &shared_data("earnings_transcript_excerpts.jsonl"),
-        &dir.path().join("qa.parquet"),
-    );
-    let err = run(&engine, &sql).await.unwrap_err();
+    let s = azure_server("the-right-key").await;
+    let err = flagship_error(&azure(&s)).await;
     assert!(
         err.contains("authentication failed") && err.contains("$AZ_KEY"),
         "{err}"
@@ -182,8 +157,7 @@ async fn a_wrong_key_or_api_version_fails_the_run_without_showing_the_key() {
         &root(&s),
         "api_key_env = \"AZ_KEY\"\napi_version = \"2025-04-01-preview\"\n",
     );
-    let engine = Engine::new(&cfg).unwrap();
-    let err = run(&engine, &sql).await.unwrap_err();
+    let err = flagship_error(&Engine::new(&cfg).unwrap()).await;
     assert!(
         err.contains("404") && err.contains("api-version=2025-04-01-preview"),
         "{err}"

@@ -9,12 +9,15 @@ mod support;
 
 use std::path::Path;
 
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Float32Type;
 use sluice::Engine;
 use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 use support::mock_llm::{GeminiConfig, GeminiHostile, PrefixCacheConfig, embedding_of};
+use support::providers::{
+    self, check_typed_row_errors, flagship_error, flagship_rows, parse_with_key, root,
+};
 use support::*;
 
 const KEY: &str = "AIza-gemini-secret-0123456789";
@@ -31,14 +34,7 @@ fn config(kind: &str, base_url: &str, concurrency: usize, extra: &str) -> Config
          backoff_max_ms = 1000\n[cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\n\
          base_url = \"{base_url}\"\nmodel = \"gemini-2.5-flash\"\ntimeout_ms = 5000\n{extra}"
     );
-    let env = |k: &str| (k == "GEM_KEY").then(|| KEY.to_string());
-    let mut cfg = Config::parse(&text, Path::new("sluice.toml"), &env).expect("parses");
-    cfg.udf_dir = repo().join("udfs");
-    cfg
-}
-
-fn root(server: &MockServer) -> String {
-    format!("http://{}", server.addr())
+    parse_with_key(&text, "GEM_KEY", KEY)
 }
 
 fn gemini(server: &MockServer, concurrency: usize, extra: &str) -> Engine {
@@ -47,19 +43,7 @@ fn gemini(server: &MockServer, concurrency: usize, extra: &str) -> Engine {
 }
 
 fn keyed(cfg: MockConfig) -> MockConfig {
-    MockConfig {
-        api_key: Some(KEY.into()),
-        ..cfg
-    }
-}
-
-/// Runs the flagship; its sorted rows.
-async fn flagship_rows(engine: &Engine) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("qa.parquet");
-    let sql = flagship_sql(&shared_data("earnings_transcript_excerpts.jsonl"), &out);
-    run(engine, &sql).await.expect("the flagship runs");
-    sorted_rows(&read_parquet(&out).await)
+    providers::keyed(KEY, cfg)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,41 +181,8 @@ async fn hostile_answers_are_typed_row_errors() {
     let extra = "api_key_env = \"GEM_KEY\"\nmax_response_bytes = 65536\n";
     let mut cfg = config("gemini", &root(&s), 4, extra);
     cfg.dispatcher.max_attempts = 2;
-    let def = FunctionDef::parse(PROFILE, Path::new("profile.toml")).unwrap();
-    let engine = Engine::with_functions(&cfg, vec![def]).unwrap();
-    let values: Vec<String> = (hostile.iter())
-        .map(|(m, _, _)| format!("('{m}')"))
-        .chain(["('fine')".to_string()])
-        .collect();
-    let sql = format!(
-        "CREATE TABLE t AS VALUES {};\nCREATE TABLE r AS SELECT column1 AS x, profile(column1) \
-         AS v, profile_error(column1) AS e FROM t;",
-        values.join(", ")
-    );
-    run(&engine, &sql).await.unwrap();
-    let batches = engine
-        .query("SELECT x, e['kind'] AS kind, e['message'] AS message, v['b'] AS b FROM r")
-        .await
-        .unwrap();
-    let mut seen = 0;
-    for b in &batches {
-        let (x, kind, message) = (
-            b.column(0).as_string::<i32>(),
-            b.column(1).as_string::<i32>(),
-            b.column(2).as_string::<i32>(),
-        );
-        for i in 0..b.num_rows() {
-            seen += 1;
-            match hostile.iter().find(|(m, _, _)| *m == x.value(i)) {
-                Some((_, h, expected)) => {
-                    assert_eq!(kind.value(i), *expected, "{h:?}: {}", message.value(i));
-                    assert!(!message.value(i).contains(KEY));
-                }
-                None => assert!(kind.is_null(i) && b.column(3).is_valid(i), "the clean row"),
-            }
-        }
-    }
-    assert_eq!(seen, 6, "no row lost");
+    let cases: Vec<(&str, &str)> = hostile.iter().map(|(m, _, k)| (*m, *k)).collect();
+    let engine = check_typed_row_errors(&cfg, PROFILE, &cases, KEY).await;
     // The malformed answers are tried twice; a filtered or blocked one, or one too large, once.
     assert_eq!(s.stats().requests, 2 * 2 + 3 + 1, "{:?}", s.stats());
     let m = engine.metrics();
@@ -289,13 +240,8 @@ async fn a_missing_or_wrong_key_fails_the_run_without_showing_the_key() {
         ..MockConfig::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let sql = flagship_sql(
-        &shared_data("earnings_transcript_excerpts.jsonl"),
-        &dir.path().join("qa.parquet"),
-    );
     // A wrong key: Google's 400 API_KEY_INVALID is an authentication failure.
-    let err = run(&gemini(&s, 2, ""), &sql).await.unwrap_err();
+    let err = flagship_error(&gemini(&s, 2, "")).await;
     assert!(
         err.contains("authentication failed") && err.contains("$GEM_KEY"),
         "{err}"
@@ -304,7 +250,7 @@ async fn a_missing_or_wrong_key_fails_the_run_without_showing_the_key() {
     assert!(!err.contains(KEY), "{err}");
     // No key at all: 403 PERMISSION_DENIED.
     let engine = Engine::new(&config("gemini", &root(&s), 2, "")).unwrap();
-    let err = run(&engine, &sql).await.unwrap_err();
+    let err = flagship_error(&engine).await;
     assert!(
         err.contains("authentication failed") && err.contains("unregistered callers"),
         "{err}"

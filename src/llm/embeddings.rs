@@ -12,7 +12,9 @@ use super::http::HttpEndpoint;
 use super::response::malformed;
 use super::{Provider, SetupError, preview};
 use crate::config::ServerConfig;
-use crate::types::{LlmError, LlmRequest, LlmResponse, OutputSchema, SchemaKind, Usage};
+use crate::types::{
+    LlmError, LlmRequest, LlmResponse, OutputSchema, RateLimits, SchemaKind, Usage,
+};
 
 /// A provider of the OpenAI embeddings protocol.
 #[derive(Debug)]
@@ -41,6 +43,48 @@ pub fn is_vector_schema(schema: Option<&OutputSchema>) -> bool {
     })
 }
 
+/// The schema check of an embeddings provider: only a vector's schema passes; `refusal` says
+/// why any other cannot.
+pub fn check_vector_schema(schema: Option<&OutputSchema>, refusal: &str) -> Result<(), SetupError> {
+    if is_vector_schema(schema) {
+        Ok(())
+    } else {
+        Err(SetupError::Output(refusal.to_string()))
+    }
+}
+
+/// One answer per input of an embeddings request of `n` inputs, in order, from the elements
+/// of the response paired with their input's index: an element's `field` (a JSON array) is its
+/// input's answer; an input with no element, or one whose element has no such array, is a
+/// malformed answer.
+pub fn vectors_by_input<'a>(
+    elements: impl IntoIterator<Item = (usize, &'a Value)>,
+    field: &str,
+    n: usize,
+    usage: Option<Usage>,
+    rate: RateLimits,
+) -> Vec<Result<LlmResponse, LlmError>> {
+    let mut out: Vec<Option<Result<LlmResponse, LlmError>>> = vec![None; n];
+    for (i, e) in elements {
+        let Some(slot) = out.get_mut(i) else { continue };
+        *slot = Some(match e.get(field) {
+            Some(v @ Value::Array(_)) => Ok(LlmResponse {
+                content: v.to_string(),
+                finish_reason: Some("stop".into()),
+                usage,
+                rate,
+            }),
+            _ => Err(malformed(format!(
+                "answer {i} has no {field} array: {}",
+                preview(&e.to_string())
+            ))),
+        });
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(malformed("no embedding for this input".into()))))
+        .collect()
+}
+
 #[async_trait]
 impl Provider for EmbeddingsProvider {
     fn endpoint(&self) -> String {
@@ -56,15 +100,11 @@ impl Provider for EmbeddingsProvider {
     }
 
     fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), SetupError> {
-        if is_vector_schema(schema) {
-            Ok(())
-        } else {
-            Err(SetupError::Output(
-                "it serves embeddings (kind = \"openai_embeddings\"): only functions of kind = \
-                 \"embedding\" can use it"
-                    .into(),
-            ))
-        }
+        check_vector_schema(
+            schema,
+            "it serves embeddings (kind = \"openai_embeddings\"): only functions of kind = \
+             \"embedding\" can use it",
+        )
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
@@ -90,29 +130,16 @@ impl Provider for EmbeddingsProvider {
             cached_prompt_tokens: 0,
             cache_write_tokens: 0,
         });
-        let mut out: Vec<Option<Result<LlmResponse, LlmError>>> = vec![None; reqs.len()];
-        for (pos, d) in data.iter().enumerate() {
-            let i = d
-                .get("index")
-                .and_then(Value::as_u64)
-                .map_or(pos, |i| i as usize);
-            let Some(slot) = out.get_mut(i) else { continue };
-            *slot = Some(match d.get("embedding") {
-                Some(e @ Value::Array(_)) => Ok(LlmResponse {
-                    content: e.to_string(),
-                    finish_reason: Some("stop".into()),
-                    usage,
-                    rate,
-                }),
-                _ => Err(malformed(format!(
-                    "data[{i}] has no embedding array: {}",
-                    preview(&d.to_string())
-                ))),
-            });
-        }
-        Ok(out
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(malformed("no embedding for this input".into()))))
-            .collect())
+        let elements = data.iter().enumerate().map(|(pos, d)| {
+            let i = d.get("index").and_then(Value::as_u64);
+            (i.map_or(pos, |i| i as usize), d)
+        });
+        Ok(vectors_by_input(
+            elements,
+            "embedding",
+            reqs.len(),
+            usage,
+            rate,
+        ))
     }
 }

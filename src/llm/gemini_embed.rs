@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::embeddings::is_vector_schema;
+use super::embeddings::{check_vector_schema, vectors_by_input};
 use super::gemini::{gemini_endpoint, model_id};
 use super::http::HttpEndpoint;
 use super::response::malformed;
@@ -78,13 +78,10 @@ impl Provider for GeminiEmbedder {
     }
 
     fn check_schema(&self, schema: Option<&OutputSchema>) -> Result<(), SetupError> {
-        if is_vector_schema(schema) {
-            Ok(())
-        } else {
-            Err(SetupError::Output(
-                "Gemini's batchEmbedContents serves only functions of kind = \"embedding\"".into(),
-            ))
-        }
+        check_vector_schema(
+            schema,
+            "Gemini's batchEmbedContents serves only functions of kind = \"embedding\"",
+        )
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
@@ -105,27 +102,14 @@ impl Provider for GeminiEmbedder {
             .pointer("/usageMetadata/promptTokenCount")
             .and_then(Value::as_u64)
             .map(|t| Usage::new(t / reqs.len().max(1) as u64, 0, 0));
-        let mut out: Vec<Result<LlmResponse, LlmError>> = embeddings
-            .iter()
-            .take(reqs.len())
-            .enumerate()
-            .map(|(i, e)| match e.get("values") {
-                Some(values @ Value::Array(_)) => Ok(LlmResponse {
-                    content: values.to_string(),
-                    finish_reason: Some("stop".into()),
-                    usage,
-                    rate,
-                }),
-                _ => Err(malformed(format!(
-                    "embeddings[{i}] has no values array: {}",
-                    preview(&e.to_string())
-                ))),
-            })
-            .collect();
-        while out.len() < reqs.len() {
-            out.push(Err(malformed("no embedding for this input".into())));
-        }
-        Ok(out)
+        let elements = embeddings.iter().enumerate();
+        Ok(vectors_by_input(
+            elements,
+            "values",
+            reqs.len(),
+            usage,
+            rate,
+        ))
     }
 }
 

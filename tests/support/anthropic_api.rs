@@ -86,6 +86,15 @@ pub struct AnthropicPrices {
     pub output: f64,
 }
 
+/// Claude Sonnet 4.5's live prices (cache reads at 0.1 × and writes at 1.25 × the input
+/// price, sluice's defaults for Anthropic).
+pub const SONNET_4_5: AnthropicPrices = AnthropicPrices {
+    input: 3.0,
+    cache_write: 3.75,
+    cache_read: 0.3,
+    output: 15.0,
+};
+
 /// The tokens the server billed, by class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Bill {

@@ -42,7 +42,7 @@ mod gemini_api;
 mod prefix_cache;
 
 #[allow(unused_imports)]
-pub use anthropic_api::{AnthropicConfig, AnthropicPrices, Bill, Hostile};
+pub use anthropic_api::{AnthropicConfig, AnthropicPrices, Bill, Hostile, SONNET_4_5};
 pub use batch_api::BatchConfig;
 #[allow(unused_imports)]
 pub use embeddings_api::{DEFAULT_DIM, embedding_of};

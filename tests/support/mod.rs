@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock_llm;
+pub mod providers;
 pub mod rows;
 pub mod s3;
 pub mod workers;

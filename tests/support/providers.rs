@@ -1,0 +1,103 @@
+//! What the tests of the hosted providers (`anthropic`, `gemini`, `azure_openai`, and their
+//! batch modes) share: a configuration whose key is in one environment variable, the flagship
+//! run to its rows or to its error, and the check that hostile answers are typed row errors.
+
+use std::path::Path;
+
+use datafusion::arrow::array::{Array, AsArray};
+use sluice::Engine;
+use sluice::config::Config;
+use sluice::udf::def::FunctionDef;
+
+use super::{
+    MockConfig, MockServer, flagship_sql, read_parquet, repo, run, shared_data, sorted_rows,
+};
+
+/// The server's root URL (no `/v1`), as the hosted providers' `base_url` names it.
+pub fn root(server: &MockServer) -> String {
+    format!("http://{}", server.addr())
+}
+
+/// `cfg` with the server requiring `key`.
+pub fn keyed(key: &str, cfg: MockConfig) -> MockConfig {
+    MockConfig {
+        api_key: Some(key.into()),
+        ..cfg
+    }
+}
+
+/// `text` parsed with `key` in the environment variable `var` (and no other), functions read
+/// from the repository's `udfs/`.
+pub fn parse_with_key(text: &str, var: &str, key: &str) -> Config {
+    let env = |k: &str| (k == var).then(|| key.to_string());
+    let mut cfg = Config::parse(text, Path::new("sluice.toml"), &env).expect("parses");
+    cfg.udf_dir = repo().join("udfs");
+    cfg
+}
+
+/// Runs the flagship; its sorted rows.
+pub async fn flagship_rows(engine: &Engine) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa.parquet");
+    let sql = flagship_sql(&shared_data("earnings_transcript_excerpts.jsonl"), &out);
+    run(engine, &sql).await.expect("the flagship runs");
+    sorted_rows(&read_parquet(&out).await)
+}
+
+/// Runs the flagship, which must fail; its error.
+pub async fn flagship_error(engine: &Engine) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = flagship_sql(
+        &shared_data("earnings_transcript_excerpts.jsonl"),
+        &dir.path().join("qa.parquet"),
+    );
+    run(engine, &sql).await.expect_err("the flagship fails")
+}
+
+/// Runs `profile` (its definition `profile`, an object with an integer `b`) over one row per
+/// `(marker, error kind)` of `cases` and one clean row: each marked row is an error of its
+/// kind whose message does not hold `key`, the clean row a value; no row is lost. The engine
+/// that ran it.
+pub async fn check_typed_row_errors(
+    cfg: &Config,
+    profile: &str,
+    cases: &[(&str, &str)],
+    key: &str,
+) -> Engine {
+    let def = FunctionDef::parse(profile, Path::new("profile.toml")).unwrap();
+    let engine = Engine::with_functions(cfg, vec![def]).unwrap();
+    let values: Vec<String> = (cases.iter())
+        .map(|(m, _)| format!("('{m}')"))
+        .chain(["('fine')".to_string()])
+        .collect();
+    let sql = format!(
+        "CREATE TABLE t AS VALUES {};\nCREATE TABLE r AS SELECT column1 AS x, profile(column1) \
+         AS v, profile_error(column1) AS e FROM t;",
+        values.join(", ")
+    );
+    run(&engine, &sql).await.unwrap();
+    let batches = engine
+        .query("SELECT x, e['kind'] AS kind, e['message'] AS message, v['b'] AS b FROM r")
+        .await
+        .unwrap();
+    let mut seen = 0;
+    for b in &batches {
+        let (x, kind, message) = (
+            b.column(0).as_string::<i32>(),
+            b.column(1).as_string::<i32>(),
+            b.column(2).as_string::<i32>(),
+        );
+        for i in 0..b.num_rows() {
+            seen += 1;
+            match cases.iter().find(|(m, _)| *m == x.value(i)) {
+                Some((m, expected)) => {
+                    assert_eq!(kind.value(i), *expected, "{m}: {}", message.value(i));
+                    assert!(!message.value(i).contains(key));
+                }
+                None => assert!(kind.is_null(i) && b.column(3).is_valid(i), "the clean row"),
+            }
+        }
+    }
+    assert_eq!(seen, cases.len() + 1, "no row lost");
+    engine
+}
