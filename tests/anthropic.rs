@@ -13,7 +13,8 @@ use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 use support::mock_llm::{AnthropicConfig, AnthropicPrices, Hostile, SONNET_4_5};
 use support::providers::{
-    self, check_typed_row_errors, flagship_error, flagship_rows, parse_with_key, root,
+    self, check_typed_row_errors, flagship_error, flagship_rows, hosted_text, openai_rows,
+    parse_with_key, root,
 };
 use support::*;
 
@@ -25,11 +26,7 @@ const PRICES: AnthropicPrices = SONNET_4_5;
 /// The flagship's configuration with `[models.default]` of `kind` at `base_url`, the key in
 /// `$ANT_KEY`, `concurrency` requests in flight, `extra` keys appended.
 fn config(kind: &str, base_url: &str, concurrency: usize, extra: &str) -> Config {
-    let text = format!(
-        "[dispatcher]\nconcurrency = {concurrency}\nmax_attempts = 8\nbackoff_base_ms = 1\n\
-         backoff_max_ms = 20\n[cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\n\
-         base_url = \"{base_url}\"\nmodel = \"claude-sonnet-4-5\"\ntimeout_ms = 5000\n{extra}"
-    );
+    let text = hosted_text(kind, base_url, "claude-sonnet-4-5", concurrency, extra);
     parse_with_key(&text, "ANT_KEY", KEY)
 }
 
@@ -44,9 +41,7 @@ fn keyed(cfg: MockConfig) -> MockConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_flagship_on_anthropic_writes_the_rows_it_writes_on_openai() {
-    let s = mock(MockConfig::default()).await;
-    let openai = Engine::new(&config("openai", &s.base_url(), 4, "")).unwrap();
-    let expected = flagship_rows(&openai).await;
+    let expected = openai_rows().await;
 
     let s = mock(keyed(MockConfig::default())).await;
     let cache = tempfile::tempdir().unwrap();

@@ -10,7 +10,9 @@ use std::path::Path;
 use sluice::Engine;
 use sluice::config::Config;
 use support::mock_llm::{BatchConfig, PrefixCacheConfig};
-use support::providers::{flagship_error, flagship_rows, parse_with_key, root};
+use support::providers::{
+    flagship_error, flagship_rows, hosted_text, openai_rows, parse_with_key, root,
+};
 use support::*;
 
 const KEY: &str = "azure-secret-key-0123456789";
@@ -18,11 +20,7 @@ const KEY: &str = "azure-secret-key-0123456789";
 /// The flagship's configuration with `[models.default]` of `kind` against `server` (an Azure
 /// resource endpoint or an OpenAI base URL), `extra` keys appended, the key in `$AZ_KEY`.
 fn config(kind: &str, base_url: &str, extra: &str) -> Config {
-    let text = format!(
-        "[dispatcher]\nconcurrency = 4\nmax_attempts = 6\nbackoff_base_ms = 1\nbackoff_max_ms = 20\n\
-         [cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\n\
-         model = \"gpt-4o-mini\"\ntimeout_ms = 5000\n{extra}"
-    );
+    let text = hosted_text(kind, base_url, "gpt-4o-mini", 4, extra);
     parse_with_key(&text, "AZ_KEY", KEY)
 }
 
@@ -40,13 +38,6 @@ async fn azure_server(key: &str) -> MockServer {
 fn azure(server: &MockServer) -> Engine {
     let cfg = config("azure_openai", &root(server), "api_key_env = \"AZ_KEY\"\n");
     Engine::new(&cfg).expect("engine starts")
-}
-
-/// The flagship on kind `openai` against a fresh fault-free server.
-async fn openai_rows() -> Vec<String> {
-    let s = mock(MockConfig::default()).await;
-    let engine = Engine::new(&config("openai", &s.base_url(), "")).unwrap();
-    flagship_rows(&engine).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,8 @@ use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 use support::mock_llm::{GeminiConfig, GeminiHostile, PrefixCacheConfig, embedding_of};
 use support::providers::{
-    self, check_typed_row_errors, flagship_error, flagship_rows, parse_with_key, root,
+    self, check_typed_row_errors, flagship_error, flagship_rows, hosted_text, openai_rows,
+    parse_with_key, root,
 };
 use support::*;
 
@@ -29,12 +30,11 @@ const PRICES: (f64, f64, f64) = (0.30, 0.03, 2.50);
 /// The flagship's configuration with `[models.default]` of `kind` at `base_url`,
 /// `concurrency` requests in flight, `extra` keys appended; the key in `$GEM_KEY`.
 fn config(kind: &str, base_url: &str, concurrency: usize, extra: &str) -> Config {
-    let text = format!(
-        "[dispatcher]\nconcurrency = {concurrency}\nmax_attempts = 8\nbackoff_base_ms = 1\n\
-         backoff_max_ms = 1000\n[cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\n\
-         base_url = \"{base_url}\"\nmodel = \"gemini-2.5-flash\"\ntimeout_ms = 5000\n{extra}"
-    );
-    parse_with_key(&text, "GEM_KEY", KEY)
+    let text = hosted_text(kind, base_url, "gemini-2.5-flash", concurrency, extra);
+    let mut cfg = parse_with_key(&text, "GEM_KEY", KEY);
+    // Long enough for a 429's `retryDelay`.
+    cfg.dispatcher.backoff_max = std::time::Duration::from_secs(1);
+    cfg
 }
 
 fn gemini(server: &MockServer, concurrency: usize, extra: &str) -> Engine {
@@ -48,9 +48,7 @@ fn keyed(cfg: MockConfig) -> MockConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_flagship_on_gemini_writes_the_rows_it_writes_on_openai_and_costs_the_bill() {
-    let s = mock(MockConfig::default()).await;
-    let openai = Engine::new(&config("openai", &s.base_url(), 4, "")).unwrap();
-    let expected = flagship_rows(&openai).await;
+    let expected = openai_rows().await;
 
     let s = mock(keyed(MockConfig {
         prefix_cache: Some(PrefixCacheConfig::default()),

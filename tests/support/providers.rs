@@ -10,7 +10,8 @@ use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 
 use super::{
-    MockConfig, MockServer, flagship_sql, read_parquet, repo, run, shared_data, sorted_rows,
+    MockConfig, MockServer, flagship_engine, flagship_sql, mock, read_parquet, repo, run,
+    shared_data, sorted_rows,
 };
 
 /// The server's root URL (no `/v1`), as the hosted providers' `base_url` names it.
@@ -24,6 +25,23 @@ pub fn keyed(key: &str, cfg: MockConfig) -> MockConfig {
         api_key: Some(key.into()),
         ..cfg
     }
+}
+
+/// The flagship's configuration text with `[models.default]` of `kind` and `model` at
+/// `base_url`: `concurrency` requests in flight, 8 attempts with fast backoff, no cache,
+/// `extra` keys appended to the model.
+pub fn hosted_text(
+    kind: &str,
+    base_url: &str,
+    model: &str,
+    concurrency: usize,
+    extra: &str,
+) -> String {
+    format!(
+        "[dispatcher]\nconcurrency = {concurrency}\nmax_attempts = 8\nbackoff_base_ms = 1\n\
+         backoff_max_ms = 20\n[cache]\nenabled = false\n[models.default]\nkind = \"{kind}\"\n\
+         base_url = \"{base_url}\"\nmodel = \"{model}\"\ntimeout_ms = 5000\n{extra}"
+    )
 }
 
 /// `text` parsed with `key` in the environment variable `var` (and no other), functions read
@@ -42,6 +60,13 @@ pub async fn flagship_rows(engine: &Engine) -> Vec<String> {
     let sql = flagship_sql(&shared_data("earnings_transcript_excerpts.jsonl"), &out);
     run(engine, &sql).await.expect("the flagship runs");
     sorted_rows(&read_parquet(&out).await)
+}
+
+/// The flagship's rows on kind `openai` against a fresh fault-free server: what every
+/// provider must write.
+pub async fn openai_rows() -> Vec<String> {
+    let s = mock(MockConfig::default()).await;
+    flagship_rows(&flagship_engine(&s, 8)).await
 }
 
 /// Runs the flagship, which must fail; its error.
