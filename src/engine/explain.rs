@@ -226,9 +226,12 @@ impl Engine {
                 summary: summary(&stmt.text),
                 ..Default::default()
             };
-            self.explain_statement(&stmt.text, &mut est, &mut copy_targets, sample)
-                .await
-                .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
+            let explained = self
+                .explain_statement(&stmt.text, &mut est, &mut copy_targets, sample)
+                .await;
+            if let Err(e) = explained {
+                return Err(self.statement_error(origin, i + 1, &stmt, e).await);
+            }
             for (name, after) in self.function_counters() {
                 let b = before.get(&name).copied().unwrap_or_default();
                 let d: Vec<u64> = after.iter().zip(b).map(|(a, b)| a - b).collect();

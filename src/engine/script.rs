@@ -46,11 +46,23 @@ impl Engine {
         out: &mut dyn Write,
     ) -> Result<(), StatementError> {
         for (i, stmt) in split_statements(sql).into_iter().enumerate() {
-            self.run_on_live_workers(&stmt.text, opts, out)
-                .await
-                .map_err(|e| self.statement_error(origin, i + 1, &stmt, e))?;
+            if let Err(e) = self.run_on_live_workers(&stmt.text, opts, out).await {
+                return Err(self.statement_error(origin, i + 1, &stmt, e).await);
+            }
         }
         Ok(())
+    }
+
+    /// [`name_failed_workers`], whose probes block, on a blocking thread.
+    async fn name_failed_workers(&self, transport: bool) -> Option<String> {
+        if !self.cluster.distributed() {
+            return None;
+        }
+        let cluster = self.cluster.clone();
+        tokio::task::spawn_blocking(move || name_failed_workers(&cluster, transport))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Runs a statement; on a cluster, when it fails because workers died before it wrote
@@ -101,8 +113,9 @@ impl Engine {
         }
     }
 
-    /// The failure of the `index`-th statement of a script, with its place and a readable cause.
-    pub(super) fn statement_error(
+    /// The failure of the `index`-th statement of a script, with its place and a readable cause
+    /// (on a cluster, the workers that stopped answering, probed off the runtime's threads).
+    pub(super) async fn statement_error(
         &self,
         origin: &str,
         index: usize,
@@ -123,7 +136,7 @@ impl Engine {
                     self.cluster.token_env
                 ),
             ),
-            None => match name_failed_workers(&self.cluster, transport) {
+            None => match self.name_failed_workers(transport).await {
                 Some(workers) => (StatementErrorKind::Workers, workers),
                 None if transport && self.cluster.distributed() => (
                     StatementErrorKind::Workers,
