@@ -305,7 +305,7 @@ pub(super) fn is_transport_failure(e: &datafusion::common::DataFusionError) -> b
 /// On a cluster, the message of a statement that failed because workers stopped answering,
 /// naming them (their transport errors say nothing a person can act on); `None` when every
 /// worker answers. After a `transport` failure, a worker that died is seen dying: its
-/// connections break before its listener closes, so it is probed again for a moment.
+/// connections break before its listener closes, so it is probed again for a moment. Blocking.
 pub(super) fn name_failed_workers(cluster: &ClusterConfig, transport: bool) -> Option<String> {
     if !cluster.distributed() {
         return None;
