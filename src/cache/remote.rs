@@ -29,6 +29,10 @@ pub struct SharedCache {
     token: Option<Secret>,
     /// Whether a failure was logged already (one warning per run, not one per batch).
     warned: AtomicBool,
+    /// Set when the coordinator could not be reached (no connection, or no answer in time):
+    /// the tier is not asked again in this run, so that a firewalled port costs one timeout,
+    /// not one per call.
+    unreachable: AtomicBool,
     /// Requests that failed.
     failures: AtomicU64,
 }
@@ -38,7 +42,9 @@ impl SharedCache {
     /// sending `token` with every request.
     pub fn new(base: &str, token: Option<Secret>, ca: Option<&str>) -> SharedCache {
         // Longer than a wait for another worker's answer can last.
-        let mut client = reqwest::Client::builder().timeout(super::claims::MAX_WAIT * 3 / 2);
+        let mut client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(super::claims::MAX_WAIT * 3 / 2);
         if let Some(ca) = ca.and_then(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).ok()) {
             client = client
                 .tls_built_in_root_certs(false)
@@ -50,6 +56,7 @@ impl SharedCache {
             base: base.trim_end_matches('/').to_string(),
             token,
             warned: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
             failures: AtomicU64::new(0),
         }
     }
@@ -60,6 +67,10 @@ impl SharedCache {
     }
 
     async fn post(&self, path: &str, body: Value) -> Option<reqwest::Response> {
+        if self.unreachable.load(Ordering::Relaxed) {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let mut req = self
             .client
             .post(format!("{}{path}", self.base))
@@ -88,11 +99,13 @@ impl SharedCache {
                 None
             }
             Err(e) if e.is_timeout() => {
-                failed("no answer in 30 s".to_string());
+                self.unreachable.store(true, Ordering::Relaxed);
+                failed("no answer in time; not asked again in this run".to_string());
                 None
             }
             Err(e) if e.is_connect() => {
-                failed("cannot connect".to_string());
+                self.unreachable.store(true, Ordering::Relaxed);
+                failed("cannot connect; not asked again in this run".to_string());
                 None
             }
             Err(_) => {

@@ -3,10 +3,11 @@
 //! whatever their number or order.
 //!
 //! A worker looks a record batch's keys up in its own cache first, then asks the coordinator
-//! for the rest in one request ([`super::SharedCache::get_many`]); each answer it receives is stored in
-//! its own cache and sent to the coordinator before the row is returned
-//! ([`super::SharedCache::put_many`]). The tier is best effort: a coordinator that does not answer makes
-//! lookups misses (the calls are made) and is logged once.
+//! for the rest in one request ([`super::SharedCache::get_many`]); each answer it receives is
+//! stored in its own cache and sent to the coordinator before the row is returned
+//! ([`super::SharedCache::put_many`]). The tier is best effort: a coordinator that does not
+//! answer makes lookups misses (the calls are made), is logged once and is not asked again in
+//! that run.
 //!
 //! The same server takes the workers' counters: each worker reports the change of its run's
 //! counters after each batch of calls (`POST /v1/counters`), and the coordinator adds them to
