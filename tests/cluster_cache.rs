@@ -5,7 +5,7 @@
 mod support;
 
 use support::rows::{rows, sorted_lines};
-use support::workers::{KEY, WorkerProcess, cluster_project, worker_list};
+use support::workers::{KEY, cluster_project, spawn_workers, worker_list};
 use support::*;
 
 /// The flagship's rows of `rel` as sorted lines.
@@ -45,9 +45,7 @@ async fn a_rerun_pays_nothing_whatever_the_order_or_number_of_workers() {
     server.reset_stats();
 
     let p = cluster_project(&server.base_url(), 8);
-    let workers: Vec<WorkerProcess> = (1..=4)
-        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
-        .collect();
+    let workers = spawn_workers(&p, 4);
     let url = |i: usize| workers[i].url();
     let runs: [(&str, Vec<String>); 4] = [
         ("w1,w2,w3", vec![url(0), url(1), url(2)]),
@@ -104,9 +102,7 @@ async fn the_coordinator_counts_every_call_of_every_worker() {
     server.reset_stats();
 
     let p = cluster_project(&server.base_url(), 8);
-    let workers: Vec<WorkerProcess> = (1..=3)
-        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
-        .collect();
+    let workers = spawn_workers(&p, 3);
     let list = worker_list(&workers);
     let stderr = run_ok(&p, &["--workers", &list, "--metrics-json", "m.json"]);
     let m = metrics(&p);
@@ -149,9 +145,7 @@ async fn identical_calls_of_two_workers_in_one_run_are_sent_once() {
     // what the first half asks, at the same time.
     let once = std::fs::read_to_string(p.path("data/t.jsonl")).unwrap();
     p.write("data/t.jsonl", &format!("{once}{once}"));
-    let workers: Vec<WorkerProcess> = (1..=2)
-        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
-        .collect();
+    let workers = spawn_workers(&p, 2);
     let list = worker_list(&workers);
     run_ok(&p, &["--workers", &list, "--metrics-json", "m.json"]);
     let rows = sorted_rows(&p, "out/qa.parquet").await;

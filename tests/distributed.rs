@@ -10,7 +10,9 @@ use std::sync::Arc;
 use sluice::config::Config;
 use sluice::engine::worker::WorkerHost;
 use support::rows::{assert_provenance, rows, sorted_lines};
-use support::workers::{KEY, WorkerProcess, cluster_project, worker_list};
+use support::workers::{
+    KEY, WorkerProcess, cluster_project, spawn_run, spawn_workers, worker_list,
+};
 use support::*;
 use tokio::sync::oneshot;
 
@@ -320,23 +322,14 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
     server.reset_stats();
 
     let p = cluster_project(&server.base_url(), concurrency);
-    let mut workers: Vec<WorkerProcess> = (1..=3)
-        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
-        .collect();
+    let mut workers = spawn_workers(&p, 3);
     let prompts = 56;
     let all = worker_list(&workers);
 
-    let coordinator = p
-        .command(&["run", "--workers", &all, "q.sql"])
-        .env("SLUICE_CLUSTER_KEY", KEY)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let coordinator = std::sync::Arc::new(std::sync::Mutex::new(coordinator));
+    let mut coordinator = spawn_run(&p, &all);
     // Kill the second worker once stage 2 has started.
     wait_until("20 answers", || {
-        let running = coordinator.lock().unwrap().try_wait().unwrap().is_none();
+        let running = coordinator.try_wait().unwrap().is_none();
         assert!(running, "finished before the kill");
         server.stats().ok >= 20
     })
@@ -345,10 +338,6 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
     let victim_addr = victim.addr.clone();
     let on_the_wire = server.stats().in_flight;
     victim.kill();
-    let coordinator = std::sync::Arc::into_inner(coordinator)
-        .unwrap()
-        .into_inner()
-        .unwrap();
     let out = coordinator.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -406,21 +395,9 @@ async fn with_every_worker_gone_the_statement_fails_in_one_line_naming_them() {
     })
     .await;
     let p = cluster_project(&server.base_url(), 8);
-    let mut workers: Vec<WorkerProcess> = (1..=2)
-        .map(|i| WorkerProcess::spawn(&p, &format!(".sluice/w{i}"), "127.0.0.1:0"))
-        .collect();
-    let all = workers
-        .iter()
-        .map(|w| w.url())
-        .collect::<Vec<_>>()
-        .join(",");
-    let coordinator = p
-        .command(&["run", "--workers", &all, "q.sql"])
-        .env("SLUICE_CLUSTER_KEY", KEY)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut workers = spawn_workers(&p, 2);
+    let all = worker_list(&workers);
+    let coordinator = spawn_run(&p, &all);
     wait_until("10 answers", || server.stats().ok >= 10).await;
     for w in &mut workers {
         w.kill();

@@ -77,10 +77,7 @@ impl SharedCache {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body.to_string());
         if let Some(t) = &self.token {
-            req = req.header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", t.expose()),
-            );
+            req = req.header(http::header::AUTHORIZATION, t.bearer());
         }
         let failed = |why: String| {
             self.failures.fetch_add(1, Ordering::Relaxed);

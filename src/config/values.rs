@@ -155,10 +155,15 @@ impl Secret {
         &self.0
     }
 
-    /// Whether `presented` is `Bearer SECRET` (an `authorization` header's value), compared
+    /// `Bearer SECRET`: the value of an `authorization` header that carries it.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+
+    /// Whether `presented` is [`Secret::bearer`] (an `authorization` header's value), compared
     /// in time that does not depend on where the two differ.
     pub fn is_bearer(&self, presented: &[u8]) -> bool {
-        let expected = format!("Bearer {}", self.0);
+        let expected = self.bearer();
         let expected = expected.as_bytes();
         let mut diff = u8::from(expected.len() != presented.len());
         for (i, e) in expected.iter().enumerate() {

@@ -117,18 +117,21 @@ pub(super) fn serve_cache(
     let first = cluster.workers.first()?;
     tokio::runtime::Handle::try_current().ok()?;
     // With TLS between the machines, served over TLS with this machine's certificate.
-    let tls = match (&cluster.tls.cert, &cluster.tls.key) {
-        (Some(cert), Some(key)) => Some((cert.as_str(), key)),
-        _ => None,
+    let tls = match (
+        cluster.tls.to_workers(),
+        &cluster.tls.cert,
+        &cluster.tls.key,
+    ) {
+        (false, _, _) => None,
+        (true, Some(cert), Some(key)) => Some((cert.as_str(), key)),
+        (true, _, _) => {
+            tracing::warn!(
+                "workers keep their own caches and counts: with [cluster] tls_ca, the \
+                 coordinator serves its cache only over TLS, with tls_cert and tls_key of its own"
+            );
+            return None;
+        }
     };
-    if cluster.tls.to_workers() && tls.is_none() {
-        tracing::warn!(
-            "workers keep their own caches and counts: with [cluster] tls_ca, the coordinator \
-             serves its cache only over TLS, with tls_cert and tls_key of its own"
-        );
-        return None;
-    }
-    let tls = tls.filter(|_| cluster.tls.to_workers());
     let ip = local_address_toward(first)?;
     if cluster.token.is_none() && !ip.is_loopback() {
         tracing::warn!(

@@ -27,7 +27,7 @@ use crate::config::{ClusterConfig, Secret};
 /// The `authorization` value that carries `token`, marked sensitive so that no `Debug` of the
 /// headers shows it.
 fn bearer(token: &Secret) -> Option<HeaderValue> {
-    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose())).ok()?;
+    let mut value = HeaderValue::from_str(&token.bearer()).ok()?;
     value.set_sensitive(true);
     Some(value)
 }

@@ -308,6 +308,18 @@ struct Stats {
     by_prompt: Mutex<HashMap<String, u64>>,
 }
 
+impl Stats {
+    /// Runs `serve` counted as one request on the wire (in flight, and the peak of it).
+    async fn counted<T>(&self, serve: impl std::future::Future<Output = T>) -> T {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        let result = serve.await;
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+}
+
 struct State {
     cfg: MockConfig,
     stats: Stats,
@@ -657,22 +669,12 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
             anthropic_batches::serve(sock, st, &req).await
         }
         ("POST", "/v1/messages") => {
-            let s = &st.stats;
-            s.requests.fetch_add(1, Ordering::Relaxed);
-            let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            s.max_in_flight.fetch_max(now, Ordering::Relaxed);
-            let result = anthropic_api::serve_messages(sock, st, &req).await;
-            s.in_flight.fetch_sub(1, Ordering::Relaxed);
-            result
+            st.stats
+                .counted(anthropic_api::serve_messages(sock, st, &req))
+                .await
         }
         ("POST", path) if path.starts_with("/v1beta/models/") => {
-            let s = &st.stats;
-            s.requests.fetch_add(1, Ordering::Relaxed);
-            let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            s.max_in_flight.fetch_max(now, Ordering::Relaxed);
-            let result = gemini_api::serve(sock, st, &req).await;
-            s.in_flight.fetch_sub(1, Ordering::Relaxed);
-            result
+            st.stats.counted(gemini_api::serve(sock, st, &req)).await
         }
         ("POST", "/v1/chat/completions") | ("POST", "/v1/completions") => {
             let proto = if req.path == "/v1/chat/completions" {

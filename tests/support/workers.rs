@@ -136,3 +136,21 @@ pub fn worker_list(workers: &[WorkerProcess]) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+/// `n` workers on free 127.0.0.1 ports, caches in `.sluice/w1` .. `.sluice/wN`.
+pub fn spawn_workers(project: &Project, n: usize) -> Vec<WorkerProcess> {
+    (1..=n)
+        .map(|i| WorkerProcess::spawn(project, &format!(".sluice/w{i}"), "127.0.0.1:0"))
+        .collect()
+}
+
+/// `sluice run q.sql` on `workers` in the background (stderr kept, stdout dropped).
+pub fn spawn_run(project: &Project, workers: &str) -> std::process::Child {
+    project
+        .command(&["run", "--workers", workers, "q.sql"])
+        .env("SLUICE_CLUSTER_KEY", KEY)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sluice run starts")
+}
