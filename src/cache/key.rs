@@ -108,6 +108,13 @@ impl KeyPrefix {
         KeyPrefix(h)
     }
 
+    /// This prefix for requests that also ask for their answer's confidence (a cascade's
+    /// stage): their stored answers carry it, so they are kept apart from the plain ones.
+    pub fn with_confidence(mut self) -> KeyPrefix {
+        hash_field(&mut self.0, b"\0confidence");
+        self
+    }
+
     /// The state after this prefix and `prompt`'s system message.
     fn with_system(&self, prompt: &RenderedPrompt) -> Sha256 {
         let mut h = self.0.clone();

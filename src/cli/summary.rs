@@ -79,6 +79,37 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
             tokens(f.tokens_in, f.tokens_cached, f.tokens_out),
             f.max_in_flight
         ));
+        if !f.cascade.is_empty() {
+            s.push_str(&cascade_line(f));
+        }
+    }
+    s
+}
+
+/// `    cascade: small answered 1,700 of 2,000 rows, large 300 of 300; cost $0.0123, $0.0456
+/// saved against large alone`.
+fn cascade_line(f: &crate::llm::dispatch::FunctionSnapshot) -> String {
+    let models: Vec<String> = f
+        .cascade
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let answered = if i == 0 { " answered" } else { "" };
+            format!(
+                "{}{answered} {} of {} rows",
+                c.model,
+                thousands(c.answered),
+                thousands(c.asked)
+            )
+        })
+        .collect();
+    let mut s = format!("\n    cascade: {}", models.join(", "));
+    if let (Some((alone, spent)), Some(last)) = (f.cascade_costs(), f.cascade.last()) {
+        s.push_str(&format!(
+            "; cost ${spent:.4}, ${:.4} saved against {} alone",
+            alone - spent,
+            last.model
+        ));
     }
     s
 }

@@ -200,6 +200,38 @@ impl Engine {
     }
 }
 
+/// Every model of `def`'s cascade that may pass rows on gives its answers' confidence, and
+/// every one can return its output (models sluice.toml does not define are named when a
+/// statement uses the function).
+fn check_cascade(def: &FunctionDef, runtime: &LlmRuntime) -> Result<(), EngineError> {
+    let invalid = |message: String| {
+        EngineError::Definition(DefError::Invalid {
+            path: def.source.clone(),
+            message,
+        })
+    };
+    for stage in &def.cascade {
+        let Some(handle) = runtime.models.get(&stage.model) else {
+            continue;
+        };
+        if stage.min_confidence.is_some() && !handle.provider.gives_confidence() {
+            return Err(invalid(format!(
+                "function {}: model {:?} gives no token log-probabilities, so its answers have \
+                 no confidence to pass rows on by; put it last in the cascade, or use a model \
+                 of kind openai, azure_openai or local there",
+                def.name, stage.model
+            )));
+        }
+        if let Err(message) = handle.provider.check_schema(def.output.as_ref()) {
+            return Err(invalid(format!(
+                "function {}: model {:?} cannot return this output: {message}",
+                def.name, stage.model
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Registers `chunk_text`, the built-in `llm` and every definition (value and error faces),
 /// checking that each function's model can return its output.
 fn register_functions(
@@ -231,6 +263,7 @@ fn register_functions(
                 ),
             }));
         }
+        check_cascade(&def, runtime)?;
         if def.kind.is_aggregate() {
             for udaf in crate::udf::aggregate::LlmAggregate::pair(def.clone()) {
                 if ctx.udaf(udaf.name()).is_ok() {
@@ -247,7 +280,7 @@ fn register_functions(
             functions.push(def);
             continue;
         }
-        for udf in LlmUdf::pair(def.clone()) {
+        for udf in LlmUdf::faces(def.clone()) {
             if ctx.udf(udf.name()).is_ok() {
                 return Err(EngineError::Definition(DefError::Invalid {
                     path: def.source.clone(),

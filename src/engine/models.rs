@@ -290,6 +290,7 @@ pub(super) fn build_models(
                 batch,
                 embedder,
                 tokens: Some(Arc::new(crate::llm::estimate::LazyCounter::new(m.clone()))),
+                tally: None,
             },
         );
     }

@@ -196,6 +196,7 @@ impl AnthropicProvider {
             None => texts(blocks),
         };
         Ok(LlmResponse {
+            confidence: None,
             content,
             finish_reason: Some(finish_reason),
             usage: usage_of(v),

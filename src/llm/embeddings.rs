@@ -69,6 +69,7 @@ pub fn vectors_by_input<'a>(
         let Some(slot) = out.get_mut(i) else { continue };
         *slot = Some(match e.get(field) {
             Some(v @ Value::Array(_)) => Ok(LlmResponse {
+                confidence: None,
                 content: v.to_string(),
                 finish_reason: Some("stop".into()),
                 usage,

@@ -220,6 +220,10 @@ impl Provider for EstimateProvider {
         self.real.embeds()
     }
 
+    fn gives_confidence(&self) -> bool {
+        self.real.gives_confidence()
+    }
+
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
         // Distinct prompts get distinct answers, as a model's would: calls made from them (an
         // aggregate's reduce prompts over partial results, `f(g(x))`) are merged only where the
@@ -258,6 +262,7 @@ impl Provider for EstimateProvider {
             cache_write_tokens: 0,
         };
         Ok(LlmResponse {
+            confidence: None,
             content,
             finish_reason: Some("stop".into()),
             usage: Some(usage),

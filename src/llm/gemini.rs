@@ -162,6 +162,7 @@ impl GeminiProvider {
             .filter_map(|p| p.get("text").and_then(Value::as_str))
             .collect();
         Ok(LlmResponse {
+            confidence: None,
             content,
             finish_reason: Some(finish_reason.into()),
             usage: usage_of(v),

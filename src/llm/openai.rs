@@ -12,7 +12,7 @@ use super::http::{HttpEndpoint, KeyHeader};
 use super::response::malformed;
 use super::{Provider, SetupError, preview};
 use crate::config::{ServerConfig, StructuredOutput};
-use crate::types::{LlmError, LlmRequest, LlmResponse, Usage};
+use crate::types::{LlmError, LlmRequest, LlmResponse, Usage, confidence_of};
 
 /// A provider speaking the OpenAI chat completions protocol.
 #[derive(Debug)]
@@ -81,6 +81,7 @@ impl OpenAiProvider {
             finish_reason: finish_reason_of(choice),
             usage: usage_of(v),
             rate,
+            confidence: confidence_of_choice(choice),
         })
     }
 
@@ -104,6 +105,9 @@ fn add_generation_params(body: &mut Value, req: &LlmRequest, structured: Structu
     }
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
+    }
+    if req.confidence {
+        body["logprobs"] = json!(true);
     }
     if let Some(schema) = &req.schema {
         match structured {
@@ -142,6 +146,18 @@ fn usage_of(v: &Value) -> Option<Usage> {
     ))
 }
 
+/// The confidence of a choice from its tokens' log-probabilities (`logprobs.content[].logprob`,
+/// as OpenAI, vLLM and llama.cpp server give them when asked with `logprobs: true`); none when
+/// the choice has none, or an entry has no numeric `logprob`.
+fn confidence_of_choice(choice: &Value) -> Option<f64> {
+    let tokens = choice.pointer("/logprobs/content")?.as_array()?;
+    let logprobs: Option<Vec<f64>> = tokens
+        .iter()
+        .map(|t| t.get("logprob").and_then(Value::as_f64))
+        .collect();
+    Some(confidence_of(logprobs?))
+}
+
 fn finish_reason_of(choice: &Value) -> Option<String> {
     choice
         .get("finish_reason")
@@ -170,6 +186,10 @@ impl Provider for OpenAiProvider {
             None => "openai",
         };
         format!("{kind}:{}#{}", self.http.identity(), self.model)
+    }
+
+    fn gives_confidence(&self) -> bool {
+        true
     }
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
@@ -250,6 +270,7 @@ impl Provider for CompletionsProvider {
                 .map_or(pos, |i| i as usize);
             if let Some(slot) = out.get_mut(i) {
                 *slot = Some(text_field(c, "/text").map(|content| LlmResponse {
+                    confidence: None,
                     content,
                     finish_reason: finish_reason_of(c),
                     // Usage is reported per request: share it evenly.

@@ -58,6 +58,12 @@ pub trait Provider: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether it gives an answer's confidence (its tokens' log-probabilities) when a request
+    /// asks for it ([`LlmRequest::confidence`]): a model a cascade may pass rows on from.
+    fn gives_confidence(&self) -> bool {
+        false
+    }
+
     /// Whether this provider can return values of `schema`; checked when the engine starts.
     fn check_schema(&self, _schema: Option<&OutputSchema>) -> Result<(), SetupError> {
         Ok(())

@@ -14,6 +14,8 @@ mod stop;
 
 pub use error::{ErrorKind, LlmError, RowError};
 pub use rate::{RateLimits, RateWindow};
-pub use request::{LlmRequest, LlmResponse, PromptCuts, RenderedPrompt, Usage, estimate_tokens};
+pub use request::{
+    LlmRequest, LlmResponse, PromptCuts, RenderedPrompt, Usage, confidence_of, estimate_tokens,
+};
 pub use schema::{NumberBounds, OutputSchema, SchemaError, SchemaKind, SchemaNode};
 pub use stop::StatementStop;

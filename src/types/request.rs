@@ -43,6 +43,9 @@ pub struct LlmRequest {
     pub temperature: Option<f64>,
     /// Structured output, if declared.
     pub schema: Option<Arc<OutputSchema>>,
+    /// Whether the answer's confidence is asked for (its tokens' log-probabilities): a stage
+    /// of a model cascade that may pass the row on.
+    pub confidence: bool,
 }
 
 impl LlmRequest {
@@ -137,6 +140,19 @@ pub struct LlmResponse {
     pub usage: Option<Usage>,
     /// The rate limits the answer advertised (empty when it advertised none).
     pub rate: RateLimits,
+    /// The answer's confidence when it was asked for and the server gave its tokens'
+    /// log-probabilities: the probability of its least likely token, in [0, 1].
+    pub confidence: Option<f64>,
+}
+
+/// The confidence of an answer whose tokens had log-probabilities `logprobs`: the probability
+/// of the least likely one (1 for an answer of no tokens); NaN or positive values count as 0 and
+/// 1.
+pub fn confidence_of(logprobs: impl IntoIterator<Item = f64>) -> f64 {
+    logprobs
+        .into_iter()
+        .map(|l| if l.is_nan() { 0.0 } else { l.min(0.0).exp() })
+        .fold(1.0, f64::min)
 }
 
 #[cfg(test)]
@@ -154,6 +170,16 @@ mod tests {
             (33, 3, 21)
         );
         assert_eq!(Usage::new(7, 1, 3).share(0), Usage::new(7, 1, 3));
+    }
+
+    #[test]
+    fn confidence_is_the_least_likely_token() {
+        let c = confidence_of([-0.01, (0.6f64).ln(), -0.2]);
+        assert!((c - 0.6).abs() < 1e-12);
+        assert_eq!(confidence_of([]), 1.0);
+        assert_eq!(confidence_of([f64::NAN, -0.1]), 0.0);
+        assert_eq!(confidence_of([0.5]), 1.0);
+        assert_eq!(confidence_of([f64::NEG_INFINITY]), 0.0);
     }
 
     #[test]

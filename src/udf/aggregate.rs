@@ -81,6 +81,7 @@ impl AggregateUDFImpl for LlmAggregate {
         Ok(match self.face {
             Face::Value => value_type(&self.def),
             Face::Error => ERROR_TYPE.clone(),
+            Face::Model => DataType::Utf8,
         })
     }
 

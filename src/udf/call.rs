@@ -34,6 +34,47 @@ pub struct PhysicalCall {
     pub embedding: bool,
     /// Argument expressions over the input batch.
     pub args: Vec<Arc<dyn PhysicalExpr>>,
+    /// Its cascade's models, in order (empty without one; `model` is then the first's).
+    pub cascade: Vec<CascadeModel>,
+}
+
+/// One model of a call's cascade, resolved.
+#[derive(Debug, Clone)]
+pub struct CascadeModel {
+    /// The model's name in sluice.toml.
+    pub name: String,
+    /// The model.
+    pub model: ModelHandle,
+    /// Below this confidence a row goes on to the next model (none: the last).
+    pub min_confidence: Option<f64>,
+}
+
+/// The models of `def`'s cascade among `models` (none without a cascade), or why not: a model
+/// sluice.toml does not define.
+pub(crate) fn resolve_cascade(
+    def: &FunctionDef,
+    models: &BTreeMap<String, ModelHandle>,
+) -> Result<Vec<CascadeModel>, String> {
+    def.cascade
+        .iter()
+        .map(|stage| {
+            let model = models.get(&stage.model).ok_or_else(|| {
+                format!(
+                    "{}() ({}) names model {:?} in its cascade, which sluice.toml does not \
+                     define; add a [models.{}] table",
+                    def.name,
+                    def.source.display(),
+                    stage.model,
+                    stage.model
+                )
+            })?;
+            Ok(CascadeModel {
+                name: stage.model.clone(),
+                model: model.clone(),
+                min_confidence: stage.min_confidence,
+            })
+        })
+        .collect()
 }
 
 impl PhysicalCall {
@@ -49,6 +90,7 @@ impl PhysicalCall {
                 .kind
                 .packing()
                 .map(|p| p.clone() as Arc<dyn Packer>),
+            confidence: false,
         }
     }
 }

@@ -85,11 +85,15 @@ struct LlmExecProto {
 /// its failures (not its description or file path).
 pub(crate) fn definition_text(def: &FunctionDef) -> String {
     format!(
-        "name={} args={:?} model={} kind={} max_tokens={:?} temperature={:?} on_error={:?} \
-         output={} reduce={:?} packing={} templates: {}",
+        "name={} args={:?} model={} cascade={:?} kind={} max_tokens={:?} temperature={:?} \
+         on_error={:?} output={} reduce={:?} packing={} templates: {}",
         def.name,
         def.args,
         def.model,
+        def.cascade
+            .iter()
+            .map(|s| (s.model.as_str(), s.min_confidence))
+            .collect::<Vec<_>>(),
         def.kind.name(),
         def.max_tokens,
         def.temperature,
@@ -260,12 +264,15 @@ impl LlmCodec {
                 .iter()
                 .map(|a| converter.proto_to_physical_expr(a, &input_schema, &decode_ctx))
                 .collect::<Result<Vec<_>>>()?;
+            let cascade = super::call::resolve_cascade(&def, &runtime.models)
+                .map_err(|e| codec_err(format!("{who}: {e}")))?;
             calls.push(Arc::new(PhysicalCall {
                 def,
                 model: model.for_kind(c.embedding),
                 model_name: c.model,
                 embedding: c.embedding,
                 args,
+                cascade,
             }));
         }
         Ok(Arc::new(

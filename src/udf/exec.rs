@@ -20,6 +20,7 @@ use datafusion::physical_plan::{
 };
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 
+use super::call::resolve_cascade;
 pub use super::call::{LlmRuntime, PhysicalCall};
 use super::node::LlmNode;
 use super::slice::SliceContext;
@@ -68,12 +69,17 @@ impl ExtensionPlanner for LlmPlanner {
                 .map(|a| planner.create_physical_expr(a, input_schema, session, planning_ctx))
                 .collect::<Result<Vec<_>>>()?;
             let embedding = def.kind.is_embedding();
+            let cascade = match call.model {
+                Some(_) => Vec::new(),
+                None => resolve_cascade(def, &self.runtime.models).map_err(plan_error)?,
+            };
             calls.push(Arc::new(PhysicalCall {
                 def: def.clone(),
                 model: model.for_kind(embedding),
                 model_name: model_name.to_string(),
                 embedding,
                 args,
+                cascade,
             }));
         }
         let schema: SchemaRef = Arc::new(node.schema().as_arrow().clone());
@@ -91,7 +97,12 @@ impl ExtensionPlanner for LlmPlanner {
     }
 }
 
-/// Appends each call's value and error columns to every input row.
+/// A planning error saying `message`.
+fn plan_error(message: String) -> datafusion::common::DataFusionError {
+    datafusion::common::DataFusionError::Plan(message)
+}
+
+/// Appends each call's value, error and model columns to every input row.
 #[derive(Debug)]
 pub struct LlmExec {
     input: Arc<dyn ExecutionPlan>,
@@ -223,7 +234,7 @@ impl ExecutionPlan for LlmExec {
         let callers = self
             .calls
             .iter()
-            .map(|c| self.dispatcher.caller(&c.model, c.spec()))
+            .map(|c| super::cascade::stages(&self.dispatcher, c))
             .collect();
         let ctx = SliceContext {
             calls: self.calls.clone(),

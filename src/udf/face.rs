@@ -1,5 +1,6 @@
-//! The SQL faces of an LLM function: `name(...)`, its value, and `name_error(...)`, the error
-//! struct of the same call — placeholders that planning replaces.
+//! The SQL faces of an LLM function: `name(...)`, its value, `name_error(...)`, the error
+//! struct of the same call, and `name_model(...)`, the model that answered it — placeholders
+//! that planning replaces.
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};
@@ -22,6 +23,7 @@ pub(crate) static ERROR_TYPE: LazyLock<DataType> = LazyLock::new(|| {
         Field::new("attempts", DataType::UInt32, false),
         Field::new("http_status", DataType::UInt16, true),
         Field::new("finish_reason", DataType::Utf8, true),
+        Field::new("model", DataType::Utf8, true),
     ]))
 });
 
@@ -40,6 +42,8 @@ pub(crate) enum Face {
     Value,
     /// `name_error(...)`: the error struct.
     Error,
+    /// `name_model(...)`: the name of the model that answered (a cascade's, or the function's).
+    Model,
 }
 
 /// A placeholder UDF for one face of an LLM function. Calling it directly is an error: the
@@ -50,6 +54,7 @@ impl Face {
         match self {
             Face::Value => def.name.clone(),
             Face::Error => format!("{}_error", def.name),
+            Face::Model => format!("{}_model", def.name),
         }
     }
 }
@@ -58,7 +63,7 @@ impl Face {
 pub(crate) struct LlmUdf {
     /// The definition.
     pub def: Arc<FunctionDef>,
-    /// Value or error face.
+    /// Value, error or model face.
     pub face: Face,
     name: String,
     signature: Signature,
@@ -77,8 +82,8 @@ impl Hash for LlmUdf {
 }
 
 impl LlmUdf {
-    /// Both SQL functions (value and error face) of `def`.
-    pub fn pair(def: Arc<FunctionDef>) -> [ScalarUDF; 2] {
+    /// The SQL functions (value, error and model faces) of `def`.
+    pub fn faces(def: Arc<FunctionDef>) -> [ScalarUDF; 3] {
         let n = def.args.len();
         let signature = if def.name == GENERIC_LLM {
             Signature::one_of(
@@ -90,7 +95,7 @@ impl LlmUdf {
         } else {
             Signature::any(n, Volatility::Volatile)
         };
-        [Face::Value, Face::Error].map(|face| {
+        [Face::Value, Face::Error, Face::Model].map(|face| {
             ScalarUDF::new_from_impl(LlmUdf {
                 signature: signature.clone(),
                 ..LlmUdf::face(def.clone(), face)
@@ -145,6 +150,7 @@ impl ScalarUDFImpl for LlmUdf {
         Ok(match self.face {
             Face::Value => value_type(&self.def),
             Face::Error => ERROR_TYPE.clone(),
+            Face::Model => DataType::Utf8,
         })
     }
 

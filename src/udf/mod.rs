@@ -1,10 +1,12 @@
 //! LLM functions in SQL: the DataFusion glue.
 //!
-//! Each `udfs/*.toml` file becomes two SQL functions:
+//! Each `udfs/*.toml` file becomes three SQL functions:
 //! - `name(args...)`: the value, typed by the declared output schema
 //!   ([`crate::types::OutputSchema`]);
 //! - `name_error(args...)`: NULL on success, otherwise a struct `{kind, message, attempts,
-//!   http_status, finish_reason}` describing why the same call failed.
+//!   http_status, finish_reason, model}` describing why the same call failed;
+//! - `name_model(args...)`: the name of the model that answered (with a `cascade`, the first
+//!   model confident enough).
 //!
 //! Both are placeholders during SQL planning. The [`plan::LiftLlmCalls`] optimizer rule lifts
 //! every distinct call into an [`plan::LlmNode`] below its users (so each call runs once per row,
@@ -13,6 +15,7 @@
 
 pub(crate) mod aggregate;
 mod call;
+mod cascade;
 pub(crate) mod codec;
 pub mod def;
 pub(crate) mod exec;

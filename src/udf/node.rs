@@ -1,5 +1,5 @@
 //! The logical node of lifted LLM calls ([`LlmNode`]): its input's rows with, for each call, a
-//! value column and an error column.
+//! value column, an error column and the name of the model that answered.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -30,6 +30,8 @@ pub struct LlmCall {
     pub value_name: String,
     /// Output column with the error struct.
     pub error_name: String,
+    /// Output column with the name of the model that answered.
+    pub model_name: String,
 }
 
 /// A logical node that appends, for each call, its value and error columns to its input's rows.
@@ -57,13 +59,13 @@ impl PartialOrd for LlmNode {
 }
 
 impl LlmNode {
-    /// Builds the node and its schema (input columns, then value and error per call).
+    /// Builds the node and its schema (input columns, then value, error and model per call).
     pub fn try_new(
         input: LogicalPlan,
         calls: Vec<LlmCall>,
         defs: Vec<Arc<FunctionDef>>,
     ) -> Result<Self> {
-        let mut fields = Vec::with_capacity(calls.len() * 2);
+        let mut fields = Vec::with_capacity(calls.len() * 3);
         for (call, def) in calls.iter().zip(&defs) {
             fields.push((
                 None,
@@ -78,6 +80,14 @@ impl LlmNode {
                 Arc::new(datafusion::arrow::datatypes::Field::new(
                     &call.error_name,
                     ERROR_TYPE.clone(),
+                    true,
+                )),
+            ));
+            fields.push((
+                None,
+                Arc::new(datafusion::arrow::datatypes::Field::new(
+                    &call.model_name,
+                    datafusion::arrow::datatypes::DataType::Utf8,
                     true,
                 )),
             ));
@@ -125,7 +135,13 @@ impl UserDefinedLogicalNodeCore for LlmNode {
     fn prevent_predicate_push_down_columns(&self) -> HashSet<String> {
         self.calls
             .iter()
-            .flat_map(|c| [c.value_name.clone(), c.error_name.clone()])
+            .flat_map(|c| {
+                [
+                    c.value_name.clone(),
+                    c.error_name.clone(),
+                    c.model_name.clone(),
+                ]
+            })
             .collect()
     }
 

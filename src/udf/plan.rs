@@ -221,13 +221,14 @@ fn lift_node(node: LogicalPlan, config: &dyn OptimizerConfig) -> Result<Transfor
     for e in &exprs {
         collect_calls(e, &mut collected, &mut depth)?;
     }
-    let names: Vec<(String, String)> = collected
+    let names: Vec<ColumnNames> = collected
         .calls
         .iter()
         .map(|_| {
             let v = config.alias_generator().next(LLM_COLUMN_PREFIX);
             let e = format!("{v}_error");
-            (v, e)
+            let m = format!("{v}_model");
+            (v, e, m)
         })
         .collect();
     let below = stack_llm_nodes(input, &collected, &depth, &names)?;
@@ -260,7 +261,7 @@ fn stack_llm_nodes(
     mut current: LogicalPlan,
     collected: &Collected,
     depth: &[usize],
-    names: &[(String, String)],
+    names: &[ColumnNames],
 ) -> Result<LogicalPlan> {
     let max_depth = depth.iter().copied().max().unwrap_or(0);
     for level in 1..=max_depth {
@@ -280,6 +281,7 @@ fn stack_llm_nodes(
                 model: model.clone(),
                 value_name: names[i].0.clone(),
                 error_name: names[i].1.clone(),
+                model_name: names[i].2.clone(),
             });
             defs.push(def.clone());
         }
@@ -297,7 +299,7 @@ fn rewrite_over(
     exprs: Vec<Expr>,
     below: LogicalPlan,
     collected: &Collected,
-    names: &[(String, String)],
+    names: &[ColumnNames],
 ) -> Result<LogicalPlan> {
     let original_schema = node.schema().clone();
     let preserver = NamePreserver::new(&node);
@@ -354,8 +356,11 @@ fn collect_calls(e: &Expr, out: &mut Collected, depth: &mut Vec<usize>) -> Resul
     Ok(d)
 }
 
-/// Replaces every LLM call in `e` by the column holding its value or error.
-fn replace_calls(e: Expr, calls: &Collected, names: &[(String, String)]) -> Result<Expr> {
+/// The lifted columns of one call: its value, its error and the model that answered.
+type ColumnNames = (String, String, String);
+
+/// Replaces every LLM call in `e` by the column holding its value, error or model.
+fn replace_calls(e: Expr, calls: &Collected, names: &[ColumnNames]) -> Result<Expr> {
     e.transform_down(|x| {
         let Some((u, args)) = as_llm_call(&x) else {
             return Ok(Transformed::no(x));
@@ -367,6 +372,7 @@ fn replace_calls(e: Expr, calls: &Collected, names: &[(String, String)]) -> Resu
         let name = match u.face {
             Face::Value => &names[i].0,
             Face::Error => &names[i].1,
+            Face::Model => &names[i].2,
         };
         Ok(Transformed::new(
             Expr::Column(Column::from_name(name)),

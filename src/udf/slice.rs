@@ -1,6 +1,6 @@
 //! One slice of rows through its LLM calls: render each row's prompt from its arguments, hand
 //! the prompts to the function's [`FunctionCaller`], and turn the results into a value column
-//! (typed by the output schema) and an error column per call.
+//! (typed by the output schema), an error column and a model column per call.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,16 +18,17 @@ use super::call::PhysicalCall;
 use super::def::{FunctionDef, OnError};
 use super::face::{ERROR_TYPE, value_type};
 use super::values::{StrColumn, to_template_values};
-use crate::llm::dispatch::{CallResult, FunctionCaller, Packer};
+use super::cascade::{Stage, answer};
+use crate::llm::dispatch::{CallResult, Packer};
 use crate::types::{ErrorKind, RenderedPrompt, RowError, StatementStop};
 
 /// What every slice of one stream shares.
 pub(super) struct SliceContext {
     /// The calls, in output column order.
     pub calls: Vec<Arc<PhysicalCall>>,
-    /// One caller per call.
-    pub callers: Vec<FunctionCaller>,
-    /// The output schema (input columns, then value and error per call).
+    /// The models of each call (one, or its cascade's).
+    pub callers: Vec<Vec<Stage>>,
+    /// The output schema (input columns, then value, error and model per call).
     pub schema: SchemaRef,
 }
 
@@ -78,13 +79,15 @@ fn render_rows(
         .collect()
 }
 
-/// One call's result for every row of `batch`.
+/// One call's result for every row of `batch`, with the stage of `stages` that gave it (none
+/// for a row that could not be called).
 async fn run_call(
     call: &PhysicalCall,
-    caller: &FunctionCaller,
+    stages: &[Stage],
     batch: &RecordBatch,
     progress: &AtomicUsize,
-) -> Result<Vec<CallResult>> {
+) -> Result<Vec<(CallResult, Option<usize>)>> {
+    let caller = &stages[0].caller;
     let n = batch.num_rows();
     let arrays: Vec<ArrayRef> = call
         .args
@@ -106,7 +109,7 @@ async fn run_call(
         .await;
     }
     drop(arrays);
-    let mut results: Vec<Option<CallResult>> = Vec::with_capacity(n);
+    let mut results: Vec<Option<(CallResult, Option<usize>)>> = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
     let mut rows = Vec::with_capacity(n);
     let mut items = Vec::new();
@@ -128,7 +131,7 @@ async fn run_call(
                 rows.push(row);
                 results.push(None);
             }
-            Err(no_call) => results.push(Some(no_call)),
+            Err(no_call) => results.push(Some((no_call, None))),
         }
     }
     let skipped = n - prompts.len();
@@ -137,13 +140,10 @@ async fn run_call(
         .metrics()
         .rows_finished
         .fetch_add(skipped as u64, Ordering::Relaxed);
-    let answers = if call.def.kind.packing().is_some() {
-        caller.call_all_packed(prompts, items, progress).await
-    } else {
-        caller.call_all(prompts, progress).await
-    };
-    for (row, r) in rows.into_iter().zip(answers) {
-        results[row] = Some(r);
+    let items = call.def.kind.packing().is_some().then_some(items);
+    let answers = answer(stages, prompts, items, progress).await;
+    for (row, (r, stage)) in rows.into_iter().zip(answers) {
+        results[row] = Some((r, Some(stage)));
     }
     Ok(results
         .into_iter()
@@ -151,7 +151,7 @@ async fn run_call(
         .collect())
 }
 
-/// The slice with each call's value and error columns appended.
+/// The slice with each call's value, error and model columns appended.
 pub(super) async fn process_slice(
     ctx: &SliceContext,
     batch: RecordBatch,
@@ -165,10 +165,21 @@ pub(super) async fn process_slice(
     )
     .await?;
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-    for (call, results) in ctx.calls.iter().zip(per_call) {
+    for ((call, stages), answered) in ctx.calls.iter().zip(&ctx.callers).zip(per_call) {
+        let (results, by): (Vec<CallResult>, Vec<Option<usize>>) = answered.into_iter().unzip();
         check_statement_errors(call, &results)?;
+        let models: Vec<Option<&str>> = by
+            .iter()
+            .map(|s| s.map(|s| stages[s].model.as_str()))
+            .collect();
         columns.push(value_array(&call.def, &results)?);
-        columns.push(error_array(&results));
+        columns.push(error_array(&results, &models));
+        let answered: StringArray = results
+            .iter()
+            .zip(&models)
+            .map(|(r, m)| r.as_ref().ok().and(*m))
+            .collect();
+        columns.push(Arc::new(answered));
     }
     Ok(RecordBatch::try_new(ctx.schema.clone(), columns)?)
 }
@@ -226,15 +237,17 @@ fn value_array(def: &FunctionDef, results: &[CallResult]) -> Result<ArrayRef> {
     }
 }
 
-fn error_array(results: &[CallResult]) -> ArrayRef {
+/// The error structs of `results`, each naming the model its call failed on (`models`).
+fn error_array(results: &[CallResult], models: &[Option<&str>]) -> ArrayRef {
     let n = results.len();
     let mut kind = StringBuilder::with_capacity(n, n * 8);
     let mut message = StringBuilder::with_capacity(n, n * 32);
     let mut attempts = Vec::with_capacity(n);
     let mut status = Vec::with_capacity(n);
     let mut finish = StringBuilder::with_capacity(n, n);
+    let mut model = StringBuilder::with_capacity(n, n);
     let mut valid = Vec::with_capacity(n);
-    for r in results {
+    for (r, m) in results.iter().zip(models) {
         match r {
             Ok(_) => {
                 // Children are NULL too, so `e['kind']` of a success is NULL, not "".
@@ -243,6 +256,7 @@ fn error_array(results: &[CallResult]) -> ArrayRef {
                 attempts.push(None);
                 status.push(None);
                 finish.append_null();
+                model.append_null();
                 valid.push(false);
             }
             Err(e) => {
@@ -251,6 +265,7 @@ fn error_array(results: &[CallResult]) -> ArrayRef {
                 attempts.push(Some(e.attempts));
                 status.push(e.http_status);
                 finish.append_option(e.finish_reason.as_deref());
+                model.append_option(*m);
                 valid.push(true);
             }
         }
@@ -264,6 +279,7 @@ fn error_array(results: &[CallResult]) -> ArrayRef {
         Arc::new(UInt32Array::from(attempts)),
         Arc::new(UInt16Array::from(status)),
         Arc::new(finish.finish()),
+        Arc::new(model.finish()),
     ];
     let nulls = NullBuffer::from(valid);
     let arr = StructArray::new(fields, arrays, Some(nulls));

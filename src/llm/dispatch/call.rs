@@ -12,6 +12,7 @@ use crate::llm::estimate::LazyCounter;
 use crate::llm::governor::{Governor, Outcome};
 use crate::llm::replicas::{Replica, ReplicaSet};
 
+use super::metrics::CascadeTally;
 use super::order::PrefixOrder;
 use crate::types::{ErrorKind, LlmError, LlmRequest, OutputSchema, RenderedPrompt, RowError};
 
@@ -41,6 +42,22 @@ pub(crate) struct ModelHandle {
     /// For a server whose prompt cache is fed in order (`share_prefixes`): which of its
     /// prompts on the wire lead which prefixes.
     pub prefixes: Option<Arc<PrefixOrder>>,
+    /// For a stage of a model cascade: where what its answers cost is also counted.
+    pub tally: Option<Arc<CascadeTally>>,
+}
+
+/// The value stored and returned for a call that asked for its answer's confidence (a stage of
+/// a cascade that may pass the row on): the answer's value and its confidence (null when the
+/// server gave none).
+pub(crate) fn confident_value(value: Value, confidence: Option<f64>) -> Value {
+    serde_json::json!({"value": value, "confidence": confidence})
+}
+
+/// The value and confidence of a [`confident_value`] (confidence 0 when it has none).
+pub(crate) fn split_confident(v: &Value) -> (Value, f64) {
+    let value = v.get("value").cloned().unwrap_or(Value::Null);
+    let confidence = v.get("confidence").and_then(Value::as_f64).unwrap_or(0.0);
+    (value, confidence)
 }
 
 impl ModelHandle {
@@ -85,6 +102,9 @@ pub(crate) struct CallSpec {
     pub schema: Option<Arc<OutputSchema>>,
     /// With `rows_per_prompt`: how the rows' items are packed into one prompt.
     pub pack: Option<Arc<dyn Packer>>,
+    /// Whether each answer's confidence is asked for and returned with its value (see
+    /// [`confident_value`]): a stage of a cascade that may pass rows on.
+    pub confidence: bool,
 }
 
 /// Renders the shared prompt of a packed request from its rows' items
@@ -104,6 +124,7 @@ impl CallSpec {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             schema: self.schema.clone(),
+            confidence: self.confidence,
         }
     }
 }

@@ -40,12 +40,14 @@ use crate::types::RenderedPrompt;
 #[cfg(test)]
 use crate::types::{ErrorKind, LlmRequest, RowError};
 
-pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer};
+pub(crate) use call::{
+    CallResult, CallSpec, ModelHandle, Packer, split_confident,
+};
 use inner::{Inner, Miss as MissWhy};
 pub(crate) use order::PrefixOrder;
 
 pub use metrics::{
-    FunctionMetrics, FunctionSnapshot, LatencyHistogram, LatencySnapshot, Metrics, MetricsSnapshot,
+    CascadeSnapshot, CascadeTally, FunctionMetrics, FunctionSnapshot, LatencyHistogram, LatencySnapshot, Metrics, MetricsSnapshot,
     ModelSnapshot,
 };
 
@@ -132,12 +134,15 @@ impl Dispatcher {
     /// The caller of one function on one model: the constant part of its request keys is
     /// hashed here, once.
     pub fn caller(&self, model: &ModelHandle, spec: CallSpec) -> FunctionCaller {
-        let prefix = KeyPrefix::new(
+        let mut prefix = KeyPrefix::new(
             &model.provider.endpoint(),
             spec.max_tokens,
             spec.temperature,
             spec.schema.as_deref(),
         );
+        if spec.confidence {
+            prefix = prefix.with_confidence();
+        }
         FunctionCaller {
             inner: self.inner.clone(),
             model: model.clone(),
@@ -156,6 +161,7 @@ impl Dispatcher {
             temperature: req.temperature,
             schema: req.schema,
             pack: None,
+            confidence: req.confidence,
         };
         let progress = AtomicUsize::new(0);
         let caller = self.caller(model, spec);

@@ -82,6 +82,7 @@ impl Inner {
                 max_tokens: spec.max_tokens.map(|m| m.saturating_mul(n as u32)),
                 temperature: spec.temperature,
                 schema: Some(Arc::new(schema)),
+                confidence: spec.confidence,
             };
             match self.attempt_packed(model, &req, fm).await {
                 Ok(resp) => self.unpack(rows, resp, fm).await,
@@ -112,13 +113,16 @@ impl Inner {
         req: &LlmRequest,
         fm: &Arc<FunctionMetrics>,
     ) -> Result<CachedResponse, (LlmError, u32)> {
-        let key = KeyPrefix::new(
+        let mut prefix = KeyPrefix::new(
             &model.provider.endpoint(),
             req.max_tokens,
             req.temperature,
             req.schema.as_deref(),
-        )
-        .key(&req.prompt);
+        );
+        if req.confidence {
+            prefix = prefix.with_confidence();
+        }
+        let key = prefix.key(&req.prompt);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -146,7 +150,15 @@ impl Inner {
         fm: &Arc<FunctionMetrics>,
     ) -> Vec<CallResult> {
         let n = rows.len() as u64;
-        let Value::Array(values) = resp.value else {
+        // A cascade's stage: every row of the answer carries the answer's confidence.
+        let (value, confidence) = match resp.value {
+            v @ Value::Object(_) => {
+                let (value, c) = super::call::split_confident(&v);
+                (value, Some(c))
+            }
+            v => (v, None),
+        };
+        let Value::Array(values) = value else {
             // The schema is an array of n: validation lets nothing else through.
             let e = RowError::without_call(ErrorKind::InvalidOutput, "not an array".into());
             return vec![Err(Arc::new(e)); rows.len()];
@@ -158,6 +170,10 @@ impl Inner {
             .into_iter()
             .zip(values)
             .map(|(row, value)| {
+                let value = match confidence {
+                    Some(c) => super::call::confident_value(value, Some(c)),
+                    None => value,
+                };
                 let one = CachedResponse {
                     value,
                     usage,

@@ -109,8 +109,11 @@ impl Inner {
         let m = &self.metrics;
         let resp = result?;
         if let Some(u) = resp.usage {
-            m.spent_nano_usd
-                .fetch_add(model.nano_usd(u), Ordering::Relaxed);
+            let nano_usd = model.nano_usd(u);
+            m.spent_nano_usd.fetch_add(nano_usd, Ordering::Relaxed);
+            if let Some(t) = &model.tally {
+                t.spent(u, nano_usd);
+            }
             for (total, n) in [
                 (&m.tokens_in, u.prompt_tokens),
                 (&m.tokens_out, u.completion_tokens),
@@ -122,10 +125,13 @@ impl Inner {
                 total.fetch_add(n, Ordering::Relaxed);
             }
         }
-        let value = parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
+        let mut value = parse_response(req.schema.as_deref(), &resp).map_err(|mut e| {
             e.http_status = Some(200);
             e
         })?;
+        if req.confidence {
+            value = super::call::confident_value(value, resp.confidence);
+        }
         Ok(CachedResponse {
             value,
             usage: resp.usage,

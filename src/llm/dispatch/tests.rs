@@ -43,6 +43,7 @@ fn model(provider: Arc<dyn Provider>, concurrency: usize) -> ModelHandle {
         tokens: None,
         replicas: None,
         prefixes: None,
+        tally: None,
         provider,
         governor: Arc::new(Governor::new(GovernorConfig {
             max_concurrency: concurrency,

@@ -399,6 +399,7 @@ fn sample_step(
         held[seq].used_at = stats.steps;
         let finish = if stop { "stop" } else { "length" };
         let _ = a.job.reply.send(Ok(LlmResponse {
+            confidence: None,
             content: String::from_utf8_lossy(&a.output).to_string(),
             finish_reason: Some(finish.to_string()),
             usage: Some(Usage {

@@ -193,6 +193,7 @@ impl Provider for LocalEmbedder {
             .into_iter()
             .map(|(v, tokens)| {
                 Ok(LlmResponse {
+                    confidence: None,
                     content: serde_json::to_string(&v).unwrap_or_default(),
                     finish_reason: Some("stop".into()),
                     usage: Some(Usage {
