@@ -221,6 +221,7 @@ proptest! {
         let Ok(s) = OutputSchema::new(schema.clone()) else { return Ok(()); };
         let sent = if wrap { json!({ "value": value }) } else { value.clone() };
         let resp = LlmResponse {
+            confidence: None,
             content: sent.to_string(),
             finish_reason: Some(finish.to_string()),
             usage: None,
@@ -260,6 +261,7 @@ proptest! {
     ) {
         let Ok(s) = OutputSchema::new(schema) else { return Ok(()); };
         let resp = LlmResponse {
+            confidence: None,
             content,
             finish_reason: Some("stop".into()),
             usage: None,

@@ -189,6 +189,7 @@ pub(super) mod tests {
     /// A request with user message `user` and temperature `temp`.
     pub(crate) fn req(user: &str, temp: Option<f64>) -> LlmRequest {
         LlmRequest {
+            confidence: false,
             function: "f".into(),
             prompt: RenderedPrompt {
                 system: None,

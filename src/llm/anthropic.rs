@@ -316,6 +316,7 @@ mod tests {
 
     fn request(system: &str, user: &str, cuts: PromptCuts, schema: Option<Value>) -> LlmRequest {
         LlmRequest {
+            confidence: false,
             function: "answer_question".into(),
             prompt: RenderedPrompt {
                 system: Some(system.into()),

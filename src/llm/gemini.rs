@@ -318,6 +318,7 @@ mod tests {
 
     fn request(schema: Option<Value>) -> LlmRequest {
         LlmRequest {
+            confidence: false,
             function: "f".into(),
             prompt: RenderedPrompt {
                 system: Some("Be brief.".into()),

@@ -135,6 +135,7 @@ mod tests {
         let schema = json!({"type": "array", "items": {"type": "number"},
                             "minItems": 768, "maxItems": 768});
         let req = LlmRequest {
+            confidence: false,
             function: "embed".into(),
             prompt: RenderedPrompt {
                 system: None,

@@ -86,6 +86,7 @@ mod tests {
 
     fn req(system: Option<&str>, user: &str) -> LlmRequest {
         LlmRequest {
+            confidence: false,
             function: "f".into(),
             prompt: RenderedPrompt {
                 system: system.map(str::to_string),

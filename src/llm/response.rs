@@ -81,6 +81,7 @@ mod tests {
 
     fn resp(content: &str, finish: &str) -> LlmResponse {
         LlmResponse {
+            confidence: None,
             content: content.into(),
             finish_reason: Some(finish.into()),
             usage: None,

@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 
 #[path = "clock.rs"]
 mod clock;
+#[path = "confidence.rs"]
+pub mod confidence;
 #[path = "limits.rs"]
 mod limits;
 
@@ -41,6 +43,8 @@ mod gemini_api;
 #[path = "prefix_cache.rs"]
 mod prefix_cache;
 
+#[allow(unused_imports)]
+pub use confidence::ConfidenceConfig;
 #[allow(unused_imports)]
 pub use anthropic_api::{AnthropicConfig, AnthropicPrices, Bill, Hostile, SONNET_4_5};
 pub use batch_api::BatchConfig;
@@ -184,6 +188,8 @@ pub struct MockConfig {
     /// Google's Gemini API (`/v1beta/models/...`): thinking tokens, implicit caching,
     /// `retryDelay`, hostile answers.
     pub gemini: GeminiConfig,
+    /// Chat answers' token log-probabilities, and a small model that is sometimes wrong.
+    pub confidence: ConfidenceConfig,
 }
 
 impl Default for MockConfig {
@@ -207,6 +213,7 @@ impl Default for MockConfig {
             azure_api_version: None,
             anthropic: AnthropicConfig::default(),
             gemini: GeminiConfig::default(),
+            confidence: ConfidenceConfig::default(),
         }
     }
 }
@@ -877,6 +884,7 @@ async fn serve_llm(
         clock::sleep_until(computed.unwrap_or(received) + delay).await;
     }
     let mut answer = Answer::new(proto, &parsed, &prompts, listed);
+    answer.judge(&cfg.confidence);
     answer.cached_tokens = prefill.as_ref().map(|p| p.cached);
     let Some(fault) = fault else {
         s.ok.fetch_add(prompts.len() as u64, Ordering::Relaxed);
@@ -1163,6 +1171,8 @@ struct Answer<'a> {
     contents: Vec<String>,
     /// The prompt tokens the prefix cache held (reported when set).
     cached_tokens: Option<u64>,
+    /// The confidence of each answer (its least likely token's probability).
+    confidences: Vec<f64>,
 }
 
 impl<'a> Answer<'a> {
@@ -1208,9 +1218,34 @@ impl<'a> Answer<'a> {
             prompts,
             listed,
             schema,
+            confidences: vec![0.999; prompts.len()],
             values,
             contents,
             cached_tokens: None,
+        }
+    }
+
+    /// Answers as the request's model does: the small model of a cascade is sometimes wrong,
+    /// and sometimes unsure.
+    fn judge(&mut self, cfg: &ConfidenceConfig) {
+        let model = self.parsed.get("model").and_then(Value::as_str).unwrap_or("");
+        for (i, p) in self.prompts.iter().enumerate() {
+            let (right, confidence) = confidence::judge(cfg, model, &p.hash);
+            self.confidences[i] = confidence;
+            if right {
+                continue;
+            }
+            match &self.values[i] {
+                Some(v) => {
+                    let w = confidence::wrong(v);
+                    self.contents[i] = w.to_string();
+                    self.values[i] = Some(w);
+                }
+                None => self.contents[i] = confidence::wrong(&json!(self.contents[i]))
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            }
         }
     }
 
@@ -1282,13 +1317,20 @@ impl<'a> Answer<'a> {
             usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
         }
         match proto {
-            Proto::Chat => json!({
-                "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": contents[0]},
-                             "finish_reason": finish}],
-                "usage": usage,
-            }),
+            Proto::Chat => {
+                let mut choice = json!({"index": 0,
+                    "message": {"role": "assistant", "content": contents[0]},
+                    "finish_reason": finish, "logprobs": null});
+                if parsed.get("logprobs") == Some(&json!(true)) {
+                    choice["logprobs"] = confidence::logprobs(&contents[0], self.confidences[0]);
+                }
+                json!({
+                    "id": format!("chatcmpl-mock-{id}"), "object": "chat.completion", "created": 0,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": usage,
+                })
+            }
             Proto::Completions => json!({
                 "id": format!("cmpl-mock-{id}"), "object": "text_completion", "created": 0,
                 "model": model,

@@ -165,6 +165,7 @@ mod tests {
 
     fn req(user: String) -> LlmRequest {
         LlmRequest {
+            confidence: false,
             function: "f".into(),
             prompt: RenderedPrompt {
                 system: Some("system".into()),

@@ -28,6 +28,7 @@ impl Provider for Echo {
 
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
         Ok(LlmResponse {
+            confidence: None,
             content: req.prompt.user.clone(),
             finish_reason: Some("stop".into()),
             usage: None,
@@ -94,6 +95,7 @@ async fn a_call_dropped_on_the_wire_gives_everything_back() {
 
 fn request(i: usize) -> LlmRequest {
     LlmRequest {
+        confidence: false,
         function: "f".into(),
         prompt: RenderedPrompt {
             system: None,

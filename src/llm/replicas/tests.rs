@@ -35,6 +35,7 @@ fn set(n: usize) -> ReplicaSet {
 
 fn req(user: &str) -> LlmRequest {
     LlmRequest {
+        confidence: false,
         function: "f".into(),
         prompt: RenderedPrompt {
             system: None,
