@@ -64,24 +64,31 @@ pub fn format_summary(m: &MetricsSnapshot) -> String {
         }
     }
     for (name, f) in &m.functions {
+        s.push_str(&function_line(name, f));
+    }
+    s
+}
+
+/// One function's line (and its cascade's, with one).
+fn function_line(name: &str, f: &crate::llm::dispatch::FunctionSnapshot) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "\n  {name}: {} prompts, {} requests, {} cache hits, {} failed",
+        f.prompts, f.requests, f.cache_hits, f.failed
+    ));
+    let lat = &f.latency_ms;
+    if let (Some(p50), Some(p95), Some(p99)) = (lat.p50, lat.p95, lat.p99) {
         s.push_str(&format!(
-            "\n  {name}: {} prompts, {} requests, {} cache hits, {} failed",
-            f.prompts, f.requests, f.cache_hits, f.failed
+            "; latency p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms"
         ));
-        let lat = &f.latency_ms;
-        if let (Some(p50), Some(p95), Some(p99)) = (lat.p50, lat.p95, lat.p99) {
-            s.push_str(&format!(
-                "; latency p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms"
-            ));
-        }
-        s.push_str(&format!(
-            "; {}; peak {} in flight",
-            tokens(f.tokens_in, f.tokens_cached, f.tokens_out),
-            f.max_in_flight
-        ));
-        if !f.cascade.is_empty() {
-            s.push_str(&cascade_line(f));
-        }
+    }
+    s.push_str(&format!(
+        "; {}; peak {} in flight",
+        tokens(f.tokens_in, f.tokens_cached, f.tokens_out),
+        f.max_in_flight
+    ));
+    if !f.cascade.is_empty() {
+        s.push_str(&cascade_line(f));
     }
     s
 }

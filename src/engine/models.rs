@@ -213,6 +213,15 @@ fn prefix_order(m: &ModelConfig, answers: Answers, batch: bool) -> Option<Arc<Pr
     }
 }
 
+/// What a batch-mode model's jobs are made of (none for a live model).
+fn batch_plan(m: &ModelConfig) -> Option<BatchPlan> {
+    (m.mode == ModelMode::Batch).then(|| BatchPlan {
+        max_requests: m.batch.max_requests,
+        max_bytes: m.batch.max_bytes,
+        live_prices: m.prices,
+    })
+}
+
 /// Every model of `config`, answering as `answers` says; batch-mode models store their jobs
 /// in `cache`.
 pub(super) fn build_models(
@@ -234,12 +243,7 @@ pub(super) fn build_models(
             source,
         };
         let pool = m.concurrency.min(config.dispatcher.concurrency);
-        if m.mode == ModelMode::Batch {
-            let plan = BatchPlan {
-                max_requests: m.batch.max_requests,
-                max_bytes: m.batch.max_bytes,
-                live_prices: m.prices,
-            };
+        if let Some(plan) = batch_plan(m) {
             out.batch_plans.insert(name.clone(), plan);
         }
         let batch = match answers {

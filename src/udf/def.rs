@@ -22,6 +22,8 @@ use serde::Deserialize;
 pub use super::kind::FunctionKind;
 use super::kind::{KindName, declared_schema, embedding_schema};
 pub use super::plain::PlainTemplates;
+use super::stages::{self, RawStage};
+pub use super::stages::CascadeStage;
 use super::template::{add, environment, jinja_message, sources};
 use crate::types::{OutputSchema, RenderedPrompt};
 
@@ -84,26 +86,6 @@ struct RawDef {
     reduce: Option<String>,
     max_input_tokens: Option<u64>,
     cascade: Option<Vec<RawStage>>,
-}
-
-/// One model of a cascade as serde reads it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStage {
-    model: String,
-    min_confidence: Option<f64>,
-}
-
-/// One model of a function's cascade (`cascade = [{ model = "small", min_confidence = 0.9 },
-/// { model = "large" }]`): every row goes to the first model; a row whose answer's confidence
-/// is below the model's `min_confidence` (or that fails) goes on to the next.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CascadeStage {
-    /// The model's name in sluice.toml.
-    pub model: String,
-    /// The least confidence of an answer this model gives; none for the last model, which
-    /// answers every row it is asked.
-    pub min_confidence: Option<f64>,
 }
 
 /// A loaded, checked LLM function definition.
@@ -188,71 +170,6 @@ fn kind_keys(raw: &RawDef) -> Result<(Option<OutputSchema>, usize), String> {
     Ok((output, dim))
 }
 
-/// The models of a `cascade`, checked: two or more, instead of `model`, each but the last with a
-/// `min_confidence` in (0, 1], the last without; not for embeddings and aggregates, whose
-/// answers have no confidence.
-fn cascade_stages(raw: &RawDef) -> Result<Vec<CascadeStage>, String> {
-    let Some(stages) = &raw.cascade else {
-        return Ok(Vec::new());
-    };
-    if raw.model.is_some() {
-        return Err("give either model or cascade, not both".into());
-    }
-    match raw.kind {
-        KindName::Embedding => {
-            return Err("an embedding has no confidence to pass rows on by; leave cascade out \
-                        (kind = \"embedding\")"
-                .into());
-        }
-        KindName::Aggregate => {
-            return Err("an aggregate's answer has no confidence to pass groups on by; leave \
-                        cascade out (kind = \"aggregate\")"
-                .into());
-        }
-        KindName::Completion => {}
-    }
-    if stages.len() < 2 {
-        return Err("a cascade names two or more models, e.g. cascade = [{ model = \"small\", \
-                    min_confidence = 0.9 }, { model = \"large\" }]"
-            .into());
-    }
-    let last = stages.len() - 1;
-    let mut out = Vec::with_capacity(stages.len());
-    for (i, s) in stages.iter().enumerate() {
-        match (i == last, s.min_confidence) {
-            (false, None) => {
-                return Err(format!(
-                    "cascade model {:?} needs min_confidence (0 < c <= 1): below it, a row goes \
-                     on to the next model",
-                    s.model
-                ));
-            }
-            (false, Some(c)) if !(c > 0.0 && c <= 1.0) => {
-                return Err(format!(
-                    "cascade model {:?}: min_confidence {c} is outside (0, 1]",
-                    s.model
-                ));
-            }
-            (true, Some(_)) => {
-                return Err(format!(
-                    "the last model of a cascade ({:?}) answers every row it is asked; leave its \
-                     min_confidence out",
-                    s.model
-                ));
-            }
-            _ => {}
-        }
-        if out.iter().any(|o: &CascadeStage| o.model == s.model) {
-            return Err(format!("model {:?} is listed twice in cascade", s.model));
-        }
-        out.push(CascadeStage {
-            model: s.model.clone(),
-            min_confidence: s.min_confidence,
-        });
-    }
-    Ok(out)
-}
-
 /// The function's and its arguments' names are identifiers, each argument listed once.
 fn check_names(name: &str, args: &[String]) -> Result<(), String> {
     if !is_identifier(name) {
@@ -317,7 +234,7 @@ impl FunctionDef {
             return Err("max_tokens must be at least 1".into());
         }
         let (output, dim) = kind_keys(&raw)?;
-        let cascade = cascade_stages(&raw)?;
+        let cascade = stages::check(raw.cascade.as_deref(), raw.model.is_some(), raw.kind)?;
         let (system, prompt, packing) = super::pack::templates(
             raw.rows_per_prompt,
             raw.item,
@@ -549,58 +466,6 @@ output = { type = "array", items = { type = "string" }, minItems = 3, maxItems =
             .unwrap_err()
             .to_string();
         assert!(e.contains("colour"), "{e}");
-    }
-
-    #[test]
-    fn a_cascade_is_checked_when_loaded() {
-        let base = "name = \"f\"\nargs = [\"x\"]\nprompt = \"{{ x }}\"\n";
-        let parse = |extra: &str| FunctionDef::parse(&format!("{base}{extra}"), Path::new("f.toml"));
-        let ok = parse(
-            "cascade = [{ model = \"small\", min_confidence = 0.9 }, { model = \"large\" }]",
-        )
-        .unwrap();
-        assert_eq!(ok.model, "small");
-        assert_eq!(ok.cascade.len(), 2);
-        assert_eq!(ok.cascade[0].min_confidence, Some(0.9));
-        assert_eq!(ok.cascade[1].model, "large");
-        let err = |extra: &str| parse(extra).unwrap_err().to_string();
-        for (extra, says) in [
-            ("cascade = [{ model = \"large\" }]", "two or more"),
-            (
-                "cascade = [{ model = \"a\" }, { model = \"b\" }]",
-                "needs min_confidence",
-            ),
-            (
-                "cascade = [{ model = \"a\", min_confidence = 1.5 }, { model = \"b\" }]",
-                "outside (0, 1]",
-            ),
-            (
-                "cascade = [{ model = \"a\", min_confidence = 0.5 }, { model = \"b\", \
-                 min_confidence = 0.5 }]",
-                "leave its min_confidence out",
-            ),
-            (
-                "model = \"a\"\ncascade = [{ model = \"a\", min_confidence = 0.5 }, { model = \"b\" }]",
-                "either model or cascade",
-            ),
-            (
-                "cascade = [{ model = \"a\", min_confidence = 0.5 }, { model = \"a\" }]",
-                "listed twice",
-            ),
-            (
-                "kind = \"embedding\"\ndim = 4\ncascade = [{ model = \"a\", min_confidence = 0.5 }, \
-                 { model = \"b\" }]",
-                "no confidence",
-            ),
-            (
-                "cascade = [{ model = \"a\", threshold = 0.5 }, { model = \"b\" }]",
-                "threshold",
-            ),
-        ] {
-            let e = err(extra);
-            assert!(e.contains(says), "{extra}: {e}");
-            assert!(!e.contains('\n'), "{e}");
-        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod plain;
 pub(crate) mod plan;
 mod reduce;
 mod slice;
+mod stages;
 mod stream;
 mod template;
 pub(crate) mod values;

@@ -13,6 +13,8 @@ use crate::llm::governor::LimitKind;
 use crate::llm::replicas::ReplicaSnapshot;
 use crate::types::ErrorKind;
 
+pub use super::tally::{CascadeSnapshot, CascadeTally};
+
 /// Latency histogram with logarithmic buckets (5% wide, from 50 µs), lock-free to record.
 #[derive(Debug)]
 pub struct LatencyHistogram {
@@ -71,48 +73,6 @@ impl LatencyHistogram {
     }
 }
 
-/// What one model of a function's cascade did in a run: rows asked and answered, what its
-/// answers cost, and what the same tokens would have cost at the cascade's last model's prices.
-#[derive(Debug)]
-pub struct CascadeTally {
-    /// The model's name in sluice.toml.
-    pub model: String,
-    /// The prices of the cascade's last model (for what answering alone would have cost).
-    pub(crate) reference: Option<crate::config::Prices>,
-    /// Rows asked of this model.
-    pub asked: std::sync::atomic::AtomicU64,
-    /// Rows whose value this model gave (confident enough, or the last model).
-    pub answered: std::sync::atomic::AtomicU64,
-    /// What its requests cost, in nano-USD.
-    pub nano_usd: std::sync::atomic::AtomicU64,
-    /// What the same tokens would cost at the last model's prices, in nano-USD.
-    pub reference_nano_usd: std::sync::atomic::AtomicU64,
-}
-
-impl CascadeTally {
-    /// The tally of `model`, its tokens also priced at `reference` (the cascade's last model).
-    pub fn new(model: &str, reference: Option<crate::config::Prices>) -> CascadeTally {
-        CascadeTally {
-            model: model.to_string(),
-            reference,
-            asked: Default::default(),
-            answered: Default::default(),
-            nano_usd: Default::default(),
-            reference_nano_usd: Default::default(),
-        }
-    }
-
-    /// Counts a response's `usage`, which cost `nano_usd`.
-    pub(crate) fn spent(&self, usage: crate::types::Usage, nano_usd: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.nano_usd.fetch_add(nano_usd, Relaxed);
-        let reference = self
-            .reference
-            .map_or(0, |p| (p.cost_of(&usage) * 1e9).ceil() as u64);
-        self.reference_nano_usd.fetch_add(reference, Relaxed);
-    }
-}
-
 /// Counters of one LLM function.
 #[derive(Debug, Default)]
 pub struct FunctionMetrics {
@@ -167,28 +127,7 @@ impl FunctionMetrics {
         model: &str,
         reference: Option<crate::config::Prices>,
     ) -> Arc<CascadeTally> {
-        let mut tallies = self.cascade.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = tallies.iter().find(|t| t.model == model) {
-            return t.clone();
-        }
-        let t = Arc::new(CascadeTally::new(model, reference));
-        tallies.push(t.clone());
-        t
-    }
-
-    /// What each model of the function's cascade did (empty without one).
-    fn cascade_snapshot(&self) -> Vec<CascadeSnapshot> {
-        let tallies = self.cascade.lock().unwrap_or_else(|e| e.into_inner());
-        tallies
-            .iter()
-            .map(|t| CascadeSnapshot {
-                model: t.model.clone(),
-                asked: t.asked.load(Ordering::Relaxed),
-                answered: t.answered.load(Ordering::Relaxed),
-                cost_usd: t.nano_usd.load(Ordering::Relaxed) as f64 / 1e9,
-                last_model_cost_usd: t.reference_nano_usd.load(Ordering::Relaxed) as f64 / 1e9,
-            })
-            .collect()
+        super::tally::tally_of(&self.cascade, model, reference)
     }
 
     /// The additive counters by name (see [`Metrics::counters`]).
@@ -242,7 +181,7 @@ impl FunctionMetrics {
             },
             retries: Metrics::names(&self.retries),
             errors: Metrics::names(&self.errors),
-            cascade: self.cascade_snapshot(),
+            cascade: super::tally::snapshot(&self.cascade),
         }
     }
 }
@@ -293,48 +232,12 @@ pub struct FunctionSnapshot {
     pub cascade: Vec<CascadeSnapshot>,
 }
 
-/// What one model of a function's cascade did.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CascadeSnapshot {
-    /// The model's name in sluice.toml.
-    pub model: String,
-    /// Rows asked of it.
-    pub asked: u64,
-    /// Rows whose value it gave.
-    pub answered: u64,
-    /// What its requests cost.
-    pub cost_usd: f64,
-    /// What the same tokens cost at the cascade's last model's prices.
-    pub last_model_cost_usd: f64,
-}
-
 impl FunctionSnapshot {
     /// With a cascade: what asking its last model alone would have cost (the first model's
     /// tokens — it is asked every row — at the last model's prices), and what the cascade
     /// cost; none without a cascade or without prices.
     pub fn cascade_costs(&self) -> Option<(f64, f64)> {
-        let first = self.cascade.first()?;
-        let spent: f64 = self.cascade.iter().map(|c| c.cost_usd).sum();
-        (first.last_model_cost_usd > 0.0).then_some((first.last_model_cost_usd, spent))
-    }
-
-    /// The cascade's models as JSON (null without one).
-    fn cascade_json(&self) -> Value {
-        if !self.cascade.is_empty() {
-            let models: Vec<Value> = self
-                .cascade
-                .iter()
-                .map(|c| {
-                    serde_json::json!({"model": c.model, "asked": c.asked,
-                        "answered": c.answered, "cost_usd": c.cost_usd})
-                })
-                .collect();
-            return serde_json::json!({
-                "models": models,
-                "last_model_alone_usd": self.cascade_costs().map(|(alone, _)| alone),
-            });
-        }
-        Value::Null
+        super::tally::costs(&self.cascade)
     }
 
     /// The snapshot as JSON (the `functions` entries of `--metrics-json`).
@@ -355,7 +258,7 @@ impl FunctionSnapshot {
             "latency_ms": {"p50": l.p50, "p95": l.p95, "p99": l.p99},
             "retries": self.retries,
             "errors": self.errors,
-            "cascade": self.cascade_json(),
+            "cascade": super::tally::to_json(&self.cascade),
         })
     }
 }

@@ -28,6 +28,7 @@ mod pack;
 mod retry;
 mod route;
 mod send;
+mod tally;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
