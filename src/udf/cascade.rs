@@ -63,12 +63,7 @@ async fn ask(
     progress: &AtomicUsize,
 ) -> Vec<CallResult> {
     match items {
-        Some(items) => {
-            stage
-                .caller
-                .call_all_packed(prompts, items, progress)
-                .await
-        }
+        Some(items) => stage.caller.call_all_packed(prompts, items, progress).await,
         None => stage.caller.call_all(prompts, progress).await,
     }
 }

@@ -22,8 +22,8 @@ use serde::Deserialize;
 pub use super::kind::FunctionKind;
 use super::kind::{KindName, declared_schema, embedding_schema};
 pub use super::plain::PlainTemplates;
-use super::stages::{self, RawStage};
 pub use super::stages::CascadeStage;
+use super::stages::{self, RawStage};
 use super::template::{add, environment, jinja_message, sources};
 use crate::types::{OutputSchema, RenderedPrompt};
 

@@ -15,10 +15,10 @@ use minijinja::Value as JinjaValue;
 use serde_json::Value;
 
 use super::call::PhysicalCall;
+use super::cascade::{Stage, answer};
 use super::def::{FunctionDef, OnError};
 use super::face::{ERROR_TYPE, value_type};
 use super::values::{StrColumn, to_template_values};
-use super::cascade::{Stage, answer};
 use crate::llm::dispatch::{CallResult, Packer};
 use crate::types::{ErrorKind, RenderedPrompt, RowError, StatementStop};
 

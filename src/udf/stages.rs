@@ -41,21 +41,27 @@ pub(super) fn check(
     }
     match kind {
         KindName::Embedding => {
-            return Err("an embedding has no confidence to pass rows on by; leave cascade out \
+            return Err(
+                "an embedding has no confidence to pass rows on by; leave cascade out \
                         (kind = \"embedding\")"
-                .into());
+                    .into(),
+            );
         }
         KindName::Aggregate => {
-            return Err("an aggregate's answer has no confidence to pass groups on by; leave \
+            return Err(
+                "an aggregate's answer has no confidence to pass groups on by; leave \
                         cascade out (kind = \"aggregate\")"
-                .into());
+                    .into(),
+            );
         }
         KindName::Completion => {}
     }
     if stages.len() < 2 {
-        return Err("a cascade names two or more models, e.g. cascade = [{ model = \"small\", \
+        return Err(
+            "a cascade names two or more models, e.g. cascade = [{ model = \"small\", \
                     min_confidence = 0.9 }, { model = \"large\" }]"
-            .into());
+                .into(),
+        );
     }
     let last = stages.len() - 1;
     let mut out = Vec::with_capacity(stages.len());
@@ -101,11 +107,12 @@ mod tests {
     #[test]
     fn a_cascade_is_checked_when_loaded() {
         let base = "name = \"f\"\nargs = [\"x\"]\nprompt = \"{{ x }}\"\n";
-        let parse = |extra: &str| crate::udf::def::FunctionDef::parse(&format!("{base}{extra}"), Path::new("f.toml"));
-        let ok = parse(
-            "cascade = [{ model = \"small\", min_confidence = 0.9 }, { model = \"large\" }]",
-        )
-        .unwrap();
+        let parse = |extra: &str| {
+            crate::udf::def::FunctionDef::parse(&format!("{base}{extra}"), Path::new("f.toml"))
+        };
+        let ok =
+            parse("cascade = [{ model = \"small\", min_confidence = 0.9 }, { model = \"large\" }]")
+                .unwrap();
         assert_eq!(ok.model, "small");
         assert_eq!(ok.cascade.len(), 2);
         assert_eq!(ok.cascade[0].min_confidence, Some(0.9));
@@ -149,5 +156,4 @@ mod tests {
             assert!(!e.contains('\n'), "{e}");
         }
     }
-
 }

@@ -55,7 +55,10 @@ impl LlmStream {
     fn close_input(&mut self) {
         if self.input.take().is_some() {
             for c in &self.ctx.callers {
-                c[0].caller.metrics().open_inputs.fetch_sub(1, Ordering::Relaxed);
+                c[0].caller
+                    .metrics()
+                    .open_inputs
+                    .fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -79,7 +82,8 @@ impl LlmStream {
         let ctx = self.ctx.clone();
         let rows = batch.num_rows();
         for c in &self.ctx.callers {
-            c[0].caller.metrics()
+            c[0].caller
+                .metrics()
                 .rows_queued
                 .fetch_add(rows as u64, Ordering::Relaxed);
         }
@@ -226,7 +230,10 @@ impl LlmStream {
         whole_slices: bool,
     ) -> Self {
         for c in &ctx.callers {
-            c[0].caller.metrics().open_inputs.fetch_add(1, Ordering::Relaxed);
+            c[0].caller
+                .metrics()
+                .open_inputs
+                .fetch_add(1, Ordering::Relaxed);
         }
         LlmStream {
             input: Some(input),

@@ -44,10 +44,10 @@ mod gemini_api;
 mod prefix_cache;
 
 #[allow(unused_imports)]
-pub use confidence::ConfidenceConfig;
-#[allow(unused_imports)]
 pub use anthropic_api::{AnthropicConfig, AnthropicPrices, Bill, Hostile, SONNET_4_5};
 pub use batch_api::BatchConfig;
+#[allow(unused_imports)]
+pub use confidence::ConfidenceConfig;
 #[allow(unused_imports)]
 pub use embeddings_api::{DEFAULT_DIM, embedding_of};
 #[allow(unused_imports)]
@@ -231,6 +231,8 @@ pub struct StatsSnapshot {
     pub faults: HashMap<String, u64>,
     /// Requests per prompt hash.
     pub by_prompt: HashMap<String, u64>,
+    /// Chat requests per `model` named.
+    pub by_model: HashMap<String, u64>,
     /// Most requests being processed at once.
     pub max_in_flight: u64,
     /// Requests being processed now (received, not yet answered; not zeroed by a reset).
@@ -313,6 +315,7 @@ struct Stats {
     azure_deployments: Mutex<Vec<String>>,
     faults: Mutex<HashMap<String, u64>>,
     by_prompt: Mutex<HashMap<String, u64>>,
+    by_model: Mutex<HashMap<String, u64>>,
 }
 
 impl Stats {
@@ -453,6 +456,7 @@ impl State {
             ok: s.ok.load(Ordering::Relaxed),
             faults: s.faults.lock().map(|m| m.clone()).unwrap_or_default(),
             by_prompt: s.by_prompt.lock().map(|m| m.clone()).unwrap_or_default(),
+            by_model: s.by_model.lock().map(|m| m.clone()).unwrap_or_default(),
             max_in_flight: s.max_in_flight.load(Ordering::Relaxed),
             in_flight: s.in_flight.load(Ordering::Relaxed),
             tokens_admitted: s.tokens_admitted.load(Ordering::Relaxed),
@@ -496,6 +500,9 @@ impl State {
         self.anthropic.reset();
         self.gemini.reset();
         if let Ok(mut m) = s.faults.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = s.by_model.lock() {
             m.clear();
         }
         if let Ok(mut m) = s.by_prompt.lock() {
@@ -854,6 +861,10 @@ async fn serve_llm(
     };
     let s = &st.stats;
     s.prompts.fetch_add(prompts.len() as u64, Ordering::Relaxed);
+    if let Some(model) = parsed.get("model").and_then(Value::as_str) {
+        let mut m = s.by_model.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(model.to_string()).or_default() += 1;
+    }
     let rate_headers = match admit(st, &parsed, &prompts) {
         Ok(headers) => headers,
         Err(refusal) => {
@@ -1228,7 +1239,11 @@ impl<'a> Answer<'a> {
     /// Answers as the request's model does: the small model of a cascade is sometimes wrong,
     /// and sometimes unsure.
     fn judge(&mut self, cfg: &ConfidenceConfig) {
-        let model = self.parsed.get("model").and_then(Value::as_str).unwrap_or("");
+        let model = self
+            .parsed
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         for (i, p) in self.prompts.iter().enumerate() {
             let (right, confidence) = confidence::judge(cfg, model, &p.hash);
             self.confidences[i] = confidence;
@@ -1241,10 +1256,12 @@ impl<'a> Answer<'a> {
                     self.contents[i] = w.to_string();
                     self.values[i] = Some(w);
                 }
-                None => self.contents[i] = confidence::wrong(&json!(self.contents[i]))
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
+                None => {
+                    self.contents[i] = confidence::wrong(&json!(self.contents[i]))
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                }
             }
         }
     }

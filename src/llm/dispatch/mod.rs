@@ -41,15 +41,13 @@ use crate::types::RenderedPrompt;
 #[cfg(test)]
 use crate::types::{ErrorKind, LlmRequest, RowError};
 
-pub(crate) use call::{
-    CallResult, CallSpec, ModelHandle, Packer, split_confident,
-};
+pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer, split_confident};
 use inner::{Inner, Miss as MissWhy};
 pub(crate) use order::PrefixOrder;
 
 pub use metrics::{
-    CascadeSnapshot, CascadeTally, FunctionMetrics, FunctionSnapshot, LatencyHistogram, LatencySnapshot, Metrics, MetricsSnapshot,
-    ModelSnapshot,
+    CascadeSnapshot, CascadeTally, FunctionMetrics, FunctionSnapshot, LatencyHistogram,
+    LatencySnapshot, Metrics, MetricsSnapshot, ModelSnapshot,
 };
 
 /// A prompt the cache does not answer: its place among the prompts, itself, its key, and why.

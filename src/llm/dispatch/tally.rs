@@ -43,7 +43,8 @@ impl CascadeTally {
         let reference = self
             .reference
             .map_or(0, |p| (p.cost_of(&usage) * 1e9).ceil() as u64);
-        self.reference_nano_usd.fetch_add(reference, Ordering::Relaxed);
+        self.reference_nano_usd
+            .fetch_add(reference, Ordering::Relaxed);
     }
 }
 

@@ -1,0 +1,278 @@
+//! Model cascades on real HTTP: every row goes to the small model with `logprobs`, the rows it
+//! is unsure of (or fails) go to the large one; which model answered is a column and in the
+//! error struct; each model's answers are cached under their own keys; the summary counts rows
+//! per model and prices the cascade against the large model alone. The test server's small
+//! model is right on 85% of prompts and unsure on most of the rest, decided by each prompt's
+//! hash, so the tests know which rows must escalate.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::record_batch::RecordBatch;
+use sluice::Engine;
+use sluice::config::Config;
+use sluice::udf::def::FunctionDef;
+use support::mock_llm::{ConfidenceConfig, confidence};
+use support::*;
+
+const ROWS: usize = 200;
+
+fn cascade_fn(name: &str, models: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nargs = [\"x\"]\nprompt = \"Is this statement material? {{{{ x }}}}\"\n\
+         output = {{ type = \"boolean\" }}\n{models}\n{extra}\n"
+    )
+}
+
+const CASCADE: &str =
+    "cascade = [{ model = \"small\", min_confidence = 0.8 }, { model = \"large\" }]";
+
+/// Two models on `server`, priced as a small and a large model are; the cache in `cache_dir`
+/// when given.
+fn two_models(server: &MockServer, cache_dir: Option<&Path>) -> Config {
+    let url = server.base_url();
+    let cache = match cache_dir {
+        Some(d) => format!("enabled = true\ndir = \"{}\"", d.display()),
+        None => "enabled = false".into(),
+    };
+    let text = format!(
+        "[dispatcher]\nconcurrency = 16\nmax_attempts = 2\nbackoff_base_ms = 2\nbackoff_max_ms = 20\n\n\
+         [cache]\n{cache}\n\n\
+         [models.small]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"small\"\n\
+         input_usd_per_mtok = 0.15\noutput_usd_per_mtok = 0.6\n\n\
+         [models.large]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"large\"\n\
+         input_usd_per_mtok = 2.5\noutput_usd_per_mtok = 10.0\n"
+    );
+    Config::parse(&text, Path::new("sluice.toml"), &|_| None).expect("config parses")
+}
+
+fn engine(cfg: &Config, defs: &[String]) -> Result<Engine, String> {
+    let defs = defs
+        .iter()
+        .map(|t| FunctionDef::parse(t, Path::new("f.toml")).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Engine::with_functions(cfg, defs).map_err(|e| e.to_string())
+}
+
+fn small_model() -> MockConfig {
+    MockConfig {
+        confidence: ConfidenceConfig {
+            small_model: Some("small".into()),
+            ..ConfidenceConfig::default()
+        },
+        ..MockConfig::default()
+    }
+}
+
+fn statements() -> Vec<String> {
+    (0..ROWS).map(|i| format!("s{i:03}")).collect()
+}
+
+/// Whether the small model is unsure of statement `s` (the row goes on to the large model),
+/// and whether it is right.
+fn judged(s: &str) -> (bool, bool) {
+    let hash = prompt_hash(None, &format!("Is this statement material? {s}"));
+    let cfg = small_model().confidence;
+    let (right, confidence) = confidence::judge(&cfg, "small", &hash);
+    (confidence < 0.8, right)
+}
+
+/// `f(x)`, `f_model(x)` and `f_error(x)['model']` of every statement, by statement.
+async fn answers(engine: &Engine, f: &str) -> BTreeMap<String, (String, String, String)> {
+    let values: Vec<String> = statements().iter().map(|s| format!("('{s}')")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.parquet");
+    let sql = format!(
+        "COPY (SELECT column1 AS x, CAST({f}(column1) AS VARCHAR) AS v, {f}_model(column1) AS m, \
+         {f}_error(column1)['model'] AS em FROM (VALUES {})) TO '{}' STORED AS PARQUET;",
+        values.join(", "),
+        out.display()
+    );
+    run(engine, &sql).await.expect("runs");
+    let batches = read_parquet(&out).await;
+    let col = |c: &str| text(&batches, c);
+    let (x, v, m, em) = (col("x"), col("v"), col("m"), col("em"));
+    let s = |o: &Option<String>| o.clone().unwrap_or_else(|| "NULL".into());
+    (0..x.len())
+        .map(|i| (s(&x[i]), (s(&v[i]), s(&m[i]), s(&em[i]))))
+        .collect()
+}
+
+/// Column `col` of `batches` as text.
+fn text(batches: &[RecordBatch], col: &str) -> Vec<Option<String>> {
+    let mut out = vec![];
+    for b in batches {
+        let a = b
+            .column_by_name(col)
+            .unwrap_or_else(|| panic!("column {col}"));
+        let a = cast(a, &DataType::Utf8).expect("casts to text");
+        let s = a.as_string::<i32>();
+        out.extend((0..s.len()).map(|i| s.is_valid(i).then(|| s.value(i).to_string())));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_small_model_is_unsure_of_go_to_the_large_one() {
+    let server = mock(small_model()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = two_models(&server, Some(cache.path()));
+    let e = engine(&cfg, &[cascade_fn("material", CASCADE, "")]).unwrap();
+    let got = answers(&e, "material").await;
+    assert_eq!(got.len(), ROWS);
+
+    let escalated: Vec<&String> = got.keys().filter(|s| judged(s).0).collect();
+    assert!(
+        (15..=60).contains(&escalated.len()),
+        "the test server's small model is unsure of about 16% of rows: {}",
+        escalated.len()
+    );
+    for (s, (v, m, em)) in &got {
+        let want = if judged(s).0 { "large" } else { "small" };
+        assert_eq!(m, want, "{s}: answered by");
+        assert_ne!(v, "NULL", "{s}");
+        assert_eq!(em, "NULL", "{s}: no error");
+    }
+    // Every row asked once of the small model; only the unsure ones of the large one.
+    let stats = server.stats();
+    assert_eq!(stats.by_model.get("small"), Some(&(ROWS as u64)));
+    assert_eq!(stats.by_model.get("large"), Some(&(escalated.len() as u64)));
+
+    // The summary's rows per model, and what they cost.
+    let m = e.metrics();
+    let f = &m.functions["material"];
+    let c = &f.cascade;
+    assert_eq!(c.len(), 2);
+    assert_eq!((c[0].model.as_str(), c[0].asked), ("small", ROWS as u64));
+    assert_eq!(c[0].answered, (ROWS - escalated.len()) as u64);
+    assert_eq!(
+        (c[1].asked, c[1].answered),
+        (escalated.len() as u64, escalated.len() as u64)
+    );
+    let spent = c[0].cost_usd + c[1].cost_usd;
+    assert!(
+        (spent - m.cost_usd).abs() < 1e-6,
+        "{spent} vs {}",
+        m.cost_usd
+    );
+    let (alone, cascade_cost) = f.cascade_costs().expect("priced");
+    assert!((cascade_cost - spent).abs() < 1e-12);
+    assert!(
+        alone > spent,
+        "the large model alone costs more: {alone} vs {spent}"
+    );
+    let summary = sluice::cli::format_summary(&m);
+    assert!(
+        summary.contains(&format!(
+            "cascade: small answered {} of {ROWS} rows, large {} of {}",
+            ROWS - escalated.len(),
+            escalated.len(),
+            escalated.len()
+        )),
+        "{summary}"
+    );
+    assert!(summary.contains("saved against large alone"), "{summary}");
+
+    // Each model's answers are cached under their own keys: a re-run asks nothing.
+    server.reset_stats();
+    drop(e);
+    let again = engine(&cfg, &[cascade_fn("material", CASCADE, "")]).unwrap();
+    assert_eq!(answers(&again, "material").await, got);
+    assert_eq!(server.stats().requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cascade_agrees_with_the_large_model_where_the_small_one_was_sure_and_right() {
+    let server = mock(small_model()).await;
+    let cfg = two_models(&server, None);
+    let e = engine(
+        &cfg,
+        &[
+            cascade_fn("material", CASCADE, ""),
+            cascade_fn("material_large", "model = \"large\"", ""),
+        ],
+    )
+    .unwrap();
+    let cascade = answers(&e, "material").await;
+    let large = answers(&e, "material_large").await;
+    for (s, (v, _, _)) in &cascade {
+        let (unsure, right) = judged(s);
+        let agrees = v == &large[s].0;
+        assert_eq!(agrees, unsure || right, "{s}: {v} vs {}", large[s].0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_row_names_the_last_model_it_was_asked_of() {
+    let server = mock(MockConfig {
+        permanent: vec![("s007".into(), Fault::Server500)],
+        ..small_model()
+    })
+    .await;
+    let cfg = two_models(&server, None);
+    let e = engine(&cfg, &[cascade_fn("material", CASCADE, "")]).unwrap();
+    let got = answers(&e, "material").await;
+    // The small model failed it, so the large one was asked, and failed it too.
+    assert_eq!(got["s007"], ("NULL".into(), "NULL".into(), "large".into()));
+    let stats = server.stats();
+    let large_asked = got.keys().filter(|s| judged(s).0 || *s == "s007").count() as u64;
+    assert_eq!(stats.by_model.get("large").copied(), Some(large_asked + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_rows_go_on_by_their_request_s_confidence() {
+    let server = mock(small_model()).await;
+    let cfg = two_models(&server, None);
+    let packed = format!(
+        "name = \"material\"\nargs = [\"x\"]\nrows_per_prompt = 4\nitem = \"{{{{ x }}}}\"\n\
+         prompt = \"\"\"Is each statement material?\n{{% for item in items %}}### Item \
+         {{{{ loop.index }}}}\n{{{{ item }}}}\n{{% endfor %}}\"\"\"\noutput = {{ type = \"boolean\" }}\n\
+         {CASCADE}\n"
+    );
+    let e = engine(&cfg, &[packed]).unwrap();
+    let got = answers(&e, "material").await;
+    assert_eq!(got.len(), ROWS);
+    assert!(got.values().all(|(v, m, _)| v != "NULL" && m != "NULL"));
+    let by_large = got.values().filter(|(_, m, _)| m == "large").count();
+    let stats = server.stats();
+    // The small model is asked each row once, four to a request.
+    assert_eq!(stats.by_model.get("small"), Some(&((ROWS / 4) as u64)));
+    // Rows go on four at a time: a request's rows share its confidence.
+    assert_eq!(by_large % 4, 0, "{by_large}");
+    assert_eq!(
+        stats.by_model.get("large").copied().unwrap_or(0),
+        (by_large / 4) as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_is_refused_where_a_model_gives_no_confidence() {
+    let server = mock(MockConfig::default()).await;
+    let url = server.base_url();
+    let mut cfg = two_models(&server, None);
+    let text = format!(
+        "[models.claude]\nkind = \"anthropic\"\nbase_url = \"{url}\"\nmodel = \"claude\"\n"
+    );
+    let env = |name: &str| (name != "SLUICE_CLUSTER_TOKEN").then(|| "k".to_string());
+    let extra = Config::parse(&text, Path::new("sluice.toml"), &env).expect("parses");
+    cfg.models.extend(extra.models);
+    let models = "cascade = [{ model = \"claude\", min_confidence = 0.8 }, { model = \"large\" }]";
+    let err = engine(&cfg, &[cascade_fn("material", models, "")]).unwrap_err();
+    assert!(err.contains("gives no token log-probabilities"), "{err}");
+    assert!(!err.contains('\n'), "{err}");
+    // Last in the cascade, it needs none.
+    let models = "cascade = [{ model = \"small\", min_confidence = 0.8 }, { model = \"claude\" }]";
+    engine(&cfg, &[cascade_fn("material", models, "")]).expect("last needs no confidence");
+
+    // A model sluice.toml does not define is named when a statement uses the function.
+    let models = "cascade = [{ model = \"small\", min_confidence = 0.8 }, { model = \"huge\" }]";
+    let e = engine(&cfg, &[cascade_fn("material", models, "")]).unwrap();
+    let err = run(&e, "SELECT material('a')").await.unwrap_err();
+    assert!(err.contains("\"huge\""), "{err}");
+    assert_eq!(server.stats().requests, 0);
+}
