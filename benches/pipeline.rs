@@ -11,7 +11,8 @@
 //! `all-faults`, `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker`
 //! processes), `replicas` (one model over 1 and 4 test servers), `replica-killed` (one of 4
 //! killed mid-run), `prefix` (shared prefixes over 1 and 4 compute-bound servers with prefix
-//! caches, against the distinct-prefix lower bound),
+//! caches, against the distinct-prefix lower bound), `cascade` (a boolean filter on a small
+//! model that passes the rows it is unsure of to a large one, against the large one alone),
 //! `local` (the embedded model; needs the default `local` feature and `models/` fetched).
 
 use std::io::{BufRead, BufReader};
@@ -1106,6 +1107,83 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
+/// A boolean filter answered by a cascade (small model, then large) and by the large model
+/// alone, over `rows` statements; the test server's small model (`--small-model`) is right on
+/// 85% of rows and unsure of 90% of its wrong answers. Agreement of the two filters' decisions,
+/// and the cascade's cost against the large model's.
+fn cascade(rows: usize) -> Value {
+    let mock = Mock::start(&["--latency-ms", "20", "--small-model", "small"]);
+    let prompt = "Is this statement material to the company's results? Answer true or false. \
+                  {{ x }}";
+    let run = |models: &str| {
+        let p = Project::new(&mock.url, 64, 0, false);
+        let dir = p.dir.path();
+        let url = &mock.url;
+        std::fs::write(
+            dir.join("sluice.toml"),
+            format!(
+                "[dispatcher]\nconcurrency = 64\nmax_attempts = 8\n\n[cache]\nenabled = false\n\n\
+                 [models.small]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"small\"\n\
+                 input_usd_per_mtok = 0.15\noutput_usd_per_mtok = 0.6\n\n\
+                 [models.large]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"large\"\n\
+                 input_usd_per_mtok = 2.5\noutput_usd_per_mtok = 10.0\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("udfs/material.toml"),
+            format!(
+                "name = \"material\"\nargs = [\"x\"]\nprompt = {prompt:?}\n\
+                 output = {{ type = \"boolean\" }}\n{models}\n"
+            ),
+        )
+        .unwrap();
+        let lines: Vec<String> = (0..rows)
+            .map(|i| {
+                json!({"id": i, "x": format!("Segment {} revenue moved {} percent in quarter {}.",
+                    i % 37, i % 23, i % 4 + 1)})
+                .to_string()
+            })
+            .collect();
+        std::fs::write(dir.join("data/statements.jsonl"), lines.join("\n") + "\n").unwrap();
+        let sql = "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/statements.jsonl';\n\
+                   COPY (SELECT id FROM t WHERE material(x)) TO 'out/kept.csv' STORED AS CSV;\n";
+        std::fs::write(dir.join("f.sql"), sql).unwrap();
+        let m = run_sluice(
+            dir,
+            &["run", "f.sql", "--quiet", "--metrics-json", "metrics.json"],
+        );
+        assert_eq!(num(&m.metrics, "failed"), 0, "{}", m.metrics);
+        let kept: std::collections::BTreeSet<String> =
+            std::fs::read_to_string(dir.join("out/kept.csv"))
+                .unwrap()
+                .lines()
+                .skip(1)
+                .map(str::to_string)
+                .collect();
+        (m, kept)
+    };
+    let (c, kept_c) =
+        run("cascade = [{ model = \"small\", min_confidence = 0.8 }, { model = \"large\" }]");
+    let (l, kept_l) = run("model = \"large\"");
+    let differ = kept_c.symmetric_difference(&kept_l).count();
+    let cost = |m: &Measured| m.metrics["cost_usd"].as_f64().unwrap_or(0.0);
+    let stages = &c.metrics["functions"]["material"]["cascade"];
+    let asked = |i: usize| stages["models"][i]["asked"].as_u64().unwrap_or(0);
+    json!({
+        "scenario": format!("cascade-{rows}"), "rows": rows,
+        "agreement_with_large": round(1.0 - differ as f64 / rows as f64, 4),
+        "cost_ratio_to_large": round(cost(&c) / cost(&l).max(1e-12), 3),
+        "escalated_share": round(asked(1) as f64 / rows as f64, 3),
+        "requests_small": asked(0), "requests_large": asked(1),
+        "cost_usd_cascade": round(cost(&c), 5), "cost_usd_large": round(cost(&l), 5),
+        "summary_large_alone_usd": stages["last_model_alone_usd"],
+        "kept_cascade": kept_c.len(), "kept_large": kept_l.len(),
+        "wall_s_cascade": round(c.wall_s, 2), "wall_s_large": round(l.wall_s, 2),
+        "max_rss_mb_cascade": round(c.max_rss_mb, 1),
+    })
+}
+
 fn smoke() {
     // Small and fast: checks that the counts the benchmark reports are the real ones.
     let mock = Mock::start(&["--latency-ms", "1"]);
@@ -1126,6 +1204,19 @@ fn smoke() {
     println!("{line}");
     let line = distributed(12, 2, 4, 5);
     assert_eq!(line["prompts"], 48, "{line}");
+    println!("{line}");
+    let line = cascade(200);
+    assert_eq!(line["requests_small"], 200, "{line}");
+    let escalated = line["requests_large"].as_u64().unwrap();
+    assert!((10..100).contains(&escalated), "{line}");
+    assert!(
+        line["agreement_with_large"].as_f64().unwrap() >= 0.9,
+        "{line}"
+    );
+    assert!(
+        line["cost_ratio_to_large"].as_f64().unwrap() < 1.0,
+        "{line}"
+    );
     println!("{line}");
 }
 
@@ -1281,5 +1372,8 @@ fn main() {
     }
     if want("topology") {
         emit(topology(300));
+    }
+    if want("cascade") {
+        emit(cascade(2000));
     }
 }
