@@ -146,6 +146,8 @@ async fn rows_the_small_model_is_unsure_of_go_to_the_large_one() {
     // The summary's rows per model, and what they cost.
     let m = e.metrics();
     let f = &m.functions["material"];
+    assert_eq!(f.prompts, ROWS as u64, "a row passed on counts once");
+    assert_eq!(f.requests, (ROWS + escalated.len()) as u64);
     let c = &f.cascade;
     assert_eq!(c.len(), 2);
     assert_eq!((c[0].model.as_str(), c[0].asked), ("small", ROWS as u64));

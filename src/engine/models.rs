@@ -215,7 +215,7 @@ fn prefix_order(m: &ModelConfig, answers: Answers, batch: bool) -> Option<Arc<Pr
 
 /// What a batch-mode model's jobs are made of (none for a live model).
 fn batch_plan(m: &ModelConfig) -> Option<BatchPlan> {
-    (m.mode == ModelMode::Batch).then(|| BatchPlan {
+    (m.mode == ModelMode::Batch).then_some(BatchPlan {
         max_requests: m.batch.max_requests,
         max_bytes: m.batch.max_bytes,
         live_prices: m.prices,

@@ -91,6 +91,7 @@ impl PhysicalCall {
                 .packing()
                 .map(|p| p.clone() as Arc<dyn Packer>),
             confidence: false,
+            in_cascade: false,
         }
     }
 }

@@ -45,6 +45,7 @@ pub(super) fn stages(dispatcher: &Dispatcher, call: &PhysicalCall) -> Vec<Stage>
             handle.tally = Some(tally.clone());
             let mut spec = call.spec();
             spec.confidence = m.min_confidence.is_some();
+            spec.in_cascade = true;
             Stage {
                 caller: dispatcher.caller(&handle, spec),
                 model: m.name.clone(),
@@ -102,6 +103,7 @@ pub(super) async fn answer(
             break;
         };
         // A row passed on is not finished: its progress is counted by the stage that answers.
+        let asked_rows = places.len();
         let asked = AtomicUsize::new(0);
         let answers = ask(stage, prompts.clone(), items.clone(), &asked).await;
         let (mut next_places, mut next_prompts, mut next_items) = (vec![], vec![], vec![]);
@@ -128,9 +130,13 @@ pub(super) async fn answer(
         let passed_on = next_places.len();
         let done = asked.load(Ordering::Relaxed).saturating_sub(passed_on);
         progress.fetch_add(done, Ordering::Relaxed);
+        // The function's counters count a row once: asked of its first model, finished by
+        // the model that answers it (the last model counts its own).
         let fm = stage.caller.metrics();
-        fm.rows_finished
-            .fetch_sub(passed_on as u64, Ordering::Relaxed);
+        if s == 0 {
+            fm.prompts.fetch_add(asked_rows as u64, Ordering::Relaxed);
+        }
+        fm.rows_finished.fetch_add(done as u64, Ordering::Relaxed);
         if let Some(t) = &stage.tally {
             let answered = results.iter().flatten().filter(|(_, at)| *at == s).count();
             t.answered.fetch_add(answered as u64, Ordering::Relaxed);

@@ -105,6 +105,8 @@ pub(crate) struct CallSpec {
     /// Whether each answer's confidence is asked for and returned with its value (see
     /// [`confident_value`]): a stage of a cascade that may pass rows on.
     pub confidence: bool,
+    /// A model of a cascade: the cascade counts the function's prompts (once per row).
+    pub in_cascade: bool,
 }
 
 /// Renders the shared prompt of a packed request from its rows' items

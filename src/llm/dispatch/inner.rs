@@ -41,7 +41,6 @@ impl Inner {
         keys: &[RequestKey],
         claim: bool,
     ) -> Vec<Result<Arc<Value>, Miss>> {
-        fm.prompts.fetch_add(keys.len() as u64, Ordering::Relaxed);
         let unknown = Miss::Call { claimed: false };
         if !self.cache_mode.reads() || keys.is_empty() {
             return vec![Err(unknown); keys.len()];

@@ -161,6 +161,7 @@ impl Dispatcher {
             schema: req.schema,
             pack: None,
             confidence: req.confidence,
+            in_cascade: false,
         };
         let progress = AtomicUsize::new(0);
         let caller = self.caller(model, spec);
@@ -185,6 +186,16 @@ pub(crate) struct FunctionCaller {
 }
 
 impl FunctionCaller {
+    /// Counts `n` rows whose result is known (not by a cascade's model that may pass rows
+    /// on: the cascade counts those it answers).
+    fn finished(&self, n: usize) {
+        if !self.spec.confidence {
+            self.metrics
+                .rows_finished
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
     /// The function's counters.
     pub fn metrics(&self) -> &Arc<FunctionMetrics> {
         &self.metrics
@@ -216,6 +227,9 @@ impl FunctionCaller {
     ) -> (Vec<Option<CallResult>>, Vec<Miss>) {
         let fm = &self.metrics;
         let keys = self.prefix.keys(&prompts);
+        if !self.spec.in_cascade {
+            fm.prompts.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        }
         let cached = self.inner.lookup_cache(fm, &keys, claim).await;
         let mut results: Vec<Option<CallResult>> = Vec::with_capacity(prompts.len());
         let mut misses = Vec::new();
@@ -230,8 +244,7 @@ impl FunctionCaller {
         }
         let answered = results.len() - misses.len();
         progress.fetch_add(answered, Ordering::Relaxed);
-        fm.rows_finished
-            .fetch_add(answered as u64, Ordering::Relaxed);
+        self.finished(answered);
         (results, misses)
     }
 
@@ -268,7 +281,7 @@ impl FunctionCaller {
                     }
                 };
                 progress.fetch_add(1, Ordering::Relaxed);
-                fm.rows_finished.fetch_add(1, Ordering::Relaxed);
+                self.finished(1);
                 (i, r)
             }
         });
@@ -328,7 +341,7 @@ impl FunctionCaller {
             async move {
                 let r = call.await;
                 progress.fetch_add(n, Ordering::Relaxed);
-                fm.rows_finished.fetch_add(n as u64, Ordering::Relaxed);
+                self.finished(n);
                 r
             }
         });
@@ -343,7 +356,7 @@ impl FunctionCaller {
         for (i, j) in copies {
             results[i] = results[j].clone();
             progress.fetch_add(1, Ordering::Relaxed);
-            fm.rows_finished.fetch_add(1, Ordering::Relaxed);
+            self.finished(1);
         }
         self.inner.report().await;
         results
