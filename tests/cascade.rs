@@ -278,3 +278,77 @@ async fn a_cascade_is_refused_where_a_model_gives_no_confidence() {
     assert!(err.contains("\"huge\""), "{err}");
     assert_eq!(server.stats().requests, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_estimates_the_share_of_rows_a_sample_passes_on() {
+    let server = mock(small_model()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = two_models(&server, Some(&dir.path().join("cache")));
+    cfg.udf_dir = dir.path().join("udfs");
+    std::fs::create_dir_all(&cfg.udf_dir).unwrap();
+    std::fs::write(
+        cfg.udf_dir.join("m.toml"),
+        cascade_fn("material", CASCADE, ""),
+    )
+    .unwrap();
+    let data = dir.path().join("s.jsonl");
+    let lines: Vec<String> = statements()
+        .iter()
+        .map(|s| format!("{{\"x\": \"{s}\"}}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\nSELECT material(x) FROM t;",
+        data.display()
+    );
+    let material = |x: &sluice::engine::Explanation| {
+        x.totals
+            .iter()
+            .find(|f| f.function == "material")
+            .cloned()
+            .expect("material is estimated")
+    };
+
+    // Placeholder answers have no confidence: every row of every model, an upper bound.
+    let upper = {
+        let e = Engine::for_estimates(&cfg).unwrap();
+        let x = e.explain_script(&sql, "q.sql").await.unwrap();
+        assert!(
+            x.to_text(false).contains("an upper bound"),
+            "{}",
+            x.to_text(false)
+        );
+        material(&x)
+    };
+    assert_eq!(upper.cascade.len(), 2);
+    assert_eq!((upper.cascade[0].rows, upper.cascade[1].rows), (200, 200));
+    assert_eq!(server.stats().requests, 0);
+
+    // A sample of 100 rows measures the share passed on.
+    let sample = {
+        let e = Engine::new(&cfg).unwrap();
+        let m = e.sample_script(&sql, "q.sql", 100).await.unwrap();
+        e.flush_cache().await.unwrap();
+        m
+    };
+    let unsure = statements()[..100].iter().filter(|s| judged(s).0).count();
+    assert_eq!(
+        server.stats().by_model.get("large").copied(),
+        Some(unsure as u64)
+    );
+    let e = Engine::for_estimates(&cfg).unwrap();
+    let mut x = e.explain_script(&sql, "q.sql").await.unwrap();
+    e.extrapolate(&mut x, &sample, 100);
+    let f = material(&x);
+    let share = unsure as f64 / 100.0;
+    assert!((f.cascade[1].share - share).abs() < 1e-9, "{:?}", f.cascade);
+    assert!(f.cascade[1].measured);
+    assert_eq!(f.cascade[1].rows, (200.0 * share).round() as u64);
+    let (cost, upper_cost) = (f.cost_usd.unwrap(), upper.cost_usd.unwrap());
+    assert!(cost < upper_cost, "{cost} vs {upper_cost}");
+    assert!(
+        x.to_text(false).contains("measured on the sample"),
+        "{}",
+        x.to_text(false)
+    );
+}

@@ -19,6 +19,7 @@ use datafusion::sql::parser::Statement;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use super::cascade_estimate::{self, CascadeEstimate};
 use super::error::StatementError;
 use super::session::{Engine, RunOptions};
 use super::statements::{parse_one, split_statements, summary};
@@ -52,6 +53,8 @@ pub struct FunctionEstimate {
     pub live_cost_usd: Option<f64>,
     /// With `rows_per_prompt`: the most rows per request.
     pub rows_per_prompt: Option<usize>,
+    /// With a cascade: each model's rows and cost.
+    pub cascade: Vec<CascadeEstimate>,
 }
 
 impl FunctionEstimate {
@@ -63,6 +66,8 @@ impl FunctionEstimate {
             "cost_usd": self.cost_usd,
             "batch_files": self.batch_files, "live_cost_usd": self.live_cost_usd,
             "rows_per_prompt": self.rows_per_prompt,
+            "cascade": (!self.cascade.is_empty())
+                .then(|| self.cascade.iter().map(CascadeEstimate::to_json).collect::<Vec<_>>()),
         })
     }
 
@@ -83,6 +88,7 @@ impl FunctionEstimate {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
+        cascade_estimate::add(&mut self.cascade, &o.cascade);
     }
 }
 
@@ -220,6 +226,7 @@ impl Engine {
         let mut totals: BTreeMap<String, FunctionEstimate> = BTreeMap::new();
         for (i, stmt) in split_statements(sql).into_iter().enumerate() {
             let before = self.function_counters();
+            let cascades_before = cascade_estimate::counters(&self.live_metrics());
             let mut est = StatementEstimate {
                 index: i + 1,
                 line: stmt.line,
@@ -232,6 +239,7 @@ impl Engine {
             if let Err(e) = explained {
                 return Err(self.statement_error(origin, i + 1, &stmt, e).await);
             }
+            let cascades_after = cascade_estimate::counters(&self.live_metrics());
             for (name, after) in self.function_counters() {
                 let b = before.get(&name).copied().unwrap_or_default();
                 let d: Vec<u64> = after.iter().zip(b).map(|(a, b)| a - b).collect();
@@ -262,6 +270,7 @@ impl Engine {
                     ..Default::default()
                 };
                 self.add_batch_estimate(&mut f);
+                self.cascade_estimate(&mut f, (&cascades_before, &cascades_after), &mut out);
                 totals
                     .entry(name)
                     .or_insert_with(|| FunctionEstimate {
@@ -383,6 +392,27 @@ impl Engine {
 }
 
 impl Engine {
+    /// With a cascade: each model's rows and cost in `f` (between the counters `before` and
+    /// `after`), the function's cost their sum, and models without prices named in `out`.
+    fn cascade_estimate(
+        &self,
+        f: &mut FunctionEstimate,
+        (before, after): (&cascade_estimate::Counters, &cascade_estimate::Counters),
+        out: &mut Explanation,
+    ) {
+        let prices = |m: &str| self.runtime.models.get(m).and_then(|h| h.prices);
+        f.cascade = cascade_estimate::delta(before, after, &f.function, |m| prices(m).is_some());
+        if f.cascade.is_empty() {
+            return;
+        }
+        f.cost_usd = f.cascade.iter().map(|s| s.cost_usd).sum::<Option<f64>>();
+        for s in &f.cascade {
+            if prices(&s.model).is_none() && !out.unpriced.contains(&s.model) {
+                out.unpriced.push(s.model.clone());
+            }
+        }
+    }
+
     /// Replaces table `name` by its first `n` rows.
     async fn keep_first_rows(&self, name: &str, n: usize) -> Result<(), DataFusionError> {
         let df = self.ctx.table(name).await?.limit(0, Some(n))?;
@@ -416,6 +446,26 @@ impl Engine {
         full.totals.iter_mut().for_each(rescale);
         for st in &mut full.statements {
             st.functions.iter_mut().for_each(rescale);
+        }
+        // A cascade's later models are asked the share of rows the sample measured.
+        let shares: BTreeMap<&str, Vec<f64>> = sample
+            .totals
+            .iter()
+            .filter_map(|f| Some((f.function.as_str(), cascade_estimate::shares(&f.cascade)?)))
+            .collect();
+        let scale = |f: &mut FunctionEstimate| {
+            if let Some(shares) = shares.get(f.function.as_str()) {
+                let (factor, cost) = cascade_estimate::scale(&mut f.cascade, shares);
+                for n in [&mut f.requests, &mut f.tokens_in, &mut f.tokens_out] {
+                    *n = (*n as f64 * factor).round() as u64;
+                }
+                f.tokens_cached = (f.tokens_cached as f64 * factor).round() as u64;
+                f.cost_usd = cost;
+            }
+        };
+        full.totals.iter_mut().for_each(scale);
+        for st in &mut full.statements {
+            st.functions.iter_mut().for_each(scale);
         }
         let means: Vec<String> = per_request
             .iter()

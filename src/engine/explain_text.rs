@@ -93,6 +93,9 @@ fn calls_line(f: &FunctionEstimate) -> String {
         ));
     }
     s.push('\n');
+    if !f.cascade.is_empty() {
+        s.push_str(&super::cascade_estimate::line(&f.cascade));
+    }
     s
 }
 

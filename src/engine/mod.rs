@@ -10,6 +10,7 @@
 
 mod batches;
 mod build;
+mod cascade_estimate;
 mod cluster;
 mod copy;
 mod error;
@@ -24,6 +25,7 @@ mod session;
 pub mod statements;
 mod transport;
 pub mod worker;
+pub use cascade_estimate::CascadeEstimate;
 
 pub use batches::{BatchListing, cancel_batches, list_batches};
 pub use error::{EngineError, StatementError, StatementErrorKind};
