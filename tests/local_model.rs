@@ -270,3 +270,48 @@ async fn kept_prefixes_never_take_the_room_of_a_running_row() {
     let m = e.metrics();
     assert_eq!((m.calls, m.failed), (10, 0));
 }
+
+/// The embedded model's answers carry their confidence: a cascade from it to a server passes
+/// on no row when the threshold is tiny, and the rows below a threshold of 1 when it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_model_leads_a_cascade_by_its_tokens_probabilities() {
+    let server = mock(MockConfig::default()).await;
+    let mut cfg = local_config();
+    let text = format!(
+        "[models.large]\nkind = \"openai\"\nbase_url = \"{}\"\nmodel = \"large\"\n",
+        server.base_url()
+    );
+    let large = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+    cfg.models.extend(large.models);
+    let def = |min: &str| {
+        format!(
+            "name = \"positive\"\nargs = [\"x\"]\nprompt = \"Is this good news? {{{{ x }}}}\"\n\
+             output = {{ type = \"boolean\" }}\nmax_tokens = 8\n\
+             cascade = [{{ model = \"default\", min_confidence = {min} }}, {{ model = \"large\" }}]\n"
+        )
+    };
+    let sql = "SELECT positive_model(x) AS m FROM (VALUES ('Revenue doubled.'), \
+               ('The plant burned down.'), ('Margins held.')) AS t(x)";
+    let answered_by = |e: Engine| async move {
+        let batches = e.query(sql).await.unwrap();
+        let mut by = Vec::new();
+        for b in &batches {
+            let m = b.column(0).as_string::<i32>();
+            by.extend((0..m.len()).map(|i| m.value(i).to_string()));
+        }
+        by
+    };
+    let defs = |min: &str| {
+        vec![sluice::udf::def::FunctionDef::parse(&def(min), Path::new("p.toml")).unwrap()]
+    };
+    let sure = answered_by(Engine::with_functions(&cfg, defs("1e-9")).unwrap()).await;
+    assert_eq!(sure, vec!["default"; 3]);
+    assert_eq!(server.stats().requests, 0);
+    let strict = answered_by(Engine::with_functions(&cfg, defs("1.0")).unwrap()).await;
+    let passed_on = strict.iter().filter(|m| *m == "large").count();
+    assert!(
+        passed_on > 0,
+        "a small model is never certain of every token: {strict:?}"
+    );
+    assert_eq!(server.stats().requests, passed_on as u64);
+}

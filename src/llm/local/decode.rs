@@ -17,7 +17,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::load::{Job, LocalSettings, backend, render_chat};
 use super::prefix::{Held, Plan, place, plan};
-use super::sample::{PENALTY_WINDOW, best_penalised, penalised};
+use super::sample::{PENALTY_WINDOW, best_penalised, log_prob, penalised};
 use crate::types::{ErrorKind, LlmError, LlmResponse, Usage};
 
 /// A sequence being decoded.
@@ -47,6 +47,8 @@ struct Active {
     generated: u32,
     /// Index in the batch of this sequence's logits, when it has one this step.
     logits_at: Option<i32>,
+    /// The least log-probability of a token it generated (when its confidence is asked for).
+    least_logprob: f64,
 }
 
 fn fail_all(rx: &std::sync::mpsc::Receiver<Job>, message: &str) {
@@ -399,7 +401,7 @@ fn sample_step(
         held[seq].used_at = stats.steps;
         let finish = if stop { "stop" } else { "length" };
         let _ = a.job.reply.send(Ok(LlmResponse {
-            confidence: None,
+            confidence: a.job.confidence.then(|| a.least_logprob.exp()),
             content: String::from_utf8_lossy(&a.output).to_string(),
             finish_reason: Some(finish.to_string()),
             usage: Some(Usage {
@@ -464,6 +466,10 @@ fn next_token(ctx: &llama_cpp_2::context::LlamaContext<'_>, i: i32, a: &mut Acti
     };
     if let Some(grammar) = a.grammar.as_mut() {
         grammar.accept(token);
+    }
+    if a.job.confidence {
+        let lp = log_prob(ctx.get_logits_ith(i), &recent, token.0 as usize);
+        a.least_logprob = a.least_logprob.min(lp);
     }
     if a.recent.len() == PENALTY_WINDOW {
         a.recent.pop_front();
@@ -544,5 +550,6 @@ fn start(
         output: Vec::new(),
         generated: 0,
         logits_at: None,
+        least_logprob: 0.0,
     })
 }

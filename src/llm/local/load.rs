@@ -42,6 +42,8 @@ pub(super) struct Job {
     pub schema: Option<String>,
     pub max_tokens: u32,
     pub temperature: f64,
+    /// Whether the answer's confidence is asked for (its least likely token's probability).
+    pub confidence: bool,
     pub reply: oneshot::Sender<Result<LlmResponse, LlmError>>,
 }
 

@@ -102,6 +102,10 @@ impl Provider for LocalProvider {
         self.identity.clone()
     }
 
+    fn gives_confidence(&self) -> bool {
+        true
+    }
+
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
         let tx = self.worker()?;
         let (reply, answer) = oneshot::channel();
@@ -111,6 +115,7 @@ impl Provider for LocalProvider {
             schema: req.schema.as_ref().map(|s| s.provider_schema().to_string()),
             max_tokens: req.max_tokens.unwrap_or(256),
             temperature: req.temperature.unwrap_or(0.0),
+            confidence: req.confidence,
             reply,
         };
         let gone = || LlmError::new(ErrorKind::Connection, "the local model stopped");

@@ -32,6 +32,33 @@ pub(super) fn best_penalised(logits: &[f32], recent: &[usize]) -> (usize, f32) {
     best
 }
 
+/// The log-probability of entry `token` under the softmax of `logits`, with the repetition
+/// penalty applied to the `recent` indices (sorted, no repeats) as the choice saw them: how
+/// sure the model was of the token among its whole vocabulary.
+pub(super) fn log_prob(logits: &[f32], recent: &[usize], token: usize) -> f64 {
+    // The logits as the choice saw them, penalty applied, in two passes (no copy of the
+    // vocabulary): the largest, then the sum of exponentials below it.
+    let seen = || {
+        let mut next = recent.iter().copied().peekable();
+        logits.iter().enumerate().map(move |(t, &l)| {
+            f64::from(if next.next_if_eq(&t).is_some() {
+                penalised(l)
+            } else {
+                l
+            })
+        })
+    };
+    let max = seen().fold(f64::NEG_INFINITY, f64::max);
+    let Some(chosen) = seen().nth(token) else {
+        return f64::NEG_INFINITY;
+    };
+    if !max.is_finite() {
+        return f64::NEG_INFINITY;
+    }
+    let sum: f64 = seen().map(|v| (v - max).exp()).sum();
+    chosen - max - sum.ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +93,12 @@ mod tests {
             );
         }
         // The window's best loses to a stranger once penalised.
+        let lp = log_prob(&[0.0, 0.0], &[], 1);
+        assert!((lp - 0.5f64.ln()).abs() < 1e-12);
+        let lp = log_prob(&[2.0, 1.0, 0.0], &[0], 0);
+        let z = (2.0f64 / 1.15).exp() + 1f64.exp() + 1.0;
+        assert!((lp - ((2.0 / 1.15) - z.ln())).abs() < 1e-6, "{lp}");
+        assert_eq!(log_prob(&[1.0], &[], 3), f64::NEG_INFINITY);
         assert_eq!(best_penalised(&[1.0, 1.1, 0.0], &[1]), (0, 1.0));
     }
 }
