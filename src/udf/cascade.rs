@@ -39,8 +39,9 @@ pub(super) fn stages(dispatcher: &Dispatcher, call: &PhysicalCall) -> Vec<Stage>
     let reference = call.cascade.last().and_then(|m| m.model.prices);
     call.cascade
         .iter()
-        .map(|m| {
-            let tally = metrics.cascade_tally(&m.name, reference);
+        .enumerate()
+        .map(|(position, m)| {
+            let tally = metrics.cascade_tally((&m.name, position), reference);
             let mut handle = m.model.for_kind(call.embedding);
             handle.tally = Some(tally.clone());
             let mut spec = call.spec();

@@ -120,11 +120,11 @@ pub struct FunctionMetrics {
 }
 
 impl FunctionMetrics {
-    /// The counters of `model` in the function's cascade (created on first use), its tokens
-    /// also priced at `reference` (the cascade's last model's prices).
+    /// The counters of `model` (name, place) in the function's cascade (created on first use),
+    /// its tokens also priced at `reference` (the cascade's last model's prices).
     pub(crate) fn cascade_tally(
         &self,
-        model: &str,
+        model: (&str, usize),
         reference: Option<crate::config::Prices>,
     ) -> Arc<CascadeTally> {
         super::tally::tally_of(&self.cascade, model, reference)
@@ -488,6 +488,7 @@ impl Metrics {
                     out.insert(format!("f:{f}:lat:{i}"), n);
                 }
             }
+            super::tally::counters(&f, &fm.cascade, &mut out);
         }
         out
     }
@@ -514,6 +515,7 @@ impl Metrics {
                     match rest.split_once(':') {
                         Some(("retry", kind)) => bump_by(&fm.retries, kind, n),
                         Some(("error", kind)) => bump_by(&fm.errors, kind, n),
+                        Some(("cascade", tail)) => super::tally::absorb(&fm.cascade, tail, n),
                         Some(("lat", i)) => {
                             if let Some(b) = i
                                 .parse::<usize>()

@@ -12,6 +12,8 @@ use serde_json::Value;
 pub struct CascadeTally {
     /// The model's name in sluice.toml.
     pub model: String,
+    /// Its place in the cascade (0: the first).
+    pub position: usize,
     /// The prices of the cascade's last model (for what answering alone would have cost).
     pub(crate) reference: Option<crate::config::Prices>,
     /// Rows asked of this model.
@@ -26,9 +28,14 @@ pub struct CascadeTally {
 
 impl CascadeTally {
     /// The tally of `model`, its tokens also priced at `reference` (the cascade's last model).
-    pub fn new(model: &str, reference: Option<crate::config::Prices>) -> CascadeTally {
+    pub fn new(
+        model: &str,
+        position: usize,
+        reference: Option<crate::config::Prices>,
+    ) -> CascadeTally {
         CascadeTally {
             model: model.to_string(),
+            position,
             reference,
             asked: Default::default(),
             answered: Default::default(),
@@ -65,7 +72,8 @@ pub struct CascadeSnapshot {
 
 /// What each model of a function's cascade did (empty without one).
 pub(super) fn snapshot(cascade: &Mutex<Vec<Arc<CascadeTally>>>) -> Vec<CascadeSnapshot> {
-    let tallies = cascade.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tallies = cascade.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    tallies.sort_by_key(|t| t.position);
     tallies
         .iter()
         .map(|t| CascadeSnapshot {
@@ -78,18 +86,18 @@ pub(super) fn snapshot(cascade: &Mutex<Vec<Arc<CascadeTally>>>) -> Vec<CascadeSn
         .collect()
 }
 
-/// The counters of `model` in a function's `cascade` (created on first use), its tokens also
-/// priced at `reference`.
+/// The counters of `model`, at `position` in a function's `cascade` (created on first use), its
+/// tokens also priced at `reference`.
 pub(super) fn tally_of(
     cascade: &Mutex<Vec<Arc<CascadeTally>>>,
-    model: &str,
+    (model, position): (&str, usize),
     reference: Option<crate::config::Prices>,
 ) -> Arc<CascadeTally> {
     let mut tallies = cascade.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = tallies.iter().find(|t| t.model == model) {
         return t.clone();
     }
-    let t = Arc::new(CascadeTally::new(model, reference));
+    let t = Arc::new(CascadeTally::new(model, position, reference));
     tallies.push(t.clone());
     t
 }
@@ -119,4 +127,81 @@ pub(super) fn to_json(cascade: &[CascadeSnapshot]) -> Value {
         "models": models,
         "last_model_alone_usd": costs(cascade).map(|(alone, _)| alone),
     })
+}
+
+/// A cascade's counters as [`super::Metrics::counters`] names them, for function `f`:
+/// `f:F:cascade:POSITION:MODEL:COUNTER`.
+pub(super) fn counters(
+    f: &str,
+    cascade: &Mutex<Vec<Arc<CascadeTally>>>,
+    out: &mut std::collections::BTreeMap<String, u64>,
+) {
+    let tallies = cascade.lock().unwrap_or_else(|e| e.into_inner());
+    for t in tallies.iter() {
+        for (name, a) in t.counters() {
+            let key = format!("f:{f}:cascade:{}:{}:{name}", t.position, t.model);
+            out.insert(key, a.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Adds `n` to the counter `tail` (`POSITION:MODEL:COUNTER`, as [`counters`] names it) of a
+/// function's `cascade`; a name it cannot read is ignored.
+pub(super) fn absorb(cascade: &Mutex<Vec<Arc<CascadeTally>>>, tail: &str, n: u64) {
+    let Some((position, rest)) = tail.split_once(':') else {
+        return;
+    };
+    let (Ok(position), Some((model, counter))) = (position.parse(), rest.rsplit_once(':')) else {
+        return;
+    };
+    let t = tally_of(cascade, (model, position), None);
+    if let Some((_, a)) = t.counters().into_iter().find(|(k, _)| *k == counter) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl CascadeTally {
+    fn counters(&self) -> [(&'static str, &AtomicU64); 4] {
+        [
+            ("asked", &self.asked),
+            ("answered", &self.answered),
+            ("nano_usd", &self.nano_usd),
+            ("reference_nano_usd", &self.reference_nano_usd),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_s_cascade_counters_add_up_on_the_coordinator_in_order() {
+        let worker: Mutex<Vec<Arc<CascadeTally>>> = Mutex::default();
+        let small = tally_of(&worker, ("small:v2", 0), None);
+        let large = tally_of(&worker, ("large", 1), None);
+        small.asked.fetch_add(10, Ordering::Relaxed);
+        small.answered.fetch_add(7, Ordering::Relaxed);
+        large.asked.fetch_add(3, Ordering::Relaxed);
+        large.nano_usd.fetch_add(500, Ordering::Relaxed);
+        let mut out = std::collections::BTreeMap::new();
+        counters("f", &worker, &mut out);
+        let coordinator: Mutex<Vec<Arc<CascadeTally>>> = Mutex::default();
+        for _ in 0..2 {
+            for (k, n) in &out {
+                let tail = k.strip_prefix("f:f:cascade:").unwrap();
+                absorb(&coordinator, tail, *n);
+            }
+        }
+        absorb(&coordinator, "x", 1);
+        absorb(&coordinator, "1:large:unknown", 1);
+        let s = snapshot(&coordinator);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].model.as_str(), s[0].asked, s[0].answered),
+            ("small:v2", 20, 14)
+        );
+        assert_eq!((s[1].model.as_str(), s[1].asked), ("large", 6));
+        assert!((s[1].cost_usd - 1e-6).abs() < 1e-15);
+    }
 }
