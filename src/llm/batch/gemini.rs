@@ -50,6 +50,16 @@ fn stat(batch: &Value, k: &str) -> u64 {
     }
 }
 
+/// A `google.rpc.Status` (an operation's `error`) in words: `code: message`.
+fn status_words(e: &Value) -> String {
+    let code = e.get("code").map_or_else(String::new, Value::to_string);
+    let message = e
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("no message");
+    format!("{code}: {}", preview(message))
+}
+
 /// A batch operation (or the batch itself) as a [`JobStatus`].
 fn job_status(v: &Value) -> Result<JobStatus, LlmError> {
     // An operation carries the batch in `metadata`; a batch object has its fields on top.
@@ -66,22 +76,14 @@ fn job_status(v: &Value) -> Result<JobStatus, LlmError> {
     let words = (status.strip_prefix("BATCH_STATE_"))
         .or_else(|| status.strip_prefix("JOB_STATE_"))
         .unwrap_or("");
-    let failure = v.get("error").filter(|e| e.is_object()).map(|e| {
-        let part = |k: &str| e.get(k).map(Value::to_string).unwrap_or_default();
-        format!(
-            "{}: {}",
-            part("code"),
-            e.get("message")
-                .and_then(Value::as_str)
-                .map_or_else(|| part("message"), str::to_string)
-        )
-    });
+    let failure = v.get("error").filter(|e| e.is_object()).map(status_words);
     let (phase, errors) =
         match words {
             "SUCCEEDED" => (JobPhase::Completed, None),
             "FAILED" => (JobPhase::Failed, failure),
             "CANCELLED" => (JobPhase::Cancelled, None),
             "EXPIRED" => (JobPhase::Expired, None),
+            "PENDING" | "RUNNING" => (JobPhase::Open, None),
             // Done in a state sluice does not know: nothing more will come.
             _ if done => (
                 JobPhase::Failed,
@@ -364,6 +366,8 @@ mod tests {
         let s = job_status(&operation("BATCH_STATE_SUCCEEDED", true)).unwrap();
         assert_eq!(s.results, vec!["files/out-1".to_string()]);
         // Done in a state nobody knows: final, failed.
+        let s = job_status(&operation("BATCH_STATE_NEW_2031", false)).unwrap();
+        assert_eq!(s.phase, JobPhase::Open, "not done: it may still change");
         let s = job_status(&operation("BATCH_STATE_NEW_2031", true)).unwrap();
         assert_eq!(s.phase, JobPhase::Failed);
         assert!(s.errors.unwrap().contains("BATCH_STATE_NEW_2031"));
