@@ -360,3 +360,68 @@ fn batch_mode_is_accepted_for_gemini_at_half_price() {
     assert_eq!((p.input, p.output), (0.15, 1.25));
     assert!((p.cached_input - 0.015).abs() < 1e-12, "{p:?}");
 }
+
+/// The test server's batch API as a client that follows Google's reference would see it:
+/// inlined requests answered in order under their metadata keys, the key required in
+/// `x-goog-api-key` and refused in a query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_server_answers_inlined_requests_in_order() {
+    use serde_json::{Value, json};
+    let s = mock(keyed(BatchConfig::default())).await;
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", root(&s));
+    let send = |req: reqwest::RequestBuilder| async move {
+        let resp = req.header("x-goog-api-key", KEY).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        (status, v)
+    };
+    let request = |text: &str| {
+        json!({"request": {"contents": [{"role": "user", "parts": [{"text": text}]}]},
+               "metadata": {"key": format!("k-{text}")}})
+    };
+    let body = json!({"batch": {"display_name": "inline",
+        "input_config": {"requests": {"requests": [request("one"), request("two")]}}}});
+    let create = http
+        .post(url("/v1beta/models/gemini-2.5-flash:batchGenerateContent"))
+        .body(body.to_string());
+    let (status, op) = send(create).await;
+    assert_eq!(status, 200, "{op}");
+    let name = op["name"].as_str().unwrap().to_string();
+    assert_eq!(op["metadata"]["state"], "BATCH_STATE_PENDING", "{op}");
+    assert_eq!(op["metadata"]["batchStats"]["requestCount"], "2");
+    // Polled as a client polls it, until done (under the tests' deadline).
+    let poll = async {
+        loop {
+            let (_, op) = send(http.get(url(&format!("/v1beta/{name}")))).await;
+            if op["done"] == json!(true) {
+                return op;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let done = tokio::time::timeout(WAIT_DEADLINE, poll)
+        .await
+        .expect("the inlined batch ends");
+    assert_eq!(done["metadata"]["state"], "BATCH_STATE_SUCCEEDED", "{done}");
+    let inlined = done["response"]["inlinedResponses"]["inlinedResponses"]
+        .as_array()
+        .unwrap();
+    let keys: Vec<&Value> = inlined.iter().map(|r| &r["metadata"]["key"]).collect();
+    assert_eq!(keys, [&json!("k-one"), &json!("k-two")], "in request order");
+    assert!(
+        inlined
+            .iter()
+            .all(|r| r["response"]["candidates"][0]["finishReason"] == "STOP")
+    );
+    // The key only in its header: none is refused, one in a query too.
+    let resp = http
+        .get(url(&format!("/v1beta/{name}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let (status, _) = send(http.get(url(&format!("/v1beta/{name}?key={KEY}")))).await;
+    assert_eq!(status, 400);
+    assert_eq!(s.stats().requests, 0, "nothing counted as live");
+}
