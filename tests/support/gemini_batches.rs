@@ -14,7 +14,7 @@
 //! - `POST /v1beta/batches/{id}:cancel` answers `{}`.
 //! - `GET /download/v1beta/files/{id}:download?alt=media`: the responses file, JSON lines in
 //!   request order, each `{"key", "response": GenerateContentResponse}` or `{"key", "error":
-//!   {"code", "message", "status"}}`.
+//!   google.rpc.Status}` (`{"code": gRPC code, "message", "status"}`).
 //!
 //! The key in `x-goog-api-key` on every path; no query but `alt=media` on a download.
 //!
@@ -249,15 +249,29 @@ async fn run(st: &State, key: &str, request: &Value) -> Value {
     let mut line = json!({"key": key, "prompt": prompt});
     match answer(st, request, false).await {
         Answered::Body(v) => line["response"] = v,
-        Answered::Refused(status, code, message, _) => {
-            line["error"] = json!({"code": status, "message": message, "status": code});
+        // A `google.rpc.Status`: the gRPC code of the live answer's status.
+        Answered::Refused(_, status, message, _) => {
+            line["error"] = json!({"code": grpc_code(status), "message": message,
+                                   "status": status});
         }
         Answered::Garbage(_) => {
-            line["error"] = json!({"code": 500, "message": "Internal error encountered.",
+            line["error"] = json!({"code": 13, "message": "Internal error encountered.",
                                    "status": "INTERNAL"});
         }
     }
     line
+}
+
+/// The gRPC code of a Google status name.
+fn grpc_code(status: &str) -> u64 {
+    match status {
+        "INVALID_ARGUMENT" => 3,
+        "DEADLINE_EXCEEDED" => 4,
+        "PERMISSION_DENIED" => 7,
+        "RESOURCE_EXHAUSTED" => 8,
+        "UNAVAILABLE" => 14,
+        _ => 13,
+    }
 }
 
 impl MockServer {

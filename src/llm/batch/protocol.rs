@@ -40,22 +40,23 @@ impl BatchApi {
         s: &ServerConfig,
         pool: usize,
     ) -> Result<(Arc<dyn Provider>, BatchApi), SetupError> {
-        match m.kind {
+        Ok(match m.kind {
             ProviderKind::Anthropic => {
                 let chat = Arc::new(AnthropicProvider::new(&m.model, s, pool)?);
                 let api = BatchApi::Anthropic(AnthropicBatches::new(chat.clone(), &m.name));
-                return Ok((chat, api));
+                (chat, api)
             }
             ProviderKind::Gemini => {
                 let chat = Arc::new(GeminiProvider::new(&m.model, s, pool)?);
                 let api = BatchApi::Gemini(GeminiBatches::new(chat.clone(), &m.name));
-                return Ok((chat, api));
+                (chat, api)
             }
-            _ => {}
-        }
-        let chat = Arc::new(OpenAiProvider::new(&m.model, s, pool)?);
-        let api = OpenAiBatches::new(chat.clone(), &m.name, &m.batch.completion_window);
-        Ok((chat, BatchApi::OpenAi(api)))
+            _ => {
+                let chat = Arc::new(OpenAiProvider::new(&m.model, s, pool)?);
+                let api = OpenAiBatches::new(chat.clone(), &m.name, &m.batch.completion_window);
+                (chat, BatchApi::OpenAi(api))
+            }
+        })
     }
 
     /// The JSON line (with its newline) asking for `req` under `key`.
