@@ -332,7 +332,6 @@ fn configuration_errors_are_one_line() {
         .is_ok()
     );
     let errors = [
-        ("mode = \"batch\"\n", "mode = \"batch\""),
         ("prompts_per_request = 4\n", "one prompt per request"),
         (
             "base_url = \"https://generativelanguage.googleapis.com?key=AIzaXYZ\"\n",

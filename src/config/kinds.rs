@@ -27,7 +27,10 @@ pub(super) fn is_chat(kind: ProviderKind) -> bool {
 pub(super) fn has_batch_api(kind: ProviderKind) -> bool {
     matches!(
         kind,
-        ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::Anthropic
+        ProviderKind::Openai
+            | ProviderKind::AzureOpenai
+            | ProviderKind::Anthropic
+            | ProviderKind::Gemini
     )
 }
 

@@ -185,8 +185,8 @@ impl ModelConfig {
         }
     }
 
-    /// Whether this model can run in batch mode (an OpenAI, Azure OpenAI or Anthropic chat
-    /// model with one server: a model with several replicas stays live under `--batch`).
+    /// Whether this model can run in batch mode (an OpenAI, Azure OpenAI, Anthropic or Gemini
+    /// chat model with one server: a model with several replicas stays live under `--batch`).
     pub fn supports_batch(&self) -> bool {
         kinds::has_batch_api(self.kind) && self.server().is_none_or(|s| !s.replicated())
     }
@@ -262,8 +262,8 @@ pub(super) fn model_from_raw(
     if mode == ModelMode::Batch && !kinds::has_batch_api(m.kind) {
         return Err(format!(
             "models.{name}: mode = \"batch\" needs kind = \"openai\", \"azure_openai\" (the \
-             OpenAI Files and Batches API of a chat completions server) or \"anthropic\" \
-             (Message Batches)"
+             OpenAI Files and Batches API of a chat completions server), \"anthropic\" \
+             (Message Batches) or \"gemini\" (the Gemini Batch API)"
         ));
     }
     let batch = batch_from_raw(name, m.batch.as_ref(), prices, batch_prices)?;
@@ -305,7 +305,7 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
     if m.mode == Some(ModelMode::Batch) || m.batch.is_some() {
         return Err(format!(
             "models.{name}: the local model has no batch API; mode = \"batch\" is for \
-             kind = \"openai\""
+             the kinds of a hosted chat API"
         ));
     }
     let misplaced = m.server_keys();

@@ -104,8 +104,8 @@ fn embedder(m: &ModelConfig, pool: usize) -> Result<Option<Arc<dyn Provider>>, S
 /// A batch-mode model: its chat provider (for live retries) and its queue.
 type BatchModel = (Arc<dyn Provider>, Arc<BatchQueue>);
 
-/// The batch queue of model `m` in batch mode (which only OpenAI, Azure OpenAI and Anthropic
-/// chat models can be), with its chat provider; `cache` stores its jobs.
+/// The batch queue of model `m` in batch mode (which only OpenAI, Azure OpenAI, Anthropic
+/// and Gemini chat models can be), with its chat provider; `cache` stores its jobs.
 fn batch_queue(
     m: &ModelConfig,
     pool: usize,

@@ -85,6 +85,7 @@ pub fn gemini_endpoint(
 #[derive(Debug)]
 pub struct GeminiProvider {
     http: HttpEndpoint,
+    base_url: String,
     model: String,
     structured: StructuredOutput,
 }
@@ -94,9 +95,26 @@ impl GeminiProvider {
     pub fn new(model: &str, cfg: &ServerConfig, pool_size: usize) -> Result<Self, SetupError> {
         Ok(GeminiProvider {
             http: gemini_endpoint(model, "generateContent", cfg, pool_size)?,
+            base_url: cfg.base_url.clone(),
             model: model_id(model).to_string(),
             structured: cfg.structured_output,
         })
+    }
+
+    /// The HTTP endpoint (client, key in `x-goog-api-key`, Google's error bodies) requests
+    /// go through.
+    pub(crate) fn http(&self) -> &HttpEndpoint {
+        &self.http
+    }
+
+    /// The URL of another endpoint of the server (`/v1beta/batches/...`).
+    pub(crate) fn api_url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// The model id, as it goes in a URL path (without `models/`).
+    pub(crate) fn model(&self) -> &str {
+        &self.model
     }
 
     /// The JSON body of `req`.

@@ -64,6 +64,11 @@ pub struct GeminiConfig {
     pub hostile: Vec<(String, GeminiHostile)>,
     /// Size of a [`GeminiHostile::Huge`] answer.
     pub huge_bytes: usize,
+    /// Batch requests whose prompt holds one of these get no line in the responses file.
+    pub batch_dropped: Vec<String>,
+    /// Batch requests whose prompt holds one of these get a line with neither `response`
+    /// nor `error`.
+    pub batch_empty: Vec<String>,
 }
 
 impl Default for GeminiConfig {
@@ -74,6 +79,8 @@ impl Default for GeminiConfig {
             retry_delay_ms: 20,
             hostile: vec![],
             huge_bytes: 1 << 20,
+            batch_dropped: vec![],
+            batch_empty: vec![],
         }
     }
 }
@@ -166,7 +173,7 @@ impl Store {
 }
 
 /// Google's error body as a response.
-fn error(status: u16, code: &str, message: &str, details: Value) -> Vec<u8> {
+pub(super) fn error(status: u16, code: &str, message: &str, details: Value) -> Vec<u8> {
     let body = json!({"error": {"code": status, "message": message, "status": code,
                                 "details": details}});
     response(status, &[], body.to_string().as_bytes())
@@ -174,36 +181,29 @@ fn error(status: u16, code: &str, message: &str, details: Value) -> Vec<u8> {
 
 /// A 429 with its `RetryInfo`.
 fn rate_limited(st: &State, hash: &str) -> Vec<u8> {
-    let ms = st.cfg.gemini.retry_delay_ms;
-    st.gemini.limited(hash, Duration::from_millis(ms));
-    let delay = format!("{}.{:03}s", ms / 1000, ms % 1000);
+    rate_limit_refusal(st, hash).into_response()
+}
+
+/// The refusal of a request with a query or without the configured key, if it is one.
+fn unauthorized(st: &State, req: &Request) -> Option<Vec<u8>> {
+    if req.path.contains('?') {
+        return Some(query_refusal());
+    }
+    key_refusal(st, req)
+}
+
+/// The refusal of a query string, where a client could put a key.
+pub(super) fn query_refusal() -> Vec<u8> {
     error(
-        429,
-        "RESOURCE_EXHAUSTED",
-        "You exceeded your current quota, please check your plan and billing details.",
-        json!([
-            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-             "violations": [{"quotaMetric":
-                 "generativelanguage.googleapis.com/generate_content_paid_tier_input_token_count",
-                 "quotaId": "GenerateContentPaidTierInputTokensPerModelPerMinute"}]},
-            {"@type": "type.googleapis.com/google.rpc.Help",
-             "links": [{"description": "Learn more about Gemini API quotas",
-                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
-            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay},
-        ]),
+        400,
+        "INVALID_ARGUMENT",
+        "this test server refuses query strings: keys go in x-goog-api-key",
+        json!([]),
     )
 }
 
-/// The refusal of a request without the configured key, if it is one.
-fn unauthorized(st: &State, req: &Request) -> Option<Vec<u8>> {
-    if req.path.contains('?') {
-        return Some(error(
-            400,
-            "INVALID_ARGUMENT",
-            "this test server refuses query strings: keys go in x-goog-api-key",
-            json!([]),
-        ));
-    }
+/// The refusal of a request without the configured key in `x-goog-api-key`, if it is one.
+pub(super) fn key_refusal(st: &State, req: &Request) -> Option<Vec<u8>> {
     let key = st.cfg.api_key.as_ref()?;
     match req.header("x-goog-api-key") {
         Some(k) if k == key => None,
@@ -390,14 +390,70 @@ pub(super) async fn serve(
     Ok(After::KeepAlive)
 }
 
+/// What the `generateContent` endpoint answers to one request body.
+pub(super) enum Answered {
+    /// 200 with this body: an answer, or a hostile one.
+    Body(Value),
+    /// An error: its HTTP status, Google's status name, message and details.
+    Refused(u16, &'static str, String, Value),
+    /// 200 with a body that is not JSON.
+    Garbage(&'static [u8]),
+}
+
+impl Answered {
+    fn invalid(message: String) -> Answered {
+        Answered::Refused(400, "INVALID_ARGUMENT", message, json!([]))
+    }
+
+    /// The HTTP response of a live request.
+    fn into_response(self) -> Vec<u8> {
+        match self {
+            Answered::Body(v) => response(200, &[], v.to_string().as_bytes()),
+            Answered::Refused(status, code, message, details) => {
+                error(status, code, &message, details)
+            }
+            Answered::Garbage(bytes) => response(200, &[], bytes),
+        }
+    }
+}
+
+/// A 429 with its `RetryInfo`, as an [`Answered`].
+fn rate_limit_refusal(st: &State, hash: &str) -> Answered {
+    let ms = st.cfg.gemini.retry_delay_ms;
+    st.gemini.limited(hash, Duration::from_millis(ms));
+    let delay = format!("{}.{:03}s", ms / 1000, ms % 1000);
+    Answered::Refused(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "You exceeded your current quota, please check your plan and billing details.".into(),
+        json!([
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"quotaMetric":
+                 "generativelanguage.googleapis.com/generate_content_paid_tier_input_token_count",
+                 "quotaId": "GenerateContentPaidTierInputTokensPerModelPerMinute"}]},
+            {"@type": "type.googleapis.com/google.rpc.Help",
+             "links": [{"description": "Learn more about Gemini API quotas",
+                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay},
+        ]),
+    )
+}
+
 /// The answer to a `generateContent` (after the server's latency; a `Timeout` fault hangs).
 async fn generate_content(st: &State, req: &Request) -> Vec<u8> {
-    let parsed = serde_json::from_slice::<Value>(&req.body)
-        .map_err(|e| format!("Invalid JSON payload received. {e}"))
-        .and_then(|v| parse(&v).map(|p| (v, p)));
-    let (body, parsed) = match parsed {
+    let answered = match serde_json::from_slice::<Value>(&req.body) {
+        Ok(body) => answer(st, &body, true).await,
+        Err(e) => Answered::invalid(format!("Invalid JSON payload received. {e}")),
+    };
+    answered.into_response()
+}
+
+/// What the endpoint answers to the request `body`, billed; `live` as a request on the wire
+/// (its limits, latency and hanging timeouts), else as a line of a batch (none of those).
+pub(super) async fn answer(st: &State, body: &Value, live: bool) -> Answered {
+    let parsed = match parse(body) {
         Ok(p) => p,
-        Err(m) => return error(400, "INVALID_ARGUMENT", &m, json!([])),
+        Err(m) => return Answered::invalid(m),
     };
     let hash = prompt_hash(parsed.system.as_deref(), &parsed.user);
     let prompts = [Prompt {
@@ -406,44 +462,45 @@ async fn generate_content(st: &State, req: &Request) -> Vec<u8> {
         hash: hash.clone(),
     }];
     st.stats.prompts.fetch_add(1, Ordering::Relaxed);
-    st.gemini.arrived(&hash);
-    if super::admit(st, &body, &prompts).is_err() {
-        return rate_limited(st, &hash);
+    if live {
+        st.gemini.arrived(&hash);
+        if super::admit(st, body, &prompts).is_err() {
+            return rate_limit_refusal(st, &hash);
+        }
     }
     let attempt = next_attempt(st, &prompts);
     let (fault, _) = draw_fault(&st.cfg, &prompts, attempt);
     match fault {
         Some(f @ Fault::RateLimit) => {
             count_fault(st, f);
-            return rate_limited(st, &hash);
+            return rate_limit_refusal(st, &hash);
         }
         Some(f @ Fault::Server500) => {
             count_fault(st, f);
-            return error(
-                500,
-                "INTERNAL",
-                "An internal error has occurred.",
-                json!([]),
-            );
+            let m = "An internal error has occurred.".into();
+            return Answered::Refused(500, "INTERNAL", m, json!([]));
         }
         Some(f @ Fault::Server503) => {
             count_fault(st, f);
-            let m = "The model is overloaded. Please try again later.";
-            return error(503, "UNAVAILABLE", m, json!([]));
+            let m = "The model is overloaded. Please try again later.".into();
+            return Answered::Refused(503, "UNAVAILABLE", m, json!([]));
         }
         Some(f @ Fault::Timeout) => {
             count_fault(st, f);
-            tokio::time::sleep(st.cfg.hang).await;
-            return error(504, "DEADLINE_EXCEEDED", "Deadline expired", json!([]));
+            if live {
+                tokio::time::sleep(st.cfg.hang).await;
+            }
+            let m = "Deadline expired".into();
+            return Answered::Refused(504, "DEADLINE_EXCEEDED", m, json!([]));
         }
         Some(f @ Fault::MalformedJson) => {
             count_fault(st, f);
-            return response(200, &[], b"{\"candidates\": [ {not json");
+            return Answered::Garbage(b"{\"candidates\": [ {not json");
         }
         Some(f) => count_fault(st, f),
         None => {}
     }
-    if !st.cfg.latency.is_zero() {
+    if live && !st.cfg.latency.is_zero() {
         tokio::time::sleep(st.cfg.latency).await;
     }
     let prefill = Prefill::lookup(st, Proto::Chat, &prompts);
@@ -462,7 +519,7 @@ async fn generate_content(st: &State, req: &Request) -> Vec<u8> {
     );
     let candidate = match candidate(st, &parsed, &hash, fault) {
         Ok(c) => c,
-        Err(hostile) => return response(200, &[], hostile.to_string().as_bytes()),
+        Err(hostile) => return Answered::Body(hostile),
     };
     let output = texts(candidate.pointer("/content/parts")).map_or(0, |t| t.len() / 4 + 1) as u64;
     let mut usage = json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": output,
@@ -487,9 +544,8 @@ async fn generate_content(st: &State, req: &Request) -> Vec<u8> {
         st.stats.ok.fetch_add(1, Ordering::Relaxed);
     }
     let id = st.ids.fetch_add(1, Ordering::Relaxed);
-    let answer = json!({"candidates": [candidate], "usageMetadata": usage,
-                        "modelVersion": "gemini-mock", "responseId": format!("mock-{id}")});
-    response(200, &[], answer.to_string().as_bytes())
+    Answered::Body(json!({"candidates": [candidate], "usageMetadata": usage,
+                          "modelVersion": "gemini-mock", "responseId": format!("mock-{id}")}))
 }
 
 /// The answer to a `batchEmbedContents`.

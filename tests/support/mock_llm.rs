@@ -40,6 +40,8 @@ mod batch_api;
 mod embeddings_api;
 #[path = "gemini_api.rs"]
 mod gemini_api;
+#[path = "gemini_batches.rs"]
+mod gemini_batches;
 #[path = "prefix_cache.rs"]
 mod prefix_cache;
 
@@ -239,17 +241,20 @@ pub struct StatsSnapshot {
     pub in_flight: u64,
     /// Tokens of the requests the limits let through, as the token bucket counts them.
     pub tokens_admitted: u64,
-    /// Successful `POST /v1/files`.
+    /// Successful `POST /v1/files` and Gemini uploads (`POST /upload/v1beta/files`).
     pub files_uploaded: u64,
     /// Lines in those files, and requests in Message Batches created.
     pub batch_lines: u64,
-    /// Successful `POST /v1/batches` and `POST /v1/messages/batches`.
+    /// Successful `POST /v1/batches`, `POST /v1/messages/batches` and Gemini's
+    /// `:batchGenerateContent`.
     pub batches_created: u64,
-    /// `GET /v1/batches/{id}` and `GET /v1/messages/batches/{id}`.
+    /// `GET /v1/batches/{id}`, `GET /v1/messages/batches/{id}` and `GET /v1beta/batches/{id}`.
     pub batch_polls: u64,
-    /// `POST /v1/batches/{id}/cancel` of a known batch.
+    /// `POST /v1/batches/{id}/cancel` of a known batch (and of a Message Batch or a Gemini
+    /// batch still open).
     pub batch_cancels: u64,
-    /// Results of ended Message Batches read (`GET /v1/messages/batches/{id}/results`).
+    /// Results of ended Message Batches read (`GET /v1/messages/batches/{id}/results`), and
+    /// Gemini files downloaded (`GET /download/v1beta/files/{id}:download`).
     pub batch_results_fetched: u64,
     /// Prompt tokens of the answered requests that the prefix cache did not hold (computed).
     pub prefill_computed: u64,
@@ -340,6 +345,7 @@ struct State {
     anthropic: anthropic_api::Store,
     anthropic_batches: anthropic_batches::Store,
     gemini: gemini_api::Store,
+    gemini_batches: gemini_batches::Store,
     /// Set by [`MockServer::stop`]: every connection closes.
     stopped: tokio::sync::watch::Sender<bool>,
 }
@@ -387,6 +393,7 @@ impl MockServer {
             anthropic: anthropic_api::Store::default(),
             anthropic_batches: anthropic_batches::Store::default(),
             gemini: gemini_api::Store::default(),
+            gemini_batches: gemini_batches::Store::default(),
             stopped: tokio::sync::watch::Sender::new(false),
         });
         let st = state.clone();
@@ -687,6 +694,7 @@ async fn handle(sock: &mut TcpStream, st: &Arc<State>, req: Request) -> std::io:
                 .counted(anthropic_api::serve_messages(sock, st, &req))
                 .await
         }
+        (_, path) if gemini_batches::routed(path) => gemini_batches::serve(sock, st, &req).await,
         ("POST", path) if path.starts_with("/v1beta/models/") => {
             st.stats.counted(gemini_api::serve(sock, st, &req)).await
         }

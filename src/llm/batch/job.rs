@@ -13,7 +13,8 @@ pub enum JobPhase {
     /// Validating, running, finalizing or being cancelled: it will change.
     #[default]
     Open,
-    /// Ended with its results (OpenAI `completed`, Anthropic `ended`).
+    /// Ended with its results (OpenAI `completed`, Anthropic `ended`, Gemini
+    /// `BATCH_STATE_SUCCEEDED`).
     Completed,
     /// Failed as a whole (OpenAI `failed`).
     Failed,
@@ -26,7 +27,7 @@ pub enum JobPhase {
 /// What the provider says of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JobStatus {
-    /// `batch_...` (OpenAI), `msgbatch_...` (Anthropic).
+    /// `batch_...` (OpenAI), `msgbatch_...` (Anthropic), `batches/...` (Gemini).
     pub id: String,
     /// The provider's own name of its state (`in_progress`, `completed`, `ended`...).
     pub status: String,
@@ -39,7 +40,7 @@ pub struct JobStatus {
     /// Requests failed (errored, cancelled or expired).
     pub failed: u64,
     /// Where its results are once it has ended: the output and error file ids (OpenAI), the
-    /// results URL (Anthropic).
+    /// results URL (Anthropic), the responses file `files/...` (Gemini).
     pub results: Vec<String>,
     /// Why a job failed as a whole.
     pub errors: Option<String>,

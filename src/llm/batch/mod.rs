@@ -7,12 +7,13 @@
 //! provider, and validates, caches and retries what comes back exactly as for a live answer.
 //! [`protocol`] is the provider's batch API: [`api`] speaks the OpenAI Files + Batches API
 //! (OpenAI, Azure OpenAI) with [`line`] its JSONL lines each way, [`anthropic`] Anthropic's
-//! Message Batches; [`wire`] is their shared HTTP and [`job`] what they say of a job in common
+//! Message Batches, [`gemini`] Gemini's Batch API; [`wire`] is their shared HTTP and [`job`] what they say of a job in common
 //! words. [`queue`] gathers requests, submits them, stores jobs durably before waiting (in the
 //! response cache's database), polls them and hands results back.
 
 mod anthropic;
 mod api;
+mod gemini;
 mod job;
 mod line;
 mod protocol;

@@ -1,6 +1,7 @@
 //! The batch protocol of a model's provider: OpenAI's (and Azure OpenAI's) Files + Batches,
-//! where the requests are uploaded as a file and the results are files, or Anthropic's Message
-//! Batches, where the requests go inline and the results are read from a URL. The queue
+//! where the requests are uploaded as a file and the results are files, Anthropic's Message
+//! Batches, where the requests go inline and the results are read from a URL, or Gemini's
+//! Batch API, where the requests are uploaded as a file and the results are a file. The queue
 //! gathers JSON lines, submits them, polls and reads results through this one type; what
 //! differs is here.
 
@@ -8,11 +9,13 @@ use std::sync::Arc;
 
 use super::anthropic::AnthropicBatches;
 use super::api::OpenAiBatches;
+use super::gemini::GeminiBatches;
 use super::job::JobStatus;
 use super::line::{request_line, result_line};
 use crate::cache::RequestKey;
 use crate::config::{ModelConfig, ProviderKind, ServerConfig};
 use crate::llm::anthropic::AnthropicProvider;
+use crate::llm::gemini::GeminiProvider;
 use crate::llm::openai::OpenAiProvider;
 use crate::llm::{Provider, SetupError};
 use crate::types::{LlmError, LlmRequest, LlmResponse};
@@ -24,6 +27,8 @@ pub enum BatchApi {
     OpenAi(OpenAiBatches),
     /// Anthropic's Message Batches API.
     Anthropic(AnthropicBatches),
+    /// Gemini's Batch API (`batchGenerateContent` of an uploaded file).
+    Gemini(GeminiBatches),
 }
 
 impl BatchApi {
@@ -35,14 +40,23 @@ impl BatchApi {
         s: &ServerConfig,
         pool: usize,
     ) -> Result<(Arc<dyn Provider>, BatchApi), SetupError> {
-        if m.kind == ProviderKind::Anthropic {
-            let chat = Arc::new(AnthropicProvider::new(&m.model, s, pool)?);
-            let api = BatchApi::Anthropic(AnthropicBatches::new(chat.clone(), &m.name));
-            return Ok((chat, api));
-        }
-        let chat = Arc::new(OpenAiProvider::new(&m.model, s, pool)?);
-        let api = OpenAiBatches::new(chat.clone(), &m.name, &m.batch.completion_window);
-        Ok((chat, BatchApi::OpenAi(api)))
+        Ok(match m.kind {
+            ProviderKind::Anthropic => {
+                let chat = Arc::new(AnthropicProvider::new(&m.model, s, pool)?);
+                let api = BatchApi::Anthropic(AnthropicBatches::new(chat.clone(), &m.name));
+                (chat, api)
+            }
+            ProviderKind::Gemini => {
+                let chat = Arc::new(GeminiProvider::new(&m.model, s, pool)?);
+                let api = BatchApi::Gemini(GeminiBatches::new(chat.clone(), &m.name));
+                (chat, api)
+            }
+            _ => {
+                let chat = Arc::new(OpenAiProvider::new(&m.model, s, pool)?);
+                let api = OpenAiBatches::new(chat.clone(), &m.name, &m.batch.completion_window);
+                (chat, BatchApi::OpenAi(api))
+            }
+        })
     }
 
     /// The JSON line (with its newline) asking for `req` under `key`.
@@ -50,6 +64,7 @@ impl BatchApi {
         match self {
             BatchApi::OpenAi(a) => request_line(a.chat(), key, req),
             BatchApi::Anthropic(a) => a.request_line(key, req),
+            BatchApi::Gemini(a) => a.request_line(key, req),
         }
     }
 
@@ -67,6 +82,11 @@ impl BatchApi {
                 Ok((file, job))
             }
             BatchApi::Anthropic(a) => Ok((String::new(), a.create(body).await?)),
+            BatchApi::Gemini(a) => {
+                let file = a.upload(name, body).await?;
+                let job = a.create(name, &file).await?;
+                Ok((file, job))
+            }
         }
     }
 
@@ -75,6 +95,7 @@ impl BatchApi {
         match self {
             BatchApi::OpenAi(a) => a.status(id).await,
             BatchApi::Anthropic(a) => a.status(id).await,
+            BatchApi::Gemini(a) => a.status(id).await,
         }
     }
 
@@ -83,6 +104,7 @@ impl BatchApi {
         match self {
             BatchApi::OpenAi(a) => a.cancel(id).await,
             BatchApi::Anthropic(a) => a.cancel(id).await,
+            BatchApi::Gemini(a) => a.cancel(id).await,
         }
     }
 
@@ -91,6 +113,7 @@ impl BatchApi {
         match self {
             BatchApi::OpenAi(a) => a.content(at).await,
             BatchApi::Anthropic(a) => a.content(at).await,
+            BatchApi::Gemini(a) => a.content(at).await,
         }
     }
 
@@ -102,6 +125,7 @@ impl BatchApi {
         match self {
             BatchApi::OpenAi(a) => result_line(a.chat(), line),
             BatchApi::Anthropic(a) => a.result_line(line),
+            BatchApi::Gemini(a) => a.result_line(line),
         }
     }
 }
