@@ -449,6 +449,7 @@ mod tests {
             max_tokens: Some(5),
             temperature: None,
             schema: None,
+            confidence: false,
         };
         let line = api.request_line(&[1u8; 32], &req);
         assert!(line.ends_with(b"\n"));
