@@ -352,3 +352,87 @@ async fn explain_estimates_the_share_of_rows_a_sample_passes_on() {
         x.to_text(false)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_coordinator_counts_every_worker_s_cascade() {
+    use support::workers::{KEY, cluster_project, spawn_workers, worker_list};
+    let server = mock(MockConfig {
+        api_key: Some(KEY.to_string()),
+        ..small_model()
+    })
+    .await;
+    let p = cluster_project(&server.base_url(), 8);
+    let url = server.base_url();
+    let models = format!(
+        "\n[models.small]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"small\"\n\
+         api_key_env = \"SLUICE_CLUSTER_KEY\"\ninput_usd_per_mtok = 0.15\noutput_usd_per_mtok = 0.6\n\
+         \n[models.large]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"large\"\n\
+         api_key_env = \"SLUICE_CLUSTER_KEY\"\ninput_usd_per_mtok = 2.5\noutput_usd_per_mtok = 10.0\n"
+    );
+    let toml = std::fs::read_to_string(p.path("sluice.toml")).unwrap() + &models;
+    p.write("sluice.toml", &toml);
+    p.write("udfs/material.toml", &cascade_fn("material", CASCADE, ""));
+    p.write(
+        "m.sql",
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION 'data/';\n\
+         COPY (SELECT material(x) AS v, material_model(x) AS m FROM \
+         (SELECT unnest(chunk_text(transcript, 200)) AS x FROM t)) \
+         TO 'out/m.parquet' STORED AS PARQUET;\n",
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--metrics-json", "metrics.json"];
+        all.extend_from_slice(args);
+        all.push("m.sql");
+        let out = p
+            .command(&all)
+            .env("SLUICE_CLUSTER_KEY", KEY)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p.path("metrics.json")).unwrap())
+                .unwrap();
+        m
+    };
+    let alone = run(&["--no-cache"]);
+    let expected = text(&read_parquet(&p.path("out/m.parquet")).await, "m");
+    let large = expected
+        .iter()
+        .filter(|m| m.as_deref() == Some("large"))
+        .count();
+    assert!(
+        large > 0 && large < expected.len(),
+        "{large} of {}",
+        expected.len()
+    );
+    server.reset_stats();
+
+    let workers = spawn_workers(&p, 3);
+    let m = run(&["--no-cache", "--workers", &worker_list(&workers)]);
+    let stats = server.stats();
+    let mut got = text(&read_parquet(&p.path("out/m.parquet")).await, "m");
+    let mut want = expected.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "the same models answered the same rows");
+    // Rows per model as the single process counted them (rows, not requests: identical
+    // passages share a call), and every request the workers sent.
+    let cascade = &m["functions"]["material"]["cascade"]["models"];
+    for (i, model) in ["small", "large"].iter().enumerate() {
+        assert_eq!(cascade[i]["model"], *model, "{m}");
+        let alone = &alone["functions"]["material"]["cascade"]["models"][i];
+        assert_eq!(cascade[i]["asked"], alone["asked"], "{model}: {m}");
+        assert_eq!(cascade[i]["answered"], alone["answered"], "{model}: {m}");
+    }
+    assert_eq!(m["requests"].as_u64(), Some(stats.requests), "{m}");
+    assert_eq!(
+        stats.by_model.values().sum::<u64>(),
+        stats.requests,
+        "{stats:?}"
+    );
+}

@@ -146,6 +146,8 @@ pub(super) async fn answer(
         prompts = next_prompts;
         items = old_items.map(|_| next_items);
     }
+    // What the cascade counted itself reaches a cluster's coordinator with the rest.
+    stages[0].caller.report().await;
     results
         .into_iter()
         .map(|r| r.expect("every row has its result"))

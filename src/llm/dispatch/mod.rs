@@ -196,6 +196,12 @@ impl FunctionCaller {
         }
     }
 
+    /// On a cluster's worker, sends the coordinator what its counters gained since the last
+    /// report (the calls report by themselves; this is for counts made around them).
+    pub async fn report(&self) {
+        self.inner.report().await;
+    }
+
     /// The function's counters.
     pub fn metrics(&self) -> &Arc<FunctionMetrics> {
         &self.metrics
