@@ -15,7 +15,8 @@ use sluice::Engine;
 use sluice::config::Config;
 use support::mock_llm::{BatchConfig, Fault, GeminiConfig, GeminiHostile, PrefixCacheConfig};
 use support::providers::{
-    check_typed_row_errors, flagship_rows, hosted_text, parse_with_key, root,
+    check_typed_row_errors, flagship_rows, hosted_text, parse_with_key, project_with_model, root,
+    sluice_keyed,
 };
 use support::*;
 
@@ -119,29 +120,14 @@ async fn the_flagship_in_batch_mode_writes_the_live_rows_at_half_the_bill() {
     assert_eq!((st.files_uploaded, st.batches_created), (2, 2));
 }
 
-/// A project running the flagship as `q.sql` on Gemini at `server`, the cache on.
+/// A project running the flagship as `q.sql` at `server`, `extra` in its model, the cache on.
 fn project(server: &MockServer, extra: &str) -> Project {
-    let p = Project::new(&server.base_url(), 8, true);
-    let cfg = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
-    let head = &cfg[..cfg.find("[models.default]").unwrap()];
-    p.write(
-        "sluice.toml",
-        &format!("{head}{}", model_text(server, extra)),
-    );
-    p.write("q.sql", &project_flagship_sql("out/qa.parquet"));
-    p
+    project_with_model(server, &model_text(server, extra))
 }
 
 /// `sluice ARGS` in `p` with the key in its environment; (exit code, stdout, stderr).
 fn sluice(p: &Project, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::task::block_in_place(|| p.command(args).env("GEM_KEY", KEY).output())
-        .expect("sluice runs");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
-    (
-        out.status.code().unwrap_or(-1),
-        text(&out.stdout),
-        text(&out.stderr),
-    )
+    sluice_keyed(p, ("GEM_KEY", KEY), args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,8 @@ use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 
 use super::{
-    MockConfig, MockServer, flagship_engine, flagship_sql, mock, read_parquet, repo, run,
-    shared_data, sorted_rows,
+    MockConfig, MockServer, Project, flagship_engine, flagship_sql, mock, project_flagship_sql,
+    read_parquet, repo, run, shared_data, sorted_rows,
 };
 
 /// The server's root URL (no `/v1`), as the hosted providers' `base_url` names it.
@@ -51,6 +51,30 @@ pub fn parse_with_key(text: &str, var: &str, key: &str) -> Config {
     let mut cfg = Config::parse(text, Path::new("sluice.toml"), &env).expect("parses");
     cfg.udf_dir = repo().join("udfs");
     cfg
+}
+
+/// A project running the flagship as `q.sql` at `server` with `model` (a `[models.default]`
+/// table's text) as its model, the cache on.
+pub fn project_with_model(server: &MockServer, model: &str) -> Project {
+    let p = Project::new(&server.base_url(), 8, true);
+    let cfg = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    let head = &cfg[..cfg.find("[models.default]").unwrap()];
+    p.write("sluice.toml", &format!("{head}{model}"));
+    p.write("q.sql", &project_flagship_sql("out/qa.parquet"));
+    p
+}
+
+/// `sluice ARGS` in `p` with `key` in the environment variable `var`; (exit code, stdout,
+/// stderr).
+pub fn sluice_keyed(p: &Project, (var, key): (&str, &str), args: &[&str]) -> (i32, String, String) {
+    let out = tokio::task::block_in_place(|| p.command(args).env(var, key).output())
+        .expect("sluice runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
 }
 
 /// Runs the flagship; its sorted rows.

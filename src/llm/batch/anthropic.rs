@@ -216,14 +216,7 @@ impl AnthropicBatches {
             Some("overloaded_error") => 529,
             _ => 500,
         };
-        let url = format!("{} (batch)", self.chat.http().url());
-        let mut err = (self.chat.http()).status_error(&url, status, e.to_string().as_bytes(), None);
-        // A refusal of one request is that row's, never the whole provider's.
-        if err.kind.is_systemic() {
-            err.kind = ErrorKind::BadRequest;
-        }
-        err.message = format!("batch result: {}", err.message);
-        err
+        self.wire().row_error(status, e.to_string().as_bytes())
     }
 }
 

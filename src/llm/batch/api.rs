@@ -96,9 +96,8 @@ impl OpenAiBatches {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, LlmError> {
-        let body = body.map(|b| b.to_string().into_bytes());
         self.wire()
-            .json(method, &self.chat.api_url(path), body)
+            .json_value(method, &self.chat.api_url(path), body)
             .await
     }
 

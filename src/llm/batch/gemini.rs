@@ -180,9 +180,8 @@ impl GeminiBatches {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, LlmError> {
-        let body = body.map(|b| b.to_string().into_bytes());
         self.wire()
-            .json(method, &self.chat.api_url(path), body)
+            .json_value(method, &self.chat.api_url(path), body)
             .await
     }
 
@@ -303,16 +302,8 @@ impl GeminiBatches {
     /// The row error of a result's `error` (a `google.rpc.Status`): classified as the live
     /// answer's HTTP status would be, never systemic.
     fn errored(&self, e: &Value) -> LlmError {
-        let status = http_status(e);
-        let url = format!("{} (batch)", self.chat.http().url());
         let body = json!({"error": e}).to_string();
-        let mut err = (self.chat.http()).status_error(&url, status, body.as_bytes(), None);
-        // A refusal of one request is that row's, never the whole provider's.
-        if err.kind.is_systemic() {
-            err.kind = ErrorKind::BadRequest;
-        }
-        err.message = format!("batch result: {}", err.message);
-        err
+        self.wire().row_error(http_status(e), body.as_bytes())
     }
 }
 

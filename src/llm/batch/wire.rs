@@ -42,6 +42,30 @@ impl Wire<'_> {
         Ok(bytes)
     }
 
+    /// [`Wire::json`] with the body as a JSON value.
+    pub async fn json_value(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<Value>,
+    ) -> Result<Value, LlmError> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        self.json(method, url, body).await
+    }
+
+    /// The row error of one batch result that the live API would have answered with HTTP
+    /// `status` and `body`: classified as that answer would be, but never systemic (a refusal
+    /// of one request is that row's, not the whole provider's).
+    pub fn row_error(&self, status: u16, body: &[u8]) -> LlmError {
+        let url = format!("{} (batch)", self.http.url());
+        let mut err = self.http.status_error(&url, status, body, None);
+        if err.kind.is_systemic() {
+            err.kind = ErrorKind::BadRequest;
+        }
+        err.message = format!("batch result: {}", err.message);
+        err
+    }
+
     /// [`Wire::send`] with an optional JSON body, reading a JSON answer.
     pub async fn json(
         &self,
