@@ -16,7 +16,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::job::{JobPhase, JobStatus, count, text};
-use super::wire::{MAX_RESULT_BYTES, TRANSFER_TIMEOUT, Wire};
+use super::wire::Wire;
 use crate::cache::{RequestKey, key_from_hex, key_hex};
 use crate::llm::anthropic::AnthropicProvider;
 use crate::llm::preview;
@@ -150,11 +150,7 @@ impl AnthropicBatches {
                 ),
             ));
         }
-        self.wire()
-            .send((Method::GET, url), MAX_RESULT_BYTES, |b| {
-                b.timeout(TRANSFER_TIMEOUT)
-            })
-            .await
+        self.wire().download(url).await
     }
 
     /// A result line: whose it is and what it says, or `None` for a line that names no request.

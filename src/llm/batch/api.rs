@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::job::{JobPhase, JobStatus, count, parse_json, text};
-use super::wire::{MAX_RESULT_BYTES, TRANSFER_TIMEOUT, Wire};
+use super::wire::{TRANSFER_TIMEOUT, Wire};
 use crate::llm::openai::OpenAiProvider;
 use crate::llm::preview;
 use crate::llm::response::malformed;
@@ -163,10 +163,6 @@ impl OpenAiBatches {
     /// The bytes of a result file.
     pub async fn content(&self, file_id: &str) -> Result<Vec<u8>, LlmError> {
         let url = self.chat.api_url(&format!("/files/{file_id}/content"));
-        self.wire()
-            .send((Method::GET, &url), MAX_RESULT_BYTES, |b| {
-                b.timeout(TRANSFER_TIMEOUT)
-            })
-            .await
+        self.wire().download(&url).await
     }
 }

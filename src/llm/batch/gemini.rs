@@ -21,7 +21,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::job::{JobPhase, JobStatus, parse_json, text};
-use super::wire::{MAX_RESULT_BYTES, TRANSFER_TIMEOUT, Wire};
+use super::wire::{TRANSFER_TIMEOUT, Wire};
 use crate::cache::{RequestKey, key_from_hex, key_hex};
 use crate::llm::gemini::GeminiProvider;
 use crate::llm::preview;
@@ -268,11 +268,7 @@ impl GeminiBatches {
         let url = self
             .chat
             .api_url(&format!("/download/v1beta/{file}:download?alt=media"));
-        self.wire()
-            .send((Method::GET, &url), MAX_RESULT_BYTES, |b| {
-                b.timeout(TRANSFER_TIMEOUT)
-            })
-            .await
+        self.wire().download(&url).await
     }
 
     /// A result line: whose it is and what it says, or `None` for a line that names no request.

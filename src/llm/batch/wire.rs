@@ -15,7 +15,7 @@ use crate::types::{ErrorKind, LlmError};
 pub(super) const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Largest result body read (results of one batch of at most 256 MB of requests).
-pub(super) const MAX_RESULT_BYTES: usize = 2 << 30;
+const MAX_RESULT_BYTES: usize = 2 << 30;
 
 /// The batch API of one model, on its chat endpoint's client.
 pub(super) struct Wire<'a> {
@@ -40,6 +40,15 @@ impl Wire<'_> {
         let (bytes, _) =
             (self.http.send(b, url, cap).await).map_err(|e| self.refused(&method, url, e))?;
         Ok(bytes)
+    }
+
+    /// The body of `GET url`, a batch's results (at most [`MAX_RESULT_BYTES`], given
+    /// [`TRANSFER_TIMEOUT`]).
+    pub async fn download(&self, url: &str) -> Result<Vec<u8>, LlmError> {
+        self.send((Method::GET, url), MAX_RESULT_BYTES, |b| {
+            b.timeout(TRANSFER_TIMEOUT)
+        })
+        .await
     }
 
     /// [`Wire::json`] with the body as a JSON value.
