@@ -436,3 +436,54 @@ async fn on_a_cluster_the_coordinator_counts_every_worker_s_cascade() {
         "{stats:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_answers_and_join_conditions_go_on_by_their_confidence_too() {
+    let server = mock(small_model()).await;
+    let cfg = two_models(&server, None);
+    let text_fn =
+        "name = \"gist\"\nargs = [\"x\"]\nprompt = \"Sum up: {{ x }}\"\n".to_string() + CASCADE;
+    let pair_fn = "name = \"related\"\nargs = [\"a\", \"b\"]\n\
+                   prompt = \"Related? {{ a }} / {{ b }}\"\noutput = { type = \"boolean\" }\n"
+        .to_string()
+        + CASCADE;
+    let e = engine(&cfg, &[text_fn, pair_fn]).unwrap();
+
+    // Text: an answer the small model was unsure of is the large model's.
+    let got = answers(&e, "gist").await;
+    for (s, (v, m, _)) in &got {
+        let hash = prompt_hash(None, &format!("Sum up: {s}"));
+        let (right, confidence) = confidence::judge(&small_model().confidence, "small", &hash);
+        let want = if confidence < 0.8 { "large" } else { "small" };
+        assert_eq!(m, want, "{s}");
+        assert_eq!(v.ends_with("(wrong)"), m == "small" && !right, "{s}: {v}");
+    }
+
+    // A join condition: every surviving pair asked of the small model once, the unsure ones of
+    // the large one.
+    server.reset_stats();
+    let side: Vec<String> = (0..8).map(|i| format!("('p{i}')")).collect();
+    let sql = format!(
+        "SELECT count(*) AS n FROM (VALUES {side}) AS a(x) JOIN (VALUES {side}) AS b(y) \
+         ON a.x < b.y AND related(a.x, b.y)",
+        side = side.join(", ")
+    );
+    run(&e, &sql).await.unwrap();
+    let pairs: Vec<(usize, usize)> = (0..8)
+        .flat_map(|i| (i + 1..8).map(move |j| (i, j)))
+        .collect();
+    let unsure = pairs
+        .iter()
+        .filter(|(i, j)| {
+            let hash = prompt_hash(None, &format!("Related? p{i} / p{j}"));
+            confidence::judge(&small_model().confidence, "small", &hash).1 < 0.8
+        })
+        .count() as u64;
+    assert!(unsure > 0, "some of the 28 pairs go on");
+    let stats = server.stats();
+    assert_eq!(
+        stats.by_model.get("small").copied(),
+        Some(pairs.len() as u64)
+    );
+    assert_eq!(stats.by_model.get("large").copied().unwrap_or(0), unsure);
+}
