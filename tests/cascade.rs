@@ -487,3 +487,27 @@ async fn text_answers_and_join_conditions_go_on_by_their_confidence_too() {
     );
     assert_eq!(stats.by_model.get("large").copied().unwrap_or(0), unsure);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_model_leads_a_cascade_by_its_logprobs_result() {
+    let server = mock(small_model()).await;
+    let mut cfg = two_models(&server, None);
+    let text = format!(
+        "[models.small]\nkind = \"gemini\"\nbase_url = \"http://{}\"\nmodel = \"small\"\n\
+         api_key_env = \"GEM_KEY\"\ninput_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.4\n",
+        server.addr()
+    );
+    let env = |name: &str| (name == "GEM_KEY").then(|| "gem-key".to_string());
+    let gemini = Config::parse(&text, Path::new("sluice.toml"), &env).expect("parses");
+    cfg.models.extend(gemini.models);
+    let e = engine(&cfg, &[cascade_fn("material", CASCADE, "")]).unwrap();
+    let got = answers(&e, "material").await;
+    let escalated = got.keys().filter(|s| judged(s).0).count();
+    for (s, (v, m, _)) in &got {
+        let want = if judged(s).0 { "large" } else { "small" };
+        assert_eq!(m, want, "{s}: {v}");
+    }
+    let st = server.stats();
+    assert_eq!(st.gemini.requests, ROWS as u64);
+    assert_eq!(st.by_model.get("large").copied(), Some(escalated as u64));
+}

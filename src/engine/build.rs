@@ -218,7 +218,7 @@ fn check_cascade(def: &FunctionDef, runtime: &LlmRuntime) -> Result<(), EngineEr
             return Err(invalid(format!(
                 "function {}: model {:?} gives no token log-probabilities, so its answers have \
                  no confidence to pass rows on by; put it last in the cascade, or use a model \
-                 of kind openai, azure_openai or local there",
+                 of kind openai, azure_openai, gemini or local there",
                 def.name, stage.model
             )));
         }

@@ -126,6 +126,9 @@ impl GeminiProvider {
         if let Some(t) = req.temperature {
             generation.insert("temperature".into(), json!(t));
         }
+        if req.confidence {
+            generation.insert("responseLogprobs".into(), json!(true));
+        }
         if let Some(schema) = &req.schema {
             match self.structured {
                 StructuredOutput::JsonSchema => {
@@ -180,13 +183,27 @@ impl GeminiProvider {
             .filter_map(|p| p.get("text").and_then(Value::as_str))
             .collect();
         Ok(LlmResponse {
-            confidence: None,
+            confidence: confidence_of_candidate(candidate),
             content,
             finish_reason: Some(finish_reason.into()),
             usage: usage_of(v),
             rate,
         })
     }
+}
+
+/// The confidence of a candidate from its chosen tokens' log-probabilities
+/// (`logprobsResult.chosenCandidates[].logProbability`, given with `responseLogprobs`); none
+/// when it has none, or an entry has no numeric `logProbability`.
+fn confidence_of_candidate(candidate: &Value) -> Option<f64> {
+    let chosen = candidate
+        .pointer("/logprobsResult/chosenCandidates")?
+        .as_array()?;
+    let logprobs: Option<Vec<f64>> = chosen
+        .iter()
+        .map(|c| c.get("logProbability").and_then(Value::as_f64))
+        .collect();
+    Some(crate::types::confidence_of(logprobs?))
 }
 
 /// The failure of an answer without candidates: a blocked prompt, else a malformed answer.
@@ -312,6 +329,10 @@ impl Provider for GeminiProvider {
         format!("gemini:{}#{}", self.http.identity(), self.model)
     }
 
+    fn gives_confidence(&self) -> bool {
+        true
+    }
+
     async fn complete(&self, req: &LlmRequest) -> Result<LlmResponse, LlmError> {
         let (v, rate) = self.http.post_json(&self.body(req)).await?;
         Self::parse_answer(&v, rate)
@@ -363,6 +384,32 @@ mod tests {
         assert_eq!(body["contents"][0]["role"], "user");
         assert_eq!(body["generationConfig"]["maxOutputTokens"], 64);
         assert!(body["generationConfig"].get("responseMimeType").is_none());
+        assert!(body["generationConfig"].get("responseLogprobs").is_none());
+        let asked = LlmRequest {
+            confidence: true,
+            ..request(None)
+        };
+        assert_eq!(p.body(&asked)["generationConfig"]["responseLogprobs"], true);
+    }
+
+    #[test]
+    fn confidence_is_read_from_the_chosen_tokens() {
+        let answer = |lp: Value| {
+            json!({"candidates": [{"content": {"parts": [{"text": "true"}]},
+                "finishReason": "STOP", "logprobsResult": {"chosenCandidates": lp}}]})
+        };
+        let c = |v: Value| {
+            GeminiProvider::parse_answer(&v, Default::default())
+                .unwrap()
+                .confidence
+        };
+        let two = json!([{"token": "tr", "logProbability": -0.01},
+                         {"token": "ue", "logProbability": (0.5f64).ln()}]);
+        assert!((c(answer(two)).unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(c(answer(json!([{"token": "x"}]))), None);
+        let none = json!({"candidates": [{"content": {"parts": [{"text": "true"}]},
+                                          "finishReason": "STOP"}]});
+        assert_eq!(c(none), None);
     }
 
     #[test]

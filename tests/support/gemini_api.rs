@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::confidence::ConfidenceConfig;
 use super::{
     After, Fault, Prefill, Prompt, Proto, Request, State, count_fault, draw_fault, embedding_of,
     generate, next_attempt, prompt_hash, response,
@@ -439,10 +440,45 @@ fn rate_limit_refusal(st: &State, hash: &str) -> Answered {
     )
 }
 
+/// `candidate` as `model` answers: the small model of a cascade is sometimes wrong; with
+/// `logprobs`, its `logprobsResult` (the first token at the answer's confidence).
+fn judged(
+    candidate: &mut Value,
+    (cfg, model, hash): (&ConfidenceConfig, &str, &str),
+    logprobs: bool,
+) {
+    let Some(Value::String(text)) = candidate.pointer_mut("/content/parts/0/text") else {
+        return;
+    };
+    let (right, confidence) = super::confidence::judge(cfg, model, hash);
+    if !right {
+        let wrong = match serde_json::from_str::<Value>(text) {
+            Ok(v) => super::confidence::wrong(&v).to_string(),
+            Err(_) => format!("{text} (wrong)"),
+        };
+        *text = wrong;
+    }
+    if logprobs {
+        let openai = super::confidence::logprobs(text, confidence);
+        let chosen: Vec<Value> = openai["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(
+                |(i, t)| json!({"token": t["token"], "tokenId": i, "logProbability": t["logprob"]}),
+            )
+            .collect();
+        candidate["logprobsResult"] = json!({"topCandidates": [], "chosenCandidates": chosen});
+    }
+}
+
 /// The answer to a `generateContent` (after the server's latency; a `Timeout` fault hangs).
 async fn generate_content(st: &State, req: &Request) -> Vec<u8> {
+    let model = req.path.trim_start_matches("/v1beta/models/");
+    let model = model.split_once(':').map_or(model, |(m, _)| m);
     let answered = match serde_json::from_slice::<Value>(&req.body) {
-        Ok(body) => answer(st, &body, true).await,
+        Ok(body) => answer(st, &body, (true, model)).await,
         Err(e) => Answered::invalid(format!("Invalid JSON payload received. {e}")),
     };
     answered.into_response()
@@ -450,7 +486,7 @@ async fn generate_content(st: &State, req: &Request) -> Vec<u8> {
 
 /// What the endpoint answers to the request `body`, billed; `live` as a request on the wire
 /// (its limits, latency and hanging timeouts), else as a line of a batch (none of those).
-pub(super) async fn answer(st: &State, body: &Value, live: bool) -> Answered {
+pub(super) async fn answer(st: &State, body: &Value, (live, model): (bool, &str)) -> Answered {
     let parsed = match parse(body) {
         Ok(p) => p,
         Err(m) => return Answered::invalid(m),
@@ -517,10 +553,12 @@ pub(super) async fn answer(st: &State, body: &Value, live: bool) -> Answered {
         prefill,
         &json!({"usage": {"prompt_tokens": prompt_tokens}}),
     );
-    let candidate = match candidate(st, &parsed, &hash, fault) {
+    let mut candidate = match candidate(st, &parsed, &hash, fault) {
         Ok(c) => c,
         Err(hostile) => return Answered::Body(hostile),
     };
+    let logprobs = body.pointer("/generationConfig/responseLogprobs") == Some(&json!(true));
+    judged(&mut candidate, (&st.cfg.confidence, model, &hash), logprobs);
     let output = texts(candidate.pointer("/content/parts")).map_or(0, |t| t.len() / 4 + 1) as u64;
     let mut usage = json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": output,
                            "totalTokenCount": prompt_tokens + output + g.thoughts_tokens});

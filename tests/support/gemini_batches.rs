@@ -247,7 +247,7 @@ async fn run(st: &State, key: &str, request: &Value) -> Value {
         .cloned()
         .unwrap_or(Value::Null);
     let mut line = json!({"key": key, "prompt": prompt});
-    match answer(st, request, false).await {
+    match answer(st, request, (false, "")).await {
         Answered::Body(v) => line["response"] = v,
         // A `google.rpc.Status`: the gRPC code of the live answer's status.
         Answered::Refused(_, status, message, _) => {
