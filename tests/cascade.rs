@@ -511,3 +511,40 @@ async fn a_gemini_model_leads_a_cascade_by_its_logprobs_result() {
     assert_eq!(st.gemini.requests, ROWS as u64);
     assert_eq!(st.by_model.get("large").copied(), Some(escalated as u64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_model_that_refuses_its_key_fails_the_statement_instead_of_passing_rows_on() {
+    let server = mock(MockConfig {
+        api_key: Some("right-key".into()),
+        ..small_model()
+    })
+    .await;
+    let url = server.base_url();
+    let text = format!(
+        "[dispatcher]\nmax_attempts = 2\nbackoff_base_ms = 2\n[cache]\nenabled = false\n\
+         [models.small]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"small\"\n\
+         api_key_env = \"SMALL_KEY\"\n\
+         [models.large]\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"large\"\n\
+         api_key_env = \"LARGE_KEY\"\n"
+    );
+    let env = |name: &str| match name {
+        "SMALL_KEY" => Some("wrong-key".to_string()),
+        "LARGE_KEY" => Some("right-key".to_string()),
+        _ => None,
+    };
+    let cfg = Config::parse(&text, Path::new("sluice.toml"), &env).unwrap();
+    let e = engine(&cfg, &[cascade_fn("material", CASCADE, "")]).unwrap();
+    let err = run(&e, "SELECT material('a'), material('b')")
+        .await
+        .unwrap_err();
+    assert!(err.contains("material(): model \"small\" failed"), "{err}");
+    assert!(
+        !err.contains("wrong-key") && !err.contains("right-key"),
+        "{err}"
+    );
+    assert_eq!(
+        server.stats().by_model.get("large"),
+        None,
+        "nothing went on"
+    );
+}

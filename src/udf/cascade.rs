@@ -1,7 +1,9 @@
 //! The models a call's rows go to: one, or a cascade. In a cascade every row is asked of the
 //! first model, with its answer's confidence; a row whose answer is less confident than the
 //! model's `min_confidence`, or whose call failed, is asked of the next model, and so on; the
-//! last model answers every row it is asked. Each model's answers are cached under their own
+//! last model answers every row it is asked. A failure of a model itself (a refused key, an
+//! unreachable server, a spent budget) fails the statement instead: a misconfigured small
+//! model never sends every row to the large one unnoticed. Each model's answers are cached under their own
 //! keys (a cascade's confident answers apart from plain ones), so a re-run asks nothing again.
 
 use std::sync::Arc;
@@ -116,6 +118,9 @@ pub(super) async fn answer(
                     let (value, confidence) = split_confident(v);
                     (confidence >= min).then(|| Ok(Arc::new(value)))
                 }
+                // A failure of the model itself (its key refused, unreachable, a spent budget)
+                // is the statement's, not a row's to pass on to a dearer model.
+                Err(e) if e.kind.is_systemic() => Some(r.clone()),
                 Err(_) => None,
             };
             match confident {

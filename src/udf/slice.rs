@@ -167,11 +167,11 @@ pub(super) async fn process_slice(
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     for ((call, stages), answered) in ctx.calls.iter().zip(&ctx.callers).zip(per_call) {
         let (results, by): (Vec<CallResult>, Vec<Option<usize>>) = answered.into_iter().unzip();
-        check_statement_errors(call, &results)?;
         let models: Vec<Option<&str>> = by
             .iter()
             .map(|s| s.map(|s| stages[s].model.as_str()))
             .collect();
+        check_statement_errors(call, &results, &models)?;
         columns.push(value_array(&call.def, &results)?);
         columns.push(error_array(&results, &models));
         let answered: StringArray = results
@@ -186,18 +186,32 @@ pub(super) async fn process_slice(
 
 /// Any systemic failure (the model is unreachable, refuses the key, ...) fails the statement,
 /// whichever rows it hit first; so does any failed row under on_error = "fail".
-fn check_statement_errors(call: &PhysicalCall, results: &[CallResult]) -> Result<()> {
+fn check_statement_errors(
+    call: &PhysicalCall,
+    results: &[CallResult],
+    models: &[Option<&str>],
+) -> Result<()> {
     let def = &call.def;
     let mut errors = results.iter().filter_map(|r| r.as_ref().err());
-    if let Some(e) = errors.clone().find(|e| e.kind.is_systemic()) {
+    let systemic = results.iter().zip(models).find_map(|(r, m)| {
+        r.as_ref()
+            .err()
+            .filter(|e| e.kind.is_systemic())
+            .map(|e| (e, m))
+    });
+    if let Some((e, model)) = systemic {
         let stop = match e.kind {
             ErrorKind::Budget => StatementStop::Budget,
             _ => StatementStop::Model,
         };
+        // A cascade's model by its name; a lone model by its endpoint, as before.
+        let model = match (call.cascade.is_empty(), model) {
+            (false, Some(name)) => format!("{name:?}"),
+            _ => format!("{:?}", call.model.provider.endpoint()),
+        };
         return Err(stop.fail(DataFusionError::Execution(format!(
-            "{}(): model {:?} failed: {e}",
-            def.name,
-            call.model.provider.endpoint()
+            "{}(): model {model} failed: {e}",
+            def.name
         ))));
     }
     if def.on_error == OnError::Fail
