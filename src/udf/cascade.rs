@@ -72,6 +72,42 @@ async fn ask(
     }
 }
 
+/// The rows a model of a cascade is asked: their places among the prompts, their prompts, and
+/// their packed items (for a function that packs rows).
+struct Asked {
+    places: Vec<usize>,
+    prompts: Vec<RenderedPrompt>,
+    items: Option<Vec<String>>,
+}
+
+/// The row's result when a model that may pass it on answered `r`: kept when confident enough
+/// (or when the model itself failed: a refused key, an unreachable server, a spent budget are
+/// the statement's, not a row's to pass on to a dearer model); `None`: passed on.
+fn kept(r: &CallResult, min: f64) -> Option<CallResult> {
+    match r {
+        Ok(v) => {
+            let (value, confidence) = split_confident(v);
+            (confidence >= min).then(|| Ok(Arc::new(value)))
+        }
+        Err(e) if e.kind.is_systemic() => Some(r.clone()),
+        Err(_) => None,
+    }
+}
+
+/// Counts what model `s` of a cascade did with `asked` rows, of which it answered `answered`
+/// and finished `done`: the function's counters count a row once, asked of its first model
+/// and finished by the model that answers it (the last model counts its own).
+fn count(stage: &Stage, s: usize, (asked, done, answered): (usize, usize, usize)) {
+    let fm = stage.caller.metrics();
+    if s == 0 {
+        fm.prompts.fetch_add(asked as u64, Ordering::Relaxed);
+    }
+    fm.rows_finished.fetch_add(done as u64, Ordering::Relaxed);
+    if let Some(t) = &stage.tally {
+        t.answered.fetch_add(answered as u64, Ordering::Relaxed);
+    }
+}
+
 /// One result per prompt, in order, with the stage that gave it (an error: the last stage
 /// asked). `items`: the rows' packed items, for a function that packs rows.
 pub(super) async fn answer(
@@ -82,74 +118,62 @@ pub(super) async fn answer(
 ) -> Vec<(CallResult, usize)> {
     let n = prompts.len();
     let mut results: Vec<Option<(CallResult, usize)>> = vec![None; n];
-    // The rows still asked (their places), with their prompts and items.
-    let mut places: Vec<usize> = (0..n).collect();
-    let mut prompts = prompts;
-    let mut items = items;
+    let mut rows = Asked {
+        places: (0..n).collect(),
+        prompts,
+        items,
+    };
     for (s, stage) in stages.iter().enumerate() {
-        if places.is_empty() {
+        if rows.places.is_empty() {
             break;
         }
         if let Some(t) = &stage.tally {
-            t.asked.fetch_add(places.len() as u64, Ordering::Relaxed);
+            t.asked
+                .fetch_add(rows.places.len() as u64, Ordering::Relaxed);
         }
         let Some(min) = stage.min_confidence else {
             // The last model: its result is the row's.
-            let answers = ask(stage, prompts, items, progress).await;
+            let answers = ask(stage, rows.prompts, rows.items, progress).await;
             let answered = answers.iter().filter(|r| r.is_ok()).count();
-            if let Some(t) = &stage.tally {
-                t.answered.fetch_add(answered as u64, Ordering::Relaxed);
-            }
-            for (place, r) in places.into_iter().zip(answers) {
+            count(stage, usize::MAX, (0, 0, answered));
+            for (place, r) in rows.places.into_iter().zip(answers) {
                 results[place] = Some((r, s));
             }
             break;
         };
         // A row passed on is not finished: its progress is counted by the stage that answers.
-        let asked_rows = places.len();
         let asked = AtomicUsize::new(0);
-        let answers = ask(stage, prompts.clone(), items.clone(), &asked).await;
-        let (mut next_places, mut next_prompts, mut next_items) = (vec![], vec![], vec![]);
-        let mut old_items = items.map(|i| i.into_iter());
-        for ((place, prompt), r) in places.into_iter().zip(prompts).zip(answers) {
-            let item = old_items.as_mut().and_then(Iterator::next);
-            let confident = match &r {
-                Ok(v) => {
-                    let (value, confidence) = split_confident(v);
-                    (confidence >= min).then(|| Ok(Arc::new(value)))
+        let answers = ask(stage, rows.prompts.clone(), rows.items.clone(), &asked).await;
+        let mut next = Asked {
+            places: vec![],
+            prompts: vec![],
+            items: rows.items.as_ref().map(|_| vec![]),
+        };
+        let mut items = rows.items.map(|i| i.into_iter());
+        let asked_rows = rows.places.len();
+        let mut answered = 0;
+        for ((place, prompt), r) in rows.places.into_iter().zip(rows.prompts).zip(answers) {
+            let item = items.as_mut().and_then(Iterator::next);
+            match kept(&r, min) {
+                Some(r) => {
+                    answered += usize::from(r.is_ok());
+                    results[place] = Some((r, s));
                 }
-                // A failure of the model itself (its key refused, unreachable, a spent budget)
-                // is the statement's, not a row's to pass on to a dearer model.
-                Err(e) if e.kind.is_systemic() => Some(r.clone()),
-                Err(_) => None,
-            };
-            match confident {
-                Some(r) => results[place] = Some((r, s)),
-                None if s + 1 == stages.len() => results[place] = Some((r, s)),
                 None => {
-                    next_places.push(place);
-                    next_prompts.push(prompt);
-                    next_items.extend(item);
+                    next.places.push(place);
+                    next.prompts.push(prompt);
+                    if let (Some(all), Some(item)) = (next.items.as_mut(), item) {
+                        all.push(item);
+                    }
                 }
             }
         }
-        let passed_on = next_places.len();
-        let done = asked.load(Ordering::Relaxed).saturating_sub(passed_on);
+        let done = asked
+            .load(Ordering::Relaxed)
+            .saturating_sub(next.places.len());
         progress.fetch_add(done, Ordering::Relaxed);
-        // The function's counters count a row once: asked of its first model, finished by
-        // the model that answers it (the last model counts its own).
-        let fm = stage.caller.metrics();
-        if s == 0 {
-            fm.prompts.fetch_add(asked_rows as u64, Ordering::Relaxed);
-        }
-        fm.rows_finished.fetch_add(done as u64, Ordering::Relaxed);
-        if let Some(t) = &stage.tally {
-            let answered = results.iter().flatten().filter(|(_, at)| *at == s).count();
-            t.answered.fetch_add(answered as u64, Ordering::Relaxed);
-        }
-        places = next_places;
-        prompts = next_prompts;
-        items = old_items.map(|_| next_items);
+        count(stage, s, (asked_rows, done, answered));
+        rows = next;
     }
     // What the cascade counted itself reaches a cluster's coordinator with the rest.
     stages[0].caller.report().await;
