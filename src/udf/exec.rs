@@ -185,6 +185,13 @@ impl ExecutionPlan for LlmExec {
         vec![&self.input]
     }
 
+    /// Each partition's rows come out in their input order (the stream's slices are emitted
+    /// in order), so a sort below the lifted calls holds above them: without this, DataFusion
+    /// drops that sort as one nothing above needs.
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
     fn apply_expressions(
         &self,
         f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
