@@ -244,57 +244,60 @@ fn register_functions(
     for f in crate::udf::vector::VectorFn::udfs() {
         ctx.register_udf(f);
     }
-    let mut functions = Vec::with_capacity(defs.len() + 1);
     let builtin = FunctionDef::generic();
-    for def in std::iter::once(builtin).chain(defs) {
-        let def = Arc::new(def);
-        let handle = runtime.models.get(&def.model);
-        if let Some(handle) = handle {
-            check_kind(&def, handle.embeds(), handle.provider.embeds())?;
-        }
-        if let Some(handle) = handle
-            && let Err(message) = handle.provider.check_schema(def.output.as_ref())
-        {
-            return Err(EngineError::Definition(DefError::Invalid {
-                path: def.source.clone(),
-                message: format!(
-                    "function {}: model {:?} cannot return this output: {message}",
-                    def.name, def.model
-                ),
-            }));
-        }
-        check_cascade(&def, runtime)?;
-        if def.kind.is_aggregate() {
-            for udaf in crate::udf::aggregate::LlmAggregate::pair(def.clone()) {
-                if ctx.udaf(udaf.name()).is_ok() {
-                    return Err(EngineError::Definition(DefError::Invalid {
-                        path: def.source.clone(),
-                        message: format!(
-                            "function name {:?} is already a SQL function; choose another name",
-                            udaf.name()
-                        ),
-                    }));
-                }
-                ctx.register_udaf(udaf);
-            }
-            functions.push(def);
-            continue;
-        }
-        for udf in LlmUdf::faces(def.clone()) {
-            if ctx.udf(udf.name()).is_ok() {
-                return Err(EngineError::Definition(DefError::Invalid {
-                    path: def.source.clone(),
-                    message: format!(
-                        "function name {:?} is already a SQL function; choose another name",
-                        udf.name()
-                    ),
-                }));
-            }
-            ctx.register_udf(udf);
-        }
-        functions.push(def);
+    std::iter::once(builtin)
+        .chain(defs)
+        .map(|def| register_function(ctx, runtime, Arc::new(def)))
+        .collect()
+}
+
+/// Registers one definition (its value and error faces, or its aggregate pair), checking that
+/// its models can return its output and that its name is not already a SQL function.
+pub(super) fn register_function(
+    ctx: &SessionContext,
+    runtime: &LlmRuntime,
+    def: Arc<FunctionDef>,
+) -> Result<Arc<FunctionDef>, EngineError> {
+    let handle = runtime.models.get(&def.model);
+    if let Some(handle) = handle {
+        check_kind(&def, handle.embeds(), handle.provider.embeds())?;
     }
-    Ok(functions)
+    if let Some(handle) = handle
+        && let Err(message) = handle.provider.check_schema(def.output.as_ref())
+    {
+        return Err(EngineError::Definition(DefError::Invalid {
+            path: def.source.clone(),
+            message: format!(
+                "function {}: model {:?} cannot return this output: {message}",
+                def.name, def.model
+            ),
+        }));
+    }
+    check_cascade(&def, runtime)?;
+    let taken = |name: &str| {
+        EngineError::Definition(DefError::Invalid {
+            path: def.source.clone(),
+            message: format!(
+                "function name {name:?} is already a SQL function; choose another name"
+            ),
+        })
+    };
+    if def.kind.is_aggregate() {
+        for udaf in crate::udf::aggregate::LlmAggregate::pair(def.clone()) {
+            if ctx.udaf(udaf.name()).is_ok() {
+                return Err(taken(udaf.name()));
+            }
+            ctx.register_udaf(udaf);
+        }
+        return Ok(def);
+    }
+    for udf in LlmUdf::faces(def.clone()) {
+        if ctx.udf(udf.name()).is_ok() {
+            return Err(taken(udf.name()));
+        }
+        ctx.register_udf(udf);
+    }
+    Ok(def)
 }
 
 /// An embedding function needs a model that embeds, and a completion one a model that
