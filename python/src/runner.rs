@@ -101,7 +101,8 @@ where
                 }
                 let _ = cancel.send(());
                 let _ = thread.join();
-                let _ = rt.block_on(tokio::time::timeout(FLUSH, engine.flush_cache()));
+                let _ =
+                    rt.block_on(async { tokio::time::timeout(FLUSH, engine.flush_cache()).await });
             });
             return Ok(Waited::Interrupted(signal));
         }

@@ -51,11 +51,15 @@ impl QueryPlanner for SluiceQueryPlanner {
 
 /// The dispatcher with the response cache as configured: read-only for estimates (which do
 /// without the cache while a run holds it).
-fn dispatcher(config: &Config, answers: Answers) -> Result<Dispatcher, EngineError> {
+fn dispatcher(
+    config: &Config,
+    answers: Answers,
+    open: Option<Arc<ResponseCache>>,
+) -> Result<Dispatcher, EngineError> {
     let estimating = answers == Answers::Estimates;
     let cache = if config.cache.enabled {
-        match ResponseCache::open(&config.cache.dir) {
-            Ok(c) => Some(Arc::new(c)),
+        match open.map_or_else(|| ResponseCache::open(&config.cache.dir).map(Arc::new), Ok) {
+            Ok(c) => Some(c),
             Err(CacheError::Busy(_)) if estimating => None,
             Err(e) => return Err(EngineError::Cache(e)),
         }
@@ -165,7 +169,18 @@ impl Engine {
         defs: Vec<FunctionDef>,
         answers: Answers,
     ) -> Result<Engine, EngineError> {
-        let dispatcher = dispatcher(config, answers)?;
+        Self::build_on(config, defs, answers, None)
+    }
+
+    /// [`Engine::build`] on a response cache already open (that of an engine being replaced),
+    /// when the configuration enables one.
+    pub(super) fn build_on(
+        config: &Config,
+        defs: Vec<FunctionDef>,
+        answers: Answers,
+        cache: Option<Arc<ResponseCache>>,
+    ) -> Result<Engine, EngineError> {
+        let dispatcher = dispatcher(config, answers, cache)?;
         let models = build_models(config, answers, dispatcher.cache())?;
         let runtime = Arc::new(LlmRuntime {
             dispatcher,

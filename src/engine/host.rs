@@ -105,22 +105,24 @@ impl Engine {
     }
 
     /// An engine for estimates ([`Engine::for_estimates`]) with this engine's functions and
-    /// tables, so that [`Engine::explain_script`] on it sees what this session sees. It reads
-    /// no cache while this engine holds it.
+    /// tables, so that [`Engine::explain_script`] on it sees what this session sees (its cache,
+    /// read only, answers for free what this session has received).
     pub async fn estimating_twin(&self, config: &Config) -> Result<Engine, EngineError> {
-        let mut twin = Engine::build(config, Vec::new(), Answers::Estimates)?;
+        let cache = self.runtime.dispatcher.cache().cloned();
+        let mut twin = Engine::build_on(config, Vec::new(), Answers::Estimates, cache)?;
         twin.take_over(&self.functions, self.tables().await)?;
         Ok(twin)
     }
 
     /// This engine built again from `config`, with its functions and tables: after
-    /// [`Engine::stop_sending`] (an interrupt), the session that goes on. The response cache
-    /// is closed first and opened again, so the answers stored stay.
+    /// [`Engine::stop_sending`] (an interrupt), the session that goes on, on the same response
+    /// cache.
     pub async fn rebuilt(self, config: &Config) -> Result<Engine, EngineError> {
         let functions = self.functions.clone();
         let tables = self.tables().await;
+        let cache = self.runtime.dispatcher.cache().cloned();
         drop(self);
-        let mut fresh = Engine::build(config, Vec::new(), Answers::Models)?;
+        let mut fresh = Engine::build_on(config, Vec::new(), Answers::Models, cache)?;
         fresh.take_over(&functions, tables)?;
         Ok(fresh)
     }

@@ -1,0 +1,89 @@
+"""Ctrl-C during a statement: KeyboardInterrupt within 2 s, the answers received stay in the
+cache, and running the statement again sends only the rest."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+ROWS = 120
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    import pyarrow as pa
+    import sluice
+
+    base_url, cache_dir, udfs, mode = sys.argv[1:5]
+    con = sluice.connect(
+        {"dispatcher": {"concurrency": 8},
+         "models": {"default": {"kind": "openai", "base_url": base_url, "model": "mock"}}},
+        udfs=udfs, cache_dir=cache_dir)
+    con.define_function({"name": "label", "args": ["text"], "prompt": "Label {{ text }}"})
+    con.register("t", pa.table({"text": [f"row {i}" for i in range(%d)]}))
+    query = "SELECT text, label(text) AS l FROM t"
+    if mode == "interrupt":
+        print("started", flush=True)
+        try:
+            con.sql(query)
+            print(json.dumps({"finished": True}), flush=True)
+        except KeyboardInterrupt:
+            at = time.monotonic()
+            print(json.dumps({"interrupted": at, "metrics": con.metrics()}), flush=True)
+        # The session goes on after an interrupt: it sends again.
+        con.register("small", pa.table({"text": ["after 1", "after 2"]}))
+        rows = con.sql("SELECT label(text) AS l FROM small").to_pylist()
+        print(json.dumps({"after": rows}), flush=True)
+    else:
+        r = con.sql(query)
+        print(json.dumps({"rows": r.num_rows, "metrics": con.metrics(),
+                          "nulls": r.to_arrow().column("l").null_count}), flush=True)
+    """
+    % ROWS
+)
+
+
+def _lines(proc, timeout):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")], err
+
+
+def test_interrupt_keeps_the_cache_and_a_rerun_sends_only_the_rest(tmp_path, mock_factory, python):
+    mock = mock_factory("--latency-ms", "300")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    args = [mock.base_url, str(tmp_path / "cache"), str(tmp_path / "no-udfs")]
+
+    child = subprocess.Popen(
+        [python, str(script), *args, "interrupt"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert child.stdout.readline().strip() == "started"
+    time.sleep(1.2)
+    sent_at = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    lines, err = _lines(child, 60)
+    first = lines[0]
+    assert "interrupted" in first, (lines, err)
+    assert first["interrupted"] - sent_at < 2.0
+    done_before = first["metrics"]["succeeded"]
+    assert 0 < done_before < ROWS
+    after = lines[1]["after"]
+    assert len(after) == 2 and all(r["l"] for r in after)
+    # Every request the server received was answered and kept: none is sent twice.
+    received = mock.requests()
+    assert received == done_before + 2
+
+    # A new process with the same cache sends only the rows not answered before.
+    rerun = subprocess.Popen(
+        [python, str(script), *args, "rerun"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    (result,), _ = _lines(rerun, 120)
+    assert result["rows"] == ROWS and result["nulls"] == 0
+    assert result["metrics"]["cache_hits"] == done_before
+    assert result["metrics"]["requests"] == ROWS - done_before
+    assert mock.requests() - received == ROWS - done_before
