@@ -20,14 +20,6 @@ use crate::errors::{
 use crate::result::Rows;
 use crate::runner::{Waited, block_on, wait};
 
-/// Where the configuration comes from.
-#[derive(FromPyObject)]
-pub enum ConfigSource {
-    /// TOML text with the path it is read as (for messages and relative paths).
-    #[pyo3(transparent)]
-    Text((String, String)),
-}
-
 /// The engine, and whether an interrupt stopped it (then it is built again before its next
 /// statement).
 struct Held {
@@ -200,7 +192,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        config: Option<ConfigSource>,
+        config: Option<(String, String)>,
         config_path: Option<PathBuf>,
         udfs: Option<PathBuf>,
         cache_dir: Option<PathBuf>,
@@ -215,8 +207,7 @@ impl Session {
             budget_tokens,
             budget_usd,
         };
-        let text = config.map(|ConfigSource::Text(t)| t);
-        let config = load_config(text, config_path, &overrides)?;
+        let config = load_config(config, config_path, &overrides)?;
         let rt = crate::runner::runtime()?;
         let engine = py
             .detach(|| {
