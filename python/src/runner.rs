@@ -4,6 +4,7 @@
 //! stored in the cache), drops the statement and raises `KeyboardInterrupt`.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -47,11 +48,18 @@ pub enum Waited<T> {
     /// after its requests on the wire finished (or [`GRACE`] passed), and its answers flushed
     /// to the cache. The engine sends nothing more; the session builds it again.
     Interrupted(PyErr),
+    /// Another thread's statement on the same engine was interrupted: this one was dropped
+    /// too (the engine sends nothing more).
+    Stopped,
 }
 
 /// Runs the future `make` builds on a thread of its own (statements borrow writers that stay
 /// on one thread), with the runtime's workers; the calling thread waits with the GIL released.
-pub fn wait<T, F, M>(py: Python<'_>, engine: &Arc<Engine>, make: M) -> PyResult<Waited<T>>
+pub fn wait<T, F, M>(
+    py: Python<'_>,
+    (engine, stopped): (&Arc<Engine>, &AtomicBool),
+    make: M,
+) -> PyResult<Waited<T>>
 where
     T: Send + 'static,
     F: Future<Output = T>,
@@ -90,8 +98,15 @@ where
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
-        if let Err(signal) = py.check_signals() {
+        let signal = py.check_signals().err();
+        if signal.is_none() && stopped.load(Ordering::SeqCst) {
+            let _ = cancel.send(());
+            let _ = py.detach(|| thread.join());
+            return Ok(Waited::Stopped);
+        }
+        if let Some(signal) = signal {
             py.detach(|| {
+                stopped.store(true, Ordering::SeqCst);
                 engine.stop_sending();
                 let deadline = Instant::now() + GRACE;
                 while engine.requests_in_flight() > 0 && Instant::now() < deadline {

@@ -2,6 +2,7 @@
 //! built from `sluice.toml`, a dict or the defaults, with its scripts run off the GIL.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::ffi_stream::{ArrowArrayStreamReader, FFI_ArrowArrayStream};
@@ -24,7 +25,8 @@ use crate::runner::{Waited, block_on, wait};
 /// statement).
 struct Held {
     engine: Option<Arc<Engine>>,
-    stopped: bool,
+    /// Set by the statement that was interrupted; a new flag goes with each engine.
+    stopped: Arc<AtomicBool>,
 }
 
 /// A sluice session: SQL with LLM functions over files and Python tables.
@@ -117,9 +119,14 @@ impl Session {
     /// The engine for the next statement (built again after an interrupt), waited for with the
     /// GIL released.
     fn engine(&self, py: Python<'_>) -> PyResult<Arc<Engine>> {
+        self.engine_and_flag(py).map(|(engine, _)| engine)
+    }
+
+    /// The engine for the next statement, with the flag an interrupt sets.
+    fn engine_and_flag(&self, py: Python<'_>) -> PyResult<(Arc<Engine>, Arc<AtomicBool>)> {
         py.detach(|| {
             let mut held = lock(&self.held);
-            if held.stopped {
+            if held.stopped.load(Ordering::SeqCst) {
                 let old = held.engine.take().ok_or_else(|| {
                     SluiceError::new_err("the session could not be built again after an interrupt")
                 })?;
@@ -134,11 +141,13 @@ impl Session {
                     .block_on(old.rebuilt(&self.config))
                     .map_err(|e| engine_error(&e))?;
                 held.engine = Some(Arc::new(fresh));
-                held.stopped = false;
+                held.stopped = Arc::new(AtomicBool::new(false));
             }
-            held.engine
+            let engine = held
+                .engine
                 .clone()
-                .ok_or_else(|| SluiceError::new_err("the session is closed"))
+                .ok_or_else(|| SluiceError::new_err("the session is closed"))?;
+            Ok((engine, held.stopped.clone()))
         })
     }
 
@@ -153,13 +162,13 @@ impl Session {
 
     /// Runs a script and returns the last statement's rows.
     fn run(&self, py: Python<'_>, sql: String, origin: String) -> PyResult<Rows> {
-        let engine = self.engine(py)?;
+        let (engine, stopped) = self.engine_and_flag(py)?;
         let before = engine.metrics().to_json();
         let work = {
             let engine = engine.clone();
             move || async move { engine.run_script_rows(&sql, &origin).await }
         };
-        let waited = wait(py, &engine, work)?;
+        let waited = wait(py, (&engine, &stopped), work)?;
         *lock(&self.last_metrics) = metrics_delta(&engine.metrics().to_json(), &before);
         match waited {
             Waited::Done(Ok(rows)) => {
@@ -168,10 +177,11 @@ impl Session {
                 Ok(Rows::new(rows))
             }
             Waited::Done(Err(e)) => Err(statement_failed(py, &engine, &e)),
-            Waited::Interrupted(signal) => {
-                lock(&self.held).stopped = true;
-                Err(signal)
-            }
+            Waited::Interrupted(signal) => Err(signal),
+            Waited::Stopped => Err(SluiceError::new_err(
+                "a statement of this session was interrupted in another thread, so this one \
+                 was stopped too (the answers received are in the cache); run it again",
+            )),
         }
     }
 }
@@ -219,7 +229,7 @@ impl Session {
             config,
             held: Mutex::new(Held {
                 engine: Some(Arc::new(engine)),
-                stopped: false,
+                stopped: Arc::new(AtomicBool::new(false)),
             }),
             last_metrics: Mutex::new(Value::Object(Default::default())),
         })

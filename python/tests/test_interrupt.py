@@ -88,3 +88,56 @@ def test_interrupt_keeps_the_cache_and_a_rerun_sends_only_the_rest(tmp_path, moc
     assert result["metrics"]["cache_hits"] == ROWS
     assert result["metrics"]["requests"] == 0
     assert mock.requests() == ROWS
+
+
+THREADS_CHILD = textwrap.dedent(
+    """
+    import json, sys, threading
+    import pyarrow as pa
+    import sluice
+
+    base_url, cache_dir = sys.argv[1:3]
+    con = sluice.connect(
+        {"dispatcher": {"concurrency": 4},
+         "models": {"default": {"kind": "openai", "base_url": base_url, "model": "mock"}}},
+        udfs=cache_dir + "/none", cache_dir=cache_dir)
+    con.define_function({"name": "label", "args": ["text"], "prompt": "Label {{ text }}"})
+    con.register("a", pa.table({"text": [f"a {i}" for i in range(80)]}))
+    con.register("b", pa.table({"text": [f"b {i}" for i in range(80)]}))
+    seen = {}
+
+    def other():
+        try:
+            con.sql("SELECT label(text) FROM b")
+            seen["other"] = "finished"
+        except sluice.SluiceError as e:
+            seen["other"] = type(e).__name__
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    print("started", flush=True)
+    try:
+        con.sql("SELECT label(text) FROM a")
+        seen["main"] = "finished"
+    except KeyboardInterrupt:
+        seen["main"] = "KeyboardInterrupt"
+    worker.join(timeout=20)
+    seen["joined"] = not worker.is_alive()
+    seen["after"] = con.sql("SELECT label(text) AS l FROM a").num_rows
+    print(json.dumps(seen), flush=True)
+    """
+)
+
+
+def test_an_interrupt_stops_the_other_threads_statements_too(tmp_path, mock_factory, python):
+    mock = mock_factory("--latency-ms", "300")
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_CHILD)
+    child = subprocess.Popen([python, str(script), mock.base_url, str(tmp_path / "cache")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "started"
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    (seen,), err = _lines(child, 60)
+    assert seen == {"main": "KeyboardInterrupt", "other": "SluiceError", "joined": True,
+                    "after": 80}, err
