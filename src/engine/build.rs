@@ -50,7 +50,9 @@ impl QueryPlanner for SluiceQueryPlanner {
 }
 
 /// The dispatcher with the response cache as configured: read-only for estimates (which do
-/// without the cache while a run holds it).
+/// without the cache while another process's run holds it); `open` is a cache this process
+/// has open already (an engine's that is being replaced or estimated), used instead of opening
+/// the file again.
 fn dispatcher(
     config: &Config,
     answers: Answers,
