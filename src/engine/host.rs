@@ -31,7 +31,8 @@ pub struct QueryRows {
 impl Engine {
     /// Runs every statement of `sql` in order, as [`Engine::run_script`] does (stopping at the
     /// first failure), and returns the rows of the last statement when it is a query (`None`
-    /// when it is not, or when `sql` has no statement). Nothing is printed.
+    /// when it is not, or when `sql` has no statement). Nothing is printed. On a cluster, the
+    /// last statement is not run again on the workers left when some die.
     pub async fn run_script_rows(
         &self,
         sql: &str,
@@ -44,7 +45,7 @@ impl Engine {
             let result = if i + 1 == n {
                 self.last_statement_rows(&stmt.text).await
             } else {
-                self.run_statement(&stmt.text, &opts, &mut std::io::sink())
+                self.run_on_live_workers(&stmt.text, &opts, &mut std::io::sink())
                     .await
                     .map(|()| None)
             };
