@@ -14,6 +14,7 @@
 //! | `sql parse` | statements that need what the test has not (a bucket, a CSV file) | parsed by DataFusion's SQL parser only; keep these rare, and say why in a comment |
 //! | `sh` | shell commands | every `sluice ...` command parses with the real command line (clap) |
 //! | `json` | JSON | parses as JSON |
+//! | `python` | Python using the `sluice` package | parses as Python (`python3`); `python/tests/test_docs.py` runs each file's blocks in order against the test server |
 //! | `text` | output, messages, anything else | not checked |
 //!
 //! Anything else — a bare fence, a bare `toml`, an unknown language or role — is an error, so
@@ -101,6 +102,7 @@ enum Role {
     SqlParse,
     Shell,
     Json,
+    Python,
     Text,
 }
 
@@ -114,6 +116,7 @@ fn role(info: &str) -> Result<Role, String> {
         ["sql", "parse"] => Role::SqlParse,
         ["sh"] => Role::Shell,
         ["json"] => Role::Json,
+        ["python"] => Role::Python,
         ["text"] => Role::Text,
         ["toml"] => {
             return Err(
@@ -126,7 +129,7 @@ fn role(info: &str) -> Result<Role, String> {
         _ => {
             return Err(format!(
                 "unknown fence {info:?}: use toml function|config|config-part, sql, sql parse, \
-                 sh, json or text (see tests/docs.rs)"
+                 sh, json, python or text (see tests/docs.rs)"
             ));
         }
     })
@@ -252,6 +255,34 @@ fn check_shell(block: &Block) -> Result<(), String> {
     Ok(())
 }
 
+/// A Python block parses (with `python3`'s own parser; the Python tests run it).
+fn check_python(block: &Block) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", "import ast, sys; ast.parse(sys.stdin.read())"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("python: cannot run python3: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(block.text.as_bytes())
+            .map_err(|e| format!("python: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("python: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(format!(
+        "python: {}",
+        err.lines().last().unwrap_or("does not parse")
+    ))
+}
+
 /// Checks every block that needs no SQL session; returns the problems, the function blocks by
 /// name and the models the file's configurations define.
 fn check_static(
@@ -283,6 +314,7 @@ fn check_static(
             Role::Json => serde_json::from_str::<serde_json::Value>(&block.text)
                 .map(|_| ())
                 .map_err(|e| format!("json: {e}")),
+            Role::Python => check_python(block),
             Role::Sql | Role::Text => Ok(()),
         };
         if let Err(e) = result {
@@ -600,8 +632,12 @@ sluice run q.sql --max-rows 5
 sluice run q.sql --no-such-flag
 ```
 
-```python
+```ruby
 print("no")
+```
+
+```python
+print("unclosed"
 ```
 "#;
 
@@ -617,6 +653,7 @@ async fn a_broken_example_is_reported_with_its_file_and_line() {
         ("broken.md:38:", "sql parse"),
         ("broken.md:42:", "--no-such-flag"),
         ("broken.md:47:", "unknown fence"),
+        ("broken.md:51:", "python:"),
     ];
     for (at, says) in expect {
         assert!(

@@ -50,12 +50,18 @@ impl QueryPlanner for SluiceQueryPlanner {
 }
 
 /// The dispatcher with the response cache as configured: read-only for estimates (which do
-/// without the cache while a run holds it).
-fn dispatcher(config: &Config, answers: Answers) -> Result<Dispatcher, EngineError> {
+/// without the cache while another process's run holds it); `open` is a cache this process
+/// has open already (an engine's that is being replaced or estimated), used instead of opening
+/// the file again.
+fn dispatcher(
+    config: &Config,
+    answers: Answers,
+    open: Option<Arc<ResponseCache>>,
+) -> Result<Dispatcher, EngineError> {
     let estimating = answers == Answers::Estimates;
     let cache = if config.cache.enabled {
-        match ResponseCache::open(&config.cache.dir) {
-            Ok(c) => Some(Arc::new(c)),
+        match open.map_or_else(|| ResponseCache::open(&config.cache.dir).map(Arc::new), Ok) {
+            Ok(c) => Some(c),
             Err(CacheError::Busy(_)) if estimating => None,
             Err(e) => return Err(EngineError::Cache(e)),
         }
@@ -165,7 +171,18 @@ impl Engine {
         defs: Vec<FunctionDef>,
         answers: Answers,
     ) -> Result<Engine, EngineError> {
-        let dispatcher = dispatcher(config, answers)?;
+        Self::build_on(config, defs, answers, None)
+    }
+
+    /// [`Engine::build`] on a response cache already open (that of an engine being replaced),
+    /// when the configuration enables one.
+    pub(super) fn build_on(
+        config: &Config,
+        defs: Vec<FunctionDef>,
+        answers: Answers,
+        cache: Option<Arc<ResponseCache>>,
+    ) -> Result<Engine, EngineError> {
+        let dispatcher = dispatcher(config, answers, cache)?;
         let models = build_models(config, answers, dispatcher.cache())?;
         let runtime = Arc::new(LlmRuntime {
             dispatcher,
@@ -244,57 +261,60 @@ fn register_functions(
     for f in crate::udf::vector::VectorFn::udfs() {
         ctx.register_udf(f);
     }
-    let mut functions = Vec::with_capacity(defs.len() + 1);
     let builtin = FunctionDef::generic();
-    for def in std::iter::once(builtin).chain(defs) {
-        let def = Arc::new(def);
-        let handle = runtime.models.get(&def.model);
-        if let Some(handle) = handle {
-            check_kind(&def, handle.embeds(), handle.provider.embeds())?;
-        }
-        if let Some(handle) = handle
-            && let Err(message) = handle.provider.check_schema(def.output.as_ref())
-        {
-            return Err(EngineError::Definition(DefError::Invalid {
-                path: def.source.clone(),
-                message: format!(
-                    "function {}: model {:?} cannot return this output: {message}",
-                    def.name, def.model
-                ),
-            }));
-        }
-        check_cascade(&def, runtime)?;
-        if def.kind.is_aggregate() {
-            for udaf in crate::udf::aggregate::LlmAggregate::pair(def.clone()) {
-                if ctx.udaf(udaf.name()).is_ok() {
-                    return Err(EngineError::Definition(DefError::Invalid {
-                        path: def.source.clone(),
-                        message: format!(
-                            "function name {:?} is already a SQL function; choose another name",
-                            udaf.name()
-                        ),
-                    }));
-                }
-                ctx.register_udaf(udaf);
-            }
-            functions.push(def);
-            continue;
-        }
-        for udf in LlmUdf::faces(def.clone()) {
-            if ctx.udf(udf.name()).is_ok() {
-                return Err(EngineError::Definition(DefError::Invalid {
-                    path: def.source.clone(),
-                    message: format!(
-                        "function name {:?} is already a SQL function; choose another name",
-                        udf.name()
-                    ),
-                }));
-            }
-            ctx.register_udf(udf);
-        }
-        functions.push(def);
+    std::iter::once(builtin)
+        .chain(defs)
+        .map(|def| register_function(ctx, runtime, Arc::new(def)))
+        .collect()
+}
+
+/// Registers one definition (its value and error faces, or its aggregate pair), checking that
+/// its models can return its output and that its name is not already a SQL function.
+pub(super) fn register_function(
+    ctx: &SessionContext,
+    runtime: &LlmRuntime,
+    def: Arc<FunctionDef>,
+) -> Result<Arc<FunctionDef>, EngineError> {
+    let handle = runtime.models.get(&def.model);
+    if let Some(handle) = handle {
+        check_kind(&def, handle.embeds(), handle.provider.embeds())?;
     }
-    Ok(functions)
+    if let Some(handle) = handle
+        && let Err(message) = handle.provider.check_schema(def.output.as_ref())
+    {
+        return Err(EngineError::Definition(DefError::Invalid {
+            path: def.source.clone(),
+            message: format!(
+                "function {}: model {:?} cannot return this output: {message}",
+                def.name, def.model
+            ),
+        }));
+    }
+    check_cascade(&def, runtime)?;
+    let taken = |name: &str| {
+        EngineError::Definition(DefError::Invalid {
+            path: def.source.clone(),
+            message: format!(
+                "function name {name:?} is already a SQL function; choose another name"
+            ),
+        })
+    };
+    if def.kind.is_aggregate() {
+        for udaf in crate::udf::aggregate::LlmAggregate::pair(def.clone()) {
+            if ctx.udaf(udaf.name()).is_ok() {
+                return Err(taken(udaf.name()));
+            }
+            ctx.register_udaf(udaf);
+        }
+        return Ok(def);
+    }
+    for udf in LlmUdf::faces(def.clone()) {
+        if ctx.udf(udf.name()).is_ok() {
+            return Err(taken(udf.name()));
+        }
+        ctx.register_udf(udf);
+    }
+    Ok(def)
 }
 
 /// An embedding function needs a model that embeds, and a completion one a model that

@@ -69,7 +69,7 @@ impl Engine {
     /// anything, runs it again on the workers left (the answers the dead ones received are in
     /// the coordinator's cache, so only the calls they had on the wire are made again). Every
     /// worker is tried again from the next statement.
-    async fn run_on_live_workers(
+    pub(super) async fn run_on_live_workers(
         &self,
         text: &str,
         opts: &RunOptions,

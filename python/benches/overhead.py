@@ -1,0 +1,64 @@
+"""The Python package's overhead over the `sluice` command: the flagship
+(queries/earnings_qa.sql) over a corpus from `sluice gen-corpus`, every answer already in the
+cache, run by `sluice run` and by `session.run_file`, alternately, N times each.
+
+    python python/benches/overhead.py --size 100MB --runs 5 [--target target/release]
+
+It starts sluice-mock-llm (from the same target directory) for the first run, which fills the
+cache; the timed runs send nothing. Prints the median of each and their ratio.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="100MB")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--target", default=str(ROOT / "target" / "release"))
+    a = p.parse_args()
+    target = Path(a.target).resolve()
+    work = Path(tempfile.mkdtemp(prefix="sluice-overhead-"))
+    (work / "data" / "transcripts").mkdir(parents=True)
+    subprocess.run([target / "sluice", "gen-corpus", "--out", work / "data/transcripts/corpus.jsonl",
+                    "--size", a.size], check=True)
+    mock = subprocess.Popen([target / "sluice-mock-llm", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        base_url = mock.stdout.readline().split()[1]
+        (work / "sluice.toml").write_text(
+            f'udf_dir = "{ROOT / "udfs"}"\n[dispatcher]\nconcurrency = 256\n'
+            f'[models.default]\nkind = "openai"\nbase_url = "{base_url}"\nmodel = "mock"\n'
+        )
+        cli = [str(target / "sluice"), "--config", "sluice.toml", "run", str(ROOT / "queries/earnings_qa.sql"), "-q"]
+        subprocess.run(cli, cwd=work, check=True, stdout=subprocess.DEVNULL)  # fills the cache
+        py = [sys.executable, "-c",
+              "import sluice; sluice.connect('sluice.toml').run_file(%r)" % str(ROOT / "queries/earnings_qa.sql")]
+        times = {"cli": [], "python": []}
+        for _ in range(a.runs):
+            for name, cmd in (("cli", cli), ("python", py)):
+                start = time.perf_counter()
+                subprocess.run(cmd, cwd=work, check=True, stdout=subprocess.DEVNULL)
+                times[name].append(time.perf_counter() - start)
+        cli_s, py_s = statistics.median(times["cli"]), statistics.median(times["python"])
+        print(f"corpus {a.size}, {a.runs} runs each, {target.name} build: sluice run {cli_s:.2f} s, "
+              f"Python {py_s:.2f} s (medians), ratio {py_s / cli_s:.3f}")
+    finally:
+        os.kill(mock.pid, signal.SIGTERM)
+        mock.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
