@@ -148,9 +148,6 @@ def test_explain_counts_calls_without_sending(tmp_path, mock):
     assert "label" in str(x)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine drops an ORDER BY that an LLM call is lifted "
-                   "above (the logical plan keeps the Sort below the LlmNode, the physical plan "
-                   "has no SortExec); `sluice run` does the same")
 def test_order_by_holds_over_an_llm_call(tmp_path, mock):
     import pyarrow.parquet as pq
 
