@@ -163,7 +163,11 @@ async fn order_by() {
 async fn order_by_a_plain_column_holds_over_the_calls_it_is_lifted_below() {
     // The sort runs below the lifted calls; the calls keep its order.
     let (rows, n) = rows_for("SELECT x, llm(x) AS y FROM v ORDER BY n DESC;").await;
-    let want: Vec<String> = XS.iter().rev().map(|x| format!("{x} | {}", answer(x))).collect();
+    let want: Vec<String> = XS
+        .iter()
+        .rev()
+        .map(|x| format!("{x} | {}", answer(x)))
+        .collect();
     assert_eq!((rows, n), (want, 5));
     let (rows, _) = rows_for("SELECT x, llm(x) AS y FROM v ORDER BY x;").await;
     let mut xs = XS.to_vec();
