@@ -9,7 +9,6 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::TableProvider;
 use datafusion::common::{DataFusionError, TableReference};
 use datafusion::datasource::MemTable;
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::Statement;
 
 use super::error::{EngineError, StatementError};
@@ -71,13 +70,7 @@ impl Engine {
             return Ok(None);
         }
         let plan = self.ctx.state().statement_to_plan(statement).await?;
-        let is_query = !matches!(
-            plan,
-            LogicalPlan::Ddl(_)
-                | LogicalPlan::Dml(_)
-                | LogicalPlan::Statement(_)
-                | LogicalPlan::Copy(_)
-        );
+        let is_query = super::run::is_query(&plan);
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;

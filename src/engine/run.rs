@@ -196,13 +196,7 @@ impl Engine {
             LogicalPlan::Ddl(d) => d.name().to_string(),
             _ => String::new(),
         };
-        let is_query = !matches!(
-            plan,
-            LogicalPlan::Ddl(_)
-                | LogicalPlan::Dml(_)
-                | LogicalPlan::Statement(_)
-                | LogicalPlan::Copy(_)
-        );
+        let is_query = is_query(&plan);
         let df = self.ctx.execute_logical_plan(plan).await?;
         if !is_query {
             df.collect().await?;
@@ -284,4 +278,16 @@ async fn write_rows(
         out.write_all(&buf).ok();
     }
     Ok(())
+}
+
+/// Whether `plan` is a query, whose rows are its answer (not a definition, a write or a
+/// setting).
+pub(super) fn is_query(plan: &LogicalPlan) -> bool {
+    !matches!(
+        plan,
+        LogicalPlan::Ddl(_)
+            | LogicalPlan::Dml(_)
+            | LogicalPlan::Statement(_)
+            | LogicalPlan::Copy(_)
+    )
 }
