@@ -132,10 +132,12 @@ pub(super) async fn answer(
                 .fetch_add(rows.places.len() as u64, Ordering::Relaxed);
         }
         let Some(min) = stage.min_confidence else {
-            // The last model: its result is the row's.
+            // The last model: its result is the row's (its caller counts the rows it finishes).
             let answers = ask(stage, rows.prompts, rows.items, progress).await;
-            let answered = answers.iter().filter(|r| r.is_ok()).count();
-            count(stage, usize::MAX, (0, 0, answered));
+            if let Some(t) = &stage.tally {
+                let answered = answers.iter().filter(|r| r.is_ok()).count();
+                t.answered.fetch_add(answered as u64, Ordering::Relaxed);
+            }
             for (place, r) in rows.places.into_iter().zip(answers) {
                 results[place] = Some((r, s));
             }
