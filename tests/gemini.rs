@@ -16,8 +16,8 @@ use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 use support::mock_llm::{GeminiConfig, GeminiHostile, PrefixCacheConfig, embedding_of};
 use support::providers::{
-    self, check_typed_row_errors, flagship_error, flagship_rows, hosted_text, openai_rows,
-    parse_with_key, root,
+    self, SHORT_PROFILE, check_typed_row_errors, flagship_error, flagship_rows, hosted_text,
+    openai_rows, parse_with_key, root,
 };
 use support::*;
 
@@ -143,15 +143,6 @@ async fn rate_limits_lose_nothing_and_every_retry_waits_for_the_retry_delay() {
     assert!(s.stats().gemini.early_retries > 0, "{:?}", s.stats().gemini);
 }
 
-/// A function answering an object for each row of `t`.
-const PROFILE: &str = r#"
-name = "profile"
-args = ["x"]
-prompt = "Describe {{ x }}"
-max_tokens = 50
-output = { type = "object", properties = { a = { type = "string", maxLength = 80 }, b = { type = "integer" } }, required = ["a", "b"] }
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_answers_are_typed_row_errors() {
     let hostile = [
@@ -180,7 +171,7 @@ async fn hostile_answers_are_typed_row_errors() {
     let mut cfg = config("gemini", &root(&s), 4, extra);
     cfg.dispatcher.max_attempts = 2;
     let cases: Vec<(&str, &str)> = hostile.iter().map(|(m, _, k)| (*m, *k)).collect();
-    let engine = check_typed_row_errors(&cfg, PROFILE, &cases, KEY).await;
+    let engine = check_typed_row_errors(&cfg, SHORT_PROFILE, &cases, KEY).await;
     // The malformed answers are tried twice; a filtered or blocked one, or one too large, once.
     assert_eq!(s.stats().requests, 2 * 2 + 3 + 1, "{:?}", s.stats());
     let m = engine.metrics();

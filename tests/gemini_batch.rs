@@ -15,8 +15,8 @@ use sluice::Engine;
 use sluice::config::Config;
 use support::mock_llm::{BatchConfig, Fault, GeminiConfig, GeminiHostile, PrefixCacheConfig};
 use support::providers::{
-    check_typed_row_errors, flagship_rows, hosted_text, parse_with_key, project_with_model, root,
-    sluice_keyed,
+    SHORT_PROFILE, check_typed_row_errors, flagship_rows, hosted_text, parse_with_key,
+    project_with_model, root, sluice_keyed,
 };
 use support::*;
 
@@ -195,15 +195,6 @@ async fn a_run_killed_while_its_batch_runs_resumes_the_same_batch() {
     );
 }
 
-/// A function answering an object for each row.
-const PROFILE: &str = r#"
-name = "profile"
-args = ["x"]
-prompt = "Describe {{ x }}"
-max_tokens = 50
-output = { type = "object", properties = { a = { type = "string", maxLength = 80 }, b = { type = "integer" } }, required = ["a", "b"] }
-"#;
-
 /// A batch-mode engine configuration on `server`, one attempt a call, no cache.
 fn batch_config(server: &MockServer) -> Config {
     let extra = "api_key_env = \"GEM_KEY\"\nmode = \"batch\"\n";
@@ -246,7 +237,7 @@ async fn error_results_hostile_answers_and_missing_results_are_typed_row_errors(
         ("DROPPED", "malformed_response"),
         ("EMPTY", "malformed_response"),
     ];
-    let engine = check_typed_row_errors(&batch_config(&s), PROFILE, &cases, KEY).await;
+    let engine = check_typed_row_errors(&batch_config(&s), SHORT_PROFILE, &cases, KEY).await;
     let m = engine.metrics();
     assert_eq!((m.calls, m.failed), (9, 8));
     let st = s.stats();

@@ -14,6 +14,15 @@ use super::{
     read_parquet, repo, run, shared_data, sorted_rows,
 };
 
+/// A function answering an object for each row, its text capped at 80 characters.
+pub const SHORT_PROFILE: &str = r#"
+name = "profile"
+args = ["x"]
+prompt = "Describe {{ x }}"
+max_tokens = 50
+output = { type = "object", properties = { a = { type = "string", maxLength = 80 }, b = { type = "integer" } }, required = ["a", "b"] }
+"#;
+
 /// The server's root URL (no `/v1`), as the hosted providers' `base_url` names it.
 pub fn root(server: &MockServer) -> String {
     format!("http://{}", server.addr())
