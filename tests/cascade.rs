@@ -355,7 +355,7 @@ async fn explain_estimates_the_share_of_rows_a_sample_passes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_the_coordinator_counts_every_worker_s_cascade() {
-    use support::workers::{KEY, cluster_project, spawn_workers, worker_list};
+    use support::workers::{KEY, cluster_project, sluice_ok, spawn_workers, worker_list};
     let server = mock(MockConfig {
         api_key: Some(KEY.to_string()),
         ..small_model()
@@ -383,17 +383,7 @@ async fn on_a_cluster_the_coordinator_counts_every_worker_s_cascade() {
         let mut all = vec!["run", "--metrics-json", "metrics.json"];
         all.extend_from_slice(args);
         all.push("m.sql");
-        let out = p
-            .command(&all)
-            .env("SLUICE_CLUSTER_KEY", KEY)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sluice_ok(&p, &all);
         let m: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(p.path("metrics.json")).unwrap())
                 .unwrap();

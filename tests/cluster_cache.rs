@@ -5,7 +5,7 @@
 mod support;
 
 use support::rows::{rows, sorted_lines};
-use support::workers::{KEY, cluster_project, spawn_workers, worker_list};
+use support::workers::{KEY, cluster_project, sluice_ok, spawn_workers, worker_list};
 use support::*;
 
 /// The flagship's rows of `rel` as sorted lines.
@@ -18,14 +18,7 @@ fn run_ok(p: &Project, args: &[&str]) -> String {
     let mut all = vec!["run"];
     all.extend_from_slice(args);
     all.push("q.sql");
-    let out = p
-        .command(&all)
-        .env("SLUICE_CLUSTER_KEY", KEY)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    stderr
+    sluice_ok(p, &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

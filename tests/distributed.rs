@@ -11,7 +11,7 @@ use sluice::config::Config;
 use sluice::engine::worker::WorkerHost;
 use support::rows::{assert_provenance, rows, sorted_lines};
 use support::workers::{
-    KEY, WorkerProcess, cluster_project, spawn_run, spawn_workers, worker_list,
+    KEY, WorkerProcess, cluster_project, sluice_ok, spawn_run, spawn_workers, worker_list,
 };
 use support::*;
 use tokio::sync::oneshot;
@@ -307,17 +307,7 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
     .await;
     // The rows one process makes alone.
     let alone = cluster_project(&server.base_url(), concurrency);
-    let out = alone
-        .command(&["run", "--no-cache", "q.sql"])
-        .env("SLUICE_CLUSTER_KEY", KEY)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sluice_ok(&alone, &["run", "--no-cache", "q.sql"]);
     let expected = sorted_lines(rows(&read_parquet(&alone.path("out/qa.parquet")).await));
     server.reset_stats();
 

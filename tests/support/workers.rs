@@ -128,6 +128,18 @@ pub fn cluster_project(base_url: &str, concurrency: usize) -> Project {
     p
 }
 
+/// `sluice ARGS` in `project` with the cluster's key; its stderr, after checking exit 0.
+pub fn sluice_ok(project: &Project, args: &[&str]) -> String {
+    let out = project
+        .command(args)
+        .env("SLUICE_CLUSTER_KEY", KEY)
+        .output()
+        .expect("sluice runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    stderr
+}
+
 /// The workers' addresses as `--workers` takes them.
 pub fn worker_list(workers: &[WorkerProcess]) -> String {
     workers
