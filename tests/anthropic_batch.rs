@@ -14,7 +14,9 @@ use sluice::Engine;
 use sluice::config::Config;
 use sluice::udf::def::FunctionDef;
 use support::mock_llm::{AnthropicPrices, BatchConfig, Fault, SONNET_4_5};
-use support::providers::{flagship_rows, parse_with_key, project_with_model, sluice_keyed};
+use support::providers::{
+    cached_config_text, flagship_rows, parse_with_key, project_with_model, sluice_keyed,
+};
 use support::*;
 
 const KEY: &str = "sk-ant-secret-0123456789";
@@ -45,12 +47,7 @@ fn keyed(batch: BatchConfig) -> MockConfig {
 
 /// An in-process engine on `server` with `max_attempts` attempts and the cache in `cache`.
 fn engine_config(server: &MockServer, attempts: u32, extra: &str, cache: &Path) -> Config {
-    let text = format!(
-        "[dispatcher]\nconcurrency = 4\nmax_attempts = {attempts}\nbackoff_base_ms = 1\n\
-         backoff_max_ms = 20\n[cache]\nenabled = true\ndir = \"{}\"\n{}",
-        cache.display(),
-        model_text(server, extra)
-    );
+    let text = cached_config_text(attempts, cache, &model_text(server, extra));
     parse_with_key(&text, "ANT_KEY", KEY)
 }
 

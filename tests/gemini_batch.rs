@@ -15,8 +15,8 @@ use sluice::Engine;
 use sluice::config::Config;
 use support::mock_llm::{BatchConfig, Fault, GeminiConfig, GeminiHostile, PrefixCacheConfig};
 use support::providers::{
-    SHORT_PROFILE, check_typed_row_errors, flagship_rows, hosted_text, parse_with_key,
-    project_with_model, root, sluice_keyed,
+    SHORT_PROFILE, cached_config_text, check_typed_row_errors, flagship_rows, hosted_text,
+    parse_with_key, project_with_model, root, sluice_keyed,
 };
 use support::*;
 
@@ -53,12 +53,7 @@ fn keyed(batch: BatchConfig) -> MockConfig {
 
 /// An in-process engine on `server` with `max_attempts` attempts and the cache in `cache`.
 fn engine_config(server: &MockServer, attempts: u32, extra: &str, cache: &Path) -> Config {
-    let text = format!(
-        "[dispatcher]\nconcurrency = 4\nmax_attempts = {attempts}\nbackoff_base_ms = 1\n\
-         backoff_max_ms = 20\n[cache]\nenabled = true\ndir = \"{}\"\n{}",
-        cache.display(),
-        model_text(server, extra)
-    );
+    let text = cached_config_text(attempts, cache, &model_text(server, extra));
     parse_with_key(&text, "GEM_KEY", KEY)
 }
 

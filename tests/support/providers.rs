@@ -53,6 +53,16 @@ pub fn hosted_text(
     )
 }
 
+/// A configuration's text for an in-process engine: 4 requests in flight, `attempts` attempts
+/// with fast backoff, the cache in `cache`, and `model` (a `[models.default]` table's text).
+pub fn cached_config_text(attempts: u32, cache: &Path, model: &str) -> String {
+    format!(
+        "[dispatcher]\nconcurrency = 4\nmax_attempts = {attempts}\nbackoff_base_ms = 1\n\
+         backoff_max_ms = 20\n[cache]\nenabled = true\ndir = \"{}\"\n{model}",
+        cache.display()
+    )
+}
+
 /// `text` parsed with `key` in the environment variable `var` (and no other), functions read
 /// from the repository's `udfs/`.
 pub fn parse_with_key(text: &str, var: &str, key: &str) -> Config {
