@@ -20,9 +20,7 @@ pub(crate) fn key_from_hex(s: &str) -> Option<RequestKey> {
     Some(key)
 }
 
-#[cfg(test)]
-use crate::types::LlmRequest;
-use crate::types::{OutputSchema, RenderedPrompt};
+use crate::types::{LlmRequest, OutputSchema, RenderedPrompt};
 
 /// A 32-byte request key: 8 bytes that group calls whose user messages open alike, then 24 bytes
 /// of the SHA-256 of the whole request (see [`KeyPrefix`]).
@@ -31,13 +29,7 @@ pub type RequestKey = [u8; 32];
 /// Computes the key of `req` sent to `endpoint` (provider URL and model id).
 #[cfg(test)]
 pub(crate) fn request_key(endpoint: &str, req: &LlmRequest) -> RequestKey {
-    KeyPrefix::new(
-        endpoint,
-        req.max_tokens,
-        req.temperature,
-        req.schema.as_deref(),
-    )
-    .key(&req.prompt)
+    KeyPrefix::of_request(endpoint, req).key(&req.prompt)
 }
 
 /// The part of a request key that one function's calls share (endpoint, generation parameters,
@@ -106,6 +98,22 @@ impl KeyPrefix {
             None => hash_field(&mut h, b"\0none"),
         }
         KeyPrefix(h)
+    }
+
+    /// The prefix of `req` sent to `endpoint`: its generation parameters, output schema and
+    /// whether it asks for its answer's confidence.
+    pub fn of_request(endpoint: &str, req: &LlmRequest) -> KeyPrefix {
+        let prefix = KeyPrefix::new(
+            endpoint,
+            req.max_tokens,
+            req.temperature,
+            req.schema.as_deref(),
+        );
+        if req.confidence {
+            prefix.with_confidence()
+        } else {
+            prefix
+        }
     }
 
     /// This prefix for requests that also ask for their answer's confidence (a cascade's

@@ -113,16 +113,7 @@ impl Inner {
         req: &LlmRequest,
         fm: &Arc<FunctionMetrics>,
     ) -> Result<CachedResponse, (LlmError, u32)> {
-        let mut prefix = KeyPrefix::new(
-            &model.provider.endpoint(),
-            req.max_tokens,
-            req.temperature,
-            req.schema.as_deref(),
-        );
-        if req.confidence {
-            prefix = prefix.with_confidence();
-        }
-        let key = prefix.key(&req.prompt);
+        let key = KeyPrefix::of_request(&model.provider.endpoint(), req).key(&req.prompt);
         let mut attempt = 0;
         loop {
             attempt += 1;
