@@ -76,11 +76,21 @@ async fn start_worker_with(config: impl FnOnce(&Path) -> Config) -> InProcess {
     }
 }
 
-/// A coordinator over `workers`, with the workers' configuration (its own cache, unused: the
-/// workers keep theirs).
+/// A coordinator over `workers`, with the workers' configuration and a cache of its own (which
+/// it serves to them).
 fn coordinator(base_url: &str, workers: &[&str], concurrency: usize) -> sluice::Engine {
     let cache = tempfile::tempdir().unwrap().keep();
-    sluice::Engine::new(&coordinator_config(base_url, workers, concurrency, &cache)).unwrap()
+    coordinator_in(base_url, workers, concurrency, &cache)
+}
+
+/// [`coordinator`] with its cache in `cache_dir`.
+fn coordinator_in(
+    base_url: &str,
+    workers: &[&str],
+    concurrency: usize,
+    cache_dir: &Path,
+) -> sluice::Engine {
+    sluice::Engine::new(&coordinator_config(base_url, workers, concurrency, cache_dir)).unwrap()
 }
 
 /// The workers' configuration, its cache in `cache_dir`, with `workers` as the cluster.
@@ -93,6 +103,24 @@ fn coordinator_config(
     let mut c = worker_config(base_url, cache_dir, concurrency);
     c.cluster.workers = sluice::config::ClusterConfig::parse_workers(workers).unwrap();
     c
+}
+
+/// A new coordinator on the cache of one just dropped: its server's connections close as their
+/// tasks end, so the cache is opened again as soon as it is free (within 10 s).
+async fn reopened(base_url: &str, workers: &[&str], cache_dir: &Path) -> sluice::Engine {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let config = coordinator_config(base_url, workers, 48, cache_dir);
+        match sluice::Engine::new(&config) {
+            Ok(engine) => return engine,
+            Err(sluice::engine::EngineError::Cache(sluice::cache::CacheError::Busy(_)))
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 fn urls(workers: &[InProcess]) -> Vec<&str> {
@@ -163,7 +191,8 @@ async fn flagship_on_three_workers_equals_one_process() {
     server.reset_stats();
 
     let workers = three_workers(&server.base_url(), 48).await;
-    let engine = coordinator(&server.base_url(), &urls(&workers), 48);
+    let coordinator_cache = dir.path().join("coordinator-cache");
+    let engine = coordinator_in(&server.base_url(), &urls(&workers), 48, &coordinator_cache);
     let out = dir.path().join("cluster.parquet");
     let printed = run(&engine, &flagship_sql(&excerpts(), &out))
         .await
@@ -186,10 +215,6 @@ async fn flagship_on_three_workers_equals_one_process() {
         single_requests,
         "{per_worker:?}"
     );
-    assert!(
-        per_worker.iter().all(|n| *n > 0),
-        "no worker idle: {per_worker:?}"
-    );
     // The workers made every request (above); the coordinator's counters include them all.
     assert_eq!(
         engine.metrics().requests,
@@ -201,9 +226,12 @@ async fn flagship_on_three_workers_equals_one_process() {
         assert_provenance(&alone, r);
     }
 
-    // The same statement on the same cluster (a new run): every answer is in a worker's cache.
+    // The same statement on the same cluster (a new run): every answer is in the cluster's
+    // caches, whichever worker reads which rows this time.
     server.reset_stats();
-    let again = coordinator(&server.base_url(), &urls(&workers), 48);
+    engine.flush_cache().await.unwrap();
+    drop(engine);
+    let again = reopened(&server.base_url(), &urls(&workers), &coordinator_cache).await;
     let out2 = dir.path().join("again.parquet");
     run(&again, &flagship_sql(&excerpts(), &out2))
         .await

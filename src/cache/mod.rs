@@ -21,6 +21,7 @@ mod key;
 mod remote;
 mod shared;
 mod wire;
+mod work;
 
 pub use jobs::StoredJob;
 #[cfg(test)]
@@ -29,6 +30,7 @@ pub(crate) use key::{KeyPrefix, RequestKey, key_from_hex, key_hex};
 pub(crate) use remote::Lookup;
 pub use remote::SharedCache;
 pub use shared::{CacheServer, Counters};
+pub use work::{Next, WorkQueues};
 
 /// How a run uses the persistent response cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -158,6 +158,55 @@ impl SharedCache {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// The next chunk of the coordinator's work queue `queue` (`None`: every chunk is handed
+    /// out). Unlike lookups, any failure is an error: a chunk the coordinator handed out but
+    /// this worker did not hear of would be rows lost, so it is never asked twice.
+    pub(crate) async fn next_chunk(&self, queue: &str) -> Result<Option<u64>, String> {
+        let mut req = self
+            .client
+            .post(format!("{}/v1/next", self.base))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(json!({ "queue": queue }).to_string());
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, t.bearer());
+        }
+        let failed = |why: String| format!("cannot get work from the coordinator at {}: {why}", self.base);
+        let resp = req.send().await.map_err(|e| {
+            let why = if e.is_connect() {
+                "cannot connect"
+            } else if e.is_timeout() {
+                "no answer in time"
+            } else {
+                "the connection failed"
+            };
+            failed(why.to_string())
+        })?;
+        let status = resp.status();
+        if status == http::StatusCode::NOT_FOUND {
+            return Err(failed(
+                "it does not know this statement's work queue (did it restart?)".to_string(),
+            ));
+        }
+        if !status.is_success() {
+            return Err(failed(format!("HTTP {}", status.as_u16())));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|_| failed("the answer was cut".to_string()))?;
+        let doc: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| failed("the answer is not JSON".to_string()))?;
+        // Only an explicit null ends the scan: a malformed answer is never taken for "done".
+        match doc.get("chunk") {
+            Some(Value::Null) => Ok(None),
+            Some(n) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| failed("the answer has no chunk number".to_string())),
+            None => Err(failed("the answer has no chunk number".to_string())),
+        }
+    }
+
     /// Reports the change of this worker's counters to the coordinator.
     pub(crate) async fn report(&self, delta: &BTreeMap<String, u64>) {
         let _ = self

@@ -26,7 +26,9 @@
 //! - `POST /v1/wait` `{"key": key}` → `{"entry": entry or null}`, once it is answered;
 //! - `POST /v1/release` `{"keys": [..]}` → 204;
 //! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204;
-//! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204.
+//! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204;
+//! - `POST /v1/next` `{"queue": id}` → `{"chunk": n}`, or `{"chunk": null}` once every chunk
+//!   is handed out ([`super::work`]); 404 for a queue it does not know.
 //!
 //! With a cluster token, every request must carry `authorization: Bearer TOKEN`; a request
 //! without it is refused with 401 before its body is read. With the cluster's certificate
@@ -44,6 +46,7 @@ use serde_json::{Value, json};
 
 use super::ResponseCache;
 use super::claims::Claims;
+use super::work::{Next, WorkQueues};
 use super::wire::{entry_from, entry_value, keys_of, unhex};
 use crate::config::Secret;
 
@@ -82,16 +85,24 @@ impl CacheServer {
             token,
             counters,
             claims: Claims::default(),
+            work: Arc::new(WorkQueues::default()),
         });
         let served = state.clone();
+        // The connections are tasks of the accept loop's own set: when the server is dropped
+        // (the loop aborted), they end too, and nothing keeps the cache open.
         let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, peer)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    Some(_) = connections.join_next() => continue,
+                };
+                let Ok((stream, peer)) = accepted else {
                     continue;
                 };
                 let state = state.clone();
                 let acceptor = acceptor.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, std::convert::Infallible>(state.answer(req, peer).await) }
@@ -125,6 +136,11 @@ impl CacheServer {
     /// (a dead worker never releases its own), and the statement runs again.
     pub fn release_claims(&self) {
         self.state.claims.end_all();
+    }
+
+    /// The queues of input chunks it hands out to the workers' scans.
+    pub fn work(&self) -> Arc<WorkQueues> {
+        self.state.work.clone()
     }
 
     /// Where it listens.
@@ -173,6 +189,7 @@ struct Served {
     token: Option<Secret>,
     counters: Counters,
     claims: Claims,
+    work: Arc<WorkQueues>,
 }
 
 impl std::fmt::Debug for Served {
@@ -225,6 +242,7 @@ impl Served {
             "/v1/wait" => self.wait(&doc).await,
             "/v1/release" => self.release(&doc),
             "/v1/counters" => self.counters(&doc),
+            "/v1/next" => self.next(&doc),
             _ => refusal(StatusCode::NOT_FOUND, "unknown path"),
         }
     }
@@ -333,6 +351,17 @@ impl Served {
         };
         (self.counters)(&delta);
         no_content()
+    }
+
+    fn next(&self, doc: &Value) -> Response<Full<Bytes>> {
+        let Some(queue) = doc["queue"].as_str() else {
+            return refusal(StatusCode::BAD_REQUEST, "queue: expected a string");
+        };
+        match self.work.next(queue) {
+            Next::Chunk(n) => reply(StatusCode::OK, json!({ "chunk": n })),
+            Next::Done => reply(StatusCode::OK, json!({ "chunk": null })),
+            Next::Unknown => refusal(StatusCode::NOT_FOUND, "no such work queue"),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use super::error::EngineError;
 use super::live::LiveWorkers;
 use super::models::{Answers, build_models};
 use super::session::Engine;
-use crate::cache::{CacheError, CacheMode, ResponseCache};
+use crate::cache::{CacheError, CacheMode, CacheServer, ResponseCache};
 use crate::config::Config;
 use crate::llm::Dispatcher;
 use crate::sink::store::ObjectStores;
@@ -92,7 +92,7 @@ fn session(
     runtime: &Arc<LlmRuntime>,
     lines: Arc<LineRules>,
     answers: Answers,
-    (cache_url, live): (Option<String>, &Arc<LiveWorkers>),
+    (served, live): (Option<&CacheServer>, &Arc<LiveWorkers>),
 ) -> Result<SessionContext, EngineError> {
     let mut session_config = SessionConfig::new()
         .with_information_schema(true)
@@ -135,7 +135,7 @@ fn session(
         .with_optimizer_rule(Arc::new(LiftLlmCalls));
     // Estimates run here (they must not reach a worker's models); explain shows the stages.
     if config.cluster.distributed() && answers == Answers::Models {
-        state = super::cluster::distribute(state, config, cache_url, live);
+        state = super::cluster::distribute(state, config, served, live);
     }
     Ok(SessionContext::new_with_state(state.build()))
 }
@@ -198,9 +198,14 @@ impl Engine {
             ),
             Answers::Estimates => None,
         };
-        let cache_url = cache_server.as_ref().map(|s| s.url());
         let live = LiveWorkers::new(&config.cluster);
-        let ctx = session(config, &runtime, lines.clone(), answers, (cache_url, &live))?;
+        let ctx = session(
+            config,
+            &runtime,
+            lines.clone(),
+            answers,
+            (cache_server.as_ref(), &live),
+        )?;
         let functions = register_functions(&ctx, &runtime, defs)?;
         Ok(Engine {
             ctx,

@@ -25,17 +25,18 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion_distributed::{
     DesiredTaskCountEvent, DesiredTaskCountEventResponse, DistributedExec, DistributedExt,
-    RouteTasksEvent, RouteTasksEventResponse, SessionStateBuilderExt, WorkerResolver,
-    display_plan_ascii,
+    RouteTasksEvent, RouteTasksEventResponse, ScaleUpLeafNodeEvent, ScaleUpLeafNodeEventResponse,
+    SessionStateBuilderExt, WorkerResolver, display_plan_ascii,
 };
 use url::Url;
 
 use super::live::LiveWorkers;
 use super::session::Engine;
 use super::transport::WorkerChannels;
-use crate::cache::{CacheServer, Counters, ResponseCache};
-use crate::config::{ClusterConfig, Config};
+use crate::cache::{CacheServer, Counters, ResponseCache, WorkQueues};
+use crate::config::{ClusterConfig, Config, Secret};
 use crate::llm::Metrics;
+use crate::udf::claimed::chunked_leaf;
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
 
@@ -103,19 +104,13 @@ fn local_address_toward(url: &Url) -> Option<IpAddr> {
     Some(socket.local_addr().ok()?.ip())
 }
 
-/// On a cluster's coordinator, serves its response cache (when it has one) to the workers and
-/// takes their counters into `metrics` ([`crate::cache::CacheServer`]), on this machine's
-/// address toward the first worker, a free port; over TLS when the cluster uses TLS. Not served
-/// (each worker keeps only its own cache and counts only its own calls): beyond loopback
-/// without a cluster token, or with TLS but no certificate of the coordinator's own.
-pub(super) fn serve_cache(
-    config: &Config,
-    cache: Option<&Arc<ResponseCache>>,
-    metrics: &Arc<Metrics>,
-) -> Option<CacheServer> {
-    let cluster = &config.cluster;
+/// Where a cluster's coordinator serves its response cache, counters and work queues: this
+/// machine's address toward the first worker, and the TLS certificate and key it serves with
+/// when the cluster uses TLS. `None` (each worker keeps only its own cache, counts only its own
+/// calls and reads fixed byte ranges): beyond loopback without a cluster token, or with TLS but
+/// no certificate of the coordinator's own; `warn` logs why.
+fn serving_address(cluster: &ClusterConfig, warn: bool) -> Option<(IpAddr, Option<(&str, &Secret)>)> {
     let first = cluster.workers.first()?;
-    tokio::runtime::Handle::try_current().ok()?;
     // With TLS between the machines, served over TLS with this machine's certificate.
     let tls = match (
         cluster.tls.to_workers(),
@@ -125,22 +120,41 @@ pub(super) fn serve_cache(
         (false, _, _) => None,
         (true, Some(cert), Some(key)) => Some((cert.as_str(), key)),
         (true, _, _) => {
-            tracing::warn!(
-                "workers keep their own caches and counts: with [cluster] tls_ca, the \
-                 coordinator serves its cache only over TLS, with tls_cert and tls_key of its own"
-            );
+            if warn {
+                tracing::warn!(
+                    "workers keep their own caches and counts: with [cluster] tls_ca, the \
+                     coordinator serves its cache only over TLS, with tls_cert and tls_key of \
+                     its own"
+                );
+            }
             return None;
         }
     };
     let ip = local_address_toward(first)?;
     if cluster.token.is_none() && !ip.is_loopback() {
-        tracing::warn!(
-            "workers keep their own caches and counts: the coordinator serves its cache to them \
-             only with a cluster token ({}) or on loopback",
-            cluster.token_env
-        );
+        if warn {
+            tracing::warn!(
+                "workers keep their own caches and counts: the coordinator serves its cache to \
+                 them only with a cluster token ({}) or on loopback",
+                cluster.token_env
+            );
+        }
         return None;
     }
+    Some((ip, tls))
+}
+
+/// On a cluster's coordinator, serves its response cache (when it has one) to the workers,
+/// takes their counters into `metrics` and hands out chunks of the input
+/// ([`crate::cache::CacheServer`]), where [`serving_address`] says, on a free port.
+pub(super) fn serve_cache(
+    config: &Config,
+    cache: Option<&Arc<ResponseCache>>,
+    metrics: &Arc<Metrics>,
+) -> Option<CacheServer> {
+    let cluster = &config.cluster;
+    tokio::runtime::Handle::try_current().ok()?;
+    let (ip, tls) = serving_address(cluster, true)?;
     let metrics = metrics.clone();
     let counters: Counters = Arc::new(move |delta| metrics.absorb(delta));
     let guard = (cluster.token.clone(), tls);
@@ -154,28 +168,34 @@ pub(super) fn serve_cache(
 }
 
 /// Adds the distributed planner over `config.cluster.workers` to a session whose query
-/// planner is already sluice's, with the codec of this run.
+/// planner is already sluice's, with the codec of this run; with the coordinator's server
+/// (`served`), file scans are handed out in chunks as workers free up.
 pub(super) fn distribute(
     builder: SessionStateBuilder,
     config: &Config,
-    cache_url: Option<String>,
+    served: Option<&CacheServer>,
     live: &Arc<LiveWorkers>,
 ) -> SessionStateBuilder {
-    planned_on(builder, &config.cluster, live.clone())
+    let cache_url = served.map(CacheServer::url);
+    let work = served.map(|s| (s.work(), s.url()));
+    planned_on(builder, &config.cluster, live.clone(), work)
         .with_distributed_user_codec(LlmCodec::coordinator(run_share(config, cache_url), config))
         .with_distributed_option_extension(TableRules::default())
 }
 
-/// The distributed planner over `cluster`: LLM stages get a task per worker, and tasks go to
-/// the workers in the listed order (passing over those `live` says are gone).
+/// The distributed planner over `cluster`: LLM stages get a task per worker, tasks go to the
+/// workers in the listed order (passing over those `live` says are gone), and with `work` (the
+/// coordinator's queues and its server's URL) file scans are cut into chunks that the tasks
+/// ask for as they free up ([`chunked_leaf`]).
 fn planned_on(
     builder: SessionStateBuilder,
     cluster: &ClusterConfig,
     live: Arc<LiveWorkers>,
+    work: Option<(Arc<WorkQueues>, String)>,
 ) -> SessionStateBuilder {
     let workers = cluster.workers.clone();
     let n = workers.len();
-    builder
+    let mut builder = builder
         .with_distributed_planner()
         .with_distributed_channel_resolver(WorkerChannels::new(cluster))
         .with_distributed_worker_resolver(Workers(workers))
@@ -189,7 +209,16 @@ fn planned_on(
             move |ev: RouteTasksEvent<'_>| -> Option<Result<RouteTasksEventResponse>> {
                 Some(live.route(ev.task_count).map(RouteTasksEventResponse::new))
             },
-        )
+        );
+    if let Some((queues, url)) = work {
+        builder = builder.with_distributed_scale_up_leaf_node_handler(
+            move |ev: ScaleUpLeafNodeEvent<'_>| -> Option<Result<ScaleUpLeafNodeEventResponse>> {
+                chunked_leaf(ev.plan, ev.task_count, &queues, &url)
+                    .map(|r| r.map(ScaleUpLeafNodeEventResponse::new))
+            },
+        );
+    }
+    builder
 }
 
 impl Engine {
@@ -217,10 +246,16 @@ impl Engine {
         if !self.cluster.distributed() {
             return Ok(None);
         }
+        // Chunks as a run hands them out, from queues nobody asks (nothing is sent).
+        let work = serving_address(&self.cluster, false).map(|(ip, _)| {
+            let url = format!("http://{}", SocketAddr::from((ip, 0)));
+            (Arc::new(WorkQueues::default()), url)
+        });
         let state = planned_on(
             SessionStateBuilder::new_from_existing(self.ctx.state()),
             &self.cluster,
             LiveWorkers::new(&self.cluster),
+            work,
         )
         .build();
         let physical = state.create_physical_plan(plan).await?;

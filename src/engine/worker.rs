@@ -55,6 +55,8 @@ pub struct WorkerHost {
     runs: Mutex<Vec<Run>>,
     /// The counters of every run so far, for [`WorkerHost::requests`].
     metrics: Mutex<Vec<Arc<Metrics>>>,
+    /// Clients to the coordinators' servers this worker asked for chunks, by URL (the last few).
+    coordinators: Mutex<Vec<(String, Arc<SharedCache>)>>,
 }
 
 impl WorkerHost {
@@ -71,6 +73,7 @@ impl WorkerHost {
             engine,
             runs: Mutex::new(Vec::new()),
             metrics: Mutex::new(Vec::new()),
+            coordinators: Mutex::new(Vec::new()),
         }))
     }
 
@@ -190,11 +193,7 @@ impl WorkerHost {
         } else {
             CacheMode::ReadWrite
         };
-        let shared = share.cache_url.as_deref().map(|url| {
-            let cluster = &self.config.cluster;
-            let ca = cluster.tls.ca.as_deref();
-            Arc::new(SharedCache::new(url, cluster.token.clone(), ca))
-        });
+        let shared = share.cache_url.as_deref().map(|url| self.coordinator(url));
         let dispatcher =
             Dispatcher::with_shared_cache(settings, base.dispatcher.cache().cloned(), shared, mode);
         self.metrics
@@ -210,9 +209,27 @@ impl WorkerHost {
     }
 }
 
+/// Clients to coordinators kept at once.
+const COORDINATORS_KEPT: usize = 8;
+
 impl WorkerSide for WorkerHost {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn coordinator(&self, url: &str) -> Arc<SharedCache> {
+        let mut known = self.coordinators.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = known.iter().find(|(u, _)| u == url) {
+            return c.clone();
+        }
+        let cluster = &self.config.cluster;
+        let ca = cluster.tls.ca.as_deref();
+        let client = Arc::new(SharedCache::new(url, cluster.token.clone(), ca));
+        if known.len() >= COORDINATORS_KEPT {
+            known.remove(0);
+        }
+        known.push((url.to_string(), client.clone()));
+        client
     }
 
     fn function(&self, function: &str) -> Option<Arc<FunctionDef>> {

@@ -27,6 +27,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::call::{LlmRuntime, PhysicalCall};
+use super::claimed::ClaimedScanExec;
 use super::def::FunctionDef;
 use super::exec::LlmExec;
 use crate::config::Config;
@@ -81,6 +82,28 @@ struct LlmExecProto {
     run: Option<RunShare>,
 }
 
+/// A chunked file scan ([`ClaimedScanExec`]): the original scan, how it is cut, and where its
+/// chunks are handed out.
+#[derive(Clone, PartialEq, Message)]
+struct ClaimedScanProto {
+    #[prost(message, optional, tag = "1")]
+    template: Option<datafusion_proto::protobuf::PhysicalPlanNode>,
+    #[prost(uint64, tag = "2")]
+    chunk_bytes: u64,
+    #[prost(string, tag = "3")]
+    queue: String,
+    #[prost(string, tag = "4")]
+    url: String,
+    #[prost(uint64, tag = "5")]
+    chunks: u64,
+    #[prost(message, optional, tag = "6")]
+    run: Option<RunShare>,
+}
+
+/// The first byte of an encoded node: which node it is.
+const LLM_EXEC: u8 = 1;
+const CLAIMED_SCAN: u8 = 2;
+
 /// A function's definition as one line: everything that decides its prompts, its output and
 /// its failures (not its description or file path).
 pub(crate) fn definition_text(def: &FunctionDef) -> String {
@@ -127,6 +150,8 @@ pub(crate) trait WorkerSide: Send + Sync + fmt::Debug {
     /// The dispatcher and models the tasks of `run` share on this worker, with the run's share
     /// of every limit.
     fn runtime(&self, run: &RunShare) -> Result<Arc<LlmRuntime>, String>;
+    /// A client to the coordinator's server at `url` (for the chunks of a scan).
+    fn coordinator(&self, url: &str) -> Arc<crate::cache::SharedCache>;
 }
 
 /// Which end of the wire a codec serves.
@@ -304,6 +329,66 @@ fn checked_function(worker: &dyn WorkerSide, c: &CallProto) -> Result<Arc<Functi
     Ok(def)
 }
 
+impl LlmCodec {
+    fn encode_scan(
+        &self,
+        scan: &ClaimedScanExec,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<ClaimedScanProto> {
+        let Side::Coordinator { share, .. } = &self.side else {
+            return Err(codec_err("a sluice worker does not send scans on"));
+        };
+        Ok(ClaimedScanProto {
+            run: Some(share.clone()),
+            template: Some(converter.execution_plan_to_proto(scan.template(), self)?),
+            chunk_bytes: scan.chunk_bytes(),
+            queue: scan.queue().to_string(),
+            url: scan.url().to_string(),
+            chunks: scan.chunk_count(),
+        })
+    }
+
+    fn decode_scan(
+        &self,
+        node: ClaimedScanProto,
+        ctx: &TaskContext,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Side::Worker(worker) = &self.side else {
+            return Err(codec_err("only a sluice worker runs chunked scans it is sent"));
+        };
+        let who = worker.name();
+        let template = node
+            .template
+            .ok_or_else(|| codec_err(format!("{who}: a chunked scan came without its scan")))?;
+        let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
+        let template = converter.proto_to_execution_plan(&template, &decode_ctx)?;
+        let scan = ClaimedScanExec::new(template, node.chunk_bytes, node.queue, node.url)?;
+        if scan.chunk_count() != node.chunks {
+            return Err(codec_err(format!(
+                "{who}: a chunked scan cut into {} chunks here and {} on the coordinator; give \
+                 every machine the same sluice version",
+                scan.chunk_count(),
+                node.chunks
+            )));
+        }
+        let run = node
+            .run
+            .ok_or_else(|| codec_err(format!("{who}: a chunked scan came without its run")))?;
+        let runtime = worker.runtime(&run).map_err(codec_err)?;
+        let coordinator = worker.coordinator(scan.url());
+        Ok(Arc::new(
+            scan.on_worker(coordinator, runtime.dispatcher.clone()),
+        ))
+    }
+}
+
+fn encoded(tag: u8, node: &impl Message, buf: &mut Vec<u8>) -> Result<()> {
+    buf.push(tag);
+    node.encode(buf)
+        .map_err(|e| codec_err(format!("cannot encode a sluice node: {e}")))
+}
+
 impl PhysicalExtensionCodec for LlmCodec {
     fn try_decode(
         &self,
@@ -312,15 +397,27 @@ impl PhysicalExtensionCodec for LlmCodec {
         ctx: &TaskContext,
         converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let node = LlmExecProto::decode(buf)
-            .map_err(|e| codec_err(format!("cannot decode an LLM node: {e}")))?;
-        let [input] = inputs else {
-            return Err(codec_err(format!(
-                "an LLM node has one input, got {}",
-                inputs.len()
-            )));
-        };
-        self.decode_exec(node, input.clone(), ctx, converter)
+        match buf.split_first() {
+            Some((&LLM_EXEC, body)) => {
+                let node = LlmExecProto::decode(body)
+                    .map_err(|e| codec_err(format!("cannot decode an LLM node: {e}")))?;
+                let [input] = inputs else {
+                    return Err(codec_err(format!(
+                        "an LLM node has one input, got {}",
+                        inputs.len()
+                    )));
+                };
+                self.decode_exec(node, input.clone(), ctx, converter)
+            }
+            Some((&CLAIMED_SCAN, body)) => {
+                let node = ClaimedScanProto::decode(body)
+                    .map_err(|e| codec_err(format!("cannot decode a chunked scan: {e}")))?;
+                self.decode_scan(node, ctx, converter)
+            }
+            _ => Err(codec_err(
+                "a node of another sluice version (give every machine the same sluice)",
+            )),
+        }
     }
 
     fn try_encode(
@@ -329,14 +426,15 @@ impl PhysicalExtensionCodec for LlmCodec {
         buf: &mut Vec<u8>,
         converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<()> {
-        let Some(exec) = node.downcast_ref::<LlmExec>() else {
-            return Err(codec_err(format!(
-                "sluice cannot send a {} node to a worker",
-                node.name()
-            )));
-        };
-        self.encode_exec(exec, converter)?
-            .encode(buf)
-            .map_err(|e| codec_err(format!("cannot encode an LLM node: {e}")))
+        if let Some(exec) = node.downcast_ref::<LlmExec>() {
+            return encoded(LLM_EXEC, &self.encode_exec(exec, converter)?, buf);
+        }
+        if let Some(scan) = node.downcast_ref::<ClaimedScanExec>() {
+            return encoded(CLAIMED_SCAN, &self.encode_scan(scan, converter)?, buf);
+        }
+        Err(codec_err(format!(
+            "sluice cannot send a {} node to a worker",
+            node.name()
+        )))
     }
 }

@@ -16,6 +16,7 @@
 pub(crate) mod aggregate;
 mod call;
 mod cascade;
+pub(crate) mod claimed;
 pub(crate) mod codec;
 pub mod def;
 pub(crate) mod exec;

@@ -28,6 +28,51 @@ pub(super) struct Inner {
     pub(super) list_collectors: ListCollectors,
     /// The counters last reported to the coordinator (on a cluster's worker).
     pub(super) reported: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Requests waiting for their model's governor or the global budget.
+    pub(super) waiting: Waiting,
+}
+
+/// Requests waiting to be sent: how many, and a wake-up each time one leaves the wait.
+#[derive(Debug, Default)]
+pub(super) struct Waiting {
+    count: std::sync::atomic::AtomicU64,
+    left: tokio::sync::Notify,
+}
+
+/// One request waiting; it leaves the wait when dropped (sent, or cancelled).
+#[derive(Debug)]
+pub(super) struct WaitGuard<'a>(&'a Waiting);
+
+impl Waiting {
+    /// A request starts waiting.
+    pub(super) fn enter(&self) -> WaitGuard<'_> {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        WaitGuard(self)
+    }
+
+    pub(super) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Returns once at most `max` requests wait.
+    pub(super) async fn until_at_most(&self, max: u64) {
+        loop {
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if self.count() <= max {
+                return;
+            }
+            left.await;
+        }
+    }
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+        self.0.left.notify_waiters();
+    }
 }
 
 impl Inner {

@@ -96,6 +96,7 @@ impl Dispatcher {
                 cache_mode,
                 list_collectors: Default::default(),
                 reported: Default::default(),
+                waiting: Default::default(),
             }),
         }
     }
@@ -105,6 +106,12 @@ impl Dispatcher {
     /// statement completes with rows it did not answer.
     pub fn stop_sending(&self) {
         self.inner.global.close();
+    }
+
+    /// Returns once at most `max` requests wait to be sent: the calls this dispatcher has
+    /// taken on are about to run out (a cluster's worker then asks for more input).
+    pub async fn until_waiting_at_most(&self, max: u64) {
+        self.inner.waiting.until_at_most(max).await
     }
 
     /// Requests on the wire now.

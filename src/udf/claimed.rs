@@ -1,0 +1,380 @@
+//! On a cluster, a scan whose input is handed out as the workers free up.
+//!
+//! datafusion-distributed gives every task of a stage a fixed share of the input (byte ranges
+//! of the files), so a stage is as fast as its slowest worker. For a stage that reads files,
+//! the coordinator instead cuts the files into chunks when it plans the statement, registers a
+//! queue of that many chunks ([`crate::cache::WorkQueues`]), and sends every task the same
+//! [`ClaimedScanExec`]: each of its partitions asks the coordinator for the next chunk when it
+//! has read the last one, and reads it with the original scan's settings (projection, filters,
+//! the table's format). The LLM node above reads ahead only as far as its calls free room, so
+//! a worker whose calls finish sooner asks for more chunks: work goes where the capacity is.
+//!
+//! Chunks are byte ranges of uncompressed JSON-lines and Parquet files (a line, or a row
+//! group, belongs to the range it starts in, as DataFusion's own splits do), and whole files
+//! otherwise. Each chunk is handed out once; a task that dies holding chunks fails the
+//! statement, which runs again with a new queue (see `engine/script.rs`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, JsonSource, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
+};
+use datafusion_distributed::DistributedLeafExec;
+use futures::StreamExt;
+
+use crate::cache::{SharedCache, WorkQueues};
+use crate::llm::Dispatcher;
+
+/// A worker asks for another chunk once at most 1/this of its concurrency waits to be sent.
+const WAITING_SHARE: u64 = 8;
+/// Chunks aimed at per partition of every task: enough that the last chunks, read while the
+/// others finish, are a small part of the work.
+const CHUNKS_PER_PARTITION: u64 = 16;
+/// Bounds of a chunk of JSON lines: at least a few long passages, at most a few thousand rows.
+const JSON_CHUNK: (u64, u64) = (2 << 10, 1 << 20);
+/// Bounds of a chunk of Parquet (a row group is read by the chunk its middle falls in).
+const PARQUET_CHUNK: (u64, u64) = (1 << 20, 64 << 20);
+
+/// One chunk: a file (its index among the scan's files) and its byte range (`None`: whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Chunk {
+    file: usize,
+    range: Option<(i64, i64)>,
+}
+
+/// What every partition of a chunked scan reads from: the files, their chunks, the queue.
+#[derive(Debug)]
+struct Chunks {
+    config: FileScanConfig,
+    files: Vec<PartitionedFile>,
+    chunk_bytes: u64,
+    list: Vec<Chunk>,
+    queue: String,
+    /// The coordinator's server (`http://host:port`).
+    url: String,
+}
+
+/// A scan of `template`'s files, a chunk at a time as the coordinator hands them out.
+#[derive(Debug)]
+pub(crate) struct ClaimedScanExec {
+    /// The original scan over every file (the settings each chunk is read with).
+    template: Arc<dyn ExecutionPlan>,
+    chunks: Arc<Chunks>,
+    /// On a worker: the client to the coordinator, and the dispatcher of the run's calls.
+    worker: Option<(Arc<SharedCache>, Dispatcher)>,
+    properties: Arc<PlanProperties>,
+}
+
+/// The file scan `plan` is, when it is one whose chunks may be handed out: not partitioned by
+/// its files (a hash layout) and with no order to keep.
+fn file_scan(plan: &Arc<dyn ExecutionPlan>) -> Option<&FileScanConfig> {
+    let dse = plan.downcast_ref::<DataSourceExec>()?;
+    let cfg = dse.data_source().downcast_ref::<FileScanConfig>()?;
+    (cfg.output_partitioning.is_none() && cfg.output_ordering.is_empty()).then_some(cfg)
+}
+
+/// The bounds of a chunk of `cfg`'s files, when they may be cut into byte ranges.
+fn range_bounds(cfg: &FileScanConfig) -> Option<(u64, u64)> {
+    if cfg.file_compression_type.is_compressed() {
+        return None;
+    }
+    let source = cfg.file_source.as_ref();
+    if source.is::<JsonSource>() {
+        Some(JSON_CHUNK)
+    } else if source.is::<ParquetSource>() {
+        Some(PARQUET_CHUNK)
+    } else {
+        None
+    }
+}
+
+/// Cuts `files` into chunks of `chunk_bytes` (0: whole files).
+fn cut(files: &[PartitionedFile], chunk_bytes: u64) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let (start, end) = match &f.range {
+            Some(r) => (r.start, r.end),
+            None => (0, f.object_meta.size as i64),
+        };
+        if chunk_bytes == 0 || end - start <= chunk_bytes as i64 {
+            out.push(Chunk {
+                file: i,
+                range: f.range.as_ref().map(|r| (r.start, r.end)),
+            });
+            continue;
+        }
+        let mut at = start;
+        while at < end {
+            let to = (at + chunk_bytes as i64).min(end);
+            out.push(Chunk {
+                file: i,
+                range: Some((at, to)),
+            });
+            at = to;
+        }
+    }
+    out
+}
+
+impl ClaimedScanExec {
+    /// The scan of `template` (a file scan) in chunks of `chunk_bytes` (0: whole files), from
+    /// queue `queue` of the coordinator at `url`.
+    pub(crate) fn new(
+        template: Arc<dyn ExecutionPlan>,
+        chunk_bytes: u64,
+        queue: String,
+        url: String,
+    ) -> Result<ClaimedScanExec> {
+        let dse = template.downcast_ref::<DataSourceExec>();
+        let Some(config) = dse.and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
+        else {
+            return Err(DataFusionError::Plan(format!(
+                "a chunked scan reads files, not a {} node",
+                template.name()
+            )));
+        };
+        let config = config.clone();
+        let files: Vec<PartitionedFile> = config
+            .file_groups
+            .iter()
+            .flat_map(|g| g.iter().cloned())
+            .collect();
+        let list = cut(&files, chunk_bytes);
+        let properties = template.properties().clone();
+        Ok(ClaimedScanExec {
+            template,
+            chunks: Arc::new(Chunks {
+                config,
+                files,
+                chunk_bytes,
+                list,
+                queue,
+                url,
+            }),
+            worker: None,
+            properties,
+        })
+    }
+
+    /// The same scan on a worker: it asks `coordinator` for its chunks, each time few of the
+    /// calls `dispatcher` has taken on are left waiting to be sent.
+    pub(crate) fn on_worker(
+        mut self,
+        coordinator: Arc<SharedCache>,
+        dispatcher: Dispatcher,
+    ) -> ClaimedScanExec {
+        self.worker = Some((coordinator, dispatcher));
+        self
+    }
+
+    pub(crate) fn template(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.template
+    }
+
+    pub(crate) fn chunk_bytes(&self) -> u64 {
+        self.chunks.chunk_bytes
+    }
+
+    /// How many chunks the files are cut into.
+    pub(crate) fn chunk_count(&self) -> u64 {
+        self.chunks.list.len() as u64
+    }
+
+    pub(crate) fn queue(&self) -> &str {
+        &self.chunks.queue
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.chunks.url
+    }
+}
+
+impl Chunks {
+    /// The scan of chunk `n` alone.
+    fn scan(&self, n: u64) -> Result<Arc<dyn ExecutionPlan>> {
+        let chunk = self.list.get(n as usize).ok_or_else(|| {
+            DataFusionError::Execution(format!(
+                "the coordinator handed out chunk {n} of a scan cut into {}",
+                self.list.len()
+            ))
+        })?;
+        let mut file = self.files[chunk.file].clone();
+        if let Some((start, end)) = chunk.range {
+            file = file.with_range(start, end);
+        }
+        let mut config = self.config.clone();
+        config.file_groups = vec![FileGroup::new(vec![file])];
+        Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+/// On the coordinator: `plan` (a leaf of a stage of `tasks` tasks) as a chunked scan every
+/// task shares, its queue registered in `work` and served at `url`; `None` when `plan` is not
+/// a file scan whose chunks may be handed out (datafusion-distributed then splits it).
+pub(crate) fn chunked_leaf(
+    plan: &Arc<dyn ExecutionPlan>,
+    tasks: usize,
+    work: &WorkQueues,
+    url: &str,
+) -> Option<Result<Arc<dyn ExecutionPlan>>> {
+    let cfg = file_scan(plan)?;
+    if tasks < 2 {
+        return None;
+    }
+    let total: u64 = cfg
+        .file_groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|f| f.effective_size())
+        .sum();
+    let partitions = plan.output_partitioning().partition_count().max(1) as u64;
+    let chunk_bytes = range_bounds(cfg).map_or(0, |(min, max)| {
+        (total / (tasks as u64 * partitions * CHUNKS_PER_PARTITION)).clamp(min, max)
+    });
+    let queue = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let scan = match ClaimedScanExec::new(plan.clone(), chunk_bytes, queue, url.to_string()) {
+        Ok(scan) => Arc::new(scan),
+        Err(e) => return Some(Err(e)),
+    };
+    work.register(scan.queue(), scan.chunk_count());
+    let variants = (0..tasks).map(|_| scan.clone() as Arc<dyn ExecutionPlan>);
+    Some(DistributedLeafExec::try_new(plan.clone(), variants).map(|l| Arc::new(l) as _))
+}
+
+impl DisplayAs for ClaimedScanExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let size = match self.chunks.chunk_bytes {
+            0 => "whole files".to_string(),
+            n => format!("up to {n} bytes each"),
+        };
+        write!(
+            f,
+            "ClaimedScanExec: {} chunks ({size}) handed out as tasks free up, of ",
+            self.chunks.list.len()
+        )?;
+        self.template.fmt_as(t, f)
+    }
+}
+
+impl ExecutionPlan for ClaimedScanExec {
+    fn name(&self) -> &str {
+        "ClaimedScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        self.template.apply_expressions(f)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "a chunked scan has no children".into(),
+            ))
+        }
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let Some((coordinator, dispatcher)) = self.worker.clone() else {
+            return Err(DataFusionError::Execution(
+                "a chunked scan runs on a worker, which asks the coordinator for its chunks".into(),
+            ));
+        };
+        let chunks = self.chunks.clone();
+        type Current = Option<SendableRecordBatchStream>;
+        let state: Current = None;
+        let stream = futures::stream::try_unfold(state, move |mut current| {
+            let (chunks, coordinator, dispatcher, context) = (
+                chunks.clone(),
+                coordinator.clone(),
+                dispatcher.clone(),
+                context.clone(),
+            );
+            async move {
+                loop {
+                    if let Some(s) = current.as_mut() {
+                        match s.next().await {
+                            Some(Ok(batch)) => return Ok(Some((batch, current))),
+                            Some(Err(e)) => return Err(e),
+                            None => {}
+                        }
+                    }
+                    // More input only when this worker's calls are about to run out, so that
+                    // the input goes to the workers that free up first.
+                    let room = dispatcher.config().concurrency as u64 / WAITING_SHARE;
+                    dispatcher.until_waiting_at_most(room).await;
+                    let next = coordinator
+                        .next_chunk(&chunks.queue)
+                        .await
+                        .map_err(DataFusionError::Execution)?;
+                    let Some(n) = next else {
+                        return Ok(None);
+                    };
+                    current = Some(chunks.scan(n)?.execute(0, context.clone())?);
+                }
+            }
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.properties.eq_properties.schema().clone(),
+            stream,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(size: u64) -> PartitionedFile {
+        PartitionedFile::new("data/t.jsonl".to_string(), size)
+    }
+
+    #[test]
+    fn files_are_cut_into_ranges_that_cover_them_once() {
+        let files = [file(25), file(10), file(7).with_range(2, 7)];
+        let chunks = cut(&files, 10);
+        let ranges: Vec<(usize, Option<(i64, i64)>)> =
+            chunks.iter().map(|c| (c.file, c.range)).collect();
+        assert_eq!(
+            ranges,
+            [
+                (0, Some((0, 10))),
+                (0, Some((10, 20))),
+                (0, Some((20, 25))),
+                (1, None),
+                (2, Some((2, 7))),
+            ]
+        );
+        // Whole files: one chunk each, a range kept as it was.
+        let whole: Vec<Option<(i64, i64)>> = cut(&files, 0).iter().map(|c| c.range).collect();
+        assert_eq!(whole, [None, None, Some((2, 7))]);
+    }
+}
