@@ -90,7 +90,13 @@ fn coordinator_in(
     concurrency: usize,
     cache_dir: &Path,
 ) -> sluice::Engine {
-    sluice::Engine::new(&coordinator_config(base_url, workers, concurrency, cache_dir)).unwrap()
+    sluice::Engine::new(&coordinator_config(
+        base_url,
+        workers,
+        concurrency,
+        cache_dir,
+    ))
+    .unwrap()
 }
 
 /// The workers' configuration, its cache in `cache_dir`, with `workers` as the cluster.
@@ -624,4 +630,76 @@ async fn a_tables_bad_rows_option_reaches_the_workers_that_read_it() {
     let printed = run(&engine, &sql("skip")).await.unwrap();
     assert!(printed.contains("COPY 42 rows"), "{printed}");
     stop_all(workers).await;
+}
+
+/// A worker whose model is its own server (`per_worker = true`), `concurrency` in flight.
+fn own_server_config(base_url: &str, cache_dir: &Path, concurrency: usize) -> Config {
+    let text = config_text(base_url, 4, concurrency).replace(
+        "timeout_ms = 2000\n",
+        &format!("timeout_ms = 30000\nconcurrency = {concurrency}\nper_worker = true\n"),
+    );
+    let mut c = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+    c.udf_dir = repo().join("udfs");
+    c.cache.dir = cache_dir.to_path_buf();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn input_goes_to_the_worker_whose_calls_finish_and_the_output_is_whole() {
+    // Two GPU boxes, each a worker with its own server; the second answers nothing until the
+    // test releases it, so it is slower than any timing could make it.
+    let fast = mock(MockConfig::default()).await;
+    let slow = mock(MockConfig::default()).await;
+    slow.hold();
+    let w_fast = start_worker_with(|c| own_server_config(&fast.base_url(), c, 4)).await;
+    let w_slow = start_worker_with(|c| own_server_config(&slow.base_url(), c, 4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 1000;
+    let data = dir.path().join("t.jsonl");
+    let lines: Vec<String> = (0..rows)
+        .map(|i| format!("{{\"p\": \"Passage {i}: revenue grew by {i} percent.\"}}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let mut config = own_server_config(&fast.base_url(), &dir.path().join("cache"), 4);
+    config.cluster.workers =
+        sluice::config::ClusterConfig::parse_workers(&[&w_fast.url, &w_slow.url]).unwrap();
+    let engine = sluice::Engine::new(&config).unwrap();
+    let out = dir.path().join("out.parquet");
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         COPY (SELECT p, generate_questions('ACME', 'Q1', '2024-01-01', p) AS q FROM t) \
+         TO '{}' STORED AS PARQUET;",
+        data.display(),
+        out.display()
+    );
+    // The held worker keeps what it asked for before its calls stalled: its two LLM streams'
+    // read-ahead (2 x (2 x 4 + 16) rows) and a few chunks of about 30 rows. A fixed half each
+    // would leave the other worker at 500.
+    let most_held = 300;
+    let (result, ()) = tokio::join!(run(&engine, &sql), async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while fast.stats().requests < rows - most_held {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker that answers read only {} rows of {rows}",
+                fast.stats().requests
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        slow.release();
+    });
+    let printed = result.unwrap();
+    assert!(printed.contains(&format!("COPY {rows} rows")), "{printed}");
+    let (f, s) = (fast.stats().requests, slow.stats().requests);
+    assert_eq!(f + s, rows, "every row asked once: {f} + {s}");
+    assert!(s > 0, "the held worker answered what it had taken");
+    let written = sorted_rows(&read_parquet(&out).await);
+    assert_eq!(written.len(), rows as usize);
+    assert_eq!(
+        engine.metrics().requests,
+        rows,
+        "the coordinator counts both"
+    );
+    w_fast.stop().await;
+    w_slow.stop().await;
 }

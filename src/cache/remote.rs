@@ -170,7 +170,12 @@ impl SharedCache {
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, t.bearer());
         }
-        let failed = |why: String| format!("cannot get work from the coordinator at {}: {why}", self.base);
+        let failed = |why: String| {
+            format!(
+                "cannot get work from the coordinator at {}: {why}",
+                self.base
+            )
+        };
         let resp = req.send().await.map_err(|e| {
             let why = if e.is_connect() {
                 "cannot connect"

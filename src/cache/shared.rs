@@ -46,8 +46,8 @@ use serde_json::{Value, json};
 
 use super::ResponseCache;
 use super::claims::Claims;
-use super::work::{Next, WorkQueues};
 use super::wire::{entry_from, entry_value, keys_of, unhex};
+use super::work::{Next, WorkQueues};
 use crate::config::Secret;
 
 /// The largest request body the coordinator reads (a batch of keys or answers).

@@ -98,6 +98,10 @@ pub struct ServerConfig {
     /// The shortest prefix, in tokens, that Anthropic caches for this model: shorter shared
     /// openings are not marked with `cache_control` (`anthropic` only; 0 for other kinds).
     pub prompt_cache_min_tokens: u64,
+    /// Whether each machine of a cluster calls a server of its own for this model (a GPU box
+    /// serving it): a worker then uses its own `base_url` and limits in full, and the
+    /// coordinator's are not shared out (`per_worker`; default false).
+    pub per_worker: bool,
 }
 
 /// What only the embedded local model has.
@@ -138,7 +142,9 @@ impl ModelConfig {
     /// The settings that decide what this model answers and how hard it may be driven, as one
     /// line of text without secrets (no API key, no key variable): what a worker compares with
     /// the coordinator's before it runs a task. The local model is named by its file name
-    /// (its directory may differ between machines).
+    /// (its directory may differ between machines); a model each machine answers itself
+    /// ([`ModelConfig::per_worker`]) leaves out its servers and limits, which are each
+    /// machine's own.
     pub fn fingerprint(&self) -> String {
         let model = match self.part {
             ModelPart::Local(_) => std::path::Path::new(&self.model)
@@ -146,14 +152,19 @@ impl ModelConfig {
                 .map_or_else(|| self.model.clone(), |n| n.to_string_lossy().into()),
             ModelPart::Server(_) => self.model.clone(),
         };
+        // Where each machine answers the model itself, its server and limits are its own.
+        let servers = match &self.part {
+            ModelPart::Server(s) if !s.per_worker => s
+                .replicas
+                .iter()
+                .map(|r| r.base_url.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => "each machine's own".to_string(),
+        };
         let part = match &self.part {
             ModelPart::Server(s) => format!(
-                "server base_url={} structured_output={:?} max_response_bytes={} prompts_per_request={:?} api_version={:?} prompt_cache_min_tokens={}",
-                s.replicas
-                    .iter()
-                    .map(|r| r.base_url.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                "server base_url={servers} structured_output={:?} max_response_bytes={} prompts_per_request={:?} api_version={:?} prompt_cache_min_tokens={}",
                 s.structured_output,
                 s.max_response_bytes,
                 s.prompts_per_request,
@@ -162,10 +173,27 @@ impl ModelConfig {
             ),
             ModelPart::Local(l) => format!("local context_size={}", l.context_size),
         };
+        let limits = if self.per_worker() {
+            "limits of each machine's own".to_string()
+        } else {
+            format!(
+                "concurrency={} rpm={:?} tpm={:?} adaptive={}",
+                self.concurrency, self.rpm, self.tpm, self.adaptive_concurrency
+            )
+        };
         format!(
-            "kind={:?} model={model:?} concurrency={} rpm={:?} tpm={:?} adaptive={} mode={:?} {part}",
-            self.kind, self.concurrency, self.rpm, self.tpm, self.adaptive_concurrency, self.mode
+            "kind={:?} model={model:?} {limits} mode={:?} {part}",
+            self.kind, self.mode
         )
+    }
+
+    /// Whether each machine of a cluster answers this model itself, with its own server (or
+    /// the embedded model) and limits: `per_worker = true`, or the local model.
+    pub fn per_worker(&self) -> bool {
+        match &self.part {
+            ModelPart::Server(s) => s.per_worker,
+            ModelPart::Local(_) => true,
+        }
     }
 
     /// The embedded local model reading `path`, decoding `parallel` rows together.
@@ -318,6 +346,7 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
         "share_prefixes",
         "api_version",
         "prompt_cache_min_tokens",
+        "per_worker",
     ]
     .iter()
     .any(|k| misplaced.contains(k))
@@ -325,8 +354,8 @@ fn local_from_raw(name: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfi
         return Err(format!(
             "models.{name}: a local model takes model (the GGUF path), concurrency (rows \
              decoded together) and context_size, and counts tokens with its own vocabulary; \
-             base_url, api_key_env, prompts_per_request, tokenizer and share_prefixes belong \
-             to servers"
+             base_url, api_key_env, prompts_per_request, tokenizer, share_prefixes and \
+             per_worker belong to servers (the local model is each machine's own)"
         ));
     }
     Ok(lm)
@@ -377,7 +406,11 @@ fn server_from_raw(
         });
     }
     let first = replicas[0].clone();
-    let endpoint_id = if replicas.len() > 1 {
+    let per_worker = m.per_worker.unwrap_or(false);
+    // A model each machine serves itself is one model wherever it is answered.
+    let endpoint_id = if per_worker {
+        format!("per_worker:{name}")
+    } else if replicas.len() > 1 {
         format!("replicas:{name}")
     } else {
         first.base_url.clone()
@@ -397,6 +430,7 @@ fn server_from_raw(
         share_prefixes: m.share_prefixes.unwrap_or(true),
         api_version: kinds::api_version(name, m)?,
         prompt_cache_min_tokens: kinds::prompt_cache_min_tokens(m),
+        per_worker,
     })
 }
 

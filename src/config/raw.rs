@@ -100,6 +100,7 @@ pub(super) struct RawModel {
     pub renamed_batch_size: Option<serde::de::IgnoredAny>,
     pub tokenizer: Option<String>,
     pub share_prefixes: Option<bool>,
+    pub per_worker: Option<bool>,
     /// `azure_openai` only.
     pub api_version: Option<String>,
     /// `anthropic` only.
@@ -122,6 +123,7 @@ impl RawModel {
             ("prompts_per_request", self.prompts_per_request.is_some()),
             ("tokenizer", self.tokenizer.is_some()),
             ("share_prefixes", self.share_prefixes.is_some()),
+            ("per_worker", self.per_worker.is_some()),
             ("api_version", self.api_version.is_some()),
             (
                 "prompt_cache_min_tokens",

@@ -109,7 +109,10 @@ fn local_address_toward(url: &Url) -> Option<IpAddr> {
 /// when the cluster uses TLS. `None` (each worker keeps only its own cache, counts only its own
 /// calls and reads fixed byte ranges): beyond loopback without a cluster token, or with TLS but
 /// no certificate of the coordinator's own; `warn` logs why.
-fn serving_address(cluster: &ClusterConfig, warn: bool) -> Option<(IpAddr, Option<(&str, &Secret)>)> {
+fn serving_address(
+    cluster: &ClusterConfig,
+    warn: bool,
+) -> Option<(IpAddr, Option<(&str, &Secret)>)> {
     let first = cluster.workers.first()?;
     // With TLS between the machines, served over TLS with this machine's certificate.
     let tls = match (

@@ -172,7 +172,8 @@ fn live_governor(config: &Config, m: &ModelConfig, share: usize) -> GovernorConf
 }
 
 /// The models of one worker's share of a cluster run: the same providers (and batch queues)
-/// with governors of their own, each with `1 / workers` of the model's limits.
+/// with governors of their own, each with `1 / workers` of the model's limits, or all of them
+/// for a model each machine answers itself ([`ModelConfig::per_worker`]).
 pub(super) fn shared_models(
     config: &Config,
     handles: &BTreeMap<String, ModelHandle>,
@@ -183,7 +184,8 @@ pub(super) fn shared_models(
         .iter()
         .filter_map(|(name, h)| {
             let m = config.models.get(name)?;
-            let governor = || Governor::new(live_governor(config, m, workers));
+            let share = if m.per_worker() { 1 } else { workers };
+            let governor = || Governor::new(live_governor(config, m, share));
             let replicas = h
                 .replicas
                 .as_ref()

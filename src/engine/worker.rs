@@ -10,6 +10,8 @@
 //! run's first task with the run's share of every limit: `concurrency`, `rpm` and `tpm` of
 //! each model and of the dispatcher, and the run's budgets, divided by the number of workers
 //! (rounded down, at least 1). AIMD and the learned limits then work per worker on that share.
+//! A model each machine answers itself (`per_worker`, the embedded model) keeps this worker's
+//! own server and limits in full, and the dispatcher's share is at least their concurrency.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -145,8 +147,9 @@ impl WorkerHost {
             .with_distributed_channel_resolver(WorkerChannels::new(&self.config.cluster))
             .with_distributed_worker_plan_rewrite_handler(
                 move |ev: WorkerPlanRewriteEvent<'_>| -> Result<_> {
+                    let plan = crate::udf::claimed::pulled_by_calls(ev.plan)?;
                     Ok(WorkerPlanRewriteEventResponse::new(
-                        super::named::name_leaves(ev.plan, &who)?,
+                        super::named::name_leaves(plan, &who)?,
                     ))
                 },
             )
@@ -187,7 +190,18 @@ impl WorkerHost {
         let mut run = self.config.dispatcher.clone();
         run.budget_tokens = share.budget_tokens;
         run.budget_usd = share.budget_micro_usd.map(|m| m as f64 / 1e6);
-        let settings = run.share(n);
+        let mut settings = run.share(n);
+        // Models each machine answers itself keep their whole concurrency here.
+        let own: usize = self
+            .config
+            .models
+            .values()
+            .filter(|m| m.per_worker())
+            .map(|m| m.concurrency)
+            .sum();
+        settings.concurrency = settings
+            .concurrency
+            .max(own.min(self.config.dispatcher.concurrency));
         let mode = if self.config.cache.refresh {
             CacheMode::Refresh
         } else {

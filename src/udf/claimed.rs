@@ -17,16 +17,18 @@
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, JsonSource, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
 };
 use datafusion_distributed::DistributedLeafExec;
 use futures::StreamExt;
@@ -40,7 +42,7 @@ const WAITING_SHARE: u64 = 8;
 /// others finish, are a small part of the work.
 const CHUNKS_PER_PARTITION: u64 = 16;
 /// Bounds of a chunk of JSON lines: at least a few long passages, at most a few thousand rows.
-const JSON_CHUNK: (u64, u64) = (2 << 10, 1 << 20);
+const JSON_CHUNK: (u64, u64) = (1 << 10, 1 << 20);
 /// Bounds of a chunk of Parquet (a row group is read by the chunk its middle falls in).
 const PARQUET_CHUNK: (u64, u64) = (1 << 20, 64 << 20);
 
@@ -176,6 +178,18 @@ impl ClaimedScanExec {
         self
     }
 
+    /// The same scan with `n` partitions, each asking for chunks of its own.
+    fn with_partitions(&self, n: usize) -> ClaimedScanExec {
+        let mut properties = self.properties.as_ref().clone();
+        properties.partitioning = Partitioning::UnknownPartitioning(n.max(1));
+        ClaimedScanExec {
+            template: self.template.clone(),
+            chunks: self.chunks.clone(),
+            worker: self.worker.clone(),
+            properties: Arc::new(properties),
+        }
+    }
+
     pub(crate) fn template(&self) -> &Arc<dyn ExecutionPlan> {
         &self.template
     }
@@ -250,6 +264,27 @@ pub(crate) fn chunked_leaf(
     Some(DistributedLeafExec::try_new(plan.clone(), variants).map(|l| Arc::new(l) as _))
 }
 
+/// On a worker: `plan` with every round-robin repartition right above a chunked scan replaced
+/// by the scan with that many partitions. A repartition reads its input as fast as it can,
+/// whatever its consumers take, so it would claim every chunk at once; each partition of the
+/// scan instead asks for a chunk only when the calls above it pull for more rows.
+pub(crate) fn pulled_by_calls(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|p| {
+        let Some(r) = p.downcast_ref::<RepartitionExec>() else {
+            return Ok(Transformed::no(p));
+        };
+        let Partitioning::RoundRobinBatch(n) = r.partitioning() else {
+            return Ok(Transformed::no(p));
+        };
+        let Some(scan) = r.input().downcast_ref::<ClaimedScanExec>() else {
+            return Ok(Transformed::no(p));
+        };
+        let scan: Arc<dyn ExecutionPlan> = Arc::new(scan.with_partitions(*n));
+        Ok(Transformed::yes(scan))
+    })
+    .map(|t| t.data)
+}
+
 impl DisplayAs for ClaimedScanExec {
     fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         let size = match self.chunks.chunk_bytes {
@@ -309,9 +344,11 @@ impl ExecutionPlan for ClaimedScanExec {
             ));
         };
         let chunks = self.chunks.clone();
-        type Current = Option<SendableRecordBatchStream>;
-        let state: Current = None;
-        let stream = futures::stream::try_unfold(state, move |mut current| {
+        // The chunk being read, and the prompts the worker had taken on when it was claimed
+        // (`None`: no chunk claimed yet, the first is claimed at once).
+        type State = (Option<SendableRecordBatchStream>, Option<u64>);
+        let state: State = (None, None);
+        let stream = futures::stream::try_unfold(state, move |(mut current, mut taken)| {
             let (chunks, coordinator, dispatcher, context) = (
                 chunks.clone(),
                 coordinator.clone(),
@@ -322,15 +359,19 @@ impl ExecutionPlan for ClaimedScanExec {
                 loop {
                     if let Some(s) = current.as_mut() {
                         match s.next().await {
-                            Some(Ok(batch)) => return Ok(Some((batch, current))),
+                            Some(Ok(batch)) => return Ok(Some((batch, (current, taken)))),
                             Some(Err(e)) => return Err(e),
                             None => {}
                         }
                     }
-                    // More input only when this worker's calls are about to run out, so that
-                    // the input goes to the workers that free up first.
+                    // More input only when this worker's calls are about to run out and the
+                    // last chunk reached them, so that the input goes to the workers that free
+                    // up first.
                     let room = dispatcher.config().concurrency as u64 / WAITING_SHARE;
-                    dispatcher.until_waiting_at_most(room).await;
+                    taken = Some(match taken {
+                        Some(since) => dispatcher.until_waiting_at_most(room, since).await,
+                        None => dispatcher.taken_on(),
+                    });
                     let next = coordinator
                         .next_chunk(&chunks.queue)
                         .await

@@ -355,7 +355,9 @@ impl LlmCodec {
         converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let Side::Worker(worker) = &self.side else {
-            return Err(codec_err("only a sluice worker runs chunked scans it is sent"));
+            return Err(codec_err(
+                "only a sluice worker runs chunked scans it is sent",
+            ));
         };
         let who = worker.name();
         let template = node

@@ -348,6 +348,8 @@ struct State {
     gemini_batches: gemini_batches::Store,
     /// Set by [`MockServer::stop`]: every connection closes.
     stopped: tokio::sync::watch::Sender<bool>,
+    /// Set by [`MockServer::hold`]: requests wait before they are answered, until released.
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running server; dropping it stops accepting connections.
@@ -395,6 +397,7 @@ impl MockServer {
             gemini: gemini_api::Store::default(),
             gemini_batches: gemini_batches::Store::default(),
             stopped: tokio::sync::watch::Sender::new(false),
+            held: tokio::sync::watch::Sender::new(false),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -446,6 +449,18 @@ impl MockServer {
     pub fn stop(&self) {
         self.accept.abort();
         self.state.stopped.send_replace(true);
+    }
+
+    /// From now on, requests are received (and counted) but not answered until
+    /// [`MockServer::release`]: a machine that is slower than any other, as long as the test
+    /// needs it to be.
+    pub fn hold(&self) {
+        self.state.held.send_replace(true);
+    }
+
+    /// Answers the requests held, and those after them, again.
+    pub fn release(&self) {
+        self.state.held.send_replace(false);
     }
 
     /// Zeroes the counters (per-prompt attempt counts too).
@@ -902,6 +917,7 @@ async fn serve_llm(
     if !delay.is_zero() {
         clock::sleep_until(computed.unwrap_or(received) + delay).await;
     }
+    let _ = st.held.subscribe().wait_for(|held| !*held).await;
     let mut answer = Answer::new(proto, &parsed, &prompts, listed);
     answer.judge(&cfg.confidence);
     answer.cached_tokens = prefill.as_ref().map(|p| p.cached);

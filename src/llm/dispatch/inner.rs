@@ -28,50 +28,110 @@ pub(super) struct Inner {
     pub(super) list_collectors: ListCollectors,
     /// The counters last reported to the coordinator (on a cluster's worker).
     pub(super) reported: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
-    /// Requests waiting for their model's governor or the global budget.
+    /// Prompts taken on and not yet answered.
     pub(super) waiting: Waiting,
 }
 
-/// Requests waiting to be sent: how many, and a wake-up each time one leaves the wait.
+/// Prompts the dispatcher has taken on and not yet answered, and a wake-up each time one is
+/// answered or goes on the wire: those not on the wire are the work a machine has waiting.
 #[derive(Debug, Default)]
 pub(super) struct Waiting {
-    count: std::sync::atomic::AtomicU64,
-    left: tokio::sync::Notify,
+    open: std::sync::atomic::AtomicU64,
+    /// Prompts ever taken on.
+    taken: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
 }
 
-/// One request waiting; it leaves the wait when dropped (sent, or cancelled).
+/// Prompts of one call taken on: each counts until [`Open::done`] or until this is dropped
+/// (the call cancelled).
 #[derive(Debug)]
-pub(super) struct WaitGuard<'a>(&'a Waiting);
+pub(super) struct Open<'a> {
+    gauge: &'a Waiting,
+    left: std::sync::atomic::AtomicU64,
+}
 
 impl Waiting {
-    /// A request starts waiting.
-    pub(super) fn enter(&self) -> WaitGuard<'_> {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        WaitGuard(self)
+    /// `n` prompts are taken on.
+    pub(super) fn open(&self, n: usize) -> Open<'_> {
+        self.open.fetch_add(n as u64, Ordering::Relaxed);
+        self.taken.fetch_add(n as u64, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        Open {
+            gauge: self,
+            left: std::sync::atomic::AtomicU64::new(n as u64),
+        }
     }
 
-    pub(super) fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+    /// Prompts ever taken on.
+    pub(super) fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
     }
 
-    /// Returns once at most `max` requests wait.
-    pub(super) async fn until_at_most(&self, max: u64) {
+    /// A request went on the wire.
+    pub(super) fn sent(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Returns once at most `max` prompts taken on are not on the wire (`on_wire` of them
+    /// are), and some were taken on after `taken_since` — or none was for [`QUIET`] with none
+    /// open (what was read produced no prompt: filtered out): the count taken on so far.
+    pub(super) async fn until_at_most(
+        &self,
+        max: u64,
+        on_wire: &std::sync::atomic::AtomicU64,
+        taken_since: u64,
+    ) -> u64 {
+        let mut quiet_since: Option<tokio::time::Instant> = None;
         loop {
-            let left = self.left.notified();
-            tokio::pin!(left);
-            left.as_mut().enable();
-            if self.count() <= max {
-                return;
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let open = self.open.load(Ordering::Relaxed);
+            let taken = self.taken.load(Ordering::Relaxed);
+            let waiting = open.saturating_sub(on_wire.load(Ordering::Relaxed));
+            if waiting <= max && taken > taken_since {
+                return taken;
             }
-            left.await;
+            if open > 0 || taken > taken_since {
+                quiet_since = None;
+                changed.await;
+                continue;
+            }
+            let since = *quiet_since.get_or_insert_with(tokio::time::Instant::now);
+            let left = QUIET.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                return taken;
+            }
+            let _ = tokio::time::timeout(left, changed).await;
         }
     }
 }
 
-impl Drop for WaitGuard<'_> {
+/// How long a dispatcher with nothing open waits for what was read last to reach it, before
+/// it takes the reading as having produced no prompt.
+pub(super) const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Open<'_> {
+    /// `n` of its prompts are answered.
+    pub(super) fn done(&self, n: usize) {
+        let n = n as u64;
+        let taken = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some(l.saturating_sub(n))
+            })
+            .unwrap_or(0)
+            .min(n);
+        self.gauge.open.fetch_sub(taken, Ordering::Relaxed);
+        self.gauge.changed.notify_waiters();
+    }
+}
+
+impl Drop for Open<'_> {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::Relaxed);
-        self.0.left.notify_waiters();
+        let left = self.left.swap(0, Ordering::Relaxed);
+        self.gauge.open.fetch_sub(left, Ordering::Relaxed);
+        self.gauge.changed.notify_waiters();
     }
 }
 
@@ -160,8 +220,10 @@ impl Inner {
             return;
         };
         let delta: std::collections::BTreeMap<String, u64> = {
-            let now = self.metrics.counters();
+            // Read under the lock: a report that read its counters before another one's could
+            // otherwise set `last` back, and the difference would be reported twice.
             let mut last = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            let now = self.metrics.counters();
             let delta = now
                 .iter()
                 .filter_map(|(k, &v)| {

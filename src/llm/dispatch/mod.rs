@@ -42,7 +42,7 @@ use crate::types::RenderedPrompt;
 use crate::types::{ErrorKind, LlmRequest, RowError};
 
 pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer, split_confident};
-use inner::{Inner, Miss as MissWhy};
+use inner::{Inner, Miss as MissWhy, Open};
 pub(crate) use order::PrefixOrder;
 
 pub use metrics::{
@@ -108,10 +108,23 @@ impl Dispatcher {
         self.inner.global.close();
     }
 
-    /// Returns once at most `max` requests wait to be sent: the calls this dispatcher has
-    /// taken on are about to run out (a cluster's worker then asks for more input).
-    pub async fn until_waiting_at_most(&self, max: u64) {
-        self.inner.waiting.until_at_most(max).await
+    /// Returns once at most `max` prompts this dispatcher has taken on are not yet on the wire
+    /// (waiting for the cache, an identical call, a shared prefix, their model's governor or
+    /// the global budget) and it took on prompts after `taken_since` (or, with none open, took
+    /// none for 50 ms): its work is about to run out, and what it was given last reached it
+    /// (a cluster's worker then asks for more input). Returns the prompts taken on so far, for
+    /// the next wait.
+    pub async fn until_waiting_at_most(&self, max: u64, taken_since: u64) -> u64 {
+        let on_wire = &self.inner.metrics.in_flight;
+        self.inner
+            .waiting
+            .until_at_most(max, on_wire, taken_since)
+            .await
+    }
+
+    /// Prompts taken on so far (see [`Dispatcher::until_waiting_at_most`]).
+    pub fn taken_on(&self) -> u64 {
+        self.inner.waiting.taken()
     }
 
     /// Requests on the wire now.
@@ -195,7 +208,8 @@ pub(crate) struct FunctionCaller {
 impl FunctionCaller {
     /// Counts `n` rows whose result is known (not by a cascade's model that may pass rows
     /// on: the cascade counts those it answers).
-    fn finished(&self, n: usize) {
+    fn finished(&self, open: &Open<'_>, n: usize) {
+        open.done(n);
         if !self.spec.confidence {
             self.metrics
                 .rows_finished
@@ -235,7 +249,7 @@ impl FunctionCaller {
     async fn answer_from_cache(
         &self,
         prompts: Vec<RenderedPrompt>,
-        progress: &AtomicUsize,
+        (progress, open): (&AtomicUsize, &Open<'_>),
         claim: bool,
     ) -> (Vec<Option<CallResult>>, Vec<Miss>) {
         let fm = &self.metrics;
@@ -257,7 +271,7 @@ impl FunctionCaller {
         }
         let answered = results.len() - misses.len();
         progress.fetch_add(answered, Ordering::Relaxed);
-        self.finished(answered);
+        self.finished(open, answered);
         (results, misses)
     }
 
@@ -270,7 +284,11 @@ impl FunctionCaller {
         progress: &AtomicUsize,
     ) -> Vec<CallResult> {
         let fm = &self.metrics;
-        let (mut results, sends) = self.answer_from_cache(prompts, progress, true).await;
+        let open = self.inner.waiting.open(prompts.len());
+        let open = &open;
+        let (mut results, sends) = self
+            .answer_from_cache(prompts, (progress, open), true)
+            .await;
         let sent = sends.into_iter().map(|(i, prompt, key, why)| {
             let req = self.spec.request(prompt);
             async move {
@@ -294,7 +312,7 @@ impl FunctionCaller {
                     }
                 };
                 progress.fetch_add(1, Ordering::Relaxed);
-                self.finished(1);
+                self.finished(open, 1);
                 (i, r)
             }
         });
@@ -323,7 +341,11 @@ impl FunctionCaller {
             return self.call_all(prompts, progress).await;
         };
         let fm = &self.metrics;
-        let (mut results, misses) = self.answer_from_cache(prompts, progress, false).await;
+        let open = self.inner.waiting.open(prompts.len());
+        let open = &open;
+        let (mut results, misses) = self
+            .answer_from_cache(prompts, (progress, open), false)
+            .await;
         let mut items: Vec<Option<String>> = items.into_iter().map(Some).collect();
         let mut first: std::collections::HashMap<RequestKey, usize> = Default::default();
         let mut copies = Vec::new();
@@ -354,7 +376,7 @@ impl FunctionCaller {
             async move {
                 let r = call.await;
                 progress.fetch_add(n, Ordering::Relaxed);
-                self.finished(n);
+                self.finished(open, n);
                 r
             }
         });
@@ -369,7 +391,7 @@ impl FunctionCaller {
         for (i, j) in copies {
             results[i] = results[j].clone();
             progress.fetch_add(1, Ordering::Relaxed);
-            self.finished(1);
+            self.finished(open, 1);
         }
         self.inner.report().await;
         results

@@ -43,13 +43,12 @@ impl Inner {
     ) -> Result<LlmResponse, LlmError> {
         // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
         // so that a paused model never holds permits other models could use.
-        let waiting = self.waiting.enter();
         let admission = model.governor.admit(estimate).await;
         let Ok(_global) = self.global.acquire().await else {
             // Stopped (Ctrl-C): nothing more is sent, and nothing fails because of it.
             return std::future::pending().await;
         };
-        drop(waiting);
+        self.waiting.sent();
         let _ = sent.set(Instant::now());
         let result = {
             let _wire = OnTheWire::start(&self.metrics, fm);
