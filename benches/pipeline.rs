@@ -9,7 +9,7 @@
 //!
 //! Scenarios: `flagship-c64`, `flagship-c512`, `batch8`, `jitter`, `rate-limit`, `limits`, `hedge`,
 //! `all-faults`, `cache`, `s3`, `scale`, `distributed` (1, 2 and 3 `sluice worker`
-//! processes), `replicas` (one model over 1 and 4 test servers), `replica-killed` (one of 4
+//! processes), `capacity` (3 workers with servers of their own, one half as fast), `replicas` (one model over 1 and 4 test servers), `replica-killed` (one of 4
 //! killed mid-run), `prefix` (shared prefixes over 1 and 4 compute-bound servers with prefix
 //! caches, against the distinct-prefix lower bound), `cascade` (a boolean filter on a small
 //! model that passes the rows it is unsure of to a large one, against the large one alone),
@@ -483,9 +483,16 @@ struct WorkerProcess {
 
 impl WorkerProcess {
     fn start(dir: &Path, cache: &str) -> WorkerProcess {
+        Self::start_with(dir, cache, &dir.join("sluice.toml"))
+    }
+
+    /// A worker in `dir` reading the configuration file `config`.
+    fn start_with(dir: &Path, cache: &str, config: &Path) -> WorkerProcess {
+        let config = config.to_string_lossy();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .current_dir(dir)
             .args(["worker", "--listen", "127.0.0.1:0", "--cache-dir", cache])
+            .args(["--config", config.as_ref()])
             .stderr(Stdio::piped())
             .spawn()
             .expect("sluice worker starts");
@@ -538,6 +545,61 @@ fn distributed(passages: usize, workers: usize, per_worker: usize, latency_ms: u
         "wall_s": round(m.wall_s, 2), "prompts_per_s": round(rate, 1),
         "limit_prompts_per_s": round(limit, 1), "ratio_to_limit": round(rate / limit, 3),
         "max_in_flight_server": stats["max_in_flight"].clone(),
+        "coordinator_cpu_s": round(m.cpu_s, 2), "coordinator_max_rss_mb": round(m.max_rss_mb, 1),
+    })
+}
+
+/// Work goes where the capacity is: the flagship over `passages` on 3 `sluice worker`
+/// processes, each with a test server of its own (a GPU box's; `per_worker = true`) and
+/// `per_worker` requests in flight, the third answering in twice the others' `latency_ms`:
+/// prompts/s as a ratio to the sum of the three workers' capacities (concurrency / latency),
+/// each worker's share of the prompts, and what a fixed third each would allow.
+fn capacity(passages: usize, per_worker: usize, latency_ms: u64) -> Value {
+    let latencies = [latency_ms, latency_ms, 2 * latency_ms];
+    let mocks: Vec<Mock> = latencies
+        .iter()
+        .map(|l| Mock::start(&["--latency-ms", &l.to_string()]))
+        .collect();
+    let model = format!("kind = \"openai\"\nper_worker = true\nconcurrency = {per_worker}");
+    let p = Project::with_model(&mocks[0].url, per_worker * 3, passages, true, &model);
+    let toml = std::fs::read_to_string(p.dir.path().join("sluice.toml")).unwrap();
+    let procs: Vec<WorkerProcess> = mocks
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let own = p.dir.path().join(format!("w{i}.toml"));
+            let text = toml.replace(
+                &format!("base_url = \"{}\"", mocks[0].url),
+                &format!("base_url = \"{}\"", m.url),
+            );
+            std::fs::write(&own, text).unwrap();
+            WorkerProcess::start_with(p.dir.path(), &format!(".sluice/w{i}"), &own)
+        })
+        .collect();
+    let list: Vec<&str> = procs.iter().map(|w| w.addr.as_str()).collect();
+    let m = p.run(&["--workers", &list.join(",")]);
+    let shares: Vec<u64> = mocks
+        .iter()
+        .map(|m| num(&mock_stats(m), "requests"))
+        .collect();
+    let prompts: u64 = shares.iter().sum();
+    let rate = prompts as f64 / m.wall_s;
+    let capacities: Vec<f64> = latencies
+        .iter()
+        .map(|l| per_worker as f64 / (*l as f64 / 1000.0))
+        .collect();
+    let capacity: f64 = capacities.iter().sum();
+    // A fixed third each finishes when the slowest does.
+    let static_rate = 3.0 * capacities.iter().cloned().fold(f64::INFINITY, f64::min);
+    drop(procs);
+    json!({
+        "scenario": "capacity-3w-one-half-speed", "passages": passages, "prompts": prompts,
+        "concurrency_per_worker": per_worker, "latencies_ms": latencies,
+        "prompts_per_worker": shares, "wall_s": round(m.wall_s, 2),
+        "prompts_per_s": round(rate, 1), "capacity_prompts_per_s": round(capacity, 1),
+        "ratio_to_capacity": round(rate / capacity, 3),
+        "fixed_thirds_bound_ratio": round(static_rate / capacity, 3),
+        "coordinator_counted_requests": num(&m.metrics, "requests"),
         "coordinator_cpu_s": round(m.cpu_s, 2), "coordinator_max_rss_mb": round(m.max_rss_mb, 1),
     })
 }
@@ -1205,6 +1267,10 @@ fn smoke() {
     let line = distributed(12, 2, 4, 5);
     assert_eq!(line["prompts"], 48, "{line}");
     println!("{line}");
+    let line = capacity(12, 4, 5);
+    assert_eq!(line["prompts"], 48, "{line}");
+    assert_eq!(line["coordinator_counted_requests"], 48, "{line}");
+    println!("{line}");
     let line = cascade(200);
     assert_eq!(line["requests_small"], 200, "{line}");
     let escalated = line["requests_large"].as_u64().unwrap();
@@ -1369,6 +1435,9 @@ fn main() {
         for workers in 1..=3 {
             emit(distributed(600, workers, 16, 200));
         }
+    }
+    if want("capacity") {
+        emit(capacity(600, 16, 200));
     }
     if want("topology") {
         emit(topology(300));

@@ -37,7 +37,7 @@ use crate::cache::{SharedCache, WorkQueues};
 use crate::llm::Dispatcher;
 
 /// A worker asks for another chunk once at most 1/this of its concurrency waits to be sent.
-const WAITING_SHARE: u64 = 8;
+const WAITING_SHARE: u64 = 4;
 /// Chunks aimed at per partition of every task: enough that the last chunks, read while the
 /// others finish, are a small part of the work.
 const CHUNKS_PER_PARTITION: u64 = 16;
