@@ -703,3 +703,53 @@ async fn input_goes_to_the_worker_whose_calls_finish_and_the_output_is_whole() {
     w_fast.stop().await;
     w_slow.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_models_limit_is_learned_once_for_the_cluster_at_the_coordinator() {
+    // The provider serves 6 requests at once and refuses the rest without saying why; the
+    // cluster is configured for 48.
+    let cap = 6;
+    let server = mock(MockConfig {
+        latency: std::time::Duration::from_millis(20),
+        retry_after_ms: 20,
+        limits: Limits {
+            max_in_flight: Some(cap),
+            ..Limits::default()
+        },
+        ..MockConfig::default()
+    })
+    .await;
+    let workers = three_workers(&server.base_url(), 48).await;
+    let engine = coordinator(&server.base_url(), &urls(&workers), 48);
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 300;
+    let data = dir.path().join("t.jsonl");
+    let lines: Vec<String> = (0..rows)
+        .map(|i| format!("{{\"p\": \"Passage {i}: margins rose by {i} points.\"}}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out.parquet");
+    let sql = format!(
+        "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}';\n\
+         COPY (SELECT p, generate_questions('ACME', 'Q1', '2024-01-01', p) AS q FROM t) \
+         TO '{}' STORED AS PARQUET;",
+        data.display(),
+        out.display()
+    );
+    let printed = run(&engine, &sql).await.unwrap();
+    assert!(printed.contains(&format!("COPY {rows} rows")), "{printed}");
+    let stats = server.stats();
+    let refused = stats.faults.get("over_concurrency").copied().unwrap_or(0);
+    assert_eq!(stats.requests, rows + refused, "{stats:?}");
+    // Every worker's request was admitted by the coordinator's governor, which saw the
+    // refusals of all of them and learned the cap itself: one learner for the cluster.
+    let model = &engine.metrics().models["default"];
+    assert_eq!(
+        model.kind,
+        Some(sluice::llm::LimitKind::Cap),
+        "{model:?} after {refused} refusals"
+    );
+    assert!(model.limit <= cap as usize, "{model:?}");
+    assert!(model.saturations > 0, "{model:?}");
+    stop_all(workers).await;
+}

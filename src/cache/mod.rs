@@ -18,6 +18,7 @@ use crate::types::Usage;
 mod claims;
 mod jobs;
 mod key;
+mod pacing;
 mod remote;
 mod shared;
 mod wire;
@@ -27,6 +28,7 @@ pub use jobs::StoredJob;
 #[cfg(test)]
 use key::request_key;
 pub(crate) use key::{KeyPrefix, RequestKey, key_from_hex, key_hex};
+pub use pacing::{ADMIT_PATIENCE, Pacing};
 pub(crate) use remote::Lookup;
 pub use remote::SharedCache;
 pub use shared::{CacheServer, Counters};

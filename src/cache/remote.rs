@@ -158,24 +158,17 @@ impl SharedCache {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// The next chunk of the coordinator's work queue `queue` (`None`: every chunk is handed
-    /// out). Unlike lookups, any failure is an error: a chunk the coordinator handed out but
-    /// this worker did not hear of would be rows lost, so it is never asked twice.
-    pub(crate) async fn next_chunk(&self, queue: &str) -> Result<Option<u64>, String> {
+    /// `body` posted to `path`, its JSON answer; any failure is an error (no retry, no
+    /// shortcut: for what must not be taken as a miss).
+    async fn post_strict(&self, path: &str, body: Value) -> Result<Value, String> {
         let mut req = self
             .client
-            .post(format!("{}/v1/next", self.base))
+            .post(format!("{}{path}", self.base))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(json!({ "queue": queue }).to_string());
+            .body(body.to_string());
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, t.bearer());
         }
-        let failed = |why: String| {
-            format!(
-                "cannot get work from the coordinator at {}: {why}",
-                self.base
-            )
-        };
         let resp = req.send().await.map_err(|e| {
             let why = if e.is_connect() {
                 "cannot connect"
@@ -184,32 +177,68 @@ impl SharedCache {
             } else {
                 "the connection failed"
             };
-            failed(why.to_string())
+            format!("the coordinator at {}: {why}", self.base)
         })?;
         let status = resp.status();
-        if status == http::StatusCode::NOT_FOUND {
-            return Err(failed(
-                "it does not know this statement's work queue (did it restart?)".to_string(),
-            ));
-        }
         if !status.is_success() {
-            return Err(failed(format!("HTTP {}", status.as_u16())));
+            let why = if status == http::StatusCode::NOT_FOUND {
+                "it does not know what this statement asked for (did it restart?)".to_string()
+            } else {
+                format!("HTTP {}", status.as_u16())
+            };
+            return Err(format!("the coordinator at {}: {why}", self.base));
         }
         let bytes = resp
             .bytes()
             .await
-            .map_err(|_| failed("the answer was cut".to_string()))?;
-        let doc: Value = serde_json::from_slice(&bytes)
-            .map_err(|_| failed("the answer is not JSON".to_string()))?;
+            .map_err(|_| format!("the coordinator at {}: the answer was cut", self.base))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|_| format!("the coordinator at {}: the answer is not JSON", self.base))
+    }
+
+    /// The next chunk of the coordinator's work queue `queue` (`None`: every chunk is handed
+    /// out). Unlike lookups, any failure is an error: a chunk the coordinator handed out but
+    /// this worker did not hear of would be rows lost, so it is never asked twice.
+    pub(crate) async fn next_chunk(&self, queue: &str) -> Result<Option<u64>, String> {
+        let doc = self
+            .post_strict("/v1/next", json!({ "queue": queue }))
+            .await
+            .map_err(|e| format!("cannot get work from {e}"))?;
         // Only an explicit null ends the scan: a malformed answer is never taken for "done".
+        let malformed = || {
+            format!(
+                "cannot get work from the coordinator at {}: the answer has no chunk number",
+                self.base
+            )
+        };
         match doc.get("chunk") {
+            Some(Value::Null) => Ok(None),
+            Some(n) => n.as_u64().map(Some).ok_or_else(malformed),
+            None => Err(malformed()),
+        }
+    }
+
+    /// Asks the coordinator's governor of `model` to admit a request of `tokens`: its lease,
+    /// or `None` when the coordinator had no room within its patience (ask again).
+    pub(crate) async fn admit(&self, model: &str, tokens: u64) -> Result<Option<u64>, String> {
+        let doc = self
+            .post_strict("/v1/admit", json!({ "model": model, "tokens": tokens }))
+            .await?;
+        match doc.get("lease") {
             Some(Value::Null) => Ok(None),
             Some(n) => n
                 .as_u64()
                 .map(Some)
-                .ok_or_else(|| failed("the answer has no chunk number".to_string())),
-            None => Err(failed("the answer has no chunk number".to_string())),
+                .ok_or_else(|| "the coordinator's admission has no lease".to_string()),
+            None => Err("the coordinator's admission has no lease".to_string()),
         }
+    }
+
+    /// Tells the coordinator how the request of `lease` ended (`outcome`: its wire form).
+    pub(crate) async fn finish(&self, lease: u64, outcome: Value) {
+        let _ = self
+            .post_strict("/v1/finish", json!({ "lease": lease, "outcome": outcome }))
+            .await;
     }
 
     /// Reports the change of this worker's counters to the coordinator.

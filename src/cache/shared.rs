@@ -28,7 +28,11 @@
 //! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204;
 //! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204;
 //! - `POST /v1/next` `{"queue": id}` → `{"chunk": n}`, or `{"chunk": null}` once every chunk
-//!   is handed out ([`super::work`]); 404 for a queue it does not know.
+//!   is handed out ([`super::work`]); 404 for a queue it does not know;
+//! - `POST /v1/admit` `{"model": name, "tokens": n}` → `{"lease": id}` once the coordinator's
+//!   governor of the model admits the request, or `{"lease": null}` after a few seconds without
+//!   room (ask again); 404 for a model it does not pace ([`Pacing`]);
+//! - `POST /v1/finish` `{"lease": id, "outcome": ..}` → 204: how the admitted request ended.
 //!
 //! With a cluster token, every request must carry `authorization: Bearer TOKEN`; a request
 //! without it is refused with 401 before its body is read. With the cluster's certificate
@@ -46,6 +50,7 @@ use serde_json::{Value, json};
 
 use super::ResponseCache;
 use super::claims::Claims;
+use super::pacing::{ADMIT_PATIENCE, Pacing};
 use super::wire::{entry_from, entry_value, keys_of, unhex};
 use super::work::{Next, WorkQueues};
 use crate::config::Secret;
@@ -86,6 +91,7 @@ impl CacheServer {
             counters,
             claims: Claims::default(),
             work: Arc::new(WorkQueues::default()),
+            pacing: std::sync::OnceLock::new(),
         });
         let served = state.clone();
         // The connections are tasks of the accept loop's own set: when the server is dropped
@@ -136,6 +142,14 @@ impl CacheServer {
     /// (a dead worker never releases its own), and the statement runs again.
     pub fn release_claims(&self) {
         self.state.claims.end_all();
+        if let Some(p) = self.state.pacing.get() {
+            p.end_all();
+        }
+    }
+
+    /// Admits the workers' requests with `pacing` from now on (once; later calls are ignored).
+    pub fn pace_with(&self, pacing: Arc<dyn Pacing>) {
+        let _ = self.state.pacing.set(pacing);
     }
 
     /// The queues of input chunks it hands out to the workers' scans.
@@ -190,6 +204,7 @@ struct Served {
     counters: Counters,
     claims: Claims,
     work: Arc<WorkQueues>,
+    pacing: std::sync::OnceLock<Arc<dyn Pacing>>,
 }
 
 impl std::fmt::Debug for Served {
@@ -243,6 +258,8 @@ impl Served {
             "/v1/release" => self.release(&doc),
             "/v1/counters" => self.counters(&doc),
             "/v1/next" => self.next(&doc),
+            "/v1/admit" => self.admit(&doc).await,
+            "/v1/finish" => self.finish(&doc),
             _ => refusal(StatusCode::NOT_FOUND, "unknown path"),
         }
     }
@@ -350,6 +367,29 @@ impl Served {
             return refusal(StatusCode::BAD_REQUEST, "counters: whole numbers");
         };
         (self.counters)(&delta);
+        no_content()
+    }
+
+    async fn admit(&self, doc: &Value) -> Response<Full<Bytes>> {
+        let (Some(model), Some(tokens)) = (doc["model"].as_str(), doc["tokens"].as_u64()) else {
+            return refusal(StatusCode::BAD_REQUEST, "model and tokens expected");
+        };
+        let Some(pacing) = self.pacing.get() else {
+            return refusal(StatusCode::NOT_FOUND, "the coordinator paces no model");
+        };
+        match pacing.admit(model, tokens, ADMIT_PATIENCE).await {
+            Ok(lease) => reply(StatusCode::OK, json!({ "lease": lease })),
+            Err(e) => refusal(StatusCode::NOT_FOUND, &e),
+        }
+    }
+
+    fn finish(&self, doc: &Value) -> Response<Full<Bytes>> {
+        let Some(lease) = doc["lease"].as_u64() else {
+            return refusal(StatusCode::BAD_REQUEST, "lease expected");
+        };
+        if let Some(pacing) = self.pacing.get() {
+            pacing.finish(lease, &doc["outcome"]);
+        }
         no_content()
     }
 

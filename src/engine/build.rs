@@ -198,6 +198,11 @@ impl Engine {
             ),
             Answers::Estimates => None,
         };
+        if let Some(server) = &cache_server {
+            // The workers' requests are admitted by this engine's governors.
+            let pacing = super::pacing::ClusterPacing::new(config, &runtime);
+            server.pace_with(Arc::new(pacing));
+        }
         let live = LiveWorkers::new(&config.cluster);
         let ctx = session(
             config,

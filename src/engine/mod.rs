@@ -20,6 +20,7 @@ mod host;
 mod live;
 mod models;
 mod named;
+mod pacing;
 mod run;
 mod script;
 mod session;

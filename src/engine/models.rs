@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::error::EngineError;
-use crate::cache::ResponseCache;
+use crate::cache::{ResponseCache, SharedCache};
 use crate::config::{Config, ModelConfig, ModelMode, ModelPart, ProviderKind};
 use crate::llm::anthropic::AnthropicProvider;
 use crate::llm::batch::{BatchApi, BatchQueue};
@@ -14,7 +14,7 @@ use crate::llm::dispatch::{ModelHandle, PrefixOrder};
 use crate::llm::estimate::{EstimateProvider, TokenCounter};
 use crate::llm::gemini::GeminiProvider;
 use crate::llm::gemini_embed::GeminiEmbedder;
-use crate::llm::governor::{Governor, GovernorConfig};
+use crate::llm::governor::{Governor, GovernorConfig, RemotePacing};
 use crate::llm::lamini::LaminiProvider;
 use crate::llm::openai::{CompletionsProvider, OpenAiProvider};
 use crate::llm::replicas::{Replica, ReplicaSet};
@@ -172,24 +172,38 @@ fn live_governor(config: &Config, m: &ModelConfig, share: usize) -> GovernorConf
 }
 
 /// The models of one worker's share of a cluster run: the same providers (and batch queues)
-/// with governors of their own, each with `1 / workers` of the model's limits, or all of them
-/// for a model each machine answers itself ([`ModelConfig::per_worker`]).
+/// with governors of their own. A model each machine answers itself
+/// ([`ModelConfig::per_worker`]) is paced by all of its limits here; the others by the
+/// coordinator behind `coordinator` (the cluster's one governor per model and replica), or,
+/// without it or once it fails, by `1 / workers` of their limits.
 pub(super) fn shared_models(
     config: &Config,
     handles: &BTreeMap<String, ModelHandle>,
     workers: usize,
+    coordinator: Option<&Arc<SharedCache>>,
 ) -> BTreeMap<String, ModelHandle> {
     // Every handle was built from a configured model (`build_models`).
     handles
         .iter()
         .filter_map(|(name, h)| {
             let m = config.models.get(name)?;
-            let share = if m.per_worker() { 1 } else { workers };
-            let governor = || Governor::new(live_governor(config, m, share));
+            let own = m.per_worker();
+            let share = if own { 1 } else { workers };
+            let cfg = live_governor(config, m, share);
+            let remote = coordinator.filter(|_| !own && m.server().is_some());
+            let count = h.replicas.as_ref().map_or(1, |r| r.replicas().len());
+            let mut keys = super::pacing::pacing_keys(name, count).into_iter();
+            let mut governor = || match remote {
+                Some(c) => {
+                    let key = keys.next().unwrap_or_else(|| name.clone());
+                    Governor::paced_by(cfg, RemotePacing::new(c.clone(), key))
+                }
+                None => Governor::new(cfg),
+            };
             let replicas = h
                 .replicas
                 .as_ref()
-                .map(|r| Arc::new(r.with_governors(governor)));
+                .map(|r| Arc::new(r.with_governors(&mut governor)));
             let governor = match &replicas {
                 Some(r) => r.replicas()[0].governor.clone(),
                 None => Arc::new(governor()),

@@ -191,30 +191,40 @@ impl WorkerHost {
         run.budget_tokens = share.budget_tokens;
         run.budget_usd = share.budget_micro_usd.map(|m| m as f64 / 1e6);
         let mut settings = run.share(n);
-        // Models each machine answers itself keep their whole concurrency here.
-        let own: usize = self
-            .config
-            .models
-            .values()
-            .filter(|m| m.per_worker())
-            .map(|m| m.concurrency)
-            .sum();
-        settings.concurrency = settings
-            .concurrency
-            .max(own.min(self.config.dispatcher.concurrency));
+        let shared = share.cache_url.as_deref().map(|url| self.coordinator(url));
+        if shared.is_some() {
+            // The coordinator admits the shared models' requests: their limits are the
+            // cluster's, not a share of them, so this worker may send as many as it can.
+            settings.concurrency = self.config.dispatcher.concurrency;
+        } else {
+            // Models each machine answers itself keep their whole concurrency here.
+            let own: usize = self
+                .config
+                .models
+                .values()
+                .filter(|m| m.per_worker())
+                .map(|m| m.concurrency)
+                .sum();
+            settings.concurrency = settings
+                .concurrency
+                .max(own.min(self.config.dispatcher.concurrency));
+        }
         let mode = if self.config.cache.refresh {
             CacheMode::Refresh
         } else {
             CacheMode::ReadWrite
         };
-        let shared = share.cache_url.as_deref().map(|url| self.coordinator(url));
-        let dispatcher =
-            Dispatcher::with_shared_cache(settings, base.dispatcher.cache().cloned(), shared, mode);
+        let dispatcher = Dispatcher::with_shared_cache(
+            settings,
+            base.dispatcher.cache().cloned(),
+            shared.clone(),
+            mode,
+        );
         self.metrics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(dispatcher.metrics().clone());
-        let models = super::models::shared_models(&self.config, &base.models, n);
+        let models = super::models::shared_models(&self.config, &base.models, n, shared.as_ref());
         Arc::new(LlmRuntime {
             dispatcher,
             models,

@@ -21,6 +21,8 @@
 
 mod bucket;
 mod learn;
+mod outcome;
+mod remote;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +34,8 @@ use crate::types::{RateLimits, RateWindow};
 use bucket::Bucket;
 pub use learn::Kind as LimitKind;
 use learn::Learner;
+pub use outcome::Outcome;
+pub(crate) use remote::RemotePacing;
 
 /// Limits for one model.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,6 +74,9 @@ pub struct Governor {
     cfg: GovernorConfig,
     state: Mutex<State>,
     changed: Notify,
+    /// On a cluster's worker: the coordinator admits this model's requests (its governor is
+    /// the cluster's); this one paces only if the coordinator cannot be reached.
+    remote: Option<RemotePacing>,
 }
 
 /// Permission to have one request in flight. It is given back when dropped: with the outcome
@@ -84,6 +91,8 @@ pub struct Admission {
     /// Requests in flight when it was admitted, itself included.
     level: usize,
     outcome: Option<Outcome>,
+    /// The coordinator's lease, for a request it admitted.
+    lease: Option<u64>,
 }
 
 impl Admission {
@@ -101,29 +110,11 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         let outcome = self.outcome.take().unwrap_or(Outcome::Failed);
-        self.governor.release(self, outcome);
+        match (self.lease, &self.governor.remote) {
+            (Some(lease), Some(remote)) => remote.finish(lease, outcome),
+            _ => self.governor.release(self, outcome),
+        }
     }
-}
-
-/// How a request ended, as far as pacing is concerned.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Outcome {
-    /// Answered.
-    Done {
-        /// Prompt + completion tokens reported.
-        tokens: Option<u64>,
-        /// What the answer advertised.
-        rate: RateLimits,
-    },
-    /// Refused with 429.
-    RateLimited {
-        /// Server-requested wait.
-        retry_after: Option<Duration>,
-        /// What the refusal advertised.
-        rate: RateLimits,
-    },
-    /// Any other failure.
-    Failed,
 }
 
 impl Governor {
@@ -142,6 +133,16 @@ impl Governor {
             }),
             cfg,
             changed: Notify::new(),
+            remote: None,
+        }
+    }
+
+    /// A governor whose requests the coordinator of a cluster admits (`remote`), pacing by
+    /// `cfg` only if the coordinator cannot be reached.
+    pub(crate) fn paced_by(cfg: GovernorConfig, remote: RemotePacing) -> Governor {
+        Governor {
+            remote: Some(remote),
+            ..Governor::new(cfg)
         }
     }
 
@@ -223,11 +224,24 @@ impl Governor {
             started: now,
             level: st.in_flight,
             outcome: None,
+            lease: None,
         })
     }
 
     /// Waits until a request estimated at `estimated_tokens` may be sent.
     pub async fn admit(self: &Arc<Self>, estimated_tokens: u64) -> Admission {
+        if let Some(remote) = &self.remote
+            && let Some(lease) = remote.admit(estimated_tokens).await
+        {
+            return Admission {
+                governor: self.clone(),
+                estimated_tokens: estimated_tokens as f64,
+                started: Instant::now(),
+                level: 0,
+                outcome: None,
+                lease: Some(lease),
+            };
+        }
         let tokens = estimated_tokens as f64;
         loop {
             // Fast path: no waiting, no registration.

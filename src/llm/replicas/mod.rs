@@ -320,7 +320,7 @@ impl ReplicaSet {
 
     /// The same servers with fresh health and governors made by `governor` (a worker's share
     /// of a cluster run).
-    pub fn with_governors(&self, governor: impl Fn() -> Governor) -> ReplicaSet {
+    pub fn with_governors(&self, mut governor: impl FnMut() -> Governor) -> ReplicaSet {
         let replicas = self
             .replicas
             .iter()

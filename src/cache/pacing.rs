@@ -1,0 +1,27 @@
+//! The coordinator's pacing of its workers' requests, as its server ([`super::CacheServer`])
+//! offers it: each model's governor at the coordinator is the cluster's one limit for that
+//! model, and a worker asks it to admit each request it sends (see `llm::governor::remote`).
+
+use serde_json::Value;
+
+/// How long the coordinator holds an admission request without room before it answers
+/// "ask again" (well under the workers' client timeout).
+pub const ADMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The coordinator's pacing of the workers' requests: its governor of each model is the
+/// cluster's one limit (implemented where the governors are, in the engine).
+pub trait Pacing: Send + Sync {
+    /// Waits up to `patience` for the governor of `model` to admit a request of `tokens`: its
+    /// lease, or `None` when there was no room in that time; an error for a model it does not
+    /// pace.
+    fn admit(
+        &self,
+        model: &str,
+        tokens: u64,
+        patience: std::time::Duration,
+    ) -> futures::future::BoxFuture<'static, Result<Option<u64>, String>>;
+    /// The request of `lease` ended with `outcome` (its wire form).
+    fn finish(&self, lease: u64, outcome: &Value);
+    /// Ends every lease (a statement failed with requests of dead workers on the wire).
+    fn end_all(&self);
+}
