@@ -183,7 +183,14 @@ impl Engine {
         cache: Option<Arc<ResponseCache>>,
     ) -> Result<Engine, EngineError> {
         let dispatcher = dispatcher(config, answers, cache)?;
-        let models = build_models(config, answers, dispatcher.cache())?;
+        // On a cluster whose coordinator paces the workers, its governors are the cluster's
+        // (all of each limit); otherwise its own calls (an LLM node its head stage keeps) get
+        // one worker's share, as every worker does.
+        let share = match super::cluster::paces_workers(&config.cluster) {
+            true => 1,
+            false => config.cluster.workers.len().max(1),
+        };
+        let models = build_models(config, answers, dispatcher.cache(), share)?;
         let runtime = Arc::new(LlmRuntime {
             dispatcher,
             models: models.handles,

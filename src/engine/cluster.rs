@@ -147,6 +147,12 @@ fn serving_address(
     Some((ip, tls))
 }
 
+/// Whether a coordinator of `cluster` serves its workers (cache, counters, chunks) and so
+/// admits their requests with its own governors ([`serving_address`]).
+pub(super) fn paces_workers(cluster: &ClusterConfig) -> bool {
+    cluster.distributed() && serving_address(cluster, false).is_some()
+}
+
 /// On a cluster's coordinator, serves its response cache (when it has one) to the workers,
 /// takes their counters into `metrics` and hands out chunks of the input
 /// ([`crate::cache::CacheServer`]), where [`serving_address`] says, on a free port.

@@ -238,16 +238,14 @@ fn batch_plan(m: &ModelConfig) -> Option<BatchPlan> {
     })
 }
 
-/// Every model of `config`, answering as `answers` says; batch-mode models store their jobs
-/// in `cache`.
+/// Every model of `config`, answering as `answers` says, each governed by `1 / share` of its
+/// limits; batch-mode models store their jobs in `cache`.
 pub(super) fn build_models(
     config: &Config,
     answers: Answers,
     cache: Option<&Arc<ResponseCache>>,
+    share: usize,
 ) -> Result<Models, EngineError> {
-    // On a cluster, the coordinator's own calls (an LLM node its head stage keeps) get one
-    // worker's share, as every worker does.
-    let share = config.cluster.workers.len().max(1);
     let mut out = Models {
         handles: BTreeMap::new(),
         token_counters: BTreeMap::new(),
