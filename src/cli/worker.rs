@@ -10,11 +10,14 @@ use crate::engine::worker::WorkerHost;
 /// What `sluice worker --help` says after the flags.
 pub(crate) const WORKER_HELP: &str = "\
 A worker runs the plan stages a coordinator (`sluice run --workers URL,...`) sends it: it
-reads its byte ranges of the inputs itself, makes the LLM calls of its rows with its own
-dispatcher, providers and response cache, and streams the rows back.
+reads the chunks of the inputs the coordinator hands it as its calls free up, makes the LLM
+calls of their rows with its own dispatcher, providers and response cache (each request
+admitted by the coordinator, which paces every model for the cluster), and streams the rows
+back.
 
 Shared by every machine: the inputs (s3:// or a path all of them see), sluice.toml and udfs/
-(a worker refuses a task whose function or model differs from the coordinator's). API keys are
+(a worker refuses a task whose function or model differs from the coordinator's; a model with
+per_worker = true may name each machine's own server and limits). API keys are
 read by each worker from its own environment (the variables named in sluice.toml); the
 coordinator never sends one.
 
