@@ -36,8 +36,9 @@ use futures::StreamExt;
 use crate::cache::{SharedCache, WorkQueues};
 use crate::llm::Dispatcher;
 
-/// A worker asks for another chunk once at most 1/this of its concurrency waits to be sent.
-const WAITING_SHARE: u64 = 4;
+/// A worker asks for another chunk once what waits to be sent is at most 1/this of what it has
+/// on the wire (its pace, whatever limits it).
+const WAITING_SHARE: u64 = 8;
 /// Chunks aimed at per partition of every task: enough that the last chunks, read while the
 /// others finish, are a small part of the work.
 const CHUNKS_PER_PARTITION: u64 = 16;
@@ -367,9 +368,8 @@ impl ExecutionPlan for ClaimedScanExec {
                     // More input only when this worker's calls are about to run out and the
                     // last chunk reached them, so that the input goes to the workers that free
                     // up first.
-                    let room = dispatcher.config().concurrency as u64 / WAITING_SHARE;
                     taken = Some(match taken {
-                        Some(since) => dispatcher.until_waiting_at_most(room, since).await,
+                        Some(since) => dispatcher.until_waiting_at_most(WAITING_SHARE, since).await,
                         None => dispatcher.taken_on(),
                     });
                     let next = coordinator

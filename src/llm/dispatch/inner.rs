@@ -72,12 +72,13 @@ impl Waiting {
         self.changed.notify_waiters();
     }
 
-    /// Returns once at most `max` prompts taken on are not on the wire (`on_wire` of them
-    /// are), and some were taken on after `taken_since` — or none was for [`QUIET`] with none
-    /// open (what was read produced no prompt: filtered out): the count taken on so far.
+    /// Returns once at most 1 / `share` of the prompts on the wire (`on_wire`; at least one
+    /// prompt) are taken on and not on the wire, and some were taken on after `taken_since` —
+    /// or none was for [`QUIET`] with none open (what was read produced no prompt: filtered
+    /// out): the count taken on so far.
     pub(super) async fn until_at_most(
         &self,
-        max: u64,
+        share: u64,
         on_wire: &std::sync::atomic::AtomicU64,
         taken_since: u64,
     ) -> u64 {
@@ -88,8 +89,9 @@ impl Waiting {
             changed.as_mut().enable();
             let open = self.open.load(Ordering::Relaxed);
             let taken = self.taken.load(Ordering::Relaxed);
-            let waiting = open.saturating_sub(on_wire.load(Ordering::Relaxed));
-            if waiting <= max && taken > taken_since {
+            let sent = on_wire.load(Ordering::Relaxed);
+            let waiting = open.saturating_sub(sent);
+            if waiting <= (sent / share.max(1)).max(1) && taken > taken_since {
                 return taken;
             }
             if open > 0 || taken > taken_since {

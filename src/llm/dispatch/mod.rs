@@ -108,17 +108,17 @@ impl Dispatcher {
         self.inner.global.close();
     }
 
-    /// Returns once at most `max` prompts this dispatcher has taken on are not yet on the wire
-    /// (waiting for the cache, an identical call, a shared prefix, their model's governor or
-    /// the global budget) and it took on prompts after `taken_since` (or, with none open, took
-    /// none for 50 ms): its work is about to run out, and what it was given last reached it
-    /// (a cluster's worker then asks for more input). Returns the prompts taken on so far, for
-    /// the next wait.
-    pub async fn until_waiting_at_most(&self, max: u64, taken_since: u64) -> u64 {
+    /// Returns once the prompts this dispatcher has taken on and not yet sent (waiting for the
+    /// cache, an identical call, a shared prefix, their model's governor or the global budget)
+    /// are at most 1 / `share` of those on the wire (at least one), and it took on prompts after
+    /// `taken_since` (or, with none open, took none for 50 ms): its work is about to run out,
+    /// whatever pace its models allow, and what it was given last reached it (a cluster's
+    /// worker then asks for more input). Returns the prompts taken on so far, for the next wait.
+    pub async fn until_waiting_at_most(&self, share: u64, taken_since: u64) -> u64 {
         let on_wire = &self.inner.metrics.in_flight;
         self.inner
             .waiting
-            .until_at_most(max, on_wire, taken_since)
+            .until_at_most(share, on_wire, taken_since)
             .await
     }
 
