@@ -66,19 +66,25 @@ impl SharedCache {
         self.failures.load(Ordering::Relaxed)
     }
 
+    /// A POST of `body` (JSON) to `path`, with the cluster token.
+    fn request(&self, path: &str, body: Value) -> reqwest::RequestBuilder {
+        let req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        match &self.token {
+            Some(t) => req.header(http::header::AUTHORIZATION, t.bearer()),
+            None => req,
+        }
+    }
+
     async fn post(&self, path: &str, body: Value) -> Option<reqwest::Response> {
         if self.unreachable.load(Ordering::Relaxed) {
             self.failures.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let mut req = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body.to_string());
-        if let Some(t) = &self.token {
-            req = req.header(http::header::AUTHORIZATION, t.bearer());
-        }
+        let req = self.request(path, body);
         let failed = |why: String| {
             self.failures.fetch_add(1, Ordering::Relaxed);
             if !self.warned.swap(true, Ordering::Relaxed) {
@@ -161,15 +167,7 @@ impl SharedCache {
     /// `body` posted to `path`, its JSON answer; any failure is an error (no retry, no
     /// shortcut: for what must not be taken as a miss).
     async fn post_strict(&self, path: &str, body: Value) -> Result<Value, String> {
-        let mut req = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body.to_string());
-        if let Some(t) = &self.token {
-            req = req.header(http::header::AUTHORIZATION, t.bearer());
-        }
-        let resp = req.send().await.map_err(|e| {
+        let resp = self.request(path, body).send().await.map_err(|e| {
             let why = if e.is_connect() {
                 "cannot connect"
             } else if e.is_timeout() {
