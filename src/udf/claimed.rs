@@ -345,11 +345,10 @@ impl ExecutionPlan for ClaimedScanExec {
             ));
         };
         let chunks = self.chunks.clone();
-        // The chunk being read, and the prompts the worker had taken on when it was claimed
-        // (`None`: no chunk claimed yet, the first is claimed at once).
-        type State = (Option<SendableRecordBatchStream>, Option<u64>);
-        let state: State = (None, None);
-        let stream = futures::stream::try_unfold(state, move |(mut current, mut taken)| {
+        // The chunk being read, and whether one was claimed (the first is claimed at once).
+        type State = (Option<SendableRecordBatchStream>, bool);
+        let state: State = (None, false);
+        let stream = futures::stream::try_unfold(state, move |(mut current, mut claimed)| {
             let (chunks, coordinator, dispatcher, context) = (
                 chunks.clone(),
                 coordinator.clone(),
@@ -360,7 +359,7 @@ impl ExecutionPlan for ClaimedScanExec {
                 loop {
                     if let Some(s) = current.as_mut() {
                         match s.next().await {
-                            Some(Ok(batch)) => return Ok(Some((batch, (current, taken)))),
+                            Some(Ok(batch)) => return Ok(Some((batch, (current, claimed)))),
                             Some(Err(e)) => return Err(e),
                             None => {}
                         }
@@ -368,10 +367,10 @@ impl ExecutionPlan for ClaimedScanExec {
                     // More input only when this worker's calls are about to run out and the
                     // last chunk reached them, so that the input goes to the workers that free
                     // up first.
-                    taken = Some(match taken {
-                        Some(since) => dispatcher.until_waiting_at_most(WAITING_SHARE, since).await,
-                        None => dispatcher.taken_on(),
-                    });
+                    if claimed {
+                        dispatcher.until_ready_for_input(WAITING_SHARE).await;
+                    }
+                    claimed = true;
                     let next = coordinator
                         .next_chunk(&chunks.queue)
                         .await

@@ -39,6 +39,8 @@ pub(super) struct Waiting {
     open: std::sync::atomic::AtomicU64,
     /// Prompts ever taken on.
     taken: std::sync::atomic::AtomicU64,
+    /// `taken` when more input was last let in (by any of this dispatcher's readers).
+    let_in_at: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
 
@@ -62,26 +64,17 @@ impl Waiting {
         }
     }
 
-    /// Prompts ever taken on.
-    pub(super) fn taken(&self) -> u64 {
-        self.taken.load(Ordering::Relaxed)
-    }
-
     /// A request went on the wire.
     pub(super) fn sent(&self) {
         self.changed.notify_waiters();
     }
 
-    /// Returns once at most 1 / `share` of the prompts on the wire (`on_wire`; at least one
-    /// prompt) are taken on and not on the wire, and some were taken on after `taken_since` —
-    /// or none was for [`QUIET`] with none open (what was read produced no prompt: filtered
-    /// out): the count taken on so far.
-    pub(super) async fn until_at_most(
-        &self,
-        share: u64,
-        on_wire: &std::sync::atomic::AtomicU64,
-        taken_since: u64,
-    ) -> u64 {
+    /// Returns once more input may be let in, and lets it in: at most 1 / `share` of the
+    /// prompts on the wire (`on_wire`; at least one prompt) are taken on and not on the wire,
+    /// and prompts were taken on since input was last let in — by any reader, so that readers
+    /// woken together let in one chunk, not one each — or none was for [`QUIET`] with none
+    /// open (what was read produced no prompt: filtered out).
+    pub(super) async fn let_in(&self, share: u64, on_wire: &std::sync::atomic::AtomicU64) {
         let mut quiet_since: Option<tokio::time::Instant> = None;
         loop {
             let changed = self.changed.notified();
@@ -89,12 +82,22 @@ impl Waiting {
             changed.as_mut().enable();
             let open = self.open.load(Ordering::Relaxed);
             let taken = self.taken.load(Ordering::Relaxed);
+            let last = self.let_in_at.load(Ordering::Relaxed);
             let sent = on_wire.load(Ordering::Relaxed);
             let waiting = open.saturating_sub(sent);
-            if waiting <= (sent / share.max(1)).max(1) && taken > taken_since {
-                return taken;
+            if waiting <= (sent / share.max(1)).max(1) && taken > last {
+                let won = self.let_in_at.compare_exchange(
+                    last,
+                    taken,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                if won.is_ok() {
+                    return;
+                }
+                continue;
             }
-            if open > 0 || taken > taken_since {
+            if open > 0 || taken > last {
                 quiet_since = None;
                 changed.await;
                 continue;
@@ -102,7 +105,7 @@ impl Waiting {
             let since = *quiet_since.get_or_insert_with(tokio::time::Instant::now);
             let left = QUIET.saturating_sub(since.elapsed());
             if left.is_zero() {
-                return taken;
+                return;
             }
             let _ = tokio::time::timeout(left, changed).await;
         }

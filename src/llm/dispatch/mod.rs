@@ -108,23 +108,15 @@ impl Dispatcher {
         self.inner.global.close();
     }
 
-    /// Returns once the prompts this dispatcher has taken on and not yet sent (waiting for the
-    /// cache, an identical call, a shared prefix, their model's governor or the global budget)
-    /// are at most 1 / `share` of those on the wire (at least one), and it took on prompts after
-    /// `taken_since` (or, with none open, took none for 50 ms): its work is about to run out,
-    /// whatever pace its models allow, and what it was given last reached it (a cluster's
-    /// worker then asks for more input). Returns the prompts taken on so far, for the next wait.
-    pub async fn until_waiting_at_most(&self, share: u64, taken_since: u64) -> u64 {
+    /// Returns once this dispatcher may take more input, for one of its readers: what it has
+    /// taken on and not yet sent (waiting for the cache, an identical call, a shared prefix,
+    /// their model's governor or the global budget) is at most 1 / `share` of what is on the
+    /// wire (at least one prompt), and what was let in last reached it (or, with none open,
+    /// nothing did for 50 ms). Its work is then about to run out, whatever pace its models
+    /// allow (a cluster's worker asks for more input).
+    pub async fn until_ready_for_input(&self, share: u64) {
         let on_wire = &self.inner.metrics.in_flight;
-        self.inner
-            .waiting
-            .until_at_most(share, on_wire, taken_since)
-            .await
-    }
-
-    /// Prompts taken on so far (see [`Dispatcher::until_waiting_at_most`]).
-    pub fn taken_on(&self) -> u64 {
-        self.inner.waiting.taken()
+        self.inner.waiting.let_in(share, on_wire).await
     }
 
     /// Requests on the wire now.
