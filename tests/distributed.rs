@@ -749,3 +749,39 @@ async fn a_models_limit_is_learned_once_for_the_cluster_at_the_coordinator() {
     }
     stop_all(workers).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_mode_model_on_a_cluster_collects_each_workers_rows_in_few_files() {
+    // Rows handed to a batch queue count as sent: a worker keeps asking for input while its
+    // queue collects, instead of one chunk per job.
+    let server = mock(MockConfig::default()).await;
+    let batch = |base: &str, cache: &Path| {
+        let text = config_text(base, 2, 16)
+            + "mode = \"batch\"\n\n[models.default.batch]\npoll_ms = 20\ncollect_ms = 300\n";
+        let mut c = Config::parse(&text, Path::new("sluice.toml"), &|_| None).unwrap();
+        c.udf_dir = repo().join("udfs");
+        c.cache.dir = cache.to_path_buf();
+        c
+    };
+    let base = server.base_url();
+    let a = start_worker_with(|c| batch(&base, c)).await;
+    let b = start_worker_with(|c| batch(&base, c)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 300;
+    let out = dir.path().join("out.parquet");
+    let sql = questions_per_passage(dir.path(), rows, &out);
+    let mut config = batch(&base, &dir.path().join("cache"));
+    config.cluster.workers =
+        sluice::config::ClusterConfig::parse_workers(&[&a.url, &b.url]).unwrap();
+    let engine = sluice::Engine::new(&config).unwrap();
+    let printed = run(&engine, &sql).await.unwrap();
+    assert!(printed.contains(&format!("COPY {rows} rows")), "{printed}");
+    let st = server.stats();
+    assert_eq!((st.requests, st.batch_lines), (0, rows), "{st:?}");
+    // The input is cut into more than a dozen chunks; each worker's rows go in one or two
+    // files (a collect window may close before the last chunk arrives).
+    let jobs = server.batches().len();
+    assert!(jobs <= 4, "{jobs} batch jobs for {rows} rows on 2 workers");
+    a.stop().await;
+    b.stop().await;
+}

@@ -41,6 +41,9 @@ pub(super) struct Waiting {
     taken: std::sync::atomic::AtomicU64,
     /// `taken` when more input was last let in (by any of this dispatcher's readers).
     let_in_at: std::sync::atomic::AtomicU64,
+    /// Prompts submitted to a batch queue: sent, as far as more input is concerned (a batch
+    /// collects as many as it can).
+    parked: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
 
@@ -64,6 +67,13 @@ impl Waiting {
         }
     }
 
+    /// A prompt is submitted to a batch queue, until the guard is dropped.
+    pub(super) fn park(&self) -> Parked<'_> {
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        Parked(self)
+    }
+
     /// A request went on the wire.
     pub(super) fn sent(&self) {
         self.changed.notify_waiters();
@@ -83,7 +93,7 @@ impl Waiting {
             let open = self.open.load(Ordering::Relaxed);
             let taken = self.taken.load(Ordering::Relaxed);
             let last = self.let_in_at.load(Ordering::Relaxed);
-            let sent = on_wire.load(Ordering::Relaxed);
+            let sent = on_wire.load(Ordering::Relaxed) + self.parked.load(Ordering::Relaxed);
             let waiting = open.saturating_sub(sent);
             if waiting <= (sent / share.max(1)).max(1) && taken > last {
                 let won = self.let_in_at.compare_exchange(
@@ -129,6 +139,16 @@ impl Open<'_> {
             .min(n);
         self.gauge.open.fetch_sub(taken, Ordering::Relaxed);
         self.gauge.changed.notify_waiters();
+    }
+}
+
+/// A prompt in a batch queue; it leaves when dropped (answered, or cancelled).
+#[derive(Debug)]
+pub(super) struct Parked<'a>(&'a Waiting);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.parked.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

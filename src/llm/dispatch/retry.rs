@@ -69,6 +69,7 @@ impl Inner {
             // Stopped (Ctrl-C): nothing more is submitted, and nothing fails because of it.
             return std::future::pending().await;
         }
+        let _parked = self.waiting.park();
         queue.call(key, req).await
     }
 
