@@ -44,6 +44,9 @@ const RUN_IDLE: Duration = Duration::from_secs(30 * 60);
 struct Run {
     share: RunShare,
     runtime: Arc<LlmRuntime>,
+    /// The client to the run's coordinator (its cache, counters, chunks and admissions): one
+    /// per run, so that what one run's client learned (a coordinator gone) never outlives it.
+    coordinator: Option<Arc<SharedCache>>,
     last_task: Instant,
 }
 
@@ -57,8 +60,6 @@ pub struct WorkerHost {
     runs: Mutex<Vec<Run>>,
     /// The counters of every run so far, for [`WorkerHost::requests`].
     metrics: Mutex<Vec<Arc<Metrics>>>,
-    /// Clients to the coordinators' servers this worker asked for chunks, by URL (the last few).
-    coordinators: Mutex<Vec<(String, Arc<SharedCache>)>>,
 }
 
 impl WorkerHost {
@@ -75,7 +76,6 @@ impl WorkerHost {
             engine,
             runs: Mutex::new(Vec::new()),
             metrics: Mutex::new(Vec::new()),
-            coordinators: Mutex::new(Vec::new()),
         }))
     }
 
@@ -182,8 +182,9 @@ impl WorkerHost {
             .map_err(|e| format!("{}: {e}", self.name))
     }
 
-    /// A new dispatcher and models for `share`: this worker's part of every limit.
-    fn share_runtime(&self, share: &RunShare) -> Arc<LlmRuntime> {
+    /// A new dispatcher and models for `share` (this worker's part of every limit), and the
+    /// run's client to its coordinator.
+    fn share_runtime(&self, share: &RunShare) -> (Arc<LlmRuntime>, Option<Arc<SharedCache>>) {
         let n = share.workers.max(1) as usize;
         let base = &self.engine.runtime;
         // The run's budgets are the coordinator's; the limits are this worker's config.
@@ -191,7 +192,11 @@ impl WorkerHost {
         run.budget_tokens = share.budget_tokens;
         run.budget_usd = share.budget_micro_usd.map(|m| m as f64 / 1e6);
         let mut settings = run.share(n);
-        let shared = share.cache_url.as_deref().map(|url| self.coordinator(url));
+        let shared = share.cache_url.as_deref().map(|url| {
+            let cluster = &self.config.cluster;
+            let ca = cluster.tls.ca.as_deref();
+            Arc::new(SharedCache::new(url, cluster.token.clone(), ca))
+        });
         if shared.is_some() {
             // The coordinator admits the shared models' requests: their limits are the
             // cluster's, not a share of them, so this worker may send as many as it can.
@@ -225,35 +230,52 @@ impl WorkerHost {
             .unwrap_or_else(|p| p.into_inner())
             .push(dispatcher.metrics().clone());
         let models = super::models::shared_models(&self.config, &base.models, n, shared.as_ref());
-        Arc::new(LlmRuntime {
+        let runtime = Arc::new(LlmRuntime {
             dispatcher,
             models,
             max_join_calls: base.max_join_calls,
-        })
+        });
+        (runtime, shared)
+    }
+
+    /// The run of `share` on this worker, made at its first task.
+    fn run_of(&self, share: &RunShare) -> (Arc<LlmRuntime>, Option<Arc<SharedCache>>) {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        runs.retain(|r| now.duration_since(r.last_task) < RUN_IDLE);
+        if let Some(r) = runs.iter_mut().find(|r| &r.share == share) {
+            r.last_task = now;
+            return (r.runtime.clone(), r.coordinator.clone());
+        }
+        tracing::info!(
+            "{}: run {} ({} workers) starts here",
+            self.name,
+            share.run,
+            share.workers
+        );
+        let (runtime, coordinator) = self.share_runtime(share);
+        runs.push(Run {
+            share: share.clone(),
+            runtime: runtime.clone(),
+            coordinator: coordinator.clone(),
+            last_task: now,
+        });
+        (runtime, coordinator)
     }
 }
-
-/// Clients to coordinators kept at once.
-const COORDINATORS_KEPT: usize = 8;
 
 impl WorkerSide for WorkerHost {
     fn name(&self) -> &str {
         &self.name
     }
 
-    fn coordinator(&self, url: &str) -> Arc<SharedCache> {
-        let mut known = self.coordinators.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, c)) = known.iter().find(|(u, _)| u == url) {
-            return c.clone();
-        }
-        let cluster = &self.config.cluster;
-        let ca = cluster.tls.ca.as_deref();
-        let client = Arc::new(SharedCache::new(url, cluster.token.clone(), ca));
-        if known.len() >= COORDINATORS_KEPT {
-            known.remove(0);
-        }
-        known.push((url.to_string(), client.clone()));
-        client
+    fn coordinator(&self, run: &RunShare) -> Result<Arc<SharedCache>, String> {
+        self.run_of(run).1.ok_or_else(|| {
+            format!(
+                "{}: a chunked scan came from a coordinator that serves nothing",
+                self.name
+            )
+        })
     }
 
     fn function(&self, function: &str) -> Option<Arc<FunctionDef>> {
@@ -280,25 +302,6 @@ impl WorkerSide for WorkerHost {
     }
 
     fn runtime(&self, share: &RunShare) -> Result<Arc<LlmRuntime>, String> {
-        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        runs.retain(|r| now.duration_since(r.last_task) < RUN_IDLE);
-        if let Some(r) = runs.iter_mut().find(|r| &r.share == share) {
-            r.last_task = now;
-            return Ok(r.runtime.clone());
-        }
-        tracing::info!(
-            "{}: run {} ({} workers) starts here",
-            self.name,
-            share.run,
-            share.workers
-        );
-        let runtime = self.share_runtime(share);
-        runs.push(Run {
-            share: share.clone(),
-            runtime: runtime.clone(),
-            last_task: now,
-        });
-        Ok(runtime)
+        Ok(self.run_of(share).0)
     }
 }

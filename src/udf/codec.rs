@@ -150,8 +150,8 @@ pub(crate) trait WorkerSide: Send + Sync + fmt::Debug {
     /// The dispatcher and models the tasks of `run` share on this worker, with the run's share
     /// of every limit.
     fn runtime(&self, run: &RunShare) -> Result<Arc<LlmRuntime>, String>;
-    /// A client to the coordinator's server at `url` (for the chunks of a scan).
-    fn coordinator(&self, url: &str) -> Arc<crate::cache::SharedCache>;
+    /// The client to the coordinator's server of `run` (for the chunks of a scan).
+    fn coordinator(&self, run: &RunShare) -> Result<Arc<crate::cache::SharedCache>, String>;
 }
 
 /// Which end of the wire a codec serves.
@@ -378,7 +378,7 @@ impl LlmCodec {
             .run
             .ok_or_else(|| codec_err(format!("{who}: a chunked scan came without its run")))?;
         let runtime = worker.runtime(&run).map_err(codec_err)?;
-        let coordinator = worker.coordinator(scan.url());
+        let coordinator = worker.coordinator(&run).map_err(codec_err)?;
         Ok(Arc::new(
             scan.on_worker(coordinator, runtime.dispatcher.clone()),
         ))
