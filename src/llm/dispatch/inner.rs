@@ -317,3 +317,57 @@ impl Drop for Claim {
         }
     }
 }
+
+#[cfg(test)]
+mod waiting_tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether `let_in` returns within `within` (on the paused clock).
+    async fn lets_in(w: &Waiting, on_wire: &AtomicU64, within: Duration) -> bool {
+        tokio::time::timeout(within, w.let_in(8, on_wire))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn input_is_let_in_once_per_intake_while_little_waits() {
+        let w = Waiting::default();
+        let on_wire = AtomicU64::new(0);
+        // 16 prompts taken on, all on the wire: room, and something was taken since.
+        let open = w.open(16);
+        on_wire.store(16, Ordering::Relaxed);
+        assert!(lets_in(&w, &on_wire, Duration::ZERO).await);
+        // A second reader woken at the same time waits: nothing was taken since.
+        assert!(!lets_in(&w, &on_wire, Duration::from_secs(1)).await);
+        // 8 more taken on, 6 of them waiting (16 on the wire allow 2): no room.
+        let more = w.open(8);
+        on_wire.store(18, Ordering::Relaxed);
+        assert!(!lets_in(&w, &on_wire, Duration::from_secs(1)).await);
+        // 6 answers: 6 of the waiting go on the wire (10 + 6), 2 still wait, and 16 on the
+        // wire allow 2: input is let in.
+        open.done(6);
+        on_wire.store(16, Ordering::Relaxed);
+        assert!(lets_in(&w, &on_wire, Duration::ZERO).await);
+        drop((open, more));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn input_that_makes_no_prompt_lets_the_next_in_after_a_quiet_while() {
+        let w = Waiting::default();
+        let on_wire = AtomicU64::new(0);
+        let once = w.open(1);
+        once.done(1);
+        assert!(lets_in(&w, &on_wire, Duration::ZERO).await);
+        // What was let in produced no prompt (filtered out): nothing open, nothing taken.
+        let started = tokio::time::Instant::now();
+        assert!(lets_in(&w, &on_wire, Duration::from_secs(1)).await);
+        assert_eq!(started.elapsed(), QUIET);
+        // A call cancelled with prompts open leaves none counted (its guard gives them back).
+        let cancelled = w.open(5);
+        drop(cancelled);
+        assert_eq!(w.open.load(Ordering::Relaxed), 0);
+    }
+}
