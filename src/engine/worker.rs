@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::common::Result;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::execution::SessionState;
 use datafusion_distributed::{
     DistributedExt, Worker, WorkerPlanRewriteEvent, WorkerPlanRewriteEventResponse,
@@ -34,6 +35,7 @@ use crate::config::{Config, ModelPart};
 use crate::llm::{Dispatcher, Metrics};
 use crate::udf::codec::{LlmCodec, RunShare, WorkerSide};
 use crate::udf::def::FunctionDef;
+use crate::udf::exec::LlmExec;
 use crate::udf::exec::LlmRuntime;
 
 /// A run's dispatcher is forgotten after this long without a task.
@@ -147,7 +149,8 @@ impl WorkerHost {
             .with_distributed_channel_resolver(WorkerChannels::new(&self.config.cluster))
             .with_distributed_worker_plan_rewrite_handler(
                 move |ev: WorkerPlanRewriteEvent<'_>| -> Result<_> {
-                    let plan = crate::udf::claimed::pulled_by_calls(ev.plan)?;
+                    let calls = ev.plan.exists(|p| Ok(p.is::<LlmExec>()))?;
+                    let plan = crate::udf::claimed::pulled_by_calls(ev.plan, calls)?;
                     Ok(WorkerPlanRewriteEventResponse::new(
                         super::named::name_leaves(plan, &who)?,
                     ))

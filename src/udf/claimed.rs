@@ -72,8 +72,9 @@ pub(crate) struct ClaimedScanExec {
     /// The original scan over every file (the settings each chunk is read with).
     template: Arc<dyn ExecutionPlan>,
     chunks: Arc<Chunks>,
-    /// On a worker: the client to the coordinator, and the dispatcher of the run's calls.
-    worker: Option<(Arc<SharedCache>, Dispatcher)>,
+    /// On a worker: the client to the coordinator, and the dispatcher of the run's calls
+    /// whose readiness paces the claims (`None` in a stage without LLM calls: claimed as read).
+    worker: Option<(Arc<SharedCache>, Option<Dispatcher>)>,
     properties: Arc<PlanProperties>,
 }
 
@@ -175,8 +176,18 @@ impl ClaimedScanExec {
         coordinator: Arc<SharedCache>,
         dispatcher: Dispatcher,
     ) -> ClaimedScanExec {
-        self.worker = Some((coordinator, dispatcher));
+        self.worker = Some((coordinator, Some(dispatcher)));
         self
+    }
+
+    /// The same scan claiming its chunks as fast as they are read (a stage without LLM calls:
+    /// nothing there to wait for).
+    fn ungated(&self) -> ClaimedScanExec {
+        let worker = self.worker.as_ref().map(|(c, _)| (c.clone(), None));
+        ClaimedScanExec {
+            worker,
+            ..self.with_partitions(self.properties.partitioning.partition_count())
+        }
     }
 
     /// The same scan with `n` partitions, each asking for chunks of its own.
@@ -268,9 +279,17 @@ pub(crate) fn chunked_leaf(
 /// On a worker: `plan` with every round-robin repartition right above a chunked scan replaced
 /// by the scan with that many partitions. A repartition reads its input as fast as it can,
 /// whatever its consumers take, so it would claim every chunk at once; each partition of the
-/// scan instead asks for a chunk only when the calls above it pull for more rows.
-pub(crate) fn pulled_by_calls(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+/// scan instead asks for a chunk only when the calls above it pull for more rows. Without
+/// `calls` (a stage with no LLM call), the scans claim their chunks as fast as they read.
+pub(crate) fn pulled_by_calls(
+    plan: Arc<dyn ExecutionPlan>,
+    calls: bool,
+) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|p| {
+        if !calls && let Some(scan) = p.downcast_ref::<ClaimedScanExec>() {
+            let scan: Arc<dyn ExecutionPlan> = Arc::new(scan.ungated());
+            return Ok(Transformed::yes(scan));
+        }
         let Some(r) = p.downcast_ref::<RepartitionExec>() else {
             return Ok(Transformed::no(p));
         };
@@ -367,8 +386,8 @@ impl ExecutionPlan for ClaimedScanExec {
                     // More input only when this worker's calls are about to run out and the
                     // last chunk reached them, so that the input goes to the workers that free
                     // up first.
-                    if claimed {
-                        dispatcher.until_ready_for_input(WAITING_SHARE).await;
+                    if let (true, Some(d)) = (claimed, &dispatcher) {
+                        d.until_ready_for_input(WAITING_SHARE).await;
                     }
                     claimed = true;
                     let next = coordinator
@@ -395,6 +414,58 @@ mod tests {
 
     fn file(size: u64) -> PartitionedFile {
         PartitionedFile::new("data/t.jsonl".to_string(), size)
+    }
+
+    /// The file scan of a three-line JSON table.
+    async fn json_scan(dir: &std::path::Path) -> Arc<dyn ExecutionPlan> {
+        let path = dir.join("t.jsonl");
+        std::fs::write(&path, "{\"p\": 1}\n{\"p\": 2}\n{\"p\": 3}\n").unwrap();
+        let ctx = datafusion::prelude::SessionContext::new();
+        let create = format!(
+            "CREATE EXTERNAL TABLE t STORED AS JSON LOCATION '{}'",
+            path.display()
+        );
+        ctx.sql(&create).await.unwrap();
+        let plan = ctx
+            .sql("SELECT p FROM t")
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        let mut leaf = plan;
+        while let Some(child) = leaf.children().first().map(|c| (*c).clone()) {
+            leaf = child;
+        }
+        assert!(file_scan(&leaf).is_some(), "{}", leaf.name());
+        leaf
+    }
+
+    #[tokio::test]
+    async fn a_repartition_above_a_chunked_scan_becomes_its_partitions_gated_by_the_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = "http://127.0.0.1:9";
+        let scan = ClaimedScanExec::new(json_scan(dir.path()).await, 0, "q".into(), url.into())
+            .unwrap()
+            .on_worker(
+                Arc::new(SharedCache::new(url, None, None)),
+                Dispatcher::new(crate::config::DispatcherConfig::default()),
+            );
+        assert_eq!(scan.chunk_count(), 1, "one small file, whole");
+        let repartitioned: Arc<dyn ExecutionPlan> = Arc::new(
+            RepartitionExec::try_new(Arc::new(scan), Partitioning::RoundRobinBatch(3)).unwrap(),
+        );
+        let gated = |p: &Arc<dyn ExecutionPlan>| {
+            let s = p
+                .downcast_ref::<ClaimedScanExec>()
+                .expect("the scan itself");
+            assert_eq!(s.properties().partitioning.partition_count(), 3);
+            s.worker.as_ref().is_some_and(|(_, d)| d.is_some())
+        };
+        let with_calls = pulled_by_calls(repartitioned.clone(), true).unwrap();
+        assert!(gated(&with_calls), "a stage with LLM calls waits for them");
+        let without = pulled_by_calls(repartitioned, false).unwrap();
+        assert!(!gated(&without), "a stage without calls claims as it reads");
     }
 
     #[test]
