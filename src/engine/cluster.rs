@@ -186,7 +186,7 @@ pub(super) fn distribute(
     live: &Arc<LiveWorkers>,
 ) -> SessionStateBuilder {
     let cache_url = served.map(CacheServer::url);
-    let work = served.map(|s| (s.work(), s.url()));
+    let work = served.map(CacheServer::work);
     planned_on(builder, &config.cluster, live.clone(), work)
         .with_distributed_user_codec(LlmCodec::coordinator(run_share(config, cache_url), config))
         .with_distributed_option_extension(TableRules::default())
@@ -194,13 +194,13 @@ pub(super) fn distribute(
 
 /// The distributed planner over `cluster`: LLM stages get a task per worker, tasks go to the
 /// workers in the listed order (passing over those `live` says are gone), and with `work` (the
-/// coordinator's queues and its server's URL) file scans are cut into chunks that the tasks
-/// ask for as they free up ([`chunked_leaf`]).
+/// coordinator's queues) file scans are cut into chunks that the tasks ask for as they free up
+/// ([`chunked_leaf`]).
 fn planned_on(
     builder: SessionStateBuilder,
     cluster: &ClusterConfig,
     live: Arc<LiveWorkers>,
-    work: Option<(Arc<WorkQueues>, String)>,
+    work: Option<Arc<WorkQueues>>,
 ) -> SessionStateBuilder {
     let workers = cluster.workers.clone();
     let n = workers.len();
@@ -219,10 +219,10 @@ fn planned_on(
                 Some(live.route(ev.task_count).map(RouteTasksEventResponse::new))
             },
         );
-    if let Some((queues, url)) = work {
+    if let Some(queues) = work {
         builder = builder.with_distributed_scale_up_leaf_node_handler(
             move |ev: ScaleUpLeafNodeEvent<'_>| -> Option<Result<ScaleUpLeafNodeEventResponse>> {
-                chunked_leaf(ev.plan, ev.task_count, &queues, &url)
+                chunked_leaf(ev.plan, ev.task_count, &queues)
                     .map(|r| r.map(ScaleUpLeafNodeEventResponse::new))
             },
         );
@@ -256,10 +256,7 @@ impl Engine {
             return Ok(None);
         }
         // Chunks as a run hands them out, from queues nobody asks (nothing is sent).
-        let work = serving_address(&self.cluster, false).map(|(ip, _)| {
-            let url = format!("http://{}", SocketAddr::from((ip, 0)));
-            (Arc::new(WorkQueues::default()), url)
-        });
+        let work = paces_workers(&self.cluster).then(|| Arc::new(WorkQueues::default()));
         let state = planned_on(
             SessionStateBuilder::new_from_existing(self.ctx.state()),
             &self.cluster,

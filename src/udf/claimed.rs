@@ -62,8 +62,6 @@ struct Chunks {
     chunk_bytes: u64,
     list: Vec<Chunk>,
     queue: String,
-    /// The coordinator's server (`http://host:port`).
-    url: String,
 }
 
 /// A scan of `template`'s files, a chunk at a time as the coordinator hands them out.
@@ -131,12 +129,11 @@ fn cut(files: &[PartitionedFile], chunk_bytes: u64) -> Vec<Chunk> {
 
 impl ClaimedScanExec {
     /// The scan of `template` (a file scan) in chunks of `chunk_bytes` (0: whole files), from
-    /// queue `queue` of the coordinator at `url`.
+    /// the coordinator's queue `queue`.
     pub(crate) fn new(
         template: Arc<dyn ExecutionPlan>,
         chunk_bytes: u64,
         queue: String,
-        url: String,
     ) -> Result<ClaimedScanExec> {
         let dse = template.downcast_ref::<DataSourceExec>();
         let Some(config) = dse.and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
@@ -162,7 +159,6 @@ impl ClaimedScanExec {
                 chunk_bytes,
                 list,
                 queue,
-                url,
             }),
             worker: None,
             properties,
@@ -218,10 +214,6 @@ impl ClaimedScanExec {
     pub(crate) fn queue(&self) -> &str {
         &self.chunks.queue
     }
-
-    pub(crate) fn url(&self) -> &str {
-        &self.chunks.url
-    }
 }
 
 impl Chunks {
@@ -244,13 +236,13 @@ impl Chunks {
 }
 
 /// On the coordinator: `plan` (a leaf of a stage of `tasks` tasks) as a chunked scan every
-/// task shares, its queue registered in `work` and served at `url`; `None` when `plan` is not
-/// a file scan whose chunks may be handed out (datafusion-distributed then splits it).
+/// task shares, its queue registered in `work` (served by the coordinator's server, which the
+/// workers reach through the run's `RunShare::cache_url`); `None` when `plan` is not a file
+/// scan whose chunks may be handed out (datafusion-distributed then splits it).
 pub(crate) fn chunked_leaf(
     plan: &Arc<dyn ExecutionPlan>,
     tasks: usize,
     work: &WorkQueues,
-    url: &str,
 ) -> Option<Result<Arc<dyn ExecutionPlan>>> {
     let cfg = file_scan(plan)?;
     if tasks < 2 {
@@ -267,7 +259,7 @@ pub(crate) fn chunked_leaf(
         (total / (tasks as u64 * partitions * CHUNKS_PER_PARTITION)).clamp(min, max)
     });
     let queue = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let scan = match ClaimedScanExec::new(plan.clone(), chunk_bytes, queue, url.to_string()) {
+    let scan = match ClaimedScanExec::new(plan.clone(), chunk_bytes, queue) {
         Ok(scan) => Arc::new(scan),
         Err(e) => return Some(Err(e)),
     };
@@ -445,7 +437,7 @@ mod tests {
     async fn a_repartition_above_a_chunked_scan_becomes_its_partitions_gated_by_the_calls() {
         let dir = tempfile::tempdir().unwrap();
         let url = "http://127.0.0.1:9";
-        let scan = ClaimedScanExec::new(json_scan(dir.path()).await, 0, "q".into(), url.into())
+        let scan = ClaimedScanExec::new(json_scan(dir.path()).await, 0, "q".into())
             .unwrap()
             .on_worker(
                 Arc::new(SharedCache::new(url, None, None)),

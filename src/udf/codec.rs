@@ -92,8 +92,6 @@ struct ClaimedScanProto {
     chunk_bytes: u64,
     #[prost(string, tag = "3")]
     queue: String,
-    #[prost(string, tag = "4")]
-    url: String,
     #[prost(uint64, tag = "5")]
     chunks: u64,
     #[prost(message, optional, tag = "6")]
@@ -343,7 +341,6 @@ impl LlmCodec {
             template: Some(converter.execution_plan_to_proto(scan.template(), self)?),
             chunk_bytes: scan.chunk_bytes(),
             queue: scan.queue().to_string(),
-            url: scan.url().to_string(),
             chunks: scan.chunk_count(),
         })
     }
@@ -365,7 +362,7 @@ impl LlmCodec {
             .ok_or_else(|| codec_err(format!("{who}: a chunked scan came without its scan")))?;
         let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
         let template = converter.proto_to_execution_plan(&template, &decode_ctx)?;
-        let scan = ClaimedScanExec::new(template, node.chunk_bytes, node.queue, node.url)?;
+        let scan = ClaimedScanExec::new(template, node.chunk_bytes, node.queue)?;
         if scan.chunk_count() != node.chunks {
             return Err(codec_err(format!(
                 "{who}: a chunked scan cut into {} chunks here and {} on the coordinator; give \
