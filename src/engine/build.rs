@@ -183,12 +183,18 @@ impl Engine {
         cache: Option<Arc<ResponseCache>>,
     ) -> Result<Engine, EngineError> {
         let dispatcher = dispatcher(config, answers, cache)?;
-        // On a cluster whose coordinator paces the workers, its governors are the cluster's
-        // (all of each limit); otherwise its own calls (an LLM node its head stage keeps) get
-        // one worker's share, as every worker does.
-        let share = match super::cluster::paces_workers(&config.cluster) {
-            true => 1,
-            false => config.cluster.workers.len().max(1),
+        let cache_server = match answers {
+            Answers::Models => {
+                super::cluster::serve_cache(config, dispatcher.cache(), dispatcher.metrics())
+            }
+            Answers::Estimates => None,
+        };
+        // With the workers paced by this coordinator, its governors are the cluster's (all of
+        // each limit); otherwise its own calls (an LLM node its head stage keeps) get one
+        // worker's share, as every worker does.
+        let share = match cache_server {
+            Some(_) => 1,
+            None => config.cluster.workers.len().max(1),
         };
         let models = build_models(config, answers, dispatcher.cache(), share)?;
         let runtime = Arc::new(LlmRuntime {
@@ -197,14 +203,6 @@ impl Engine {
             max_join_calls: config.execution.max_join_calls,
         });
         let lines = Arc::new(LineRules::default());
-        let cache_server = match answers {
-            Answers::Models => super::cluster::serve_cache(
-                config,
-                runtime.dispatcher.cache(),
-                runtime.dispatcher.metrics(),
-            ),
-            Answers::Estimates => None,
-        };
         if let Some(server) = &cache_server {
             // The workers' requests are admitted by this engine's governors.
             let pacing = super::pacing::ClusterPacing::new(config, &runtime);
