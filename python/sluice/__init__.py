@@ -10,18 +10,19 @@ The same engine as the ``sluice`` command, from Python::
                          "output": {"type": "string", "enum": ["pos", "neg"]}})
     con.sql("SELECT text, sentiment(text) AS s FROM reviews").to_pandas()
 
-Statements run with the GIL released; Ctrl-C (or interrupting a notebook cell) raises
-``KeyboardInterrupt`` within two seconds and keeps every answer received in the cache, so
-running the statement again sends only the rest.
+Statements run with the GIL released, showing their progress in a terminal or a notebook;
+Ctrl-C (or interrupting a notebook cell) raises ``KeyboardInterrupt`` within two seconds and
+keeps every answer received in the cache, so running the statement again sends only the rest.
+``con.stream(sql)`` hands a large result over batch by batch as it is computed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
-from . import _sluice
+from . import _progress, _sluice
 from ._sluice import (
     BudgetExceeded,
     ConfigError,
@@ -36,6 +37,7 @@ __all__ = [
     "connect",
     "Session",
     "Result",
+    "Stream",
     "Explanation",
     "SluiceError",
     "ConfigError",
@@ -69,6 +71,7 @@ def connect(
     cache: bool = True,
     budget_usd: Optional[float] = None,
     budget_tokens: Optional[int] = None,
+    progress: Union[None, bool, str, Callable[[list, bool], None]] = None,
 ) -> "Session":
     """Opens a session.
 
@@ -78,7 +81,14 @@ def connect(
     ``./udfs``), ``cache_dir`` the response cache (default ``.sluice/cache``); ``cache=False``
     neither reads nor writes it. ``budget_usd`` and ``budget_tokens`` stop a statement
     (``BudgetExceeded``) before the session's spending would pass them.
+
+    ``progress`` is how statements show their progress: ``None`` (the default) draws it in a
+    Jupyter notebook or on a terminal's stderr, and nowhere else; ``True`` also writes the last
+    state to stderr when neither; ``False`` draws nothing; ``"terminal"``, ``"notebook"`` or
+    ``"plain"`` choose; a callable is called with ``(lines, finished)``, ``lines`` being a list
+    of ``(function or batch job, text)``.
     """
+    progress = _progress.check(progress)
     text = None
     path = None
     if isinstance(config, Mapping):
@@ -94,7 +104,7 @@ def connect(
         budget_tokens=budget_tokens,
         budget_usd=budget_usd,
     )
-    return Session(inner)
+    return Session(inner, progress)
 
 
 def _quote_ident(name: str) -> str:
@@ -171,6 +181,88 @@ class Result:
         return repr(self._rows)
 
 
+class Stream:
+    """The rows of a query as they are computed, batch by batch (``Session.stream``).
+
+    Iterating gives ``pyarrow.RecordBatch``es; each is computed when it is asked for, so a
+    result larger than memory can be written out as it comes. Any Arrow consumer reads it
+    through ``__arrow_c_stream__`` (``pyarrow.RecordBatchReader.from_stream(s)``,
+    ``polars.from_arrow``, DuckDB). A stream is read once. ``close()`` (or leaving a ``with``
+    block) stops the statement: its calls on the wire are dropped, the answers received stay in
+    the cache.
+    """
+
+    def __init__(self, batches: "_sluice.Batches") -> None:
+        self._batches = batches
+
+    @property
+    def schema(self) -> "Any":
+        """The rows' ``pyarrow.Schema``."""
+        import pyarrow as pa
+
+        return pa.schema(self._batches)
+
+    @property
+    def columns(self) -> list:
+        """The column names."""
+        return self._batches.columns
+
+    def __iter__(self) -> Iterator["Any"]:
+        return self
+
+    def __next__(self) -> "Any":
+        import pyarrow as pa
+
+        batch = self._batches.next_batch()
+        if batch is None:
+            raise StopIteration
+        return pa.record_batch(batch)
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        """The rest of the rows as an Arrow C stream (the Arrow PyCapsule interface)."""
+        import pyarrow as pa
+
+        reader = pa.RecordBatchReader.from_batches(self.schema, self)
+        return reader.__arrow_c_stream__(requested_schema)
+
+    def to_arrow(self) -> "Any":
+        """The rest of the rows as a ``pyarrow.Table``."""
+        import pyarrow as pa
+
+        return pa.Table.from_batches(list(self), schema=self.schema)
+
+    def to_pandas(self) -> "Any":
+        """The rest of the rows as a ``pandas.DataFrame``."""
+        return self.to_arrow().to_pandas()
+
+    def to_polars(self) -> "Any":
+        """The rest of the rows as a ``polars.DataFrame`` (needs polars installed)."""
+        try:
+            import polars as pl
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("to_polars() needs polars: pip install polars") from e
+        return pl.from_arrow(self.to_arrow())
+
+    def close(self) -> None:
+        """Stops the statement and frees what it holds (nothing happens once it has ended)."""
+        self._batches.close()
+
+    @property
+    def ended(self) -> bool:
+        """Whether every batch was read, or the stream closed."""
+        return self._batches.ended
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "open"
+        return f"<sluice stream: {state}, columns {self.columns}>"
+
+
 class Explanation:
     """What a script would do and cost, without calling any model (``sluice explain``)."""
 
@@ -240,17 +332,30 @@ class Session:
     """A sluice session: SQL with LLM functions over files and Python tables. Open one with
     :func:`connect`."""
 
-    def __init__(self, inner: "_sluice.Session") -> None:
+    def __init__(self, inner: "_sluice.Session", progress: Any = None) -> None:
         self._inner = inner
+        self._progress = progress
 
-    def sql(self, sql: str) -> Result:
+    def _display(self, progress: Any) -> Any:
+        setting = self._progress if progress is None else _progress.check(progress)
+        return _progress.display_for(setting)
+
+    def sql(self, sql: str, *, progress: Any = None) -> Result:
         """Runs every statement of ``sql`` in order (stopping at the first failure) and returns
-        the rows of the last one when it is a query."""
-        return Result(self._inner.sql(sql))
+        the rows of the last one when it is a query. ``progress`` overrides the session's
+        setting (see :func:`connect`)."""
+        return Result(self._inner.sql(sql, self._display(progress)))
 
-    def run_file(self, path: PathLike) -> Result:
+    def run_file(self, path: PathLike, *, progress: Any = None) -> Result:
         """Runs a ``.sql`` file as ``sluice run`` does; returns the last statement's rows."""
-        return Result(self._inner.run_file(os.fspath(path)))
+        return Result(self._inner.run_file(os.fspath(path), self._display(progress)))
+
+    def stream(self, sql: str, *, progress: Any = None) -> Stream:
+        """Runs every statement of ``sql`` but the last, starts the last and returns its rows
+        as a :class:`Stream`: each batch is computed when it is read. On a cluster, the
+        statement runs again on the workers left only if workers die before its first batch
+        (``sql()`` collects every row first, so it always can)."""
+        return Stream(self._inner.stream(sql, self._display(progress)))
 
     def register(self, name: str, data: Any) -> "Session":
         """Registers a table: a pandas, Polars or PyArrow table, or anything with

@@ -4,9 +4,11 @@
 //! package `sluice` (python/sluice) wraps it.
 
 mod errors;
+mod progress;
 mod result;
 mod runner;
 mod session;
+mod stream;
 
 use pyo3::prelude::*;
 
@@ -22,6 +24,8 @@ fn json_to_toml(json: &str) -> PyResult<String> {
 fn _sluice(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::Session>()?;
     m.add_class::<result::Rows>()?;
+    m.add_class::<stream::Batches>()?;
+    m.add_class::<stream::Batch>()?;
     m.add_function(wrap_pyfunction!(json_to_toml, m)?)?;
     errors::add(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,7 +1,8 @@
 //! Engine work on a Tokio runtime while the calling Python thread waits with the GIL released,
 //! looking at Python's signals every [`POLL`]: Ctrl-C (or interrupting a notebook cell) stops
 //! sending, lets the requests on the wire finish for at most [`GRACE`] (their answers are
-//! stored in the cache), drops the statement and raises `KeyboardInterrupt`.
+//! stored in the cache), drops the statement and raises `KeyboardInterrupt`. The statement's
+//! progress is shown from the same loop.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ use sluice::engine::Engine;
 use tokio::runtime::Runtime;
 
 use crate::errors::SluiceError;
+use crate::progress::Progress;
 
 /// How often a waiting thread looks at Python's signals.
 const POLL: Duration = Duration::from_millis(50);
@@ -58,6 +60,7 @@ pub enum Waited<T> {
 pub fn wait<T, F, M>(
     py: Python<'_>,
     (engine, stopped): (&Arc<Engine>, &AtomicBool),
+    progress: &mut Progress,
     make: M,
 ) -> PyResult<Waited<T>>
 where
@@ -98,7 +101,7 @@ where
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
-        let signal = py.check_signals().err();
+        let signal = py.check_signals().err().or_else(|| progress.tick(py));
         if signal.is_none() && stopped.load(Ordering::SeqCst) {
             let _ = cancel.send(());
             let _ = py.detach(|| thread.join());
@@ -119,6 +122,8 @@ where
                 let _ =
                     rt.block_on(async { tokio::time::timeout(FLUSH, engine.flush_cache()).await });
             });
+            // A second Ctrl-C while the last lines are drawn changes nothing.
+            let _ = progress.finish(py);
             return Ok(Waited::Interrupted(signal));
         }
     }

@@ -18,8 +18,10 @@ use crate::errors::{
     ConfigError, FunctionDefinitionError, SluiceError, TableError, definition_error, engine_error,
     statement_error,
 };
+use crate::progress::Progress;
 use crate::result::Rows;
 use crate::runner::{Waited, block_on, wait};
+use crate::stream::Batches;
 
 /// The engine, and whether an interrupt stopped it (then it is built again before its next
 /// statement).
@@ -35,10 +37,10 @@ pub struct Session {
     config: Config,
     held: Mutex<Held>,
     /// The counters of the last statement run (cumulative counters less those before it).
-    last_metrics: Mutex<Value>,
+    last_metrics: Arc<Mutex<Value>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -90,7 +92,7 @@ struct Overrides {
 
 /// `after - before` for every counter of a metrics snapshot (maxima and rates kept as they
 /// are).
-fn metrics_delta(after: &Value, before: &Value) -> Value {
+pub(crate) fn metrics_delta(after: &Value, before: &Value) -> Value {
     match (after, before) {
         (Value::Object(a), Value::Object(b)) => Value::Object(
             a.iter()
@@ -160,16 +162,27 @@ impl Session {
         f(engine)
     }
 
-    /// Runs a script and returns the last statement's rows.
-    fn run(&self, py: Python<'_>, sql: String, origin: String) -> PyResult<Rows> {
+    /// Runs a script and returns the last statement's rows; `show` shows its progress.
+    fn run(
+        &self,
+        py: Python<'_>,
+        (sql, origin): (String, String),
+        show: Option<Py<PyAny>>,
+    ) -> PyResult<Rows> {
         let (engine, stopped) = self.engine_and_flag(py)?;
         let before = engine.metrics().to_json();
+        let mut progress = Progress::new(show, &engine);
         let work = {
             let engine = engine.clone();
             move || async move { engine.run_script_rows(&sql, &origin).await }
         };
-        let waited = wait(py, (&engine, &stopped), work)?;
+        let waited = wait(py, (&engine, &stopped), &mut progress, work)?;
         *lock(&self.last_metrics) = metrics_delta(&engine.metrics().to_json(), &before);
+        if let Waited::Done(_) = &waited
+            && let Some(signal) = progress.finish(py)
+        {
+            return Err(signal);
+        }
         match waited {
             Waited::Done(Ok(rows)) => {
                 let flushed = block_on(py, engine.flush_cache())?;
@@ -178,16 +191,21 @@ impl Session {
             }
             Waited::Done(Err(e)) => Err(statement_failed(py, &engine, &e)),
             Waited::Interrupted(signal) => Err(signal),
-            Waited::Stopped => Err(SluiceError::new_err(
-                "a statement of this session was interrupted in another thread, so this one \
-                 was stopped too (the answers received are in the cache); run it again",
-            )),
+            Waited::Stopped => Err(stopped_by_another_thread()),
         }
     }
 }
 
+/// The exception for a statement a thread's interrupt stopped in another.
+pub(crate) fn stopped_by_another_thread() -> PyErr {
+    SluiceError::new_err(
+        "a statement of this session was interrupted in another thread, so this one was \
+         stopped too (the answers received are in the cache); run it again",
+    )
+}
+
 /// The exception for a failed statement (the answers received are flushed to the cache first).
-fn statement_failed(py: Python<'_>, engine: &Arc<Engine>, e: &StatementError) -> PyErr {
+pub(crate) fn statement_failed(py: Python<'_>, engine: &Arc<Engine>, e: &StatementError) -> PyErr {
     let _ = block_on(py, engine.flush_cache());
     statement_error(e)
 }
@@ -231,22 +249,48 @@ impl Session {
                 engine: Some(Arc::new(engine)),
                 stopped: Arc::new(AtomicBool::new(false)),
             }),
-            last_metrics: Mutex::new(Value::Object(Default::default())),
+            last_metrics: Arc::new(Mutex::new(Value::Object(Default::default()))),
         })
     }
 
-    /// Runs every statement of `sql`; returns the last one's rows.
-    fn sql(&self, py: Python<'_>, sql: String) -> PyResult<Rows> {
-        self.run(py, sql, "<sql>".to_string())
+    /// Runs every statement of `sql`; returns the last one's rows. `progress(lines, finished)`
+    /// is called with the progress lines while it runs.
+    #[pyo3(signature = (sql, progress = None))]
+    fn sql(&self, py: Python<'_>, sql: String, progress: Option<Py<PyAny>>) -> PyResult<Rows> {
+        self.run(py, (sql, "<sql>".to_string()), progress)
     }
 
     /// Runs a `.sql` file (relative paths in it are read from the working directory, as
     /// `sluice run` does).
-    fn run_file(&self, py: Python<'_>, path: PathBuf) -> PyResult<Rows> {
+    #[pyo3(signature = (path, progress = None))]
+    fn run_file(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Rows> {
         let sql = std::fs::read_to_string(&path).map_err(|e| {
             crate::errors::PlanError::new_err(format!("cannot read {}: {e}", path.display()))
         })?;
-        self.run(py, sql, path.display().to_string())
+        self.run(py, (sql, path.display().to_string()), progress)
+    }
+
+    /// Runs every statement of `sql`; returns the last one's rows as they are computed.
+    #[pyo3(signature = (sql, progress = None))]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        sql: String,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Batches> {
+        let (engine, stopped) = self.engine_and_flag(py)?;
+        Batches::start(
+            py,
+            (engine, stopped),
+            sql,
+            progress,
+            self.last_metrics.clone(),
+        )
     }
 
     /// Registers the Arrow C stream in `capsule` (from `__arrow_c_stream__`) as table `name`.

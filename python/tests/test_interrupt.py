@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 ROWS = 120
 
 CHILD = textwrap.dedent(
@@ -24,10 +26,19 @@ CHILD = textwrap.dedent(
     con.define_function({"name": "label", "args": ["text"], "prompt": "Label {{ text }}"})
     con.register("t", pa.table({"text": [f"row {i}" for i in range(%d)]}))
     query = "SELECT text, label(text) AS l FROM t"
-    if mode == "interrupt":
+    if mode.startswith("interrupt"):
+        # A table whose malformed line is skipped: the rule holds after the interrupt too.
+        lines = cache_dir + "-lines.jsonl"
+        with open(lines, "w") as f:
+            f.write(chr(10).join(['{"n": 1}', '{"n": ', '{"n": 3}', ""]))
+        con.register_json("j", lines, bad_rows="skip")
         print("started", flush=True)
         try:
-            con.sql(query)
+            if mode == "interrupt-stream":
+                for batch in con.stream(query):
+                    pass
+            else:
+                con.sql(query)
             print(json.dumps({"finished": True}), flush=True)
         except KeyboardInterrupt:
             at = time.monotonic()
@@ -35,7 +46,9 @@ CHILD = textwrap.dedent(
         # The session goes on after an interrupt: the same statement sends only the rest.
         r = con.sql(query)
         print(json.dumps({"rows": r.num_rows, "metrics": con.metrics(),
-                          "nulls": r.to_arrow().column("l").null_count}), flush=True)
+                          "nulls": r.to_arrow().column("l").null_count,
+                          "json": con.sql("SELECT sum(n) AS s FROM j").to_pylist()}),
+              flush=True)
     else:
         r = con.sql(query)
         print(json.dumps({"rows": r.num_rows, "metrics": con.metrics(),
@@ -51,14 +64,17 @@ def _lines(proc, timeout):
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")], err
 
 
-def test_interrupt_keeps_the_cache_and_a_rerun_sends_only_the_rest(tmp_path, mock_factory, python):
+@pytest.mark.parametrize("mode", ["interrupt", "interrupt-stream"])
+def test_interrupt_keeps_the_cache_and_a_rerun_sends_only_the_rest(
+    tmp_path, mock_factory, python, mode
+):
     mock = mock_factory("--latency-ms", "300")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     args = [mock.base_url, str(tmp_path / "cache"), str(tmp_path / "no-udfs")]
 
     child = subprocess.Popen(
-        [python, str(script), *args, "interrupt"],
+        [python, str(script), *args, mode],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert child.stdout.readline().strip() == "started"
@@ -73,6 +89,7 @@ def test_interrupt_keeps_the_cache_and_a_rerun_sends_only_the_rest(tmp_path, moc
     assert 0 < done_before < ROWS
     again = lines[1]
     assert again["rows"] == ROWS and again["nulls"] == 0
+    assert again["json"] == [{"s": 4}], "the bad_rows rule is lost after the interrupt"
     assert again["metrics"]["cache_hits"] == done_before
     assert again["metrics"]["requests"] == ROWS - done_before
     # Every request the server received was answered and kept: none was sent twice.

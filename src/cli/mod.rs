@@ -3,7 +3,7 @@
 pub mod batches;
 mod exit;
 pub(crate) mod interrupt;
-pub(crate) mod progress;
+pub mod progress;
 pub(crate) mod repl;
 pub mod run;
 pub mod script;

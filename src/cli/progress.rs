@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::llm::Metrics;
 use crate::llm::batch::JobView;
+use crate::llm::dispatch::FunctionMetrics;
 
 /// The batch jobs of the run, by model, when asked.
 pub(crate) type JobsFn = Box<dyn Fn() -> Vec<(String, JobView)> + Send + Sync>;
@@ -62,7 +63,7 @@ impl JobBars {
 }
 
 /// A running progress display; [`Progress::finish`] draws the last state and stops it.
-pub struct Progress {
+pub(crate) struct Progress {
     multi: MultiProgress,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -77,9 +78,136 @@ fn compact(n: u64) -> String {
     }
 }
 
-/// Rows finished (answered, failed, shared or found in the cache).
-fn done(m: &crate::llm::dispatch::FunctionMetrics) -> u64 {
-    m.rows_finished.load(std::sync::atomic::Ordering::Relaxed)
+/// The counters of one function that a progress line shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    /// Rows finished (answered, failed, shared or found in the cache).
+    done: u64,
+    /// Rows handed to the function so far.
+    total: u64,
+    hits: u64,
+    retries: u64,
+    failed: u64,
+    tokens: u64,
+    prompt_cached: u64,
+    /// Inputs still handing rows to it (0: the total is final).
+    open_inputs: u64,
+}
+
+impl Counts {
+    fn of(m: &FunctionMetrics) -> Counts {
+        use std::sync::atomic::Ordering::Relaxed;
+        Counts {
+            done: m.rows_finished.load(Relaxed),
+            total: m.rows_queued.load(Relaxed),
+            hits: m.cache_hits.load(Relaxed),
+            retries: m.retries_total(),
+            failed: m.failed.load(Relaxed),
+            tokens: m.tokens_in.load(Relaxed) + m.tokens_out.load(Relaxed),
+            prompt_cached: m.tokens_cached.load(Relaxed),
+            open_inputs: m.open_inputs.load(Relaxed),
+        }
+    }
+
+    /// These counters less `before`'s (the open inputs are a gauge, kept).
+    fn since(self, before: Counts) -> Counts {
+        Counts {
+            done: self.done.saturating_sub(before.done),
+            total: self.total.saturating_sub(before.total),
+            hits: self.hits.saturating_sub(before.hits),
+            retries: self.retries.saturating_sub(before.retries),
+            failed: self.failed.saturating_sub(before.failed),
+            tokens: self.tokens.saturating_sub(before.tokens),
+            prompt_cached: self.prompt_cached.saturating_sub(before.prompt_cached),
+            open_inputs: self.open_inputs,
+        }
+    }
+}
+
+/// One function's place in a progress display.
+#[derive(Debug)]
+struct Shown {
+    name: String,
+    /// Its counters when the display started (a session's earlier statements).
+    before: Counts,
+    /// When its first row came.
+    appeared: Instant,
+    /// Its last count of finished rows, and when that changed.
+    done: u64,
+    changed: Instant,
+}
+
+/// The progress lines of a statement's LLM functions: one per function with rows, in the order
+/// the pipeline reaches them, counting from when the tracker was made.
+#[derive(Debug)]
+pub struct FunctionLines {
+    metrics: Arc<Metrics>,
+    shown: Vec<Shown>,
+    /// Functions with their counters at the start, before their first row of this statement.
+    waiting: Vec<(String, Counts)>,
+}
+
+impl FunctionLines {
+    /// A tracker of `metrics` from now on.
+    pub fn new(metrics: Arc<Metrics>) -> FunctionLines {
+        let waiting = metrics
+            .functions()
+            .into_iter()
+            .map(|(name, m)| (name, Counts::of(&m)))
+            .collect();
+        FunctionLines {
+            metrics,
+            shown: Vec::new(),
+            waiting,
+        }
+    }
+
+    /// `(function, line)` for every function that has had a row since the start.
+    pub fn lines(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (name, fm) in self.metrics.functions() {
+            let now = Counts::of(&fm);
+            let i = match self.shown.iter().position(|s| s.name == name) {
+                Some(i) => i,
+                None => {
+                    let before = self
+                        .waiting
+                        .iter()
+                        .find(|w| w.0 == name)
+                        .map_or_else(Counts::default, |w| w.1);
+                    if now.since(before).total == 0 {
+                        continue;
+                    }
+                    let at = Instant::now();
+                    self.shown.push(Shown {
+                        name: name.clone(),
+                        before,
+                        appeared: at,
+                        done: 0,
+                        changed: at,
+                    });
+                    self.shown.len() - 1
+                }
+            };
+            let s = &mut self.shown[i];
+            let c = now.since(s.before);
+            if c.done != s.done {
+                s.done = c.done;
+                s.changed = Instant::now();
+            }
+            out.push((name, line(c, s.changed - s.appeared)));
+        }
+        // In the order the functions appeared.
+        out.sort_by_key(|(name, _)| self.shown.iter().position(|s| &s.name == name));
+        out
+    }
+}
+
+/// `(job id, line)` for each batch job of the run.
+pub fn batch_job_lines(jobs: &[(String, JobView)]) -> Vec<(String, String)> {
+    jobs.iter()
+        .map(|(model, j)| (j.status.id.clone(), job_line(model, j)))
+        .collect()
 }
 
 /// `42s`, `3m 05s`, `2h 10m`.
@@ -94,30 +222,24 @@ fn duration(secs: f64) -> String {
 
 /// The line of one function; `elapsed` is the time it has been working (up to its last
 /// finished prompt), so the rate does not decay once the function is done.
-fn line(m: &crate::llm::dispatch::FunctionMetrics, elapsed: Duration) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let hits = m.cache_hits.load(Relaxed);
-    let done = done(m);
-    let total = m.rows_queued.load(Relaxed);
-    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
-    let tokens = m.tokens_in.load(Relaxed) + m.tokens_out.load(Relaxed);
+fn line(c: Counts, elapsed: Duration) -> String {
+    let rate = c.done as f64 / elapsed.as_secs_f64().max(1e-3);
     let mut s = format!(
         "{} / {} prompts · {rate:.0}/s · {} retries · {} cached · {} errors · {} tokens",
-        compact(done),
-        compact(total),
-        compact(m.retries_total()),
-        compact(hits),
-        compact(m.failed.load(Relaxed)),
-        compact(tokens),
+        compact(c.done),
+        compact(c.total),
+        compact(c.retries),
+        compact(c.hits),
+        compact(c.failed),
+        compact(c.tokens),
     );
-    let prompt_cached = m.tokens_cached.load(Relaxed);
-    if prompt_cached > 0 {
-        s.push_str(&format!(" ({} prompt-cached)", compact(prompt_cached)));
+    if c.prompt_cached > 0 {
+        s.push_str(&format!(" ({} prompt-cached)", compact(c.prompt_cached)));
     }
-    if m.open_inputs.load(Relaxed) == 0 && done < total && rate > 0.0 {
+    if c.open_inputs == 0 && c.done < c.total && rate > 0.0 {
         s.push_str(&format!(
             " · ETA {}",
-            duration((total - done) as f64 / rate)
+            duration((c.total - c.done) as f64 / rate)
         ));
     }
     s
@@ -139,34 +261,24 @@ impl Progress {
                 bars: vec![],
                 terminal: std::io::stderr().is_terminal(),
             };
-            // Per function: its bar, when it appeared, and its last count and when that changed.
-            let mut bars: Vec<(String, ProgressBar, Instant, u64, Instant)> = vec![];
+            let mut lines = FunctionLines::new(metrics);
+            let mut bars: Vec<(String, ProgressBar)> = vec![];
             loop {
-                for (name, fm) in metrics.functions() {
+                // A bar appears with the function's first row, so bars are in the order the
+                // pipeline reaches its stages.
+                for (name, text) in lines.lines() {
                     let i = match bars.iter().position(|b| b.0 == name) {
                         Some(i) => i,
-                        // A bar appears with the function's first row, so bars are in the
-                        // order the pipeline reaches its stages.
-                        None if fm.rows_queued.load(std::sync::atomic::Ordering::Relaxed) == 0 => {
-                            continue;
-                        }
                         None => {
                             let b = mp.add(ProgressBar::new_spinner());
                             b.set_style(style.clone());
                             b.set_prefix(name.clone());
-                            let now = Instant::now();
-                            bars.push((name.clone(), b, now, 0, now));
+                            bars.push((name, b));
                             bars.len() - 1
                         }
                     };
-                    let entry = &mut bars[i];
-                    let d = done(&fm);
-                    if d != entry.3 {
-                        entry.3 = d;
-                        entry.4 = Instant::now();
-                    }
-                    entry.1.set_message(line(&fm, entry.4 - entry.2));
-                    entry.1.tick();
+                    bars[i].1.set_message(text);
+                    bars[i].1.tick();
                 }
                 job_bars.update(&mp, &jobs);
                 if *stopped.borrow() {
@@ -201,7 +313,7 @@ impl Progress {
 }
 
 /// Writes through while the progress bars are hidden.
-pub struct SuspendingWriter<W: Write> {
+pub(crate) struct SuspendingWriter<W: Write> {
     multi: MultiProgress,
     inner: W,
 }
@@ -238,26 +350,51 @@ mod tests {
 
     #[test]
     fn a_line_shows_every_counter() {
-        use std::sync::atomic::Ordering::Relaxed;
-        let m = Metrics::default();
-        let f = m.function("answer_question");
-        f.rows_queued.store(10, Relaxed);
-        f.rows_finished.store(9, Relaxed);
-        f.cache_hits.store(2, Relaxed);
-        f.failed.store(1, Relaxed);
-        f.open_inputs.store(1, Relaxed);
-        let l = line(&f, Duration::from_secs(1));
+        let mut c = Counts {
+            total: 10,
+            done: 9,
+            hits: 2,
+            failed: 1,
+            open_inputs: 1,
+            ..Counts::default()
+        };
+        let l = line(c, Duration::from_secs(1));
         assert!(l.starts_with("9 / 10 prompts · 9/s"), "{l}");
         assert!(l.contains("2 cached") && l.contains("1 errors"), "{l}");
         assert!(!l.contains("ETA"), "no ETA while rows may still come: {l}");
         assert!(!l.contains("prompt-cached"), "{l}");
-        f.tokens_in.store(12_000, Relaxed);
-        f.tokens_cached.store(8_000, Relaxed);
-        let l = line(&f, Duration::from_secs(1));
+        c.tokens = 12_000;
+        c.prompt_cached = 8_000;
+        let l = line(c, Duration::from_secs(1));
         assert!(l.ends_with("· 12.0k tokens (8000 prompt-cached)"), "{l}");
-        f.open_inputs.store(0, Relaxed);
-        f.rows_finished.store(1, Relaxed);
-        let l = line(&f, Duration::from_secs(2));
+        c.open_inputs = 0;
+        c.done = 1;
+        let l = line(c, Duration::from_secs(2));
         assert!(l.ends_with("· ETA 18s"), "9 rows left at 0.5/s: {l}");
+    }
+
+    #[test]
+    fn lines_count_from_their_start_in_the_order_functions_appear() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = Arc::new(Metrics::default());
+        let earlier = m.function("zeta");
+        earlier.rows_queued.store(100, Relaxed);
+        earlier.rows_finished.store(100, Relaxed);
+        let mut lines = FunctionLines::new(m.clone());
+        assert!(lines.lines().is_empty(), "no row yet in this statement");
+        earlier.rows_queued.store(104, Relaxed);
+        earlier.rows_finished.store(101, Relaxed);
+        assert_eq!(lines.lines().len(), 1);
+        let later = m.function("alpha");
+        later.rows_queued.store(3, Relaxed);
+        let got = lines.lines();
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["zeta", "alpha"],
+            "the order they appeared in, not by name"
+        );
+        assert!(got[0].1.starts_with("1 / 4 prompts"), "{}", got[0].1);
+        assert!(got[1].1.starts_with("0 / 3 prompts"), "{}", got[1].1);
     }
 }

@@ -9,12 +9,14 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::TableProvider;
 use datafusion::common::{DataFusionError, TableReference};
 use datafusion::datasource::MemTable;
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement;
+use futures::StreamExt;
 
 use super::error::{EngineError, StatementError};
 use super::models::Answers;
 use super::session::{Engine, RunOptions};
-use super::statements::{parse_one, split_statements};
+use super::statements::{ScriptStatement, parse_one, split_statements};
 use crate::config::Config;
 use crate::udf::def::FunctionDef;
 
@@ -27,54 +29,177 @@ pub struct QueryRows {
     pub batches: Vec<RecordBatch>,
 }
 
+/// The rows of a script's last query as they are computed ([`Engine::run_script_stream`]).
+/// Dropping it cancels the statement: its calls on the wire are dropped, its resources freed.
+pub struct QueryStream {
+    schema: SchemaRef,
+    first: Option<RecordBatch>,
+    rest: SendableRecordBatchStream,
+    /// Where the statement is, for its errors.
+    origin: String,
+    index: usize,
+    statement: ScriptStatement,
+}
+
+impl std::fmt::Debug for QueryStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryStream")
+            .field("origin", &self.origin)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueryStream {
+    /// The schema of the rows.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// The next batch of rows (`None` at the end); a failure is the statement's, as
+    /// [`Engine::run_script`] reports it. `engine` is the one that started the stream.
+    pub async fn next(&mut self, engine: &Engine) -> Option<Result<RecordBatch, StatementError>> {
+        if let Some(first) = self.first.take() {
+            return Some(Ok(first));
+        }
+        match self.rest.next().await? {
+            Ok(batch) => Some(Ok(batch)),
+            Err(e) => Some(Err(engine
+                .statement_error(&self.origin, self.index, &self.statement, e)
+                .await)),
+        }
+    }
+}
+
+/// A query's schema, its first batch and the rest of its stream.
+type Started = (SchemaRef, Option<RecordBatch>, SendableRecordBatchStream);
+
 impl Engine {
     /// Runs every statement of `sql` in order, as [`Engine::run_script`] does (stopping at the
     /// first failure), and returns the rows of the last statement when it is a query (`None`
-    /// when it is not, or when `sql` has no statement). Nothing is printed. On a cluster, the
-    /// last statement is not run again on the workers left when some die.
+    /// when it is not, or when `sql` has no statement). Nothing is printed. On a cluster, a
+    /// statement that fails because workers died runs again on the workers left, the last one
+    /// included (its rows are collected before they are returned).
     pub async fn run_script_rows(
         &self,
         sql: &str,
         origin: &str,
     ) -> Result<Option<QueryRows>, StatementError> {
-        let statements = split_statements(sql);
-        let opts = RunOptions::default();
-        let n = statements.len();
-        for (i, stmt) in statements.iter().enumerate() {
-            let result = if i + 1 == n {
-                self.last_statement_rows(&stmt.text).await
-            } else {
-                self.run_on_live_workers(&stmt.text, &opts, &mut std::io::sink())
-                    .await
-                    .map(|()| None)
-            };
-            match result {
-                Ok(rows) if i + 1 == n => return Ok(rows),
-                Ok(_) => {}
-                Err(e) => return Err(self.statement_error(origin, i + 1, stmt, e).await),
-            }
+        let Some((index, last, statement)) = self.run_leading(sql, origin).await? else {
+            return Ok(None);
+        };
+        let collected = self
+            .on_live_workers(async || {
+                let (schema, first, mut rest) = match self.start_query(&statement).await {
+                    Ok(Some(started)) => started,
+                    Ok(None) => return (Ok(None), false),
+                    Err(e) => return (Err(e), false),
+                };
+                let mut batches: Vec<RecordBatch> = first.into_iter().collect();
+                while let Some(batch) = rest.next().await {
+                    match batch {
+                        Ok(b) => batches.push(b),
+                        Err(e) => return (Err(e), false),
+                    }
+                }
+                (Ok(Some(QueryRows { schema, batches })), false)
+            })
+            .await;
+        match collected {
+            Ok(rows) => Ok(rows),
+            Err(e) => Err(self.statement_error(origin, index, &last, e).await),
         }
-        Ok(None)
     }
 
-    /// Runs one statement; a query's rows are collected, anything else runs as in a script.
-    async fn last_statement_rows(&self, text: &str) -> Result<Option<QueryRows>, DataFusionError> {
-        let statement = parse_one(text)?;
-        if matches!(
-            statement,
+    /// [`Engine::run_script_rows`] whose last query's rows come as they are computed, so that a
+    /// large result is never held whole. On a cluster, the last statement runs again on the
+    /// workers left only when workers die before its first batch.
+    pub async fn run_script_stream(
+        &self,
+        sql: &str,
+        origin: &str,
+    ) -> Result<Option<QueryStream>, StatementError> {
+        let Some((index, last, statement)) = self.run_leading(sql, origin).await? else {
+            return Ok(None);
+        };
+        let started = self
+            .on_live_workers(async || (self.start_query(&statement).await, false))
+            .await;
+        match started {
+            Ok(Some((schema, first, rest))) => Ok(Some(QueryStream {
+                schema,
+                first,
+                rest,
+                origin: origin.to_string(),
+                index,
+                statement: last,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.statement_error(origin, index, &last, e).await),
+        }
+    }
+
+    /// Runs every statement of `sql` but the last; returns the last (its 1-based index, its
+    /// text and its parse) when it is left to run as a query, `None` when there is none or it
+    /// has run (it writes files or creates a table: run as in a script).
+    async fn run_leading(
+        &self,
+        sql: &str,
+        origin: &str,
+    ) -> Result<Option<(usize, ScriptStatement, Statement)>, StatementError> {
+        let mut statements = split_statements(sql);
+        let Some(last) = statements.pop() else {
+            return Ok(None);
+        };
+        let opts = RunOptions::default();
+        let index = statements.len() + 1;
+        for (i, stmt) in statements.iter().enumerate() {
+            if let Err(e) = self
+                .run_on_live_workers(&stmt.text, &opts, &mut std::io::sink())
+                .await
+            {
+                return Err(self.statement_error(origin, i + 1, stmt, e).await);
+            }
+        }
+        let parsed = match parse_one(&last.text) {
+            Ok(p) => p,
+            Err(e) => return Err(self.statement_error(origin, index, &last, e).await),
+        };
+        if !matches!(
+            parsed,
             Statement::CopyTo(_) | Statement::CreateExternalTable(_)
         ) {
-            let opts = RunOptions::default();
-            self.run_statement(text, &opts, &mut std::io::sink())
-                .await?;
-            return Ok(None);
+            return Ok(Some((index, last, parsed)));
         }
-        let plan = self.ctx.state().statement_to_plan(statement).await?;
+        match self
+            .run_on_live_workers(&last.text, &opts, &mut std::io::sink())
+            .await
+        {
+            Ok(()) => Ok(None),
+            Err(e) => Err(self.statement_error(origin, index, &last, e).await),
+        }
+    }
+
+    /// Plans and starts a statement: for a query, its schema, first batch and the rest of its
+    /// stream; anything else runs to its end (`None`).
+    async fn start_query(&self, statement: &Statement) -> Result<Option<Started>, DataFusionError> {
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(statement.clone())
+            .await?;
         let is_query = super::run::is_query(&plan);
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
-        Ok(is_query.then_some(QueryRows { schema, batches }))
+        let mut stream = df.execute_stream().await?;
+        if !is_query {
+            while let Some(batch) = stream.next().await {
+                batch?;
+            }
+            return Ok(None);
+        }
+        let first = stream.next().await.transpose()?;
+        Ok(Some((schema, first, stream)))
     }
 
     /// Registers `batches` as the table `name`, replacing a table of that name.
@@ -108,16 +233,30 @@ impl Engine {
         Ok(twin)
     }
 
-    /// This engine built again from `config`, with its functions and tables: after
-    /// [`Engine::stop_sending`] (an interrupt), the session that goes on, on the same response
-    /// cache.
+    /// This engine built again from `config`, with its functions, tables and their
+    /// `bad_rows` rules: after [`Engine::stop_sending`] (an interrupt), the session that goes
+    /// on, on the same response cache.
     pub async fn rebuilt(self, config: &Config) -> Result<Engine, EngineError> {
         let functions = self.functions.clone();
         let tables = self.tables().await;
         let cache = self.runtime.dispatcher.cache().cloned();
+        let rules = self.lines.to_text();
+        let json_locations = std::mem::take(
+            &mut *self
+                .json_locations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         drop(self);
         let mut fresh = Engine::build_on(config, Vec::new(), Answers::Models, cache)?;
         fresh.take_over(&functions, tables)?;
+        // The tables read their files through the new engine's object stores, which clean
+        // lines by the new engine's rules.
+        fresh.lines.add_from_text(&rules);
+        *fresh
+            .json_locations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = json_locations;
         Ok(fresh)
     }
 

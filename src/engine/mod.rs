@@ -32,6 +32,6 @@ pub use cascade_estimate::CascadeEstimate;
 pub use batches::{BatchListing, cancel_batches, list_batches};
 pub use error::{EngineError, StatementError, StatementErrorKind};
 pub use explain::{Explanation, FunctionEstimate, StatementEstimate};
-pub use host::QueryRows;
+pub use host::{QueryRows, QueryStream};
 pub use session::{Engine, OutputFormat, RunOptions};
 pub use statements::{ScriptStatement, split_statements};

@@ -75,15 +75,30 @@ impl Engine {
         opts: &RunOptions,
         out: &mut dyn Write,
     ) -> Result<(), DataFusionError> {
+        self.on_live_workers(async || {
+            let mut counted = Counted {
+                out: &mut *out,
+                written: 0,
+            };
+            let result = self.run_statement(text, opts, &mut counted).await;
+            (result, counted.written > 0)
+        })
+        .await
+    }
+
+    /// Makes `attempt` (which says whether it handed anything out) until it succeeds; on a
+    /// cluster, a failed attempt that handed nothing out, because workers died, is made again
+    /// on the workers left.
+    pub(super) async fn on_live_workers<T>(
+        &self,
+        mut attempt: impl AsyncFnMut() -> (Result<T, DataFusionError>, bool),
+    ) -> Result<T, DataFusionError> {
         self.live.revive_all();
         let mut left = self.cluster.workers.len();
         loop {
-            let mut counted = Counted { out, written: 0 };
-            let result = self.run_statement(text, opts, &mut counted).await;
-            let written = counted.written;
-            let e = match result {
-                Err(e) if written == 0 && self.cluster.distributed() => e,
-                other => return other,
+            let e = match attempt().await {
+                (Err(e), false) if self.cluster.distributed() => e,
+                (result, _) => return result,
             };
             if StatementStop::of(&e).is_some() {
                 return Err(e);
