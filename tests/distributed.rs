@@ -410,6 +410,67 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
     }
 }
 
+/// The flagship as a query whose rows come back to the program (no COPY), reading `data`.
+fn flagship_query(data: &Path) -> String {
+    let text = flagship_sql(data, Path::new("unused.parquet"));
+    let copy = text.find("COPY (").unwrap();
+    let to = text.find(") TO ").unwrap();
+    format!("{}{}", &text[..copy], &text[copy + "COPY (".len()..to])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_programs_last_query_is_run_around_a_killed_worker() {
+    // What the Python package runs (`run_script_rows`): the rows come back to the program.
+    let concurrency = 12;
+    let server = mock(MockConfig {
+        latency: std::time::Duration::from_millis(150),
+        api_key: Some(KEY.to_string()),
+        ..MockConfig::default()
+    })
+    .await;
+    let alone = cluster_project(&server.base_url(), concurrency);
+    sluice_ok(&alone, &["run", "--no-cache", "q.sql"]);
+    let expected = sorted_lines(rows(&read_parquet(&alone.path("out/qa.parquet")).await));
+    server.reset_stats();
+
+    let p = cluster_project(&server.base_url(), concurrency);
+    let mut workers = spawn_workers(&p, 3);
+    let text = std::fs::read_to_string(p.path("sluice.toml")).unwrap();
+    let key = |k: &str| (k == "SLUICE_CLUSTER_KEY").then(|| KEY.to_string());
+    let mut config = Config::parse(&text, &p.path("sluice.toml"), &key).unwrap();
+    config.udf_dir = p.path("udfs");
+    config.cache.dir = p.path(".sluice/coordinator");
+    let list: Vec<String> = workers.iter().map(|w| w.url()).collect();
+    let list: Vec<&str> = list.iter().map(String::as_str).collect();
+    config.cluster.workers = sluice::config::ClusterConfig::parse_workers(&list).unwrap();
+    let engine = Arc::new(sluice::Engine::new(&config).unwrap());
+    let sql = flagship_query(&p.path("data/t.jsonl"));
+    // A statement's future holds writers that stay on one thread, so it runs on its own (as
+    // the Python package runs it).
+    let run = {
+        let engine = engine.clone();
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || rt.block_on(engine.run_script_rows(&sql, "<sql>")))
+    };
+    wait_until("20 answers", || {
+        assert!(!run.is_finished(), "finished before the kill");
+        server.stats().ok >= 20
+    })
+    .await;
+    let mut victim = workers.remove(1);
+    victim.kill();
+    let got = tokio::task::spawn_blocking(move || run.join().unwrap())
+        .await
+        .unwrap()
+        .expect("the query runs around the dead worker");
+    let got = got.expect("a query's rows");
+    assert_eq!(sorted_lines(rows(&got.batches)), expected);
+    for w in workers {
+        let (code, log) = w.terminate();
+        assert_eq!(code, 0, "{log}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_worker_gone_the_statement_fails_in_one_line_naming_them() {
     let server = mock(MockConfig {
