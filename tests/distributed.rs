@@ -330,20 +330,26 @@ async fn an_unreachable_worker_is_a_one_line_error_naming_it() {
     assert_eq!(server.stats().requests, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one() {
-    let concurrency = 12;
+/// For the tests that kill a worker: a test server at 150 ms that wants the cluster's key, and
+/// the flagship's rows as one process makes them alone (the server's counters reset after).
+async fn server_and_rows_alone(concurrency: usize) -> (MockServer, Vec<String>) {
     let server = mock(MockConfig {
         latency: std::time::Duration::from_millis(150),
         api_key: Some(KEY.to_string()),
         ..MockConfig::default()
     })
     .await;
-    // The rows one process makes alone.
     let alone = cluster_project(&server.base_url(), concurrency);
     sluice_ok(&alone, &["run", "--no-cache", "q.sql"]);
     let expected = sorted_lines(rows(&read_parquet(&alone.path("out/qa.parquet")).await));
     server.reset_stats();
+    (server, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one() {
+    let concurrency = 12;
+    let (server, expected) = server_and_rows_alone(concurrency).await;
 
     let p = cluster_project(&server.base_url(), concurrency);
     let mut workers = spawn_workers(&p, 3);
@@ -422,16 +428,7 @@ fn flagship_query(data: &Path) -> String {
 async fn a_programs_last_query_is_run_around_a_killed_worker() {
     // What the Python package runs (`run_script_rows`): the rows come back to the program.
     let concurrency = 12;
-    let server = mock(MockConfig {
-        latency: std::time::Duration::from_millis(150),
-        api_key: Some(KEY.to_string()),
-        ..MockConfig::default()
-    })
-    .await;
-    let alone = cluster_project(&server.base_url(), concurrency);
-    sluice_ok(&alone, &["run", "--no-cache", "q.sql"]);
-    let expected = sorted_lines(rows(&read_parquet(&alone.path("out/qa.parquet")).await));
-    server.reset_stats();
+    let (server, expected) = server_and_rows_alone(concurrency).await;
 
     let p = cluster_project(&server.base_url(), concurrency);
     let mut workers = spawn_workers(&p, 3);

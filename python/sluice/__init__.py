@@ -115,7 +115,26 @@ def _quote_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-class Result:
+class _Frames:
+    """``to_pandas()`` and ``to_polars()`` of anything with ``to_arrow()``."""
+
+    def to_arrow(self) -> "Any":  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def to_pandas(self) -> "Any":
+        """The rows as a ``pandas.DataFrame``."""
+        return self.to_arrow().to_pandas()
+
+    def to_polars(self) -> "Any":
+        """The rows as a ``polars.DataFrame`` (needs polars installed)."""
+        try:
+            import polars as pl
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("to_polars() needs polars: pip install polars") from e
+        return pl.from_arrow(self.to_arrow())
+
+
+class Result(_Frames):
     """The rows of a statement, in Arrow memory (empty for a statement that is not a query).
 
     Any Arrow consumer reads it without a copy through ``__arrow_c_stream__``
@@ -150,17 +169,6 @@ class Result:
             return pa.table({})
         return pa.RecordBatchReader.from_stream(self).read_all()
 
-    def to_pandas(self) -> "Any":
-        """The rows as a ``pandas.DataFrame``."""
-        return self.to_arrow().to_pandas()
-
-    def to_polars(self) -> "Any":
-        """The rows as a ``polars.DataFrame`` (needs polars installed)."""
-        try:
-            import polars as pl
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("to_polars() needs polars: pip install polars") from e
-        return pl.from_arrow(self.to_arrow())
 
     def to_pylist(self) -> list:
         """The rows as a list of dicts."""
@@ -181,7 +189,7 @@ class Result:
         return repr(self._rows)
 
 
-class Stream:
+class Stream(_Frames):
     """The rows of a query as they are computed, batch by batch (``Session.stream``).
 
     Iterating gives ``pyarrow.RecordBatch``es; each is computed when it is asked for, so a
@@ -189,7 +197,7 @@ class Stream:
     through ``__arrow_c_stream__`` (``pyarrow.RecordBatchReader.from_stream(s)``,
     ``polars.from_arrow``, DuckDB). A stream is read once. ``close()`` (or leaving a ``with``
     block) stops the statement: its calls on the wire are dropped, the answers received stay in
-    the cache.
+    the cache. ``to_arrow()``, ``to_pandas()`` and ``to_polars()`` read the rest of the rows.
     """
 
     def __init__(self, batches: "_sluice.Batches") -> None:
@@ -230,18 +238,6 @@ class Stream:
         import pyarrow as pa
 
         return pa.Table.from_batches(list(self), schema=self.schema)
-
-    def to_pandas(self) -> "Any":
-        """The rest of the rows as a ``pandas.DataFrame``."""
-        return self.to_arrow().to_pandas()
-
-    def to_polars(self) -> "Any":
-        """The rest of the rows as a ``polars.DataFrame`` (needs polars installed)."""
-        try:
-            import polars as pl
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("to_polars() needs polars: pip install polars") from e
-        return pl.from_arrow(self.to_arrow())
 
     def close(self) -> None:
         """Stops the statement and frees what it holds (nothing happens once it has ended)."""
