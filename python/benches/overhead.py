@@ -43,7 +43,7 @@ def main() -> int:
         cli = [str(target / "sluice"), "--config", "sluice.toml", "run", str(ROOT / "queries/earnings_qa.sql"), "-q"]
         subprocess.run(cli, cwd=work, check=True, stdout=subprocess.DEVNULL)  # fills the cache
         py = [sys.executable, "-c",
-              "import sluice; sluice.connect('sluice.toml').run_file(%r)" % str(ROOT / "queries/earnings_qa.sql")]
+              "import sluice; sluice.connect('sluice.toml').run_file(%r).to_arrow()" % str(ROOT / "queries/earnings_qa.sql")]
         times = {"cli": [], "python": []}
         for _ in range(a.runs):
             for name, cmd in (("cli", cli), ("python", py)):

@@ -35,6 +35,8 @@ pub struct SharedCache {
     unreachable: AtomicBool,
     /// Requests that failed.
     failures: AtomicU64,
+    /// This worker's id in the coordinator's work queues (its tasks share it).
+    claimer: u64,
 }
 
 impl SharedCache {
@@ -58,6 +60,7 @@ impl SharedCache {
             warned: AtomicBool::new(false),
             unreachable: AtomicBool::new(false),
             failures: AtomicU64::new(0),
+            claimer: fastrand::u64(..),
         }
     }
 
@@ -199,7 +202,10 @@ impl SharedCache {
     /// this worker did not hear of would be rows lost, so it is never asked twice.
     pub(crate) async fn next_chunk(&self, queue: &str) -> Result<Option<u64>, String> {
         let doc = self
-            .post_strict("/v1/next", json!({ "queue": queue }))
+            .post_strict(
+                "/v1/next",
+                json!({ "queue": queue, "claimer": self.claimer }),
+            )
             .await
             .map_err(|e| format!("cannot get work from {e}"))?;
         // Only an explicit null ends the scan: a malformed answer is never taken for "done".

@@ -27,8 +27,9 @@
 //! - `POST /v1/release` `{"keys": [..]}` → 204;
 //! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204;
 //! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204;
-//! - `POST /v1/next` `{"queue": id}` → `{"chunk": n}`, or `{"chunk": null}` once every chunk
-//!   is handed out ([`super::work`]); 404 for a queue it does not know;
+//! - `POST /v1/next` `{"queue": id, "claimer": worker}` → `{"chunk": n}`, or `{"chunk": null}`
+//!   once every chunk is handed out or the rest is better left to faster workers
+//!   ([`super::work`]); 404 for a queue it does not know;
 //! - `POST /v1/admit` `{"model": name, "tokens": n}` → `{"lease": id}` once the coordinator's
 //!   governor of the model admits the request, or `{"lease": null}` after a few seconds without
 //!   room (ask again); 404 for a model it does not pace ([`Pacing`]);
@@ -397,7 +398,10 @@ impl Served {
         let Some(queue) = doc["queue"].as_str() else {
             return refusal(StatusCode::BAD_REQUEST, "queue: expected a string");
         };
-        match self.work.next(queue) {
+        let Some(claimer) = doc["claimer"].as_u64() else {
+            return refusal(StatusCode::BAD_REQUEST, "claimer: expected a number");
+        };
+        match self.work.next(queue, claimer) {
             Next::Chunk(n) => reply(StatusCode::OK, json!({ "chunk": n })),
             Next::Done => reply(StatusCode::OK, json!({ "chunk": null })),
             Next::Unknown => refusal(StatusCode::NOT_FOUND, "no such work queue"),
