@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Queues kept at once; the oldest is forgotten first (a statement's queue is used only while
 /// it runs).
@@ -180,6 +180,7 @@ impl WorkQueues {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn every_chunk_is_handed_out_once_then_done() {
