@@ -10,7 +10,8 @@ import sluice
 
 from conftest import prompt_hash
 
-ROWS = 1000
+# The acceptance's size: one call per row, each answer its own row's.
+ROWS = 10_000
 
 LABEL = {
     "name": "label",
@@ -22,7 +23,9 @@ LABEL = {
 
 
 def test_a_dataframe_in_one_call_per_row_pandas_out(tmp_path, mock):
-    con = sluice.connect(mock.config(), udfs=tmp_path / "no-udfs", cache_dir=tmp_path / "cache")
+    con = sluice.connect(
+        mock.config(concurrency=128), udfs=tmp_path / "no-udfs", cache_dir=tmp_path / "cache"
+    )
     assert con.define_function(LABEL) == "label"
     df = pd.DataFrame({"id": range(ROWS), "text": [f"review number {i}" for i in range(ROWS)]})
     con.register("reviews", df)
