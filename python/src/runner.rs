@@ -112,15 +112,21 @@ where
                 stopped.store(true, Ordering::SeqCst);
                 engine.stop_sending();
                 let deadline = Instant::now() + GRACE;
+                // What the work returns meanwhile (a stream's next batch, with the stream) is
+                // kept until the requests on the wire are done: dropping it would cancel them.
+                let mut returned = None;
                 while engine.requests_in_flight() > 0 && Instant::now() < deadline {
-                    if next(Duration::from_millis(20)).is_ok() {
-                        break;
+                    match returned {
+                        None => returned = next(Duration::from_millis(20)).ok(),
+                        Some(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
                 }
                 let _ = cancel.send(());
                 let _ = thread.join();
                 let _ =
                     rt.block_on(async { tokio::time::timeout(FLUSH, engine.flush_cache()).await });
+                let _entered = rt.enter();
+                drop(returned);
             });
             // A second Ctrl-C while the last lines are drawn changes nothing.
             let _ = progress.finish(py);
