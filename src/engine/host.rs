@@ -11,7 +11,7 @@ use datafusion::common::{DataFusionError, TableReference};
 use datafusion::datasource::MemTable;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::error::{EngineError, StatementError};
 use super::models::Answers;
@@ -89,21 +89,7 @@ impl Engine {
             return Ok(None);
         };
         let collected = self
-            .on_live_workers(async || {
-                let (schema, first, mut rest) = match self.start_query(&statement).await {
-                    Ok(Some(started)) => started,
-                    Ok(None) => return (Ok(None), false),
-                    Err(e) => return (Err(e), false),
-                };
-                let mut batches: Vec<RecordBatch> = first.into_iter().collect();
-                while let Some(batch) = rest.next().await {
-                    match batch {
-                        Ok(b) => batches.push(b),
-                        Err(e) => return (Err(e), false),
-                    }
-                }
-                (Ok(Some(QueryRows { schema, batches })), false)
-            })
+            .on_live_workers(async || (self.collect_query(&statement).await, false))
             .await;
         match collected {
             Ok(rows) => Ok(rows),
@@ -178,6 +164,19 @@ impl Engine {
             Ok(()) => Ok(None),
             Err(e) => Err(self.statement_error(origin, index, &last, e).await),
         }
+    }
+
+    /// Runs a statement to its end: a query's rows, collected (`None` for anything else).
+    async fn collect_query(
+        &self,
+        statement: &Statement,
+    ) -> Result<Option<QueryRows>, DataFusionError> {
+        let Some((schema, first, rest)) = self.start_query(statement).await? else {
+            return Ok(None);
+        };
+        let mut batches: Vec<RecordBatch> = first.into_iter().collect();
+        batches.extend(rest.try_collect::<Vec<_>>().await?);
+        Ok(Some(QueryRows { schema, batches }))
     }
 
     /// Plans and starts a statement: for a query, its schema, first batch and the rest of its
