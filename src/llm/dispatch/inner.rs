@@ -266,7 +266,10 @@ impl Inner {
 
     /// Stores answers in the persistent cache and, on a worker, sends them to the shared tier
     /// (returns once the coordinator has queued them for its cache, so a row never reaches the
-    /// coordinator before its answer).
+    /// coordinator before its answer). The sending is a task of its own: a statement dropped
+    /// meanwhile (an attempt run again around a dead worker, a LIMIT) must not leave an answer
+    /// in this worker's cache that the coordinator's lacks, since a later run may ask another
+    /// worker for it.
     pub(super) async fn store(&self, answers: Vec<(RequestKey, CachedResponse)>) {
         if !self.cache_mode.writes() || answers.is_empty() {
             return;
@@ -276,8 +279,9 @@ impl Inner {
                 cache.put(*key, resp);
             }
         }
-        if let Some(shared) = &self.shared {
-            shared.put_many(&answers).await;
+        if let Some(shared) = self.shared.clone() {
+            let put = tokio::spawn(async move { shared.put_many(&answers).await });
+            let _ = put.await;
         }
     }
 }
