@@ -39,6 +39,15 @@ pub struct SharedCache {
     claimer: u64,
 }
 
+/// `doc[field]`: a number, or an explicit null (`Some(None)`); `None` when it is missing or
+/// anything else (never taken for a null).
+fn nullable_u64(doc: &Value, field: &str) -> Option<Option<u64>> {
+    match doc.get(field)? {
+        Value::Null => Some(None),
+        n => n.as_u64().map(Some),
+    }
+}
+
 impl SharedCache {
     /// The tier at `base` (`http://host:port`, or `https://` trusting only the authority `ca`),
     /// sending `token` with every request.
@@ -209,17 +218,12 @@ impl SharedCache {
             .await
             .map_err(|e| format!("cannot get work from {e}"))?;
         // Only an explicit null ends the scan: a malformed answer is never taken for "done".
-        let malformed = || {
+        nullable_u64(&doc, "chunk").ok_or_else(|| {
             format!(
                 "cannot get work from the coordinator at {}: the answer has no chunk number",
                 self.base
             )
-        };
-        match doc.get("chunk") {
-            Some(Value::Null) => Ok(None),
-            Some(n) => n.as_u64().map(Some).ok_or_else(malformed),
-            None => Err(malformed()),
-        }
+        })
     }
 
     /// Asks the coordinator's governor of `model` to admit a request of `tokens`: its lease,
@@ -228,14 +232,8 @@ impl SharedCache {
         let doc = self
             .post_strict("/v1/admit", json!({ "model": model, "tokens": tokens }))
             .await?;
-        match doc.get("lease") {
-            Some(Value::Null) => Ok(None),
-            Some(n) => n
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| "the coordinator's admission has no lease".to_string()),
-            None => Err("the coordinator's admission has no lease".to_string()),
-        }
+        nullable_u64(&doc, "lease")
+            .ok_or_else(|| "the coordinator's admission has no lease".to_string())
     }
 
     /// Tells the coordinator how the request of `lease` ended (`outcome`: its wire form).

@@ -10,9 +10,9 @@
 //! **The last chunks go to the workers that finish them first.** Each worker (its tasks share
 //! one claimer id) claims at its own pace; the queue keeps the mean interval between its claims
 //! since its first. In the last eighth of the chunks, a worker is told "done" while chunks are
-//! left when the workers faster than it would take every chunk left within one of its own
-//! intervals: a chunk it took then would end the statement later than leaving it to them. The
-//! fastest worker is never told so, so every chunk is still handed out.
+//! left when the workers faster than it would take every chunk left within two of its own
+//! intervals (`AHEAD`): a chunk it took then would end the statement later than leaving it to
+//! them. The fastest worker is never told so, so every chunk is still handed out.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -95,7 +95,7 @@ impl Queue {
     }
 
     /// Whether the chunks left are better left to the workers faster than claimer `i`: they
-    /// take them all within one of its intervals.
+    /// take them all within `AHEAD` of its intervals.
     fn better_left_to_others(&self, i: usize) -> bool {
         let left = self.chunks.saturating_sub(self.handed);
         if left * ENDGAME_SHARE > self.chunks {

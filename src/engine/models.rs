@@ -190,7 +190,8 @@ pub(super) fn shared_models(
             let own = m.per_worker();
             let share = if own { 1 } else { workers };
             let cfg = live_governor(config, m, share);
-            let remote = coordinator.filter(|_| !own && m.server().is_some());
+            // `per_worker` covers the embedded model: every model paced here has a server.
+            let remote = coordinator.filter(|_| !own);
             let count = h.replicas.as_ref().map_or(1, |r| r.replicas().len());
             let mut keys = super::pacing::pacing_keys(name, count).into_iter();
             let mut governor = || match remote {
