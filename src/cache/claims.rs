@@ -3,8 +3,11 @@
 //! another has claimed waits for that worker's answer instead of sending the same request.
 //!
 //! A claim ends when its answer is put (the waiters get it), when its worker releases it (the
-//! call failed or was cancelled: the waiters make the call themselves), or when a waiter has
-//! waited [`MAX_WAIT`] (its worker may be gone): the claim is dropped and the waiter calls.
+//! call failed or was cancelled: the waiters make the call themselves), when its worker is
+//! found dead (a statement run again around it), or when a waiter has waited [`MAX_WAIT`]
+//! (its worker may be gone unnoticed): the claim is dropped and the waiter calls. A claim
+//! names its worker as the coordinator lists it, so that the claims of the workers left —
+//! calls still on the wire, which they finish — hold when a statement runs again.
 //!
 //! The last answers put are kept here too ([`RECENT`] of them): the cache stores an answer at
 //! its writer's next commit, and a lookup in between must find it.
@@ -23,22 +26,37 @@ pub(super) const MAX_WAIT: Duration = Duration::from_secs(20);
 /// How many of the last answers put are kept in memory.
 const RECENT: usize = 16_384;
 
+/// One claimed key: the worker answering it (its URL in the coordinator's list, when it
+/// said), and the waiters for its answer.
+#[derive(Debug, Default)]
+struct Open {
+    by: Option<String>,
+    waiters: Vec<oneshot::Sender<Option<CachedResponse>>>,
+}
+
 /// Keys claimed by a worker, each with the waiters for its answer.
 #[derive(Debug, Default)]
 pub(super) struct Claims {
-    open: Mutex<HashMap<RequestKey, Vec<oneshot::Sender<Option<CachedResponse>>>>>,
+    open: Mutex<HashMap<RequestKey, Open>>,
     recent: Mutex<(HashMap<RequestKey, CachedResponse>, VecDeque<RequestKey>)>,
 }
 
 impl Claims {
-    /// Claims `key` for the asker: `true` when it is claimed now (the asker makes the call),
-    /// `false` when another claimed it first.
-    pub(super) fn claim(&self, key: RequestKey) -> bool {
+    /// Claims `key` for the asker (the worker `by`): `true` when it is claimed now (the asker
+    /// makes the call), `false` when another claimed it first.
+    pub(super) fn claim(&self, key: RequestKey, by: Option<&str>) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.contains_key(&key) {
             return false;
         }
-        open.insert(key, Vec::new());
+        let by = by.map(str::to_string);
+        open.insert(
+            key,
+            Open {
+                by,
+                waiters: Vec::new(),
+            },
+        );
         true
     }
 
@@ -47,9 +65,9 @@ impl Claims {
     pub(super) async fn wait(&self, key: RequestKey) -> Option<CachedResponse> {
         let rx = {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            let waiters = open.get_mut(&key)?;
+            let claim = open.get_mut(&key)?;
             let (tx, rx) = oneshot::channel();
-            waiters.push(tx);
+            claim.waiters.push(tx);
             rx
         };
         match tokio::time::timeout(MAX_WAIT, rx).await {
@@ -61,11 +79,20 @@ impl Claims {
         }
     }
 
-    /// Ends every claim (their waiters make the calls themselves): after a statement failed
-    /// because workers died, whose claims would otherwise hold the others for [`MAX_WAIT`].
-    pub(super) fn end_all(&self) {
-        let open = std::mem::take(&mut *self.open.lock().unwrap_or_else(|p| p.into_inner()));
-        for w in open.into_values().flatten() {
+    /// Ends the claims of the workers `dead`, and those of workers that did not say who they
+    /// are (their waiters make the calls themselves): after a statement failed because workers
+    /// died, whose claims would otherwise hold the others for [`MAX_WAIT`].
+    pub(super) fn end_of(&self, dead: &[&str]) {
+        let ended: Vec<Open> = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<RequestKey> = open
+                .iter()
+                .filter(|(_, c)| c.by.as_deref().is_none_or(|by| dead.contains(&by)))
+                .map(|(k, _)| *k)
+                .collect();
+            gone.iter().filter_map(|k| open.remove(k)).collect()
+        };
+        for w in ended.into_iter().flat_map(|c| c.waiters) {
             let _ = w.send(None);
         }
     }
@@ -96,7 +123,7 @@ impl Claims {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
-        for w in waiters.into_iter().flatten() {
+        for w in waiters.into_iter().flat_map(|c| c.waiters) {
             let _ = w.send(answer.cloned());
         }
     }
@@ -118,8 +145,8 @@ mod tests {
     async fn the_first_claims_and_the_others_wait_for_its_answer() {
         let claims = std::sync::Arc::new(Claims::default());
         let key = [3; 32];
-        assert!(claims.claim(key));
-        assert!(!claims.claim(key), "claimed already");
+        assert!(claims.claim(key, None));
+        assert!(!claims.claim(key, None), "claimed already");
         let waiter = tokio::spawn({
             let claims = claims.clone();
             async move { claims.wait(key).await }
@@ -132,7 +159,7 @@ mod tests {
             Some(answer()),
             "kept until the cache has it"
         );
-        assert!(claims.claim(key), "the claim ended with its answer");
+        assert!(claims.claim(key, None), "the claim ended with its answer");
     }
 
     #[tokio::test(start_paused = true)]
@@ -140,7 +167,7 @@ mod tests {
         let claims = std::sync::Arc::new(Claims::default());
         let key = [4; 32];
         assert_eq!(claims.wait(key).await, None, "not claimed: no wait");
-        assert!(claims.claim(key));
+        assert!(claims.claim(key, None));
         let waiter = tokio::spawn({
             let claims = claims.clone();
             async move { claims.wait(key).await }
@@ -149,26 +176,41 @@ mod tests {
         claims.end(key, None);
         assert_eq!(waiter.await.unwrap(), None);
         // A claimant that never answers: the wait runs out and the claim is dropped.
-        assert!(claims.claim(key));
+        assert!(claims.claim(key, None));
         let start = tokio::time::Instant::now();
         assert_eq!(claims.wait(key).await, None);
         assert_eq!(start.elapsed(), MAX_WAIT);
-        assert!(claims.claim(key));
+        assert!(claims.claim(key, None));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn ending_every_claim_frees_the_waiters_at_once() {
+    async fn a_dead_workers_claims_end_at_once_and_the_others_hold() {
         let claims = std::sync::Arc::new(Claims::default());
-        assert!(claims.claim([5; 32]));
-        let waiter = tokio::spawn({
+        let (dead, live) = ("http://w1:1/", "http://w2:1/");
+        assert!(claims.claim([5; 32], Some(dead)));
+        assert!(claims.claim([6; 32], Some(live)));
+        assert!(claims.claim([7; 32], None), "a worker that did not say");
+        let waiter = |key| {
             let claims = claims.clone();
-            async move { claims.wait([5; 32]).await }
-        });
+            tokio::spawn(async move { claims.wait(key).await })
+        };
+        let (on_dead, on_live, on_unknown) = (waiter([5; 32]), waiter([6; 32]), waiter([7; 32]));
         tokio::task::yield_now().await;
         let start = tokio::time::Instant::now();
-        claims.end_all();
-        assert_eq!(waiter.await.unwrap(), None);
+        claims.end_of(&[dead]);
+        assert_eq!(on_dead.await.unwrap(), None);
+        assert_eq!(on_unknown.await.unwrap(), None);
         assert_eq!(start.elapsed(), Duration::ZERO);
-        assert!(claims.claim([5; 32]));
+        assert!(claims.claim([5; 32], None), "ended");
+        assert!(
+            !claims.claim([6; 32], None),
+            "the live worker's call goes on"
+        );
+        claims.end([6; 32], Some(&answer()));
+        assert_eq!(
+            on_live.await.unwrap(),
+            Some(answer()),
+            "its answer reaches the waiter"
+        );
     }
 }

@@ -11,17 +11,18 @@ pub const ADMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5
 /// The coordinator's pacing of the workers' requests: its governor of each model is the
 /// cluster's one limit (implemented where the governors are, in the engine).
 pub trait Pacing: Send + Sync {
-    /// Waits up to `patience` for the governor of `model` to admit a request of `tokens`: its
-    /// lease, or `None` when there was no room in that time; an error for a model it does not
-    /// pace.
+    /// Waits up to `patience` for the governor of `model` to admit a request of `tokens` of
+    /// the worker `by` (its URL in the coordinator's list, when it said): its lease, or `None`
+    /// when there was no room in that time; an error for a model it does not pace.
     fn admit(
         &self,
         model: &str,
         tokens: u64,
-        patience: std::time::Duration,
+        by_patience: (Option<&str>, std::time::Duration),
     ) -> futures::future::BoxFuture<'static, Result<Option<u64>, String>>;
     /// The request of `lease` ended with `outcome` (its wire form).
     fn finish(&self, lease: u64, outcome: &Value);
-    /// Ends every lease (a statement failed with requests of dead workers on the wire).
-    fn end_all(&self);
+    /// Ends the leases of the workers `dead`, and those of workers that did not say who they
+    /// are (a statement failed with requests of dead workers on the wire).
+    fn end_of(&self, dead: &[&str]);
 }

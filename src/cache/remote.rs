@@ -37,6 +37,9 @@ pub struct SharedCache {
     failures: AtomicU64,
     /// This worker's id in the coordinator's work queues (its tasks share it).
     claimer: u64,
+    /// This worker's URL in the coordinator's list, named in its claims and admissions so
+    /// that the coordinator ends only a dead worker's.
+    listed_as: Option<String>,
 }
 
 /// `doc[field]`: a number, or an explicit null (`Some(None)`); `None` when it is missing or
@@ -70,7 +73,14 @@ impl SharedCache {
             unreachable: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             claimer: fastrand::u64(..),
+            listed_as: None,
         }
+    }
+
+    /// The same client for the worker the coordinator lists at `url`.
+    pub fn listed_as(mut self, url: Option<String>) -> SharedCache {
+        self.listed_as = url;
+        self
     }
 
     /// Requests to the coordinator that failed so far.
@@ -138,7 +148,8 @@ impl SharedCache {
         if keys.is_empty() {
             return Vec::new();
         }
-        let body = json!({ "keys": keys.iter().map(hex).collect::<Vec<_>>(), "claim": claim });
+        let keys_hex: Vec<String> = keys.iter().map(hex).collect();
+        let body = json!({ "keys": keys_hex, "claim": claim, "worker": self.listed_as });
         let Some(doc) = self.post_json("/v1/get", body).await else {
             return misses();
         };
@@ -230,7 +241,10 @@ impl SharedCache {
     /// or `None` when the coordinator had no room within its patience (ask again).
     pub(crate) async fn admit(&self, model: &str, tokens: u64) -> Result<Option<u64>, String> {
         let doc = self
-            .post_strict("/v1/admit", json!({ "model": model, "tokens": tokens }))
+            .post_strict(
+                "/v1/admit",
+                json!({ "model": model, "tokens": tokens, "worker": self.listed_as }),
+            )
             .await?;
         nullable_u64(&doc, "lease")
             .ok_or_else(|| "the coordinator's admission has no lease".to_string())

@@ -20,9 +20,10 @@
 //! releases its claim.
 //!
 //! Wire format (JSON; keys as 64 hex digits, entries as the cache stores them):
-//! - `POST /v1/get` `{"keys": [..], "claim": true}` → `{"entries": [entry or null, ..],
-//!   "pending": [index, ..]}`: the keys' entries in order, and which of the missing keys
-//!   another worker is answering now (the others are now claimed by the asker);
+//! - `POST /v1/get` `{"keys": [..], "claim": true, "worker": url}` → `{"entries": [entry or
+//!   null, ..], "pending": [index, ..]}`: the keys' entries in order, and which of the missing
+//!   keys another worker is answering now (the others are now claimed by the asker, the
+//!   worker at `url` in the coordinator's list when it says);
 //! - `POST /v1/wait` `{"key": key}` → `{"entry": entry or null}`, once it is answered;
 //! - `POST /v1/release` `{"keys": [..]}` → 204;
 //! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204;
@@ -30,9 +31,9 @@
 //! - `POST /v1/next` `{"queue": id, "claimer": worker}` → `{"chunk": n}`, or `{"chunk": null}`
 //!   once every chunk is handed out or the rest is better left to faster workers
 //!   ([`super::work`]); 404 for a queue it does not know;
-//! - `POST /v1/admit` `{"model": name, "tokens": n}` → `{"lease": id}` once the coordinator's
-//!   governor of the model admits the request, or `{"lease": null}` after a few seconds without
-//!   room (ask again); 404 for a model it does not pace ([`Pacing`]);
+//! - `POST /v1/admit` `{"model": name, "tokens": n, "worker": url}` → `{"lease": id}` once
+//!   the coordinator's governor of the model admits the request, or `{"lease": null}` after a
+//!   few seconds without room (ask again); 404 for a model it does not pace ([`Pacing`]);
 //! - `POST /v1/finish` `{"lease": id, "outcome": ..}` → 204: how the admitted request ended.
 //!
 //! With a cluster token, every request must carry `authorization: Bearer TOKEN`; a request
@@ -58,6 +59,14 @@ use crate::config::Secret;
 
 /// The largest request body the coordinator reads (a batch of keys or answers).
 const MAX_BODY_BYTES: usize = 64 << 20;
+/// The worker a request names (`"worker"`: its URL in the coordinator's list), if it does.
+fn worker_of(doc: &Value) -> Option<&str> {
+    doc["worker"].as_str().filter(|w| w.len() <= MAX_WORKER_URL)
+}
+
+/// The longest worker URL a request may name.
+const MAX_WORKER_URL: usize = 2048;
+
 /// The coordinator's side: serves `cache` until dropped.
 #[derive(Debug)]
 pub struct CacheServer {
@@ -139,12 +148,15 @@ impl CacheServer {
         })
     }
 
-    /// Ends every claim workers hold: their calls were on the wire of a statement that failed
-    /// (a dead worker never releases its own), and the statement runs again.
-    pub fn release_claims(&self) {
-        self.state.claims.end_all();
+    /// Ends the claims and leases of the workers `dead` (URLs as the coordinator lists them),
+    /// and of workers that did not say who they are: a statement failed with their calls on
+    /// the wire (a dead worker never releases its own), and runs again. The workers left
+    /// finish the calls they had on the wire and keep their claims until they put the
+    /// answers, so the statement's next attempt waits for those instead of paying again.
+    pub fn release_claims_of(&self, dead: &[&str]) {
+        self.state.claims.end_of(dead);
         if let Some(p) = self.state.pacing.get() {
-            p.end_all();
+            p.end_of(dead);
         }
     }
 
@@ -293,7 +305,7 @@ impl Served {
             if f.is_none() {
                 *f = self.claims.recent(key);
             }
-            if f.is_none() && claim && !self.claims.claim(*key) {
+            if f.is_none() && claim && !self.claims.claim(*key, worker_of(doc)) {
                 pending.push(i);
             }
         }
@@ -378,7 +390,10 @@ impl Served {
         let Some(pacing) = self.pacing.get() else {
             return refusal(StatusCode::NOT_FOUND, "the coordinator paces no model");
         };
-        match pacing.admit(model, tokens, ADMIT_PATIENCE).await {
+        match pacing
+            .admit(model, tokens, (worker_of(doc), ADMIT_PATIENCE))
+            .await
+        {
             Ok(lease) => reply(StatusCode::OK, json!({ "lease": lease })),
             Err(e) => refusal(StatusCode::NOT_FOUND, &e),
         }

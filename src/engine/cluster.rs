@@ -390,7 +390,6 @@ mod tests {
     use super::*;
     use crate::engine::Engine;
     use crate::engine::worker::WorkerHost;
-    use crate::udf::codec::WorkerSide;
 
     const KEY: &str = "sk-coordinator-only-4d9e2b7a1c";
 
@@ -465,8 +464,8 @@ mod tests {
         );
 
         let host = WorkerHost::new(&cfg, "127.0.0.1:1").unwrap();
-        let side: Arc<dyn WorkerSide> = host.clone();
-        let worker = LlmCodec::worker(side);
+        let side = host.side(None);
+        let worker = LlmCodec::worker(side.clone());
         let task_ctx = engine.context().task_ctx();
         let decoded =
             physical_plan_from_bytes_with_extension_codec(&bytes, &task_ctx, &worker).unwrap();
@@ -477,7 +476,7 @@ mod tests {
         let names: Vec<&str> = exec.calls().iter().map(|c| c.def.name.as_str()).collect();
         assert_eq!(names, ["answer_question", "generate_questions"]);
         // The worker's runtime for this run has a third of the limits.
-        let rt = host.runtime(&RunShare {
+        let rt = side.runtime(&RunShare {
             run: "r1".into(),
             workers: 3,
             budget_tokens: Some(9_000),

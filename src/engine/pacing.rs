@@ -37,14 +37,18 @@ pub(crate) fn pacing_keys(name: &str, replicas: usize) -> Vec<String> {
     }
 }
 
+type Lease = (Admission, Instant, Option<String>);
+
 #[derive(Debug, Default)]
 struct Leases {
-    held: Mutex<HashMap<u64, (Admission, Instant)>>,
+    /// Each lease's admission, when it was given, and to which worker (its URL in the
+    /// coordinator's list, when it said).
+    held: Mutex<HashMap<u64, Lease>>,
     next: AtomicU64,
 }
 
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Admission, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Lease>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -98,23 +102,24 @@ impl Pacing for ClusterPacing {
         &self,
         model: &str,
         tokens: u64,
-        patience: Duration,
+        (by, patience): (Option<&str>, Duration),
     ) -> BoxFuture<'static, Result<Option<u64>, String>> {
         let Some(governor) = self.governors.get(model).cloned() else {
             let e = format!("the coordinator paces no model {model:?}");
             return futures::future::ready(Err(e)).boxed();
         };
         let leases = self.leases.clone();
+        let by = by.map(str::to_string);
         async move {
             // Leases never ended are ended now, as failures.
             leases
                 .lock()
-                .retain(|_, (_, since)| since.elapsed() < LEASE_TTL);
+                .retain(|_, (_, since, _)| since.elapsed() < LEASE_TTL);
             let Ok(admission) = tokio::time::timeout(patience, governor.admit(tokens)).await else {
                 return Ok(None);
             };
             let lease = leases.next.fetch_add(1, Ordering::Relaxed);
-            leases.lock().insert(lease, (admission, Instant::now()));
+            leases.lock().insert(lease, (admission, Instant::now(), by));
             Ok(Some(lease))
         }
         .boxed()
@@ -122,13 +127,21 @@ impl Pacing for ClusterPacing {
 
     fn finish(&self, lease: u64, outcome: &Value) {
         let taken = self.leases.lock().remove(&lease);
-        if let Some((admission, _)) = taken {
+        if let Some((admission, ..)) = taken {
             admission.finish(Outcome::from_wire(outcome));
         }
     }
 
-    fn end_all(&self) {
-        let ended: Vec<_> = self.leases.lock().drain().collect();
+    fn end_of(&self, dead: &[&str]) {
+        let ended: Vec<Lease> = {
+            let mut held = self.leases.lock();
+            let gone: Vec<u64> = held
+                .iter()
+                .filter(|(_, (.., by))| by.as_deref().is_none_or(|by| dead.contains(&by)))
+                .map(|(lease, _)| *lease)
+                .collect();
+            gone.iter().filter_map(|l| held.remove(l)).collect()
+        };
         drop(ended);
     }
 }
@@ -157,32 +170,68 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn workers_share_one_limit_and_a_lease_ends_with_its_request() {
         let (p, g) = pacing(2);
-        let a = p.admit("m", 10, Duration::from_secs(5)).await.unwrap();
-        let b = p.admit("m", 10, Duration::from_secs(5)).await.unwrap();
+        let a = p
+            .admit("m", 10, (None, Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let b = p
+            .admit("m", 10, (None, Duration::from_secs(5)))
+            .await
+            .unwrap();
         assert!(a.is_some() && b.is_some());
         assert_eq!(g.in_flight(), 2);
         // A third waits out its patience (on the paused clock) and is told to ask again.
-        let c = p.admit("m", 10, Duration::from_secs(5)).await.unwrap();
+        let c = p
+            .admit("m", 10, (None, Duration::from_secs(5)))
+            .await
+            .unwrap();
         assert_eq!(c, None);
         p.finish(a.unwrap(), &Outcome::Failed.to_wire());
         assert_eq!(g.in_flight(), 1);
-        let d = p.admit("m", 10, Duration::from_secs(5)).await.unwrap();
+        let d = p
+            .admit("m", 10, (None, Duration::from_secs(5)))
+            .await
+            .unwrap();
         assert!(d.is_some());
-        // A statement run again ends every lease; an unknown model is an error.
-        p.end_all();
+        // A statement run again ends the leases of the dead workers and of those that did
+        // not say who they are; a live worker's request on the wire keeps its own.
+        let live = p
+            .admit("m", 10, (Some("http://w2:1/"), Duration::ZERO))
+            .await;
+        assert_eq!(live.map(|l| l.is_some()), Ok(false), "no room yet");
+        p.finish(b.unwrap(), &Outcome::Failed.to_wire());
+        let live = p
+            .admit("m", 10, (Some("http://w2:1/"), Duration::ZERO))
+            .await;
+        assert!(live.unwrap().is_some());
+        p.end_of(&["http://w1:1/"]);
+        assert_eq!((p.held(), g.in_flight()), (1, 1));
+        p.end_of(&["http://w2:1/"]);
         assert_eq!((p.held(), g.in_flight()), (0, 0));
-        assert!(p.admit("other", 1, Duration::ZERO).await.is_err());
+        // An unknown model is an error.
+        assert!(p.admit("other", 1, (None, Duration::ZERO)).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_never_ended_is_dropped_after_its_time() {
         let (p, g) = pacing(1);
-        let lease = p.admit("m", 1, Duration::from_secs(1)).await.unwrap();
+        let lease = p
+            .admit("m", 1, (None, Duration::from_secs(1)))
+            .await
+            .unwrap();
         assert!(lease.is_some());
-        assert_eq!(p.admit("m", 1, Duration::from_secs(1)).await.unwrap(), None);
+        assert_eq!(
+            p.admit("m", 1, (None, Duration::from_secs(1)))
+                .await
+                .unwrap(),
+            None
+        );
         tokio::time::advance(LEASE_TTL).await;
         // The worker never ended it: the next admission ends it, as a failure, and gets its slot.
-        let next = p.admit("m", 1, Duration::from_secs(1)).await.unwrap();
+        let next = p
+            .admit("m", 1, (None, Duration::from_secs(1)))
+            .await
+            .unwrap();
         assert!(next.is_some() && next != lease);
         assert_eq!((p.held(), g.in_flight()), (1, 1));
     }

@@ -113,9 +113,10 @@ impl Engine {
                 return Err(e);
             }
             left = now_left;
-            // The dead workers' claims on the calls they had on the wire would hold the others.
+            // The dead workers' claims on the calls they had on the wire would hold the others;
+            // the live workers finish theirs, and the next attempt waits for those answers.
             if let Some(server) = &self.cache_server {
-                server.release_claims();
+                server.release_claims_of(&down.iter().map(url::Url::as_str).collect::<Vec<_>>());
             }
             let names: Vec<&str> = down
                 .iter()

@@ -3,7 +3,8 @@
 //!
 //! - [`WorkerChannels`] is the coordinator's (and a worker's, for the tasks it reads from other
 //!   workers) connection to each worker: one gRPC channel per worker, over TLS when
-//!   `[cluster] tls_ca` is set, with `authorization: Bearer TOKEN` added to every request.
+//!   `[cluster] tls_ca` is set, with `authorization: Bearer TOKEN` added to every request,
+//!   and the worker's URL as listed ([`listed_as`]).
 //! - [`TokenCheck`] is the worker's gate: a request without the token, or with another one, is
 //!   refused with `UNAUTHENTICATED` before its body (a plan) is read, and the refusal is logged
 //!   in one line that names the peer, never the token.
@@ -30,6 +31,16 @@ fn bearer(token: &Secret) -> Option<HeaderValue> {
     let mut value = HeaderValue::from_str(&token.bearer()).ok()?;
     value.set_sensitive(true);
     Some(value)
+}
+
+/// The header that tells a worker its URL in the coordinator's list: it names itself so in
+/// its claims on calls, so that the coordinator can end a dead worker's claims alone.
+const LISTED_AS: &str = "x-sluice-worker-url";
+
+/// The URL a request's sender lists this worker at (see [`LISTED_AS`]).
+pub(super) fn listed_as(headers: &http::HeaderMap) -> Option<String> {
+    let url = headers.get(LISTED_AS)?.to_str().ok()?;
+    Url::parse(url).ok().map(String::from)
 }
 
 /// Connections to workers: one channel per worker URL, made on first use and kept.
@@ -93,11 +104,14 @@ impl WorkerChannels {
                 .context(format!("cannot connect to worker {shown}"))
         })?;
         let auth = self.auth.clone();
+        let listed = HeaderValue::from_str(url.as_str()).ok();
         let channel = channel.map_request(move |mut request: http::Request<tonic::body::Body>| {
+            let headers = request.headers_mut();
             if let Some(auth) = &auth {
-                request
-                    .headers_mut()
-                    .insert(http::header::AUTHORIZATION, auth.clone());
+                headers.insert(http::header::AUTHORIZATION, auth.clone());
+            }
+            if let Some(listed) = &listed {
+                headers.insert(LISTED_AS, listed.clone());
             }
             request
         });

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use super::cluster::TableRules;
 use super::error::EngineError;
 use super::session::Engine;
-use super::transport::{TokenCheck, WorkerChannels, server_tls};
+use super::transport::{TokenCheck, WorkerChannels, listed_as, server_tls};
 use crate::cache::{CacheMode, SharedCache};
 use crate::config::{Config, ModelPart};
 use crate::llm::{Dispatcher, Metrics};
@@ -141,7 +141,7 @@ impl WorkerHost {
                 None => functions.push(f.clone()),
             }
         }
-        let side: Arc<dyn WorkerSide> = self.clone();
+        let side = self.side(listed_as(&ctx.headers));
         let who: Arc<str> = Arc::from(self.name.as_str());
         Ok(builder
             .with_distributed_user_codec(LlmCodec::worker(side))
@@ -157,6 +157,15 @@ impl WorkerHost {
                 },
             )
             .build())
+    }
+
+    /// The worker as the plan of a task sent to `listed_as` (its URL in the coordinator's
+    /// list) sees it.
+    pub(super) fn side(self: &Arc<Self>, listed_as: Option<String>) -> Arc<dyn WorkerSide> {
+        Arc::new(TaskSide {
+            host: self.clone(),
+            listed_as,
+        })
     }
 
     /// Serves on `listener` until `shutdown` completes, then finishes the tasks on the wire.
@@ -187,7 +196,11 @@ impl WorkerHost {
 
     /// A new dispatcher and models for `share` (this worker's part of every limit), and the
     /// run's client to its coordinator.
-    fn share_runtime(&self, share: &RunShare) -> (Arc<LlmRuntime>, Option<Arc<SharedCache>>) {
+    fn share_runtime(
+        &self,
+        share: &RunShare,
+        listed_as: Option<String>,
+    ) -> (Arc<LlmRuntime>, Option<Arc<SharedCache>>) {
         let n = share.workers.max(1) as usize;
         let base = &self.engine.runtime;
         // The run's budgets are the coordinator's; the limits are this worker's config.
@@ -198,7 +211,7 @@ impl WorkerHost {
         let shared = share.cache_url.as_deref().map(|url| {
             let cluster = &self.config.cluster;
             let ca = cluster.tls.ca.as_deref();
-            Arc::new(SharedCache::new(url, cluster.token.clone(), ca))
+            Arc::new(SharedCache::new(url, cluster.token.clone(), ca).listed_as(listed_as))
         });
         if shared.is_some() {
             // The coordinator admits the shared models' requests: their limits are the
@@ -241,8 +254,13 @@ impl WorkerHost {
         (runtime, shared)
     }
 
-    /// The run of `share` on this worker, made at its first task.
-    fn run_of(&self, share: &RunShare) -> (Arc<LlmRuntime>, Option<Arc<SharedCache>>) {
+    /// The run of `share` on this worker, made at its first task (which came for the worker
+    /// the coordinator lists at `listed_as`).
+    fn run_of(
+        &self,
+        share: &RunShare,
+        listed_as: Option<&str>,
+    ) -> (Arc<LlmRuntime>, Option<Arc<SharedCache>>) {
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         runs.retain(|r| now.duration_since(r.last_task) < RUN_IDLE);
@@ -256,7 +274,7 @@ impl WorkerHost {
             share.run,
             share.workers
         );
-        let (runtime, coordinator) = self.share_runtime(share);
+        let (runtime, coordinator) = self.share_runtime(share, listed_as.map(String::from));
         runs.push(Run {
             share: share.clone(),
             runtime: runtime.clone(),
@@ -267,27 +285,37 @@ impl WorkerHost {
     }
 }
 
-impl WorkerSide for WorkerHost {
+/// The worker as one task's plan sees it: the host, and the URL the coordinator lists it at
+/// (from the task's request).
+#[derive(Debug)]
+struct TaskSide {
+    host: Arc<WorkerHost>,
+    listed_as: Option<String>,
+}
+
+impl WorkerSide for TaskSide {
     fn name(&self) -> &str {
-        &self.name
+        &self.host.name
     }
 
     fn coordinator(&self, run: &RunShare) -> Result<Arc<SharedCache>, String> {
-        self.run_of(run).1.ok_or_else(|| {
+        let listed = self.listed_as.as_deref();
+        self.host.run_of(run, listed).1.ok_or_else(|| {
             format!(
                 "{}: a chunked scan came from a coordinator that serves nothing",
-                self.name
+                self.host.name
             )
         })
     }
 
     fn function(&self, function: &str) -> Option<Arc<FunctionDef>> {
-        self.engine.function(function).cloned()
+        self.host.engine.function(function).cloned()
     }
 
     fn model(&self, model: &str) -> Result<String, String> {
-        let Some(m) = self.config.models.get(model) else {
-            let known: Vec<&str> = self.config.models.keys().map(String::as_str).collect();
+        let config = &self.host.config;
+        let Some(m) = config.models.get(model) else {
+            let known: Vec<&str> = config.models.keys().map(String::as_str).collect();
             return Err(format!(
                 "not defined in this worker's sluice.toml (defined: [{}])",
                 known.join(", ")
@@ -305,6 +333,6 @@ impl WorkerSide for WorkerHost {
     }
 
     fn runtime(&self, share: &RunShare) -> Result<Arc<LlmRuntime>, String> {
-        Ok(self.run_of(share).0)
+        Ok(self.host.run_of(share, self.listed_as.as_deref()).0)
     }
 }

@@ -89,6 +89,12 @@ impl WorkerProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: it sends nothing more, and what it has on the wire stays there.
+    pub fn freeze(&mut self) {
+        // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(mut self) -> (i32, String) {
         // SAFETY: kill(2) on the PID of a child this test started and has not reaped.

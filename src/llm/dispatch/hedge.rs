@@ -96,6 +96,10 @@ impl Inner {
             // left), wait for it, looking again at the threshold or now and then.
             loop {
                 let on_wire = sent.get().map_or(Duration::ZERO, Instant::elapsed);
+                if super::orphan::orphaned() {
+                    // Its statement is gone: the request on the wire finishes, nothing more.
+                    return first.await;
+                }
                 let wait = match (self.hedge_after(fm), sent.get()) {
                     (Some(t), Some(_)) if on_wire < t => t.saturating_sub(on_wire),
                     (Some(_), Some(_)) if self.hedge_allowed() => break,

@@ -24,6 +24,7 @@ mod inner;
 mod lists;
 pub mod metrics;
 mod order;
+mod orphan;
 mod pack;
 mod retry;
 mod route;
@@ -292,15 +293,10 @@ impl FunctionCaller {
                     Some(value) => Ok(value),
                     None => {
                         let claimed = matches!(why, MissWhy::Call { claimed: true });
-                        let claim = self.inner.claim(key, claimed);
-                        let r = self
-                            .inner
-                            .call_uncached(&self.model, req, key, fm.clone())
-                            .await;
-                        if r.is_ok() {
-                            claim.answered();
-                        }
-                        r
+                        let call = (req, key, claimed);
+                        self.inner
+                            .call_uncached(&self.model, call, fm.clone())
+                            .await
                     }
                 };
                 progress.fetch_add(1, Ordering::Relaxed);

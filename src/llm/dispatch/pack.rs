@@ -66,7 +66,7 @@ impl Inner {
                     return Vec::new();
                 };
                 let req = spec.request(row.prompt);
-                return vec![self.call_uncached(model, req, row.key, fm.clone()).await];
+                return vec![self.call_uncached(model, (req, row.key, false), fm.clone()).await];
             }
             let items: Vec<&str> = rows.iter().map(|r| r.item.as_str()).collect();
             let (prompt, schema) = match (pack.render(&items), packed_schema(spec.schema.as_deref(), n)) {

@@ -14,6 +14,7 @@ use futures::FutureExt;
 use super::call::{CallResult, ModelHandle};
 use super::inner::Inner;
 use super::metrics::{FunctionMetrics, Metrics};
+use super::orphan::detachable;
 use super::route::routed;
 use crate::cache::{CachedResponse, RequestKey};
 use crate::llm::batch::BatchQueue;
@@ -163,6 +164,11 @@ impl Inner {
                     self.store(vec![(key, resp)]).await;
                     return Ok(value);
                 }
+                Err(e) if super::orphan::orphaned() => {
+                    // Its statement is gone: no row waits for the error, and nothing more is
+                    // sent for it.
+                    return Err(Arc::new(RowError::from_attempt(e, attempt)));
+                }
                 Err(mut e) => {
                     let delay = self.retry_delay(&e, attempt);
                     // The row's total deadline: no retry that would start after it (a batch
@@ -216,17 +222,38 @@ impl Inner {
 
 impl Inner {
     /// Makes a call the persistent cache did not answer: shared with an identical call of the
-    /// run, or sent (with retries) and stored.
+    /// run, or sent (with retries) and stored. `claimed`: this worker holds the key's claim in
+    /// the cluster's shared tier, given up unless the call is answered. On a cluster's worker
+    /// the call is [`detachable`]: one dropped with its request on the wire still keeps its
+    /// answer.
     pub(super) async fn call_uncached(
         self: &Arc<Self>,
         model: &ModelHandle,
-        req: LlmRequest,
-        key: RequestKey,
+        (req, key, claimed): (LlmRequest, RequestKey, bool),
         fm: Arc<FunctionMetrics>,
     ) -> CallResult {
         let inner = self.clone();
         let model = model.clone();
-        let run = move || async move { inner.run(&model, req, key, &fm).await }.boxed();
+        let detach = self.shared.is_some() && self.cache_mode.writes();
+        // Taken now: a call shared with an identical one drops it unused, which gives it up.
+        let claim = self.claim(key, claimed);
+        let call = async move {
+            let r = inner.run(&model, req, key, &fm).await;
+            if r.is_ok() {
+                claim.answered();
+            }
+            if super::orphan::orphaned() {
+                // Nothing else reports what it counted for the statement that dropped it.
+                inner.report().await;
+            }
+            r
+        };
+        let run = move || {
+            if !detach {
+                return call.boxed();
+            }
+            detachable(call).boxed()
+        };
         self.dedup.share(key, &self.metrics.deduplicated, run).await
     }
 }

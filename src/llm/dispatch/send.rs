@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use super::call::{ModelHandle, error_outcome};
 use super::inner::Inner;
 use super::metrics::{FunctionMetrics, OnTheWire};
+use super::orphan::OnWire;
 use super::route::routed;
 use crate::llm::governor::Outcome;
 use crate::types::{LlmError, LlmRequest, LlmResponse};
@@ -51,7 +52,7 @@ impl Inner {
         self.waiting.sent();
         let _ = sent.set(Instant::now());
         let result = {
-            let _wire = OnTheWire::start(&self.metrics, fm);
+            let _wire = (OnTheWire::start(&self.metrics, fm), OnWire::enter());
             model.provider.complete(req).await
         };
         fm.latency.record(admission.started().elapsed());
