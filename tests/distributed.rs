@@ -640,16 +640,19 @@ async fn a_worker_without_the_model_file_refuses_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_budget_is_split_between_the_workers() {
+async fn a_run_budget_is_the_clusters_and_stops_every_worker() {
     let server = mock(MockConfig::default()).await;
     let workers = three_workers(&server.base_url(), 48).await;
     let cache = tempfile::tempdir().unwrap();
     let mut c = coordinator_config(&server.base_url(), &urls(&workers), 48, cache.path());
-    // The flagship needs ~50,000 tokens; each worker may spend a third of 3,000.
+    // The flagship needs ~50,000 tokens; the cluster may spend 3,000.
     c.dispatcher.budget_tokens = Some(3_000);
     let engine = sluice::Engine::new(&c).unwrap();
     let (kind, err) = flagship_failure(&engine).await;
-    assert!(err.contains("token budget of 1000 reached"), "{err}");
+    assert!(
+        err.contains("token budget of 3000 on the cluster reached"),
+        "{err}"
+    );
     assert!(!err.contains("sluice-stop"), "{err}");
     // A worker's budget refusal reaches the coordinator as a budget stop (exit code 3).
     assert_eq!(kind, sluice::engine::StatementErrorKind::Budget, "{err}");
@@ -658,7 +661,69 @@ async fn a_run_budget_is_split_between_the_workers() {
         sent < 56,
         "the budget stopped the run early: {sent} requests"
     );
+    let m = engine.metrics();
+    assert!(
+        m.tokens_in + m.tokens_out <= 3_000,
+        "the cluster spent {} + {} tokens of 3,000",
+        m.tokens_in,
+        m.tokens_out
+    );
     stop_all(workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_reads_more_spends_more_of_the_clusters_budget() {
+    // Two GPU boxes; the second answers nothing until most rows are done, so the first reads
+    // most of the input. A budget of 1.25 times what the whole run spends is enough for the
+    // cluster, but not for a fixed half of it per worker.
+    let fast = mock(MockConfig::default()).await;
+    let slow = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 400;
+    let out = dir.path().join("out.parquet");
+    let sql = questions_per_passage(dir.path(), rows, &out);
+    let mut alone = own_server_config(&fast.base_url(), &dir.path().join("alone"), 4);
+    alone.cache.enabled = false;
+    let alone = sluice::Engine::new(&alone).unwrap();
+    run(&alone, &sql).await.unwrap();
+    let whole = alone.metrics().tokens_in + alone.metrics().tokens_out;
+    std::fs::remove_file(&out).unwrap();
+    fast.reset_stats();
+
+    slow.hold();
+    let w_fast = start_worker_with(|c| own_server_config(&fast.base_url(), c, 4)).await;
+    let w_slow = start_worker_with(|c| own_server_config(&slow.base_url(), c, 4)).await;
+    let mut config = own_server_config(&fast.base_url(), &dir.path().join("cache"), 4);
+    config.cluster.workers =
+        sluice::config::ClusterConfig::parse_workers(&[&w_fast.url, &w_slow.url]).unwrap();
+    let budget = whole * 5 / 4;
+    config.dispatcher.budget_tokens = Some(budget);
+    let engine = sluice::Engine::new(&config).unwrap();
+    let statement = run(&engine, &sql);
+    tokio::pin!(statement);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while fast.stats().requests < rows * 3 / 4 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", fast.stats());
+        let tick = tokio::time::sleep(std::time::Duration::from_millis(20));
+        tokio::select! {
+            r = &mut statement => panic!("ended before the second worker answered: {r:?}"),
+            () = tick => {}
+        }
+    }
+    slow.release();
+    let printed = statement.await.unwrap();
+    assert!(printed.contains(&format!("COPY {rows} rows")), "{printed}");
+    let (f, s) = (fast.stats().requests, slow.stats().requests);
+    assert_eq!(f + s, rows, "every row asked once: {f} + {s}");
+    let m = engine.metrics();
+    let spent = m.tokens_in + m.tokens_out;
+    assert_eq!(spent, whole, "the cluster spent what one process does");
+    assert!(
+        spent * f / rows > budget / 2,
+        "the first worker spent more than half the budget: {f} of {rows} rows"
+    );
+    w_fast.stop().await;
+    w_slow.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ mod key;
 mod pacing;
 mod remote;
 mod shared;
+mod tls;
 mod wire;
 mod work;
 
@@ -28,7 +29,7 @@ pub use jobs::StoredJob;
 #[cfg(test)]
 use key::request_key;
 pub(crate) use key::{KeyPrefix, RequestKey, key_from_hex, key_hex};
-pub use pacing::{ADMIT_PATIENCE, Pacing};
+pub use pacing::{ADMIT_PATIENCE, Allowance, Grants, Pacing};
 pub(crate) use remote::Lookup;
 pub use remote::SharedCache;
 pub use shared::{CacheServer, Counters};

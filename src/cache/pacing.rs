@@ -1,6 +1,8 @@
 //! The coordinator's pacing of its workers' requests, as its server ([`super::CacheServer`])
 //! offers it: each model's governor at the coordinator is the cluster's one limit for that
-//! model, and a worker asks it to admit each request it sends (see `llm::governor::remote`).
+//! model, and a worker asks it to admit each request it sends (see `llm::governor::remote`);
+//! and the run's budgets, which the coordinator grants its workers a part at a time as they
+//! spend (see `llm::dispatch::budget`).
 
 use serde_json::Value;
 
@@ -25,4 +27,20 @@ pub trait Pacing: Send + Sync {
     /// Ends the leases of the workers `dead`, and those of workers that did not say who they
     /// are (a statement failed with requests of dead workers on the wire).
     fn end_of(&self, dead: &[&str]);
+}
+
+/// Tokens and nano-dollars (1e-9 USD) of a run's budgets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allowance {
+    /// Tokens (prompt and completion).
+    pub tokens: u64,
+    /// Nano-dollars.
+    pub nano_usd: u64,
+}
+
+/// The coordinator's pool of the run's budgets (implemented where the dispatcher is).
+pub trait Grants: Send + Sync {
+    /// Grants a worker at least `ask` of each budget the run has (more when the pool has room,
+    /// so that it asks seldom): the grant, or `None` when a budget has less than `ask` left.
+    fn grant(&self, ask: Allowance) -> Option<Allowance>;
 }

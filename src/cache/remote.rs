@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde_json::{Value, json};
 
+use super::pacing::Allowance;
 use super::wire::{entry_from, entry_value, hex};
 use super::{CachedResponse, RequestKey};
 use crate::config::Secret;
@@ -248,6 +249,21 @@ impl SharedCache {
             .await?;
         nullable_u64(&doc, "lease")
             .ok_or_else(|| "the coordinator's admission has no lease".to_string())
+    }
+
+    /// Asks the coordinator for at least `ask` of the run's budgets: the grant, or `None`
+    /// when a budget has less left; an error when the coordinator could not be asked.
+    pub(crate) async fn grant(&self, ask: Allowance) -> Result<Option<Allowance>, String> {
+        let body = json!({ "tokens": ask.tokens, "nano_usd": ask.nano_usd });
+        let doc = self.post_strict("/v1/budget", body).await?;
+        let granted = &doc["granted"];
+        if granted.is_null() {
+            return Ok(None);
+        }
+        match (granted["tokens"].as_u64(), granted["nano_usd"].as_u64()) {
+            (Some(tokens), Some(nano_usd)) => Ok(Some(Allowance { tokens, nano_usd })),
+            _ => Err("the coordinator's budget grant is malformed".to_string()),
+        }
     }
 
     /// Tells the coordinator how the request of `lease` ended (`outcome`: its wire form).

@@ -34,7 +34,10 @@
 //! - `POST /v1/admit` `{"model": name, "tokens": n, "worker": url}` → `{"lease": id}` once
 //!   the coordinator's governor of the model admits the request, or `{"lease": null}` after a
 //!   few seconds without room (ask again); 404 for a model it does not pace ([`Pacing`]);
-//! - `POST /v1/finish` `{"lease": id, "outcome": ..}` → 204: how the admitted request ended.
+//! - `POST /v1/finish` `{"lease": id, "outcome": ..}` → 204: how the admitted request ended;
+//! - `POST /v1/budget` `{"tokens": n, "nano_usd": n}` → `{"granted": {"tokens": n, "nano_usd":
+//!   n}}`, at least what was asked of each budget the run has, or `{"granted": null}` when one
+//!   has less left ([`Grants`]); 404 when the run has no budget.
 //!
 //! With a cluster token, every request must carry `authorization: Bearer TOKEN`; a request
 //! without it is refused with 401 before its body is read. With the cluster's certificate
@@ -52,7 +55,7 @@ use serde_json::{Value, json};
 
 use super::ResponseCache;
 use super::claims::Claims;
-use super::pacing::{ADMIT_PATIENCE, Pacing};
+use super::pacing::{ADMIT_PATIENCE, Allowance, Grants, Pacing};
 use super::wire::{entry_from, entry_value, keys_of, unhex};
 use super::work::{Next, WorkQueues};
 use crate::config::Secret;
@@ -87,7 +90,9 @@ impl CacheServer {
         counters: Counters,
     ) -> std::io::Result<CacheServer> {
         let acceptor = match tls {
-            Some((cert, key)) => Some(tls_acceptor(cert, key).map_err(std::io::Error::other)?),
+            Some((cert, key)) => {
+                Some(super::tls::tls_acceptor(cert, key).map_err(std::io::Error::other)?)
+            }
             None => None,
         };
         let scheme = if acceptor.is_some() { "https" } else { "http" };
@@ -102,6 +107,7 @@ impl CacheServer {
             claims: Claims::default(),
             work: Arc::new(WorkQueues::default()),
             pacing: std::sync::OnceLock::new(),
+            grants: std::sync::OnceLock::new(),
         });
         let served = state.clone();
         // The connections are tasks of the accept loop's own set: when the server is dropped
@@ -148,11 +154,9 @@ impl CacheServer {
         })
     }
 
-    /// Ends the claims and leases of the workers `dead` (URLs as the coordinator lists them),
-    /// and of workers that did not say who they are: a statement failed with their calls on
-    /// the wire (a dead worker never releases its own), and runs again. The workers left
-    /// finish the calls they had on the wire and keep their claims until they put the
-    /// answers, so the statement's next attempt waits for those instead of paying again.
+    /// Ends the claims and leases of the workers `dead` (URLs as the coordinator lists them)
+    /// and of those that did not say who they are, before a statement runs again (a dead
+    /// worker never releases its own; the workers left finish theirs).
     pub fn release_claims_of(&self, dead: &[&str]) {
         self.state.claims.end_of(dead);
         if let Some(p) = self.state.pacing.get() {
@@ -163,6 +167,12 @@ impl CacheServer {
     /// Admits the workers' requests with `pacing` from now on (once; later calls are ignored).
     pub fn pace_with(&self, pacing: Arc<dyn Pacing>) {
         let _ = self.state.pacing.set(pacing);
+    }
+
+    /// Grants the run's budgets to the workers from `grants` from now on (once; later calls
+    /// are ignored).
+    pub fn grant_with(&self, grants: Arc<dyn Grants>) {
+        let _ = self.state.grants.set(grants);
     }
 
     /// The queues of input chunks it hands out to the workers' scans.
@@ -187,26 +197,6 @@ impl Drop for CacheServer {
     }
 }
 
-/// A TLS acceptor for `cert` (a PEM chain) and `key` (its PEM private key).
-fn tls_acceptor(cert: &str, key: &Secret) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls_cert: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
-        .map_err(|_| "tls_key: not a PEM private key".to_string())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("tls_cert / tls_key: {e}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
 /// What the coordinator does with a worker's reported counters.
 pub type Counters = Arc<dyn Fn(&BTreeMap<String, u64>) + Send + Sync>;
 
@@ -218,6 +208,7 @@ struct Served {
     claims: Claims,
     work: Arc<WorkQueues>,
     pacing: std::sync::OnceLock<Arc<dyn Pacing>>,
+    grants: std::sync::OnceLock<Arc<dyn Grants>>,
 }
 
 impl std::fmt::Debug for Served {
@@ -273,6 +264,7 @@ impl Served {
             "/v1/next" => self.next(&doc),
             "/v1/admit" => self.admit(&doc).await,
             "/v1/finish" => self.finish(&doc),
+            "/v1/budget" => self.budget(&doc),
             _ => refusal(StatusCode::NOT_FOUND, "unknown path"),
         }
     }
@@ -407,6 +399,19 @@ impl Served {
             pacing.finish(lease, &doc["outcome"]);
         }
         no_content()
+    }
+
+    fn budget(&self, doc: &Value) -> Response<Full<Bytes>> {
+        let (Some(tokens), Some(nano_usd)) = (doc["tokens"].as_u64(), doc["nano_usd"].as_u64())
+        else {
+            return refusal(StatusCode::BAD_REQUEST, "tokens and nano_usd expected");
+        };
+        let Some(grants) = self.grants.get() else {
+            return refusal(StatusCode::NOT_FOUND, "the coordinator holds no budget");
+        };
+        let granted = grants.grant(Allowance { tokens, nano_usd });
+        let granted = granted.map(|g| json!({ "tokens": g.tokens, "nano_usd": g.nano_usd }));
+        reply(StatusCode::OK, json!({ "granted": granted }))
     }
 
     fn next(&self, doc: &Value) -> Response<Full<Bytes>> {

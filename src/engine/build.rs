@@ -185,7 +185,15 @@ impl Engine {
         let dispatcher = dispatcher(config, answers, cache)?;
         let cache_server = match answers {
             Answers::Models => {
-                super::cluster::serve_cache(config, dispatcher.cache(), dispatcher.metrics())
+                // The run's budgets, whole, granted to the workers as they spend.
+                let d = &config.dispatcher;
+                let workers = config.cluster.workers.len();
+                let pool = dispatcher.budget_pool((d.budget_tokens, d.budget_usd), workers);
+                let served = super::cluster::serve_cache(config, &dispatcher, pool.clone());
+                if served.is_some() {
+                    dispatcher.draw_on(pool);
+                }
+                served
             }
             Answers::Estimates => None,
         };

@@ -33,9 +33,9 @@ use url::Url;
 use super::live::LiveWorkers;
 use super::session::Engine;
 use super::transport::WorkerChannels;
-use crate::cache::{CacheServer, Counters, ResponseCache, WorkQueues};
+use crate::cache::{CacheServer, Counters, WorkQueues};
 use crate::config::{ClusterConfig, Config, Secret};
-use crate::llm::Metrics;
+use crate::llm::{BudgetPool, Dispatcher};
 use crate::udf::claimed::chunked_leaf;
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
@@ -153,22 +153,31 @@ pub(super) fn paces_workers(cluster: &ClusterConfig) -> bool {
     cluster.distributed() && serving_address(cluster, false).is_some()
 }
 
-/// On a cluster's coordinator, serves its response cache (when it has one) to the workers,
-/// takes their counters into `metrics` and hands out chunks of the input
-/// ([`crate::cache::CacheServer`]), where [`serving_address`] says, on a free port.
+/// On a cluster's coordinator, serves the response cache of `dispatcher` (when it has one) to
+/// the workers, takes their counters into its metrics and into the budget `pool` it grants
+/// them, and hands out chunks of the input ([`crate::cache::CacheServer`]), where
+/// [`serving_address`] says, on a free port.
 pub(super) fn serve_cache(
     config: &Config,
-    cache: Option<&Arc<ResponseCache>>,
-    metrics: &Arc<Metrics>,
+    dispatcher: &Dispatcher,
+    pool: Arc<BudgetPool>,
 ) -> Option<CacheServer> {
     let cluster = &config.cluster;
     tokio::runtime::Handle::try_current().ok()?;
     let (ip, tls) = serving_address(cluster, true)?;
-    let metrics = metrics.clone();
-    let counters: Counters = Arc::new(move |delta| metrics.absorb(delta));
+    let metrics = dispatcher.metrics().clone();
+    let reports = pool.clone();
+    let counters: Counters = Arc::new(move |delta| {
+        metrics.absorb(delta);
+        reports.reported(delta);
+    });
     let guard = (cluster.token.clone(), tls);
-    match CacheServer::start(cache.cloned(), (ip, 0).into(), guard, counters) {
-        Ok(server) => Some(server),
+    let cache = dispatcher.cache().cloned();
+    match CacheServer::start(cache, (ip, 0).into(), guard, counters) {
+        Ok(server) => {
+            server.grant_with(pool);
+            Some(server)
+        }
         Err(e) => {
             tracing::warn!("the coordinator cannot serve its cache to the workers: {e}");
             None

@@ -7,9 +7,12 @@
 //! definitions, after checking they are the coordinator's.
 //!
 //! The tasks of one coordinator run ([`RunShare`]) share one dispatcher here, made at the
-//! run's first task with the run's share of every limit: `concurrency`, `rpm` and `tpm` of
-//! each model and of the dispatcher, and the run's budgets, divided by the number of workers
-//! (rounded down, at least 1). AIMD and the learned limits then work per worker on that share.
+//! run's first task. With a coordinator that serves its workers, the shared models' requests
+//! are admitted by its governors and the run's budgets are granted by it as this worker
+//! spends; otherwise the dispatcher gets the run's share of every limit: `concurrency`, `rpm`
+//! and `tpm` of each model and of the dispatcher, and the run's budgets, divided by the number
+//! of workers (rounded down, at least 1), and AIMD and the learned limits work per worker on
+//! that share.
 //! A model each machine answers itself (`per_worker`, the embedded model) keeps this worker's
 //! own server and limits in full, and the dispatcher's share is at least their concurrency.
 
@@ -215,8 +218,11 @@ impl WorkerHost {
         });
         if shared.is_some() {
             // The coordinator admits the shared models' requests: their limits are the
-            // cluster's, not a share of them, so this worker may send as many as it can.
+            // cluster's, not a share of them, so this worker may send as many as it can; and
+            // it grants the run's budgets as the workers spend.
             settings.concurrency = self.config.dispatcher.concurrency;
+            settings.budget_tokens = run.budget_tokens;
+            settings.budget_usd = run.budget_usd;
         } else {
             // Models each machine answers itself keep their whole concurrency here.
             let own: usize = self
@@ -241,6 +247,9 @@ impl WorkerHost {
             shared.clone(),
             mode,
         );
+        if let Some(coordinator) = &shared {
+            dispatcher.budgets_granted_by(coordinator.clone(), n);
+        }
         self.metrics
             .lock()
             .unwrap_or_else(|p| p.into_inner())

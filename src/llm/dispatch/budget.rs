@@ -1,13 +1,23 @@
 //! The run's token and dollar budgets (`--budget-tokens`, `--budget-usd`): a request's
 //! estimated usage is held against them while it is on the wire, and a request that would
-//! exceed one is refused before it is sent.
+//! exceed one is refused before it is sent. On a cluster, the budgets are the cluster's
+//! ([`super::pool`]): a worker checks against what the coordinator granted it, asking for more
+//! when that is short, and the coordinator against the budget less what its workers hold.
 
 use std::sync::atomic::Ordering;
 
 use super::call::ModelHandle;
 use super::inner::Inner;
 use super::metrics::Metrics;
+use super::pool::Pooled;
+use crate::cache::Allowance;
 use crate::types::{ErrorKind, LlmError, Usage};
+
+/// A request over a budget: what it lacks, and the refusal's message.
+struct Short {
+    lacks: Allowance,
+    message: String,
+}
 
 impl ModelHandle {
     /// Nano-dollars (1e-9 USD) that `usage` costs at this model's prices (0 without prices):
@@ -40,8 +50,9 @@ impl Drop for BudgetReservation<'_> {
 
 impl Inner {
     /// Counts a request's estimated usage (tokens and cost) against the run's budgets while it
-    /// is on the wire, or refuses it when a budget would be exceeded.
-    pub(super) fn reserve_budget(
+    /// is on the wire, or refuses it when a budget would be exceeded (on a cluster's worker,
+    /// once the coordinator grants no more).
+    pub(super) async fn reserve_budget(
         &self,
         model: &ModelHandle,
         estimate: Usage,
@@ -52,38 +63,86 @@ impl Inner {
         let m = &self.metrics;
         let tokens = estimate.prompt_tokens + estimate.completion_tokens;
         let nano_usd = model.nano_usd(estimate);
-        let used = m.tokens_in.load(Ordering::Relaxed) + m.tokens_out.load(Ordering::Relaxed);
-        let reserved = m.reserved_tokens.fetch_add(tokens, Ordering::Relaxed) + tokens;
-        let spent = m.spent_nano_usd.load(Ordering::Relaxed);
-        let reserved_usd = m.reserved_nano_usd.fetch_add(nano_usd, Ordering::Relaxed) + nano_usd;
+        m.reserved_tokens.fetch_add(tokens, Ordering::Relaxed);
+        m.reserved_nano_usd.fetch_add(nano_usd, Ordering::Relaxed);
         // Held from here: a refusal below gives it back on drop.
         let reservation = BudgetReservation {
             metrics: m,
             tokens,
             nano_usd,
         };
-        if let Some(budget) = self.cfg.budget_tokens
-            && used + reserved > budget
-        {
-            return Err(self.refuse(format!(
-                "token budget of {budget} reached ({used} tokens used, {} held by requests in \
-                 flight); {} --budget-tokens (or none)",
+        loop {
+            let Some(short) = self.over_budget(tokens, nano_usd) else {
+                return Ok(Some(reservation));
+            };
+            let granted = match self.pooled.get() {
+                Some(Pooled::Granted(g)) => g.more(short.lacks).await,
+                _ => false,
+            };
+            if !granted {
+                return Err(self.refuse(short.message));
+            }
+        }
+    }
+
+    /// What a request of `tokens` and `nano_usd`, already held, lacks to stay within the
+    /// budgets; `None` when it does not.
+    fn over_budget(&self, tokens: u64, nano_usd: u64) -> Option<Short> {
+        let m = &self.metrics;
+        let mut used = m.tokens_in.load(Ordering::Relaxed) + m.tokens_out.load(Ordering::Relaxed);
+        let mut spent = m.spent_nano_usd.load(Ordering::Relaxed);
+        let reserved = m.reserved_tokens.load(Ordering::Relaxed);
+        let reserved_usd = m.reserved_nano_usd.load(Ordering::Relaxed);
+        // The budgets as set, what this dispatcher may spend of them, and how a refusal says
+        // whose they are.
+        let mut budget = (
+            self.cfg.budget_tokens,
+            self.cfg.budget_usd.map(|u| (u * 1e9) as u64),
+        );
+        let (mut token_limit, mut usd_limit) = budget;
+        let mut scope = ("", "");
+        match self.pooled.get() {
+            None => {}
+            Some(Pooled::Pool(pool)) => {
+                let out = pool.outstanding();
+                used += out.tokens;
+                spent += out.nano_usd;
+                budget = pool.budget;
+                (token_limit, usd_limit) = budget;
+                scope = (" on the cluster", "");
+            }
+            Some(Pooled::Granted(g)) => {
+                token_limit = token_limit.map(|_| g.tokens.load(Ordering::Relaxed));
+                usd_limit = usd_limit.map(|_| g.nano_usd.load(Ordering::Relaxed));
+                scope = (" on the cluster", " by this worker");
+            }
+        }
+        let (scope, by) = scope;
+        let lacks = Allowance {
+            tokens: token_limit.map_or(0, |l| (used + reserved).saturating_sub(l)),
+            nano_usd: usd_limit.map_or(0, |l| (spent + reserved_usd).saturating_sub(l)),
+        };
+        let message = if lacks.tokens > 0 {
+            format!(
+                "token budget of {}{scope} reached ({used} tokens used{by}, {} held by requests \
+                 in flight); {} --budget-tokens (or none)",
+                budget.0.unwrap_or_default(),
                 reserved - tokens,
                 self.rerun_hint()
-            )));
-        }
-        if let Some(budget) = self.cfg.budget_usd
-            && (spent + reserved_usd) as f64 > budget * 1e9
-        {
-            return Err(self.refuse(format!(
-                "cost budget of ${budget} reached (${:.4} spent, ${:.4} held by requests in \
-                 flight); {} --budget-usd (or none)",
+            )
+        } else if lacks.nano_usd > 0 {
+            format!(
+                "cost budget of ${}{scope} reached (${:.4} spent{by}, ${:.4} held by requests \
+                 in flight); {} --budget-usd (or none)",
+                budget.1.unwrap_or_default() as f64 / 1e9,
                 spent as f64 / 1e9,
                 (reserved_usd - nano_usd) as f64 / 1e9,
                 self.rerun_hint()
-            )));
-        }
-        Ok(Some(reservation))
+            )
+        } else {
+            return None;
+        };
+        Some(Short { lacks, message })
     }
 
     fn rerun_hint(&self) -> &'static str {

@@ -30,6 +30,8 @@ pub(super) struct Inner {
     pub(super) reported: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Prompts taken on and not yet answered.
     pub(super) waiting: Waiting,
+    /// On a cluster, where the run's budgets are held (see [`super::pool`]).
+    pub(super) pooled: std::sync::OnceLock<super::pool::Pooled>,
 }
 
 /// Prompts the dispatcher has taken on and not yet answered, and a wake-up each time one is

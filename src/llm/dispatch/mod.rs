@@ -26,6 +26,7 @@ pub mod metrics;
 mod order;
 mod orphan;
 mod pack;
+mod pool;
 mod retry;
 mod route;
 mod send;
@@ -45,6 +46,7 @@ use crate::types::{ErrorKind, LlmRequest, RowError};
 pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer, split_confident};
 use inner::{Inner, Miss as MissWhy, Open};
 pub(crate) use order::PrefixOrder;
+pub(crate) use pool::BudgetPool;
 
 pub use metrics::{
     CascadeSnapshot, CascadeTally, FunctionMetrics, FunctionSnapshot, LatencyHistogram,
@@ -98,6 +100,7 @@ impl Dispatcher {
                 list_collectors: Default::default(),
                 reported: Default::default(),
                 waiting: Default::default(),
+                pooled: Default::default(),
             }),
         }
     }
@@ -118,6 +121,36 @@ impl Dispatcher {
     pub async fn until_ready_for_input(&self, share: u64) {
         let on_wire = &self.inner.metrics.in_flight;
         self.inner.waiting.let_in(share, on_wire).await
+    }
+
+    /// A cluster coordinator's pool of the run's budgets `budget` (tokens, dollars) for
+    /// `workers` workers, over this dispatcher's counters (where the workers' reports are
+    /// added); this dispatcher's own calls draw on it once [`Dispatcher::draw_on`] says so.
+    pub fn budget_pool(
+        &self,
+        budget: (Option<u64>, Option<f64>),
+        workers: usize,
+    ) -> Arc<BudgetPool> {
+        Arc::new(BudgetPool::new(self.inner.metrics.clone(), budget, workers))
+    }
+
+    /// This dispatcher's own calls check the budgets of `pool` (the coordinator's, which
+    /// grants them to its workers) instead of its settings' (once; later calls are ignored).
+    pub fn draw_on(&self, pool: Arc<BudgetPool>) {
+        let _ = self.inner.pooled.set(pool::Pooled::Pool(pool));
+    }
+
+    /// A cluster worker's budgets are granted by its `coordinator` as it spends; should the
+    /// coordinator not answer, it takes 1 / `workers` of its settings' budgets (once).
+    pub fn budgets_granted_by(&self, coordinator: Arc<SharedCache>, workers: usize) {
+        let n = workers.max(1) as u64;
+        let cfg = &self.inner.cfg;
+        let fallback = crate::cache::Allowance {
+            tokens: cfg.budget_tokens.map_or(0, |t| t / n),
+            nano_usd: cfg.budget_usd.map_or(0, |u| (u * 1e9) as u64 / n),
+        };
+        let granted = pool::Granted::new(coordinator, fallback);
+        let _ = self.inner.pooled.set(pool::Pooled::Granted(granted));
     }
 
     /// Requests on the wire now.

@@ -65,7 +65,7 @@ impl Inner {
         req: &LlmRequest,
         key: RequestKey,
     ) -> Result<LlmResponse, LlmError> {
-        let _reservation = self.reserve_budget(model, req.estimated_usage())?;
+        let _reservation = self.reserve_budget(model, req.estimated_usage()).await?;
         if self.global.is_closed() {
             // Stopped (Ctrl-C): nothing more is submitted, and nothing fails because of it.
             return std::future::pending().await;
@@ -86,7 +86,7 @@ impl Inner {
         let result = match &model.batch {
             Some(q) if n == 1 || !q.retries_live() => self.send_to_batch(model, q, req, key).await,
             _ if model.provider.max_prompts_per_request() > 1 => {
-                let _reservation = self.reserve_budget(model, req.estimated_usage())?;
+                let _reservation = self.reserve_budget(model, req.estimated_usage()).await?;
                 let shared = (&self.global, &self.metrics, fm);
                 routed(model, req, |m| async move {
                     self.list_collectors.send(&m, req, shared).await

@@ -1,6 +1,6 @@
-//! One request for one prompt on the wire: the budget reservation, the model's governor and the
-//! global concurrency budget are taken in that order, held while it is out, and given back on
-//! drop; the answer (or error) is told to the governor.
+//! One request for one prompt on the wire: the model's governor, the global concurrency budget
+//! and the budget reservation are taken in that order, held while it is out, and given back
+//! on drop; the answer (or error) is told to the governor.
 
 use tokio::time::Instant;
 
@@ -13,8 +13,8 @@ use crate::llm::governor::Outcome;
 use crate::types::{LlmError, LlmRequest, LlmResponse};
 
 impl Inner {
-    /// One request for one prompt: budget, governor, global budget, provider. Each is held
-    /// while the request is on the wire and given back on drop. `sent` is set when the request
+    /// One request for one prompt: governor, global budget, the run's budgets, provider. Each
+    /// is held while the request is on the wire and given back on drop. `sent` is set when the request
     /// goes on the wire.
     pub(super) async fn send_one(
         &self,
@@ -23,32 +23,34 @@ impl Inner {
         fm: &FunctionMetrics,
         sent: &std::sync::OnceLock<Instant>,
     ) -> Result<LlmResponse, LlmError> {
-        let estimate = req.estimated_usage();
-        let _reservation = self.reserve_budget(model, estimate)?;
-        let estimate = estimate.prompt_tokens + estimate.completion_tokens;
         routed(model, req, |m| async move {
-            self.send_on(&m, req, estimate, fm, sent).await
+            self.send_on(&m, req, fm, sent).await
         })
         .await
     }
 
-    /// [`Inner::send_one`] on one server of the model: its governor, the global budget, its
-    /// provider.
+    /// [`Inner::send_one`] on one server of the model: its governor, the global budget, the
+    /// run's budgets, its provider.
     async fn send_on(
         &self,
         model: &ModelHandle,
         req: &LlmRequest,
-        estimate: u64,
         fm: &FunctionMetrics,
         sent: &std::sync::OnceLock<Instant>,
     ) -> Result<LlmResponse, LlmError> {
         // The model's governor first (pauses, buckets, adaptive limit), then the global budget,
-        // so that a paused model never holds permits other models could use.
-        let admission = model.governor.admit(estimate).await;
+        // so that a paused model never holds permits other models could use; then the run's
+        // budgets, which only requests about to go on the wire hold (not those waiting).
+        let usage = req.estimated_usage();
+        let admission = model
+            .governor
+            .admit(usage.prompt_tokens + usage.completion_tokens)
+            .await;
         let Ok(_global) = self.global.acquire().await else {
             // Stopped (Ctrl-C): nothing more is sent, and nothing fails because of it.
             return std::future::pending().await;
         };
+        let _reservation = self.reserve_budget(model, usage).await?;
         self.waiting.sent();
         let _ = sent.set(Instant::now());
         let result = {
