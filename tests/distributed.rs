@@ -381,11 +381,13 @@ async fn a_worker_killed_mid_query_is_run_around_and_comes_back_for_the_next_one
     assert_eq!(got, expected, "the single process's rows");
     // Paid twice at most: what was on the wire at the kill. The answers the dead worker had
     // received are in the coordinator's cache, and the workers left finished the calls they
-    // had on the wire although their statement was dropped.
+    // had on the wire although their statement was dropped. One more is allowed: an answer
+    // the server had sent (no longer on its wire) that the frozen worker had not yet passed
+    // to the coordinator (none in 28 runs, but a busy machine widens that window).
     let sent = server.stats().requests;
     eprintln!("killed with {on_the_wire} on the wire: the run sent {sent} for {prompts} prompts");
     assert!(
-        sent <= prompts + on_the_wire,
+        sent <= prompts + on_the_wire + 1,
         "sent {sent} for {prompts} prompts ({on_the_wire} on the wire at the kill)"
     );
 

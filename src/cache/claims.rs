@@ -97,6 +97,19 @@ impl Claims {
         }
     }
 
+    /// Ends the claim on `key` of the worker `by` (its waiters make the call themselves); a
+    /// claim of another named worker stays.
+    pub(super) fn release(&self, key: RequestKey, by: Option<&str>) {
+        let owner = {
+            let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.get(&key).map(|c| c.by.clone())
+        };
+        let theirs = matches!((owner, by), (Some(Some(o)), Some(b)) if o != b);
+        if !theirs {
+            self.end(key, None);
+        }
+    }
+
     /// One of the last answers put, if `key` is among them.
     pub(super) fn recent(&self, key: &RequestKey) -> Option<CachedResponse> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -197,6 +210,7 @@ mod tests {
         let (on_dead, on_live, on_unknown) = (waiter([5; 32]), waiter([6; 32]), waiter([7; 32]));
         tokio::task::yield_now().await;
         let start = tokio::time::Instant::now();
+        claims.release([6; 32], Some(dead));
         claims.end_of(&[dead]);
         assert_eq!(on_dead.await.unwrap(), None);
         assert_eq!(on_unknown.await.unwrap(), None);

@@ -2,6 +2,7 @@
 //! cache and its claims, reached over HTTP(S), and where the worker reports its counters.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde_json::{Value, json};
@@ -177,10 +178,22 @@ impl SharedCache {
         entry_from(&doc["entry"])
     }
 
-    /// Gives up this worker's claims on `keys` (its calls failed or were cancelled).
+    /// Gives up this worker's claims on `keys` (its calls failed or were cancelled); a key
+    /// another worker claimed stays claimed.
     pub(crate) async fn release(&self, keys: &[RequestKey]) {
         let keys: Vec<String> = keys.iter().map(hex).collect();
-        let _ = self.post("/v1/release", json!({ "keys": keys })).await;
+        let body = json!({ "keys": keys, "worker": self.listed_as });
+        let _ = self.post("/v1/release", body).await;
+    }
+
+    /// A guard over a lookup that claims `keys`: dropped before [`AskedClaims::answered`] (its
+    /// statement dropped while the lookup was on the wire), it releases them, since nothing
+    /// here will make those calls or release them otherwise.
+    pub(crate) fn asking_to_claim(self: &Arc<Self>, keys: &[RequestKey]) -> AskedClaims {
+        AskedClaims {
+            shared: Some(self.clone()),
+            keys: keys.to_vec(),
+        }
     }
 
     async fn post_json(&self, path: &str, body: Value) -> Option<Value> {
@@ -287,5 +300,82 @@ impl SharedCache {
             .map(|(key, resp)| json!([hex(key), entry_value(resp)]))
             .collect();
         let _ = self.post("/v1/put", json!({ "entries": entries })).await;
+    }
+}
+
+/// Keys a lookup asked to claim, released on drop until the lookup's answer is known (see
+/// [`SharedCache::asking_to_claim`]).
+pub(crate) struct AskedClaims {
+    shared: Option<Arc<SharedCache>>,
+    keys: Vec<RequestKey>,
+}
+
+impl AskedClaims {
+    /// The lookup answered: the asker holds what it claimed.
+    pub(crate) fn answered(mut self) {
+        self.shared = None;
+    }
+}
+
+impl Drop for AskedClaims {
+    fn drop(&mut self) {
+        if let (Some(shared), Ok(rt)) = (self.shared.take(), tokio::runtime::Handle::try_current())
+        {
+            let keys = std::mem::take(&mut self.keys);
+            rt.spawn(async move { shared.release(&keys).await });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cache::{CacheServer, Counters};
+
+    /// Whether `probe` claims `key` within a few seconds (a release on the way lands).
+    async fn claimable(probe: &SharedCache, key: RequestKey) -> bool {
+        for _ in 0..200 {
+            if probe.get_many(&[key], true).await == vec![Lookup::Miss] {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_lookup_dropped_on_the_wire_gives_its_claims_up_and_only_its_own() {
+        let counters: Counters = Arc::new(|_| {});
+        let server =
+            CacheServer::start(None, ([127, 0, 0, 1], 0).into(), (None, None), counters).unwrap();
+        let named = |url: &str| {
+            let c = SharedCache::new(&server.url(), None, None);
+            Arc::new(c.listed_as(Some(url.to_string())))
+        };
+        let (a, b, probe) = (
+            named("http://a:1/"),
+            named("http://b:1/"),
+            named("http://p:1/"),
+        );
+        // `a`'s lookup claims the key, but its statement is dropped before the answer is read.
+        let key = [9; 32];
+        let guard = a.asking_to_claim(&[key]);
+        assert_eq!(a.get_many(&[key], true).await, vec![Lookup::Miss]);
+        drop(guard);
+        assert!(claimable(&probe, key).await, "given up");
+        // Claimed by `probe` now: `b` cannot give it up, `probe` can.
+        b.release(&[key]).await;
+        assert_eq!(a.get_many(&[key], true).await, vec![Lookup::Pending]);
+        probe.release(&[key]).await;
+        assert!(claimable(&a, key).await);
+        // A lookup whose answer was read keeps its claim.
+        let other = [10; 32];
+        let guard = b.asking_to_claim(&[other]);
+        assert_eq!(b.get_many(&[other], true).await, vec![Lookup::Miss]);
+        guard.answered();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(probe.get_many(&[other], true).await, vec![Lookup::Pending]);
     }
 }

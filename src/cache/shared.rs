@@ -25,7 +25,7 @@
 //!   keys another worker is answering now (the others are now claimed by the asker, the
 //!   worker at `url` in the coordinator's list when it says);
 //! - `POST /v1/wait` `{"key": key}` → `{"entry": entry or null}`, once it is answered;
-//! - `POST /v1/release` `{"keys": [..]}` → 204;
+//! - `POST /v1/release` `{"keys": [..], "worker": url}` → 204 (another worker's claims stay);
 //! - `POST /v1/put` `{"entries": [[key, entry], ..]}` → 204;
 //! - `POST /v1/counters` `{"counters": {name: n, ..}}` → 204;
 //! - `POST /v1/next` `{"queue": id, "claimer": worker}` → `{"chunk": n}`, or `{"chunk": null}`
@@ -334,7 +334,7 @@ impl Served {
             );
         };
         for key in keys {
-            self.claims.end(key, None);
+            self.claims.release(key, worker_of(doc));
         }
         no_content()
     }
