@@ -186,14 +186,27 @@ impl SharedCache {
         let _ = self.post("/v1/release", body).await;
     }
 
-    /// A guard over a lookup that claims `keys`: dropped before [`AskedClaims::answered`] (its
-    /// statement dropped while the lookup was on the wire), it releases them, since nothing
-    /// here will make those calls or release them otherwise.
-    pub(crate) fn asking_to_claim(self: &Arc<Self>, keys: &[RequestKey]) -> AskedClaims {
-        AskedClaims {
-            shared: Some(self.clone()),
-            keys: keys.to_vec(),
-        }
+    /// [`SharedCache::get_many`] claiming the keys it misses, safe to drop: the lookup runs as
+    /// a task of its own, and should its caller be dropped before the answer (a statement
+    /// dropped), the keys it turns out to have claimed are released once that answer is in.
+    /// Releasing them at once could reach the coordinator before the lookup that claims them,
+    /// and leave them claimed by no one (any worker needing one would wait [`MAX_WAIT`]).
+    ///
+    /// [`MAX_WAIT`]: super::claims::MAX_WAIT
+    pub(crate) async fn claim_many(self: &Arc<Self>, keys: &[RequestKey]) -> Vec<Lookup> {
+        let (me, asked) = (self.clone(), keys.to_vec());
+        let lookup = tokio::spawn(async move {
+            let found = me.get_many(&asked, true).await;
+            (asked, found)
+        });
+        let mut unread = UnreadClaims(Some(lookup), self.clone());
+        let answer = match unread.0.as_mut() {
+            Some(lookup) => lookup.await.ok(),
+            None => None,
+        };
+        unread.0 = None;
+        // A lookup that panicked: its keys are taken as claimed, and released by their calls.
+        answer.map_or_else(|| vec![Lookup::Miss; keys.len()], |(_, found)| found)
     }
 
     async fn post_json(&self, path: &str, body: Value) -> Option<Value> {
@@ -303,27 +316,33 @@ impl SharedCache {
     }
 }
 
-/// Keys a lookup asked to claim, released on drop until the lookup's answer is known (see
-/// [`SharedCache::asking_to_claim`]).
-pub(crate) struct AskedClaims {
-    shared: Option<Arc<SharedCache>>,
-    keys: Vec<RequestKey>,
-}
+/// A claiming lookup whose answer its caller has not read: released on drop (see
+/// [`SharedCache::claim_many`]).
+struct UnreadClaims(
+    Option<tokio::task::JoinHandle<(Vec<RequestKey>, Vec<Lookup>)>>,
+    Arc<SharedCache>,
+);
 
-impl AskedClaims {
-    /// The lookup answered: the asker holds what it claimed.
-    pub(crate) fn answered(mut self) {
-        self.shared = None;
-    }
-}
-
-impl Drop for AskedClaims {
+impl Drop for UnreadClaims {
     fn drop(&mut self) {
-        if let (Some(shared), Ok(rt)) = (self.shared.take(), tokio::runtime::Handle::try_current())
-        {
-            let keys = std::mem::take(&mut self.keys);
-            rt.spawn(async move { shared.release(&keys).await });
-        }
+        let (Some(lookup), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let shared = self.1.clone();
+        rt.spawn(async move {
+            let Ok((asked, found)) = lookup.await else {
+                return;
+            };
+            let claimed: Vec<RequestKey> = asked
+                .into_iter()
+                .zip(found)
+                .filter(|(_, f)| *f == Lookup::Miss)
+                .map(|(k, _)| k)
+                .collect();
+            if !claimed.is_empty() {
+                shared.release(&claimed).await;
+            }
+        });
     }
 }
 
@@ -361,9 +380,8 @@ mod tests {
         );
         // `a`'s lookup claims the key, but its statement is dropped before the answer is read.
         let key = [9; 32];
-        let guard = a.asking_to_claim(&[key]);
-        assert_eq!(a.get_many(&[key], true).await, vec![Lookup::Miss]);
-        drop(guard);
+        let dropped = tokio::time::timeout(Duration::ZERO, a.claim_many(&[key])).await;
+        assert!(dropped.is_err());
         assert!(claimable(&probe, key).await, "given up");
         // Claimed by `probe` now: `b` cannot give it up, `probe` can.
         b.release(&[key]).await;
@@ -372,9 +390,7 @@ mod tests {
         assert!(claimable(&a, key).await);
         // A lookup whose answer was read keeps its claim.
         let other = [10; 32];
-        let guard = b.asking_to_claim(&[other]);
-        assert_eq!(b.get_many(&[other], true).await, vec![Lookup::Miss]);
-        guard.answered();
+        assert_eq!(b.claim_many(&[other]).await, vec![Lookup::Miss]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(probe.get_many(&[other], true).await, vec![Lookup::Pending]);
     }

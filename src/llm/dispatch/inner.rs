@@ -190,11 +190,10 @@ impl Inner {
         if let Some(shared) = &self.shared {
             let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_err()).collect();
             let asked: Vec<RequestKey> = missing.iter().map(|&i| keys[i]).collect();
-            let guard = claim.then(|| shared.asking_to_claim(&asked));
-            let answers = shared.get_many(&asked, claim).await;
-            if let Some(guard) = guard {
-                guard.answered();
-            }
+            let answers = match claim {
+                true => shared.claim_many(&asked).await,
+                false => shared.get_many(&asked, false).await,
+            };
             for (i, got) in missing.into_iter().zip(answers) {
                 found[i] = match got {
                     Lookup::Hit(resp) => {
