@@ -380,8 +380,11 @@ mod tests {
         );
         // `a`'s lookup claims the key, but its statement is dropped before the answer is read.
         let key = [9; 32];
-        let dropped = tokio::time::timeout(Duration::ZERO, a.claim_many(&[key])).await;
-        assert!(dropped.is_err());
+        let keys = [key];
+        let mut lookup = Box::pin(a.claim_many(&keys));
+        // Polled once: its task is spawned, and has not run (this runtime has one thread).
+        assert!(futures::poll!(&mut lookup).is_pending());
+        drop(lookup);
         assert!(claimable(&probe, key).await, "given up");
         // Claimed by `probe` now: `b` cannot give it up, `probe` can.
         b.release(&[key]).await;
