@@ -26,6 +26,12 @@ pub(super) const MAX_WAIT: Duration = Duration::from_secs(20);
 /// How many of the last answers put are kept in memory.
 const RECENT: usize = 16_384;
 
+/// Whether what the worker `by` holds (a claim, a lease) ends when the workers `dead` are
+/// found dead: theirs, and what a worker holds that did not say who it is.
+pub fn held_by_dead(by: Option<&str>, dead: &[&str]) -> bool {
+    by.is_none_or(|by| dead.contains(&by))
+}
+
 /// One claimed key: the worker answering it (its URL in the coordinator's list, when it
 /// said), and the waiters for its answer.
 #[derive(Debug, Default)]
@@ -85,12 +91,9 @@ impl Claims {
     pub(super) fn end_of(&self, dead: &[&str]) {
         let ended: Vec<Open> = {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            let gone: Vec<RequestKey> = open
-                .iter()
-                .filter(|(_, c)| c.by.as_deref().is_none_or(|by| dead.contains(&by)))
-                .map(|(k, _)| *k)
-                .collect();
-            gone.iter().filter_map(|k| open.remove(k)).collect()
+            open.extract_if(|_, c| held_by_dead(c.by.as_deref(), dead))
+                .map(|(_, c)| c)
+                .collect()
         };
         for w in ended.into_iter().flat_map(|c| c.waiters) {
             let _ = w.send(None);
@@ -100,13 +103,15 @@ impl Claims {
     /// Ends the claim on `key` of the worker `by` (its waiters make the call themselves); a
     /// claim of another named worker stays.
     pub(super) fn release(&self, key: RequestKey, by: Option<&str>) {
-        let owner = {
-            let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            open.get(&key).map(|c| c.by.clone())
+        let ended = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let theirs = open
+                .get(&key)
+                .is_some_and(|c| matches!((c.by.as_deref(), by), (Some(o), Some(b)) if o != b));
+            if theirs { None } else { open.remove(&key) }
         };
-        let theirs = matches!((owner, by), (Some(Some(o)), Some(b)) if o != b);
-        if !theirs {
-            self.end(key, None);
+        for w in ended.into_iter().flat_map(|c| c.waiters) {
+            let _ = w.send(None);
         }
     }
 

@@ -25,6 +25,7 @@ mod tls;
 mod wire;
 mod work;
 
+pub use claims::held_by_dead;
 pub use jobs::StoredJob;
 #[cfg(test)]
 use key::request_key;

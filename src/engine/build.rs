@@ -184,17 +184,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let dispatcher = dispatcher(config, answers, cache)?;
         let cache_server = match answers {
-            Answers::Models => {
-                // The run's budgets, whole, granted to the workers as they spend.
-                let d = &config.dispatcher;
-                let workers = config.cluster.workers.len();
-                let pool = dispatcher.budget_pool((d.budget_tokens, d.budget_usd), workers);
-                let served = super::cluster::serve_cache(config, &dispatcher, pool.clone());
-                if served.is_some() {
-                    dispatcher.draw_on(pool);
-                }
-                served
-            }
+            Answers::Models => super::cluster::serve_cache(config, &dispatcher),
             Answers::Estimates => None,
         };
         // With the workers paced by this coordinator, its governors are the cluster's (all of

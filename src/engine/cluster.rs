@@ -35,7 +35,7 @@ use super::session::Engine;
 use super::transport::WorkerChannels;
 use crate::cache::{CacheServer, Counters, WorkQueues};
 use crate::config::{ClusterConfig, Config, Secret};
-use crate::llm::{BudgetPool, Dispatcher};
+use crate::llm::Dispatcher;
 use crate::udf::claimed::chunked_leaf;
 use crate::udf::codec::{LlmCodec, RunShare};
 use crate::udf::exec::LlmExec;
@@ -154,17 +154,15 @@ pub(super) fn paces_workers(cluster: &ClusterConfig) -> bool {
 }
 
 /// On a cluster's coordinator, serves the response cache of `dispatcher` (when it has one) to
-/// the workers, takes their counters into its metrics and into the budget `pool` it grants
-/// them, and hands out chunks of the input ([`crate::cache::CacheServer`]), where
-/// [`serving_address`] says, on a free port.
-pub(super) fn serve_cache(
-    config: &Config,
-    dispatcher: &Dispatcher,
-    pool: Arc<BudgetPool>,
-) -> Option<CacheServer> {
+/// the workers, takes their counters into its metrics, grants them the run's budgets (whole:
+/// the dispatcher's own calls draw on the same pool) and hands out chunks of the input
+/// ([`crate::cache::CacheServer`]), where [`serving_address`] says, on a free port.
+pub(super) fn serve_cache(config: &Config, dispatcher: &Dispatcher) -> Option<CacheServer> {
     let cluster = &config.cluster;
     tokio::runtime::Handle::try_current().ok()?;
     let (ip, tls) = serving_address(cluster, true)?;
+    let d = &config.dispatcher;
+    let pool = dispatcher.budget_pool((d.budget_tokens, d.budget_usd), cluster.workers.len());
     let metrics = dispatcher.metrics().clone();
     let reports = pool.clone();
     let counters: Counters = Arc::new(move |delta| {
@@ -175,7 +173,8 @@ pub(super) fn serve_cache(
     let cache = dispatcher.cache().cloned();
     match CacheServer::start(cache, (ip, 0).into(), guard, counters) {
         Ok(server) => {
-            server.grant_with(pool);
+            server.grant_with(pool.clone());
+            dispatcher.draw_on(pool);
             Some(server)
         }
         Err(e) => {

@@ -19,7 +19,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::cache::Pacing;
+use crate::cache::{Pacing, held_by_dead};
 use crate::config::Config;
 use crate::llm::governor::{Admission, Governor, Outcome};
 use crate::udf::exec::LlmRuntime;
@@ -133,15 +133,12 @@ impl Pacing for ClusterPacing {
     }
 
     fn end_of(&self, dead: &[&str]) {
-        let ended: Vec<Lease> = {
-            let mut held = self.leases.lock();
-            let gone: Vec<u64> = held
-                .iter()
-                .filter(|(_, (.., by))| by.as_deref().is_none_or(|by| dead.contains(&by)))
-                .map(|(lease, _)| *lease)
-                .collect();
-            gone.iter().filter_map(|l| held.remove(l)).collect()
-        };
+        // Dropped outside the lock: an admission ends in its governor.
+        let ended: Vec<(u64, Lease)> = self
+            .leases
+            .lock()
+            .extract_if(|_, (.., by)| held_by_dead(by.as_deref(), dead))
+            .collect();
         drop(ended);
     }
 }

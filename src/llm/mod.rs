@@ -24,7 +24,7 @@ pub(crate) mod provider;
 pub(crate) mod replicas;
 pub(crate) mod response;
 
-pub(crate) use dispatch::{BudgetPool, Dispatcher};
+pub(crate) use dispatch::Dispatcher;
 pub use dispatch::{Metrics, MetricsSnapshot};
 pub use governor::LimitKind;
 pub use provider::{Provider, SetupError, complete_as_list};

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use super::call::ModelHandle;
 use super::inner::Inner;
 use super::metrics::Metrics;
-use super::pool::Pooled;
+use super::pool::{Pooled, budgets};
 use crate::cache::Allowance;
 use crate::types::{ErrorKind, LlmError, Usage};
 
@@ -95,12 +95,9 @@ impl Inner {
         let reserved_usd = m.reserved_nano_usd.load(Ordering::Relaxed);
         // The budgets as set, what this dispatcher may spend of them, and how a refusal says
         // whose they are.
-        let mut budget = (
-            self.cfg.budget_tokens,
-            self.cfg.budget_usd.map(|u| (u * 1e9) as u64),
-        );
+        let mut budget = budgets(self.cfg.budget_tokens, self.cfg.budget_usd);
         let (mut token_limit, mut usd_limit) = budget;
-        let mut scope = ("", "");
+        let (mut scope, mut by) = ("", "");
         match self.pooled.get() {
             None => {}
             Some(Pooled::Pool(pool)) => {
@@ -109,15 +106,14 @@ impl Inner {
                 spent += out.nano_usd;
                 budget = pool.budget;
                 (token_limit, usd_limit) = budget;
-                scope = (" on the cluster", "");
+                scope = " on the cluster";
             }
             Some(Pooled::Granted(g)) => {
                 token_limit = token_limit.map(|_| g.tokens.load(Ordering::Relaxed));
                 usd_limit = usd_limit.map(|_| g.nano_usd.load(Ordering::Relaxed));
-                scope = (" on the cluster", " by this worker");
+                (scope, by) = (" on the cluster", " by this worker");
             }
         }
-        let (scope, by) = scope;
         let lacks = Allowance {
             tokens: token_limit.map_or(0, |l| (used + reserved).saturating_sub(l)),
             nano_usd: usd_limit.map_or(0, |l| (spent + reserved_usd).saturating_sub(l)),

@@ -46,7 +46,7 @@ use crate::types::{ErrorKind, LlmRequest, RowError};
 pub(crate) use call::{CallResult, CallSpec, ModelHandle, Packer, split_confident};
 use inner::{Inner, Miss as MissWhy, Open};
 pub(crate) use order::PrefixOrder;
-pub(crate) use pool::BudgetPool;
+use pool::BudgetPool;
 
 pub use metrics::{
     CascadeSnapshot, CascadeTally, FunctionMetrics, FunctionSnapshot, LatencyHistogram,
@@ -143,11 +143,11 @@ impl Dispatcher {
     /// A cluster worker's budgets are granted by its `coordinator` as it spends; should the
     /// coordinator not answer, it takes 1 / `workers` of its settings' budgets (once).
     pub fn budgets_granted_by(&self, coordinator: Arc<SharedCache>, workers: usize) {
-        let n = workers.max(1) as u64;
-        let cfg = &self.inner.cfg;
+        let share = self.inner.cfg.share(workers);
+        let (tokens, nano_usd) = pool::budgets(share.budget_tokens, share.budget_usd);
         let fallback = crate::cache::Allowance {
-            tokens: cfg.budget_tokens.map_or(0, |t| t / n),
-            nano_usd: cfg.budget_usd.map_or(0, |u| (u * 1e9) as u64 / n),
+            tokens: tokens.unwrap_or(0),
+            nano_usd: nano_usd.unwrap_or(0),
         };
         let granted = pool::Granted::new(coordinator, fallback);
         let _ = self.inner.pooled.set(pool::Pooled::Granted(granted));

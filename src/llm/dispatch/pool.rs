@@ -15,6 +15,11 @@ use std::sync::{Arc, Mutex};
 use super::metrics::Metrics;
 use crate::cache::{Allowance, Grants, SharedCache};
 
+/// The budgets `tokens` and `usd` (as set) in tokens and nano-dollars.
+pub(super) fn budgets(tokens: Option<u64>, usd: Option<f64>) -> (Option<u64>, Option<u64>) {
+    (tokens, usd.map(|u| (u * 1e9) as u64))
+}
+
 /// Where a dispatcher's budgets come from, beyond its own settings.
 #[derive(Debug)]
 pub(crate) enum Pooled {
@@ -45,7 +50,7 @@ impl BudgetPool {
         workers: usize,
     ) -> BudgetPool {
         BudgetPool {
-            budget: (tokens, usd.map(|u| (u * 1e9) as u64)),
+            budget: budgets(tokens, usd),
             metrics,
             state: Mutex::default(),
             workers: workers.max(1) as u64,
@@ -62,11 +67,15 @@ impl BudgetPool {
 
     /// Granted to the workers and not yet reported spent.
     pub(super) fn outstanding(&self) -> Allowance {
-        let (granted, spent) = *self.state.lock().unwrap_or_else(|p| p.into_inner());
-        Allowance {
-            tokens: granted.tokens.saturating_sub(spent.tokens),
-            nano_usd: granted.nano_usd.saturating_sub(spent.nano_usd),
-        }
+        held(*self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// What the workers hold of their grants: `granted` less what they reported `spent`.
+fn held((granted, spent): (Allowance, Allowance)) -> Allowance {
+    Allowance {
+        tokens: granted.tokens.saturating_sub(spent.tokens),
+        nano_usd: granted.nano_usd.saturating_sub(spent.nano_usd),
     }
 }
 
@@ -74,16 +83,16 @@ impl Grants for BudgetPool {
     fn grant(&self, ask: Allowance) -> Option<Allowance> {
         let m = &self.metrics;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (granted, spent) = *state;
+        let outstanding = held(*state);
         // Taken: what was spent (every worker's reports included) and is held by the
         // coordinator's own requests, and what the workers hold of their grants.
         let used = m.tokens_in.load(Ordering::Relaxed)
             + m.tokens_out.load(Ordering::Relaxed)
             + m.reserved_tokens.load(Ordering::Relaxed)
-            + granted.tokens.saturating_sub(spent.tokens);
+            + outstanding.tokens;
         let cost = m.spent_nano_usd.load(Ordering::Relaxed)
             + m.reserved_nano_usd.load(Ordering::Relaxed)
-            + granted.nano_usd.saturating_sub(spent.nano_usd);
+            + outstanding.nano_usd;
         let give = |budget: Option<u64>, taken: u64, ask: u64| match budget {
             None => Some(0),
             Some(b) => {

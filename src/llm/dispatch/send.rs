@@ -14,8 +14,8 @@ use crate::types::{LlmError, LlmRequest, LlmResponse};
 
 impl Inner {
     /// One request for one prompt: governor, global budget, the run's budgets, provider. Each
-    /// is held while the request is on the wire and given back on drop. `sent` is set when the request
-    /// goes on the wire.
+    /// is held while the request is on the wire and given back on drop. `sent` is set when the
+    /// request goes on the wire.
     pub(super) async fn send_one(
         &self,
         model: &ModelHandle,
